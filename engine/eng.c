@@ -1,0 +1,169 @@
+/* eng.c: the engine facade: builds model + tokenizer + backend, validates every batch before a
+ * backend sees it (batches come from schedulers that took input off the network). */
+#include "eng.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "eng_backend.h"
+#include "pd_log.h"
+
+struct eng {
+    eng_params_t params;
+    eng_model_t *model;
+    eng_tok_t *tok;
+    eng_chat_t *chat;
+    eng_kv_layout_t kv_layout;
+    eng_kv_pool_t *kv_pool;
+    const eng_backend_ops_t *ops;
+    eng_backend_t *be;
+};
+
+eng_params_t eng_params_default(void) {
+    eng_params_t p = {0};
+    p.backend = ENG_BACKEND_CPU;
+    p.kv_block_size = 16;
+    p.kv_mem_bytes = 512ull << 20;
+    p.max_batch_tokens = 2048;
+    p.max_batch_seqs = 256;
+    return p;
+}
+
+static const eng_backend_ops_t *s_pick_backend(eng_backend_kind_t kind, char *err, size_t cap) {
+    if (kind == ENG_BACKEND_CPU) return &eng_backend_cpu;
+#ifdef PDSERVE_CUDA
+    if (kind == ENG_BACKEND_CUDA) return &eng_backend_cuda;
+#endif
+    snprintf(err, cap, "engine: backend %d not built into this binary (configure with -DPDSERVE_CUDA=ON)", (int)kind);
+    return NULL;
+}
+
+eng_t *eng_create(const eng_params_t *p, char *err, size_t err_cap) {
+    eng_t *e = pd_xcalloc(1, sizeof *e);
+    e->params = *p;
+    if (!p->model_path || p->kv_block_size <= 0 || p->kv_block_size > 1024 || p->max_batch_tokens <= 0 ||
+        p->max_batch_seqs <= 0 || p->kv_n_blocks < 0 || p->n_threads < 0) {
+        snprintf(err, err_cap, "engine: invalid parameters (model path, block size 1..1024, batch limits > 0)");
+        goto fail;
+    }
+    e->ops = s_pick_backend(p->backend, err, err_cap);
+    if (!e->ops) goto fail;
+    e->model = eng_model_load(p->model_path, err, err_cap);
+    if (!e->model) goto fail;
+    e->tok = eng_tok_create(e->model->gguf, err, err_cap);
+    if (!e->tok) goto fail;
+    char chat_err[256];
+    e->chat = eng_chat_create(e->model->gguf, NULL, chat_err, sizeof chat_err);
+    if (!e->chat) LOG_W("engine: chat disabled: %s", chat_err);
+
+    const eng_model_config_t *c = &e->model->cfg;
+    e->kv_layout = (eng_kv_layout_t){.n_layers = c->n_layers, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+                                     .block_size = p->kv_block_size, .n_blocks = p->kv_n_blocks, .dtype = ENG_KV_F32};
+    if (e->kv_layout.n_blocks == 0) {
+        size_t per_block = eng_kv_token_bytes(&e->kv_layout) * (size_t)p->kv_block_size;
+        e->kv_layout.n_blocks = (int32_t)(p->kv_mem_bytes / per_block);
+    }
+    if (e->kv_layout.n_blocks <= 0) {
+        snprintf(err, err_cap, "engine: KV budget %llu bytes holds no block", (unsigned long long)p->kv_mem_bytes);
+        goto fail;
+    }
+    e->kv_pool = eng_kv_pool_create(e->kv_layout.n_blocks);
+    e->be = e->ops->create(e->model, &e->kv_layout, &e->params, err, err_cap);
+    if (!e->be) goto fail;
+    LOG_I("engine: model '%s' (%s) dim=%d layers=%d heads=%d/%d vocab=%d ctx=%d weights=%.1f MiB; backend=%s; "
+          "KV pool %d blocks x %d tokens = %.1f MiB",
+          c->name, c->arch, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size, c->ctx_len,
+          (double)e->model->weight_bytes / (1 << 20), e->ops->name, e->kv_layout.n_blocks, e->kv_layout.block_size,
+          (double)eng_kv_pool_bytes(&e->kv_layout) / (1 << 20));
+    return e;
+fail:
+    eng_destroy(&e);
+    return NULL;
+}
+
+void eng_destroy(eng_t **e) {
+    if (!e || !*e) return;
+    if ((*e)->be) (*e)->ops->destroy(&(*e)->be);
+    eng_kv_pool_destroy(&(*e)->kv_pool);
+    eng_chat_destroy(&(*e)->chat);
+    eng_tok_destroy(&(*e)->tok);
+    eng_model_destroy(&(*e)->model);
+    free(*e);
+    *e = NULL;
+}
+
+const eng_model_config_t *eng_config(const eng_t *e) { return &e->model->cfg; }
+const eng_model_t *eng_model(const eng_t *e) { return e->model; }
+const eng_tok_t *eng_tokenizer(const eng_t *e) { return e->tok; }
+const eng_chat_t *eng_chat(const eng_t *e) { return e->chat; }
+const eng_kv_layout_t *eng_kv_layout(const eng_t *e) { return &e->kv_layout; }
+eng_kv_pool_t *eng_kv_pool(eng_t *e) { return e->kv_pool; }
+const char *eng_backend_name(const eng_t *e) { return e->ops->name; }
+int32_t eng_max_batch_tokens(const eng_t *e) { return e->params.max_batch_tokens; }
+
+int32_t eng_batch_n_logits(const eng_batch_t *b) {
+    if (!b->want_logits) return b->n_seqs;
+    int64_t n_tok = 0, n_out = 0;
+    for (int32_t i = 0; i < b->n_seqs; i++) n_tok += b->n_tokens[i];
+    for (int64_t t = 0; t < n_tok; t++) n_out += b->want_logits[t] != 0;
+    return (int32_t)n_out;
+}
+
+/* Everything a backend assumes, checked once here. */
+static pd_status s_validate(const eng_t *e, const eng_batch_t *b) {
+    const eng_model_config_t *c = &e->model->cfg;
+    if (b->n_seqs <= 0 || b->n_seqs > e->params.max_batch_seqs) {
+        LOG_E("engine: batch of %d sequences (allowed 1..%d)", b->n_seqs, e->params.max_batch_seqs);
+        return PD_EINVAL;
+    }
+    int64_t n_tok = 0;
+    for (int32_t i = 0; i < b->n_seqs; i++) {
+        int32_t n = b->n_tokens[i], pos = b->pos[i];
+        if (n <= 0 || pos < 0 || (int64_t)pos + n > (int64_t)b->n_blocks[i] * e->kv_layout.block_size) {
+            LOG_E("engine: sequence %d: %d tokens at pos %d do not fit %d blocks", i, n, pos, b->n_blocks[i]);
+            return PD_EINVAL;
+        }
+        int32_t used = eng_kv_blocks_for(pos + n, e->kv_layout.block_size);
+        for (int32_t k = 0; k < used; k++) {
+            int32_t id = b->block_tables[i][k];
+            if (id < 0 || id >= e->kv_layout.n_blocks) {
+                LOG_E("engine: sequence %d: block id %d out of range (pool of %d)", i, id, e->kv_layout.n_blocks);
+                return PD_EINVAL;
+            }
+        }
+        n_tok += n;
+    }
+    if (n_tok > e->params.max_batch_tokens) {
+        LOG_E("engine: batch of %lld tokens exceeds max_batch_tokens %d", (long long)n_tok, e->params.max_batch_tokens);
+        return PD_EINVAL;
+    }
+    for (int64_t t = 0; t < n_tok; t++) {
+        if (b->tokens[t] < 0 || b->tokens[t] >= c->vocab_size) {
+            LOG_E("engine: token id %d out of range (vocab %d)", b->tokens[t], c->vocab_size);
+            return PD_EINVAL;
+        }
+    }
+    return PD_OK;
+}
+
+pd_status eng_forward(eng_t *e, const eng_batch_t *b) {
+    pd_status st = s_validate(e, b);
+    if (st != PD_OK) return st;
+    return e->ops->forward(e->be, b, eng_batch_n_logits(b));
+}
+
+pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
+    if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= e->kv_layout.n_blocks ||
+        (kind != ENG_KV_K && kind != ENG_KV_V))
+        return PD_EINVAL;
+    return e->ops->kv_read(e->be, layer, kind, block, dst);
+}
+
+pd_status eng_kv_write_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src) {
+    if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= e->kv_layout.n_blocks ||
+        (kind != ENG_KV_K && kind != ENG_KV_V))
+        return PD_EINVAL;
+    return e->ops->kv_write(e->be, layer, kind, block, src);
+}

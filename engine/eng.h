@@ -1,0 +1,84 @@
+/* eng.h: the engine facade. One eng_t holds a model, its tokenizer and chat template, a backend (CPU
+ * now, CUDA next) and the backend's paged KV pool. Its one compute call, eng_forward, runs a batch of
+ * sequences with n >= 1 new tokens each at their own positions: prefill chunks, single decode tokens
+ * and multi-token verification are the same call. The caller (a scheduler) owns block tables and the
+ * block pool's bookkeeping; the engine never allocates blocks itself. One thread drives an eng_t. */
+#ifndef ENG_H
+#define ENG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "eng_chat.h"
+#include "eng_kv.h"
+#include "eng_kv_layout.h"
+#include "eng_model.h"
+#include "eng_tok.h"
+#include "pd_common.h"
+
+typedef struct eng eng_t;
+
+typedef enum { ENG_BACKEND_CPU = 0, ENG_BACKEND_CUDA = 1 } eng_backend_kind_t;
+
+typedef struct {
+    const char *model_path;
+    eng_backend_kind_t backend;
+    int32_t n_threads;        /* CPU compute threads; 0 = one per core */
+    int32_t gpu;              /* CUDA device index */
+    int32_t kv_block_size;    /* tokens per KV block (16) */
+    int32_t kv_n_blocks;      /* blocks in the pool; 0 = as many as kv_mem_bytes allows */
+    uint64_t kv_mem_bytes;    /* KV pool budget when kv_n_blocks is 0 (default 512 MiB) */
+    int32_t max_batch_tokens; /* most new tokens in one eng_forward (sizes scratch; default 2048) */
+    int32_t max_batch_seqs;   /* most sequences in one eng_forward (default 256) */
+} eng_params_t;
+
+eng_params_t eng_params_default(void);
+
+/* Loads the model, tokenizer and chat template, creates the backend and its KV pool. NULL with a
+ * one-line reason in err on any failure. */
+eng_t *eng_create(const eng_params_t *p, char *err, size_t err_cap);
+void eng_destroy(eng_t **e);
+
+const eng_model_config_t *eng_config(const eng_t *e);
+const eng_model_t *eng_model(const eng_t *e);
+const eng_tok_t *eng_tokenizer(const eng_t *e);
+/* NULL when the model has no chat template we recognise (chat requests are then refused). */
+const eng_chat_t *eng_chat(const eng_t *e);
+const eng_kv_layout_t *eng_kv_layout(const eng_t *e);
+eng_kv_pool_t *eng_kv_pool(eng_t *e);
+const char *eng_backend_name(const eng_t *e);
+int32_t eng_max_batch_tokens(const eng_t *e);
+
+/* One forward over a batch. Sequence i has n_tokens[i] new tokens at positions pos[i] ..
+ * pos[i]+n_tokens[i]-1; its K/V for those positions are written into its blocks, and attention reads
+ * positions 0 .. (own position) from them (causal). Blocks covering positions < pos[i] must hold that
+ * sequence's earlier K/V (written by an earlier forward here or imported from another worker).
+ * Logits are written for the tokens with want_logits set (NULL: the last token of every sequence), one
+ * row of vocab_size floats each, in token order. Deterministic and batch-invariant on the CPU backend:
+ * a token's logits do not depend on what else is in the batch or on how its prompt was chunked. */
+typedef struct {
+    int32_t n_seqs;
+    const int32_t *n_tokens;            /* (n_seqs) >= 1 */
+    const int32_t *pos;                 /* (n_seqs) >= 0 */
+    const int32_t *const *block_tables; /* (n_seqs) block ids covering positions [0, pos+n_tokens) */
+    const int32_t *n_blocks;            /* (n_seqs) length of each block table */
+    const int32_t *tokens;              /* (sum n_tokens) ids, sequence after sequence */
+    const uint8_t *want_logits;         /* (sum n_tokens) or NULL */
+    float *logits;                      /* out: (rows requested, vocab_size) */
+} eng_batch_t;
+
+/* PD_OK; PD_EINVAL (with a log line) for a malformed batch: bad token id, too many tokens or
+ * sequences, a block table too short for the positions, a block id out of range; PD_EBACKEND when
+ * the backend fails. Thread: the one thread that owns e. */
+PD_NODISCARD pd_status eng_forward(eng_t *e, const eng_batch_t *b);
+
+/* Rows of logits a batch produces. */
+int32_t eng_batch_n_logits(const eng_batch_t *b);
+
+/* KV block export/import in the pool's layout and dtype (eng_kv_layout.h): one (layer, kind, block)
+ * chunk of eng_kv_chunk_bytes. For hand-off between workers and for tests. */
+PD_NODISCARD pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);
+PD_NODISCARD pd_status eng_kv_write_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src);
+
+#endif

@@ -1,0 +1,28 @@
+/* eng_backend.h: the table each backend (cpu/, cuda/) fills, so the facade and every scheduler above
+ * it never see which one runs. Private to engine/. */
+#ifndef ENG_BACKEND_H
+#define ENG_BACKEND_H
+
+#include "eng.h"
+
+typedef struct eng_backend eng_backend_t; /* each backend's own state */
+
+typedef struct {
+    const char *name;
+    /* Converts/uploads weights and allocates the KV pool (layout fixed by the caller) and all scratch
+     * for max_batch_tokens. NULL + reason in err on failure. */
+    eng_backend_t *(*create)(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
+                             size_t err_cap);
+    void (*destroy)(eng_backend_t **be);
+    /* The batch is already validated by eng_forward. */
+    pd_status (*forward)(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits);
+    pd_status (*kv_read)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);
+    pd_status (*kv_write)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src);
+} eng_backend_ops_t;
+
+extern const eng_backend_ops_t eng_backend_cpu;
+#ifdef PDSERVE_CUDA
+extern const eng_backend_ops_t eng_backend_cuda;
+#endif
+
+#endif

@@ -1,0 +1,97 @@
+/* eng_sample.h: per-request sampling over one row of logits: greedy, temperature, top-k, top-p,
+ * min-p, repetition/presence/frequency penalties, a per-request seed, and top-n logprobs.
+ * Every request in a batch has its own eng_sampler_t; a sampler is used by one thread at a time.
+ *
+ * Order of operations (vLLM's), on one row of vocab_size logits:
+ *   1. penalties on the raw logits, for each token t seen so far (prompt or generated):
+ *        repetition (t in prompt or generated): x = x > 0 ? x / repetition_penalty : x * repetition_penalty
+ *        frequency  (t generated n times, n>0): x -= n * frequency_penalty
+ *        presence   (t generated at least once): x -= presence_penalty
+ *      (in this order, in float; a result above FLT_MAX is clamped to FLT_MAX).
+ *   2. temperature == 0: greedy, the argmax of the penalised logits, ties to the lowest id. Done.
+ *   3. w_t = exp((x_t - max x) / temperature): the probabilities after temperature, unnormalised
+ *      (w = 1 for the most likely token). Tokens whose w underflows (p/p_max < ~1e-38, or logit -inf)
+ *      can never be drawn.
+ *   4. rank tokens by w descending, equal w by lower id (a strict total order: no sort-algorithm
+ *      dependence). Then, each step on what the previous one kept:
+ *        top-k: keep the first top_k in that ranking;
+ *        top-p: keep the shortest prefix of the ranking whose mass is >= top_p * (mass kept by top-k);
+ *        min-p: drop tokens with w < min_p * w_max (ratio to the most likely token, which survives all).
+ *   5. draw one uniform u in [0, 1) and take the first token of the ranking of the kept set whose
+ *      cumulative mass exceeds u * (kept mass): inverse CDF in descending-probability order.
+ *
+ * Random numbers: xoshiro256** (Blackman and Vigna), its four state words the first four outputs of
+ * splitmix64 started at `seed`; each draw is u = (next() >> 11) * 2^-53. So a seed fixes the token
+ * sequence for a given logits sequence, across machines. */
+#ifndef ENG_SAMPLE_H
+#define ENG_SAMPLE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pd_common.h"
+
+#define ENG_MAX_LOGPROBS 20
+
+typedef struct {
+    float temperature;        /* 0 = greedy (argmax after penalties); > 0 scales logits; range [0, 100] */
+    int32_t top_k;            /* 0 = off; keep the k most likely; >= 0 (>= vocab_size also means off) */
+    float top_p;              /* 1 = off; keep the smallest set with cumulative probability >= top_p, (0, 1] */
+    float min_p;              /* 0 = off; drop tokens with p < min_p * p_max, [0, 1] */
+    float repetition_penalty; /* 1 = off; (0, 10]; HF/CTRL rule over prompt + generated tokens:
+                                 positive logits divided, negative multiplied */
+    float presence_penalty;   /* 0 = off; [-2, 2]; OpenAI rule over generated tokens: minus once if seen */
+    float frequency_penalty;  /* 0 = off; [-2, 2]; minus count * penalty over generated tokens */
+    uint64_t seed;            /* same seed + same logits sequence = same tokens */
+    bool has_seed;            /* false: seeded from the clock and a process-wide counter at creation */
+    int32_t n_logprobs;       /* top-n logprobs reported per token, 0..ENG_MAX_LOGPROBS */
+} eng_sampling_t;
+
+/* temperature 1, every filter and penalty off, no seed, no logprobs. */
+eng_sampling_t eng_sampling_default(void);
+/* PD_OK, or PD_EINVAL with a one-line reason naming the field, its value and its allowed range
+ * (e.g. "top_p = nan, must be in (0, 1]"). NaN and infinities are rejected everywhere. err may be NULL.
+ * Any thread. */
+PD_NODISCARD pd_status eng_sampling_validate(const eng_sampling_t *p, char *err, size_t err_cap);
+
+typedef struct {
+    int32_t token;
+    float logprob; /* natural log of the model's probability: log_softmax of the raw logits */
+} eng_logprob_t;
+
+typedef struct eng_sampler eng_sampler_t;
+
+/* Creates the per-request state (RNG, token counts, scratch of about 28 bytes per vocabulary entry:
+ * 1.4 MB at 49152, allocated here once so that sampling never allocates). p must be valid.
+ * Returns NULL on bad args (logged) or out of memory. */
+eng_sampler_t *eng_sampler_create(const eng_sampling_t *p, int32_t vocab_size);
+/* Frees s (NULL or *s == NULL is fine) and sets *s to NULL. */
+void eng_sampler_destroy(eng_sampler_t **s);
+/* The seed actually used (p->seed, or the one drawn when has_seed was false): log it to reproduce a run. */
+uint64_t eng_sampler_seed(const eng_sampler_t *s);
+
+/* Registers prompt tokens (they count for the repetition penalty only). Ids must be in
+ * [0, vocab_size) (asserted: validate untrusted ids before). */
+void eng_sampler_add_prompt(eng_sampler_t *s, const int32_t *tokens, int64_t n);
+/* Registers a generated token (counts for all three penalties). Call once per emitted token. */
+void eng_sampler_add_generated(eng_sampler_t *s, int32_t token);
+
+typedef struct {
+    int32_t token;                        /* chosen token */
+    float logprob;                        /* its logprob (raw model distribution) */
+    int32_t n_top;                        /* = min(n_logprobs, vocab) */
+    eng_logprob_t top[ENG_MAX_LOGPROBS];  /* most likely first, equal logits by lower id */
+} eng_sample_result_t;
+
+/* Chooses a token from logits (vocab_size floats, not modified). Consumes exactly one uniform draw
+ * from the RNG when temperature > 0 (none when greedy), so runs are reproducible. Does NOT call
+ * eng_sampler_add_generated (the caller does, once it keeps the token).
+ * Logprobs are log_softmax of the raw logits (before penalties and temperature), the normaliser
+ * summed in double: absolute error below 1e-6, under the float result's own resolution.
+ * Logits may contain -inf (masked tokens). Returns PD_OK; PD_EINVAL for a NULL argument, a NaN or
+ * +inf logit, or no finite logit at all (out is then untouched and no draw is consumed).
+ * No allocation, no logging. */
+PD_NODISCARD pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_result_t *out);
+
+#endif

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# test.sh: the one test command. On a fresh machine: installs dependencies, fetches the default model,
+# builds, and runs every unit test twice: a Release build, then an AddressSanitizer +
+# UndefinedBehaviorSanitizer build. Then builds the libFuzzer targets and runs each briefly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+scripts/install_deps.sh
+export PDSERVE_MODEL="$(scripts/fetch_model.sh | tail -n 1)"
+
+echo "== Release build + unit tests"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$(nproc)" >/dev/null
+(cd build && ctest -L unit --output-on-failure)
+
+echo "== ASan+UBSan build + unit tests"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Asan >/dev/null
+cmake --build build-asan -j"$(nproc)" >/dev/null
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest -L unit --output-on-failure)
+
+echo "== libFuzzer smoke run"
+CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPDSERVE_FUZZ=ON -DPDSERVE_TESTS=ON >/dev/null
+cmake --build build-fuzz -j"$(nproc)" --target fuzz_gguf >/dev/null
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$ROOT/build-fuzz/tests/fuzz_gguf" -max_total_time="${PD_FUZZ_SECONDS:-30}" -print_final_stats=0 \
+    "$work" "$ROOT/tests/fuzz/corpus_gguf" 2>&1 | tail -n 2
+echo "fuzz_gguf: no crash in ${PD_FUZZ_SECONDS:-30} s"

@@ -1,0 +1,296 @@
+/* test_eng_forward.c: the CPU forward pass against Hugging Face transformers (golden logits and greedy
+ * continuations made by tests/golden/make_logits_golden.py), and batch invariance: a sequence's
+ * logits are bit-identical alone, in a batch of 16 mixed sequences, and prefilled in chunks of 7. */
+#include <stdint.h>
+
+#include "eng.h"
+#include "pd_log.h"
+#include "pd_test.h"
+
+#define GOLDEN_DIR PD_SOURCE_DIR "/tests/golden/logits"
+/* Logit tolerance against transformers float32: both sides compute in f32 with different summation
+ * orders over 30 layers; observed max |diff| is reported per case. */
+#define LOGIT_ABS_TOL 2e-2f
+/* A greedy divergence is accepted only at a near-tie: top-2 margin in the reference below this. */
+#define NEAR_TIE_MARGIN 2e-2f
+
+typedef struct {
+    char name[64];
+    int n_prompt, n_gen, n_extra;
+    int32_t *prompt, *greedy, *extra_pos;
+    float *margins;
+    float *logits; /* (1 + n_extra, vocab) */
+} golden_case_t;
+
+static eng_t *s_engine;
+static int32_t s_vocab;
+
+static int s_read_ints(FILE *f, int32_t *dst, int n) {
+    for (int i = 0; i < n; i++)
+        if (fscanf(f, "%d", &dst[i]) != 1) return -1;
+    return 0;
+}
+
+static int s_load_case(golden_case_t *c) {
+    char path[1024];
+    snprintf(path, sizeof path, GOLDEN_DIR "/%s.tokens.txt", c->name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    c->prompt = pd_xmalloc(sizeof(int32_t) * (size_t)c->n_prompt);
+    c->greedy = pd_xmalloc(sizeof(int32_t) * (size_t)c->n_gen);
+    c->margins = pd_xmalloc(sizeof(float) * (size_t)c->n_gen);
+    c->extra_pos = pd_xmalloc(sizeof(int32_t) * (size_t)(c->n_extra + 1));
+    int rc = s_read_ints(f, c->prompt, c->n_prompt) || s_read_ints(f, c->greedy, c->n_gen);
+    for (int i = 0; !rc && i < c->n_gen; i++) rc = fscanf(f, "%f", &c->margins[i]) != 1;
+    if (!rc) rc = s_read_ints(f, c->extra_pos, c->n_extra);
+    fclose(f);
+    if (rc) return -1;
+    snprintf(path, sizeof path, GOLDEN_DIR "/%s.logits.f32", c->name);
+    f = fopen(path, "rb");
+    if (!f) return -1;
+    size_t n = (size_t)(1 + c->n_extra) * (size_t)s_vocab;
+    c->logits = pd_xmalloc(sizeof(float) * n);
+    rc = fread(c->logits, sizeof(float), n, f) != n;
+    fclose(f);
+    return rc ? -1 : 0;
+}
+
+static int s_load_index(golden_case_t **out) {
+    FILE *f = fopen(GOLDEN_DIR "/index.txt", "r");
+    if (!f) return -1;
+    golden_case_t *cases = NULL;
+    int n = 0;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (line[0] == '#' || line[0] == '\n') continue;
+        golden_case_t c = {0};
+        if (sscanf(line, "%63s %d %d %d", c.name, &c.n_prompt, &c.n_gen, &c.n_extra) != 4) continue;
+        if (s_load_case(&c)) {
+            fprintf(stderr, "cannot load golden case %s\n", c.name);
+            fclose(f);
+            return -1;
+        }
+        cases = pd_xrealloc(cases, sizeof *cases * (size_t)(n + 1));
+        cases[n++] = c;
+    }
+    fclose(f);
+    *out = cases;
+    return n;
+}
+
+/* Runs one sequence: tokens [0, n) from position pos in chunks of `chunk` tokens, logits for the
+ * positions flagged in want (NULL: last only) written row after row into logits. */
+static pd_status s_run_seq(eng_kv_seq_t *seq, const int32_t *tokens, int32_t n, int32_t pos, int32_t chunk,
+                           const uint8_t *want, float *logits) {
+    pd_status st = eng_kv_seq_reserve(seq, eng_kv_pool(s_engine), eng_kv_layout(s_engine)->block_size, pos + n);
+    if (st != PD_OK) return st;
+    uint8_t *w = pd_xcalloc((size_t)n, 1);
+    if (want) memcpy(w, want, (size_t)n);
+    else w[n - 1] = 1;
+    int32_t rows = 0;
+    for (int32_t done = 0; done < n && st == PD_OK; done += chunk) {
+        int32_t nt = n - done < chunk ? n - done : chunk, p = pos + done;
+        const int32_t *table = seq->blocks;
+        eng_batch_t b = {.n_seqs = 1, .n_tokens = &nt, .pos = &p, .block_tables = &table, .n_blocks = &seq->n_blocks,
+                         .tokens = tokens + done, .want_logits = w + done, .logits = logits + (size_t)rows * s_vocab};
+        rows += eng_batch_n_logits(&b);
+        st = eng_forward(s_engine, &b);
+    }
+    free(w);
+    return st;
+}
+
+static int32_t s_argmax(const float *v, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+static float s_max_abs_diff(const float *a, const float *b, int32_t n) {
+    float m = 0;
+    for (int32_t i = 0; i < n; i++) {
+        float d = fabsf(a[i] - b[i]);
+        if (!(d <= m)) m = d; /* NaN propagates as failure */
+    }
+    return m;
+}
+
+static void test_golden_logits_and_greedy(void) {
+    golden_case_t *cases = NULL;
+    int n_cases = s_load_index(&cases);
+    REQUIRE(n_cases >= 8);
+    float *logits = pd_xmalloc(sizeof(float) * (size_t)s_vocab * 8);
+    for (int ci = 0; ci < n_cases; ci++) {
+        golden_case_t *c = &cases[ci];
+        eng_kv_seq_t seq = {0};
+        uint8_t *want = pd_xcalloc((size_t)c->n_prompt, 1);
+        for (int i = 0; i < c->n_extra; i++) want[c->extra_pos[i]] = 1;
+        want[c->n_prompt - 1] = 1;
+        REQUIRE(c->n_extra < 7);
+        CHECK_EQ_INT(s_run_seq(&seq, c->prompt, c->n_prompt, 0, c->n_prompt, want, logits), PD_OK);
+        /* rows come back in position order; the golden file has the last position first */
+        float worst = s_max_abs_diff(logits + (size_t)c->n_extra * s_vocab, c->logits, s_vocab);
+        for (int i = 0; i < c->n_extra; i++) {
+            float d = s_max_abs_diff(logits + (size_t)i * s_vocab, c->logits + (size_t)(1 + i) * s_vocab, s_vocab);
+            if (d > worst || d != d) worst = d;
+        }
+        CHECK_MSG(worst <= LOGIT_ABS_TOL, "%s: max |logit diff| %g", c->name, worst);
+        free(want);
+
+        /* greedy continuation, one token per forward */
+        float *last = logits;
+        memcpy(last, logits + (size_t)c->n_extra * s_vocab, sizeof(float) * (size_t)s_vocab);
+        int diverged = -1;
+        for (int g = 0; g < c->n_gen; g++) {
+            int32_t tok = s_argmax(last, s_vocab);
+            if (tok != c->greedy[g]) {
+                diverged = g;
+                break;
+            }
+            if (g + 1 < c->n_gen) CHECK_EQ_INT(s_run_seq(&seq, &tok, 1, c->n_prompt + g, 1, NULL, last), PD_OK);
+        }
+        if (diverged >= 0)
+            CHECK_MSG(c->margins[diverged] < NEAR_TIE_MARGIN, "%s: greedy diverges at step %d (ref margin %g)", c->name,
+                      diverged, c->margins[diverged]);
+        fprintf(stderr, "  %-22s prompt %4d  max|dlogit| %.2e  greedy %s (%d tokens)\n", c->name, c->n_prompt, worst,
+                diverged < 0 ? "identical" : "diverged at near-tie", diverged < 0 ? c->n_gen : diverged);
+        eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
+        eng_kv_seq_fini(&seq);
+        free(c->prompt), free(c->greedy), free(c->margins), free(c->extra_pos), free(c->logits);
+    }
+    free(cases);
+    free(logits);
+    CHECK_EQ_INT(eng_kv_pool_n_free(eng_kv_pool(s_engine)), eng_kv_pool_n_blocks(eng_kv_pool(s_engine)));
+}
+
+/* Deterministic mixed-length prompts from a simple LCG over the vocabulary. */
+static void s_make_prompt(int32_t *dst, int n, uint32_t seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        dst[i] = (int32_t)(seed >> 8) % (s_vocab - 100) + 50;
+    }
+}
+
+#define N_SEQS 16
+#define N_STEPS 6
+
+static void test_batch_invariance(void) {
+    static const int lens[N_SEQS] = {1, 5, 17, 33, 2, 64, 7, 16, 100, 3, 48, 9, 31, 15, 70, 12};
+    int32_t *prompts[N_SEQS];
+    /* reference: each sequence alone, prefilled in one piece; greedy N_STEPS tokens, logits kept */
+    float *ref = pd_xmalloc(sizeof(float) * (size_t)s_vocab * N_SEQS * (N_STEPS + 1));
+    int32_t ref_tok[N_SEQS][N_STEPS + 1];
+    for (int s = 0; s < N_SEQS; s++) {
+        prompts[s] = pd_xmalloc(sizeof(int32_t) * (size_t)lens[s]);
+        s_make_prompt(prompts[s], lens[s], 1234u + (uint32_t)s);
+        eng_kv_seq_t seq = {0};
+        float *row = ref + (size_t)s * (N_STEPS + 1) * s_vocab;
+        CHECK_EQ_INT(s_run_seq(&seq, prompts[s], lens[s], 0, lens[s], NULL, row), PD_OK);
+        for (int g = 0; g < N_STEPS; g++) {
+            ref_tok[s][g] = s_argmax(row + (size_t)g * s_vocab, s_vocab);
+            CHECK_EQ_INT(s_run_seq(&seq, &ref_tok[s][g], 1, lens[s] + g, 1, NULL, row + (size_t)(g + 1) * s_vocab), PD_OK);
+        }
+        eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
+        eng_kv_seq_fini(&seq);
+    }
+
+    /* all 16 together: prefill in chunks of 7 tokens per sequence per forward (sequences finishing
+     * their prompt at different steps join decode while others still prefill), then batched decode */
+    eng_kv_seq_t seqs[N_SEQS] = {{0}};
+    int32_t done[N_SEQS] = {0}, n_gen[N_SEQS] = {0}, next_tok[N_SEQS];
+    float *out = pd_xmalloc(sizeof(float) * (size_t)s_vocab * N_SEQS);
+    int mismatches = 0;
+    for (int step = 0; step < 64; step++) {
+        int32_t n_tok[N_SEQS], pos[N_SEQS], nb[N_SEQS], toks[N_SEQS * 7], idx[N_SEQS];
+        const int32_t *tables[N_SEQS];
+        int ns = 0, nt = 0;
+        for (int s = 0; s < N_SEQS; s++) {
+            if (n_gen[s] > N_STEPS) continue;
+            int32_t n, p;
+            const int32_t *src;
+            if (done[s] < lens[s]) {
+                n = lens[s] - done[s] < 7 ? lens[s] - done[s] : 7, p = done[s], src = prompts[s] + done[s];
+            } else {
+                n = 1, p = lens[s] + n_gen[s] - 1, src = &next_tok[s];
+            }
+            REQUIRE(eng_kv_seq_reserve(&seqs[s], eng_kv_pool(s_engine), eng_kv_layout(s_engine)->block_size, p + n) == PD_OK);
+            memcpy(toks + nt, src, sizeof(int32_t) * (size_t)n);
+            n_tok[ns] = n, pos[ns] = p, tables[ns] = seqs[s].blocks, nb[ns] = seqs[s].n_blocks, idx[ns] = s;
+            nt += n, ns++;
+        }
+        if (ns == 0) break;
+        eng_batch_t b = {.n_seqs = ns, .n_tokens = n_tok, .pos = pos, .block_tables = tables, .n_blocks = nb,
+                         .tokens = toks, .want_logits = NULL, .logits = out};
+        REQUIRE(eng_forward(s_engine, &b) == PD_OK);
+        for (int i = 0; i < ns; i++) {
+            int s = idx[i];
+            const float *row = out + (size_t)i * s_vocab;
+            if (done[s] < lens[s]) {
+                done[s] += n_tok[i];
+                if (done[s] < lens[s]) continue; /* mid-prompt chunk: its logits are not used */
+            }
+            const float *want = ref + ((size_t)s * (N_STEPS + 1) + (size_t)n_gen[s]) * s_vocab;
+            if (memcmp(row, want, sizeof(float) * (size_t)s_vocab) != 0) mismatches++;
+            next_tok[s] = s_argmax(row, s_vocab);
+            if (n_gen[s] < N_STEPS) CHECK_EQ_INT(next_tok[s], ref_tok[s][n_gen[s]]);
+            n_gen[s]++;
+        }
+    }
+    CHECK_MSG(mismatches == 0, "%d logit rows differ bitwise between alone and batched+chunked", mismatches);
+    for (int s = 0; s < N_SEQS; s++) {
+        CHECK_EQ_INT(n_gen[s], N_STEPS + 1);
+        eng_kv_seq_release(&seqs[s], eng_kv_pool(s_engine));
+        eng_kv_seq_fini(&seqs[s]);
+        free(prompts[s]);
+    }
+    CHECK_EQ_INT(eng_kv_pool_n_free(eng_kv_pool(s_engine)), eng_kv_pool_n_blocks(eng_kv_pool(s_engine)));
+    free(out), free(ref);
+}
+
+static void test_bad_batches(void) {
+    eng_kv_seq_t seq = {0};
+    REQUIRE(eng_kv_seq_reserve(&seq, eng_kv_pool(s_engine), 16, 16) == PD_OK);
+    float *logits = pd_xmalloc(sizeof(float) * (size_t)s_vocab);
+    int32_t tok = 100, n = 1, pos = 0, bad_tok = s_vocab, bad_pos = 16, zero = 0;
+    const int32_t *table = seq.blocks;
+    int32_t bad_block = 1 << 30;
+    const int32_t *bad_table = &bad_block;
+    eng_batch_t ok = {.n_seqs = 1, .n_tokens = &n, .pos = &pos, .block_tables = &table, .n_blocks = &seq.n_blocks,
+                      .tokens = &tok, .logits = logits};
+    eng_batch_t b = ok;
+    b.tokens = &bad_tok;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    b = ok, b.pos = &bad_pos; /* needs a second block the table lacks */
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    b = ok, b.n_tokens = &zero;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    b = ok, b.block_tables = &bad_table;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    b = ok, b.n_seqs = 0;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    CHECK_EQ_INT(eng_forward(s_engine, &ok), PD_OK);
+    eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
+    eng_kv_seq_fini(&seq);
+    free(logits);
+}
+
+int main(void) {
+    pd_log_init("test", PD_LOG_ERROR);
+    eng_params_t p = eng_params_default();
+    p.model_path = pd_test_model_path();
+    p.kv_mem_bytes = 160ull << 20;
+    char err[512];
+    s_engine = eng_create(&p, err, sizeof err);
+    if (!s_engine) {
+        fprintf(stderr, "cannot create engine: %s\n", err);
+        printf("0 passed, 1 failed\n");
+        return 1;
+    }
+    s_vocab = eng_config(s_engine)->vocab_size;
+    PD_TEST_RUN(test_bad_batches);
+    PD_TEST_RUN(test_batch_invariance);
+    PD_TEST_RUN(test_golden_logits_and_greedy);
+    eng_destroy(&s_engine);
+    return pd_test_finish();
+}
