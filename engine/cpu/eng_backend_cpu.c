@@ -1,9 +1,9 @@
 /* eng_backend_cpu.c: the reference backend. Weights stay in their GGUF types (Q4_1 is ~5 bits per
- * weight against 32 for f32, and decode is bound by the bytes it reads) and are dequantized a tile at a
- * time inside the matmul. The KV pool is f32 in host memory. The forward reads top to bottom like the
- * math; parallelism is OpenMP over weight rows (matmuls) and over (token, head) pairs (attention). */
+ * weight against 32 for f32, and decode is bound by the bytes it reads) and are dequantized inside the
+ * matmul. The KV pool is f32 in host memory. The forward reads top to bottom like the math; work is
+ * spread over the pool's threads by weight-row tiles (matmuls) and (token, head) pairs (attention). */
 #include <math.h>
-#include <omp.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +19,7 @@ struct eng_backend {
     int32_t max_tokens;
     int32_t max_ctx;      /* longest sequence attention scratch allows */
     int n_threads;
+    eng_cpu_pool_t *pool;
     /* per-forward scratch, sized for max_tokens */
     float *x;             /* (T, dim) residual stream */
     float *xb;            /* (T, dim) normed input */
@@ -44,6 +45,7 @@ static void s_destroy(eng_backend_t **pbe) {
     for (int i = 0; be->mm_scratch && i < be->n_threads; i++) free(be->mm_scratch[i]);
     for (int i = 0; be->att_scratch && i < be->n_threads; i++) free(be->att_scratch[i]);
     free(be->mm_scratch), free(be->att_scratch);
+    eng_cpu_pool_destroy(&be->pool);
     free(be);
     *pbe = NULL;
 }
@@ -65,8 +67,9 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
     eng_backend_t *be = pd_xcalloc(1, sizeof *be);
     be->m = m;
     be->kv = *kv;
-    be->n_threads = p->n_threads > 0 ? p->n_threads : omp_get_num_procs();
-    omp_set_num_threads(be->n_threads);
+    be->n_threads = p->n_threads > 0 ? p->n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (be->n_threads < 1) be->n_threads = 1;
+    be->pool = eng_cpu_pool_create(be->n_threads);
     be->max_tokens = p->max_batch_tokens;
     be->max_ctx = c->ctx_len;
     size_t pool_bytes = eng_kv_pool_bytes(kv);
@@ -130,6 +133,19 @@ static void s_attend(eng_backend_t *be, const eng_batch_t *b, int32_t layer, int
     }
 }
 
+typedef struct {
+    eng_backend_t *be;
+    const eng_batch_t *b;
+    int32_t layer;
+} s_attend_job_t;
+
+static void s_attend_items(void *arg, int64_t begin, int64_t end, int thread) {
+    const s_attend_job_t *j = arg;
+    const int32_t n_heads = j->be->m->cfg.n_heads;
+    for (int64_t it = begin; it < end; it++)
+        s_attend(j->be, j->b, j->layer, it / n_heads, (int32_t)(it % n_heads), j->be->att_scratch[thread]);
+}
+
 static void s_add_bias(float *y, const eng_weight_t *bias, int64_t n_tok, int64_t n, float *row) {
     if (!bias->data) return;
     eng_cpu_weight_row(bias, 0, row);
@@ -148,9 +164,9 @@ static void s_layer(eng_backend_t *be, const eng_batch_t *b, int32_t l, int64_t 
     eng_cpu_rmsnorm(be->xb, be->x, norm_w, T, dim, c->rms_eps);
 
     /* Q, K, V projections (+ bias for qwen2), RoPE on Q and K */
-    eng_cpu_matmul(be->q, q_dim, be->xb, dim, T, &w->wq, be->mm_scratch);
-    eng_cpu_matmul(be->k, kv_dim, be->xb, dim, T, &w->wk, be->mm_scratch);
-    eng_cpu_matmul(be->v, kv_dim, be->xb, dim, T, &w->wv, be->mm_scratch);
+    eng_cpu_matmul(be->q, q_dim, be->xb, dim, T, &w->wq, be->mm_scratch, be->pool);
+    eng_cpu_matmul(be->k, kv_dim, be->xb, dim, T, &w->wk, be->mm_scratch, be->pool);
+    eng_cpu_matmul(be->v, kv_dim, be->xb, dim, T, &w->wv, be->mm_scratch, be->pool);
     float *bias_row = be->mm_scratch[0];
     s_add_bias(be->q, &w->bq, T, q_dim, bias_row);
     s_add_bias(be->k, &w->bk, T, kv_dim, bias_row);
@@ -168,23 +184,21 @@ static void s_layer(eng_backend_t *be, const eng_batch_t *b, int32_t l, int64_t 
         memcpy(s_kv_slot(be, l, ENG_KV_V, table[pos / bs], pos % bs), be->v + t * kv_dim, sizeof(float) * kv_dim);
     }
 
-    /* attention over the paged cache, one (token, head) per iteration */
-    const int64_t n_items = T * c->n_heads;
-#pragma omp parallel for schedule(dynamic, 4)
-    for (int64_t it = 0; it < n_items; it++)
-        s_attend(be, b, l, it / c->n_heads, (int32_t)(it % c->n_heads), be->att_scratch[omp_get_thread_num()]);
+    /* attention over the paged cache, one (token, head) pair per item */
+    s_attend_job_t job = {be, b, l};
+    eng_cpu_pool_run(be->pool, T * c->n_heads, 4, s_attend_items, &job);
 
     /* output projection + residual */
-    eng_cpu_matmul(be->tmp, dim, be->att, q_dim, T, &w->wo, be->mm_scratch);
+    eng_cpu_matmul(be->tmp, dim, be->att, q_dim, T, &w->wo, be->mm_scratch, be->pool);
     for (int64_t i = 0; i < T * dim; i++) be->x[i] += be->tmp[i];
 
     /* feed-forward: norm, SwiGLU, down projection + residual */
     eng_cpu_weight_row(&w->ffn_norm, 0, norm_w);
     eng_cpu_rmsnorm(be->xb, be->x, norm_w, T, dim, c->rms_eps);
-    eng_cpu_matmul(be->hg, c->hidden_dim, be->xb, dim, T, &w->w_gate, be->mm_scratch);
-    eng_cpu_matmul(be->hu, c->hidden_dim, be->xb, dim, T, &w->w_up, be->mm_scratch);
+    eng_cpu_matmul(be->hg, c->hidden_dim, be->xb, dim, T, &w->w_gate, be->mm_scratch, be->pool);
+    eng_cpu_matmul(be->hu, c->hidden_dim, be->xb, dim, T, &w->w_up, be->mm_scratch, be->pool);
     eng_cpu_swiglu(be->hg, be->hg, be->hu, T * c->hidden_dim);
-    eng_cpu_matmul(be->tmp, dim, be->hg, c->hidden_dim, T, &w->w_down, be->mm_scratch);
+    eng_cpu_matmul(be->tmp, dim, be->hg, c->hidden_dim, T, &w->w_down, be->mm_scratch, be->pool);
     for (int64_t i = 0; i < T * dim; i++) be->x[i] += be->tmp[i];
 }
 
@@ -220,7 +234,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     float norm_w[c->dim];
     eng_cpu_weight_row(&be->m->out_norm, 0, norm_w);
     eng_cpu_rmsnorm(be->out_x, be->out_x, norm_w, n_out, dim, c->rms_eps);
-    eng_cpu_matmul(b->logits, c->vocab_size, be->out_x, dim, n_out, &be->m->output, be->mm_scratch);
+    eng_cpu_matmul(b->logits, c->vocab_size, be->out_x, dim, n_out, &be->m->output, be->mm_scratch, be->pool);
     return PD_OK;
 }
 

@@ -5,7 +5,6 @@
 #include "eng_cpu_ops.h"
 
 #include <math.h>
-#include <omp.h>
 #include <string.h>
 
 #include "eng_quant.h"
@@ -231,14 +230,25 @@ static void s_tile(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n
 #endif
 }
 
-void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const eng_weight_t *w,
-                    float *const *scratch) {
-    const int64_t k_n = w->cols, n_tiles = (w->rows + ENG_CPU_TILE_ROWS - 1) / ENG_CPU_TILE_ROWS;
+typedef struct {
+    float *y;
+    int64_t ldy;
+    const float *x;
+    int64_t ldx, n_tok;
+    const eng_weight_t *w;
+    float *const *scratch;
+} s_matmul_job_t;
+
+static void s_matmul_tiles(void *arg, int64_t tile_begin, int64_t tile_end, int thread) {
+    const s_matmul_job_t *j = arg;
+    float *y = j->y;
+    const float *x = j->x;
+    const int64_t ldy = j->ldy, ldx = j->ldx, n_tok = j->n_tok, k_n = j->w->cols;
+    const eng_weight_t *w = j->w;
     /* Tokens in chunks that stay in L2 while a tile of dequantized rows is reused across them. */
     const int64_t tok_chunk = 64;
-#pragma omp parallel for schedule(static)
-    for (int64_t tile = 0; tile < n_tiles; tile++) {
-        float *wt = scratch[omp_get_thread_num()];
+    for (int64_t tile = tile_begin; tile < tile_end; tile++) {
+        float *wt = j->scratch[thread];
         int64_t r0 = tile * ENG_CPU_TILE_ROWS;
         int64_t n_rows = w->rows - r0 < ENG_CPU_TILE_ROWS ? w->rows - r0 : ENG_CPU_TILE_ROWS;
 #ifdef ENG_CPU_AVX2
@@ -261,6 +271,19 @@ void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
             s_tile(y + t0 * ldy + r0, ldy, x + t0 * ldx, ldx, nt, wt, n_rows, k_n);
         }
     }
+}
+
+void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const eng_weight_t *w,
+                    float *const *scratch, eng_cpu_pool_t *pool) {
+    s_matmul_job_t j = {y, ldy, x, ldx, n_tok, w, scratch};
+    int64_t n_tiles = (w->rows + ENG_CPU_TILE_ROWS - 1) / ENG_CPU_TILE_ROWS;
+    if (!pool) {
+        s_matmul_tiles(&j, 0, n_tiles, 0);
+        return;
+    }
+    /* about 4 chunks per thread: enough to balance, few enough to keep hand-offs cheap */
+    int64_t grain = n_tiles / (4 * eng_cpu_pool_n_threads(pool));
+    eng_cpu_pool_run(pool, n_tiles, grain > 0 ? grain : 1, s_matmul_tiles, &j);
 }
 
 void eng_cpu_rmsnorm(float *y, const float *x, const float *w, int64_t n_tok, int64_t n, float eps) {

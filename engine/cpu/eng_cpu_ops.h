@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 
+#include "eng_cpu_pool.h"
 #include "eng_model.h"
 
 /* sum_k a[k]*b[k] for n a multiple of 8: eight lane accumulators over k, fused multiply-add, then a
@@ -15,11 +16,11 @@
 float eng_cpu_dot(const float *a, const float *b, int64_t n);
 
 /* y[t*ldy + o] = sum_k x[t*ldx + k] * W[o][k] for t < n_tok, o < w->rows; W in its stored type.
- * scratch: per-thread buffers of ENG_CPU_TILE_ROWS * w->cols floats (one per OpenMP thread, indexed by
- * omp_get_thread_num()). Parallel over rows of W. */
+ * scratch: one buffer of ENG_CPU_TILE_ROWS * w->cols floats per pool thread. Parallel over tiles of
+ * rows of W on pool (NULL: the calling thread alone). */
 #define ENG_CPU_TILE_ROWS 16
 void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const eng_weight_t *w,
-                    float *const *scratch);
+                    float *const *scratch, eng_cpu_pool_t *pool);
 
 /* y = x / sqrt(mean(x^2) + eps) * w, for n_tok rows of n (w f32 vector). y may alias x. */
 void eng_cpu_rmsnorm(float *y, const float *x, const float *w, int64_t n_tok, int64_t n, float eps);

@@ -2,8 +2,6 @@
  * double precision, the AVX2 row dequantizers against the reference eng_dequant (bit-exact), and the
  * matmul's every path (fused decode kernels, register-blocked tiles, leftovers) against each other
  * bit for bit and against a double-precision product. Weights are real tensors of the default model. */
-#include <omp.h>
-
 #include "cpu/eng_cpu_ops.h"
 #include "eng_model.h"
 #include "eng_quant.h"
@@ -45,18 +43,19 @@ static void test_row_dequant_matches_reference(void) {
 /* y for n_tok tokens computed one token at a time must equal the batched result bitwise, and both
  * must be close to a double-precision product over the dequantized weights. */
 static void s_check_matmul(const eng_weight_t *w, int n_tok) {
-    int nth = omp_get_max_threads();
+    int nth = 2;
+    eng_cpu_pool_t *pool = eng_cpu_pool_create(nth);
     float **scratch = pd_xcalloc((size_t)nth, sizeof(float *));
     for (int i = 0; i < nth; i++) scratch[i] = pd_xmalloc(sizeof(float) * ENG_CPU_TILE_ROWS * (size_t)w->cols);
     uint32_t st = 99;
     float *x = pd_xmalloc(sizeof(float) * (size_t)(n_tok * w->cols));
     for (int64_t i = 0; i < n_tok * w->cols; i++) x[i] = s_frand(&st);
     float *y = pd_xmalloc(sizeof(float) * (size_t)(n_tok * w->rows)), *y1 = pd_xmalloc(sizeof(float) * (size_t)w->rows);
-    eng_cpu_matmul(y, w->rows, x, w->cols, n_tok, w, scratch);
+    eng_cpu_matmul(y, w->rows, x, w->cols, n_tok, w, scratch, pool);
     float *row = pd_xmalloc(sizeof(float) * (size_t)w->cols);
     int bit_mismatch = 0, far = 0;
     for (int t = 0; t < n_tok; t++) {
-        eng_cpu_matmul(y1, w->rows, x + t * w->cols, w->cols, 1, w, scratch);
+        eng_cpu_matmul(y1, w->rows, x + t * w->cols, w->cols, 1, w, scratch, NULL);
         bit_mismatch += memcmp(y1, y + t * w->rows, sizeof(float) * (size_t)w->rows) != 0;
         for (int64_t r = 0; r < w->rows; r += 7) {
             eng_cpu_weight_row(w, r, row);
@@ -70,6 +69,7 @@ static void s_check_matmul(const eng_weight_t *w, int n_tok) {
     CHECK_EQ_INT(far, 0);
     for (int i = 0; i < nth; i++) free(scratch[i]);
     free(scratch), free(x), free(y), free(y1), free(row);
+    eng_cpu_pool_destroy(&pool);
 }
 
 static void test_matmul_paths_agree(void) {
