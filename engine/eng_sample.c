@@ -20,24 +20,26 @@ typedef struct {
 
 /* Radix selection over the 30-bit rank key of w, 10 bits per level (3 levels). */
 #define S_RADIX_BITS 10
-#define S_N_BUCKETS (1 << S_RADIX_BITS)
-#define S_SMALL_SEG 32 /* segments this short are insertion-sorted instead */
+#define S_N_BUCKETS  (1 << S_RADIX_BITS)
+#define S_SMALL_SEG  32 /* segments this short are insertion-sorted instead */
 
 struct eng_sampler {
     eng_sampling_t p;
     int32_t vocab_size;
     bool has_penalties;
     uint64_t seed;
-    uint64_t rng[4];        /* xoshiro256** state */
-    int32_t *counts;        /* (vocab_size) times each token was generated */
-    uint8_t *prompt_bits;   /* (vocab_size + 7) / 8: bit set = token occurs in the prompt */
-    int32_t *seen;          /* (vocab_size) distinct tokens of prompt and output, in order of arrival */
+    uint64_t rng[4];      /* xoshiro256** state */
+    int32_t *counts;      /* (vocab_size) times each token was generated */
+    uint8_t *prompt_bits; /* (vocab_size + 7) / 8: bit set = token occurs in the prompt */
+    int32_t *seen;        /* (vocab_size) distinct tokens of prompt and output, in order of arrival */
     int32_t n_seen;
-    float *work;            /* (vocab_size) penalised logits, then w in place */
-    eng_cand_t *cand;       /* (vocab_size) candidates of the current step */
-    eng_cand_t *seg;        /* (vocab_size) scratch for s_cut */
-    uint32_t bucket_count[S_N_BUCKETS];
-    double bucket_mass[S_N_BUCKETS];
+    float *pen;                         /* (vocab_size) penalised logits */
+    float *work;                        /* (vocab_size) w; scratch for logsumexp (apart from pen: in-place loops
+                               do not vectorise with clang) */
+    eng_cand_t *cand;                   /* (vocab_size) candidates of the current step */
+    eng_cand_t *seg;                    /* (vocab_size) scratch for s_cut */
+    uint32_t bucket_count[S_N_BUCKETS]; /* s_cut's histogram: candidates per bucket */
+    double bucket_mass[S_N_BUCKETS];    /* and their total w */
 };
 
 /* ---- parameters ---- */
@@ -59,7 +61,9 @@ eng_sampling_t eng_sampling_default(void) {
 }
 
 /* Written as "lo <= v && v <= hi" so that NaN fails every range. */
-static bool s_in_closed(float v, float lo, float hi) { return v >= lo && v <= hi; }
+static bool s_in_closed(float v, float lo, float hi) {
+    return v >= lo && v <= hi;
+}
 
 pd_status eng_sampling_validate(const eng_sampling_t *p, char *err, size_t err_cap) {
     char dummy[1];
@@ -115,7 +119,9 @@ static uint64_t s_splitmix64(uint64_t *x) {
     return z ^ (z >> 31);
 }
 
-static uint64_t s_rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t s_rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
 
 static uint64_t s_rng_next(uint64_t st[4]) {
     const uint64_t result = s_rotl(st[1] * 5, 7) * 9;
@@ -130,7 +136,9 @@ static uint64_t s_rng_next(uint64_t st[4]) {
 }
 
 /* Uniform in [0, 1) with 53 random bits. */
-static double s_rng_uniform(uint64_t st[4]) { return (double)(s_rng_next(st) >> 11) * 0x1.0p-53; }
+static double s_rng_uniform(uint64_t st[4]) {
+    return (double)(s_rng_next(st) >> 11) * 0x1.0p-53;
+}
 
 /* Unseeded samplers need distinct seeds even when created in the same microsecond. This counter is
  * the file's one mutable global: it holds no setting, only uniqueness. */
@@ -162,10 +170,10 @@ static inline float s_float(uint32_t u) {
  * Branch-free on purpose, selects done on the bits: with float compares GCC keeps a branch (they may trap)
  * and the loops calling this would not vectorise, which costs 5x. */
 static inline float s_exp_neg(float x) {
-    const uint32_t lo_bits = 0xC2AE0000u;                 /* -87.0f */
-    const uint32_t xb = s_bits(x) | 0x80000000u;          /* x <= 0, so this only turns +0 into -0 */
+    const uint32_t lo_bits = 0xC2AE0000u;                /* -87.0f */
+    const uint32_t xb = s_bits(x) | 0x80000000u;         /* x <= 0, so this only turns +0 into -0 */
     const uint32_t is_low = 0u - ((lo_bits - xb) >> 31); /* all ones when x < -87 (and for -inf) */
-    const float xc = s_float((xb & ~is_low) | (lo_bits & is_low));
+    const float xc = s_float(xb < lo_bits ? xb : lo_bits);
     const float shifted = xc * 1.44269504088896341f + 12582912.0f; /* + 1.5 * 2^23 rounds to an integer n */
     const float n = shifted - 12582912.0f;
     const uint32_t biased_n = s_bits(shifted) - 0x4B400000u + 127u; /* n + 127, read off the mantissa */
@@ -196,13 +204,13 @@ static inline uint32_t s_order_key(float v) {
 #define S_KEY_POS_INF 0xFF800000u /* s_order_key(+INFINITY); NaNs map above it or below S_KEY_NEG_INF */
 
 /* Index of the largest logit (lowest id among equals); -1 when one is NaN or +inf, or none is finite.
- * Two vectorisable passes (max and bad-value flag, then the lowest index holding the max). */
+ * Two passes, both vectorised at -O3: the max with a bad-value flag, then the lowest index holding it. */
 static int32_t s_argmax(const float *x, int32_t n) {
     uint32_t key_max = 0, is_bad = 0;
     for (int32_t i = 0; i < n; i++) {
         uint32_t k = s_order_key(x[i]);
         key_max = k > key_max ? k : key_max;
-        is_bad |= (uint32_t)(k - S_KEY_NEG_INF >= S_KEY_POS_INF - S_KEY_NEG_INF); /* outside [-inf, +inf) */
+        is_bad |= (uint32_t)(k - S_KEY_NEG_INF >= S_KEY_POS_INF - S_KEY_NEG_INF); /* not in [-inf, +inf) */
     }
     if (is_bad || key_max == S_KEY_NEG_INF) return -1;
     int32_t arg = n;
@@ -213,18 +221,27 @@ static int32_t s_argmax(const float *x, int32_t n) {
     return arg;
 }
 
-/* log(sum_i exp(x_i)) with x_max = max x. Terms in float (relative error < 1e-7 each) written to tmp,
- * then summed in double over 8 independent accumulators: no float accumulation error over the vocabulary,
- * and both loops vectorise or at least pipeline. */
-static double s_logsumexp(const float *x, int32_t n, float x_max, float *tmp) {
-    for (int32_t i = 0; i < n; i++) tmp[i] = s_exp_neg(x[i] - x_max);
+/* Sum in double over 8 independent accumulators: no float accumulation error over the vocabulary, and
+ * the loop vectorises without reassociating anything. */
+static double s_sum(const float *w, int32_t n) {
     double acc[8] = {0};
     int32_t i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += (double)tmp[i + j];
-    for (; i < n; i++) acc[0] += (double)tmp[i];
-    double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    return (double)x_max + log(sum);
+        for (int j = 0; j < 8; j++) acc[j] += (double)w[i + j];
+    for (; i < n; i++) acc[0] += (double)w[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* w[i] = exp((x[i] - x_max) / t) for all i; w may be x. */
+static void s_exp_all(const float *x, float x_max, float t, float *w, int32_t n) {
+    for (int32_t i = 0; i < n; i++) w[i] = s_exp_neg((x[i] - x_max) / t);
+}
+
+/* log(sum_i exp(x_i)) with x_max = max x: terms in float (relative error < 1e-7 each, so the result is
+ * within 1e-7 absolute), written to tmp, then summed in double. */
+static double s_logsumexp(const float *x, int32_t n, float x_max, float *tmp) {
+    s_exp_all(x, x_max, 1.0f, tmp, n);
+    return (double)x_max + log(s_sum(tmp, n));
 }
 
 /* The n_top largest logits, largest first, equal logits by lower id (ids are scanned upwards and only
@@ -255,14 +272,18 @@ static void s_top_logprobs(const float *x, int32_t n, int32_t n_top, double lse,
 
 /* Rank key of w in (0, 1]: 0 for w = 1, growing as w shrinks (the float bits of positive numbers are
  * ordered like the numbers). Below 2^30, so three 10-bit radix levels cover it. */
-static inline uint32_t s_key(float w) { return 0x3F800000u - s_bits(w); }
+static inline uint32_t s_key(float w) {
+    return 0x3F800000u - s_bits(w);
+}
 
-static inline bool s_ranks_before(eng_cand_t a, eng_cand_t b) { return a.w > b.w || (a.w == b.w && a.id < b.id); }
+static inline bool s_ranks_before(eng_cand_t a, eng_cand_t b) {
+    return a.w > b.w || (a.w == b.w && a.id < b.id);
+}
 
 typedef enum {
     S_CUT_COUNT,   /* the first k candidates (top-k) */
-    S_CUT_MASS_GE, /* the shortest prefix with mass >= frac * total (top-p) */
-    S_CUT_MASS_GT, /* up to the first candidate whose cumulative mass > frac * total (inverse CDF) */
+    S_CUT_MASS_GE, /* the shortest prefix with mass >= target (top-p) */
+    S_CUT_MASS_GT, /* up to the first candidate whose cumulative mass > target (inverse CDF) */
 } s_cut_mode_t;
 
 static inline bool s_cut_passes(s_cut_mode_t mode, double cum, double target) {
@@ -270,53 +291,48 @@ static inline bool s_cut_passes(s_cut_mode_t mode, double cum, double target) {
 }
 
 /* Cuts the ranking (w desc, id asc) of cand[0..n) after its m-th element and returns m: arg is k for
- * S_CUT_COUNT (1 <= k <= n), the fraction of the total mass otherwise. Afterwards cand[0..m) holds that
- * prefix, in no particular order except that cand[m-1] is its last-ranked element.
+ * S_CUT_COUNT (1 <= k <= n), the target mass otherwise. Afterwards cand[0..m) holds that prefix, in no
+ * particular order except that cand[m-1] is its last-ranked element.
  * Radix selection, most significant bits first: a histogram of the segment still in question (count and
  * mass per bucket) tells which bucket the cut falls in; the buckets before it are kept whole, those after
  * it dropped, and the next level looks only inside it. Candidates keep their relative order throughout,
  * and cand[] starts in id order, so equal weights already rank by id once the bits are exhausted. If
  * rounding makes the target unreachable, the cut is after the last candidate. O(n) per level. */
 static int32_t s_cut(eng_sampler_t *s, int32_t n, s_cut_mode_t mode, double arg) {
-    eng_cand_t *c = s->cand;
+    eng_cand_t *c = s->cand, *seg = s->seg;
+    uint32_t *count = s->bucket_count;
+    double *mass = s->bucket_mass;
+    const int32_t k = mode == S_CUT_COUNT ? (int32_t)arg : 0;
+    const double target = arg;
     int32_t lo = 0, hi = n; /* c[0..lo) ranks before all of c[lo..hi); c[hi..n) after */
     double acc = 0.0;       /* mass of c[0..lo) */
-    const int32_t k = mode == S_CUT_COUNT ? (int32_t)arg : 0;
-    double target = 0.0;
-    bool has_target = mode == S_CUT_COUNT;
 
     for (int shift = 2 * S_RADIX_BITS; shift >= 0 && hi - lo > S_SMALL_SEG; shift -= S_RADIX_BITS) {
         /* histogram of the segment */
-        memset(s->bucket_count, 0, sizeof s->bucket_count);
-        memset(s->bucket_mass, 0, sizeof s->bucket_mass);
+        memset(count, 0, sizeof s->bucket_count);
+        memset(mass, 0, sizeof s->bucket_mass);
         for (int32_t i = lo; i < hi; i++) {
             uint32_t b = (s_key(c[i].w) >> shift) & (S_N_BUCKETS - 1);
-            s->bucket_count[b]++;
-            s->bucket_mass[b] += c[i].w;
-        }
-        if (!has_target) {
-            double total = 0.0;
-            for (int b = 0; b < S_N_BUCKETS; b++) total += s->bucket_mass[b];
-            target = arg * total;
-            has_target = true;
+            count[b]++;
+            mass[b] += c[i].w;
         }
         /* the bucket the cut falls in */
         int32_t cut_b = -1, n_before = 0;
         double mass_before = 0.0;
         bool is_found = false;
         for (int32_t b = 0; b < S_N_BUCKETS && !is_found; b++) {
-            if (!s->bucket_count[b]) continue;
+            if (!count[b]) continue;
             cut_b = b;
-            is_found = mode == S_CUT_COUNT ? lo + n_before + (int32_t)s->bucket_count[b] >= k
-                                           : s_cut_passes(mode, acc + mass_before + s->bucket_mass[b], target);
+            is_found = mode == S_CUT_COUNT ? lo + n_before + (int32_t)count[b] >= k
+                                           : s_cut_passes(mode, acc + mass_before + mass[b], target);
             if (!is_found) {
-                n_before += (int32_t)s->bucket_count[b];
-                mass_before += s->bucket_mass[b];
+                n_before += (int32_t)count[b];
+                mass_before += mass[b];
             }
         }
         if (!is_found) { /* target unreachable by rounding: look inside the last nonempty bucket */
-            n_before -= (int32_t)s->bucket_count[cut_b];
-            mass_before -= s->bucket_mass[cut_b];
+            n_before -= (int32_t)count[cut_b];
+            mass_before -= mass[cut_b];
         }
         /* keep the buckets before the cut in place, move the cut bucket right after them, drop the rest */
         int32_t n_kept = 0, n_in = 0;
@@ -326,9 +342,9 @@ static int32_t s_cut(eng_sampler_t *s, int32_t n, s_cut_mode_t mode, double arg)
             if (b < cut_b)
                 c[lo + n_kept++] = e;
             else if (b == cut_b)
-                s->seg[n_in++] = e;
+                seg[n_in++] = e;
         }
-        memcpy(c + lo + n_kept, s->seg, (size_t)n_in * sizeof *c);
+        memcpy(c + lo + n_kept, seg, (size_t)n_in * sizeof *c);
         lo += n_kept;
         hi = lo + n_in;
         acc += mass_before;
@@ -346,16 +362,47 @@ static int32_t s_cut(eng_sampler_t *s, int32_t n, s_cut_mode_t mode, double arg)
         c[j] = e;
     }
     if (mode == S_CUT_COUNT) return k;
-    if (!has_target) {
-        double total = 0.0;
-        for (int32_t i = 0; i < hi; i++) total += c[i].w;
-        target = arg * total;
-    }
     for (int32_t i = lo; i < hi; i++) {
         acc += c[i].w;
         if (s_cut_passes(mode, acc, target)) return i + 1;
     }
     return hi;
+}
+
+static double s_cand_mass(const eng_cand_t *c, int32_t n) {
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; i++) sum += c[i].w;
+    return sum;
+}
+
+/* The largest 2^(-4j) with at least k weights at or above it: then so are the k most likely tokens.
+ * Each probe is one vectorised counting pass; a real model's distribution needs two or three. */
+static float s_count_floor(const float *w, int32_t n, int32_t k) {
+    for (uint32_t e = 4; e < 127; e += 4) {
+        const uint32_t floor_bits = (127u - e) << 23; /* 2^-e */
+        int32_t n_above = 0;
+        for (int32_t i = 0; i < n; i++) n_above += s_bits(w[i]) >= floor_bits;
+        if (n_above >= k) return s_float(floor_bits);
+    }
+    return 0.0f;
+}
+
+/* A weight below which no token can be kept by the first filter, so the candidate list may skip it:
+ * building and ranking that list is where the time goes, and a real model's distribution has a tail of
+ * tens of thousands of tokens holding a few percent of the mass.
+ *   top-k first: s_count_floor.
+ *   else a cut by mass, keeping the fraction frac (top_p, or u for the draw itself): the tokens under
+ *     floor = (1 - frac) * mass / (2 n_vocab) hold less than (1 - frac) * mass / 2, so those above it hold
+ *     more than frac * mass and, ranking first, contain the cut. The factor 2 leaves a margin far above
+ *     rounding; no floor for frac within 1e-6 of 1.
+ *   min-p alone: min_p, as min-p drops those tokens anyway.
+ * u < 0 (no draw to come) gives no floor for the draw. */
+static float s_floor(const eng_sampling_t *p, const float *w, int32_t n_vocab, double mass, double u) {
+    if (p->top_k > 0 && p->top_k < n_vocab) return s_count_floor(w, n_vocab, p->top_k);
+    if (p->top_p >= 1.0f && p->min_p > 0.0f) return p->min_p;
+    const double frac = p->top_p < 1.0f ? (double)p->top_p : u;
+    if (!(frac >= 0.0 && frac < 1.0 - 1e-6)) return 0.0f;
+    return (float)(0.5 * (1.0 - frac) * mass / n_vocab);
 }
 
 /* ---- the sampler ---- */
@@ -379,15 +426,15 @@ eng_sampler_t *eng_sampler_create(const eng_sampling_t *p, int32_t vocab_size) {
     if (!s) goto fail;
     s->p = *p;
     s->vocab_size = vocab_size;
-    s->has_penalties =
-        p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+    s->has_penalties = p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
     s->counts = calloc(n_vocab, sizeof *s->counts);
     s->prompt_bits = calloc((n_vocab + 7) / 8, 1);
     s->seen = malloc(n_vocab * sizeof *s->seen);
+    s->pen = malloc(n_vocab * sizeof *s->pen);
     s->work = malloc(n_vocab * sizeof *s->work);
     s->cand = malloc(n_vocab * sizeof *s->cand);
     s->seg = malloc(n_vocab * sizeof *s->seg);
-    if (!s->counts || !s->prompt_bits || !s->seen || !s->work || !s->cand || !s->seg) goto fail;
+    if (!s->counts || !s->prompt_bits || !s->seen || !s->pen || !s->work || !s->cand || !s->seg) goto fail;
     s->seed = p->has_seed ? p->seed : s_clock_seed(s);
     uint64_t x = s->seed;
     for (int i = 0; i < 4; i++) s->rng[i] = s_splitmix64(&x);
@@ -404,6 +451,7 @@ void eng_sampler_destroy(eng_sampler_t **s) {
     free(t->counts);
     free(t->prompt_bits);
     free(t->seen);
+    free(t->pen);
     free(t->work);
     free(t->cand);
     free(t->seg);
@@ -411,9 +459,13 @@ void eng_sampler_destroy(eng_sampler_t **s) {
     *s = NULL;
 }
 
-uint64_t eng_sampler_seed(const eng_sampler_t *s) { return s->seed; }
+uint64_t eng_sampler_seed(const eng_sampler_t *s) {
+    return s->seed;
+}
 
-static bool s_in_prompt(const eng_sampler_t *s, int32_t t) { return (s->prompt_bits[t >> 3] >> (t & 7)) & 1u; }
+static bool s_in_prompt(const eng_sampler_t *s, int32_t t) {
+    return (s->prompt_bits[t >> 3] >> (t & 7)) & 1u;
+}
 
 void eng_sampler_add_prompt(eng_sampler_t *s, const int32_t *tokens, int64_t n) {
     PD_ASSERT(s && (tokens || n == 0));
@@ -451,41 +503,58 @@ void eng_sampler_penalize(const eng_sampler_t *s, const float *logits, float *ou
     }
 }
 
-/* Step 1: the logits themselves when no penalty applies, else the penalised copy in s->work. */
+/* Step 1: the logits themselves when no penalty applies, else the penalised copy in s->pen. */
 static const float *s_penalized(eng_sampler_t *s, const float *logits) {
     if (!s->has_penalties || s->n_seen == 0) return logits;
-    eng_sampler_penalize(s, logits, s->work);
-    return s->work;
+    eng_sampler_penalize(s, logits, s->pen);
+    return s->pen;
 }
 
 /* Steps 3-4 (temperature > 0): fills s->cand with the tokens that may be drawn and returns their count
- * (>= 1: the most likely token survives every filter). x may be s->work, which this overwrites. */
-static int32_t s_filter(eng_sampler_t *s, const float *x, float x_max) {
+ * (>= 1: the most likely token survives every filter); *mass is the mass of the kept set and *mass_all
+ * that of all tokens. u is the draw to come, letting the candidate list skip tokens it cannot reach
+ * (s_floor); pass u < 0 for the whole kept set. */
+static int32_t s_filter(eng_sampler_t *s, const float *x, float x_max, double u, double *mass, double *mass_all) {
     const eng_sampling_t *p = &s->p;
     const int32_t n_vocab = s->vocab_size;
     const float t = p->temperature;
     float *w = s->work;
+    eng_cand_t *cand = s->cand;
 
     /* probabilities after temperature, unnormalised (w = 1 at the max) */
-    for (int32_t i = 0; i < n_vocab; i++) w[i] = s_exp_neg((x[i] - x_max) / t);
+    s_exp_all(x, x_max, t, w, n_vocab);
+    *mass_all = s_sum(w, n_vocab);
+    double m = *mass_all;
+
+    /* candidates in id order; branch-free, as whether a token passes the floor is a coin toss for the
+     * branch predictor */
+    const float w_floor = s_floor(p, w, n_vocab, m, u);
+    const uint32_t floor_bits = s_bits(w_floor > 0.0f ? w_floor : FLT_TRUE_MIN); /* w >= w_floor, w > 0 */
     int32_t n = 0;
     for (int32_t i = 0; i < n_vocab; i++) {
-        if (w[i] > 0.0f) {
-            s->cand[n].w = w[i];
-            s->cand[n].id = i;
-            n++;
-        }
+        cand[n].w = w[i];
+        cand[n].id = i;
+        n += s_bits(w[i]) >= floor_bits; /* both non-negative: bits compare like values */
     }
+
     /* top-k, top-p, min-p, each on what the previous kept */
-    if (p->top_k > 0 && p->top_k < n) n = s_cut(s, n, S_CUT_COUNT, (double)p->top_k);
-    if (p->top_p < 1.0f) n = s_cut(s, n, S_CUT_MASS_GE, (double)p->top_p);
+    if (p->top_k > 0 && p->top_k < n_vocab) { /* the floor may have left exactly top_k */
+        if (p->top_k < n) n = s_cut(s, n, S_CUT_COUNT, (double)p->top_k);
+        m = s_cand_mass(cand, n);
+    }
+    if (p->top_p < 1.0f) {
+        n = s_cut(s, n, S_CUT_MASS_GE, (double)p->top_p * m);
+        m = s_cand_mass(cand, n);
+    }
     if (p->min_p > 0.0f) {
         int32_t n_kept = 0;
         for (int32_t i = 0; i < n; i++)
-            if (s->cand[i].w >= p->min_p) s->cand[n_kept++] = s->cand[i];
+            if (cand[i].w >= p->min_p) cand[n_kept++] = cand[i];
         n = n_kept;
+        m = s_cand_mass(cand, n);
     }
     PD_ASSERT(n >= 1);
+    *mass = m;
     return n;
 }
 
@@ -499,14 +568,19 @@ pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_r
     const int32_t arg = x == logits ? raw_arg : s_argmax(x, n_vocab);
     PD_ASSERT(arg >= 0);
     int32_t token = arg;
+    double mass_all = 0.0;
     if (s->p.temperature > 0.0f) {
-        const int32_t n = s_filter(s, x, x[arg]);
-        const int32_t m = s_cut(s, n, S_CUT_MASS_GT, s_rng_uniform(s->rng));
+        double mass;
+        const double u = s_rng_uniform(s->rng);
+        const int32_t n = s_filter(s, x, x[arg], u, &mass, &mass_all);
+        const int32_t m = s_cut(s, n, S_CUT_MASS_GT, u * mass);
         token = s->cand[m - 1].id;
     }
 
-    /* logprobs of the raw model distribution */
-    const double lse = s_logsumexp(logits, n_vocab, logits[raw_arg], s->work);
+    /* logprobs of the raw model distribution; at temperature 1 without penalties s_filter has summed
+     * exactly the terms needed */
+    const double lse = s->p.temperature == 1.0f && x == logits ? (double)logits[raw_arg] + log(mass_all)
+                                                               : s_logsumexp(logits, n_vocab, logits[raw_arg], s->work);
     out->token = token;
     out->logprob = (float)((double)logits[token] - lse);
     out->n_top = s->p.n_logprobs < n_vocab ? s->p.n_logprobs : n_vocab;
@@ -526,7 +600,8 @@ int32_t eng_sampler_support(eng_sampler_t *s, const float *logits, int32_t *ids)
     const float *x = s_penalized(s, logits);
     const int32_t arg = x == logits ? raw_arg : s_argmax(x, s->vocab_size);
     PD_ASSERT(arg >= 0);
-    const int32_t n = s_filter(s, x, x[arg]);
+    double mass, mass_all;
+    const int32_t n = s_filter(s, x, x[arg], -1.0, &mass, &mass_all);
     for (int32_t i = 0; i < n; i++) ids[i] = s->cand[i].id;
     qsort(ids, (size_t)n, sizeof *ids, s_cmp_i32);
     return n;

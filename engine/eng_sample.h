@@ -7,11 +7,12 @@
  *        repetition (t in prompt or generated): x = x > 0 ? x / repetition_penalty : x * repetition_penalty
  *        frequency  (t generated n times, n>0): x -= n * frequency_penalty
  *        presence   (t generated at least once): x -= presence_penalty
- *      (in this order, in float; a result above FLT_MAX is clamped to FLT_MAX).
+ *      (in this order, in float; results are clamped to [-FLT_MAX, FLT_MAX] so that a finite logit stays
+ *      finite, and a -inf (masked) one stays -inf).
  *   2. temperature == 0: greedy, the argmax of the penalised logits, ties to the lowest id. Done.
  *   3. w_t = exp((x_t - max x) / temperature): the probabilities after temperature, unnormalised
- *      (w = 1 for the most likely token). Tokens whose w underflows (p/p_max < ~1e-38, or logit -inf)
- *      can never be drawn.
+ *      (w = 1 for the most likely token). Tokens with w < e^-87 (p/p_max < 1.6e-38, logit -inf included)
+ *      count as 0 and can never be drawn.
  *   4. rank tokens by w descending, equal w by lower id (a strict total order: no sort-algorithm
  *      dependence). Then, each step on what the previous one kept:
  *        top-k: keep the first top_k in that ranking;
@@ -22,7 +23,10 @@
  *
  * Random numbers: xoshiro256** (Blackman and Vigna), its four state words the first four outputs of
  * splitmix64 started at `seed`; each draw is u = (next() >> 11) * 2^-53. So a seed fixes the token
- * sequence for a given logits sequence, across machines. */
+ * sequence for a given logits sequence, across machines.
+ *
+ * Cost: a few linear passes over the vocabulary and no sort (the ranking of step 4 is a radix selection
+ * over the bits of w, restricted to the tokens that can still matter), nothing allocated per sample. */
 #ifndef ENG_SAMPLE_H
 #define ENG_SAMPLE_H
 
@@ -62,8 +66,8 @@ typedef struct {
 
 typedef struct eng_sampler eng_sampler_t;
 
-/* Creates the per-request state (RNG, token counts, scratch of about 28 bytes per vocabulary entry:
- * 1.4 MB at 49152, allocated here once so that sampling never allocates). p must be valid.
+/* Creates the per-request state (RNG, token counts, scratch of about 32 bytes per vocabulary entry:
+ * 1.6 MB at 49152, allocated here once so that sampling never allocates). p must be valid.
  * Returns NULL on bad args (logged) or out of memory. */
 eng_sampler_t *eng_sampler_create(const eng_sampling_t *p, int32_t vocab_size);
 /* Frees s (NULL or *s == NULL is fine) and sets *s to NULL. */
@@ -78,10 +82,10 @@ void eng_sampler_add_prompt(eng_sampler_t *s, const int32_t *tokens, int64_t n);
 void eng_sampler_add_generated(eng_sampler_t *s, int32_t token);
 
 typedef struct {
-    int32_t token;                        /* chosen token */
-    float logprob;                        /* its logprob (raw model distribution) */
-    int32_t n_top;                        /* = min(n_logprobs, vocab) */
-    eng_logprob_t top[ENG_MAX_LOGPROBS];  /* most likely first, equal logits by lower id */
+    int32_t token;                       /* chosen token */
+    float logprob;                       /* its logprob (raw model distribution) */
+    int32_t n_top;                       /* = min(n_logprobs, vocab) */
+    eng_logprob_t top[ENG_MAX_LOGPROBS]; /* most likely first, equal logits by lower id */
 } eng_sample_result_t;
 
 /* Chooses a token from logits (vocab_size floats, not modified). Consumes exactly one uniform draw

@@ -9,10 +9,10 @@
 
 struct eng_stop {
     int n_stops;
-    int32_t len[ENG_STOP_MAX];                          /* bytes of each stop string, 1..ENG_STOP_MAX_BYTES */
+    int32_t len[ENG_STOP_MAX];                            /* bytes of each stop string, 1..ENG_STOP_MAX_BYTES */
     unsigned char stop[ENG_STOP_MAX][ENG_STOP_MAX_BYTES]; /* the strings, not NUL-terminated */
-    int16_t fail[ENG_STOP_MAX][ENG_STOP_MAX_BYTES]; /* KMP: fail[j][q] = longest proper border of stop[j][0..q] */
-    int32_t state[ENG_STOP_MAX]; /* longest prefix of stop[j] that is a suffix of the text fed so far */
+    int16_t fail[ENG_STOP_MAX][ENG_STOP_MAX_BYTES];       /* KMP: fail[j][q] = longest proper border of stop[j][0..q] */
+    int32_t state[ENG_STOP_MAX];   /* longest prefix of stop[j] that is a suffix of the text fed so far */
     char hold[ENG_STOP_MAX_BYTES]; /* the held-back tail of the text: its length is max(state) */
     int32_t n_hold;
     int which; /* index of the stop string that matched, -1 before */
@@ -70,7 +70,9 @@ void eng_stop_destroy(eng_stop_t **st) {
     *st = NULL;
 }
 
-int eng_stop_which(const eng_stop_t *st) { return st ? st->which : -1; }
+int eng_stop_which(const eng_stop_t *st) {
+    return st ? st->which : -1;
+}
 
 /* Advances every automaton by one byte. Returns the index of the longest stop string completed by it
  * (lowest index among equals), or -1. */

@@ -27,8 +27,8 @@
 
 #include "pd_common.h"
 
-#define ENG_STOP_MAX 8          /* stop strings per request (OpenAI allows 4) */
-#define ENG_STOP_MAX_BYTES 256  /* per stop string */
+#define ENG_STOP_MAX       8   /* stop strings per request (OpenAI allows 4) */
+#define ENG_STOP_MAX_BYTES 256 /* per stop string */
 
 typedef struct eng_stop eng_stop_t;
 

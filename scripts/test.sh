@@ -17,7 +17,7 @@ cmake --build build -j"$(nproc)" >/dev/null
 echo "== ASan+UBSan build + unit tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Asan >/dev/null
 cmake --build build-asan -j"$(nproc)" >/dev/null
-(cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+(cd build-asan && PD_TEST_QUICK=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ctest -L unit --output-on-failure)
 
 echo "== libFuzzer smoke run"
