@@ -13,7 +13,9 @@
 #include "eng.h"
 #include "pd_log.h"
 
-static double s_now(void) { return (double)pd_now_us() / 1e6; }
+static double s_now(void) {
+    return (double)pd_now_us() / 1e6;
+}
 
 /* Copy bandwidth: best of 5 passes of a 512 MiB memcpy split over all threads, counting bytes read
  * plus bytes written. */
@@ -75,8 +77,13 @@ static double s_prefill(bench_t *bn, int n_seqs, int len, int reps) {
                 PD_FATAL("KV pool too small");
             n_tok[s] = len, pos[s] = 0, tables[s] = seqs[s].blocks, nb[s] = seqs[s].n_blocks;
         }
-        eng_batch_t b = {.n_seqs = n_seqs, .n_tokens = n_tok, .pos = pos, .block_tables = tables, .n_blocks = nb,
-                         .tokens = toks, .logits = bn->logits};
+        eng_batch_t b = {.n_seqs = n_seqs,
+                         .n_tokens = n_tok,
+                         .pos = pos,
+                         .block_tables = tables,
+                         .n_blocks = nb,
+                         .tokens = toks,
+                         .logits = bn->logits};
         double t0 = s_now();
         if (eng_forward(bn->e, &b) != PD_OK) PD_FATAL("forward failed");
         double dt = s_now() - t0;
@@ -103,8 +110,13 @@ static double s_decode(bench_t *bn, int n_seqs, int ctx, int steps) {
         for (int i = 0; i < ctx; i++) ctx_toks[i] = 100 + (s * 131 + i * 7919) % 40000;
         int32_t n = ctx, p0 = 0;
         const int32_t *table = seqs[s].blocks;
-        eng_batch_t b = {.n_seqs = 1, .n_tokens = &n, .pos = &p0, .block_tables = &table,
-                         .n_blocks = &seqs[s].n_blocks, .tokens = ctx_toks, .logits = bn->logits};
+        eng_batch_t b = {.n_seqs = 1,
+                         .n_tokens = &n,
+                         .pos = &p0,
+                         .block_tables = &table,
+                         .n_blocks = &seqs[s].n_blocks,
+                         .tokens = ctx_toks,
+                         .logits = bn->logits};
         if (eng_forward(bn->e, &b) != PD_OK) PD_FATAL("forward failed");
     }
     free(ctx_toks);
@@ -113,8 +125,13 @@ static double s_decode(bench_t *bn, int n_seqs, int ctx, int steps) {
             n_tok[s] = 1, pos[s] = ctx + i, tables[s] = seqs[s].blocks, nb[s] = seqs[s].n_blocks;
             toks[s] = 200 + s + i;
         }
-        eng_batch_t b = {.n_seqs = n_seqs, .n_tokens = n_tok, .pos = pos, .block_tables = tables, .n_blocks = nb,
-                         .tokens = toks, .logits = bn->logits};
+        eng_batch_t b = {.n_seqs = n_seqs,
+                         .n_tokens = n_tok,
+                         .pos = pos,
+                         .block_tables = tables,
+                         .n_blocks = nb,
+                         .tokens = toks,
+                         .logits = bn->logits};
         double t0 = s_now();
         if (eng_forward(bn->e, &b) != PD_OK) PD_FATAL("forward failed");
         dts[i] = s_now() - t0;
@@ -136,15 +153,20 @@ int main(int argc, char **argv) {
     const char *model = NULL;
     int threads = 0, steps = 24;
     for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--model")) model = argv[i + 1];
-        else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
+        if (!strcmp(argv[i], "--model"))
+            model = argv[i + 1];
+        else if (!strcmp(argv[i], "--threads"))
+            threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--steps"))
+            steps = atoi(argv[i + 1]);
     }
     static char def[4096];
     if (!model) {
         const char *home = getenv("HOME"), *dir = getenv("PDSERVE_MODELS");
-        if (dir) snprintf(def, sizeof def, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
-        else snprintf(def, sizeof def, "%s/.cache/pdserve/models/SmolLM2-135M-Instruct.Q4_1.gguf", home);
+        if (dir)
+            snprintf(def, sizeof def, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", dir);
+        else
+            snprintf(def, sizeof def, "%s/.cache/pdserve/models/SmolLM2-135M-Instruct.Q4_1.gguf", home);
         model = def;
     }
     eng_params_t p = eng_params_default();

@@ -36,7 +36,9 @@ void pd_log_init(const char *service, pd_log_level_t level) {
     s_level = level;
 }
 
-void pd_log_set_level(pd_log_level_t level) { s_level = level; }
+void pd_log_set_level(pd_log_level_t level) {
+    s_level = level;
+}
 
 static void s_log_v(pd_log_level_t level, const char *file, int line, const char *fmt, va_list ap) {
     static const char *names[] = {"E", "W", "I", "D"};

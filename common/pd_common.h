@@ -10,9 +10,9 @@ typedef int pd_status;
 
 enum {
     PD_OK = 0,
-    PD_EINVAL = -1,   /* invalid argument or malformed input */
-    PD_ENOMEM = -2,   /* allocation failed */
-    PD_EAGAIN = -3,   /* no capacity now (e.g. no free KV blocks); retry later */
+    PD_EINVAL = -1, /* invalid argument or malformed input */
+    PD_ENOMEM = -2, /* allocation failed */
+    PD_EAGAIN = -3, /* no capacity now (e.g. no free KV blocks); retry later */
     PD_ETIMEDOUT = -4,
     PD_ECLOSED = -5,
     PD_EPROTO = -6,   /* bad message from a peer */
@@ -22,9 +22,9 @@ enum {
 };
 
 #if defined(__GNUC__) || defined(__clang__)
-#define PD_NODISCARD __attribute__((warn_unused_result))
+#define PD_NODISCARD    __attribute__((warn_unused_result))
 #define PD_PRINTF(a, b) __attribute__((format(printf, a, b)))
-#define PD_NORETURN __attribute__((noreturn))
+#define PD_NORETURN     __attribute__((noreturn))
 #else
 #define PD_NODISCARD
 #define PD_PRINTF(a, b)
@@ -39,8 +39,8 @@ PD_NORETURN void pd_fatal_at(const char *file, int line, const char *fmt, ...) P
 #define PD_FATAL(...) pd_fatal_at(__FILE__, __LINE__, __VA_ARGS__)
 
 /* Stays on in release builds: invariants, never input validation. */
-#define PD_ASSERT(cond)                                                 \
-    do {                                                                \
+#define PD_ASSERT(cond)                                                    \
+    do {                                                                   \
         if (!(cond)) pd_fatal_at(__FILE__, __LINE__, "assert: %s", #cond); \
     } while (0)
 

@@ -59,8 +59,12 @@ eng_t *eng_create(const eng_params_t *p, char *err, size_t err_cap) {
     if (!e->chat) LOG_W("engine: chat disabled: %s", chat_err);
 
     const eng_model_config_t *c = &e->model->cfg;
-    e->kv_layout = (eng_kv_layout_t){.n_layers = c->n_layers, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
-                                     .block_size = p->kv_block_size, .n_blocks = p->kv_n_blocks, .dtype = ENG_KV_F32};
+    e->kv_layout = (eng_kv_layout_t){.n_layers = c->n_layers,
+                                     .n_kv_heads = c->n_kv_heads,
+                                     .head_dim = c->head_dim,
+                                     .block_size = p->kv_block_size,
+                                     .n_blocks = p->kv_n_blocks,
+                                     .dtype = ENG_KV_F32};
     if (e->kv_layout.n_blocks == 0) {
         size_t per_block = eng_kv_token_bytes(&e->kv_layout) * (size_t)p->kv_block_size;
         e->kv_layout.n_blocks = (int32_t)(p->kv_mem_bytes / per_block);
@@ -94,14 +98,30 @@ void eng_destroy(eng_t **e) {
     *e = NULL;
 }
 
-const eng_model_config_t *eng_config(const eng_t *e) { return &e->model->cfg; }
-const eng_model_t *eng_model(const eng_t *e) { return e->model; }
-const eng_tok_t *eng_tokenizer(const eng_t *e) { return e->tok; }
-const eng_chat_t *eng_chat(const eng_t *e) { return e->chat; }
-const eng_kv_layout_t *eng_kv_layout(const eng_t *e) { return &e->kv_layout; }
-eng_kv_pool_t *eng_kv_pool(eng_t *e) { return e->kv_pool; }
-const char *eng_backend_name(const eng_t *e) { return e->ops->name; }
-int32_t eng_max_batch_tokens(const eng_t *e) { return e->params.max_batch_tokens; }
+const eng_model_config_t *eng_config(const eng_t *e) {
+    return &e->model->cfg;
+}
+const eng_model_t *eng_model(const eng_t *e) {
+    return e->model;
+}
+const eng_tok_t *eng_tokenizer(const eng_t *e) {
+    return e->tok;
+}
+const eng_chat_t *eng_chat(const eng_t *e) {
+    return e->chat;
+}
+const eng_kv_layout_t *eng_kv_layout(const eng_t *e) {
+    return &e->kv_layout;
+}
+eng_kv_pool_t *eng_kv_pool(eng_t *e) {
+    return e->kv_pool;
+}
+const char *eng_backend_name(const eng_t *e) {
+    return e->ops->name;
+}
+int32_t eng_max_batch_tokens(const eng_t *e) {
+    return e->params.max_batch_tokens;
+}
 
 int32_t eng_batch_n_logits(const eng_batch_t *b) {
     if (!b->want_logits) return b->n_seqs;

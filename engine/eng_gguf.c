@@ -19,22 +19,22 @@
 #error "eng_gguf.c reads little-endian GGUF with plain loads: port s_rd_* first"
 #endif
 
-#define S_MAGIC 0x46554747u             /* "GGUF" read as a little-endian u32 */
+#define S_MAGIC             0x46554747u /* "GGUF" read as a little-endian u32 */
 #define S_DEFAULT_ALIGNMENT 32
-#define S_MAX_KEY_BYTES 65535           /* GGUF spec limit on key length */
-#define S_MAX_NAME_BYTES 255            /* sanity limit on tensor names (ggml itself allows 63) */
-#define S_MAX_ELEMS (UINT64_C(1) << 40) /* per dimension and per tensor */
-#define S_MAX_ARRAY_DEPTH 8             /* arrays of arrays nest at most this deep */
+#define S_MAX_KEY_BYTES     65535               /* GGUF spec limit on key length */
+#define S_MAX_NAME_BYTES    255                 /* sanity limit on tensor names (ggml itself allows 63) */
+#define S_MAX_ELEMS         (UINT64_C(1) << 40) /* per dimension and per tensor */
+#define S_MAX_ARRAY_DEPTH   8                   /* arrays of arrays nest at most this deep */
 /* Smallest encodings, used to bound counts by the bytes left: a key/value is a key string (8-byte length)
  * + type (4) + a 1-byte value; a tensor info is a name (8) + n_dims (4) + one ne (8) + type (4) + offset (8). */
-#define S_MIN_KV_BYTES 13
-#define S_MIN_TENSOR_BYTES 32
-#define S_MIN_STR_BYTES 8
-#define S_MIN_ARR_BYTES 12
+#define S_MIN_KV_BYTES      13
+#define S_MIN_TENSOR_BYTES  32
+#define S_MIN_STR_BYTES     8
+#define S_MIN_ARR_BYTES     12
 
 typedef struct {
-    eng_gguf_str_t key;         /* view into the buffer, no NUL bytes */
-    const char *key_z;          /* NUL-terminated copy in g->names */
+    eng_gguf_str_t key; /* view into the buffer, no NUL bytes */
+    const char *key_z;  /* NUL-terminated copy in g->names */
     eng_gguf_vtype_t type;
     eng_gguf_vtype_t elem_type; /* arrays only */
     uint64_t n;                 /* arrays only: element count */
@@ -106,7 +106,9 @@ static void s_set_ctx(s_rd_t *r, const char *fmt, ...) {
     va_end(ap);
 }
 
-static uint64_t s_left(const s_rd_t *r) { return r->size - r->pos; }
+static uint64_t s_left(const s_rd_t *r) {
+    return r->size - r->pos;
+}
 
 static bool s_take(s_rd_t *r, uint64_t n, const uint8_t **out) {
     if (n > s_left(r))
@@ -143,18 +145,25 @@ static bool s_rd_str(s_rd_t *r, eng_gguf_str_t *s) {
 }
 
 static const char *s_vtype_name(uint32_t t) {
-    static const char *names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array",
-                                  "u64", "i64", "f64"};
+    static const char *names[] = {"u8",   "i8",     "u16",   "i16", "u32", "i32", "f32",
+                                  "bool", "string", "array", "u64", "i64", "f64"};
     return t < sizeof names / sizeof names[0] ? names[t] : "?";
 }
 
 /* Bytes of a fixed-size value type; 0 for STRING and ARRAY. */
 static uint64_t s_vtype_bytes(uint32_t t) {
     switch (t) {
-    case ENG_GGUF_U8: case ENG_GGUF_I8: case ENG_GGUF_BOOL: return 1;
-    case ENG_GGUF_U16: case ENG_GGUF_I16: return 2;
-    case ENG_GGUF_U32: case ENG_GGUF_I32: case ENG_GGUF_F32: return 4;
-    case ENG_GGUF_U64: case ENG_GGUF_I64: case ENG_GGUF_F64: return 8;
+    case ENG_GGUF_U8:
+    case ENG_GGUF_I8:
+    case ENG_GGUF_BOOL: return 1;
+    case ENG_GGUF_U16:
+    case ENG_GGUF_I16: return 2;
+    case ENG_GGUF_U32:
+    case ENG_GGUF_I32:
+    case ENG_GGUF_F32: return 4;
+    case ENG_GGUF_U64:
+    case ENG_GGUF_I64:
+    case ENG_GGUF_F64: return 8;
     default: return 0;
     }
 }
@@ -268,8 +277,10 @@ static int64_t s_find_name(const s_name_ref_t *refs, int64_t n, const char *name
         int c = memcmp(refs[mid].ptr, name, m);
         if (c == 0) c = refs[mid].len < len ? -1 : refs[mid].len > len;
         if (c == 0) return refs[mid].i;
-        if (c < 0) lo = mid + 1;
-        else hi = mid;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return -1;
 }
@@ -331,8 +342,7 @@ static bool s_parse_alignment(s_rd_t *r, eng_gguf_t *g) {
 }
 
 /* One tensor info: name, dims, type, offset; sizes checked, data range checked later. */
-static bool s_parse_tensor_info(s_rd_t *r, const eng_gguf_t *g, int64_t i, eng_gguf_tensor_t *t,
-                                eng_gguf_str_t *name) {
+static bool s_parse_tensor_info(s_rd_t *r, const eng_gguf_t *g, int64_t i, eng_gguf_tensor_t *t, eng_gguf_str_t *name) {
     uint32_t type = 0;
     s_set_ctx(r, "tensor #%" PRId64, i);
     if (!s_rd_name(r, "tensor name", S_MAX_NAME_BYTES, name)) return false;
@@ -396,8 +406,10 @@ static bool s_check_data(s_rd_t *r, eng_gguf_t *g) {
         eng_gguf_tensor_t *t = &g->tensors[i];
         s_set_ctx(r, "tensor '%s'", t->name);
         if (t->offset > data_bytes || t->n_bytes > data_bytes - t->offset)
-            return s_fail(r, "data [offset %" PRIu64 " + %" PRIu64 " bytes] past end of file (data section has %" PRIu64
-                          " bytes)", t->offset, t->n_bytes, data_bytes);
+            return s_fail(r,
+                          "data [offset %" PRIu64 " + %" PRIu64 " bytes] past end of file (data section has %" PRIu64
+                          " bytes)",
+                          t->offset, t->n_bytes, data_bytes);
         t->data = r->buf + g->data_start + t->offset;
     }
     return true;
@@ -501,11 +513,19 @@ void eng_gguf_destroy(eng_gguf_t **pg) {
     *pg = NULL;
 }
 
-uint32_t eng_gguf_version(const eng_gguf_t *g) { return g->version; }
-uint64_t eng_gguf_alignment(const eng_gguf_t *g) { return g->alignment; }
-int64_t eng_gguf_n_kv(const eng_gguf_t *g) { return g->n_kv; }
+uint32_t eng_gguf_version(const eng_gguf_t *g) {
+    return g->version;
+}
+uint64_t eng_gguf_alignment(const eng_gguf_t *g) {
+    return g->alignment;
+}
+int64_t eng_gguf_n_kv(const eng_gguf_t *g) {
+    return g->n_kv;
+}
 
-int64_t eng_gguf_find_key(const eng_gguf_t *g, const char *key) { return s_find_name(g->kv_sorted, g->n_kv, key); }
+int64_t eng_gguf_find_key(const eng_gguf_t *g, const char *key) {
+    return s_find_name(g->kv_sorted, g->n_kv, key);
+}
 
 const char *eng_gguf_key_name(const eng_gguf_t *g, int64_t i) {
     PD_ASSERT(i >= 0 && i < g->n_kv);
@@ -526,13 +546,42 @@ static const s_kv_t *s_kv(const eng_gguf_t *g, const char *key) {
 static bool s_int_at(uint32_t t, const uint8_t *p, uint64_t *bits, bool *is_neg) {
     int64_t s;
     switch (t) {
-    case ENG_GGUF_U8: case ENG_GGUF_BOOL: *bits = p[0]; *is_neg = false; return true;
-    case ENG_GGUF_U16: { uint16_t v; memcpy(&v, p, 2); *bits = v; *is_neg = false; return true; }
-    case ENG_GGUF_U32: { uint32_t v; memcpy(&v, p, 4); *bits = v; *is_neg = false; return true; }
-    case ENG_GGUF_U64: memcpy(bits, p, 8); *is_neg = false; return true;
+    case ENG_GGUF_U8:
+    case ENG_GGUF_BOOL:
+        *bits = p[0];
+        *is_neg = false;
+        return true;
+    case ENG_GGUF_U16: {
+        uint16_t v;
+        memcpy(&v, p, 2);
+        *bits = v;
+        *is_neg = false;
+        return true;
+    }
+    case ENG_GGUF_U32: {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        *bits = v;
+        *is_neg = false;
+        return true;
+    }
+    case ENG_GGUF_U64:
+        memcpy(bits, p, 8);
+        *is_neg = false;
+        return true;
     case ENG_GGUF_I8: s = (int8_t)p[0]; break;
-    case ENG_GGUF_I16: { int16_t v; memcpy(&v, p, 2); s = v; break; }
-    case ENG_GGUF_I32: { int32_t v; memcpy(&v, p, 4); s = v; break; }
+    case ENG_GGUF_I16: {
+        int16_t v;
+        memcpy(&v, p, 2);
+        s = v;
+        break;
+    }
+    case ENG_GGUF_I32: {
+        int32_t v;
+        memcpy(&v, p, 4);
+        s = v;
+        break;
+    }
     case ENG_GGUF_I64: memcpy(&s, p, 8); break;
     default: return false;
     }
@@ -640,7 +689,9 @@ double eng_gguf_arr_get_f64(const eng_gguf_t *g, const char *key, uint64_t i) {
     return is_neg ? (double)(int64_t)bits : (double)bits;
 }
 
-int64_t eng_gguf_n_tensors(const eng_gguf_t *g) { return g->n_tensors; }
+int64_t eng_gguf_n_tensors(const eng_gguf_t *g) {
+    return g->n_tensors;
+}
 
 const eng_gguf_tensor_t *eng_gguf_tensor(const eng_gguf_t *g, int64_t i) {
     return i >= 0 && i < g->n_tensors ? &g->tensors[i] : NULL;

@@ -15,9 +15,19 @@ typedef struct eng_gguf eng_gguf_t;
 
 /* Metadata value types, numbered as in the GGUF spec. */
 typedef enum {
-    ENG_GGUF_U8 = 0, ENG_GGUF_I8 = 1, ENG_GGUF_U16 = 2, ENG_GGUF_I16 = 3, ENG_GGUF_U32 = 4,
-    ENG_GGUF_I32 = 5, ENG_GGUF_F32 = 6, ENG_GGUF_BOOL = 7, ENG_GGUF_STRING = 8, ENG_GGUF_ARRAY = 9,
-    ENG_GGUF_U64 = 10, ENG_GGUF_I64 = 11, ENG_GGUF_F64 = 12,
+    ENG_GGUF_U8 = 0,
+    ENG_GGUF_I8 = 1,
+    ENG_GGUF_U16 = 2,
+    ENG_GGUF_I16 = 3,
+    ENG_GGUF_U32 = 4,
+    ENG_GGUF_I32 = 5,
+    ENG_GGUF_F32 = 6,
+    ENG_GGUF_BOOL = 7,
+    ENG_GGUF_STRING = 8,
+    ENG_GGUF_ARRAY = 9,
+    ENG_GGUF_U64 = 10,
+    ENG_GGUF_I64 = 11,
+    ENG_GGUF_F64 = 12,
 } eng_gguf_vtype_t;
 
 /* A string inside the mapped file: not NUL-terminated. */
@@ -27,12 +37,12 @@ typedef struct {
 } eng_gguf_str_t;
 
 typedef struct {
-    const char *name;    /* NUL-terminated copy owned by the eng_gguf_t */
-    uint32_t n_dims;     /* 1..4 */
-    uint64_t ne[4];      /* elements per dimension, ne[0] fastest-varying (the row length); unused = 1 */
+    const char *name; /* NUL-terminated copy owned by the eng_gguf_t */
+    uint32_t n_dims;  /* 1..4 */
+    uint64_t ne[4];   /* elements per dimension, ne[0] fastest-varying (the row length); unused = 1 */
     eng_ggml_type_t type;
-    uint64_t offset;     /* from the start of the data section */
-    const void *data;    /* points into the mapping; n_bytes readable bytes */
+    uint64_t offset;  /* from the start of the data section */
+    const void *data; /* points into the mapping; n_bytes readable bytes */
     uint64_t n_bytes;
     uint64_t n_elems;
 } eng_gguf_tensor_t;

@@ -31,8 +31,12 @@ void eng_kv_pool_destroy(eng_kv_pool_t **pool) {
     *pool = NULL;
 }
 
-int32_t eng_kv_pool_n_blocks(const eng_kv_pool_t *pool) { return pool->n_blocks; }
-int32_t eng_kv_pool_n_free(const eng_kv_pool_t *pool) { return pool->n_free; }
+int32_t eng_kv_pool_n_blocks(const eng_kv_pool_t *pool) {
+    return pool->n_blocks;
+}
+int32_t eng_kv_pool_n_free(const eng_kv_pool_t *pool) {
+    return pool->n_free;
+}
 
 pd_status eng_kv_pool_alloc(eng_kv_pool_t *pool, int32_t n, int32_t *ids) {
     if (n < 0) return PD_EINVAL;

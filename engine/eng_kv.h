@@ -36,7 +36,7 @@ static inline int32_t eng_kv_blocks_for(int32_t n_tokens, int32_t block_size) {
 
 /* One sequence's block table, grown as its positions grow. Plain struct; init zeroed. */
 typedef struct {
-    int32_t *blocks;  /* (n_blocks) ids in position order */
+    int32_t *blocks; /* (n_blocks) ids in position order */
     int32_t n_blocks;
     int32_t cap;
 } eng_kv_seq_t;

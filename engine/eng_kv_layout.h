@@ -24,7 +24,9 @@ typedef struct {
     eng_kv_dtype_t dtype;
 } eng_kv_layout_t;
 
-static inline size_t eng_kv_dtype_bytes(eng_kv_dtype_t dt) { return dt == ENG_KV_F32 ? 4u : 2u; }
+static inline size_t eng_kv_dtype_bytes(eng_kv_dtype_t dt) {
+    return dt == ENG_KV_F32 ? 4u : 2u;
+}
 
 /* Elements and bytes of one (layer, kind, block) chunk. */
 static inline size_t eng_kv_chunk_elems(const eng_kv_layout_t *l) {

@@ -9,8 +9,8 @@
 #include "eng_quant.h"
 #include "pd_log.h"
 
-static bool s_get_i32(const eng_gguf_t *g, const char *arch, const char *suffix, int32_t *out, char *err,
-                      size_t cap, bool required) {
+static bool s_get_i32(const eng_gguf_t *g, const char *arch, const char *suffix, int32_t *out, char *err, size_t cap,
+                      bool required) {
     char key[128];
     snprintf(key, sizeof key, "%s.%s", arch, suffix);
     int64_t v;
@@ -27,8 +27,8 @@ static bool s_get_i32(const eng_gguf_t *g, const char *arch, const char *suffix,
 }
 
 /* Finds a tensor and checks its shape; cols = ne[0], rows = ne[1] (1 for vectors). */
-static bool s_weight(const eng_gguf_t *g, const char *name, int64_t rows, int64_t cols, eng_weight_t *w,
-                     char *err, size_t cap) {
+static bool s_weight(const eng_gguf_t *g, const char *name, int64_t rows, int64_t cols, eng_weight_t *w, char *err,
+                     size_t cap) {
     const eng_gguf_tensor_t *t = eng_gguf_find_tensor(g, name);
     if (!t) {
         snprintf(err, cap, "model: missing tensor '%s'", name);
@@ -56,8 +56,8 @@ static bool s_layer(const eng_gguf_t *g, const eng_model_config_t *c, int l, eng
                     size_t cap) {
     char n[96];
     int64_t q_rows = (int64_t)c->n_heads * c->head_dim, kv_rows = (int64_t)c->n_kv_heads * c->head_dim;
-#define W(field, suffix, rows, cols)                                  \
-    snprintf(n, sizeof n, "blk.%d.%s", l, suffix);                    \
+#define W(field, suffix, rows, cols)               \
+    snprintf(n, sizeof n, "blk.%d.%s", l, suffix); \
     if (!s_weight(g, n, rows, cols, &lw->field, err, cap)) return false;
     W(attn_norm, "attn_norm.weight", 1, c->dim)
     W(wq, "attn_q.weight", q_rows, c->dim)
@@ -163,7 +163,9 @@ void eng_model_destroy(eng_model_t **m) {
     *m = NULL;
 }
 
-static uint64_t s_bytes(const eng_weight_t *w) { return w->data ? (uint64_t)w->rows * w->row_bytes : 0; }
+static uint64_t s_bytes(const eng_weight_t *w) {
+    return w->data ? (uint64_t)w->rows * w->row_bytes : 0;
+}
 
 uint64_t eng_model_step_weight_bytes(const eng_model_t *m) {
     uint64_t b = s_bytes(&m->out_norm) + s_bytes(&m->output);

@@ -87,12 +87,18 @@ uint64_t eng_ggml_row_bytes(int type, uint64_t n) {
 
 int eng_quant_supported(int type) {
     switch (type) {
-    case ENG_GGML_F32: case ENG_GGML_F16: case ENG_GGML_BF16: case ENG_GGML_Q8_0: case ENG_GGML_Q4_0:
-    case ENG_GGML_Q4_1: case ENG_GGML_Q5_0: case ENG_GGML_Q5_1: case ENG_GGML_Q4_K: case ENG_GGML_Q5_K:
-    case ENG_GGML_Q6_K:
-        return 1;
-    default:
-        return 0;
+    case ENG_GGML_F32:
+    case ENG_GGML_F16:
+    case ENG_GGML_BF16:
+    case ENG_GGML_Q8_0:
+    case ENG_GGML_Q4_0:
+    case ENG_GGML_Q4_1:
+    case ENG_GGML_Q5_0:
+    case ENG_GGML_Q5_1:
+    case ENG_GGML_Q4_K:
+    case ENG_GGML_Q5_K:
+    case ENG_GGML_Q6_K: return 1;
+    default: return 0;
     }
 }
 
@@ -144,7 +150,7 @@ uint16_t eng_f32_to_f16(float f) {
     uint32_t ax = x & 0x7fffffffu;
     if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00 | ((ax & 0x7fffff) >> 13));
     if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* >= 65520 rounds to inf */
-    if (ax >= 0x38800000u) {                                  /* normal half: >= 2^-14 */
+    if (ax >= 0x38800000u) {                                 /* normal half: >= 2^-14 */
         uint32_t e = (ax >> 23) - 127 + 15;
         return (uint16_t)(sign | s_round_shift(((e << 23) | (ax & 0x7fffff)), 13));
     }
@@ -155,7 +161,9 @@ uint16_t eng_f32_to_f16(float f) {
     return (uint16_t)(sign | s_round_shift(m, 126 - e));
 }
 
-float eng_bf16_to_f32(uint16_t h) { return s_f32_from_bits((uint32_t)h << 16); }
+float eng_bf16_to_f32(uint16_t h) {
+    return s_f32_from_bits((uint32_t)h << 16);
+}
 
 /* As ggml_compute_fp32_to_bf16 and gguf-py: NaN becomes a quiet NaN, everything else (subnormals
  * included) rounds to nearest even; overflow rounds to inf. */
@@ -167,7 +175,9 @@ uint16_t eng_f32_to_bf16(float f) {
 
 /* ---- dequantization, one block at a time ---- */
 
-static float s_f16_at(const uint8_t *p) { return eng_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+static float s_f16_at(const uint8_t *p) {
+    return eng_f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+}
 
 static uint32_t s_u32_at(const uint8_t *p) {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
@@ -328,17 +338,14 @@ pd_status eng_dequant(int type, const void *src, float *dst, int64_t n) {
     if (!eng_quant_supported(type) || n < 0 || (uint64_t)n % eng_ggml_block_elems(type) != 0) return PD_EINVAL;
     const uint8_t *p = src;
     switch (type) {
-    case ENG_GGML_F32:
-        memcpy(dst, src, (size_t)n * sizeof(float));
-        return PD_OK;
+    case ENG_GGML_F32: memcpy(dst, src, (size_t)n * sizeof(float)); return PD_OK;
     case ENG_GGML_F16:
         for (int64_t i = 0; i < n; i++) dst[i] = s_f16_at(p + 2 * i);
         return PD_OK;
     case ENG_GGML_BF16:
         for (int64_t i = 0; i < n; i++) dst[i] = eng_bf16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
         return PD_OK;
-    default:
-        break;
+    default: break;
     }
     s_deq_block_fn fn = s_block_fn(type);
     uint32_t block_elems = eng_ggml_block_elems(type), block_bytes = eng_ggml_block_bytes(type);

@@ -9,6 +9,9 @@ ROOT=$(pwd)
 scripts/install_deps.sh
 export PDSERVE_MODEL="$(scripts/fetch_model.sh | tail -n 1)"
 
+echo "== clang-format check"
+git ls-files '*.c' '*.h' '*.cu' | xargs clang-format --dry-run --Werror
+
 echo "== Release build + unit tests"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" >/dev/null
@@ -22,9 +25,13 @@ cmake --build build-asan -j"$(nproc)" >/dev/null
 
 echo "== libFuzzer smoke run"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPDSERVE_FUZZ=ON -DPDSERVE_TESTS=ON >/dev/null
-cmake --build build-fuzz -j"$(nproc)" --target fuzz_gguf >/dev/null
+cmake --build build-fuzz -j"$(nproc)" --target fuzz_gguf fuzz_tok >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$ROOT/build-fuzz/tests/fuzz_gguf" -max_total_time="${PD_FUZZ_SECONDS:-30}" -print_final_stats=0 \
-    "$work" "$ROOT/tests/fuzz/corpus_gguf" 2>&1 | tail -n 2
-echo "fuzz_gguf: no crash in ${PD_FUZZ_SECONDS:-30} s"
+for target in gguf tok; do
+    mkdir -p "$work/$target"
+    # libFuzzer writes new inputs into the first corpus folder: a scratch one, never the committed seeds
+    "$ROOT/build-fuzz/tests/fuzz_$target" -max_total_time="${PD_FUZZ_SECONDS:-20}" "$work/$target" \
+        "$ROOT/tests/fuzz/corpus_$target" > "$work/$target.log" 2>&1 || { tail -n 40 "$work/$target.log"; exit 1; }
+    echo "fuzz_$target: $(grep -o 'Done [0-9]* runs' "$work/$target.log"), no crash"
+done

@@ -10,55 +10,55 @@
 
 static int pd_test_n_pass, pd_test_n_fail, pd_test_cur_failed;
 
-#define CHECK(cond)                                                              \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
             fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            pd_test_cur_failed = 1;                                              \
-        }                                                                        \
+            pd_test_cur_failed = 1;                                                  \
+        }                                                                            \
     } while (0)
 
-#define CHECK_MSG(cond, ...)                                                     \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
+#define CHECK_MSG(cond, ...)                                                         \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
             fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                        \
-            fputc('\n', stderr);                                                 \
-            pd_test_cur_failed = 1;                                              \
-        }                                                                        \
+            fprintf(stderr, __VA_ARGS__);                                            \
+            fputc('\n', stderr);                                                     \
+            pd_test_cur_failed = 1;                                                  \
+        }                                                                            \
     } while (0)
 
-#define CHECK_EQ_INT(a, b)                                                       \
-    do {                                                                         \
-        long long pd_a_ = (long long)(a), pd_b_ = (long long)(b);                \
-        if (pd_a_ != pd_b_) {                                                    \
-            fprintf(stderr, "%s:%d: CHECK_EQ_INT failed: %s = %lld, %s = %lld\n", __FILE__, __LINE__, \
-                    #a, pd_a_, #b, pd_b_);                                       \
-            pd_test_cur_failed = 1;                                              \
-        }                                                                        \
+#define CHECK_EQ_INT(a, b)                                                                                           \
+    do {                                                                                                             \
+        long long pd_a_ = (long long)(a), pd_b_ = (long long)(b);                                                    \
+        if (pd_a_ != pd_b_) {                                                                                        \
+            fprintf(stderr, "%s:%d: CHECK_EQ_INT failed: %s = %lld, %s = %lld\n", __FILE__, __LINE__, #a, pd_a_, #b, \
+                    pd_b_);                                                                                          \
+            pd_test_cur_failed = 1;                                                                                  \
+        }                                                                                                            \
     } while (0)
 
 /* Required: a test that cannot find its inputs fails loudly instead of silently skipping. */
-#define REQUIRE(cond)                                                            \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
+#define REQUIRE(cond)                                                                  \
+    do {                                                                               \
+        if (!(cond)) {                                                                 \
             fprintf(stderr, "%s:%d: REQUIRE failed: %s\n", __FILE__, __LINE__, #cond); \
-            pd_test_cur_failed = 1;                                              \
-            return;                                                              \
-        }                                                                        \
+            pd_test_cur_failed = 1;                                                    \
+            return;                                                                    \
+        }                                                                              \
     } while (0)
 
-#define PD_TEST_RUN(fn)                                                          \
-    do {                                                                         \
-        pd_test_cur_failed = 0;                                                  \
-        fn();                                                                    \
-        if (pd_test_cur_failed) {                                                \
-            pd_test_n_fail++;                                                    \
-            fprintf(stderr, "FAIL %s\n", #fn);                                   \
-        } else {                                                                 \
-            pd_test_n_pass++;                                                    \
-            fprintf(stderr, "ok   %s\n", #fn);                                   \
-        }                                                                        \
+#define PD_TEST_RUN(fn)                        \
+    do {                                       \
+        pd_test_cur_failed = 0;                \
+        fn();                                  \
+        if (pd_test_cur_failed) {              \
+            pd_test_n_fail++;                  \
+            fprintf(stderr, "FAIL %s\n", #fn); \
+        } else {                               \
+            pd_test_n_pass++;                  \
+            fprintf(stderr, "ok   %s\n", #fn); \
+        }                                      \
     } while (0)
 
 static inline int pd_test_finish(void) {

@@ -11,11 +11,10 @@
 #include "pd_log.h"
 
 static void s_usage(FILE *f) {
-    fprintf(f,
-            "usage: pdctl <command> [options]\n"
-            "commands:\n"
-            "  generate   run the engine in this process on one prompt and stream the completion\n"
-            "             (pdctl generate --help for its options)\n");
+    fprintf(f, "usage: pdctl <command> [options]\n"
+               "commands:\n"
+               "  generate   run the engine in this process on one prompt and stream the completion\n"
+               "             (pdctl generate --help for its options)\n");
 }
 
 bool pdctl_parse_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out) {

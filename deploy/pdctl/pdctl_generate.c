@@ -56,42 +56,70 @@ static int s_parse(int argc, char **argv, gen_opts_t *o, bool *done) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         int64_t iv;
         double dv;
-#define NEED_VALUE                                                     \
-    if (!v) {                                                          \
-        fprintf(stderr, "pdctl generate: %s needs a value\n", f);      \
-        return 2;                                                      \
-    }                                                                  \
+#define NEED_VALUE                                                \
+    if (!v) {                                                     \
+        fprintf(stderr, "pdctl generate: %s needs a value\n", f); \
+        return 2;                                                 \
+    }                                                             \
     i++;
         if (!strcmp(f, "--help") || !strcmp(f, "-h")) {
             s_help();
             *done = true;
             return 0;
-        } else if (!strcmp(f, "--chat")) o->chat = true;
-        else if (!strcmp(f, "--special")) o->special = true;
-        else if (!strcmp(f, "--ignore-eos")) o->ignore_eos = true;
-        else if (!strcmp(f, "--verbose")) o->verbose = true;
-        else if (!strcmp(f, "--model")) { NEED_VALUE o->model = v; }
-        else if (!strcmp(f, "--prompt")) { NEED_VALUE o->prompt = v; }
-        else if (!strcmp(f, "--system")) { NEED_VALUE o->system = v; }
-        else if (!strcmp(f, "--stop")) {
+        } else if (!strcmp(f, "--chat"))
+            o->chat = true;
+        else if (!strcmp(f, "--special"))
+            o->special = true;
+        else if (!strcmp(f, "--ignore-eos"))
+            o->ignore_eos = true;
+        else if (!strcmp(f, "--verbose"))
+            o->verbose = true;
+        else if (!strcmp(f, "--model")) {
+            NEED_VALUE o->model = v;
+        } else if (!strcmp(f, "--prompt")) {
+            NEED_VALUE o->prompt = v;
+        } else if (!strcmp(f, "--system")) {
+            NEED_VALUE o->system = v;
+        } else if (!strcmp(f, "--stop")) {
             NEED_VALUE
             if (o->n_stops == ENG_STOP_MAX) {
                 fprintf(stderr, "pdctl generate: at most %d --stop strings\n", ENG_STOP_MAX);
                 return 2;
             }
             o->stops[o->n_stops++] = v;
-        } else if (!strcmp(f, "--max-tokens")) { NEED_VALUE if (!pdctl_parse_i64(f, v, 1, 1 << 20, &o->max_tokens)) return 2; }
-        else if (!strcmp(f, "--threads")) { NEED_VALUE if (!pdctl_parse_i64(f, v, 1, 1024, &o->threads)) return 2; }
-        else if (!strcmp(f, "--top-k")) { NEED_VALUE if (!pdctl_parse_i64(f, v, 0, 1 << 30, &iv)) return 2; o->sampling.top_k = (int32_t)iv; }
-        else if (!strcmp(f, "--logprobs")) { NEED_VALUE if (!pdctl_parse_i64(f, v, 0, ENG_MAX_LOGPROBS, &iv)) return 2; o->sampling.n_logprobs = (int32_t)iv; }
-        else if (!strcmp(f, "--seed")) { NEED_VALUE if (!pdctl_parse_i64(f, v, 0, INT64_MAX, &iv)) return 2; o->sampling.seed = (uint64_t)iv; o->sampling.has_seed = true; }
-        else if (!strcmp(f, "--temperature")) { NEED_VALUE if (!pdctl_parse_f64(f, v, 0, 100, &dv)) return 2; o->sampling.temperature = (float)dv; }
-        else if (!strcmp(f, "--top-p")) { NEED_VALUE if (!pdctl_parse_f64(f, v, 1e-9, 1, &dv)) return 2; o->sampling.top_p = (float)dv; }
-        else if (!strcmp(f, "--min-p")) { NEED_VALUE if (!pdctl_parse_f64(f, v, 0, 1, &dv)) return 2; o->sampling.min_p = (float)dv; }
-        else if (!strcmp(f, "--repetition-penalty")) { NEED_VALUE if (!pdctl_parse_f64(f, v, 1e-9, 10, &dv)) return 2; o->sampling.repetition_penalty = (float)dv; }
-        else if (!strcmp(f, "--presence-penalty")) { NEED_VALUE if (!pdctl_parse_f64(f, v, -2, 2, &dv)) return 2; o->sampling.presence_penalty = (float)dv; }
-        else if (!strcmp(f, "--frequency-penalty")) { NEED_VALUE if (!pdctl_parse_f64(f, v, -2, 2, &dv)) return 2; o->sampling.frequency_penalty = (float)dv; }
-        else {
+        } else if (!strcmp(f, "--max-tokens")) {
+            NEED_VALUE if (!pdctl_parse_i64(f, v, 1, 1 << 20, &o->max_tokens)) return 2;
+        } else if (!strcmp(f, "--threads")) {
+            NEED_VALUE if (!pdctl_parse_i64(f, v, 1, 1024, &o->threads)) return 2;
+        } else if (!strcmp(f, "--top-k")) {
+            NEED_VALUE if (!pdctl_parse_i64(f, v, 0, 1 << 30, &iv)) return 2;
+            o->sampling.top_k = (int32_t)iv;
+        } else if (!strcmp(f, "--logprobs")) {
+            NEED_VALUE if (!pdctl_parse_i64(f, v, 0, ENG_MAX_LOGPROBS, &iv)) return 2;
+            o->sampling.n_logprobs = (int32_t)iv;
+        } else if (!strcmp(f, "--seed")) {
+            NEED_VALUE if (!pdctl_parse_i64(f, v, 0, INT64_MAX, &iv)) return 2;
+            o->sampling.seed = (uint64_t)iv;
+            o->sampling.has_seed = true;
+        } else if (!strcmp(f, "--temperature")) {
+            NEED_VALUE if (!pdctl_parse_f64(f, v, 0, 100, &dv)) return 2;
+            o->sampling.temperature = (float)dv;
+        } else if (!strcmp(f, "--top-p")) {
+            NEED_VALUE if (!pdctl_parse_f64(f, v, 1e-9, 1, &dv)) return 2;
+            o->sampling.top_p = (float)dv;
+        } else if (!strcmp(f, "--min-p")) {
+            NEED_VALUE if (!pdctl_parse_f64(f, v, 0, 1, &dv)) return 2;
+            o->sampling.min_p = (float)dv;
+        } else if (!strcmp(f, "--repetition-penalty")) {
+            NEED_VALUE if (!pdctl_parse_f64(f, v, 1e-9, 10, &dv)) return 2;
+            o->sampling.repetition_penalty = (float)dv;
+        } else if (!strcmp(f, "--presence-penalty")) {
+            NEED_VALUE if (!pdctl_parse_f64(f, v, -2, 2, &dv)) return 2;
+            o->sampling.presence_penalty = (float)dv;
+        } else if (!strcmp(f, "--frequency-penalty")) {
+            NEED_VALUE if (!pdctl_parse_f64(f, v, -2, 2, &dv)) return 2;
+            o->sampling.frequency_penalty = (float)dv;
+        } else {
             fprintf(stderr, "pdctl generate: unknown option '%s' (see --help)\n", f);
             return 2;
         }
@@ -158,8 +186,14 @@ static pd_status s_feed(eng_t *e, eng_kv_seq_t *seq, const int32_t *tokens, int3
         int32_t chunk = n - done < eng_max_batch_tokens(e) ? n - done : eng_max_batch_tokens(e);
         int32_t p = pos + done;
         const int32_t *table = seq->blocks;
-        eng_batch_t b = {.n_seqs = 1, .n_tokens = &chunk, .pos = &p, .block_tables = &table,
-                         .n_blocks = &seq->n_blocks, .tokens = tokens + done, .want_logits = NULL, .logits = logits};
+        eng_batch_t b = {.n_seqs = 1,
+                         .n_tokens = &chunk,
+                         .pos = &p,
+                         .block_tables = &table,
+                         .n_blocks = &seq->n_blocks,
+                         .tokens = tokens + done,
+                         .want_logits = NULL,
+                         .logits = logits};
         st = eng_forward(e, &b);
         if (st != PD_OK) return st;
         done += chunk;
@@ -252,9 +286,10 @@ static int s_run(eng_t *e, const gen_opts_t *o) {
         goto done;
     }
     double dec_s = (double)(t_total - t_prefill) / 1e6;
-    fprintf(stderr, "[prompt %lld tokens in %.3f s (%.1f tok/s); generated %lld tokens in %.3f s (%.1f tok/s); finish=%s]\n",
-            (long long)n_prompt, (double)t_prefill / 1e6, (double)n_prompt / ((double)t_prefill / 1e6), (long long)n_gen,
-            dec_s, n_gen > 1 ? (double)(n_gen - 1) / dec_s : 0.0, finish);
+    fprintf(stderr,
+            "[prompt %lld tokens in %.3f s (%.1f tok/s); generated %lld tokens in %.3f s (%.1f tok/s); finish=%s]\n",
+            (long long)n_prompt, (double)t_prefill / 1e6, (double)n_prompt / ((double)t_prefill / 1e6),
+            (long long)n_gen, dec_s, n_gen > 1 ? (double)(n_gen - 1) / dec_s : 0.0, finish);
     rc = 0;
 done:
     eng_kv_seq_release(&seq, eng_kv_pool(e));

@@ -15,25 +15,25 @@
 struct eng_backend {
     const eng_model_t *m;
     eng_kv_layout_t kv;
-    float *kv_pool;       /* eng_kv_pool_bytes(&kv) bytes, layout of eng_kv_layout.h */
+    float *kv_pool; /* eng_kv_pool_bytes(&kv) bytes, layout of eng_kv_layout.h */
     int32_t max_tokens;
-    int32_t max_ctx;      /* longest sequence attention scratch allows */
+    int32_t max_ctx; /* longest sequence attention scratch allows */
     int n_threads;
     eng_cpu_pool_t *pool;
     /* per-forward scratch, sized for max_tokens */
-    float *x;             /* (T, dim) residual stream */
-    float *xb;            /* (T, dim) normed input */
-    float *q;             /* (T, n_heads*head_dim) */
-    float *k, *v;         /* (T, n_kv_heads*head_dim) */
-    float *att;           /* (T, n_heads*head_dim) attention output */
-    float *tmp;           /* (T, dim) */
-    float *hg, *hu;       /* (T, hidden_dim) */
-    float *rope_cs;       /* (T, head_dim) cos/sin per token */
-    int32_t *tok_seq;     /* (T) sequence of each token */
-    int32_t *tok_pos;     /* (T) position of each token */
-    float **mm_scratch;   /* (n_threads) tiles of dequantized weight rows */
-    float **att_scratch;  /* (n_threads) (max_ctx) attention scores */
-    float *out_x;         /* (T, dim) rows that want logits */
+    float *x;            /* (T, dim) residual stream */
+    float *xb;           /* (T, dim) normed input */
+    float *q;            /* (T, n_heads*head_dim) */
+    float *k, *v;        /* (T, n_kv_heads*head_dim) */
+    float *att;          /* (T, n_heads*head_dim) attention output */
+    float *tmp;          /* (T, dim) */
+    float *hg, *hu;      /* (T, hidden_dim) */
+    float *rope_cs;      /* (T, head_dim) cos/sin per token */
+    int32_t *tok_seq;    /* (T) sequence of each token */
+    int32_t *tok_pos;    /* (T) position of each token */
+    float **mm_scratch;  /* (n_threads) tiles of dequantized weight rows */
+    float **att_scratch; /* (n_threads) (max_ctx) attention scores */
+    float *out_x;        /* (T, dim) rows that want logits */
 };
 
 static void s_destroy(eng_backend_t **pbe) {
@@ -50,7 +50,9 @@ static void s_destroy(eng_backend_t **pbe) {
     *pbe = NULL;
 }
 
-static float *s_alloc_f32(size_t n) { return pd_xmalloc(n * sizeof(float)); }
+static float *s_alloc_f32(size_t n) {
+    return pd_xmalloc(n * sizeof(float));
+}
 
 static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
                                size_t err_cap) {
@@ -156,7 +158,8 @@ static void s_add_bias(float *y, const eng_weight_t *bias, int64_t n_tok, int64_
 static void s_layer(eng_backend_t *be, const eng_batch_t *b, int32_t l, int64_t T) {
     const eng_model_config_t *c = &be->m->cfg;
     const eng_layer_weights_t *w = &be->m->layers[l];
-    const int64_t dim = c->dim, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd, kv_dim = (int64_t)c->n_kv_heads * hd;
+    const int64_t dim = c->dim, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd,
+                  kv_dim = (int64_t)c->n_kv_heads * hd;
     float norm_w[c->dim > c->hidden_dim ? c->dim : c->hidden_dim];
 
     /* attention norm */

@@ -107,41 +107,40 @@ static inline void s_q8_0_block(const uint8_t *b, __m256 w[4]) {
     w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), d);
 }
 
-#define S_FUSED_KERNEL(NAME, BLOCK_FN, BLOCK_BYTES)                                                   \
-    static void NAME(float *y, const float *x, const uint8_t *w0, uint64_t row_bytes, int64_t n_rows,    \
-                     int64_t k_n) {                                                                    \
-        int64_t r = 0;                                                                                 \
-        for (; r + 4 <= n_rows; r += 4) {                                                              \
-            const uint8_t *b0 = w0 + (uint64_t)r * row_bytes, *b1 = b0 + row_bytes, *b2 = b1 + row_bytes, \
-                          *b3 = b2 + row_bytes;                                                        \
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];                         \
-            for (int64_t k = 0; k < k_n; k += 32) {                                                    \
-                __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8),                   \
-                       x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);             \
-                BLOCK_FN(b0, w), b0 += BLOCK_BYTES;                                                    \
-                a0 = _mm256_fmadd_ps(x0, w[0], a0), a0 = _mm256_fmadd_ps(x1, w[1], a0);                \
-                a0 = _mm256_fmadd_ps(x2, w[2], a0), a0 = _mm256_fmadd_ps(x3, w[3], a0);                \
-                BLOCK_FN(b1, w), b1 += BLOCK_BYTES;                                                    \
-                a1 = _mm256_fmadd_ps(x0, w[0], a1), a1 = _mm256_fmadd_ps(x1, w[1], a1);                \
-                a1 = _mm256_fmadd_ps(x2, w[2], a1), a1 = _mm256_fmadd_ps(x3, w[3], a1);                \
-                BLOCK_FN(b2, w), b2 += BLOCK_BYTES;                                                    \
-                a2 = _mm256_fmadd_ps(x0, w[0], a2), a2 = _mm256_fmadd_ps(x1, w[1], a2);                \
-                a2 = _mm256_fmadd_ps(x2, w[2], a2), a2 = _mm256_fmadd_ps(x3, w[3], a2);                \
-                BLOCK_FN(b3, w), b3 += BLOCK_BYTES;                                                    \
-                a3 = _mm256_fmadd_ps(x0, w[0], a3), a3 = _mm256_fmadd_ps(x1, w[1], a3);                \
-                a3 = _mm256_fmadd_ps(x2, w[2], a3), a3 = _mm256_fmadd_ps(x3, w[3], a3);                \
-            }                                                                                          \
-            y[r] = s_hsum(a0), y[r + 1] = s_hsum(a1), y[r + 2] = s_hsum(a2), y[r + 3] = s_hsum(a3);    \
-        }                                                                                              \
-        for (; r < n_rows; r++) {                                                                      \
-            const uint8_t *b0 = w0 + (uint64_t)r * row_bytes;                                          \
-            __m256 a0 = _mm256_setzero_ps(), w[4];                                                     \
-            for (int64_t k = 0; k < k_n; k += 32, b0 += BLOCK_BYTES) {                                 \
-                BLOCK_FN(b0, w);                                                                       \
-                for (int j = 0; j < 4; j++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j), w[j], a0); \
-            }                                                                                          \
-            y[r] = s_hsum(a0);                                                                         \
-        }                                                                                              \
+#define S_FUSED_KERNEL(NAME, BLOCK_FN, BLOCK_BYTES)                                                                    \
+    static void NAME(float *y, const float *x, const uint8_t *w0, uint64_t row_bytes, int64_t n_rows, int64_t k_n) {   \
+        int64_t r = 0;                                                                                                 \
+        for (; r + 4 <= n_rows; r += 4) {                                                                              \
+            const uint8_t *b0 = w0 + (uint64_t)r * row_bytes, *b1 = b0 + row_bytes, *b2 = b1 + row_bytes,              \
+                          *b3 = b2 + row_bytes;                                                                        \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];                                          \
+            for (int64_t k = 0; k < k_n; k += 32) {                                                                    \
+                __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8), x2 = _mm256_loadu_ps(x + k + 16), \
+                       x3 = _mm256_loadu_ps(x + k + 24);                                                               \
+                BLOCK_FN(b0, w), b0 += BLOCK_BYTES;                                                                    \
+                a0 = _mm256_fmadd_ps(x0, w[0], a0), a0 = _mm256_fmadd_ps(x1, w[1], a0);                                \
+                a0 = _mm256_fmadd_ps(x2, w[2], a0), a0 = _mm256_fmadd_ps(x3, w[3], a0);                                \
+                BLOCK_FN(b1, w), b1 += BLOCK_BYTES;                                                                    \
+                a1 = _mm256_fmadd_ps(x0, w[0], a1), a1 = _mm256_fmadd_ps(x1, w[1], a1);                                \
+                a1 = _mm256_fmadd_ps(x2, w[2], a1), a1 = _mm256_fmadd_ps(x3, w[3], a1);                                \
+                BLOCK_FN(b2, w), b2 += BLOCK_BYTES;                                                                    \
+                a2 = _mm256_fmadd_ps(x0, w[0], a2), a2 = _mm256_fmadd_ps(x1, w[1], a2);                                \
+                a2 = _mm256_fmadd_ps(x2, w[2], a2), a2 = _mm256_fmadd_ps(x3, w[3], a2);                                \
+                BLOCK_FN(b3, w), b3 += BLOCK_BYTES;                                                                    \
+                a3 = _mm256_fmadd_ps(x0, w[0], a3), a3 = _mm256_fmadd_ps(x1, w[1], a3);                                \
+                a3 = _mm256_fmadd_ps(x2, w[2], a3), a3 = _mm256_fmadd_ps(x3, w[3], a3);                                \
+            }                                                                                                          \
+            y[r] = s_hsum(a0), y[r + 1] = s_hsum(a1), y[r + 2] = s_hsum(a2), y[r + 3] = s_hsum(a3);                    \
+        }                                                                                                              \
+        for (; r < n_rows; r++) {                                                                                      \
+            const uint8_t *b0 = w0 + (uint64_t)r * row_bytes;                                                          \
+            __m256 a0 = _mm256_setzero_ps(), w[4];                                                                     \
+            for (int64_t k = 0; k < k_n; k += 32, b0 += BLOCK_BYTES) {                                                 \
+                BLOCK_FN(b0, w);                                                                                       \
+                for (int j = 0; j < 4; j++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j), w[j], a0);            \
+            }                                                                                                          \
+            y[r] = s_hsum(a0);                                                                                         \
+        }                                                                                                              \
     }
 
 S_FUSED_KERNEL(s_fused_q4_1, s_q4_1_block, 20)
@@ -255,8 +254,10 @@ static void s_matmul_tiles(void *arg, int64_t tile_begin, int64_t tile_end, int 
         if (n_tok < 4 && (w->type == ENG_GGML_Q4_1 || w->type == ENG_GGML_Q8_0)) {
             const uint8_t *w0 = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
             for (int64_t t = 0; t < n_tok; t++) {
-                if (w->type == ENG_GGML_Q4_1) s_fused_q4_1(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
-                else s_fused_q8_0(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
+                if (w->type == ENG_GGML_Q4_1)
+                    s_fused_q4_1(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
+                else
+                    s_fused_q8_0(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
             }
             continue;
         }

@@ -28,9 +28,9 @@ struct eng_cpu_pool {
     eng_cpu_task_fn fn;
     void *arg;
     int64_t n, grain;
-    _Atomic int64_t next;       /* next unclaimed item */
+    _Atomic int64_t next;        /* next unclaimed item */
     _Atomic uint64_t generation; /* bumped once per job; 0 = none yet */
-    _Atomic int pending;        /* workers that have not finished the current job */
+    _Atomic int pending;         /* workers that have not finished the current job */
     _Atomic int n_sleeping;
     _Atomic int stop;
     pthread_mutex_t mu; /* protects nothing but the condition wait: state is atomic */
@@ -65,7 +65,8 @@ static void *s_worker(void *varg) {
         if (gen == seen && !atomic_load(&p->stop)) {
             pthread_mutex_lock(&p->mu);
             atomic_fetch_add(&p->n_sleeping, 1);
-            while ((gen = atomic_load(&p->generation)) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
+            while ((gen = atomic_load(&p->generation)) == seen && !atomic_load(&p->stop))
+                pthread_cond_wait(&p->cv, &p->mu);
             atomic_fetch_sub(&p->n_sleeping, 1);
             pthread_mutex_unlock(&p->mu);
         }
@@ -106,7 +107,9 @@ void eng_cpu_pool_destroy(eng_cpu_pool_t **pool) {
     *pool = NULL;
 }
 
-int eng_cpu_pool_n_threads(const eng_cpu_pool_t *pool) { return pool->n_threads; }
+int eng_cpu_pool_n_threads(const eng_cpu_pool_t *pool) {
+    return pool->n_threads;
+}
 
 void eng_cpu_pool_run(eng_cpu_pool_t *p, int64_t n, int64_t grain, eng_cpu_task_fn fn, void *arg) {
     if (n <= 0) return;
@@ -127,7 +130,9 @@ void eng_cpu_pool_run(eng_cpu_pool_t *p, int64_t n, int64_t grain, eng_cpu_task_
     }
     s_work(p, 0);
     for (int i = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; i++) {
-        if (i < S_JOIN_SPINS_BEFORE_YIELD) S_PAUSE();
-        else sched_yield();
+        if (i < S_JOIN_SPINS_BEFORE_YIELD)
+            S_PAUSE();
+        else
+            sched_yield();
     }
 }

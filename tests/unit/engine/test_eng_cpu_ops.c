@@ -60,12 +60,13 @@ static void s_check_matmul(const eng_weight_t *w, int n_tok) {
         for (int64_t r = 0; r < w->rows; r += 7) {
             eng_cpu_weight_row(w, r, row);
             double ref = 0, mag = 0;
-            for (int64_t k = 0; k < w->cols; k++) ref += (double)x[t * w->cols + k] * row[k], mag += fabs((double)x[t * w->cols + k] * row[k]);
+            for (int64_t k = 0; k < w->cols; k++)
+                ref += (double)x[t * w->cols + k] * row[k], mag += fabs((double)x[t * w->cols + k] * row[k]);
             far += fabs(y[t * w->rows + r] - ref) > 1e-5 * mag + 1e-6;
         }
     }
-    CHECK_MSG(bit_mismatch == 0, "%s: %d of %d token rows differ between batched and single", eng_ggml_type_name(w->type),
-              bit_mismatch, n_tok);
+    CHECK_MSG(bit_mismatch == 0, "%s: %d of %d token rows differ between batched and single",
+              eng_ggml_type_name(w->type), bit_mismatch, n_tok);
     CHECK_EQ_INT(far, 0);
     for (int i = 0; i < nth; i++) free(scratch[i]);
     free(scratch), free(x), free(y), free(y1), free(row);
@@ -74,8 +75,8 @@ static void s_check_matmul(const eng_weight_t *w, int n_tok) {
 
 static void test_matmul_paths_agree(void) {
     REQUIRE(s_model);
-    s_check_matmul(&s_model->layers[3].wk, 9);      /* Q4_1, 192 rows: tiles + 4x2 + leftovers */
-    s_check_matmul(&s_model->layers[3].w_down, 6);  /* Q4_1, K = 1536 */
+    s_check_matmul(&s_model->layers[3].wk, 9);        /* Q4_1, 192 rows: tiles + 4x2 + leftovers */
+    s_check_matmul(&s_model->layers[3].w_down, 6);    /* Q4_1, K = 1536 */
     s_check_matmul(&s_model->layers[3].attn_norm, 5); /* F32 vector: 1 row, leftover paths */
 }
 

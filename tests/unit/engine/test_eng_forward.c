@@ -7,10 +7,10 @@
 #include "pd_log.h"
 #include "pd_test.h"
 
-#define GOLDEN_DIR PD_SOURCE_DIR "/tests/golden/logits"
+#define GOLDEN_DIR      PD_SOURCE_DIR "/tests/golden/logits"
 /* Logit tolerance against transformers float32: both sides compute in f32 with different summation
  * orders over 30 layers; observed max |diff| is reported per case. */
-#define LOGIT_ABS_TOL 2e-2f
+#define LOGIT_ABS_TOL   2e-2f
 /* A greedy divergence is accepted only at a near-tie: top-2 margin in the reference below this. */
 #define NEAR_TIE_MARGIN 2e-2f
 
@@ -85,14 +85,22 @@ static pd_status s_run_seq(eng_kv_seq_t *seq, const int32_t *tokens, int32_t n, 
     pd_status st = eng_kv_seq_reserve(seq, eng_kv_pool(s_engine), eng_kv_layout(s_engine)->block_size, pos + n);
     if (st != PD_OK) return st;
     uint8_t *w = pd_xcalloc((size_t)n, 1);
-    if (want) memcpy(w, want, (size_t)n);
-    else w[n - 1] = 1;
+    if (want)
+        memcpy(w, want, (size_t)n);
+    else
+        w[n - 1] = 1;
     int32_t rows = 0;
     for (int32_t done = 0; done < n && st == PD_OK; done += chunk) {
         int32_t nt = n - done < chunk ? n - done : chunk, p = pos + done;
         const int32_t *table = seq->blocks;
-        eng_batch_t b = {.n_seqs = 1, .n_tokens = &nt, .pos = &p, .block_tables = &table, .n_blocks = &seq->n_blocks,
-                         .tokens = tokens + done, .want_logits = w + done, .logits = logits + (size_t)rows * s_vocab};
+        eng_batch_t b = {.n_seqs = 1,
+                         .n_tokens = &nt,
+                         .pos = &p,
+                         .block_tables = &table,
+                         .n_blocks = &seq->n_blocks,
+                         .tokens = tokens + done,
+                         .want_logits = w + done,
+                         .logits = logits + (size_t)rows * s_vocab};
         rows += eng_batch_n_logits(&b);
         st = eng_forward(s_engine, &b);
     }
@@ -185,7 +193,7 @@ static void s_make_prompt(int32_t *dst, int n, uint32_t seed) {
     }
 }
 
-#define N_SEQS 16
+#define N_SEQS  16
 #define N_STEPS 6
 
 static void test_batch_invariance(void) {
@@ -202,7 +210,8 @@ static void test_batch_invariance(void) {
         CHECK_EQ_INT(s_run_seq(&seq, prompts[s], lens[s], 0, lens[s], NULL, row), PD_OK);
         for (int g = 0; g < N_STEPS; g++) {
             ref_tok[s][g] = s_argmax(row + (size_t)g * s_vocab, s_vocab);
-            CHECK_EQ_INT(s_run_seq(&seq, &ref_tok[s][g], 1, lens[s] + g, 1, NULL, row + (size_t)(g + 1) * s_vocab), PD_OK);
+            CHECK_EQ_INT(s_run_seq(&seq, &ref_tok[s][g], 1, lens[s] + g, 1, NULL, row + (size_t)(g + 1) * s_vocab),
+                         PD_OK);
         }
         eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
         eng_kv_seq_fini(&seq);
@@ -227,14 +236,21 @@ static void test_batch_invariance(void) {
             } else {
                 n = 1, p = lens[s] + n_gen[s] - 1, src = &next_tok[s];
             }
-            REQUIRE(eng_kv_seq_reserve(&seqs[s], eng_kv_pool(s_engine), eng_kv_layout(s_engine)->block_size, p + n) == PD_OK);
+            REQUIRE(eng_kv_seq_reserve(&seqs[s], eng_kv_pool(s_engine), eng_kv_layout(s_engine)->block_size, p + n) ==
+                    PD_OK);
             memcpy(toks + nt, src, sizeof(int32_t) * (size_t)n);
             n_tok[ns] = n, pos[ns] = p, tables[ns] = seqs[s].blocks, nb[ns] = seqs[s].n_blocks, idx[ns] = s;
             nt += n, ns++;
         }
         if (ns == 0) break;
-        eng_batch_t b = {.n_seqs = ns, .n_tokens = n_tok, .pos = pos, .block_tables = tables, .n_blocks = nb,
-                         .tokens = toks, .want_logits = NULL, .logits = out};
+        eng_batch_t b = {.n_seqs = ns,
+                         .n_tokens = n_tok,
+                         .pos = pos,
+                         .block_tables = tables,
+                         .n_blocks = nb,
+                         .tokens = toks,
+                         .want_logits = NULL,
+                         .logits = out};
         REQUIRE(eng_forward(s_engine, &b) == PD_OK);
         for (int i = 0; i < ns; i++) {
             int s = idx[i];
@@ -269,8 +285,13 @@ static void test_bad_batches(void) {
     const int32_t *table = seq.blocks;
     int32_t bad_block = 1 << 30;
     const int32_t *bad_table = &bad_block;
-    eng_batch_t ok = {.n_seqs = 1, .n_tokens = &n, .pos = &pos, .block_tables = &table, .n_blocks = &seq.n_blocks,
-                      .tokens = &tok, .logits = logits};
+    eng_batch_t ok = {.n_seqs = 1,
+                      .n_tokens = &n,
+                      .pos = &pos,
+                      .block_tables = &table,
+                      .n_blocks = &seq.n_blocks,
+                      .tokens = &tok,
+                      .logits = logits};
     eng_batch_t b = ok;
     b.tokens = &bad_tok;
     CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);

@@ -20,14 +20,24 @@ static void test_model_metadata(void) {
     CHECK_EQ_INT(eng_gguf_version(g), 3);
     CHECK_EQ_INT(eng_gguf_alignment(g), 32);
     CHECK_EQ_INT(eng_gguf_n_kv(g), 33);
-    static const struct { const char *key; uint64_t v; } u[] = {
-        {"llama.block_count", 30},           {"llama.context_length", 8192},
-        {"llama.embedding_length", 576},     {"llama.feed_forward_length", 1536},
-        {"llama.attention.head_count", 9},   {"llama.attention.head_count_kv", 3},
-        {"llama.rope.dimension_count", 64},  {"llama.vocab_size", 49152},
-        {"general.file_type", 3},            {"general.quantization_version", 2},
-        {"tokenizer.ggml.bos_token_id", 1},  {"tokenizer.ggml.eos_token_id", 2},
-        {"tokenizer.ggml.unknown_token_id", 0}, {"tokenizer.ggml.padding_token_id", 2},
+    static const struct {
+        const char *key;
+        uint64_t v;
+    } u[] = {
+        {"llama.block_count", 30},
+        {"llama.context_length", 8192},
+        {"llama.embedding_length", 576},
+        {"llama.feed_forward_length", 1536},
+        {"llama.attention.head_count", 9},
+        {"llama.attention.head_count_kv", 3},
+        {"llama.rope.dimension_count", 64},
+        {"llama.vocab_size", 49152},
+        {"general.file_type", 3},
+        {"general.quantization_version", 2},
+        {"tokenizer.ggml.bos_token_id", 1},
+        {"tokenizer.ggml.eos_token_id", 2},
+        {"tokenizer.ggml.unknown_token_id", 0},
+        {"tokenizer.ggml.padding_token_id", 2},
     };
     for (size_t i = 0; i < sizeof u / sizeof u[0]; i++) {
         uint64_t v = 0;
@@ -59,7 +69,10 @@ static void test_model_metadata(void) {
     eng_gguf_vtype_t et;
     uint64_t n = 0;
     CHECK(eng_gguf_get_arr(g, "tokenizer.ggml.tokens", &et, &n) && et == ENG_GGUF_STRING && n == 49152);
-    static const struct { uint64_t i; const char *s; } tok[] = {
+    static const struct {
+        uint64_t i;
+        const char *s;
+    } tok[] = {
         {0, "<|endoftext|>"}, {1, "<|im_start|>"}, {2, "<|im_end|>"}, {100, "t"}, {1000, "()"}, {49151, "ectable"},
     };
     for (size_t i = 0; i < sizeof tok / sizeof tok[0]; i++) {
@@ -170,9 +183,15 @@ static void s_put(s_buf_t *b, const void *src, size_t n) {
     memcpy(b->p + b->n, src, n);
     b->n += n;
 }
-static void s_u8(s_buf_t *b, uint8_t v) { s_put(b, &v, 1); }
-static void s_u32(s_buf_t *b, uint32_t v) { s_put(b, &v, 4); }
-static void s_u64(s_buf_t *b, uint64_t v) { s_put(b, &v, 8); }
+static void s_u8(s_buf_t *b, uint8_t v) {
+    s_put(b, &v, 1);
+}
+static void s_u32(s_buf_t *b, uint32_t v) {
+    s_put(b, &v, 4);
+}
+static void s_u64(s_buf_t *b, uint64_t v) {
+    s_put(b, &v, 8);
+}
 static void s_str(s_buf_t *b, const char *s) {
     s_u64(b, strlen(s));
     s_put(b, s, strlen(s));
@@ -199,8 +218,8 @@ typedef struct {
     bool has_alignment;
     uint32_t alignment_type;
     uint64_t alignment;
-    uint64_t arch_key_len; /* nonzero: lie about the first key's length */
-    bool with_all_kvs;     /* one key per value type, arrays, nested arrays */
+    uint64_t arch_key_len;        /* nonzero: lie about the first key's length */
+    bool with_all_kvs;            /* one key per value type, arrays, nested arrays */
     int (*extra_kvs)(s_buf_t *b); /* writes more key/values, returns how many */
     int n_tinfo;
     s_tinfo_t t[4];
@@ -216,7 +235,7 @@ static s_spec_t s_spec_default(void) {
         .alignment = 32,
         .with_all_kvs = true,
         .n_tinfo = 3,
-        .t = {{"w0", 2, {4, 2, 1, 1}, ENG_GGML_F32, 0},   /* 32 bytes */
+        .t = {{"w0", 2, {4, 2, 1, 1}, ENG_GGML_F32, 0},    /* 32 bytes */
               {"w1", 1, {64, 1, 1, 1}, ENG_GGML_Q8_0, 32}, /* 68 bytes */
               {"w2", 1, {3, 1, 1, 1}, ENG_GGML_F16, 128}}, /* 6 bytes, ends the file */
         .data_bytes = 134,
@@ -224,37 +243,80 @@ static s_spec_t s_spec_default(void) {
 }
 
 static int s_write_all_kvs(s_buf_t *b) {
-    s_key(b, "t.u8", ENG_GGUF_U8); s_u8(b, 200);
-    s_key(b, "t.i8", ENG_GGUF_I8); s_u8(b, (uint8_t)-5);
-    s_key(b, "t.u16", ENG_GGUF_U16); s_put(b, &(uint16_t){65535}, 2);
-    s_key(b, "t.i16", ENG_GGUF_I16); s_put(b, &(int16_t){-300}, 2);
-    s_key(b, "t.u32", ENG_GGUF_U32); s_u32(b, 4000000000u);
-    s_key(b, "t.i32", ENG_GGUF_I32); s_put(b, &(int32_t){-2000000000}, 4);
-    s_key(b, "t.f32", ENG_GGUF_F32); s_put(b, &(float){1.5f}, 4);
-    s_key(b, "t.bool", ENG_GGUF_BOOL); s_u8(b, 1);
-    s_key(b, "t.str", ENG_GGUF_STRING); s_str(b, "hello");
-    s_key(b, "t.u64", ENG_GGUF_U64); s_u64(b, (UINT64_C(1) << 63) + 1);
-    s_key(b, "t.i64", ENG_GGUF_I64); s_u64(b, (uint64_t)INT64_C(-7));
-    s_key(b, "t.f64", ENG_GGUF_F64); s_put(b, &(double){-0.25}, 8);
-    s_key(b, "t.empty", ENG_GGUF_STRING); s_str(b, "");
+    s_key(b, "t.u8", ENG_GGUF_U8);
+    s_u8(b, 200);
+    s_key(b, "t.i8", ENG_GGUF_I8);
+    s_u8(b, (uint8_t)-5);
+    s_key(b, "t.u16", ENG_GGUF_U16);
+    s_put(b, &(uint16_t){65535}, 2);
+    s_key(b, "t.i16", ENG_GGUF_I16);
+    s_put(b, &(int16_t){-300}, 2);
+    s_key(b, "t.u32", ENG_GGUF_U32);
+    s_u32(b, 4000000000u);
+    s_key(b, "t.i32", ENG_GGUF_I32);
+    s_put(b, &(int32_t){-2000000000}, 4);
+    s_key(b, "t.f32", ENG_GGUF_F32);
+    s_put(b, &(float){1.5f}, 4);
+    s_key(b, "t.bool", ENG_GGUF_BOOL);
+    s_u8(b, 1);
+    s_key(b, "t.str", ENG_GGUF_STRING);
+    s_str(b, "hello");
+    s_key(b, "t.u64", ENG_GGUF_U64);
+    s_u64(b, (UINT64_C(1) << 63) + 1);
+    s_key(b, "t.i64", ENG_GGUF_I64);
+    s_u64(b, (uint64_t)INT64_C(-7));
+    s_key(b, "t.f64", ENG_GGUF_F64);
+    s_put(b, &(double){-0.25}, 8);
+    s_key(b, "t.empty", ENG_GGUF_STRING);
+    s_str(b, "");
     /* ["a", "", "xyz"] */
-    s_key(b, "t.arr_str", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_STRING); s_u64(b, 3);
-    s_str(b, "a"); s_str(b, ""); s_str(b, "xyz");
+    s_key(b, "t.arr_str", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_STRING);
+    s_u64(b, 3);
+    s_str(b, "a");
+    s_str(b, "");
+    s_str(b, "xyz");
     /* [10, -20, 30] as i32, [0.5, 2] as f32, [] as u8, [1, 0] as bool, [2^64 - 1] as u64 */
-    s_key(b, "t.arr_i32", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_I32); s_u64(b, 3);
-    s_u32(b, 10); s_u32(b, (uint32_t)-20); s_u32(b, 30);
-    s_key(b, "t.arr_f32", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_F32); s_u64(b, 2);
-    s_put(b, &(float){0.5f}, 4); s_put(b, &(float){2.0f}, 4);
-    s_key(b, "t.arr_empty", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_U8); s_u64(b, 0);
-    s_key(b, "t.arr_bool", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_BOOL); s_u64(b, 2); s_u8(b, 1); s_u8(b, 0);
-    s_key(b, "t.arr_u64", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_U64); s_u64(b, 1); s_u64(b, UINT64_MAX);
+    s_key(b, "t.arr_i32", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_I32);
+    s_u64(b, 3);
+    s_u32(b, 10);
+    s_u32(b, (uint32_t)-20);
+    s_u32(b, 30);
+    s_key(b, "t.arr_f32", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_F32);
+    s_u64(b, 2);
+    s_put(b, &(float){0.5f}, 4);
+    s_put(b, &(float){2.0f}, 4);
+    s_key(b, "t.arr_empty", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_U8);
+    s_u64(b, 0);
+    s_key(b, "t.arr_bool", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_BOOL);
+    s_u64(b, 2);
+    s_u8(b, 1);
+    s_u8(b, 0);
+    s_key(b, "t.arr_u64", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_U64);
+    s_u64(b, 1);
+    s_u64(b, UINT64_MAX);
     /* [[1, 2], [["x"], []], []]: arrays of arrays, three deep, mixed element types */
-    s_key(b, "t.nested", ENG_GGUF_ARRAY); s_u32(b, ENG_GGUF_ARRAY); s_u64(b, 3);
-    s_u32(b, ENG_GGUF_I16); s_u64(b, 2); s_put(b, &(int16_t){1}, 2); s_put(b, &(int16_t){2}, 2);
-    s_u32(b, ENG_GGUF_ARRAY); s_u64(b, 2);
-    s_u32(b, ENG_GGUF_STRING); s_u64(b, 1); s_str(b, "x");
-    s_u32(b, ENG_GGUF_F64); s_u64(b, 0);
-    s_u32(b, ENG_GGUF_STRING); s_u64(b, 0);
+    s_key(b, "t.nested", ENG_GGUF_ARRAY);
+    s_u32(b, ENG_GGUF_ARRAY);
+    s_u64(b, 3);
+    s_u32(b, ENG_GGUF_I16);
+    s_u64(b, 2);
+    s_put(b, &(int16_t){1}, 2);
+    s_put(b, &(int16_t){2}, 2);
+    s_u32(b, ENG_GGUF_ARRAY);
+    s_u64(b, 2);
+    s_u32(b, ENG_GGUF_STRING);
+    s_u64(b, 1);
+    s_str(b, "x");
+    s_u32(b, ENG_GGUF_F64);
+    s_u64(b, 0);
+    s_u32(b, ENG_GGUF_STRING);
+    s_u64(b, 0);
     return 20;
 }
 
@@ -268,8 +330,10 @@ static void s_build(const s_spec_t *spec, s_buf_t *out) {
     if (spec->has_alignment) {
         n_kv++;
         s_key(&kv, "general.alignment", spec->alignment_type);
-        if (spec->alignment_type == ENG_GGUF_U64) s_u64(&kv, spec->alignment);
-        else s_u32(&kv, (uint32_t)spec->alignment);
+        if (spec->alignment_type == ENG_GGUF_U64)
+            s_u64(&kv, spec->alignment);
+        else
+            s_u32(&kv, (uint32_t)spec->alignment);
     }
     if (spec->with_all_kvs) n_kv += s_write_all_kvs(&kv);
     if (spec->extra_kvs) n_kv += spec->extra_kvs(&kv);
@@ -547,51 +611,135 @@ static int s_kv_str_past_end(s_buf_t *b) {
     return 1;
 }
 
-static void m_magic(s_spec_t *s) { s->magic = 0x47475546u; }
-static void m_v1(s_spec_t *s) { s->version = 1; }
-static void m_v4(s_spec_t *s) { s->version = 4; }
-static void m_v0(s_spec_t *s) { s->version = 0; }
-static void m_big_endian(s_spec_t *s) { s->version = 0x03000000u; }
-static void m_huge_n_tensors(s_spec_t *s) { s->has_n_tensors = true, s->n_tensors = UINT64_C(1) << 60; }
-static void m_huge_n_kv(s_spec_t *s) { s->has_n_kv = true, s->n_kv = UINT64_MAX; }
-static void m_more_kv(s_spec_t *s) { s->has_n_kv = true, s->n_kv = 25; }
-static void m_huge_key_len(s_spec_t *s) { s->arch_key_len = UINT64_C(1) << 62; }
-static void m_key_too_long(s_spec_t *s) { s->extra_kvs = s_kv_long_key; }
-static void m_ndims0(s_spec_t *s) { s->t[0].n_dims = 0; }
-static void m_ndims5(s_spec_t *s) { s->t[1].n_dims = 5; }
-static void m_ne0(s_spec_t *s) { s->t[0].ne[1] = 0; }
-static void m_ne_overflow(s_spec_t *s) { s->t[0] = (s_tinfo_t){"big", 4, {1 << 16, 1 << 16, 1 << 16, 1 << 16}, 0, 0}; }
-static void m_ne_huge(s_spec_t *s) { s->t[0] = (s_tinfo_t){"big", 1, {UINT64_MAX}, 0, 0}; }
+static void m_magic(s_spec_t *s) {
+    s->magic = 0x47475546u;
+}
+static void m_v1(s_spec_t *s) {
+    s->version = 1;
+}
+static void m_v4(s_spec_t *s) {
+    s->version = 4;
+}
+static void m_v0(s_spec_t *s) {
+    s->version = 0;
+}
+static void m_big_endian(s_spec_t *s) {
+    s->version = 0x03000000u;
+}
+static void m_huge_n_tensors(s_spec_t *s) {
+    s->has_n_tensors = true, s->n_tensors = UINT64_C(1) << 60;
+}
+static void m_huge_n_kv(s_spec_t *s) {
+    s->has_n_kv = true, s->n_kv = UINT64_MAX;
+}
+static void m_more_kv(s_spec_t *s) {
+    s->has_n_kv = true, s->n_kv = 25;
+}
+static void m_huge_key_len(s_spec_t *s) {
+    s->arch_key_len = UINT64_C(1) << 62;
+}
+static void m_key_too_long(s_spec_t *s) {
+    s->extra_kvs = s_kv_long_key;
+}
+static void m_ndims0(s_spec_t *s) {
+    s->t[0].n_dims = 0;
+}
+static void m_ndims5(s_spec_t *s) {
+    s->t[1].n_dims = 5;
+}
+static void m_ne0(s_spec_t *s) {
+    s->t[0].ne[1] = 0;
+}
+static void m_ne_overflow(s_spec_t *s) {
+    s->t[0] = (s_tinfo_t){"big", 4, {1 << 16, 1 << 16, 1 << 16, 1 << 16}, 0, 0};
+}
+static void m_ne_huge(s_spec_t *s) {
+    s->t[0] = (s_tinfo_t){"big", 1, {UINT64_MAX}, 0, 0};
+}
 static void m_ne_2p40(s_spec_t *s) {
     s->t[0] = (s_tinfo_t){"big", 2, {UINT64_C(1) << 20, (UINT64_C(1) << 20) + 1}, 0, 0};
 }
-static void m_type99(s_spec_t *s) { s->t[1].type = 99; }
-static void m_type31(s_spec_t *s) { s->t[1].type = 31; }
-static void m_block(s_spec_t *s) { s->t[1].ne[0] = 48; }
-static void m_misaligned(s_spec_t *s) { s->t[1].offset = 36; }
-static void m_past_end(s_spec_t *s) { s->t[2].offset = UINT64_C(1) << 20; }
-static void m_offset_huge(s_spec_t *s) { s->t[2].offset = UINT64_MAX - 31; }
-static void m_size_past_end(s_spec_t *s) { s->t[2].ne[0] = 4; }
-static void m_dup_tensor(s_spec_t *s) { s->t[2].name = "w0"; }
-static void m_empty_name(s_spec_t *s) { s->t[1].name = ""; }
-static void m_no_data(s_spec_t *s) { s->data_bytes = 0; }
-static void m_align0(s_spec_t *s) { s->alignment = 0; }
-static void m_align3(s_spec_t *s) { s->alignment = 3; }
-static void m_align_u64(s_spec_t *s) { s->alignment_type = ENG_GGUF_U64; }
-static void m_align_i32(s_spec_t *s) { s->alignment_type = ENG_GGUF_I32; }
-static void m_align_2g(s_spec_t *s) { s->alignment = UINT64_C(1) << 31; }
-static void m_dup_key(s_spec_t *s) { s->extra_kvs = s_kv_dup; }
-static void m_bad_vtype(s_spec_t *s) { s->extra_kvs = s_kv_bad_vtype; }
-static void m_bad_etype(s_spec_t *s) { s->extra_kvs = s_kv_bad_etype; }
-static void m_bool2(s_spec_t *s) { s->extra_kvs = s_kv_bool2; }
-static void m_nul_key(s_spec_t *s) { s->extra_kvs = s_kv_nul_key; }
-static void m_empty_key(s_spec_t *s) { s->extra_kvs = s_kv_empty_key; }
-static void m_huge_str(s_spec_t *s) { s->extra_kvs = s_kv_huge_str; }
-static void m_huge_arr(s_spec_t *s) { s->extra_kvs = s_kv_huge_arr; }
-static void m_huge_str_arr(s_spec_t *s) { s->extra_kvs = s_kv_huge_str_arr; }
-static void m_huge_inner(s_spec_t *s) { s->extra_kvs = s_kv_huge_inner; }
-static void m_deep(s_spec_t *s) { s->extra_kvs = s_kv_deep; }
-static void m_str_past_end(s_spec_t *s) { s->extra_kvs = s_kv_str_past_end; }
+static void m_type99(s_spec_t *s) {
+    s->t[1].type = 99;
+}
+static void m_type31(s_spec_t *s) {
+    s->t[1].type = 31;
+}
+static void m_block(s_spec_t *s) {
+    s->t[1].ne[0] = 48;
+}
+static void m_misaligned(s_spec_t *s) {
+    s->t[1].offset = 36;
+}
+static void m_past_end(s_spec_t *s) {
+    s->t[2].offset = UINT64_C(1) << 20;
+}
+static void m_offset_huge(s_spec_t *s) {
+    s->t[2].offset = UINT64_MAX - 31;
+}
+static void m_size_past_end(s_spec_t *s) {
+    s->t[2].ne[0] = 4;
+}
+static void m_dup_tensor(s_spec_t *s) {
+    s->t[2].name = "w0";
+}
+static void m_empty_name(s_spec_t *s) {
+    s->t[1].name = "";
+}
+static void m_no_data(s_spec_t *s) {
+    s->data_bytes = 0;
+}
+static void m_align0(s_spec_t *s) {
+    s->alignment = 0;
+}
+static void m_align3(s_spec_t *s) {
+    s->alignment = 3;
+}
+static void m_align_u64(s_spec_t *s) {
+    s->alignment_type = ENG_GGUF_U64;
+}
+static void m_align_i32(s_spec_t *s) {
+    s->alignment_type = ENG_GGUF_I32;
+}
+static void m_align_2g(s_spec_t *s) {
+    s->alignment = UINT64_C(1) << 31;
+}
+static void m_dup_key(s_spec_t *s) {
+    s->extra_kvs = s_kv_dup;
+}
+static void m_bad_vtype(s_spec_t *s) {
+    s->extra_kvs = s_kv_bad_vtype;
+}
+static void m_bad_etype(s_spec_t *s) {
+    s->extra_kvs = s_kv_bad_etype;
+}
+static void m_bool2(s_spec_t *s) {
+    s->extra_kvs = s_kv_bool2;
+}
+static void m_nul_key(s_spec_t *s) {
+    s->extra_kvs = s_kv_nul_key;
+}
+static void m_empty_key(s_spec_t *s) {
+    s->extra_kvs = s_kv_empty_key;
+}
+static void m_huge_str(s_spec_t *s) {
+    s->extra_kvs = s_kv_huge_str;
+}
+static void m_huge_arr(s_spec_t *s) {
+    s->extra_kvs = s_kv_huge_arr;
+}
+static void m_huge_str_arr(s_spec_t *s) {
+    s->extra_kvs = s_kv_huge_str_arr;
+}
+static void m_huge_inner(s_spec_t *s) {
+    s->extra_kvs = s_kv_huge_inner;
+}
+static void m_deep(s_spec_t *s) {
+    s->extra_kvs = s_kv_deep;
+}
+static void m_str_past_end(s_spec_t *s) {
+    s->extra_kvs = s_kv_str_past_end;
+}
 
 static void test_hostile(void) {
     static const struct {

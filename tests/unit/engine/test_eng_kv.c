@@ -75,8 +75,8 @@ static void test_seq_tables(void) {
 }
 
 static void test_layout(void) {
-    eng_kv_layout_t l = {.n_layers = 30, .n_kv_heads = 3, .head_dim = 64, .block_size = 16, .n_blocks = 100,
-                         .dtype = ENG_KV_F32};
+    eng_kv_layout_t l = {
+        .n_layers = 30, .n_kv_heads = 3, .head_dim = 64, .block_size = 16, .n_blocks = 100, .dtype = ENG_KV_F32};
     CHECK_EQ_INT(eng_kv_chunk_bytes(&l), 16 * 3 * 64 * 4);
     CHECK_EQ_INT(eng_kv_token_bytes(&l), 2 * 30 * 3 * 64 * 4);
     CHECK_EQ_INT(eng_kv_chunk_offset(&l, 0, ENG_KV_V, 0), 100 * eng_kv_chunk_bytes(&l));

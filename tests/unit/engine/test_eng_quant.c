@@ -45,23 +45,43 @@ static uint8_t *s_read_file(const char *path, size_t *n_bytes) {
 
 static void test_type_sizes(void) {
     /* Values of GGML_QUANT_SIZES in gguf-py 0.19.0 (constants.py), which mirrors ggml's type traits. */
-    static const struct { int type; const char *name; uint32_t elems, bytes; } want[] = {
-        {ENG_GGML_F32, "F32", 1, 4},          {ENG_GGML_F16, "F16", 1, 2},
-        {ENG_GGML_Q4_0, "Q4_0", 32, 18},      {ENG_GGML_Q4_1, "Q4_1", 32, 20},
-        {ENG_GGML_Q5_0, "Q5_0", 32, 22},      {ENG_GGML_Q5_1, "Q5_1", 32, 24},
-        {ENG_GGML_Q8_0, "Q8_0", 32, 34},      {ENG_GGML_Q8_1, "Q8_1", 32, 36},
-        {ENG_GGML_Q2_K, "Q2_K", 256, 84},     {ENG_GGML_Q3_K, "Q3_K", 256, 110},
-        {ENG_GGML_Q4_K, "Q4_K", 256, 144},    {ENG_GGML_Q5_K, "Q5_K", 256, 176},
-        {ENG_GGML_Q6_K, "Q6_K", 256, 210},    {ENG_GGML_Q8_K, "Q8_K", 256, 292},
-        {ENG_GGML_IQ2_XXS, "IQ2_XXS", 256, 66}, {ENG_GGML_IQ2_XS, "IQ2_XS", 256, 74},
-        {ENG_GGML_IQ3_XXS, "IQ3_XXS", 256, 98}, {ENG_GGML_IQ1_S, "IQ1_S", 256, 50},
-        {ENG_GGML_IQ4_NL, "IQ4_NL", 32, 18},  {ENG_GGML_IQ3_S, "IQ3_S", 256, 110},
-        {ENG_GGML_IQ2_S, "IQ2_S", 256, 82},   {ENG_GGML_IQ4_XS, "IQ4_XS", 256, 136},
-        {ENG_GGML_I8, "I8", 1, 1},            {ENG_GGML_I16, "I16", 1, 2},
-        {ENG_GGML_I32, "I32", 1, 4},          {ENG_GGML_I64, "I64", 1, 8},
-        {ENG_GGML_F64, "F64", 1, 8},          {ENG_GGML_IQ1_M, "IQ1_M", 256, 56},
-        {ENG_GGML_BF16, "BF16", 1, 2},        {ENG_GGML_TQ1_0, "TQ1_0", 256, 54},
-        {ENG_GGML_TQ2_0, "TQ2_0", 256, 66},   {ENG_GGML_MXFP4, "MXFP4", 32, 17},
+    static const struct {
+        int type;
+        const char *name;
+        uint32_t elems, bytes;
+    } want[] = {
+        {ENG_GGML_F32, "F32", 1, 4},
+        {ENG_GGML_F16, "F16", 1, 2},
+        {ENG_GGML_Q4_0, "Q4_0", 32, 18},
+        {ENG_GGML_Q4_1, "Q4_1", 32, 20},
+        {ENG_GGML_Q5_0, "Q5_0", 32, 22},
+        {ENG_GGML_Q5_1, "Q5_1", 32, 24},
+        {ENG_GGML_Q8_0, "Q8_0", 32, 34},
+        {ENG_GGML_Q8_1, "Q8_1", 32, 36},
+        {ENG_GGML_Q2_K, "Q2_K", 256, 84},
+        {ENG_GGML_Q3_K, "Q3_K", 256, 110},
+        {ENG_GGML_Q4_K, "Q4_K", 256, 144},
+        {ENG_GGML_Q5_K, "Q5_K", 256, 176},
+        {ENG_GGML_Q6_K, "Q6_K", 256, 210},
+        {ENG_GGML_Q8_K, "Q8_K", 256, 292},
+        {ENG_GGML_IQ2_XXS, "IQ2_XXS", 256, 66},
+        {ENG_GGML_IQ2_XS, "IQ2_XS", 256, 74},
+        {ENG_GGML_IQ3_XXS, "IQ3_XXS", 256, 98},
+        {ENG_GGML_IQ1_S, "IQ1_S", 256, 50},
+        {ENG_GGML_IQ4_NL, "IQ4_NL", 32, 18},
+        {ENG_GGML_IQ3_S, "IQ3_S", 256, 110},
+        {ENG_GGML_IQ2_S, "IQ2_S", 256, 82},
+        {ENG_GGML_IQ4_XS, "IQ4_XS", 256, 136},
+        {ENG_GGML_I8, "I8", 1, 1},
+        {ENG_GGML_I16, "I16", 1, 2},
+        {ENG_GGML_I32, "I32", 1, 4},
+        {ENG_GGML_I64, "I64", 1, 8},
+        {ENG_GGML_F64, "F64", 1, 8},
+        {ENG_GGML_IQ1_M, "IQ1_M", 256, 56},
+        {ENG_GGML_BF16, "BF16", 1, 2},
+        {ENG_GGML_TQ1_0, "TQ1_0", 256, 54},
+        {ENG_GGML_TQ2_0, "TQ2_0", 256, 66},
+        {ENG_GGML_MXFP4, "MXFP4", 32, 17},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         CHECK_MSG(strcmp(eng_ggml_type_name(want[i].type), want[i].name) == 0, "type %d", want[i].type);
@@ -88,13 +108,13 @@ static void test_type_sizes(void) {
 static void test_dequant_bad_args(void) {
     uint8_t blk[256] = {0};
     float out[256];
-    CHECK_EQ_INT(eng_dequant(ENG_GGML_Q8_1, blk, out, 32), PD_EINVAL);   /* known, not supported */
+    CHECK_EQ_INT(eng_dequant(ENG_GGML_Q8_1, blk, out, 32), PD_EINVAL); /* known, not supported */
     CHECK_EQ_INT(eng_dequant(99, blk, out, 32), PD_EINVAL);
-    CHECK_EQ_INT(eng_dequant(ENG_GGML_Q4_0, blk, out, 33), PD_EINVAL);   /* not a whole block */
+    CHECK_EQ_INT(eng_dequant(ENG_GGML_Q4_0, blk, out, 33), PD_EINVAL); /* not a whole block */
     CHECK_EQ_INT(eng_dequant(ENG_GGML_Q4_K, blk, out, 128), PD_EINVAL);
     CHECK_EQ_INT(eng_dequant(ENG_GGML_F32, blk, out, -1), PD_EINVAL);
     CHECK_EQ_INT(eng_dequant(ENG_GGML_Q4_0, blk, out, 0), PD_OK);
-    CHECK_EQ_INT(eng_dequant(ENG_GGML_Q4_0, blk, out, 32), PD_OK);       /* d = 0: all zeros */
+    CHECK_EQ_INT(eng_dequant(ENG_GGML_Q4_0, blk, out, 32), PD_OK); /* d = 0: all zeros */
     for (int i = 0; i < 32; i++) CHECK(out[i] == 0.0f);
 }
 
@@ -140,42 +160,77 @@ done:
     free(got);
 }
 
-static void test_golden_f32(void) { s_check_golden("f32", ENG_GGML_F32); }
-static void test_golden_f16(void) { s_check_golden("f16", ENG_GGML_F16); }
-static void test_golden_bf16(void) { s_check_golden("bf16", ENG_GGML_BF16); }
-static void test_golden_q8_0(void) { s_check_golden("q8_0", ENG_GGML_Q8_0); }
-static void test_golden_q4_0(void) { s_check_golden("q4_0", ENG_GGML_Q4_0); }
-static void test_golden_q4_1(void) { s_check_golden("q4_1", ENG_GGML_Q4_1); }
-static void test_golden_q5_0(void) { s_check_golden("q5_0", ENG_GGML_Q5_0); }
-static void test_golden_q5_1(void) { s_check_golden("q5_1", ENG_GGML_Q5_1); }
-static void test_golden_q4_k(void) { s_check_golden("q4_k", ENG_GGML_Q4_K); }
-static void test_golden_q5_k(void) { s_check_golden("q5_k", ENG_GGML_Q5_K); }
-static void test_golden_q6_k(void) { s_check_golden("q6_k", ENG_GGML_Q6_K); }
+static void test_golden_f32(void) {
+    s_check_golden("f32", ENG_GGML_F32);
+}
+static void test_golden_f16(void) {
+    s_check_golden("f16", ENG_GGML_F16);
+}
+static void test_golden_bf16(void) {
+    s_check_golden("bf16", ENG_GGML_BF16);
+}
+static void test_golden_q8_0(void) {
+    s_check_golden("q8_0", ENG_GGML_Q8_0);
+}
+static void test_golden_q4_0(void) {
+    s_check_golden("q4_0", ENG_GGML_Q4_0);
+}
+static void test_golden_q4_1(void) {
+    s_check_golden("q4_1", ENG_GGML_Q4_1);
+}
+static void test_golden_q5_0(void) {
+    s_check_golden("q5_0", ENG_GGML_Q5_0);
+}
+static void test_golden_q5_1(void) {
+    s_check_golden("q5_1", ENG_GGML_Q5_1);
+}
+static void test_golden_q4_k(void) {
+    s_check_golden("q4_k", ENG_GGML_Q4_K);
+}
+static void test_golden_q5_k(void) {
+    s_check_golden("q5_k", ENG_GGML_Q5_K);
+}
+static void test_golden_q6_k(void) {
+    s_check_golden("q6_k", ENG_GGML_Q6_K);
+}
 
 /* ---- fp16 ---- */
 
 static void test_f16_edges(void) {
     /* f32 -> f16, round to nearest even. Expected values worked out by hand from IEEE 754 binary16. */
-    static const struct { float f; uint16_t h; } down[] = {
-        {0.0f, 0x0000}, {-0.0f, 0x8000}, {1.0f, 0x3c00}, {-2.0f, 0xc000},
-        {65504.0f, 0x7bff},                                /* largest half */
-        {65519.99609375f, 0x7bff},                         /* just below the halfway point to 65536 */
-        {65520.0f, 0x7c00},                                /* tie, rounds to even = overflow to inf */
-        {1e10f, 0x7c00}, {-1e10f, 0xfc00}, {INFINITY, 0x7c00}, {-INFINITY, 0xfc00},
-        {0x1p-14f, 0x0400},                                /* smallest normal */
-        {0x1p-24f, 0x0001}, {-0x1p-24f, 0x8001},           /* smallest subnormal */
-        {0x1p-25f, 0x0000},                                /* tie between 0 and 2^-24: even is 0 */
-        {0x1.000002p-25f, 0x0001},                         /* just above the tie */
-        {0x1.8p-24f, 0x0002},                              /* 1.5 ulp: tie, to even 2 */
-        {0x1.4p-23f, 0x0002},                              /* 2.5 ulp: tie, to even 2 */
-        {0x1.ff8p-15f, 0x03ff},                            /* largest subnormal 1023 * 2^-24 */
-        {0x1.ffcp-15f, 0x0400},                            /* 1023.5 ulp: tie, rounds up into the normals */
-        {1e-30f, 0x0000}, {0x1p-149f, 0x0000},             /* float subnormal */
-        {0x1.002p0f, 0x3c00},                              /* 1 + 2^-11: tie, to even 1.0 */
-        {0x1.006p0f, 0x3c02},                              /* 1 + 3 * 2^-11: tie, to even 1 + 2^-9 */
-        {0x1.002002p0f, 0x3c01},                           /* just above the tie */
-        {2049.0f, 0x6800}, {2051.0f, 0x6802},              /* ties at ulp 2 */
-        {0.1f, 0x2e66}, {3.14159265f, 0x4248},
+    static const struct {
+        float f;
+        uint16_t h;
+    } down[] = {
+        {0.0f, 0x0000},
+        {-0.0f, 0x8000},
+        {1.0f, 0x3c00},
+        {-2.0f, 0xc000},
+        {65504.0f, 0x7bff},        /* largest half */
+        {65519.99609375f, 0x7bff}, /* just below the halfway point to 65536 */
+        {65520.0f, 0x7c00},        /* tie, rounds to even = overflow to inf */
+        {1e10f, 0x7c00},
+        {-1e10f, 0xfc00},
+        {INFINITY, 0x7c00},
+        {-INFINITY, 0xfc00},
+        {0x1p-14f, 0x0400}, /* smallest normal */
+        {0x1p-24f, 0x0001},
+        {-0x1p-24f, 0x8001},       /* smallest subnormal */
+        {0x1p-25f, 0x0000},        /* tie between 0 and 2^-24: even is 0 */
+        {0x1.000002p-25f, 0x0001}, /* just above the tie */
+        {0x1.8p-24f, 0x0002},      /* 1.5 ulp: tie, to even 2 */
+        {0x1.4p-23f, 0x0002},      /* 2.5 ulp: tie, to even 2 */
+        {0x1.ff8p-15f, 0x03ff},    /* largest subnormal 1023 * 2^-24 */
+        {0x1.ffcp-15f, 0x0400},    /* 1023.5 ulp: tie, rounds up into the normals */
+        {1e-30f, 0x0000},
+        {0x1p-149f, 0x0000},     /* float subnormal */
+        {0x1.002p0f, 0x3c00},    /* 1 + 2^-11: tie, to even 1.0 */
+        {0x1.006p0f, 0x3c02},    /* 1 + 3 * 2^-11: tie, to even 1 + 2^-9 */
+        {0x1.002002p0f, 0x3c01}, /* just above the tie */
+        {2049.0f, 0x6800},
+        {2051.0f, 0x6802}, /* ties at ulp 2 */
+        {0.1f, 0x2e66},
+        {3.14159265f, 0x4248},
     };
     for (size_t i = 0; i < sizeof down / sizeof down[0]; i++)
         CHECK_MSG(eng_f32_to_f16(down[i].f) == down[i].h, "f32_to_f16(%a) = 0x%04x, want 0x%04x", down[i].f,
@@ -205,8 +260,8 @@ static void test_f16_exhaustive(void) {
         float f = eng_f16_to_f32((uint16_t)h);
         uint16_t back = eng_f32_to_f16(f);
         bool is_nan = (h & 0x7c00) == 0x7c00 && (h & 0x3ff);
-        bool ok = is_nan ? isnan(f) && (back & 0x7c00) == 0x7c00 && (back & 0x3ff) && (back >> 15) == (h >> 15)
-                         : back == h;
+        bool ok =
+            is_nan ? isnan(f) && (back & 0x7c00) == 0x7c00 && (back & 0x3ff) && (back >> 15) == (h >> 15) : back == h;
         if (!ok && n_bad++ < 5) fprintf(stderr, "half 0x%04x -> %a -> 0x%04x\n", h, f, back);
     }
     CHECK_EQ_INT(n_bad, 0);
@@ -241,15 +296,17 @@ static void test_f16_exhaustive(void) {
 /* ---- bf16 ---- */
 
 static void test_bf16(void) {
-    static const struct { uint32_t f; uint16_t h; } down[] = {
+    static const struct {
+        uint32_t f;
+        uint16_t h;
+    } down[] = {
         {0x3f800000u, 0x3f80}, {0x80000000u, 0x8000}, {0x00000000u, 0x0000},
-        {0x3f808000u, 0x3f80}, /* tie, lsb 0: down */
-        {0x3f818000u, 0x3f82}, /* tie, lsb 1: up */
-        {0x3f808001u, 0x3f81}, {0x3f807fffu, 0x3f80},
-        {0x7f7fffffu, 0x7f80}, /* FLT_MAX rounds to inf */
-        {0x7f800000u, 0x7f80}, {0xff800000u, 0xff80},
-        {0x00008000u, 0x0000}, {0x00018000u, 0x0002}, {0x00000001u, 0x0000}, /* subnormals round, no flush */
-        {0x7f800001u, 0x7fc0}, {0xffc00000u, 0xffc0}, {0x7fffffffu, 0x7fff},  /* NaN: quiet, payload top */
+        {0x3f808000u, 0x3f80},                                               /* tie, lsb 0: down */
+        {0x3f818000u, 0x3f82},                                               /* tie, lsb 1: up */
+        {0x3f808001u, 0x3f81}, {0x3f807fffu, 0x3f80}, {0x7f7fffffu, 0x7f80}, /* FLT_MAX rounds to inf */
+        {0x7f800000u, 0x7f80}, {0xff800000u, 0xff80}, {0x00008000u, 0x0000},
+        {0x00018000u, 0x0002}, {0x00000001u, 0x0000},                        /* subnormals round, no flush */
+        {0x7f800001u, 0x7fc0}, {0xffc00000u, 0xffc0}, {0x7fffffffu, 0x7fff}, /* NaN: quiet, payload top */
     };
     for (size_t i = 0; i < sizeof down / sizeof down[0]; i++)
         CHECK_MSG(eng_f32_to_bf16(s_float(down[i].f)) == down[i].h, "f32_to_bf16(0x%08x) = 0x%04x, want 0x%04x",
