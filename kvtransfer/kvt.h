@@ -1,0 +1,164 @@
+/* kvt.h: moving a request's KV blocks from a prefill worker (sender) to a decode worker (receiver) over
+ * ZeroMQ (tcp:// or ipc://), per proto/pdserve_kv.proto. Knows block layouts (engine/eng_kv_layout.h),
+ * not models. Each kvt object is used by the one thread that created it (its sockets are that thread's);
+ * it does I/O only inside kvt_*_poll, which never blocks longer than the timeout given, so a service's
+ * event loop drives it next to its other sockets.
+ *
+ * Sender side (one kvt_sender_t per decode peer): start a transfer (the receiver reserves blocks before any
+ * payload moves), mark layers ready as prefill computes them (payload streams as credit allows, straight
+ * from the caller's block memory: zero copies), commit with the first sampled token, and learn the outcome
+ * from events. The caller keeps every block it handed over pinned until KVT_EV_RELEASED for that transfer.
+ * Receiver side (one kvt_receiver_t per decode worker, many senders): reserves blocks through the store
+ * callbacks, writes each verified payload straight into its block (converting f32/f16/bf16 if the sender's
+ * dtype differs), and hands the sequence over on commit. Every failure ends the transfer on both sides
+ * with an error event, frees the receiver's blocks, and never touches another transfer. */
+#ifndef KVT_H
+#define KVT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "eng_kv_layout.h"
+#include "pd_common.h"
+
+#define KVT_PROTOCOL_VERSION 1
+
+/* What two peers must agree on (mirrors pdserve.v1.Fingerprint). */
+typedef struct {
+    char model_id[128];
+    uint64_t weights_hash;
+    uint64_t tokenizer_hash;
+    eng_kv_dtype_t kv_dtype; /* the peer's own KV dtype; dtypes may differ (converted on receipt) */
+    int32_t block_size, n_layers, n_kv_heads, head_dim;
+    float rope_theta;
+    int32_t rope_dim;
+} kvt_fingerprint_t;
+
+/* Compares everything but kv_dtype. PD_OK, or PD_EPROTO with the first differing field named in err. */
+PD_NODISCARD pd_status kvt_fingerprint_check(const kvt_fingerprint_t *mine, const kvt_fingerprint_t *peer, char *err,
+                                             size_t err_cap);
+
+typedef enum {
+    KVT_EV_RESERVED = 1, /* sender: the receiver reserved blocks; payload may flow */
+    KVT_EV_DONE = 2,     /* sender: the receiver committed the sequence (status PD_OK) or the transfer
+                            failed (status < 0, message in err); either way it is over on the wire */
+    KVT_EV_RELEASED = 3, /* sender: ZeroMQ no longer references any payload of the transfer: the caller
+                            may unpin its blocks. Always follows DONE. */
+    KVT_EV_COMMITTED = 4, /* receiver: every block arrived, verified and was written; the blocks now belong
+                             to the caller (store.release will not be called for them) */
+    KVT_EV_FAILED = 5,    /* receiver: the transfer failed (status, err); its blocks were released */
+} kvt_event_kind_t;
+
+typedef struct {
+    kvt_event_kind_t kind;
+    uint64_t request_id;
+    uint64_t transfer_id;
+    pd_status status;  /* PD_OK, PD_EAGAIN (no KV capacity), PD_ETIMEDOUT, PD_ECLOSED (cancelled),
+                          PD_EPROTO (bad frame, checksum, sequence), PD_EINVAL */
+    int32_t first_token; /* COMMITTED */
+    int32_t n_tokens;    /* COMMITTED */
+    int32_t n_blocks;    /* COMMITTED: block ids in block_ids (owned by the receiver object until the next
+                            poll; copy them) */
+    const int32_t *block_ids;
+    char err[160];
+} kvt_event_t;
+
+/* ---- sender ---- */
+
+typedef struct kvt_sender kvt_sender_t;
+
+typedef struct {
+    const char *endpoint;       /* the receiver's, e.g. "tcp://127.0.0.1:5601" or "ipc:///tmp/pd-kv" */
+    const char *sender_id;      /* for logs */
+    kvt_fingerprint_t fingerprint;
+    eng_kv_layout_t layout;     /* of the sender's pool: payloads are chunks of this layout */
+    const void *pool_base;      /* host address of the sender's KV pool (chunk = base + eng_kv_chunk_offset) */
+    int32_t handshake_timeout_ms; /* hello reply (default 5000) */
+    int32_t reply_timeout_ms;     /* reserve reply and done, after the last frame (default 10000) */
+    int32_t linger_ms;            /* ZMQ_LINGER on close (default 0) */
+} kvt_sender_params_t;
+
+kvt_sender_params_t kvt_sender_params_default(void);
+
+/* Connects (DEALER) and sends the hello; the handshake completes inside kvt_sender_poll. NULL + reason in
+ * err on bad params or socket setup failure. */
+kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, char *err, size_t err_cap);
+void kvt_sender_destroy(kvt_sender_t **s);
+
+typedef struct {
+    uint64_t request_id;
+    uint64_t transfer_id;      /* unique per sender; a retry of the same transfer uses a higher epoch */
+    uint32_t epoch;
+    int32_t n_tokens;          /* positions 0 .. n_tokens-1 */
+    const int32_t *block_ids;  /* (ceil(n_tokens / block_size)) the sender's blocks, copied */
+    int32_t timeout_ms;        /* the whole transfer, reservation to commit (receiver enforces it too) */
+} kvt_transfer_t;
+
+/* Starts a transfer: sends the reservation request (queued until the handshake is done). PD_EINVAL for a
+ * bad descriptor or duplicate id, PD_EAGAIN if too many transfers are in flight. */
+PD_NODISCARD pd_status kvt_sender_start(kvt_sender_t *s, const kvt_transfer_t *t);
+/* Layers [0, n_layers_ready) of the transfer's blocks are computed and may be sent. Monotonic. */
+PD_NODISCARD pd_status kvt_sender_layers_ready(kvt_sender_t *s, uint64_t transfer_id, int32_t n_layers_ready);
+/* All layers ready; sends the commit (with the first sampled token) after the last payload. */
+PD_NODISCARD pd_status kvt_sender_commit(kvt_sender_t *s, uint64_t transfer_id, int32_t first_token);
+/* Cancels: the receiver frees its reservation; DONE(PD_ECLOSED) and RELEASED follow. */
+PD_NODISCARD pd_status kvt_sender_cancel(kvt_sender_t *s, uint64_t transfer_id);
+
+/* Does socket I/O for up to timeout_ms (0 = only what is ready), sends what credit allows, enforces
+ * timeouts, and writes up to cap events. Returns the number of events, or a negative status if the
+ * connection is unusable (handshake refused: PD_EPROTO with the reason from kvt_sender_error). */
+int kvt_sender_poll(kvt_sender_t *s, int timeout_ms, kvt_event_t *events, int cap);
+const char *kvt_sender_error(const kvt_sender_t *s);
+/* The DEALER socket, for a caller's zmq_poller (ZMQ_POLLIN means kvt_sender_poll has work). */
+void *kvt_sender_socket(kvt_sender_t *s);
+
+/* ---- receiver ---- */
+
+/* The receiver's KV memory, supplied by the decode service (or a test). */
+typedef struct {
+    void *ctx;
+    /* Reserve n blocks for a transfer into ids; PD_EAGAIN when the pool cannot. */
+    pd_status (*reserve)(void *ctx, int32_t n_blocks, int32_t *ids);
+    /* Return blocks of a transfer that failed or was cancelled. */
+    void (*release)(void *ctx, const int32_t *ids, int32_t n_blocks);
+    /* Host address of one (layer, K or V, block) chunk, in the receiver's layout and dtype. */
+    void *(*chunk)(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block_id);
+} kvt_store_t;
+
+typedef struct kvt_receiver kvt_receiver_t;
+
+typedef struct {
+    const char *endpoint;        /* bind address: explicit host, never "*" by accident */
+    kvt_fingerprint_t fingerprint;
+    eng_kv_layout_t layout;      /* the receiver's pool */
+    kvt_store_t store;
+    uint64_t credit_bytes;       /* payload bytes in flight per sender connection (default 64 MiB) */
+    uint64_t max_message_bytes;  /* ZMQ_MAXMSGSIZE-style cap on one message (default 256 MiB) */
+    int32_t max_transfers;       /* concurrent transfers (default 256) */
+    int32_t default_timeout_ms;  /* when a reservation names none (default 30000) */
+} kvt_receiver_params_t;
+
+kvt_receiver_params_t kvt_receiver_params_default(void);
+
+/* Binds a ROUTER socket. NULL + reason in err on failure (address in use, bad endpoint). */
+kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *p, char *err, size_t err_cap);
+/* Releases every block of every unfinished transfer through the store. */
+void kvt_receiver_destroy(kvt_receiver_t **r);
+int kvt_receiver_poll(kvt_receiver_t *r, int timeout_ms, kvt_event_t *events, int cap);
+void *kvt_receiver_socket(kvt_receiver_t *r);
+/* The endpoint actually bound (resolves tcp port 0 / wildcard ports). */
+const char *kvt_receiver_endpoint(const kvt_receiver_t *r);
+
+/* Counters for tests and /metrics. */
+typedef struct {
+    uint64_t transfers_started, transfers_done, transfers_failed;
+    uint64_t payload_bytes, frames_dropped_stale;
+    int32_t active_transfers;
+    int32_t reserved_blocks; /* blocks currently held for unfinished transfers */
+} kvt_stats_t;
+
+void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out);
+void kvt_receiver_stats(const kvt_receiver_t *r, kvt_stats_t *out);
+
+#endif
