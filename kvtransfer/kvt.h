@@ -40,10 +40,10 @@ PD_NODISCARD pd_status kvt_fingerprint_check(const kvt_fingerprint_t *mine, cons
                                              size_t err_cap);
 
 typedef enum {
-    KVT_EV_RESERVED = 1, /* sender: the receiver reserved blocks; payload may flow */
-    KVT_EV_DONE = 2,     /* sender: the receiver committed the sequence (status PD_OK) or the transfer
+    KVT_EV_RESERVED = 1,  /* sender: the receiver reserved blocks; payload may flow */
+    KVT_EV_DONE = 2,      /* sender: the receiver committed the sequence (status PD_OK) or the transfer
                             failed (status < 0, message in err); either way it is over on the wire */
-    KVT_EV_RELEASED = 3, /* sender: ZeroMQ no longer references any payload of the transfer: the caller
+    KVT_EV_RELEASED = 3,  /* sender: ZeroMQ no longer references any payload of the transfer: the caller
                             may unpin its blocks. Always follows DONE. */
     KVT_EV_COMMITTED = 4, /* receiver: every block arrived, verified and was written; the blocks now belong
                              to the caller (store.release will not be called for them) */
@@ -54,7 +54,7 @@ typedef struct {
     kvt_event_kind_t kind;
     uint64_t request_id;
     uint64_t transfer_id;
-    pd_status status;  /* PD_OK, PD_EAGAIN (no KV capacity), PD_ETIMEDOUT, PD_ECLOSED (cancelled),
+    pd_status status;    /* PD_OK, PD_EAGAIN (no KV capacity), PD_ETIMEDOUT, PD_ECLOSED (cancelled),
                           PD_EPROTO (bad frame, checksum, sequence), PD_EINVAL */
     int32_t first_token; /* COMMITTED */
     int32_t n_tokens;    /* COMMITTED */
@@ -69,11 +69,11 @@ typedef struct {
 typedef struct kvt_sender kvt_sender_t;
 
 typedef struct {
-    const char *endpoint;       /* the receiver's, e.g. "tcp://127.0.0.1:5601" or "ipc:///tmp/pd-kv" */
-    const char *sender_id;      /* for logs */
+    const char *endpoint;  /* the receiver's, e.g. "tcp://127.0.0.1:5601" or "ipc:///tmp/pd-kv" */
+    const char *sender_id; /* for logs */
     kvt_fingerprint_t fingerprint;
-    eng_kv_layout_t layout;     /* of the sender's pool: payloads are chunks of this layout */
-    const void *pool_base;      /* host address of the sender's KV pool (chunk = base + eng_kv_chunk_offset) */
+    eng_kv_layout_t layout;       /* of the sender's pool: payloads are chunks of this layout */
+    const void *pool_base;        /* host address of the sender's KV pool (chunk = base + eng_kv_chunk_offset) */
     int32_t handshake_timeout_ms; /* hello reply (default 5000) */
     int32_t reply_timeout_ms;     /* reserve reply and done, after the last frame (default 10000) */
     int32_t linger_ms;            /* ZMQ_LINGER on close (default 0) */
@@ -88,11 +88,11 @@ void kvt_sender_destroy(kvt_sender_t **s);
 
 typedef struct {
     uint64_t request_id;
-    uint64_t transfer_id;      /* unique per sender; a retry of the same transfer uses a higher epoch */
+    uint64_t transfer_id; /* unique per sender; a retry of the same transfer uses a higher epoch */
     uint32_t epoch;
-    int32_t n_tokens;          /* positions 0 .. n_tokens-1 */
-    const int32_t *block_ids;  /* (ceil(n_tokens / block_size)) the sender's blocks, copied */
-    int32_t timeout_ms;        /* the whole transfer, reservation to commit (receiver enforces it too) */
+    int32_t n_tokens;         /* positions 0 .. n_tokens-1 */
+    const int32_t *block_ids; /* (ceil(n_tokens / block_size)) the sender's blocks, copied */
+    int32_t timeout_ms;       /* the whole transfer, reservation to commit (receiver enforces it too) */
 } kvt_transfer_t;
 
 /* Starts a transfer: sends the reservation request (queued until the handshake is done). PD_EINVAL for a
@@ -129,14 +129,14 @@ typedef struct {
 typedef struct kvt_receiver kvt_receiver_t;
 
 typedef struct {
-    const char *endpoint;        /* bind address: explicit host, never "*" by accident */
+    const char *endpoint; /* bind address: explicit host, never "*" by accident */
     kvt_fingerprint_t fingerprint;
-    eng_kv_layout_t layout;      /* the receiver's pool */
+    eng_kv_layout_t layout; /* the receiver's pool */
     kvt_store_t store;
-    uint64_t credit_bytes;       /* payload bytes in flight per sender connection (default 64 MiB) */
-    uint64_t max_message_bytes;  /* ZMQ_MAXMSGSIZE-style cap on one message (default 256 MiB) */
-    int32_t max_transfers;       /* concurrent transfers (default 256) */
-    int32_t default_timeout_ms;  /* when a reservation names none (default 30000) */
+    uint64_t credit_bytes;      /* payload bytes in flight per sender connection (default 64 MiB) */
+    uint64_t max_message_bytes; /* ZMQ_MAXMSGSIZE-style cap on one message (default 256 MiB) */
+    int32_t max_transfers;      /* concurrent transfers (default 256) */
+    int32_t default_timeout_ms; /* when a reservation names none (default 30000) */
 } kvt_receiver_params_t;
 
 kvt_receiver_params_t kvt_receiver_params_default(void);
