@@ -77,6 +77,8 @@ typedef struct {
     int32_t handshake_timeout_ms; /* hello reply (default 5000) */
     int32_t reply_timeout_ms;     /* reserve reply and done, after the last frame (default 10000) */
     int32_t linger_ms;            /* ZMQ_LINGER on close (default 0) */
+    int32_t max_transfers;        /* started and not yet RELEASED (default 256) */
+    int32_t heartbeat_ivl_ms;     /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
 } kvt_sender_params_t;
 
 kvt_sender_params_t kvt_sender_params_default(void);
@@ -84,6 +86,8 @@ kvt_sender_params_t kvt_sender_params_default(void);
 /* Connects (DEALER) and sends the hello; the handshake completes inside kvt_sender_poll. NULL + reason in
  * err on bad params or socket setup failure. */
 kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, char *err, size_t err_cap);
+/* Closes the socket (LINGER) and waits, at most linger_ms + 1 s, until ZeroMQ has dropped every payload
+ * frame that still points into pool_base; unfinished transfers just stop (the receiver times them out). */
 void kvt_sender_destroy(kvt_sender_t **s);
 
 typedef struct {
@@ -96,7 +100,8 @@ typedef struct {
 } kvt_transfer_t;
 
 /* Starts a transfer: sends the reservation request (queued until the handshake is done). PD_EINVAL for a
- * bad descriptor or duplicate id, PD_EAGAIN if too many transfers are in flight. */
+ * bad descriptor or duplicate id, PD_EAGAIN if too many transfers are in flight (or too many undelivered
+ * events: poll), PD_EPROTO after the receiver refused the handshake, PD_ENOMEM. */
 PD_NODISCARD pd_status kvt_sender_start(kvt_sender_t *s, const kvt_transfer_t *t);
 /* Layers [0, n_layers_ready) of the transfer's blocks are computed and may be sent. Monotonic. */
 PD_NODISCARD pd_status kvt_sender_layers_ready(kvt_sender_t *s, uint64_t transfer_id, int32_t n_layers_ready);
@@ -137,6 +142,8 @@ typedef struct {
     uint64_t max_message_bytes; /* ZMQ_MAXMSGSIZE-style cap on one message (default 256 MiB) */
     int32_t max_transfers;      /* concurrent transfers (default 256) */
     int32_t default_timeout_ms; /* when a reservation names none (default 30000) */
+    int32_t linger_ms;          /* ZMQ_LINGER on close (default 0) */
+    int32_t heartbeat_ivl_ms;   /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
 } kvt_receiver_params_t;
 
 kvt_receiver_params_t kvt_receiver_params_default(void);

@@ -1,0 +1,700 @@
+/* test_kvt_transfer.c: sender and receiver on real ZeroMQ sockets (tcp and ipc on loopback), driven from
+ * one thread by alternating polls (each object is still used only by the thread that created it). Every
+ * scenario checks the bytes that landed and that the test store's reserved-block counter is back to zero. */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+#include <zmq.h>
+
+#include "kvt.h"
+#include "kvt_int.h"
+#include "pd_test.h"
+
+/* ---- a test KV store: a pool plus a free map, counting what is reserved ---- */
+
+typedef struct {
+    eng_kv_layout_t l;
+    uint8_t *pool;
+    uint8_t *used;
+    int32_t n_reserved;
+} tstore_t;
+
+static pd_status ts_reserve(void *ctx, int32_t n, int32_t *ids) {
+    tstore_t *s = ctx;
+    int32_t got = 0;
+    for (int32_t b = 0; b < s->l.n_blocks && got < n; b++)
+        if (!s->used[b]) ids[got++] = b;
+    if (got < n) return PD_EAGAIN;
+    for (int32_t i = 0; i < n; i++) s->used[ids[i]] = 1;
+    s->n_reserved += n;
+    return PD_OK;
+}
+
+static void ts_release(void *ctx, const int32_t *ids, int32_t n) {
+    tstore_t *s = ctx;
+    for (int32_t i = 0; i < n; i++) {
+        CHECK(s->used[ids[i]]);
+        s->used[ids[i]] = 0;
+    }
+    s->n_reserved -= n;
+}
+
+static void *ts_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block) {
+    tstore_t *s = ctx;
+    return s->pool + eng_kv_chunk_offset(&s->l, layer, kind, block);
+}
+
+static void ts_init(tstore_t *s, eng_kv_layout_t l) {
+    s->l = l;
+    s->pool = calloc(1, eng_kv_pool_bytes(&l));
+    s->used = calloc((size_t)l.n_blocks, 1);
+    s->n_reserved = 0;
+}
+
+static void ts_fini(tstore_t *s) {
+    free(s->pool);
+    free(s->used);
+}
+
+/* ---- fixtures ---- */
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static uint32_t s_rand(void) {
+    g_rng ^= g_rng << 13, g_rng ^= g_rng >> 7, g_rng ^= g_rng << 17;
+    return (uint32_t)(g_rng >> 11);
+}
+
+/* Random values in [-4, -0.01] u [0.01, 4], in the pool's dtype: never zero. */
+static void s_fill_random(void *pool, const eng_kv_layout_t *l) {
+    size_t n = eng_kv_pool_bytes(l) / eng_kv_dtype_bytes(l->dtype);
+    for (size_t i = 0; i < n; i++) {
+        float x = 0.01f + (float)(s_rand() % 1000000) * (3.99f / 1000000.0f);
+        if (s_rand() & 1) x = -x;
+        if (l->dtype == ENG_KV_F32)
+            ((float *)pool)[i] = x;
+        else if (l->dtype == ENG_KV_F16)
+            ((uint16_t *)pool)[i] = kvt_f32_to_f16(x);
+        else
+            ((uint16_t *)pool)[i] = kvt_f32_to_bf16(x);
+    }
+}
+
+static eng_kv_layout_t s_layout(eng_kv_dtype_t dt, int32_t n_blocks) {
+    eng_kv_layout_t l = {
+        .n_layers = 4, .n_kv_heads = 2, .head_dim = 16, .block_size = 4, .n_blocks = n_blocks, .dtype = dt};
+    return l;
+}
+
+static kvt_fingerprint_t s_fp(eng_kv_dtype_t dt) {
+    kvt_fingerprint_t f;
+    memset(&f, 0, sizeof f);
+    snprintf(f.model_id, sizeof f.model_id, "test-model");
+    f.weights_hash = 0x1234;
+    f.tokenizer_hash = 0x5678;
+    f.kv_dtype = dt;
+    f.block_size = 4, f.n_layers = 4, f.n_kv_heads = 2, f.head_dim = 16;
+    f.rope_theta = 10000.0f, f.rope_dim = 16;
+    return f;
+}
+
+/* what each side reported about transfer id i */
+typedef struct {
+    bool reserved, done, released, committed, failed;
+    pd_status done_st, failed_st;
+    int32_t first_token, n_blocks, n_tokens;
+    int32_t rblocks[256];
+    char err[160];
+} trec_t;
+
+typedef struct {
+    void *zctx;
+    kvt_sender_t *s;
+    kvt_receiver_t *r;
+    tstore_t rs;        /* receiver store */
+    eng_kv_layout_t sl; /* sender layout */
+    uint8_t *spool;
+    trec_t rec[128];
+    int sender_rc; /* last negative poll result */
+    char ep[256];
+} env_t;
+
+static int g_ipc_n;
+
+typedef struct {
+    eng_kv_dtype_t sdt, rdt;
+    bool ipc;
+    int32_t s_blocks, r_blocks;
+    uint64_t credit_bytes;
+    int32_t reply_timeout_ms;
+    bool fp_mismatch;
+} env_opts_t;
+
+static env_opts_t s_opts(void) {
+    env_opts_t o = {.sdt = ENG_KV_F32,
+                    .rdt = ENG_KV_F32,
+                    .s_blocks = 64,
+                    .r_blocks = 64,
+                    .credit_bytes = 1 << 20,
+                    .reply_timeout_ms = 2000};
+    return o;
+}
+
+static void env_prepare(env_t *e, env_opts_t o) {
+    memset(e, 0, sizeof *e);
+    e->zctx = zmq_ctx_new();
+    ts_init(&e->rs, s_layout(o.rdt, o.r_blocks));
+    e->sl = s_layout(o.sdt, o.s_blocks);
+    e->spool = malloc(eng_kv_pool_bytes(&e->sl));
+    s_fill_random(e->spool, &e->sl);
+}
+
+static bool env_open_receiver(env_t *e, env_opts_t o) {
+    char err[256] = "";
+    kvt_receiver_params_t rp = kvt_receiver_params_default();
+    if (o.ipc)
+        snprintf(e->ep, sizeof e->ep, "ipc:///tmp/kvt_test_%d_%d", (int)getpid(), g_ipc_n++);
+    else
+        snprintf(e->ep, sizeof e->ep, "tcp://127.0.0.1:0");
+    rp.endpoint = e->ep;
+    rp.fingerprint = s_fp(o.rdt);
+    if (o.fp_mismatch) rp.fingerprint.tokenizer_hash ^= 1;
+    rp.layout = e->rs.l;
+    rp.store = (kvt_store_t){.ctx = &e->rs, .reserve = ts_reserve, .release = ts_release, .chunk = ts_chunk};
+    rp.credit_bytes = o.credit_bytes;
+    rp.max_message_bytes = 1 << 20;
+    e->r = kvt_receiver_create(e->zctx, &rp, err, sizeof err);
+    if (!e->r) {
+        fprintf(stderr, "receiver: %s\n", err);
+        return false;
+    }
+    return true;
+}
+
+static bool env_open_sender(env_t *e, env_opts_t o, const char *endpoint) {
+    char err[256] = "";
+    kvt_sender_params_t sp = kvt_sender_params_default();
+    sp.endpoint = endpoint;
+    sp.fingerprint = s_fp(o.sdt);
+    sp.layout = e->sl;
+    sp.pool_base = e->spool;
+    sp.reply_timeout_ms = o.reply_timeout_ms;
+    sp.handshake_timeout_ms = 500;
+    e->s = kvt_sender_create(e->zctx, &sp, err, sizeof err);
+    if (!e->s) fprintf(stderr, "sender: %s\n", err);
+    return e->s != NULL;
+}
+
+static bool env_init(env_t *e, env_opts_t o) {
+    env_prepare(e, o);
+    return env_open_receiver(e, o) && env_open_sender(e, o, kvt_receiver_endpoint(e->r));
+}
+
+/* Releases what was committed (the decode side would own it), then checks nothing is left reserved. */
+static void env_fini(env_t *e) {
+    for (int i = 0; i < 128; i++)
+        if (e->rec[i].committed) ts_release(&e->rs, e->rec[i].rblocks, e->rec[i].n_blocks);
+    kvt_sender_destroy(&e->s);
+    if (e->r) {
+        kvt_stats_t st;
+        kvt_receiver_stats(e->r, &st);
+        CHECK_EQ_INT(st.reserved_blocks, 0);
+        CHECK_EQ_INT(st.active_transfers, 0);
+    }
+    kvt_receiver_destroy(&e->r);
+    CHECK_EQ_INT(e->rs.n_reserved, 0);
+    zmq_ctx_term(e->zctx);
+    if (strncmp(e->ep, "ipc://", 6) == 0) unlink(e->ep + 6); /* libzmq 4.3 leaves the socket file */
+    ts_fini(&e->rs);
+    free(e->spool);
+}
+
+static void s_take_sender(env_t *e, const kvt_event_t *ev, int n) {
+    for (int i = 0; i < n; i++) {
+        trec_t *t = &e->rec[ev[i].transfer_id % 128];
+        if (ev[i].kind == KVT_EV_RESERVED) t->reserved = true;
+        if (ev[i].kind == KVT_EV_DONE) {
+            CHECK(!t->done);
+            t->done = true;
+            t->done_st = ev[i].status;
+            memcpy(t->err, ev[i].err, sizeof t->err);
+        }
+        if (ev[i].kind == KVT_EV_RELEASED) {
+            CHECK(t->done && !t->released);
+            t->released = true;
+        }
+    }
+}
+
+static void s_take_receiver(env_t *e, const kvt_event_t *ev, int n) {
+    for (int i = 0; i < n; i++) {
+        trec_t *t = &e->rec[ev[i].transfer_id % 128];
+        if (ev[i].kind == KVT_EV_COMMITTED) {
+            t->committed = true;
+            t->first_token = ev[i].first_token;
+            t->n_blocks = ev[i].n_blocks;
+            t->n_tokens = ev[i].n_tokens;
+            memcpy(t->rblocks, ev[i].block_ids, (size_t)ev[i].n_blocks * sizeof(int32_t));
+        }
+        if (ev[i].kind == KVT_EV_FAILED) {
+            t->failed = true;
+            t->failed_st = ev[i].status;
+        }
+    }
+}
+
+/* One round: each side polls briefly. */
+static void env_step(env_t *e, bool poll_sender, bool poll_receiver) {
+    kvt_event_t ev[64];
+    if (poll_sender && e->s) {
+        int n = kvt_sender_poll(e->s, 1, ev, 64);
+        if (n < 0)
+            e->sender_rc = n;
+        else
+            s_take_sender(e, ev, n);
+    }
+    if (poll_receiver && e->r) {
+        int n = kvt_receiver_poll(e->r, 1, ev, 64);
+        CHECK(n >= 0);
+        if (n > 0) s_take_receiver(e, ev, n);
+    }
+}
+
+/* Steps until every listed transfer was released by the sender (or the time runs out). */
+static bool env_run_until_released(env_t *e, const uint64_t *ids, int n, int ms) {
+    uint64_t end = pd_now_us() + (uint64_t)ms * 1000u;
+    while (pd_now_us() < end) {
+        env_step(e, true, true);
+        bool all = true;
+        for (int i = 0; i < n; i++) all = all && e->rec[ids[i] % 128].released;
+        if (all) {
+            for (int k = 0; k < 5; k++) env_step(e, true, true); /* let the receiver's events land too */
+            return true;
+        }
+    }
+    return false;
+}
+
+static int32_t g_sblocks[128][64];
+
+static pd_status s_start(env_t *e, uint64_t id, uint32_t epoch, int32_t n_tokens, int32_t timeout_ms) {
+    int32_t nb = (n_tokens + e->sl.block_size - 1) / e->sl.block_size;
+    for (int32_t i = 0; i < nb; i++)
+        g_sblocks[id % 128][i] = (int32_t)((id * 7 + (uint64_t)i * 3) % (uint64_t)e->sl.n_blocks);
+    kvt_transfer_t t = {.request_id = 0xabc000 + id,
+                        .transfer_id = id,
+                        .epoch = epoch,
+                        .n_tokens = n_tokens,
+                        .block_ids = g_sblocks[id % 128],
+                        .timeout_ms = timeout_ms};
+    return kvt_sender_start(e->s, &t);
+}
+
+/* Every chunk of transfer id arrived as sent: bit-exact for equal dtypes, else exactly the conversion. */
+static bool s_verify(env_t *e, uint64_t id) {
+    trec_t *t = &e->rec[id % 128];
+    if (!t->committed) return false;
+    const eng_kv_layout_t *sl = &e->sl, *rl = &e->rs.l;
+    size_t elems = eng_kv_chunk_elems(sl);
+    float *a = malloc(elems * sizeof(float)), *b = malloc(elems * sizeof(float));
+    bool ok = true;
+    for (int32_t bi = 0; bi < t->n_blocks && ok; bi++)
+        for (int32_t ly = 0; ly < sl->n_layers && ok; ly++)
+            for (int kind = 0; kind < 2 && ok; kind++) {
+                const uint8_t *src = e->spool + eng_kv_chunk_offset(sl, ly, kind, g_sblocks[id % 128][bi]);
+                const uint8_t *dst = ts_chunk(&e->rs, ly, kind, t->rblocks[bi]);
+                if (sl->dtype == rl->dtype) {
+                    ok = memcmp(src, dst, eng_kv_chunk_bytes(sl)) == 0;
+                    continue;
+                }
+                /* expected: the sender's values through our f32 path; within relative rounding error too */
+                kvt_convert(a, ENG_KV_F32, src, sl->dtype, elems);
+                kvt_convert(b, ENG_KV_F32, dst, rl->dtype, elems);
+                float tol = rl->dtype == ENG_KV_F16 ? 1.0f / 2048 : rl->dtype == ENG_KV_BF16 ? 1.0f / 256 : 0.0f;
+                for (size_t i = 0; i < elems && ok; i++) {
+                    ok = fabsf(a[i] - b[i]) <= tol * fabsf(a[i]) && b[i] != 0.0f;
+                    if (!ok) fprintf(stderr, "elem %zu: sent %g got %g\n", i, (double)a[i], (double)b[i]);
+                }
+            }
+    free(a);
+    free(b);
+    return ok && t->first_token == (int32_t)(100 + id);
+}
+
+/* ---- scenarios ---- */
+
+static void s_roundtrip(eng_kv_dtype_t sdt, eng_kv_dtype_t rdt, bool ipc) {
+    env_t e;
+    env_opts_t o = s_opts();
+    o.sdt = sdt, o.rdt = rdt, o.ipc = ipc;
+    REQUIRE(env_init(&e, o));
+    const int32_t toks[3] = {1, 13, 40};
+    uint64_t ids[3] = {1, 2, 3};
+    for (int i = 0; i < 3; i++) {
+        CHECK_EQ_INT(s_start(&e, ids[i], 1, toks[i], 0), PD_OK);
+        CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+    }
+    CHECK(env_run_until_released(&e, ids, 3, 5000));
+    for (int i = 0; i < 3; i++) {
+        CHECK_MSG(e.rec[ids[i]].done_st == PD_OK, "transfer %d: %s", (int)ids[i], e.rec[ids[i]].err);
+        CHECK_MSG(s_verify(&e, ids[i]), "transfer %d %d->%d ipc=%d", (int)ids[i], sdt, rdt, ipc);
+        CHECK_EQ_INT(e.rec[ids[i]].n_tokens, toks[i]);
+    }
+    env_fini(&e);
+}
+
+static void test_roundtrip_dtypes(void) {
+    const eng_kv_dtype_t pairs[7][2] = {{ENG_KV_F32, ENG_KV_F32}, {ENG_KV_F16, ENG_KV_F16},  {ENG_KV_BF16, ENG_KV_BF16},
+                                        {ENG_KV_F32, ENG_KV_F16}, {ENG_KV_F32, ENG_KV_BF16}, {ENG_KV_F16, ENG_KV_F32},
+                                        {ENG_KV_BF16, ENG_KV_F32}};
+    for (int i = 0; i < 7; i++)
+        for (int ipc = 0; ipc < 2; ipc++) s_roundtrip(pairs[i][0], pairs[i][1], ipc);
+}
+
+static void test_64_concurrent(void) {
+    env_t e;
+    env_opts_t o = s_opts();
+    o.s_blocks = 400, o.r_blocks = 400;
+    o.credit_bytes = 3 * 2 * 512; /* three block-layers: forces many credit round trips, interleaved */
+    REQUIRE(env_init(&e, o));
+    uint64_t ids[64];
+    for (int i = 0; i < 64; i++) {
+        ids[i] = (uint64_t)i + 10;
+        CHECK_EQ_INT(s_start(&e, ids[i], 1, 1 + (int32_t)(s_rand() % 24), 0), PD_OK);
+        CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+    }
+    CHECK(env_run_until_released(&e, ids, 64, 20000));
+    for (int i = 0; i < 64; i++) CHECK_MSG(s_verify(&e, ids[i]), "transfer %d", (int)ids[i]);
+    env_fini(&e);
+}
+
+static void test_layers_streamed(void) {
+    env_t e;
+    REQUIRE(env_init(&e, s_opts()));
+    uint64_t id = 5;
+    CHECK_EQ_INT(s_start(&e, id, 1, 16, 0), PD_OK);
+    size_t layer_bytes = 4 * 2 * eng_kv_chunk_bytes(&e.sl); /* 4 blocks, K and V */
+    for (int32_t ly = 1; ly <= e.sl.n_layers; ly++) {
+        CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, ly), PD_OK);
+        kvt_stats_t st;
+        uint64_t end = pd_now_us() + 2000000;
+        do {
+            env_step(&e, true, true);
+            kvt_receiver_stats(e.r, &st);
+        } while (st.payload_bytes < (uint64_t)ly * layer_bytes && pd_now_us() < end);
+        for (int k = 0; k < 5; k++) env_step(&e, true, true);
+        kvt_receiver_stats(e.r, &st);
+        CHECK_EQ_INT(st.payload_bytes, (uint64_t)ly * layer_bytes); /* exactly the ready layers, no more */
+        CHECK(!e.rec[id].committed);
+    }
+    CHECK_EQ_INT(kvt_sender_commit(e.s, id, 105), PD_OK);
+    CHECK(env_run_until_released(&e, &id, 1, 3000));
+    CHECK(s_verify(&e, id));
+    env_fini(&e);
+}
+
+static void test_receiver_full(void) {
+    env_t e;
+    env_opts_t o = s_opts();
+    o.r_blocks = 8;
+    REQUIRE(env_init(&e, o));
+    CHECK_EQ_INT(s_start(&e, 1, 1, 24, 0), PD_OK); /* 6 of 8 blocks, held (not committed) */
+    for (int i = 0; i < 100 && !e.rec[1].reserved; i++) env_step(&e, true, true);
+    CHECK(e.rec[1].reserved);
+    uint64_t id2 = 2, id3 = 3, id4 = 4;
+    CHECK_EQ_INT(s_start(&e, 2, 1, 16, 0), PD_OK); /* 4 blocks: does not fit now */
+    CHECK(env_run_until_released(&e, &id2, 1, 3000));
+    CHECK_EQ_INT(e.rec[2].done_st, PD_EAGAIN);
+    CHECK(!e.rec[2].reserved);
+    CHECK_EQ_INT(s_start(&e, 4, 1, 40, 0), PD_OK); /* 10 blocks: can never fit */
+    CHECK(env_run_until_released(&e, &id4, 1, 3000));
+    CHECK_EQ_INT(e.rec[4].done_st, PD_EINVAL);
+    CHECK_EQ_INT(kvt_sender_commit(e.s, 1, 101), PD_OK);
+    CHECK_EQ_INT(s_start(&e, 3, 1, 8, 0), PD_OK); /* 2 blocks: fits */
+    CHECK_EQ_INT(kvt_sender_commit(e.s, 3, 103), PD_OK);
+    CHECK(env_run_until_released(&e, &id3, 1, 3000));
+    CHECK_EQ_INT(e.rec[3].done_st, PD_OK);
+    CHECK(s_verify(&e, 3));
+    uint64_t id1 = 1;
+    CHECK(env_run_until_released(&e, &id1, 1, 3000));
+    CHECK(s_verify(&e, 1));
+    env_fini(&e);
+}
+
+static void test_fingerprint_mismatch(void) {
+    env_t e;
+    env_opts_t o = s_opts();
+    o.fp_mismatch = true;
+    REQUIRE(env_init(&e, o));
+    uint64_t id = 1;
+    CHECK_EQ_INT(s_start(&e, id, 1, 8, 0), PD_OK);
+    uint64_t end = pd_now_us() + 3000000;
+    while (e.sender_rc == 0 && pd_now_us() < end) env_step(&e, true, true);
+    CHECK_EQ_INT(e.sender_rc, PD_EPROTO);
+    CHECK_MSG(strstr(kvt_sender_error(e.s), "tokenizer_hash") != NULL, "%s", kvt_sender_error(e.s));
+    CHECK(e.rec[id].done && e.rec[id].done_st == PD_EPROTO && e.rec[id].released);
+    CHECK_EQ_INT(s_start(&e, 2, 1, 8, 0), PD_EPROTO);
+    char err[160];
+    kvt_fingerprint_t a = s_fp(ENG_KV_F32), b = s_fp(ENG_KV_BF16);
+    CHECK_EQ_INT(kvt_fingerprint_check(&a, &b, err, sizeof err), PD_OK); /* dtype may differ */
+    b.rope_dim = 8;
+    CHECK_EQ_INT(kvt_fingerprint_check(&a, &b, err, sizeof err), PD_EPROTO);
+    CHECK(strstr(err, "rope_dim") != NULL);
+    env_fini(&e);
+}
+
+static void test_corrupt_one(void) {
+    env_t e;
+    REQUIRE(env_init(&e, s_opts()));
+    uint64_t ids[3] = {1, 2, 3};
+    for (int i = 0; i < 3; i++) CHECK_EQ_INT(s_start(&e, ids[i], 1, 20, 0), PD_OK);
+    CHECK_EQ_INT(kvt_sender_test_corrupt(e.s, 2), PD_OK);
+    for (int i = 0; i < 3; i++) CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+    CHECK(env_run_until_released(&e, ids, 3, 5000));
+    CHECK_EQ_INT(e.rec[2].done_st, PD_EPROTO);
+    CHECK_MSG(strstr(e.rec[2].err, "checksum") != NULL, "%s", e.rec[2].err);
+    CHECK(e.rec[2].failed && e.rec[2].failed_st == PD_EPROTO && !e.rec[2].committed);
+    CHECK(s_verify(&e, 1) && s_verify(&e, 3));
+    env_fini(&e);
+}
+
+static void test_receiver_timeout(void) {
+    env_t e;
+    REQUIRE(env_init(&e, s_opts()));
+    uint64_t id = 1;
+    CHECK_EQ_INT(s_start(&e, id, 1, 16, 300), PD_OK);
+    CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, 1), PD_OK);
+    for (int i = 0; i < 50 && !e.rec[id].reserved; i++) env_step(&e, true, true);
+    for (int i = 0; i < 10; i++) env_step(&e, true, true);
+    CHECK(e.rec[id].reserved);
+    CHECK(e.rs.n_reserved > 0);
+    /* the sender goes silent: only the receiver polls */
+    uint64_t t0 = pd_now_us(), end = t0 + 3000000;
+    while (!e.rec[id].failed && pd_now_us() < end) env_step(&e, false, true);
+    CHECK(e.rec[id].failed && e.rec[id].failed_st == PD_ETIMEDOUT);
+    CHECK(pd_now_us() - t0 < 1000000);
+    CHECK_EQ_INT(e.rs.n_reserved, 0);
+    env_fini(&e);
+}
+
+static void test_sender_timeout_receiver_gone(void) {
+    env_t e;
+    env_opts_t o = s_opts();
+    o.reply_timeout_ms = 300;
+    REQUIRE(env_init(&e, o));
+    uint64_t id = 1;
+    CHECK_EQ_INT(s_start(&e, id, 1, 16, 0), PD_OK);
+    CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, 2), PD_OK);
+    for (int i = 0; i < 50 && !e.rec[id].reserved; i++) env_step(&e, true, true);
+    CHECK(e.rec[id].reserved);
+    kvt_receiver_destroy(&e.r); /* releases its reservation */
+    CHECK_EQ_INT(e.rs.n_reserved, 0);
+    CHECK_EQ_INT(kvt_sender_commit(e.s, id, 101), PD_OK);
+    uint64_t t0 = pd_now_us();
+    CHECK(env_run_until_released(&e, &id, 1, 3000));
+    CHECK_EQ_INT(e.rec[id].done_st, PD_ETIMEDOUT);
+    CHECK(pd_now_us() - t0 < 1500000);
+    env_fini(&e);
+}
+
+static void test_cancel_from_sender(void) {
+    env_t e;
+    REQUIRE(env_init(&e, s_opts()));
+    uint64_t ids[2] = {1, 2};
+    CHECK_EQ_INT(s_start(&e, 1, 1, 16, 0), PD_OK);
+    CHECK_EQ_INT(s_start(&e, 2, 1, 16, 0), PD_OK);
+    CHECK_EQ_INT(kvt_sender_layers_ready(e.s, 1, 2), PD_OK);
+    for (int i = 0; i < 100 && !(e.rec[1].reserved && e.rec[2].reserved); i++) env_step(&e, true, true);
+    for (int i = 0; i < 10; i++) env_step(&e, true, true);
+    CHECK_EQ_INT(kvt_sender_cancel(e.s, 1), PD_OK);
+    CHECK_EQ_INT(kvt_sender_commit(e.s, 2, 102), PD_OK);
+    CHECK(env_run_until_released(&e, ids, 2, 3000));
+    uint64_t end = pd_now_us() + 2000000;
+    while (!e.rec[1].failed && pd_now_us() < end) env_step(&e, true, true);
+    CHECK_EQ_INT(e.rec[1].done_st, PD_ECLOSED);
+    CHECK(e.rec[1].failed && e.rec[1].failed_st == PD_ECLOSED);
+    CHECK(s_verify(&e, 2));
+    env_fini(&e);
+}
+
+/* The receiver lives on its own thread (its socket belongs to that thread), as in the decode service. */
+typedef struct {
+    env_t *e;
+    env_opts_t o;
+    atomic_int ready, stop;
+    kvt_stats_t final;
+} rthread_t;
+
+static void *s_receiver_thread(void *arg) {
+    rthread_t *t = arg;
+    if (!env_open_receiver(t->e, t->o)) {
+        atomic_store(&t->ready, -1);
+        return NULL;
+    }
+    atomic_store(&t->ready, 1);
+    kvt_event_t ev[64];
+    while (!atomic_load(&t->stop)) {
+        int n = kvt_receiver_poll(t->e->r, 5, ev, 64);
+        if (n > 0) s_take_receiver(t->e, ev, n);
+    }
+    kvt_receiver_stats(t->e->r, &t->final);
+    kvt_receiver_destroy(&t->e->r);
+    return NULL;
+}
+
+static void test_two_threads(void) {
+    env_t e;
+    rthread_t t = {.e = &e, .o = s_opts()};
+    t.o.credit_bytes = 8 * 1024;
+    t.o.s_blocks = 256, t.o.r_blocks = 256; /* room for all 16 at once */
+    env_prepare(&e, t.o);
+    pthread_t th;
+    REQUIRE(pthread_create(&th, NULL, s_receiver_thread, &t) == 0);
+    while (atomic_load(&t.ready) == 0) nanosleep(&(struct timespec){0, 1000000}, NULL);
+    bool ok = atomic_load(&t.ready) == 1 && env_open_sender(&e, t.o, kvt_receiver_endpoint(e.r));
+    uint64_t ids[16];
+    for (int i = 0; i < 16 && ok; i++) {
+        ids[i] = (uint64_t)i + 1;
+        CHECK_EQ_INT(s_start(&e, ids[i], 1, 1 + (int32_t)(s_rand() % 40), 0), PD_OK);
+        CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+    }
+    uint64_t end = pd_now_us() + 10000000;
+    bool all = false;
+    while (ok && !all && pd_now_us() < end) {
+        env_step(&e, true, false);
+        all = true;
+        for (int i = 0; i < 16; i++) all = all && e.rec[ids[i]].released;
+    }
+    atomic_store(&t.stop, 1);
+    pthread_join(th, NULL);
+    CHECK(ok && all);
+    for (int i = 0; i < 16 && ok; i++) {
+        CHECK_EQ_INT(e.rec[ids[i]].done_st, PD_OK);
+        CHECK_MSG(s_verify(&e, ids[i]), "transfer %d", (int)ids[i]);
+    }
+    CHECK_EQ_INT(t.final.transfers_done, ok ? 16 : 0);
+    CHECK_EQ_INT(t.final.reserved_blocks, 0);
+    env_fini(&e);
+}
+
+/* ---- socket-free: hand-made messages through kvt_receiver_handle_frames ---- */
+
+static size_t s_pack(const Pdserve__V1__KvEnvelope *env, uint8_t *buf) {
+    size_t n = pdserve__v1__kv_envelope__get_packed_size(env);
+    pdserve__v1__kv_envelope__pack(env, buf);
+    return n;
+}
+
+static void s_feed(kvt_receiver_t *r, const Pdserve__V1__KvEnvelope *env, const void *const *pay, const size_t *psz,
+                   size_t n_pay) {
+    static uint8_t buf[KVT_MAX_ENVELOPE_BYTES];
+    const void *frames[16];
+    size_t sizes[16];
+    sizes[0] = s_pack(env, buf);
+    frames[0] = buf;
+    for (size_t i = 0; i < n_pay; i++) frames[1 + i] = pay[i], sizes[1 + i] = psz[i];
+    kvt_receiver_handle_frames(r, "peer1", 5, frames, sizes, 1 + n_pay);
+}
+
+static void test_stale_epoch_dropped(void) {
+    env_t e;
+    REQUIRE(env_init(&e, s_opts()));
+    kvt_fingerprint_t fpr = s_fp(ENG_KV_F32);
+    Pdserve__V1__Fingerprint fp;
+    kvt_fp_to_pb(&fpr, &fp);
+    Pdserve__V1__KvHello h = PDSERVE__V1__KV_HELLO__INIT;
+    h.fingerprint = &fp;
+    Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    s_feed(e.r, &env, NULL, NULL, 0);
+    Pdserve__V1__KvReserve rs = PDSERVE__V1__KV_RESERVE__INIT;
+    rs.transfer_id = 7, rs.epoch = 2, rs.n_tokens = 4, rs.n_blocks = 1;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE;
+    env.reserve = &rs;
+    s_feed(e.r, &env, NULL, NULL, 0);
+    CHECK_EQ_INT(e.rs.n_reserved, 1);
+    /* a well-formed KvData for layer 0, block 0, but of epoch 1 */
+    size_t cb = eng_kv_chunk_bytes(&e.sl);
+    const void *pay[2] = {e.spool, e.spool + cb};
+    size_t psz[2] = {cb, cb};
+    uint64_t ck[2] = {XXH3_64bits(pay[0], cb), XXH3_64bits(pay[1], cb)};
+    Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
+    d.transfer_id = 7, d.epoch = 1, d.seq = 0, d.first_layer = 0, d.n_layers = 1, d.first_block = 0, d.n_blocks = 1;
+    d.dtype = PDSERVE__V1__KV_DTYPE__KV_DTYPE_F32, d.block_size = 4, d.n_kv_heads = 2, d.head_dim = 16;
+    d.n_checksums = 2, d.checksums = ck;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_DATA;
+    env.data = &d;
+    kvt_stats_t st0, st1;
+    kvt_receiver_stats(e.r, &st0);
+    s_feed(e.r, &env, pay, psz, 2);
+    d.epoch = 3; /* from the future: no reservation for it either */
+    s_feed(e.r, &env, pay, psz, 2);
+    kvt_receiver_stats(e.r, &st1);
+    CHECK_EQ_INT(st1.frames_dropped_stale, st0.frames_dropped_stale + 2);
+    CHECK_EQ_INT(st1.payload_bytes, 0);
+    size_t zero = 0;
+    for (size_t i = 0; i < eng_kv_pool_bytes(&e.rs.l); i++) zero |= e.rs.pool[i];
+    CHECK_EQ_INT(zero, 0); /* nothing written anywhere */
+    /* the current epoch is written */
+    d.epoch = 2;
+    s_feed(e.r, &env, pay, psz, 2);
+    kvt_receiver_stats(e.r, &st1);
+    CHECK_EQ_INT(st1.payload_bytes, 2 * cb);
+    /* a repeat of seq 0 fails the transfer and frees its block */
+    s_feed(e.r, &env, pay, psz, 2);
+    kvt_event_t ev[8];
+    int n = kvt_receiver_poll(e.r, 0, ev, 8);
+    CHECK_EQ_INT(n, 1);
+    CHECK(n == 1 && ev[0].kind == KVT_EV_FAILED && ev[0].status == PD_EPROTO && strstr(ev[0].err, "seq") != NULL);
+    CHECK_EQ_INT(e.rs.n_reserved, 0);
+    env_fini(&e);
+}
+
+static void test_convert(void) {
+    /* round to nearest even at the f16 and bf16 boundaries, exact up-conversion, specials */
+    CHECK_EQ_INT(kvt_f32_to_f16(1.0f), 0x3c00);
+    CHECK_EQ_INT(kvt_f32_to_f16(1.0f + 1.0f / 2048), 0x3c00); /* tie -> even (down) */
+    CHECK_EQ_INT(kvt_f32_to_f16(1.0f + 3.0f / 2048), 0x3c02); /* tie -> even (up) */
+    CHECK_EQ_INT(kvt_f32_to_f16(65520.0f), 0x7c00);           /* overflows to inf */
+    CHECK_EQ_INT(kvt_f32_to_f16(65504.0f), 0x7bff);
+    CHECK_EQ_INT(kvt_f32_to_f16(5.9604645e-8f), 0x0001); /* smallest subnormal */
+    CHECK_EQ_INT(kvt_f32_to_f16(2.9802322e-8f), 0x0000); /* half of it: tie -> 0 */
+    CHECK_EQ_INT(kvt_f32_to_f16(-0.0f), 0x8000);
+    CHECK_EQ_INT(kvt_f32_to_bf16(1.0f + 1.0f / 256), 0x3f80); /* tie -> even */
+    CHECK_EQ_INT(kvt_f32_to_bf16(1.0f + 3.0f / 256), 0x3f82);
+    CHECK(isnan(kvt_bf16_to_f32(kvt_f32_to_bf16(NAN))) && isnan(kvt_f16_to_f32(kvt_f32_to_f16(NAN))));
+    for (uint32_t h = 0; h < 0x10000; h++) { /* f16 -> f32 -> f16 is the identity for non-NaN */
+        if ((h & 0x7c00) == 0x7c00 && (h & 0x3ff)) continue;
+        if (kvt_f32_to_f16(kvt_f16_to_f32((uint16_t)h)) != h) {
+            CHECK_MSG(0, "f16 %04x does not round-trip", h);
+            break;
+        }
+        if (kvt_f32_to_bf16(kvt_bf16_to_f32((uint16_t)h)) != h) {
+            CHECK_MSG(0, "bf16 %04x does not round-trip", h);
+            break;
+        }
+    }
+}
+
+int main(void) {
+    PD_TEST_RUN(test_convert);
+    PD_TEST_RUN(test_roundtrip_dtypes);
+    PD_TEST_RUN(test_64_concurrent);
+    PD_TEST_RUN(test_two_threads);
+    PD_TEST_RUN(test_layers_streamed);
+    PD_TEST_RUN(test_receiver_full);
+    PD_TEST_RUN(test_fingerprint_mismatch);
+    PD_TEST_RUN(test_corrupt_one);
+    PD_TEST_RUN(test_stale_epoch_dropped);
+    PD_TEST_RUN(test_receiver_timeout);
+    PD_TEST_RUN(test_sender_timeout_receiver_gone);
+    PD_TEST_RUN(test_cancel_from_sender);
+    return pd_test_finish();
+}
