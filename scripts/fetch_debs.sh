@@ -8,7 +8,8 @@ PKGS=(libzmq5 libzmq3-dev libsodium23 libpgm-5.3-0 libnorm1 libbsd0 libmd0
       libprotobuf-c1 libprotobuf-c-dev protobuf-c-compiler libprotoc32 libprotobuf32
       libjansson4 libjansson-dev libxxhash0 libxxhash-dev
       libmicrohttpd12 libmicrohttpd-dev
-      libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev libgfortran5)
+      libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev libgfortran5
+      pkgconf pkgconf-bin libpkgconf3)
 mkdir -p .debs
 cd .debs
 if ls ./*.deb >/dev/null 2>&1 && [ "$(ls ./*.deb | wc -l)" -ge "${#PKGS[@]}" ]; then
