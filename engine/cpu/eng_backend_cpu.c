@@ -107,18 +107,24 @@ static float *s_kv_slot(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, in
 }
 
 /* Attention for one token and one query head over positions 0..pos of its sequence, all read from
- * the paged cache (the token's own K/V was written there first). Fixed order: batch-invariant. */
+ * the paged cache (the token's own K/V was written there first), a block of contiguous slots at a
+ * time. Fixed order (scores, max, sum and P.V all in position order): batch-invariant. */
 static void s_attend(eng_backend_t *be, const eng_batch_t *b, int32_t layer, int64_t t, int32_t h, float *scores) {
     const eng_model_config_t *c = &be->m->cfg;
     const int32_t hd = c->head_dim, bs = be->kv.block_size, seq = be->tok_seq[t], pos = be->tok_pos[t];
     const int32_t g = h / (c->n_heads / c->n_kv_heads);
+    const int64_t kv_dim = (int64_t)c->n_kv_heads * hd; /* slot stride */
     const int32_t *table = b->block_tables[seq];
     const float *q = be->q + t * (int64_t)c->n_heads * hd + (int64_t)h * hd;
     const float scale = 1.0f / sqrtf((float)hd);
+    for (int32_t j0 = 0; j0 <= pos; j0 += bs) {
+        int32_t nj = pos + 1 - j0 < bs ? pos + 1 - j0 : bs;
+        eng_cpu_dot_rows(scores + j0, q, s_kv_slot(be, layer, ENG_KV_K, table[j0 / bs], 0) + (int64_t)g * hd, kv_dim,
+                         nj, hd);
+    }
     float max = -INFINITY;
     for (int32_t j = 0; j <= pos; j++) {
-        const float *kj = s_kv_slot(be, layer, ENG_KV_K, table[j / bs], j % bs) + (int64_t)g * hd;
-        scores[j] = eng_cpu_dot(q, kj, hd) * scale;
+        scores[j] *= scale;
         if (scores[j] > max) max = scores[j];
     }
     float sum = 0.0f;
@@ -126,12 +132,13 @@ static void s_attend(eng_backend_t *be, const eng_batch_t *b, int32_t layer, int
         scores[j] = expf(scores[j] - max);
         sum += scores[j];
     }
+    for (int32_t j = 0; j <= pos; j++) scores[j] /= sum;
     float *out = be->att + t * (int64_t)c->n_heads * hd + (int64_t)h * hd;
     memset(out, 0, sizeof(float) * (size_t)hd);
-    for (int32_t j = 0; j <= pos; j++) {
-        const float *vj = s_kv_slot(be, layer, ENG_KV_V, table[j / bs], j % bs) + (int64_t)g * hd;
-        const float p = scores[j] / sum;
-        for (int32_t d = 0; d < hd; d++) out[d] += p * vj[d];
+    for (int32_t j0 = 0; j0 <= pos; j0 += bs) {
+        int32_t nj = pos + 1 - j0 < bs ? pos + 1 - j0 : bs;
+        eng_cpu_axpy_rows(out, scores + j0, s_kv_slot(be, layer, ENG_KV_V, table[j0 / bs], 0) + (int64_t)g * hd, kv_dim,
+                          nj, hd);
     }
 }
 
@@ -167,9 +174,10 @@ static void s_layer(eng_backend_t *be, const eng_batch_t *b, int32_t l, int64_t 
     eng_cpu_rmsnorm(be->xb, be->x, norm_w, T, dim, c->rms_eps);
 
     /* Q, K, V projections (+ bias for qwen2), RoPE on Q and K */
-    eng_cpu_matmul(be->q, q_dim, be->xb, dim, T, &w->wq, be->mm_scratch, be->pool);
-    eng_cpu_matmul(be->k, kv_dim, be->xb, dim, T, &w->wk, be->mm_scratch, be->pool);
-    eng_cpu_matmul(be->v, kv_dim, be->xb, dim, T, &w->wv, be->mm_scratch, be->pool);
+    float *qkv[] = {be->q, be->k, be->v};
+    const int64_t qkv_ld[] = {q_dim, kv_dim, kv_dim};
+    const eng_weight_t *qkv_w[] = {&w->wq, &w->wk, &w->wv};
+    eng_cpu_matmul_n(3, qkv, qkv_ld, qkv_w, be->xb, dim, T, be->mm_scratch, be->pool);
     float *bias_row = be->mm_scratch[0];
     s_add_bias(be->q, &w->bq, T, q_dim, bias_row);
     s_add_bias(be->k, &w->bk, T, kv_dim, bias_row);
@@ -198,8 +206,10 @@ static void s_layer(eng_backend_t *be, const eng_batch_t *b, int32_t l, int64_t 
     /* feed-forward: norm, SwiGLU, down projection + residual */
     eng_cpu_weight_row(&w->ffn_norm, 0, norm_w);
     eng_cpu_rmsnorm(be->xb, be->x, norm_w, T, dim, c->rms_eps);
-    eng_cpu_matmul(be->hg, c->hidden_dim, be->xb, dim, T, &w->w_gate, be->mm_scratch, be->pool);
-    eng_cpu_matmul(be->hu, c->hidden_dim, be->xb, dim, T, &w->w_up, be->mm_scratch, be->pool);
+    float *gate_up[] = {be->hg, be->hu};
+    const int64_t gate_up_ld[] = {c->hidden_dim, c->hidden_dim};
+    const eng_weight_t *gate_up_w[] = {&w->w_gate, &w->w_up};
+    eng_cpu_matmul_n(2, gate_up, gate_up_ld, gate_up_w, be->xb, dim, T, be->mm_scratch, be->pool);
     eng_cpu_swiglu(be->hg, be->hg, be->hu, T * c->hidden_dim);
     eng_cpu_matmul(be->tmp, dim, be->hg, c->hidden_dim, T, &w->w_down, be->mm_scratch, be->pool);
     for (int64_t i = 0; i < T * dim; i++) be->x[i] += be->tmp[i];

@@ -43,104 +43,114 @@ float eng_cpu_dot(const float *a, const float *b, int64_t n) {
 }
 
 #ifdef ENG_CPU_AVX2
-/* AVX2 dequantization of whole rows for the two types the default model uses. Same arithmetic as the
- * reference eng_dequant (q * d + m, multiply then add, no fusion), so the bits are identical; the
- * f16 scales convert exactly with F16C. */
-static void s_row_q4_1(const uint8_t *src, float *dst, int64_t n) {
-    const __m128i lo_mask = _mm_set1_epi8(0x0f);
-    for (int64_t i = 0; i < n; i += 32, src += 20, dst += 32) {
-        uint16_t dh, mh;
-        memcpy(&dh, src, 2), memcpy(&mh, src + 2, 2);
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(dh)), m = _mm256_set1_ps(_cvtsh_ss(mh));
-        __m128i qs = _mm_loadu_si128((const __m128i *)(src + 4));
-        __m128i lo = _mm_and_si128(qs, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), lo_mask);
-        __m256 v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        __m256 v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 v2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        __m256 v3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_mul_ps(v0, d), m));
-        _mm256_storeu_ps(dst + 8, _mm256_add_ps(_mm256_mul_ps(v1, d), m));
-        _mm256_storeu_ps(dst + 16, _mm256_add_ps(_mm256_mul_ps(v2, d), m));
-        _mm256_storeu_ps(dst + 24, _mm256_add_ps(_mm256_mul_ps(v3, d), m));
-    }
+/* s_reduce8 for four accumulators at once: lane i of the result is the reduction of a_i, pair by pair
+ * the same additions as s_reduce8 (float addition commutes bit for bit), so the bits are those of
+ * s_hsum. Used wherever a kernel ends four dot products at once. */
+static inline __m128 s_hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    /* (l0+l4, l1+l5, l2+l6, l3+l7) of a0 | of a2, and of a1 | of a3 */
+    __m256 u02 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a2, 0x20), _mm256_permute2f128_ps(a0, a2, 0x31));
+    __m256 u13 = _mm256_add_ps(_mm256_permute2f128_ps(a1, a3, 0x20), _mm256_permute2f128_ps(a1, a3, 0x31));
+    /* (b0, b1) = (s0+s2, s1+s3) of a0, a1 | of a2, a3 */
+    __m256 b = _mm256_add_ps(_mm256_shuffle_ps(u02, u13, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(u02, u13, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m128 lo = _mm256_castps256_ps128(b), hi = _mm256_extractf128_ps(b, 1);
+    return _mm_add_ps(_mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-static void s_row_q8_0(const uint8_t *src, float *dst, int64_t n) {
-    for (int64_t i = 0; i < n; i += 32, src += 34, dst += 32) {
-        uint16_t dh;
-        memcpy(&dh, src, 2);
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
-        __m128i q0 = _mm_loadu_si128((const __m128i *)(src + 2)), q1 = _mm_loadu_si128((const __m128i *)(src + 18));
-        _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), d));
-        _mm256_storeu_ps(dst + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), d));
-        _mm256_storeu_ps(dst + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), d));
-        _mm256_storeu_ps(dst + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), d));
+/* y[i] = eng_cpu_dot(x, rows + i * stride, n): eight rows at a time (eight accumulator chains, two
+ * s_hsum4), then four, then one. */
+static void s_dot_rows(float *y, const float *x, const float *rows, int64_t stride, int64_t n_rows, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n_rows; i += 8) {
+        const float *r = rows + i * stride;
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r + u * stride + k), a[u]);
+        }
+        _mm_storeu_ps(y + i, s_hsum4(a[0], a[1], a[2], a[3]));
+        _mm_storeu_ps(y + i + 4, s_hsum4(a[4], a[5], a[6], a[7]));
     }
+    for (; i < n_rows; i++) y[i] = eng_cpu_dot(x, rows + i * stride, n);
 }
 #endif
 
 #ifdef ENG_CPU_AVX2
-/* Decode path (fewer than 4 tokens): dequantize in registers and multiply-accumulate at once, never
- * storing the f32 weights. The per-element arithmetic and the k order (32-element blocks as 4 vectors
- * of 8, in element order) are those of the tile path, so both give the same bits. Four rows at a time
- * for four independent accumulator chains. */
+/* One 32-element block dequantized into four vectors of 8 (elements in order), bit-identical to the
+ * reference eng_dequant. Q4_1 is q * d + m rounded twice there; q * d is exact in f32 (a 4-bit q times
+ * an 11-bit f16 significand), so one fused multiply-add rounds the same sum once and gives the same
+ * bits with one instruction less. The nibbles are spread to 32-bit lanes with two in-lane byte
+ * shuffles (bytes 0-3 | 4-7 and 8-11 | 12-15), low nibbles masked, high nibbles shifted down. Q8_0 is
+ * q * d, one rounding either way. The f16 scales convert exactly with F16C. */
 static inline void s_q4_1_block(const uint8_t *b, __m256 w[4]) {
-    uint16_t dh, mh;
-    memcpy(&dh, b, 2), memcpy(&mh, b + 2, 2);
-    __m256 d = _mm256_set1_ps(_cvtsh_ss(dh)), m = _mm256_set1_ps(_cvtsh_ss(mh));
-    __m128i qs = _mm_loadu_si128((const __m128i *)(b + 4)), mask = _mm_set1_epi8(0x0f);
-    __m128i lo = _mm_and_si128(qs, mask), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-    w[0] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d), m);
-    w[1] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d), m);
-    w[2] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d), m);
-    w[3] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d), m);
+    const __m256i spread0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1, 4, -1, -1, -1,
+                                             5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i spread1 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1, 12, -1, -1,
+                                             -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
+    const __m256i mask = _mm256_set1_epi32(0x0f);
+    int32_t dm;
+    memcpy(&dm, b, 4);
+    __m128 dm_f = _mm_cvtph_ps(_mm_cvtsi32_si128(dm)); /* (d, m, 0, 0) */
+    __m256 d = _mm256_broadcastss_ps(dm_f), m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm_f));
+    __m256i qs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 4)));
+    __m256i q0 = _mm256_shuffle_epi8(qs, spread0), q1 = _mm256_shuffle_epi8(qs, spread1);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q0, mask)), d, m);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q1, mask)), d, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)), d, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4)), d, m);
 }
 
 static inline void s_q8_0_block(const uint8_t *b, __m256 w[4]) {
     uint16_t dh;
     memcpy(&dh, b, 2);
     __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
-    __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2)), q1 = _mm_loadu_si128((const __m128i *)(b + 18));
-    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), d);
-    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), d);
-    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), d);
-    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), d);
+    for (int j = 0; j < 4; j++) /* sign-extending loads of 8 bytes each */
+        w[j] = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * j)))), d);
 }
 
-#define S_FUSED_KERNEL(NAME, BLOCK_FN, BLOCK_BYTES)                                                                    \
-    static void NAME(float *y, const float *x, const uint8_t *w0, uint64_t row_bytes, int64_t n_rows, int64_t k_n) {   \
-        int64_t r = 0;                                                                                                 \
-        for (; r + 4 <= n_rows; r += 4) {                                                                              \
-            const uint8_t *b0 = w0 + (uint64_t)r * row_bytes, *b1 = b0 + row_bytes, *b2 = b1 + row_bytes,              \
-                          *b3 = b2 + row_bytes;                                                                        \
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];                                          \
-            for (int64_t k = 0; k < k_n; k += 32) {                                                                    \
-                __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8), x2 = _mm256_loadu_ps(x + k + 16), \
-                       x3 = _mm256_loadu_ps(x + k + 24);                                                               \
-                BLOCK_FN(b0, w), b0 += BLOCK_BYTES;                                                                    \
-                a0 = _mm256_fmadd_ps(x0, w[0], a0), a0 = _mm256_fmadd_ps(x1, w[1], a0);                                \
-                a0 = _mm256_fmadd_ps(x2, w[2], a0), a0 = _mm256_fmadd_ps(x3, w[3], a0);                                \
-                BLOCK_FN(b1, w), b1 += BLOCK_BYTES;                                                                    \
-                a1 = _mm256_fmadd_ps(x0, w[0], a1), a1 = _mm256_fmadd_ps(x1, w[1], a1);                                \
-                a1 = _mm256_fmadd_ps(x2, w[2], a1), a1 = _mm256_fmadd_ps(x3, w[3], a1);                                \
-                BLOCK_FN(b2, w), b2 += BLOCK_BYTES;                                                                    \
-                a2 = _mm256_fmadd_ps(x0, w[0], a2), a2 = _mm256_fmadd_ps(x1, w[1], a2);                                \
-                a2 = _mm256_fmadd_ps(x2, w[2], a2), a2 = _mm256_fmadd_ps(x3, w[3], a2);                                \
-                BLOCK_FN(b3, w), b3 += BLOCK_BYTES;                                                                    \
-                a3 = _mm256_fmadd_ps(x0, w[0], a3), a3 = _mm256_fmadd_ps(x1, w[1], a3);                                \
-                a3 = _mm256_fmadd_ps(x2, w[2], a3), a3 = _mm256_fmadd_ps(x3, w[3], a3);                                \
-            }                                                                                                          \
-            y[r] = s_hsum(a0), y[r + 1] = s_hsum(a1), y[r + 2] = s_hsum(a2), y[r + 3] = s_hsum(a3);                    \
-        }                                                                                                              \
-        for (; r < n_rows; r++) {                                                                                      \
-            const uint8_t *b0 = w0 + (uint64_t)r * row_bytes;                                                          \
-            __m256 a0 = _mm256_setzero_ps(), w[4];                                                                     \
-            for (int64_t k = 0; k < k_n; k += 32, b0 += BLOCK_BYTES) {                                                 \
-                BLOCK_FN(b0, w);                                                                                       \
-                for (int j = 0; j < 4; j++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j), w[j], a0);            \
-            }                                                                                                          \
-            y[r] = s_hsum(a0);                                                                                         \
-        }                                                                                                              \
+#define S_ROW_FN(NAME, BLOCK_FN, BLOCK_BYTES)                                \
+    static void NAME(const uint8_t *src, float *dst, int64_t n) {            \
+        __m256 w[4];                                                         \
+        for (int64_t i = 0; i < n; i += 32, src += BLOCK_BYTES, dst += 32) { \
+            BLOCK_FN(src, w);                                                \
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(dst + 8 * j, w[j]); \
+        }                                                                    \
+    }
+S_ROW_FN(s_row_q4_1, s_q4_1_block, 20)
+S_ROW_FN(s_row_q8_0, s_q8_0_block, 34)
+#undef S_ROW_FN
+
+/* Decode path (fewer than 3 tokens): dequantize in registers and multiply-accumulate at once, never
+ * storing the f32 weights. The per-element arithmetic and the k order (32-element blocks as 4 vectors
+ * of 8, in element order) are those of the tile path, so both give the same bits. Four rows at a time
+ * for four independent accumulator chains, ended by one s_hsum4. */
+#define S_PF_GROUPS 2
+#define S_FUSED_KERNEL(NAME, BLOCK_FN, BLOCK_BYTES)                                                                   \
+    static void NAME(float *y, const float *x, const uint8_t *w0, uint64_t row_bytes, int64_t n_rows, int64_t k_n) {  \
+        int64_t r = 0;                                                                                                \
+        for (; r + 4 <= n_rows; r += 4) {                                                                             \
+            const uint8_t *b = w0 + (uint64_t)r * row_bytes, *pf = b + S_PF_GROUPS * 4 * row_bytes;                   \
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}, w[4]; \
+            for (int64_t k = 0; k < k_n; k += 32, b += BLOCK_BYTES) {                                                 \
+                for (int i = 0; i < 4; i++) {                                                                         \
+                    _mm_prefetch((const char *)pf + (k / 32 * 4 + i) * BLOCK_BYTES, _MM_HINT_T0);                     \
+                    BLOCK_FN(b + i * row_bytes, w);                                                                   \
+                    for (int j = 0; j < 4; j++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j), w[j], a[i]);   \
+                }                                                                                                     \
+            }                                                                                                         \
+            _mm_storeu_ps(y + r, s_hsum4(a[0], a[1], a[2], a[3]));                                                    \
+        }                                                                                                             \
+        for (; r < n_rows; r++) {                                                                                     \
+            const uint8_t *b = w0 + (uint64_t)r * row_bytes;                                                          \
+            __m256 a0 = _mm256_setzero_ps(), w[4];                                                                    \
+            for (int64_t k = 0; k < k_n; k += 32, b += BLOCK_BYTES) {                                                 \
+                BLOCK_FN(b, w);                                                                                       \
+                for (int j = 0; j < 4; j++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j), w[j], a0);           \
+            }                                                                                                         \
+            y[r] = s_hsum(a0);                                                                                        \
+        }                                                                                                             \
     }
 
 S_FUSED_KERNEL(s_fused_q4_1, s_q4_1_block, 20)
@@ -165,119 +175,108 @@ void eng_cpu_weight_row(const eng_weight_t *w, int64_t row, float *dst) {
 }
 
 #ifdef ENG_CPU_AVX2
-/* 4 tokens x 2 rows: the register-blocked core of the matmul. Each output uses the same lane order as
- * eng_cpu_dot, so blocking changes speed, never bits. */
-static void s_kernel_4x2(float *y, int64_t ldy, const float *x, int64_t ldx, const float *w0, const float *w1,
-                         int64_t k_n) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+/* n_t tokens (1..3) x 4 rows: the register-blocked core of the matmul. 3 x 4 keeps 12 accumulators,
+ * 3 token vectors and one weight vector in the 16 registers: 12 fused multiply-adds per 7 loads, and
+ * 12 independent chains, enough to cover the FMA latency. Each output uses the lane order of
+ * eng_cpu_dot and ends in s_hsum4, so blocking changes speed, never bits. Inlined with a constant n_t. */
+static inline __attribute__((always_inline)) void s_kernel_x4(float *y, int64_t ldy, const float *x, int64_t ldx,
+                                                              const float *w, int64_t k_n, int n_t) {
+    __m256 a[3][4];
+    for (int t = 0; t < n_t; t++)
+        for (int r = 0; r < 4; r++) a[t][r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_n; k += 8) {
-        __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-        __m256 t = _mm256_loadu_ps(x0 + k);
-        a00 = _mm256_fmadd_ps(t, v0, a00);
-        a01 = _mm256_fmadd_ps(t, v1, a01);
-        t = _mm256_loadu_ps(x1 + k);
-        a10 = _mm256_fmadd_ps(t, v0, a10);
-        a11 = _mm256_fmadd_ps(t, v1, a11);
-        t = _mm256_loadu_ps(x2 + k);
-        a20 = _mm256_fmadd_ps(t, v0, a20);
-        a21 = _mm256_fmadd_ps(t, v1, a21);
-        t = _mm256_loadu_ps(x3 + k);
-        a30 = _mm256_fmadd_ps(t, v0, a30);
-        a31 = _mm256_fmadd_ps(t, v1, a31);
+        __m256 xv[3];
+        for (int t = 0; t < n_t; t++) xv[t] = _mm256_loadu_ps(x + t * ldx + k);
+        for (int r = 0; r < 4; r++) {
+            __m256 v = _mm256_loadu_ps(w + r * k_n + k);
+            for (int t = 0; t < n_t; t++) a[t][r] = _mm256_fmadd_ps(xv[t], v, a[t][r]);
+        }
     }
-    y[0] = s_hsum(a00), y[1] = s_hsum(a01);
-    y[ldy] = s_hsum(a10), y[ldy + 1] = s_hsum(a11);
-    y[2 * ldy] = s_hsum(a20), y[2 * ldy + 1] = s_hsum(a21);
-    y[3 * ldy] = s_hsum(a30), y[3 * ldy + 1] = s_hsum(a31);
-}
-
-/* 1 token x 4 rows (decode: one activation row against many weight rows). */
-static void s_kernel_1x4(float *y, const float *x, const float *w, int64_t ldw, int64_t k_n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < k_n; k += 8) {
-        __m256 t = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(t, _mm256_loadu_ps(w + k), a0);
-        a1 = _mm256_fmadd_ps(t, _mm256_loadu_ps(w + ldw + k), a1);
-        a2 = _mm256_fmadd_ps(t, _mm256_loadu_ps(w + 2 * ldw + k), a2);
-        a3 = _mm256_fmadd_ps(t, _mm256_loadu_ps(w + 3 * ldw + k), a3);
-    }
-    y[0] = s_hsum(a0), y[1] = s_hsum(a1), y[2] = s_hsum(a2), y[3] = s_hsum(a3);
+    for (int t = 0; t < n_t; t++) _mm_storeu_ps(y + t * ldy, s_hsum4(a[t][0], a[t][1], a[t][2], a[t][3]));
 }
 #endif
 
 /* y (n_tok x n_rows block) = x (n_tok x k_n) . wt (n_rows x k_n, f32)^T. */
 static void s_tile(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const float *wt, int64_t n_rows,
                    int64_t k_n) {
-    int64_t t = 0;
+    int64_t r4 = 0;
 #ifdef ENG_CPU_AVX2
-    for (; t + 4 <= n_tok; t += 4) {
-        int64_t r = 0;
-        for (; r + 2 <= n_rows; r += 2)
-            s_kernel_4x2(y + t * ldy + r, ldy, x + t * ldx, ldx, wt + r * k_n, wt + (r + 1) * k_n, k_n);
-        for (; r < n_rows; r++)
-            for (int64_t tt = t; tt < t + 4; tt++) y[tt * ldy + r] = eng_cpu_dot(x + tt * ldx, wt + r * k_n, k_n);
+    r4 = n_rows & ~(int64_t)3;
+    int64_t t = 0;
+    for (; t + 3 <= n_tok; t += 3)
+        for (int64_t r = 0; r < r4; r += 4) s_kernel_x4(y + t * ldy + r, ldy, x + t * ldx, ldx, wt + r * k_n, k_n, 3);
+    for (int64_t r = 0; r < r4 && t < n_tok; r += 4) {
+        if (n_tok - t == 2)
+            s_kernel_x4(y + t * ldy + r, ldy, x + t * ldx, ldx, wt + r * k_n, k_n, 2);
+        else
+            s_kernel_x4(y + t * ldy + r, ldy, x + t * ldx, ldx, wt + r * k_n, k_n, 1);
     }
-    for (; t < n_tok; t++) {
-        int64_t r = 0;
-        for (; r + 4 <= n_rows; r += 4) s_kernel_1x4(y + t * ldy + r, x + t * ldx, wt + r * k_n, k_n, k_n);
-        for (; r < n_rows; r++) y[t * ldy + r] = eng_cpu_dot(x + t * ldx, wt + r * k_n, k_n);
-    }
-#else
-    for (; t < n_tok; t++)
-        for (int64_t r = 0; r < n_rows; r++) y[t * ldy + r] = eng_cpu_dot(x + t * ldx, wt + r * k_n, k_n);
 #endif
+    for (int64_t tt = 0; tt < n_tok; tt++)
+        for (int64_t r = r4; r < n_rows; r++) y[tt * ldy + r] = eng_cpu_dot(x + tt * ldx, wt + r * k_n, k_n);
 }
 
 typedef struct {
-    float *y;
-    int64_t ldy;
+    int n;                                /* weights in this job (1..ENG_CPU_MATMUL_MAX) */
+    int64_t tile_end[ENG_CPU_MATMUL_MAX]; /* tiles of weights 0..i, summed */
+    float *const *y;
+    const int64_t *ldy;
+    const eng_weight_t *const *w;
     const float *x;
     int64_t ldx, n_tok;
-    const eng_weight_t *w;
     float *const *scratch;
 } s_matmul_job_t;
 
-static void s_matmul_tiles(void *arg, int64_t tile_begin, int64_t tile_end, int thread) {
-    const s_matmul_job_t *j = arg;
-    float *y = j->y;
-    const float *x = j->x;
-    const int64_t ldy = j->ldy, ldx = j->ldx, n_tok = j->n_tok, k_n = j->w->cols;
-    const eng_weight_t *w = j->w;
+/* One tile of ENG_CPU_TILE_ROWS rows of w. */
+static void s_matmul_tile(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const eng_weight_t *w,
+                          int64_t tile, float *wt) {
+    const int64_t k_n = w->cols, r0 = tile * ENG_CPU_TILE_ROWS;
+    const int64_t n_rows = w->rows - r0 < ENG_CPU_TILE_ROWS ? w->rows - r0 : ENG_CPU_TILE_ROWS;
     /* Tokens in chunks that stay in L2 while a tile of dequantized rows is reused across them. */
-    const int64_t tok_chunk = 64;
-    for (int64_t tile = tile_begin; tile < tile_end; tile++) {
-        float *wt = j->scratch[thread];
-        int64_t r0 = tile * ENG_CPU_TILE_ROWS;
-        int64_t n_rows = w->rows - r0 < ENG_CPU_TILE_ROWS ? w->rows - r0 : ENG_CPU_TILE_ROWS;
+    const int64_t tok_chunk = 63; /* a multiple of the 3-token kernel */
 #ifdef ENG_CPU_AVX2
-        if (n_tok < 4 && (w->type == ENG_GGML_Q4_1 || w->type == ENG_GGML_Q8_0)) {
-            const uint8_t *w0 = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
-            for (int64_t t = 0; t < n_tok; t++) {
-                if (w->type == ENG_GGML_Q4_1)
-                    s_fused_q4_1(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
-                else
-                    s_fused_q8_0(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
-            }
-            continue;
+    if (n_tok < 4 && (w->type == ENG_GGML_Q4_1 || w->type == ENG_GGML_Q8_0)) {
+        const uint8_t *w0 = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
+        for (int64_t t = 0; t < n_tok; t++) {
+            if (w->type == ENG_GGML_Q4_1)
+                s_fused_q4_1(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
+            else
+                s_fused_q8_0(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
         }
+        return;
+    }
 #endif
-        if (w->type == ENG_GGML_F32) {
-            wt = (float *)((const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes);
-        } else {
-            for (int64_t r = 0; r < n_rows; r++) eng_cpu_weight_row(w, r0 + r, wt + r * k_n);
-        }
-        for (int64_t t0 = 0; t0 < n_tok; t0 += tok_chunk) {
-            int64_t nt = n_tok - t0 < tok_chunk ? n_tok - t0 : tok_chunk;
-            s_tile(y + t0 * ldy + r0, ldy, x + t0 * ldx, ldx, nt, wt, n_rows, k_n);
-        }
+    if (w->type == ENG_GGML_F32) {
+        wt = (float *)((const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes);
+    } else {
+        for (int64_t r = 0; r < n_rows; r++) eng_cpu_weight_row(w, r0 + r, wt + r * k_n);
+    }
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tok_chunk) {
+        int64_t nt = n_tok - t0 < tok_chunk ? n_tok - t0 : tok_chunk;
+        s_tile(y + t0 * ldy + r0, ldy, x + t0 * ldx, ldx, nt, wt, n_rows, k_n);
     }
 }
 
-void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const eng_weight_t *w,
-                    float *const *scratch, eng_cpu_pool_t *pool) {
-    s_matmul_job_t j = {y, ldy, x, ldx, n_tok, w, scratch};
-    int64_t n_tiles = (w->rows + ENG_CPU_TILE_ROWS - 1) / ENG_CPU_TILE_ROWS;
+static void s_matmul_tiles(void *arg, int64_t tile_begin, int64_t tile_end, int thread) {
+    const s_matmul_job_t *j = arg;
+    int i = 0;
+    for (int64_t tile = tile_begin; tile < tile_end; tile++) {
+        while (tile >= j->tile_end[i]) i++;
+        int64_t first = i ? j->tile_end[i - 1] : 0;
+        s_matmul_tile(j->y[i], j->ldy[i], j->x, j->ldx, j->n_tok, j->w[i], tile - first, j->scratch[thread]);
+    }
+}
+
+void eng_cpu_matmul_n(int n, float *const *y, const int64_t *ldy, const eng_weight_t *const *w, const float *x,
+                      int64_t ldx, int64_t n_tok, float *const *scratch, eng_cpu_pool_t *pool) {
+    PD_ASSERT(n >= 1 && n <= ENG_CPU_MATMUL_MAX);
+    s_matmul_job_t j = {.n = n, .y = y, .ldy = ldy, .w = w, .x = x, .ldx = ldx, .n_tok = n_tok, .scratch = scratch};
+    int64_t n_tiles = 0;
+    for (int i = 0; i < n; i++) {
+        PD_ASSERT(w[i]->cols == w[0]->cols);
+        n_tiles += (w[i]->rows + ENG_CPU_TILE_ROWS - 1) / ENG_CPU_TILE_ROWS;
+        j.tile_end[i] = n_tiles;
+    }
     if (!pool) {
         s_matmul_tiles(&j, 0, n_tiles, 0);
         return;
@@ -285,6 +284,46 @@ void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t 
     /* about 4 chunks per thread: enough to balance, few enough to keep hand-offs cheap */
     int64_t grain = n_tiles / (4 * eng_cpu_pool_n_threads(pool));
     eng_cpu_pool_run(pool, n_tiles, grain > 0 ? grain : 1, s_matmul_tiles, &j);
+}
+
+void eng_cpu_matmul(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t n_tok, const eng_weight_t *w,
+                    float *const *scratch, eng_cpu_pool_t *pool) {
+    eng_cpu_matmul_n(1, &y, &ldy, &w, x, ldx, n_tok, scratch, pool);
+}
+
+void eng_cpu_dot_rows(float *y, const float *x, const float *rows, int64_t stride, int64_t n_rows, int64_t n) {
+#ifdef ENG_CPU_AVX2
+    s_dot_rows(y, x, rows, stride, n_rows, n);
+#else
+    for (int64_t i = 0; i < n_rows; i++) y[i] = eng_cpu_dot(x, rows + i * stride, n);
+#endif
+}
+
+void eng_cpu_axpy_rows(float *y, const float *p, const float *rows, int64_t stride, int64_t n_rows, int64_t n) {
+    int64_t k = 0;
+#ifdef ENG_CPU_AVX2
+    for (; k + 32 <= n; k += 32) { /* four independent add chains */
+        __m256 a[4];
+        for (int u = 0; u < 4; u++) a[u] = _mm256_loadu_ps(y + k + 8 * u);
+        for (int64_t i = 0; i < n_rows; i++) {
+            __m256 pi = _mm256_set1_ps(p[i]);
+            for (int u = 0; u < 4; u++)
+                a[u] = _mm256_add_ps(a[u], _mm256_mul_ps(pi, _mm256_loadu_ps(rows + i * stride + k + 8 * u)));
+        }
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + k + 8 * u, a[u]);
+    }
+#endif
+    for (; k < n; k += 8) {
+#ifdef ENG_CPU_AVX2
+        __m256 acc = _mm256_loadu_ps(y + k);
+        for (int64_t i = 0; i < n_rows; i++)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(rows + i * stride + k)));
+        _mm256_storeu_ps(y + k, acc);
+#else
+        for (int64_t i = 0; i < n_rows; i++)
+            for (int64_t j = k; j < k + 8; j++) y[j] += p[i] * rows[i * stride + j];
+#endif
+    }
 }
 
 void eng_cpu_rmsnorm(float *y, const float *x, const float *w, int64_t n_tok, int64_t n, float eps) {

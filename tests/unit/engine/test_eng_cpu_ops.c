@@ -1,7 +1,8 @@
 /* test_eng_cpu_ops.c: CPU kernels against plain references: the fixed-order dot product against
  * double precision, the AVX2 row dequantizers against the reference eng_dequant (bit-exact), and the
  * matmul's every path (fused decode kernels, register-blocked tiles, leftovers) against each other
- * bit for bit and against a double-precision product. Weights are real tensors of the default model. */
+ * bit for bit and against a double-precision product; the attention's row kernels against one-row
+ * definitions. Weights are real tensors of the default model. */
 #include "cpu/eng_cpu_ops.h"
 #include "eng_model.h"
 #include "eng_quant.h"
@@ -22,6 +23,31 @@ static void test_dot_vs_double(void) {
     for (int i = 0; i < 1536; i++) ref += (double)a[i] * b[i], mag += fabs((double)a[i] * b[i]);
     float got = eng_cpu_dot(a, b, 1536);
     CHECK_MSG(fabs(got - ref) <= 1e-6 * mag, "dot %g vs %g", got, ref);
+}
+
+/* The attention's row kernels against their one-row definitions, bit for bit: groups of 8 rows and
+ * leftovers for the dots, 32-wide strips and an 8-wide leftover for P.V. */
+static void test_dot_rows_and_axpy_rows(void) {
+    enum { N_ROWS = 13, N = 72, STRIDE = 200 };
+    uint32_t st = 11;
+    float rows[N_ROWS * STRIDE], x[N], p[N_ROWS], y[N_ROWS], y_ref[N], y_got[N];
+    for (int i = 0; i < N_ROWS * STRIDE; i++) rows[i] = s_frand(&st);
+    for (int i = 0; i < N; i++) x[i] = s_frand(&st), y_ref[i] = y_got[i] = s_frand(&st);
+    for (int i = 0; i < N_ROWS; i++) p[i] = s_frand(&st);
+    eng_cpu_dot_rows(y, x, rows, STRIDE, N_ROWS, N);
+    int bad = 0;
+    for (int i = 0; i < N_ROWS; i++) {
+        float want = eng_cpu_dot(x, rows + i * STRIDE, N);
+        bad += memcmp(&want, &y[i], sizeof want) != 0;
+    }
+    CHECK_EQ_INT(bad, 0);
+    eng_cpu_axpy_rows(y_got, p, rows, STRIDE, N_ROWS, N);
+    for (int i = 0; i < N_ROWS; i++)
+        for (int k = 0; k < N; k++) {
+            float prod = p[i] * rows[i * STRIDE + k];
+            y_ref[k] = y_ref[k] + prod;
+        }
+    CHECK(memcmp(y_ref, y_got, sizeof y_ref) == 0);
 }
 
 static void test_row_dequant_matches_reference(void) {
@@ -75,8 +101,9 @@ static void s_check_matmul(const eng_weight_t *w, int n_tok) {
 
 static void test_matmul_paths_agree(void) {
     REQUIRE(s_model);
-    s_check_matmul(&s_model->layers[3].wk, 9);        /* Q4_1, 192 rows: tiles + 4x2 + leftovers */
-    s_check_matmul(&s_model->layers[3].w_down, 6);    /* Q4_1, K = 1536 */
+    s_check_matmul(&s_model->layers[3].wk, 9);        /* Q4_1, 192 rows: tiles of 3 tokens x 4 rows */
+    s_check_matmul(&s_model->layers[3].wq, 4);        /* 3 tokens + 1 leftover */
+    s_check_matmul(&s_model->layers[3].w_down, 8);    /* Q4_1, K = 1536, 3 + 3 + 2 tokens */
     s_check_matmul(&s_model->layers[3].attn_norm, 5); /* F32 vector: 1 row, leftover paths */
 }
 
@@ -91,6 +118,7 @@ int main(void) {
     s_model = eng_model_load(pd_test_model_path(), err, sizeof err);
     if (!s_model) fprintf(stderr, "model: %s\n", err);
     PD_TEST_RUN(test_dot_vs_double);
+    PD_TEST_RUN(test_dot_rows_and_axpy_rows);
     PD_TEST_RUN(test_row_dequant_matches_reference);
     PD_TEST_RUN(test_matmul_paths_agree);
     PD_TEST_RUN(test_matmul_q8_0_head);
