@@ -1,8 +1,13 @@
 /* bench_kv_transfer.c: KV hand-off throughput between two processes on this host, next to the limits it
  * is measured against in the same run: a plain memcpy of the same bytes, and a plain single-socket
  * ZeroMQ PUSH/PULL of the same bytes (zero-copy sends, 1 MiB messages) over the same transport.
+ * Paths: ipc and tcp (payload through the socket), shm (the sender's pool in shared memory, the receiver
+ * copies from it; ZeroMQ over ipc carries headers and credits). Each kvtransfer number is the second of
+ * two transfers on one connection (the first warms the connection and the receiver's mapping), timed from
+ * kvt_sender_start to DONE. "stream": the same transfer with layer l marked ready at (l + 1) * layer_ms,
+ * as prefill would; "tail" is DONE minus the last layer's ready time.
  * KV layout: Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks = 128 KiB per token).
- * Usage: kv_transfer [--sizes-mib 16,128,512] [--transports ipc,tcp]. One line per (size, transport). */
+ * Usage: kv_transfer [--sizes-mib 16,128,512] [--transports ipc,tcp,shm] [--layer-ms 10] [--only-kvt 1]. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdio.h>
@@ -43,11 +48,15 @@ static kvt_fingerprint_t s_fingerprint(const eng_kv_layout_t *l) {
     return f;
 }
 
+/* cheap, non-constant content: checksums read every byte; compressibility does not matter here */
+static void s_fill(uint32_t *p, size_t bytes, unsigned seed) {
+    for (size_t i = 0; i < bytes / 4; i++) p[i] = (uint32_t)(i * 2654435761u) ^ seed;
+}
+
 static void *s_pool(size_t bytes, unsigned seed) {
     uint32_t *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) PD_FATAL("mmap %zu bytes failed", bytes);
-    uint32_t x = seed | 1;
-    for (size_t i = 0; i < bytes / 4; i++) x ^= x << 13, x ^= x >> 17, x ^= x << 5, p[i] = x;
+    s_fill(p, bytes, seed);
     return p;
 }
 
@@ -117,7 +126,8 @@ typedef struct {
 
 static pd_status s_reserve(void *ctx, int32_t n, int32_t *ids) {
     s_store_t *s = ctx;
-    if (s->next + n > s->l.n_blocks) return PD_EAGAIN;
+    if (n > s->l.n_blocks) return PD_EAGAIN;
+    if (s->next + n > s->l.n_blocks) s->next = 0; /* the bench reuses blocks of committed transfers */
     for (int32_t i = 0; i < n; i++) ids[i] = s->next++;
     return PD_OK;
 }
@@ -129,9 +139,49 @@ static void *s_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block
     return s->base + eng_kv_chunk_offset(&s->l, layer, kind, block);
 }
 
-static double s_kvt_gbps(const char *endpoint, int32_t n_tokens) {
+/* One transfer of every block; layer_ms > 0: layers become ready one by one. Returns seconds from start
+ * to DONE; *tail_s: DONE minus the last layer's ready time. */
+static double s_kvt_one(kvt_sender_t *s, const eng_kv_layout_t *l, uint64_t id, const int32_t *ids, int32_t n_tokens,
+                        double layer_ms, double *tail_s) {
+    kvt_transfer_t t = {
+        .request_id = id, .transfer_id = id, .epoch = 1, .n_tokens = n_tokens, .block_ids = ids, .timeout_ms = 60000};
+    double t0 = s_now(), t_last = t0;
+    if (kvt_sender_start(s, &t) != PD_OK) PD_FATAL("sender: start failed");
+    int32_t ready = 0;
+    kvt_event_t ev[8];
+    pd_status result = PD_ETIMEDOUT;
+    double t_done = 0;
+    while (result == PD_ETIMEDOUT && s_now() - t0 < 60) {
+        int32_t want = layer_ms > 0 ? (int32_t)((s_now() - t0) * 1000.0 / layer_ms) : l->n_layers;
+        if (want > l->n_layers) want = l->n_layers;
+        if (want > ready) {
+            ready = want;
+            if (kvt_sender_layers_ready(s, id, ready) != PD_OK) PD_FATAL("sender: layers_ready");
+            if (ready == l->n_layers) {
+                t_last = s_now();
+                if (kvt_sender_commit(s, id, 42) != PD_OK) PD_FATAL("sender: commit");
+            }
+        }
+        int n = kvt_sender_poll(s, layer_ms > 0 && ready < l->n_layers ? 0 : 100, ev, 8);
+        if (n < 0) PD_FATAL("sender: %s", kvt_sender_error(s));
+        for (int i = 0; i < n; i++)
+            if (ev[i].kind == KVT_EV_DONE && ev[i].transfer_id == id) result = ev[i].status, t_done = s_now();
+    }
+    if (result != PD_OK) PD_FATAL("kv transfer failed: %s", pd_strerror(result));
+    *tail_s = t_done - t_last;
+    return t_done - t0;
+}
+
+typedef struct {
+    double gbps, stream_tail_ms;
+} s_kvt_result_t;
+
+/* Receiver in a child process; the sender's pool in shared memory when use_shm. Three transfers: warm-up,
+ * timed, streamed (layer_ms). */
+static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use_shm, double layer_ms) {
     eng_kv_layout_t l = s_layout(n_tokens);
     size_t bytes = eng_kv_pool_bytes(&l);
+    const int n_transfers = layer_ms > 0 ? 3 : 2;
     int ready[2];
     if (pipe(ready)) PD_FATAL("pipe");
     pid_t pid = fork();
@@ -141,6 +191,7 @@ static double s_kvt_gbps(const char *endpoint, int32_t n_tokens) {
         rp.endpoint = endpoint, rp.fingerprint = s_fingerprint(&l), rp.layout = l;
         rp.store = (kvt_store_t){&st, s_reserve, s_release, s_chunk};
         rp.max_message_bytes = 1ull << 30;
+        rp.is_shm_enabled = use_shm;
         void *ctx = zmq_ctx_new();
         char err[256];
         kvt_receiver_t *r = kvt_receiver_create(ctx, &rp, err, sizeof err);
@@ -151,69 +202,80 @@ static double s_kvt_gbps(const char *endpoint, int32_t n_tokens) {
         char c = 1;
         if (write(ready[1], &c, 1) != 1) _exit(3);
         kvt_event_t ev[8];
-        int done = 0;
-        double t_end = s_now() + 60;
-        while (!done && s_now() < t_end) {
+        int n_ok = 0, n_bad = 0;
+        double t_end = s_now() + 120;
+        while (n_ok + n_bad < n_transfers && s_now() < t_end) {
             int n = kvt_receiver_poll(r, 100, ev, 8);
-            for (int i = 0; i < n; i++) done |= ev[i].kind == KVT_EV_COMMITTED || ev[i].kind == KVT_EV_FAILED;
+            for (int i = 0; i < n; i++) n_ok += ev[i].kind == KVT_EV_COMMITTED, n_bad += ev[i].kind == KVT_EV_FAILED;
         }
         for (int i = 0; i < 20; i++) kvt_receiver_poll(r, 10, ev, 8); /* let the KvDone leave */
         kvt_receiver_destroy(&r);
         zmq_ctx_term(ctx);
-        _exit(done ? 0 : 4);
+        _exit(n_ok == n_transfers ? 0 : 4);
     }
     char c;
     if (read(ready[0], &c, 1) != 1) PD_FATAL("child did not start");
-    void *pool = s_pool(bytes, 5);
+    char shm_name[128] = "";
+    void *pool = use_shm ? kvt_shm_pool_create(bytes, shm_name, sizeof shm_name) : s_pool(bytes, 5);
+    if (!pool) PD_FATAL("shm pool: %s", shm_name);
+    if (use_shm) s_fill(pool, bytes, 5);
     kvt_sender_params_t sp = kvt_sender_params_default();
     sp.endpoint = endpoint, sp.sender_id = "bench", sp.fingerprint = s_fingerprint(&l), sp.layout = l;
     sp.pool_base = pool;
+    sp.pool_shm_name = use_shm ? shm_name : NULL;
     void *ctx = zmq_ctx_new();
     char err[256];
     kvt_sender_t *s = kvt_sender_create(ctx, &sp, err, sizeof err);
     if (!s) PD_FATAL("sender: %s", err);
     int32_t *ids = pd_xmalloc(sizeof(int32_t) * (size_t)l.n_blocks);
     for (int32_t i = 0; i < l.n_blocks; i++) ids[i] = i;
-    kvt_transfer_t t = {
-        .request_id = 1, .transfer_id = 1, .epoch = 1, .n_tokens = n_tokens, .block_ids = ids, .timeout_ms = 60000};
-    double t0 = s_now();
-    if (kvt_sender_start(s, &t) != PD_OK || kvt_sender_layers_ready(s, 1, l.n_layers) != PD_OK ||
-        kvt_sender_commit(s, 1, 42) != PD_OK)
-        PD_FATAL("sender: start failed");
-    kvt_event_t ev[8];
-    pd_status result = PD_ETIMEDOUT;
-    double dt = 0;
-    while (result == PD_ETIMEDOUT && s_now() - t0 < 60) {
-        int n = kvt_sender_poll(s, 100, ev, 8);
-        if (n < 0) PD_FATAL("sender: %s", kvt_sender_error(s));
-        for (int i = 0; i < n; i++)
-            if (ev[i].kind == KVT_EV_DONE) result = ev[i].status, dt = s_now() - t0;
+    double tail;
+    s_kvt_result_t res = {0, 0};
+    s_kvt_one(s, &l, 1, ids, n_tokens, 0, &tail); /* warm-up */
+    res.gbps = (double)bytes / s_kvt_one(s, &l, 2, ids, n_tokens, 0, &tail) / 1e9;
+    if (layer_ms > 0) {
+        s_kvt_one(s, &l, 3, ids, n_tokens, layer_ms, &tail);
+        res.stream_tail_ms = tail * 1000.0;
     }
+    kvt_stats_t kst;
+    kvt_sender_stats(s, &kst);
+    if (use_shm != (kst.shm_payload_bytes > 0))
+        PD_FATAL("kv transfer: shared-memory path %s", use_shm ? "not used" : "used");
     int status = 0;
     waitpid(pid, &status, 0);
     kvt_sender_destroy(&s);
     zmq_ctx_term(ctx);
-    munmap(pool, bytes), free(ids);
+    if (use_shm)
+        kvt_shm_pool_destroy(pool, bytes, shm_name);
+    else
+        munmap(pool, bytes);
+    free(ids);
     close(ready[0]), close(ready[1]);
-    if (result != PD_OK || !WIFEXITED(status) || WEXITSTATUS(status))
-        PD_FATAL("kv transfer failed: %s (receiver %d)", pd_strerror(result), status);
-    return (double)bytes / dt / 1e9;
+    if (!WIFEXITED(status) || WEXITSTATUS(status)) PD_FATAL("kv receiver failed (%d)", status);
+    return res;
 }
 
 int main(int argc, char **argv) {
     pd_log_init("bench", PD_LOG_WARN);
-    const char *sizes = "16,128,512", *transports = "ipc,tcp";
+    const char *sizes = "16,128,512", *transports = "ipc,tcp,shm";
+    double layer_ms = 10;
+    int only_kvt = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--sizes-mib"))
             sizes = argv[i + 1];
         else if (!strcmp(argv[i], "--transports"))
             transports = argv[i + 1];
+        else if (!strcmp(argv[i], "--layer-ms"))
+            layer_ms = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--only-kvt"))
+            only_kvt = atoi(argv[i + 1]);
     }
     signal(SIGPIPE, SIG_IGN);
-    printf("kv_transfer: layout llama3-8b bf16, %.0f KiB per token; one process per side\n",
+    printf("kv_transfer: layout llama3-8b bf16, %.0f KiB per token; one process per side; stream: %.1f ms per layer\n",
            (double)eng_kv_token_bytes(
                &(eng_kv_layout_t){.n_layers = 32, .n_kv_heads = 8, .head_dim = 128, .dtype = ENG_KV_BF16}) /
-               1024.0);
+               1024.0,
+           layer_ms);
     char sz_buf[128];
     snprintf(sz_buf, sizeof sz_buf, "%s", sizes);
     for (char *tok = strtok(sz_buf, ","); tok; tok = strtok(NULL, ",")) {
@@ -225,21 +287,23 @@ int main(int argc, char **argv) {
                                                             .block_size = 16,
                                                             .n_blocks = eng_kv_blocks_for(n_tokens, 16),
                                                             .dtype = ENG_KV_BF16});
-        double mc = s_memcpy_gbps(bytes);
+        double mc = only_kvt ? 0 : s_memcpy_gbps(bytes);
         char tr_buf[64];
         snprintf(tr_buf, sizeof tr_buf, "%s", transports);
         char *save = NULL;
         for (char *tr = strtok_r(tr_buf, ",", &save); tr; tr = strtok_r(NULL, ",", &save)) {
             char ep[128];
-            if (!strcmp(tr, "ipc"))
-                snprintf(ep, sizeof ep, "ipc:///tmp/pd-bench-kv-%d", (int)getpid());
-            else
+            bool use_shm = !strcmp(tr, "shm");
+            if (!strcmp(tr, "tcp"))
                 snprintf(ep, sizeof ep, "tcp://127.0.0.1:%d", 20000 + (int)(getpid() % 20000));
-            double z = s_zmq_gbps(ep, bytes);
-            double k = s_kvt_gbps(ep, n_tokens);
-            printf("size %4d MiB %s: kvtransfer %.2f GB/s = %.0f%% of plain zmq (%.2f GB/s), %.0f%% of memcpy "
-                   "(%.2f GB/s)\n",
-                   mib, tr, k, 100 * k / z, z, 100 * k / mc, mc);
+            else
+                snprintf(ep, sizeof ep, "ipc:///tmp/pd-bench-kv-%d", (int)getpid());
+            double z = only_kvt ? 0 : s_zmq_gbps(ep, bytes);
+            s_kvt_result_t k = s_kvt_run(ep, n_tokens, use_shm, layer_ms);
+            printf("size %4d MiB %s: kvtransfer %.2f GB/s = %.0f%% of plain zmq %s (%.2f GB/s), %.0f%% of memcpy "
+                   "(%.2f GB/s); stream tail %.1f ms\n",
+                   mib, tr, k.gbps, z > 0 ? 100 * k.gbps / z : 0, use_shm ? "ipc" : tr, z,
+                   mc > 0 ? 100 * k.gbps / mc : 0, mc, k.stream_tail_ms);
             fflush(stdout);
         }
     }

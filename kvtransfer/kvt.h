@@ -79,6 +79,14 @@ typedef struct {
     int32_t linger_ms;            /* ZMQ_LINGER on close (default 0) */
     int32_t max_transfers;        /* started and not yet RELEASED (default 256) */
     int32_t heartbeat_ivl_ms;     /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
+    /* Optional same-host path: the POSIX shared-memory object (kvt_shm_pool_create) whose mapping at
+     * offset 0 is pool_base, at least eng_kv_pool_bytes(&layout) long. A receiver that can map it copies
+     * straight from it (ZeroMQ then carries headers and credits only); others get the socket path.
+     * NULL (default): sockets only. */
+    const char *pool_shm_name;
+    /* Blocks whose chunks are consecutive in the pool travel as one frame of up to this many bytes
+     * (default 1 MiB; at least one chunk); fewer, larger frames are what ZeroMQ moves fastest. */
+    size_t max_frame_bytes;
 } kvt_sender_params_t;
 
 kvt_sender_params_t kvt_sender_params_default(void);
@@ -144,6 +152,7 @@ typedef struct {
     int32_t default_timeout_ms; /* when a reservation names none (default 30000) */
     int32_t linger_ms;          /* ZMQ_LINGER on close (default 0) */
     int32_t heartbeat_ivl_ms;   /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
+    bool is_shm_enabled;        /* map a same-host sender's shared pool when it offers one (default true) */
 } kvt_receiver_params_t;
 
 kvt_receiver_params_t kvt_receiver_params_default(void);
@@ -157,12 +166,25 @@ void *kvt_receiver_socket(kvt_receiver_t *r);
 /* The endpoint actually bound (resolves tcp port 0 / wildcard ports). */
 const char *kvt_receiver_endpoint(const kvt_receiver_t *r);
 
+/* ---- shared-memory pools (same-host data path) ---- */
+
+/* Creates a KV pool of bytes (zeroed, page aligned) in a new POSIX shared-memory object with an
+ * unguessable name, written to name (give it to kvt_sender_params_t.pool_shm_name). Returns the mapping, or
+ * NULL (reason in name) on failure. The caller owns both: kvt_shm_pool_destroy unmaps and unlinks.
+ * Any thread. */
+void *kvt_shm_pool_create(size_t bytes, char *name, size_t name_cap);
+/* Unmaps the pool and removes its name; receivers that mapped it keep their mapping until they drop the
+ * peer. Accepts NULL. */
+void kvt_shm_pool_destroy(void *base, size_t bytes, const char *name);
+
 /* Counters for tests and /metrics. */
 typedef struct {
     uint64_t transfers_started, transfers_done, transfers_failed;
     uint64_t payload_bytes, frames_dropped_stale;
     int32_t active_transfers;
-    int32_t reserved_blocks; /* blocks currently held for unfinished transfers */
+    int32_t reserved_blocks;    /* blocks currently held for unfinished transfers */
+    uint64_t shm_payload_bytes; /* of payload_bytes, those copied through the shared pool */
+    int32_t shm_peers;          /* receiver: peers whose pool is mapped; sender: 1 while the peer maps ours */
 } kvt_stats_t;
 
 void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out);

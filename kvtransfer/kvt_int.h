@@ -13,6 +13,7 @@
 #define KVT_MAX_PAYLOAD_FRAMES    1024u         /* payload frames in one KvData message (2 per block-layer) */
 #define KVT_MAX_ENVELOPE_BYTES    (32u * 1024u) /* one packed KvEnvelope; KvData with 1024 checksums ~ 9 KiB */
 #define KVT_MAX_MSG_PAYLOAD_BYTES (16u << 20)   /* the sender's own cap on payload bytes per message */
+#define KVT_MAX_SHM_MSG_BYTES     (4u << 20)    /* ... when the payload goes through the shared pool */
 #define KVT_MAX_TIMEOUT_MS        600000        /* longest reservation a peer may ask for */
 #define KVT_MAX_PEERS             64            /* sender connections a receiver tracks at once */
 #define KVT_SNDHWM                100000        /* messages; see README "ZeroMQ options" */
@@ -45,6 +46,13 @@ PD_NODISCARD pd_status kvt_socket_setup(void *sock, int linger_ms, int heartbeat
 PD_NODISCARD pd_status kvt_endpoint_check(const char *ep, char *err, size_t err_cap);
 /* Copies at most cap-1 bytes of a protobuf string that may be NULL. */
 void kvt_copy_str(char *dst, size_t cap, const char *src);
+
+/* ---- shared memory (kvt_shm.c) ---- */
+
+/* Maps the shared pool a sender offered, read-only: *base and *bytes on PD_OK. PD_EIO when it cannot be
+ * opened or is smaller than bytes (another host or IPC namespace): the peer then uses sockets. */
+PD_NODISCARD pd_status kvt_shm_map(const char *name, uint64_t bytes, const void **base);
+void kvt_shm_unmap(const void *base, uint64_t bytes);
 
 /* ---- dtype conversion (kvt_convert.c): exact up-conversion, round-to-nearest-even down-conversion ---- */
 

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
 #include <xxhash.h>
 #include <zmq.h>
 
@@ -19,6 +20,8 @@ typedef struct {
     uint64_t last_us; /* for evicting idle peers when the table is full */
     int32_t n_active; /* transfers in progress */
     char name[64];    /* sender_id from the hello, for logs */
+    const void *shm;  /* the sender's pool, mapped read-only (NULL: sockets only) */
+    uint64_t shm_bytes;
 } kvt_peer_t;
 
 typedef struct {
@@ -52,6 +55,8 @@ struct kvt_receiver {
     const void *fptr[KVT_MAX_PAYLOAD_FRAMES + 2];
     size_t fsize[KVT_MAX_PAYLOAD_FRAMES + 2];
     uint8_t envbuf[1024]; /* the receiver sends only small envelopes */
+    uint8_t *scratch;     /* one chunk in the widest dtype: a shared-pool chunk is copied here before it is
+                             verified and converted, so the sender cannot change it after the check */
     kvt_stats_t st;
     uint64_t log_next_us; /* rate limit for protocol-error lines */
     uint64_t log_suppressed;
@@ -66,6 +71,7 @@ kvt_receiver_params_t kvt_receiver_params_default(void) {
     p.default_timeout_ms = 30000;
     p.linger_ms = 0;
     p.heartbeat_ivl_ms = 1000;
+    p.is_shm_enabled = true;
     return p;
 }
 
@@ -170,6 +176,14 @@ static kvt_rtx_t *s_live(kvt_receiver_t *r, int32_t peer, uint64_t transfer_id, 
 
 /* ---- messages ---- */
 
+static void s_peer_unmap(kvt_receiver_t *r, kvt_peer_t *pe) {
+    if (!pe->shm) return;
+    kvt_shm_unmap(pe->shm, pe->shm_bytes);
+    pe->shm = NULL;
+    pe->shm_bytes = 0;
+    r->st.shm_peers--;
+}
+
 static void s_on_hello(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvHello *m) {
     kvt_peer_t *pe = &r->peers[peer];
     kvt_fingerprint_t theirs;
@@ -184,6 +198,14 @@ static void s_on_hello(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvHel
     rep.error = &e;
     rep.fingerprint = &fp;
     rep.max_message_bytes = r->p.max_message_bytes;
+    rep.frame_runs = true;
+    s_peer_unmap(r, pe); /* a reconnecting sender may offer another pool */
+    if (st == PD_OK && r->p.is_shm_enabled && m->shm_name && m->shm_name[0] &&
+        kvt_shm_map(m->shm_name, m->shm_bytes, &pe->shm) == PD_OK) {
+        pe->shm_bytes = m->shm_bytes;
+        r->st.shm_peers++;
+        rep.shm_mapped = true;
+    }
     if (st != PD_OK) {
         e.code = PDSERVE__V1__ERROR_CODE__ERR_INCOMPATIBLE;
         e.message = why;
@@ -291,9 +313,26 @@ static pd_status s_check_data(const kvt_receiver_t *r, const kvt_rtx_t *t, const
                  d->first_block, d->n_blocks);
         return PD_EPROTO;
     }
-    uint64_t n_frames = 2ull * d->n_layers * d->n_blocks;
-    if (is_truncated || n_frames != n_payload || d->n_checksums != n_payload) {
-        snprintf(why, cap, "data: %zu payload frames and %zu checksums for %llu chunks%s", n_payload, d->n_checksums,
+    uint64_t run_sum = 0;
+    for (size_t i = 0; i < d->n_frame_blocks; i++) {
+        if (d->frame_blocks[i] == 0) run_sum = UINT64_MAX; /* caught below */
+        run_sum += d->frame_blocks[i];
+        if (run_sum > d->n_blocks) break;
+    }
+    if (d->n_frame_blocks > 0 && run_sum != d->n_blocks) {
+        snprintf(why, cap, "data: frame_blocks do not add up to n_blocks %u", d->n_blocks);
+        return PD_EPROTO;
+    }
+    uint64_t n_frames = 2ull * d->n_layers * (d->n_frame_blocks ? d->n_frame_blocks : d->n_blocks);
+    bool is_shared = d->n_shm_offsets > 0;
+    if (is_shared && (!r->peers[t->peer].shm || n_payload != 0 || d->n_shm_offsets != n_frames)) {
+        snprintf(why, cap, "data: %zu shared-pool offsets for %llu frames (%zu payload frames, pool %s)",
+                 d->n_shm_offsets, (unsigned long long)n_frames, n_payload,
+                 r->peers[t->peer].shm ? "mapped" : "not mapped");
+        return PD_EPROTO;
+    }
+    if (is_truncated || (!is_shared && n_frames != n_payload) || d->n_checksums != n_frames) {
+        snprintf(why, cap, "data: %zu payload frames and %zu checksums for %llu frames%s", n_payload, d->n_checksums,
                  (unsigned long long)n_frames, is_truncated ? " (message too large)" : "");
         return PD_EPROTO;
     }
@@ -306,42 +345,107 @@ static pd_status s_check_data(const kvt_receiver_t *r, const kvt_rtx_t *t, const
     return PD_OK;
 }
 
+/* What s_on_data needs for each frame. */
+typedef struct {
+    const Pdserve__V1__KvData *d;
+    const void *const *frames; /* socket payloads, or NULL for the shared pool */
+    const size_t *sizes;
+    const uint8_t *shm;
+    uint64_t shm_bytes;
+    eng_kv_dtype_t wire_dt;
+    size_t wire_chunk; /* bytes of one chunk on the wire */
+    uint64_t total;
+} kvt_data_in_t;
+
+/* Copies frame f (n chunks of kind, blocks [b, b + n) of layer ly) into the reserved blocks, then checks
+ * its checksum over the bytes as they were copied (so a sender that overwrites its shared pool meanwhile
+ * is caught, not committed). false + reason: wrong size, out of the pool, or checksum mismatch. */
+static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_t f, uint32_t ly, int kind, uint32_t b,
+                        uint32_t n, char *why, size_t cap) {
+    const eng_kv_layout_t *l = &r->p.layout;
+    uint64_t bytes = (uint64_t)n * in->wire_chunk;
+    const uint8_t *src;
+    if (in->shm) {
+        uint64_t off = in->d->shm_offsets[f];
+        src = off <= in->shm_bytes && bytes <= in->shm_bytes - off ? in->shm + off : NULL;
+    } else {
+        src = in->sizes[f] == bytes ? in->frames[f] : NULL;
+    }
+    if (!src) {
+        snprintf(why, cap, "data: layer %u blocks [%u,+%u) %c: %s", ly, b, n, kind ? 'V' : 'K',
+                 in->shm ? "outside the shared pool" : "wrong size");
+        return false;
+    }
+    XXH3_state_t hs;
+    XXH3_64bits_reset(&hs);
+    for (uint32_t i = 0; i < n; i++, src += in->wire_chunk) {
+        uint8_t *dst = r->p.store.chunk(r->p.store.ctx, (int32_t)ly, (eng_kv_kind_t)kind, t->block_ids[b + i]);
+        if (in->wire_dt == l->dtype) {
+            memcpy(dst, src, in->wire_chunk);
+            XXH3_64bits_update(&hs, dst, in->wire_chunk);
+        } else {
+            const uint8_t *c = src;
+            if (in->shm) c = memcpy(r->scratch, src, in->wire_chunk);
+            XXH3_64bits_update(&hs, c, in->wire_chunk);
+            kvt_convert(dst, l->dtype, c, in->wire_dt, eng_kv_chunk_elems(l));
+        }
+    }
+    if (XXH3_64bits_digest(&hs) != in->d->checksums[f]) {
+        snprintf(why, cap, "data: layer %u blocks [%u,+%u) %c: checksum mismatch", ly, b, n, kind ? 'V' : 'K');
+        return false;
+    }
+    in->total += bytes;
+    return true;
+}
+
+/* The K and V frames (f, f + 1) of blocks [b, b + n) of layer ly. */
+static bool s_put_pair(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_t f, uint32_t ly, uint32_t b,
+                       uint32_t n, char *why, size_t cap) {
+    if (!s_put_frame(r, t, in, f, ly, 0, b, n, why, cap) || !s_put_frame(r, t, in, f + 1, ly, 1, b, n, why, cap))
+        return false;
+    for (uint32_t i = 0; i < n; i++) t->got[(size_t)ly * (size_t)t->n_blocks + b + i] = 1;
+    t->n_got += (int32_t)n;
+    return true;
+}
+
 static void s_on_data(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvData *d, const void *const *frames,
                       const size_t *sizes, size_t n_payload, bool is_truncated) {
     kvt_rtx_t *t = s_live(r, peer, d->transfer_id, d->epoch);
     if (!t) return; /* stale: never written */
-    const eng_kv_layout_t *l = &r->p.layout;
-    eng_kv_dtype_t wdt;
+    kvt_data_in_t in = {.d = d, .frames = frames, .sizes = sizes};
     char why[160];
-    if (s_check_data(r, t, d, n_payload, is_truncated, &wdt, why, sizeof why) != PD_OK) {
+    if (s_check_data(r, t, d, n_payload, is_truncated, &in.wire_dt, why, sizeof why) != PD_OK) {
         s_fail(r, t, PD_EPROTO, why, true);
         return;
     }
-    size_t elems = eng_kv_chunk_elems(l), wire_bytes = elems * eng_kv_dtype_bytes(wdt), total = 0;
+    in.wire_chunk = eng_kv_chunk_elems(&r->p.layout) * eng_kv_dtype_bytes(in.wire_dt);
+    if (d->n_shm_offsets > 0) {
+        in.shm = r->peers[peer].shm;
+        in.shm_bytes = r->peers[peer].shm_bytes;
+    }
+    bool ok = true;
     size_t f = 0;
-    for (uint32_t b = d->first_block; b < d->first_block + d->n_blocks; b++) {
-        for (uint32_t ly = d->first_layer; ly < d->first_layer + d->n_layers; ly++) {
-            for (int kind = 0; kind < 2; kind++, f++) {
-                if (sizes[f] != wire_bytes || XXH3_64bits(frames[f], sizes[f]) != d->checksums[f]) {
-                    snprintf(why, sizeof why, "data: layer %u block %u %c: %s", ly, b, kind ? 'V' : 'K',
-                             sizes[f] != wire_bytes ? "wrong size" : "checksum mismatch");
-                    s_fail(r, t, PD_EPROTO, why, true);
-                    return;
-                }
-                void *dst = r->p.store.chunk(r->p.store.ctx, (int32_t)ly, (eng_kv_kind_t)kind, t->block_ids[b]);
-                kvt_convert(dst, l->dtype, frames[f], wdt, elems);
-                total += sizes[f];
-            }
-            t->got[(size_t)ly * (size_t)t->n_blocks + b] = 1;
-            t->n_got++;
-        }
+    uint32_t last_layer = d->first_layer + d->n_layers, last_block = d->first_block + d->n_blocks;
+    if (d->n_frame_blocks > 0) { /* for each layer, for each run: K, V */
+        for (uint32_t ly = d->first_layer; ok && ly < last_layer; ly++)
+            for (size_t i = 0, b = d->first_block; ok && i < d->n_frame_blocks; b += d->frame_blocks[i++], f += 2)
+                ok = s_put_pair(r, t, &in, f, ly, (uint32_t)b, d->frame_blocks[i], why, sizeof why);
+    } else { /* for each block, for each layer: K, V */
+        for (uint32_t b = d->first_block; ok && b < last_block; b++)
+            for (uint32_t ly = d->first_layer; ok && ly < last_layer; ly++, f += 2)
+                ok = s_put_pair(r, t, &in, f, ly, b, 1, why, sizeof why);
+    }
+    if (!ok) {
+        s_fail(r, t, PD_EPROTO, why, true);
+        return;
     }
     t->next_seq++;
-    r->st.payload_bytes += total;
+    r->st.payload_bytes += in.total;
+    if (in.shm) r->st.shm_payload_bytes += in.total;
     Pdserve__V1__KvCredit c = PDSERVE__V1__KV_CREDIT__INIT;
     c.transfer_id = t->transfer_id;
     c.epoch = t->epoch;
-    c.bytes = total;
+    c.bytes = in.total;
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_CREDIT;
     env.credit = &c;
@@ -396,6 +500,7 @@ static int32_t s_peer(kvt_receiver_t *r, const void *id, size_t id_len, bool may
     if (!may_add || id_len == 0 || id_len > sizeof r->peers[0].id) return -1;
     int32_t i = free_i >= 0 ? free_i : idle_i;
     if (i < 0) return -1;
+    s_peer_unmap(r, &r->peers[i]);
     memset(&r->peers[i], 0, sizeof r->peers[i]);
     r->peers[i].in_use = true;
     r->peers[i].id_len = (uint8_t)id_len;
@@ -504,6 +609,7 @@ kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *
     r->ev_cap = 2 * p->max_transfers + 16;
     r->ev = pd_xcalloc((size_t)r->ev_cap, sizeof *r->ev);
     r->held_ids = pd_xcalloc((size_t)r->ev_cap, sizeof *r->held_ids);
+    r->scratch = pd_xmalloc(eng_kv_chunk_elems(l) * 4u);
     r->sock = zmq_socket(zmq_ctx, ZMQ_ROUTER);
     if (!r->sock) {
         snprintf(err, err_cap, "zmq_socket(ROUTER): %s", zmq_strerror(errno));
@@ -544,6 +650,7 @@ static void s_drop_all(kvt_receiver_t *r) {
         free(e->ids);
     }
     r->ev_head = r->ev_count = 0;
+    for (int i = 0; i < KVT_MAX_PEERS; i++) s_peer_unmap(r, &r->peers[i]);
     memset(r->peers, 0, sizeof r->peers);
 }
 
@@ -558,6 +665,7 @@ void kvt_receiver_destroy(kvt_receiver_t **rp) {
     s_drop_all(r);
     if (r->sock) zmq_close(r->sock);
     free(r->held_ids);
+    free(r->scratch);
     free(r->ev);
     free(r->tx);
     free(r);

@@ -50,8 +50,9 @@ typedef struct {
 struct kvt_sender {
     void *sock;
     kvt_sender_params_t p;
-    char endpoint[256], sender_id[64], error[256];
+    char endpoint[256], sender_id[64], error[256], shm_name[256];
     kvt_hs_t hs;
+    bool use_runs, use_shm; /* what the receiver answered in its hello reply */
     uint64_t hello_sent_us;
     uint64_t window_bytes, in_flight_bytes; /* credit of this connection */
     uint64_t peer_max_msg_bytes;
@@ -63,6 +64,8 @@ struct kvt_sender {
     int ev_cap, ev_head, ev_count;
     kvt_stats_t st;
     uint64_t cksum[KVT_MAX_PAYLOAD_FRAMES];
+    uint64_t shm_off[KVT_MAX_PAYLOAD_FRAMES];
+    uint32_t runs[KVT_MAX_PAYLOAD_FRAMES / 2];
     uint8_t envbuf[KVT_MAX_ENVELOPE_BYTES];
 };
 
@@ -75,6 +78,7 @@ kvt_sender_params_t kvt_sender_params_default(void) {
     p.linger_ms = 0;
     p.max_transfers = 256;
     p.heartbeat_ivl_ms = 1000;
+    p.max_frame_bytes = 1u << 20;
     return p;
 }
 
@@ -161,6 +165,10 @@ kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, cha
     kvt_copy_str(s->sender_id, sizeof s->sender_id, p->sender_id);
     s->p.endpoint = s->endpoint;
     s->p.sender_id = s->sender_id;
+    if (p->pool_shm_name) {
+        kvt_copy_str(s->shm_name, sizeof s->shm_name, p->pool_shm_name);
+        s->p.pool_shm_name = s->shm_name;
+    }
     s->tx = pd_xcalloc((size_t)p->max_transfers, sizeof *s->tx);
     s->ev_cap = 3 * p->max_transfers + 8;
     s->ev = pd_xcalloc((size_t)s->ev_cap, sizeof *s->ev);
@@ -289,6 +297,8 @@ static void s_on_hello_reply(kvt_sender_t *s, const Pdserve__V1__KvHelloReply *m
     }
     s->hs = HS_OK;
     s->peer_max_msg_bytes = m->max_message_bytes;
+    s->use_runs = m->frame_runs;
+    s->use_shm = m->shm_mapped && s->p.pool_shm_name;
 }
 
 static void s_on_reserve_reply(kvt_sender_t *s, const Pdserve__V1__KvReserveReply *m) {
@@ -408,6 +418,10 @@ static void s_send_hello(kvt_sender_t *s, uint64_t now) {
     Pdserve__V1__KvHello h = PDSERVE__V1__KV_HELLO__INIT;
     h.fingerprint = &fp;
     h.sender_id = s->sender_id;
+    if (s->p.pool_shm_name) {
+        h.shm_name = s->shm_name;
+        h.shm_bytes = eng_kv_pool_bytes(&s->p.layout);
+    }
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_HELLO;
     env.hello = &h;
@@ -454,13 +468,32 @@ static pd_status s_send_commit(kvt_sender_t *s, kvt_stx_t *t, uint64_t now) {
     return st;
 }
 
-/* One KvData message: blocks [cur_block, cur_block + k) of layer cur_layer, K and V each, as many as the
- * message cap and the connection's credit allow. PD_OK sent, KVT_WAIT_CREDIT, PD_EAGAIN (socket full), PD_EIO. */
+/* Splits blocks [b0, b0 + k) of t into frame runs: consecutive pool blocks, at most max_run per run
+ * (or one block each for a receiver that does not know runs). Returns the number of runs. */
+static uint32_t s_plan_runs(kvt_sender_t *s, const kvt_stx_t *t, int32_t b0, int32_t k) {
+    size_t chunk = eng_kv_chunk_bytes(&s->p.layout);
+    uint32_t max_run = s->use_runs && s->p.max_frame_bytes > chunk ? (uint32_t)(s->p.max_frame_bytes / chunk) : 1u;
+    uint32_t n = 0;
+    for (int32_t i = 0; i < k; i++) {
+        if (i > 0 && s->runs[n - 1] < max_run && t->block_ids[b0 + i] == t->block_ids[b0 + i - 1] + 1)
+            s->runs[n - 1]++;
+        else
+            s->runs[n++] = 1;
+    }
+    return n;
+}
+
+/* One KvData message: blocks [cur_block, cur_block + k) of layer cur_layer as K and V frame runs, as many
+ * as the message cap and the connection's credit allow; the payload goes as ZeroMQ frames pointing into
+ * the pool, or (shared pool) as offsets the receiver copies from. PD_OK sent, KVT_WAIT_CREDIT, PD_EAGAIN
+ * (socket full), PD_EIO. */
 static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64_t now) {
     const eng_kv_layout_t *l = &s->p.layout;
     size_t chunk = eng_kv_chunk_bytes(l), pair = 2 * chunk;
-    uint64_t msg_cap = s->peer_max_msg_bytes - KVT_MAX_ENVELOPE_BYTES;
-    if (msg_cap > KVT_MAX_MSG_PAYLOAD_BYTES) msg_cap = KVT_MAX_MSG_PAYLOAD_BYTES;
+    /* shared pool: smaller messages, so the receiver starts copying while the sender still checksums */
+    uint64_t msg_cap = s->use_shm ? KVT_MAX_SHM_MSG_BYTES : KVT_MAX_MSG_PAYLOAD_BYTES;
+    if (!s->use_shm && s->peer_max_msg_bytes - KVT_MAX_ENVELOPE_BYTES < msg_cap)
+        msg_cap = s->peer_max_msg_bytes - KVT_MAX_ENVELOPE_BYTES;
     uint64_t k = (uint64_t)(t->n_blocks - t->cur_block);
     if (k > KVT_MAX_PAYLOAD_FRAMES / 2) k = KVT_MAX_PAYLOAD_FRAMES / 2;
     if (k > msg_cap / pair) k = msg_cap / pair;
@@ -471,11 +504,14 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
         k = 1; /* a window below one block-layer still moves one at a time */
     }
     int32_t layer = t->cur_layer;
-    size_t n_frames = (size_t)(2 * k);
-    for (size_t f = 0; f < n_frames; f++) {
-        int32_t b = t->block_ids[t->cur_block + (int32_t)(f / 2)];
-        const uint8_t *p = (const uint8_t *)s->p.pool_base + eng_kv_chunk_offset(l, layer, (eng_kv_kind_t)(f % 2), b);
-        s->cksum[f] = XXH3_64bits(p, chunk);
+    uint32_t n_runs = s_plan_runs(s, t, t->cur_block, (int32_t)k);
+    size_t n_frames = 2u * n_runs;
+    /* frame f: run f/2, kind f%2; a run's chunks are consecutive in the pool */
+    for (size_t f = 0, b = (size_t)t->cur_block; f < n_frames; f++) {
+        size_t off = eng_kv_chunk_offset(l, layer, (eng_kv_kind_t)(f % 2), t->block_ids[b]);
+        s->shm_off[f] = off;
+        s->cksum[f] = XXH3_64bits((const uint8_t *)s->p.pool_base + off, s->runs[f / 2] * chunk);
+        if (f % 2) b += s->runs[f / 2];
     }
     if (t->corrupt_next) s->cksum[0] ^= 1u;
     Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
@@ -492,20 +528,27 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
     d.head_dim = (uint32_t)l->head_dim;
     d.n_checksums = n_frames;
     d.checksums = s->cksum;
+    if (s->use_runs) {
+        d.n_frame_blocks = n_runs;
+        d.frame_blocks = s->runs;
+    }
+    if (s->use_shm) {
+        d.n_shm_offsets = n_frames;
+        d.shm_offsets = s->shm_off;
+    }
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_DATA;
     env.data = &d;
-    pd_status st = kvt_send_env(s->sock, NULL, 0, &env, s->envbuf, sizeof s->envbuf, true);
+    pd_status st = kvt_send_env(s->sock, NULL, 0, &env, s->envbuf, sizeof s->envbuf, !s->use_shm);
     if (st != PD_OK) return st == PD_EAGAIN ? PD_EAGAIN : PD_EIO;
     /* once the first frame is queued, ZeroMQ accepts the rest of the message (HWM counts messages) */
     kvt_relslot_t *rs = &s->rel->slots[slot];
-    for (size_t f = 0; f < n_frames; f++) {
-        int32_t b = t->block_ids[t->cur_block + (int32_t)(f / 2)];
-        uint8_t *p = (uint8_t *)s->p.pool_base + eng_kv_chunk_offset(l, layer, (eng_kv_kind_t)(f % 2), b);
+    for (size_t f = 0; !s->use_shm && f < n_frames; f++) {
         zmq_msg_t m;
         atomic_fetch_add(&rs->n_frames, 1);
         atomic_fetch_add(&s->rel->refs, 1);
-        if (zmq_msg_init_data(&m, p, chunk, s_frame_free, rs) != 0) { /* leaves the counts to undo */
+        uint8_t *p = (uint8_t *)s->p.pool_base + s->shm_off[f];
+        if (zmq_msg_init_data(&m, p, s->runs[f / 2] * chunk, s_frame_free, rs) != 0) { /* leaves the counts */
             atomic_fetch_sub(&rs->n_frames, 1);
             atomic_fetch_sub(&s->rel->refs, 1);
             return PD_EIO;
@@ -520,6 +563,7 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
     t->in_flight_bytes += k * pair;
     s->in_flight_bytes += k * pair;
     s->st.payload_bytes += k * pair;
+    if (s->use_shm) s->st.shm_payload_bytes += k * pair;
     t->last_heard_us = now;
     t->cur_block += (int32_t)k;
     if (t->cur_block == t->n_blocks) {
@@ -634,4 +678,5 @@ void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out) {
     for (int32_t i = 0; i < s->p.max_transfers; i++)
         if (s->tx[i].state != TX_FREE && s->tx[i].state != TX_ENDED) out->active_transfers++;
     out->reserved_blocks = 0;
+    out->shm_peers = s->hs == HS_OK && s->use_shm ? 1 : 0;
 }
