@@ -25,10 +25,10 @@ cmake --build build-asan -j"$(nproc)" >/dev/null
 
 echo "== libFuzzer smoke run"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPDSERVE_FUZZ=ON -DPDSERVE_TESTS=ON >/dev/null
-cmake --build build-fuzz -j"$(nproc)" --target fuzz_gguf fuzz_tok fuzz_kvt >/dev/null
+cmake --build build-fuzz -j"$(nproc)" --target fuzz_gguf fuzz_tok fuzz_kvt fuzz_pb >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for target in gguf tok kvt; do
+for target in gguf tok kvt pb; do
     mkdir -p "$work/$target"
     # libFuzzer writes new inputs into the first corpus folder: a scratch one, never the committed seeds
     "$ROOT/build-fuzz/tests/fuzz_$target" -max_total_time="${PD_FUZZ_SECONDS:-20}" "$work/$target" \
