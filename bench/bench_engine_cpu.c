@@ -1,7 +1,8 @@
 /* bench_engine_cpu.c: CPU engine throughput for the default model, each figure next to the limit it
  * is bound by, measured in the same run:
  *   - decode (batch 1, 8, 32): bytes read per step (weights in stored types + KV) / step time, as a
- *     fraction of this machine's memory bandwidth (a multi-threaded memcpy; read+written bytes);
+ *     fraction of this machine's memory bandwidth (a multi-threaded memcpy; read+written bytes), and
+ *     FLOP/s as a fraction of sgemm (the bound once a batch shares the weight reads);
  *   - prefill (512-token prompts): FLOP/s as a fraction of OpenBLAS sgemm on this machine.
  * Usage: engine_cpu [--model PATH] [--threads N] [--steps N]. Prints one summary line per config. */
 #include <cblas.h>
@@ -219,10 +220,12 @@ int main(int argc, char **argv) {
         double dt = s_decode(&bn, nb, ctx, steps);
         double kv_bytes = (double)nb * (ctx + steps / 2) * eng_kv_token_bytes(eng_kv_layout(bn.e));
         double bytes = (double)wbytes + kv_bytes;
+        /* compute side, for the batches where weight reads are shared: matrices + attention over the context */
+        double flops = nb * (2.0 * params + 2.0 * 2.0 * c->n_layers * c->n_heads * c->head_dim * (ctx + steps / 2.0));
         printf("decode batch=%d ctx=%d: %.1f tok/s, step %.2f ms, reads %.1f MB/step (weights %.1f + KV %.1f) = "
-               "%.2f GB/s = %.0f%% of copy bandwidth\n",
+               "%.2f GB/s = %.0f%% of copy bandwidth; %.1f GFLOP/s = %.0f%% of sgemm peak\n",
                nb, ctx, nb / dt, dt * 1e3, bytes / 1e6, (double)wbytes / 1e6, kv_bytes / 1e6, bytes / dt / 1e9,
-               100.0 * bytes / dt / bw);
+               100.0 * bytes / dt / bw, flops / dt / 1e9, 100.0 * flops / dt / peak);
     }
     free(bn.logits);
     eng_destroy(&bn.e);

@@ -12,7 +12,9 @@ if [ ! -f "$PD_PREFIX/.unpacked" ]; then
         case "$t" in /*) [ -e "$PD_PREFIX$t" ] && ln -sf "$PD_PREFIX$t" "$l" ;; esac
     done
     # pkg-config files name prefix=/usr: point them at the unpacked tree
-    find "$PD_PREFIX" -name '*.pc' -exec sed -i "s|^prefix=/usr|prefix=$PD_PREFIX/usr|" {} +
+    # pkg-config files name prefix=/usr: point them at the unpacked tree. Drop Requires.private: it names
+    # -dev packages of static-only dependencies we do not carry (we link shared libraries).
+    find "$PD_PREFIX" -name '*.pc' -exec sed -i -e "s|^prefix=/usr|prefix=$PD_PREFIX/usr|" -e '/^Requires.private:/d' {} +
     touch "$PD_PREFIX/.unpacked"
 fi
 ML=x86_64-linux-gnu
