@@ -626,9 +626,13 @@ static void s_check_timers(kvt_sender_t *s, uint64_t now) {
         if (t->is_blocked && s->conn_heard_us > heard) heard = s->conn_heard_us;
         if (t->deadline_us && now >= t->deadline_us)
             s_end(s, t, PD_ETIMEDOUT, "transfer deadline passed", true);
-        else if (waiting && now > heard + reply_us)
+        else if (waiting && now > heard + reply_us) {
             s_end(s, t, PD_ETIMEDOUT,
-                  t->state == TX_QUEUED ? "no handshake reply from the receiver" : "no reply from the receiver", true);
+                  s->hs != HS_OK ? "no handshake reply from the receiver" : "no reply from the receiver", true);
+            /* A receiver that went silent may have restarted: a new one ignores peers that have not said
+             * hello, so the next transfer starts with a fresh handshake. */
+            if (s->hs == HS_OK) s->hs = HS_NEW;
+        }
     }
 }
 
