@@ -66,6 +66,26 @@ static inline int pd_test_finish(void) {
     return pd_test_n_fail ? 1 : 0;
 }
 
+/* Reads a whole file into a malloc'd, NUL-terminated buffer (caller frees); NULL when it cannot. */
+static inline char *pd_test_read_file(const char *path, size_t *n_bytes) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *buf = NULL;
+    long size = -1;
+    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
+    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+        buf = malloc((size_t)size + 1);
+        if (buf && fread(buf, 1, (size_t)size, f) != (size_t)size) {
+            free(buf);
+            buf = NULL;
+        }
+        if (buf) buf[size] = '\0';
+    }
+    fclose(f);
+    *n_bytes = size >= 0 ? (size_t)size : 0;
+    return buf;
+}
+
 /* Path of the default model (PDSERVE_MODEL or $PDSERVE_MODELS/<default>), or NULL. Tests that need it
  * fail when it is missing: the test command fetches it first. */
 static inline const char *pd_test_model_path(void) {

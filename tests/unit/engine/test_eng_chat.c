@@ -13,25 +13,6 @@
 static eng_gguf_t *s_gguf;
 static eng_chat_t *s_chat;
 
-static char *s_read_file(const char *path, size_t *n_bytes) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    long size = -1;
-    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
-    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        buf = malloc((size_t)size + 1);
-        if (buf && fread(buf, 1, (size_t)size, f) != (size_t)size) {
-            free(buf);
-            buf = NULL;
-        }
-        if (buf) buf[size] = '\0';
-    }
-    fclose(f);
-    *n_bytes = size >= 0 ? (size_t)size : 0;
-    return buf;
-}
-
 static int s_hexval(char c) {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -135,7 +116,7 @@ static void test_chat_golden(void) {
     char path[1024];
     snprintf(path, sizeof path, "%s/tests/golden/tok/chat.txt", PD_SOURCE_DIR);
     size_t n;
-    char *buf = s_read_file(path, &n);
+    char *buf = pd_test_read_file(path, &n);
     if (!buf) fprintf(stderr, "cannot read %s\n", path);
     REQUIRE(buf);
     s_case_t c = {0};

@@ -22,25 +22,6 @@ static float s_float(uint32_t u) {
     return f;
 }
 
-/* Reads a whole file into a malloc'd buffer (caller frees), or NULL. */
-static uint8_t *s_read_file(const char *path, size_t *n_bytes) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    uint8_t *buf = NULL;
-    long size = -1;
-    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
-    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        buf = malloc((size_t)size + 1);
-        if (buf && fread(buf, 1, (size_t)size, f) != (size_t)size) {
-            free(buf);
-            buf = NULL;
-        }
-    }
-    fclose(f);
-    *n_bytes = size >= 0 ? (size_t)size : 0;
-    return buf;
-}
-
 /* ---- type table ---- */
 
 static void test_type_sizes(void) {
@@ -124,9 +105,9 @@ static void s_check_golden(const char *stem, int type) {
     char path[4096];
     size_t n_raw = 0, n_ref = 0;
     snprintf(path, sizeof path, "%s/tests/golden/quant/%s.raw", PD_SOURCE_DIR, stem);
-    uint8_t *raw = s_read_file(path, &n_raw);
+    uint8_t *raw = (uint8_t *)pd_test_read_file(path, &n_raw);
     snprintf(path, sizeof path, "%s/tests/golden/quant/%s.f32", PD_SOURCE_DIR, stem);
-    uint8_t *ref_bytes = s_read_file(path, &n_ref);
+    uint8_t *ref_bytes = (uint8_t *)pd_test_read_file(path, &n_ref);
     float *got = NULL;
     CHECK_MSG(raw && ref_bytes, "missing golden files for %s (run tests/golden/make_quant_golden.py)", stem);
     if (!raw || !ref_bytes) goto done;

@@ -17,25 +17,6 @@ static eng_tok_t *s_tok;
 
 /* ---- helpers ---- */
 
-static char *s_read_file(const char *path, size_t *n_bytes) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    long size = -1;
-    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
-    if (size >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        buf = malloc((size_t)size + 1);
-        if (buf && fread(buf, 1, (size_t)size, f) != (size_t)size) {
-            free(buf);
-            buf = NULL;
-        }
-        if (buf) buf[size] = '\0';
-    }
-    fclose(f);
-    *n_bytes = size >= 0 ? (size_t)size : 0;
-    return buf;
-}
-
 static int s_hexval(char c) {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -143,7 +124,7 @@ static long s_for_lines(const char *name, void (*fn)(const char *, size_t, void 
     char path[1024];
     snprintf(path, sizeof path, "%s/tests/golden/tok/%s", PD_SOURCE_DIR, name);
     size_t n;
-    char *buf = s_read_file(path, &n);
+    char *buf = pd_test_read_file(path, &n);
     if (!buf) {
         fprintf(stderr, "cannot read %s\n", path);
         return -1;
