@@ -1,0 +1,196 @@
+/* dc_sched.h: the decode service's scheduler. It owns every decoding request's state (block table,
+ * sampler, stop strings, detokenizer, limits) and decides each step: which sequences run, at which
+ * positions, with which blocks. It never computes: the executor turns a dc_plan_t into an eng_batch_t,
+ * runs eng_forward, and hands the logits back to dc_sched_update. Pure C: no ZeroMQ, no threads, no clock
+ * (callers pass "now"), so tests drive time and steps themselves.
+ *
+ * Life of a request:
+ *   dc_sched_reserve   -> WAITING_KV: the prompt's blocks are taken from the pool now (kvtransfer writes
+ *                         the prefill worker's K/V into them); refused early (PD_EAGAIN) when the pool
+ *                         could not also keep a watermark of free blocks for the running sequences' growth.
+ *   dc_sched_admit     -> RUNNING: the transfer committed; prefill's first token is emitted and becomes the
+ *                         first decode input.
+ *   dc_sched_plan / dc_sched_update, once per step, until a finish: STOP (EOS or a stop string), LENGTH
+ *                         (max_tokens or context length), ERROR (deadline, KV capacity), CANCELLED.
+ *   A finished request leaves the scheduler at once: its blocks go back to the pool, its id is forgotten.
+ *
+ * Policies (deliberately simple; each is one function in dc_sched.c):
+ *   admission  reserve only if n_free - prompt_blocks >= watermark_blocks (LESSONS.md: refuse early
+ *              instead of thrashing);
+ *   batching   running sequences in admission order, oldest first, at most max_batch_seqs per step;
+ *   growth     a sequence gets one more block when its next position crosses a block boundary;
+ *   preemption when the pool cannot supply that block, the newest-admitted running sequence is finished
+ *              with ERROR / PD_EAGAIN "KV capacity exhausted" (its blocks feed the older ones). Requests are
+ *              never re-run. TODO: recompute- or swap-preemption, once the router can retry elsewhere.
+ *
+ * One thread (the decode service's loop) owns a dc_sched_t and calls everything; not thread-safe. */
+#ifndef DC_SCHED_H
+#define DC_SCHED_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "eng.h"
+#include "eng_kv.h"
+#include "eng_sample.h"
+#include "eng_stop.h"
+#include "eng_tok.h"
+#include "pd_common.h"
+
+typedef struct dc_sched dc_sched_t;
+
+typedef struct {
+    eng_kv_pool_t *pool;      /* borrowed: the engine's block pool (eng_kv_pool); outlives the scheduler */
+    const eng_tok_t *tok;     /* borrowed: detokenizer and EOS */
+    int32_t block_size;       /* tokens per KV block (eng_kv_layout()->block_size) */
+    int32_t vocab_size;       /* logits row length */
+    int32_t max_context;      /* positions per sequence: prompt + generated <= max_context (model ctx_len) */
+    int32_t max_seqs;         /* requests held at once, any state (default 256) */
+    int32_t max_batch_seqs;   /* sequences in one step (default 64); <= the engine's max_batch_seqs */
+    int32_t watermark_blocks; /* free blocks admission leaves for growth; -1 (default) = max(1, 4% of pool) */
+} dc_sched_params_t;
+
+dc_sched_params_t dc_sched_params_default(void);
+
+/* NULL (reason in err, which may be NULL) on bad params. The scheduler allocates its slots and per-slot
+ * text buffers here; per request it allocates only the sampler (at reserve). Caller destroys. */
+dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_cap);
+/* Releases every block still held (any state) and frees s; accepts NULL or *s == NULL; sets *s to NULL.
+ * Must not be called while a plan is being executed (the blocks would be reused under the forward). */
+void dc_sched_destroy(dc_sched_t **s);
+
+/* ---- requests ---- */
+
+typedef struct {
+    uint64_t req_id;          /* unique among the requests the scheduler holds */
+    int32_t n_prompt_tokens;  /* positions prefill computed (K/V arriving through kvtransfer), >= 1 */
+    const int32_t *prompt;    /* (n_prompt_tokens) or NULL: only for the repetition penalty; copied */
+    int32_t max_tokens;       /* generated tokens, prefill's first one included, >= 1 */
+    bool ignore_eos;          /* keep going through end-of-generation tokens */
+    eng_sampling_t sampling;  /* validated here */
+    const char *const *stops; /* (n_stops) stop strings, copied; OpenAI semantics (eng_stop.h) */
+    int32_t n_stops;          /* 0..ENG_STOP_MAX */
+    uint64_t deadline_us;     /* in the caller's clock (the one passed as now_us); 0 = none */
+} dc_req_params_t;
+
+/* max_tokens 16, greedy (temperature 0), no stops, no deadline; the caller sets req_id and
+ * n_prompt_tokens. */
+dc_req_params_t dc_req_params_default(void);
+
+typedef enum {
+    DC_FINISH_NONE = 0,
+    DC_FINISH_STOP = 1,      /* end-of-generation token (unless ignore_eos) or a stop string */
+    DC_FINISH_LENGTH = 2,    /* max_tokens, or the context is full */
+    DC_FINISH_ERROR = 3,     /* status says why: PD_ETIMEDOUT (deadline), PD_EAGAIN (KV capacity), ... */
+    DC_FINISH_CANCELLED = 4, /* dc_sched_cancel with PD_ECLOSED */
+} dc_finish_t;
+
+const char *dc_finish_name(dc_finish_t f); /* "stop", "length", "error", "cancelled", "" */
+
+/* One request's output for one step. Text is the newly safe text: complete UTF-8 only, with stop
+ * strings (and anything held back as a possible start of one) withheld; end-of-generation tokens give no
+ * text unless ignore_eos. A request's deltas concatenate to its full output. */
+typedef struct {
+    uint64_t req_id;
+    int32_t token; /* the new token, or -1 when the event only finishes (cancel, preemption, deadline) */
+    float logprob; /* of token under the raw model distribution; NAN when unknown (prefill's token) */
+    int32_t n_top; /* top logprobs (sampling.n_logprobs, 0 for prefill's token) */
+    eng_logprob_t top[ENG_MAX_LOGPROBS];
+    const char *text; /* (n_text) bytes, not NUL-terminated; owned by s, valid until the next call on s */
+    int32_t n_text;
+    dc_finish_t finish;  /* DC_FINISH_NONE while the request goes on */
+    pd_status status;    /* PD_OK, or the error of DC_FINISH_ERROR / PD_ECLOSED for CANCELLED */
+    int32_t stop_index;  /* the stop string that matched (index into dc_req_params_t.stops), or -1 */
+    int32_t n_generated; /* tokens generated so far, this one included */
+    char err[96];        /* one-line reason for ERROR ("KV capacity exhausted", "deadline passed") */
+} dc_event_t;
+
+/* Reserves the blocks for positions [0, n_prompt_tokens) and creates the request's state (WAITING_KV).
+ * The blocks are dc_sched_blocks(s, req_id): give them to kvtransfer (the receiver's store.reserve).
+ * Returns PD_OK; PD_EAGAIN when the pool cannot spare them above the watermark or max_seqs requests are
+ * held (retry later or elsewhere; nothing taken); PD_EINVAL for bad params (a duplicate or zero req_id,
+ * invalid sampling or stops, a prompt that leaves no room for one token in max_context, or needs more blocks
+ * than the pool has); PD_ENOMEM. A one-line reason goes to err (may be NULL). */
+PD_NODISCARD pd_status dc_sched_reserve(dc_sched_t *s, const dc_req_params_t *rp, char *err, size_t err_cap);
+
+/* The block ids of a held request (position order), n in *n_blocks; NULL for an unknown id. Valid until
+ * the next call on s. */
+const int32_t *dc_sched_blocks(const dc_sched_t *s, uint64_t req_id, int32_t *n_blocks);
+
+/* The transfer of a WAITING_KV request committed: every prompt position has its K/V. first_token (sampled
+ * by prefill) is emitted into *ev like a decoded token (text, stop strings, EOS, max_tokens) and becomes the
+ * next step's input; the request is RUNNING unless that token already finished it (then ev->finish is set
+ * and its blocks are free). PD_OK; PD_EINVAL (ev untouched) for an unknown id, a request not waiting, or a
+ * token id outside the vocabulary. */
+PD_NODISCARD pd_status dc_sched_admit(dc_sched_t *s, uint64_t req_id, int32_t first_token, uint64_t now_us,
+                                      dc_event_t *ev);
+
+/* Ends a request in any state: reason PD_ECLOSED finishes it CANCELLED, any other status finishes it ERROR
+ * with that status (e.g. the transfer failed). *ev gets its last event (no token; held text is dropped).
+ * Blocks go back to the pool now, unless the request is in the plan being executed: then they are
+ * released by the dc_sched_update (or dc_sched_plan_abort) of that plan, so the forward never writes into a
+ * block someone else got; update emits nothing more for it. In WAITING_KV the caller must make sure
+ * kvtransfer no longer writes the blocks (cancel only on the receiver's FAILED event, or after it
+ * dropped the transfer). PD_OK; PD_EINVAL for an unknown (or already finished) id, ev untouched. */
+PD_NODISCARD pd_status dc_sched_cancel(dc_sched_t *s, uint64_t req_id, pd_status reason, dc_event_t *ev);
+
+/* ---- steps ---- */
+
+/* A step: parallel arrays, ready to become an eng_batch_t (dc_plan_batch). Row i is sequence req_ids[i]
+ * with n_tokens[i] inputs at positions pos[i]..; one token per sequence today, the arrays leave room for
+ * 1 + k drafts per sequence (speculative decoding). Capacities are fixed by dc_plan_init. */
+typedef struct {
+    int32_t n_seqs;
+    int32_t n_tokens_total;       /* sum of n_tokens */
+    int32_t n_logits;             /* rows of logits the forward returns (count of want_logits) */
+    uint64_t *req_ids;            /* (n_seqs) */
+    int32_t *slots;               /* (n_seqs) scheduler-private: where each row's request lives */
+    int32_t *n_tokens;            /* (n_seqs) >= 1 */
+    int32_t *pos;                 /* (n_seqs) position of each row's first token */
+    const int32_t **block_tables; /* (n_seqs) point into the scheduler; valid until the matching update */
+    int32_t *n_blocks;            /* (n_seqs) */
+    int32_t *tokens;              /* (n_tokens_total) sequence after sequence */
+    uint8_t *want_logits;         /* (n_tokens_total) */
+    int32_t cap_seqs, cap_tokens;
+    bool is_in_flight; /* between dc_sched_plan and dc_sched_update / dc_sched_plan_abort */
+} dc_plan_t;
+
+/* Sizes a plan for s (max_batch_seqs rows, max_batch_seqs * DC_MAX_TOKENS_PER_SEQ tokens). */
+#define DC_MAX_TOKENS_PER_SEQ 8
+void dc_plan_init(dc_plan_t *plan, const dc_sched_t *s);
+void dc_plan_fini(dc_plan_t *plan);
+
+/* Builds the next step into plan: checks deadlines, grows block tables at block boundaries (preempting
+ * as the header comment says), and picks the rows. Requests finished on the way (deadline, preemption)
+ * get an event in events (cap must be >= max_seqs); returns how many, or PD_EINVAL (bad args, or the
+ * previous plan is still in flight). plan->n_seqs may be 0: nothing to run. */
+PD_NODISCARD int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *events, int cap);
+
+/* The plan's view as an engine batch; logits must hold plan->n_logits rows of vocab_size floats. */
+eng_batch_t dc_plan_batch(const dc_plan_t *plan, float *logits);
+
+/* After eng_forward(plan) succeeded: samples each row's logits with its request's sampler, appends the
+ * token and emits one event per row still alive (events, cap >= plan->n_seqs). Checks, in this order: stop
+ * string / EOS -> STOP, max_tokens / context -> LENGTH, now_us past the deadline -> ERROR PD_ETIMEDOUT.
+ * Returns the number of events, or PD_EINVAL (plan not in flight, bad args). A row whose logits cannot be
+ * sampled (NaN) finishes ERROR PD_EBACKEND. */
+PD_NODISCARD int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_t now_us,
+                                 dc_event_t *events, int cap);
+
+/* The forward failed: every row of the plan finishes ERROR with status (e.g. PD_EBACKEND), events as for
+ * update. Returns the number of events or PD_EINVAL. */
+PD_NODISCARD int dc_sched_plan_abort(dc_sched_t *s, dc_plan_t *plan, pd_status status, dc_event_t *events, int cap);
+
+/* ---- counters ---- */
+
+typedef struct {
+    int32_t n_waiting, n_running;
+    int32_t n_free_blocks, n_total_blocks; /* of the pool (shared with anyone else using it) */
+    uint64_t n_tokens_generated;           /* emitted tokens, prefill's first ones included */
+    uint64_t n_finished, n_preempted, n_refused;
+} dc_sched_stats_t;
+
+void dc_sched_stats(const dc_sched_t *s, dc_sched_stats_t *out);
+
+#endif
