@@ -1,13 +1,17 @@
 /* bench_kv_transfer.c: KV hand-off throughput between two processes on this host, next to the limits it
- * is measured against in the same run: a plain memcpy of the same bytes, and a plain single-socket
- * ZeroMQ PUSH/PULL of the same bytes (zero-copy sends, 1 MiB messages) over the same transport.
- * Paths: ipc and tcp (payload through the socket), shm (the sender's pool in shared memory, the receiver
- * copies from it; ZeroMQ over ipc carries headers and credits). Each kvtransfer number is the second of
- * two transfers on one connection (the first warms the connection and the receiver's mapping), timed from
- * kvt_sender_start to DONE. "stream": the same transfer with layer l marked ready at (l + 1) * layer_ms,
- * as prefill would; "tail" is DONE minus the last layer's ready time.
+ * is measured against in the same run: a plain memcpy of the same bytes, and a plain ZeroMQ PUSH/PULL of
+ * the same bytes (zero-copy sends, 1 MiB messages) over the same transport and the same number of
+ * connections (--conns N: N PUSH sockets dealt round robin vs a kvtransfer sender with n_conns = N; both
+ * sides of both get ZMQ_IO_THREADS = N). Paths: ipc and tcp (payload through the socket), shm (the
+ * sender's pool in shared memory, the receiver copies from it; ZeroMQ over ipc carries headers and
+ * credits; always one connection). Each kvtransfer number is the best of --reps transfers on one sender,
+ * after a warm-up transfer (which warms the connection and the receiver's mapping), timed from
+ * kvt_sender_start to DONE; plain ZeroMQ is the best of --reps runs too. "stream": the same transfer with
+ * layer l marked ready at (l + 1) * layer_ms, as prefill would, the sender blocking in its poll between
+ * layers; "tail" is DONE minus the last layer's ready time (best of --reps).
  * KV layout: Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks = 128 KiB per token).
- * Usage: kv_transfer [--sizes-mib 16,128,512] [--transports ipc,tcp,shm] [--layer-ms 10] [--only-kvt 1]. */
+ * Usage: kv_transfer [--sizes-mib 16,128,512] [--transports ipc,tcp,shm] [--layer-ms 10] [--only-kvt 1]
+ *                    [--reps 3] [--conns 1]. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdio.h>
@@ -60,6 +64,14 @@ static void *s_pool(size_t bytes, unsigned seed) {
     return p;
 }
 
+/* A ZeroMQ context with one I/O thread per connection (both sides, kvtransfer and plain ZeroMQ alike):
+ * striping over connections that share one I/O thread would only queue them on one core. */
+static void *s_ctx(int n_conns) {
+    void *ctx = zmq_ctx_new();
+    if (!ctx || zmq_ctx_set(ctx, ZMQ_IO_THREADS, n_conns) != 0) PD_FATAL("zmq context");
+    return ctx;
+}
+
 /* ---- memcpy ---- */
 static double s_memcpy_gbps(size_t bytes) {
     void *a = s_pool(bytes, 1), *b = s_pool(bytes, 2);
@@ -75,13 +87,13 @@ static double s_memcpy_gbps(size_t bytes) {
 }
 
 /* ---- plain ZeroMQ PUSH/PULL, receiver in a child process ---- */
-static double s_zmq_gbps(const char *endpoint, size_t bytes) {
+static double s_zmq_gbps(const char *endpoint, size_t bytes, int n_conns) {
     const size_t msg = 1u << 20;
     int ready[2];
     if (pipe(ready)) PD_FATAL("pipe");
     pid_t pid = fork();
     if (pid == 0) {
-        void *ctx = zmq_ctx_new(), *pull = zmq_socket(ctx, ZMQ_PULL);
+        void *ctx = s_ctx(n_conns), *pull = zmq_socket(ctx, ZMQ_PULL);
         if (zmq_bind(pull, endpoint)) _exit(2);
         char c = 1;
         if (write(ready[1], &c, 1) != 1) _exit(3);
@@ -96,21 +108,27 @@ static double s_zmq_gbps(const char *endpoint, size_t bytes) {
     char c;
     if (read(ready[0], &c, 1) != 1) PD_FATAL("child did not start");
     void *src = s_pool(bytes, 3);
-    void *ctx = zmq_ctx_new(), *push = zmq_socket(ctx, ZMQ_PUSH);
-    int linger = -1;
-    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
-    if (zmq_connect(push, endpoint)) PD_FATAL("connect %s", endpoint);
+    void *ctx = s_ctx(n_conns), *push[16];
+    /* n_conns PUSH sockets (each its own connection), messages dealt round robin: the baseline for a
+     * kvtransfer sender striping over the same number of connections */
+    for (int i = 0; i < n_conns; i++) {
+        push[i] = zmq_socket(ctx, ZMQ_PUSH);
+        int linger = -1;
+        zmq_setsockopt(push[i], ZMQ_LINGER, &linger, sizeof linger);
+        if (zmq_connect(push[i], endpoint)) PD_FATAL("connect %s", endpoint);
+    }
     double t0 = s_now();
-    for (size_t off = 0; off < bytes; off += msg) {
+    for (size_t off = 0, k = 0; off < bytes; off += msg, k++) {
         zmq_msg_t m;
         size_t n = bytes - off < msg ? bytes - off : msg;
         zmq_msg_init_data(&m, (char *)src + off, n, NULL, NULL);
-        if (zmq_msg_send(&m, push, 0) < 0) PD_FATAL("send");
+        if (zmq_msg_send(&m, push[k % (size_t)n_conns], 0) < 0) PD_FATAL("send");
     }
     int status = 0;
     waitpid(pid, &status, 0); /* the child exits once it has every byte */
     double dt = s_now() - t0;
-    zmq_close(push), zmq_ctx_term(ctx);
+    for (int i = 0; i < n_conns; i++) zmq_close(push[i]);
+    zmq_ctx_term(ctx);
     munmap(src, bytes);
     close(ready[0]), close(ready[1]);
     if (!WIFEXITED(status) || WEXITSTATUS(status)) PD_FATAL("zmq receiver failed (%d)", status);
@@ -162,7 +180,14 @@ static double s_kvt_one(kvt_sender_t *s, const eng_kv_layout_t *l, uint64_t id, 
                 if (kvt_sender_commit(s, id, 42) != PD_OK) PD_FATAL("sender: commit");
             }
         }
-        int n = kvt_sender_poll(s, layer_ms > 0 && ready < l->n_layers ? 0 : 100, ev, 8);
+        /* block in poll until the next layer is due, as a prefill loop would (it sleeps in its poller):
+         * spinning here would take a core from the receiver on a small host */
+        int wait_ms = 100;
+        if (layer_ms > 0 && ready < l->n_layers) {
+            double due_ms = (ready + 1) * layer_ms - (s_now() - t0) * 1000.0;
+            wait_ms = due_ms < 0 ? 0 : (int)due_ms;
+        }
+        int n = kvt_sender_poll(s, wait_ms, ev, 8);
         if (n < 0) PD_FATAL("sender: %s", kvt_sender_error(s));
         for (int i = 0; i < n; i++)
             if (ev[i].kind == KVT_EV_DONE && ev[i].transfer_id == id) result = ev[i].status, t_done = s_now();
@@ -178,10 +203,11 @@ typedef struct {
 
 /* Receiver in a child process; the sender's pool in shared memory when use_shm. Three transfers: warm-up,
  * timed, streamed (layer_ms). */
-static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use_shm, double layer_ms) {
+static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use_shm, double layer_ms, int reps,
+                                int n_conns) {
     eng_kv_layout_t l = s_layout(n_tokens);
     size_t bytes = eng_kv_pool_bytes(&l);
-    const int n_transfers = layer_ms > 0 ? 3 : 2;
+    const int n_transfers = 1 + 2 * reps;
     int ready[2];
     if (pipe(ready)) PD_FATAL("pipe");
     pid_t pid = fork();
@@ -192,7 +218,7 @@ static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use
         rp.store = (kvt_store_t){&st, s_reserve, s_release, s_chunk};
         rp.max_message_bytes = 1ull << 30;
         rp.is_shm_enabled = use_shm;
-        void *ctx = zmq_ctx_new();
+        void *ctx = s_ctx(n_conns);
         char err[256];
         kvt_receiver_t *r = kvt_receiver_create(ctx, &rp, err, sizeof err);
         if (!r) {
@@ -223,7 +249,8 @@ static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use
     sp.endpoint = endpoint, sp.sender_id = "bench", sp.fingerprint = s_fingerprint(&l), sp.layout = l;
     sp.pool_base = pool;
     sp.pool_shm_name = use_shm ? shm_name : NULL;
-    void *ctx = zmq_ctx_new();
+    sp.n_conns = n_conns;
+    void *ctx = s_ctx(n_conns);
     char err[256];
     kvt_sender_t *s = kvt_sender_create(ctx, &sp, err, sizeof err);
     if (!s) PD_FATAL("sender: %s", err);
@@ -232,10 +259,16 @@ static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use
     double tail;
     s_kvt_result_t res = {0, 0};
     s_kvt_one(s, &l, 1, ids, n_tokens, 0, &tail); /* warm-up */
-    res.gbps = (double)bytes / s_kvt_one(s, &l, 2, ids, n_tokens, 0, &tail) / 1e9;
-    if (layer_ms > 0) {
-        s_kvt_one(s, &l, 3, ids, n_tokens, layer_ms, &tail);
-        res.stream_tail_ms = tail * 1000.0;
+    res.stream_tail_ms = 1e30;
+    for (int i = 0; i < reps; i++) { /* best of reps: the host is shared */
+        double g = (double)bytes / s_kvt_one(s, &l, 2 + 2 * (uint64_t)i, ids, n_tokens, 0, &tail) / 1e9;
+        if (g > res.gbps) res.gbps = g;
+        if (layer_ms > 0) {
+            s_kvt_one(s, &l, 3 + 2 * (uint64_t)i, ids, n_tokens, layer_ms, &tail);
+            if (tail * 1000.0 < res.stream_tail_ms) res.stream_tail_ms = tail * 1000.0;
+        } else {
+            s_kvt_one(s, &l, 3 + 2 * (uint64_t)i, ids, n_tokens, 0, &tail); /* keeps the count fixed */
+        }
     }
     kvt_stats_t kst;
     kvt_sender_stats(s, &kst);
@@ -259,7 +292,7 @@ int main(int argc, char **argv) {
     pd_log_init("bench", PD_LOG_WARN);
     const char *sizes = "16,128,512", *transports = "ipc,tcp,shm";
     double layer_ms = 10;
-    int only_kvt = 0;
+    int only_kvt = 0, reps = 3, n_conns = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--sizes-mib"))
             sizes = argv[i + 1];
@@ -269,13 +302,20 @@ int main(int argc, char **argv) {
             layer_ms = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--only-kvt"))
             only_kvt = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--reps"))
+            reps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--conns"))
+            n_conns = atoi(argv[i + 1]);
     }
+    if (reps < 1) reps = 1;
+    if (n_conns < 1 || n_conns > 8) PD_FATAL("--conns: 1 to 8");
     signal(SIGPIPE, SIG_IGN);
-    printf("kv_transfer: layout llama3-8b bf16, %.0f KiB per token; one process per side; stream: %.1f ms per layer\n",
+    printf("kv_transfer: layout llama3-8b bf16, %.0f KiB per token; one process per side; stream: %.1f ms per layer; "
+           "best of %d; connections per sender (and plain zmq sockets): %d\n",
            (double)eng_kv_token_bytes(
                &(eng_kv_layout_t){.n_layers = 32, .n_kv_heads = 8, .head_dim = 128, .dtype = ENG_KV_BF16}) /
                1024.0,
-           layer_ms);
+           layer_ms, reps, n_conns);
     char sz_buf[128];
     snprintf(sz_buf, sizeof sz_buf, "%s", sizes);
     for (char *tok = strtok(sz_buf, ","); tok; tok = strtok(NULL, ",")) {
@@ -298,12 +338,19 @@ int main(int argc, char **argv) {
                 snprintf(ep, sizeof ep, "tcp://127.0.0.1:%d", 20000 + (int)(getpid() % 20000));
             else
                 snprintf(ep, sizeof ep, "ipc:///tmp/pd-bench-kv-%d", (int)getpid());
-            double z = only_kvt ? 0 : s_zmq_gbps(ep, bytes);
-            s_kvt_result_t k = s_kvt_run(ep, n_tokens, use_shm, layer_ms);
-            printf("size %4d MiB %s: kvtransfer %.2f GB/s = %.0f%% of plain zmq %s (%.2f GB/s), %.0f%% of memcpy "
-                   "(%.2f GB/s); stream tail %.1f ms\n",
-                   mib, tr, k.gbps, z > 0 ? 100 * k.gbps / z : 0, use_shm ? "ipc" : tr, z,
-                   mc > 0 ? 100 * k.gbps / mc : 0, mc, k.stream_tail_ms);
+            /* shm: the data path is not a socket, so its sender uses one connection */
+            int nc = use_shm ? 1 : n_conns;
+            double z = 0;
+            for (int i = 0; !only_kvt && i < reps; i++) {
+                double zi = s_zmq_gbps(ep, bytes, nc);
+                if (zi > z) z = zi;
+            }
+            s_kvt_result_t k = s_kvt_run(ep, n_tokens, use_shm, layer_ms, reps, nc);
+            printf(
+                "size %4d MiB %s x%d: kvtransfer %.2f GB/s = %.0f%% of plain zmq %s x%d (%.2f GB/s), %.0f%% of memcpy "
+                "(%.2f GB/s); stream tail %.1f ms\n",
+                mib, tr, nc, k.gbps, z > 0 ? 100 * k.gbps / z : 0, use_shm ? "ipc" : tr, nc, z,
+                mc > 0 ? 100 * k.gbps / mc : 0, mc, k.stream_tail_ms);
             fflush(stdout);
         }
     }

@@ -87,7 +87,13 @@ typedef struct {
     /* Blocks whose chunks are consecutive in the pool travel as one frame of up to this many bytes
      * (default 1 MiB; at least one chunk); fewer, larger frames are what ZeroMQ moves fastest. */
     size_t max_frame_bytes;
+    /* Connections (DEALER sockets) to the receiver (default 1, at most KVT_MAX_CONNS). With more than one,
+     * a transfer's payload messages are dealt round robin over all of them (reserve, commit and cancel use
+     * the first), so one large transfer uses several TCP streams. The shared-pool path uses the first only. */
+    int32_t n_conns;
 } kvt_sender_params_t;
+
+#define KVT_MAX_CONNS 8
 
 kvt_sender_params_t kvt_sender_params_default(void);
 
@@ -123,7 +129,9 @@ PD_NODISCARD pd_status kvt_sender_cancel(kvt_sender_t *s, uint64_t transfer_id);
  * connection is unusable (handshake refused: PD_EPROTO with the reason from kvt_sender_error). */
 int kvt_sender_poll(kvt_sender_t *s, int timeout_ms, kvt_event_t *events, int cap);
 const char *kvt_sender_error(const kvt_sender_t *s);
-/* The DEALER socket, for a caller's zmq_poller (ZMQ_POLLIN means kvt_sender_poll has work). */
+/* The DEALER socket, for a caller's zmq_poller (ZMQ_POLLIN means kvt_sender_poll has work). With n_conns > 1
+ * it is the first connection's, which carries every reply but the other connections' hello replies:
+ * call kvt_sender_poll at least every few ms while transfers are live (as release already needs). */
 void *kvt_sender_socket(kvt_sender_t *s);
 
 /* ---- receiver ---- */
@@ -146,7 +154,7 @@ typedef struct {
     kvt_fingerprint_t fingerprint;
     eng_kv_layout_t layout; /* the receiver's pool */
     kvt_store_t store;
-    uint64_t credit_bytes;      /* payload bytes in flight per sender connection (default 64 MiB) */
+    uint64_t credit_bytes;      /* payload bytes in flight per sender (all its connections; default 64 MiB) */
     uint64_t max_message_bytes; /* ZMQ_MAXMSGSIZE-style cap on one message (default 256 MiB) */
     int32_t max_transfers;      /* concurrent transfers (default 256) */
     int32_t default_timeout_ms; /* when a reservation names none (default 30000) */
@@ -185,6 +193,7 @@ typedef struct {
     int32_t reserved_blocks;    /* blocks currently held for unfinished transfers */
     uint64_t shm_payload_bytes; /* of payload_bytes, those copied through the shared pool */
     int32_t shm_peers;          /* receiver: peers whose pool is mapped; sender: 1 while the peer maps ours */
+    uint64_t striped_msgs;      /* payload messages sent / received on a connection other than a sender's first */
 } kvt_stats_t;
 
 void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out);

@@ -13,11 +13,17 @@
 #define KVT_MAX_PAYLOAD_FRAMES    1024u         /* payload frames in one KvData message (2 per block-layer) */
 #define KVT_MAX_ENVELOPE_BYTES    (32u * 1024u) /* one packed KvEnvelope; KvData with 1024 checksums ~ 9 KiB */
 #define KVT_MAX_MSG_PAYLOAD_BYTES (16u << 20)   /* the sender's own cap on payload bytes per message */
-#define KVT_MAX_SHM_MSG_BYTES     (4u << 20)    /* ... when the payload goes through the shared pool */
-#define KVT_MAX_TIMEOUT_MS        600000        /* longest reservation a peer may ask for */
-#define KVT_MAX_PEERS             64            /* sender connections a receiver tracks at once */
-#define KVT_SNDHWM                100000        /* messages; see README "ZeroMQ options" */
-#define KVT_RCVHWM                100000
+#ifndef KVT_SOCK_MSG_BYTES
+#define KVT_SOCK_MSG_BYTES (1u << 20) /* the sender's target per message over a socket (at least a block-layer) */
+#endif
+#define KVT_MAX_SHM_MSG_BYTES (1u << 20) /* ... when the payload goes through the shared pool */
+#ifndef KVT_SHM_WINDOW_BYTES
+#define KVT_SHM_WINDOW_BYTES (4u << 20) /* shared pool: payload bytes the sender runs ahead (cache-sized) */
+#endif
+#define KVT_MAX_TIMEOUT_MS 600000 /* longest reservation a peer may ask for */
+#define KVT_MAX_PEERS      64     /* sender connections a receiver tracks at once */
+#define KVT_SNDHWM         100000 /* messages; see README "ZeroMQ options" */
+#define KVT_RCVHWM         100000
 
 /* ---- wire (kvt_wire.c) ---- */
 
@@ -54,6 +60,17 @@ void kvt_copy_str(char *dst, size_t cap, const char *src);
 PD_NODISCARD pd_status kvt_shm_map(const char *name, uint64_t bytes, const void **base);
 void kvt_shm_unmap(const void *base, uint64_t bytes);
 
+/* ---- checksums (kvt_hash.c): XXH3-64 built for this target's vector width; any thread ---- */
+
+typedef struct {
+    _Alignas(64) unsigned char opaque[768]; /* an XXH3_state_t (checked in kvt_hash.c) */
+} kvt_hash_t;
+
+uint64_t kvt_hash64(const void *p, size_t n);
+void kvt_hash_reset(kvt_hash_t *h);
+void kvt_hash_update(kvt_hash_t *h, const void *p, size_t n);
+uint64_t kvt_hash_digest(const kvt_hash_t *h);
+
 /* ---- dtype conversion (kvt_convert.c): exact up-conversion, round-to-nearest-even down-conversion ---- */
 
 uint16_t kvt_f32_to_f16(float x);
@@ -62,6 +79,10 @@ uint16_t kvt_f32_to_bf16(float x);
 float kvt_bf16_to_f32(uint16_t b);
 /* n elements from src (src_dt) to dst (dst_dt); memcpy when the dtypes are equal. */
 void kvt_convert(void *dst, eng_kv_dtype_t dst_dt, const void *src, eng_kv_dtype_t src_dt, size_t n);
+/* memcpy with non-temporal stores where the CPU has them (x86 SSE2); call kvt_copy_fence before another
+ * thread may read dst. */
+void kvt_copy_stream(void *dst, const void *src, size_t n);
+void kvt_copy_fence(void);
 
 /* ---- entry points for tests and the fuzzer ---- */
 

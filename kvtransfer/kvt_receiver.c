@@ -6,8 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#define XXH_STATIC_LINKING_ONLY /* XXH3_state_t on the stack */
-#include <xxhash.h>
 #include <zmq.h>
 
 #include "kvt_int.h"
@@ -22,13 +20,17 @@ typedef struct {
     char name[64];    /* sender_id from the hello, for logs */
     const void *shm;  /* the sender's pool, mapped read-only (NULL: sockets only) */
     uint64_t shm_bytes;
+    uint64_t group;      /* KvHello.conn_group: 0, or the sender's connections share it */
+    uint32_t conn_index; /* within the group; 0 = the primary, which owns the group's transfers */
 } kvt_peer_t;
 
 typedef struct {
     bool in_use;
     int32_t peer;
     uint64_t request_id, transfer_id;
-    uint32_t epoch, next_seq;
+    uint32_t epoch;
+    uint32_t next_seq[KVT_MAX_CONNS]; /* per connection of the sender's group */
+    uint32_t n_msgs;                  /* KvData messages accepted, all connections */
     int32_t n_tokens, n_blocks;
     int32_t *block_ids; /* (n_blocks) reserved from the store, owned until commit or release */
     uint8_t *got;       /* (n_layers * n_blocks) 1 once that block-layer's K and V were written */
@@ -199,7 +201,18 @@ static void s_on_hello(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvHel
     rep.fingerprint = &fp;
     rep.max_message_bytes = r->p.max_message_bytes;
     rep.frame_runs = true;
+    rep.conn_groups = true;
     s_peer_unmap(r, pe); /* a reconnecting sender may offer another pool */
+    pe->group = 0;
+    if (m->conn_group != 0 && m->conn_index < KVT_MAX_CONNS) {
+        /* a newer hello for the same place in the group (a reconnect) supersedes the older connection */
+        for (int32_t i = 0; i < KVT_MAX_PEERS; i++)
+            if (i != peer && r->peers[i].in_use && r->peers[i].group == m->conn_group &&
+                r->peers[i].conn_index == m->conn_index)
+                r->peers[i].group = 0;
+        pe->group = m->conn_group;
+        pe->conn_index = m->conn_index;
+    }
     if (st == PD_OK && r->p.is_shm_enabled && m->shm_name && m->shm_name[0] &&
         kvt_shm_map(m->shm_name, m->shm_bytes, &pe->shm) == PD_OK) {
         pe->shm_bytes = m->shm_bytes;
@@ -297,10 +310,6 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
 static pd_status s_check_data(const kvt_receiver_t *r, const kvt_rtx_t *t, const Pdserve__V1__KvData *d,
                               size_t n_payload, bool is_truncated, eng_kv_dtype_t *wire_dt, char *why, size_t cap) {
     const eng_kv_layout_t *l = &r->p.layout;
-    if (d->seq != t->next_seq) {
-        snprintf(why, cap, "data: seq %u, expected %u (gap or repeat)", d->seq, t->next_seq);
-        return PD_EPROTO;
-    }
     if (!kvt_dtype_from_pb(d->dtype, wire_dt) || d->block_size != (uint32_t)l->block_size ||
         d->n_kv_heads != (uint32_t)l->n_kv_heads || d->head_dim != (uint32_t)l->head_dim) {
         snprintf(why, cap, "data: layout dtype %d block_size %u n_kv_heads %u head_dim %u does not match the pool",
@@ -345,6 +354,8 @@ static pd_status s_check_data(const kvt_receiver_t *r, const kvt_rtx_t *t, const
     return PD_OK;
 }
 
+#define KVT_COPY_PIECE (16u << 10) /* bytes hashed and stored per step: stays in L1 between the two */
+
 /* What s_on_data needs for each frame. */
 typedef struct {
     const Pdserve__V1__KvData *d;
@@ -376,21 +387,27 @@ static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size
                  in->shm ? "outside the shared pool" : "wrong size");
         return false;
     }
-    XXH3_state_t hs;
-    XXH3_64bits_reset(&hs);
+    kvt_hash_t hs;
+    kvt_hash_reset(&hs);
     for (uint32_t i = 0; i < n; i++, src += in->wire_chunk) {
         uint8_t *dst = r->p.store.chunk(r->p.store.ctx, (int32_t)ly, (eng_kv_kind_t)kind, t->block_ids[b + i]);
         if (in->wire_dt == l->dtype) {
-            memcpy(dst, src, in->wire_chunk);
-            XXH3_64bits_update(&hs, dst, in->wire_chunk);
+            /* in L1-sized pieces: hash, then stream to the block. A shared-pool piece is first copied to
+             * scratch (the sender could change it between our hash and our copy); a socket frame is ours. */
+            for (size_t o = 0; o < in->wire_chunk; o += KVT_COPY_PIECE) {
+                size_t k = in->wire_chunk - o < KVT_COPY_PIECE ? in->wire_chunk - o : KVT_COPY_PIECE;
+                const uint8_t *c = in->shm ? memcpy(r->scratch, src + o, k) : src + o;
+                kvt_hash_update(&hs, c, k);
+                kvt_copy_stream(dst + o, c, k);
+            }
         } else {
             const uint8_t *c = src;
             if (in->shm) c = memcpy(r->scratch, src, in->wire_chunk);
-            XXH3_64bits_update(&hs, c, in->wire_chunk);
+            kvt_hash_update(&hs, c, in->wire_chunk);
             kvt_convert(dst, l->dtype, c, in->wire_dt, eng_kv_chunk_elems(l));
         }
     }
-    if (XXH3_64bits_digest(&hs) != in->d->checksums[f]) {
+    if (kvt_hash_digest(&hs) != in->d->checksums[f]) {
         snprintf(why, cap, "data: layer %u blocks [%u,+%u) %c: checksum mismatch", ly, b, n, kind ? 'V' : 'K');
         return false;
     }
@@ -408,12 +425,33 @@ static bool s_put_pair(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_
     return true;
 }
 
-static void s_on_data(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvData *d, const void *const *frames,
+/* The primary connection of peer's group, which owns the group's transfers (peer itself if it has none). */
+static int32_t s_primary(const kvt_receiver_t *r, int32_t peer) {
+    const kvt_peer_t *pe = &r->peers[peer];
+    if (pe->group == 0 || pe->conn_index == 0) return peer;
+    for (int32_t i = 0; i < KVT_MAX_PEERS; i++)
+        if (r->peers[i].in_use && r->peers[i].is_ok && r->peers[i].group == pe->group && r->peers[i].conn_index == 0)
+            return i;
+    return -1;
+}
+
+static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData *d, const void *const *frames,
                       const size_t *sizes, size_t n_payload, bool is_truncated) {
-    kvt_rtx_t *t = s_live(r, peer, d->transfer_id, d->epoch);
-    if (!t) return; /* stale: never written */
+    int32_t peer = s_primary(r, conn);
+    kvt_rtx_t *t = peer >= 0 ? s_live(r, peer, d->transfer_id, d->epoch) : NULL;
+    if (!t) { /* stale: never written */
+        if (peer < 0) r->st.frames_dropped_stale++;
+        return;
+    }
     kvt_data_in_t in = {.d = d, .frames = frames, .sizes = sizes};
     char why[160];
+    uint32_t ci = r->peers[conn].group ? r->peers[conn].conn_index : 0;
+    if (d->seq != t->next_seq[ci]) {
+        snprintf(why, sizeof why, "data: seq %u, expected %u (gap or repeat; connection %u)", d->seq, t->next_seq[ci],
+                 ci);
+        s_fail(r, t, PD_EPROTO, why, true);
+        return;
+    }
     if (s_check_data(r, t, d, n_payload, is_truncated, &in.wire_dt, why, sizeof why) != PD_OK) {
         s_fail(r, t, PD_EPROTO, why, true);
         return;
@@ -435,11 +473,14 @@ static void s_on_data(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvData
             for (uint32_t ly = d->first_layer; ok && ly < last_layer; ly++, f += 2)
                 ok = s_put_pair(r, t, &in, f, ly, b, 1, why, sizeof why);
     }
+    kvt_copy_fence();
     if (!ok) {
         s_fail(r, t, PD_EPROTO, why, true);
         return;
     }
-    t->next_seq++;
+    t->next_seq[ci]++;
+    t->n_msgs++;
+    r->st.striped_msgs += ci > 0;
     r->st.payload_bytes += in.total;
     if (in.shm) r->st.shm_payload_bytes += in.total;
     Pdserve__V1__KvCredit c = PDSERVE__V1__KV_CREDIT__INIT;
@@ -457,9 +498,9 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     if (!t) return;
     int32_t want = r->p.layout.n_layers * t->n_blocks;
     char why[160];
-    if (m->n_frames != t->next_seq || t->n_got != want || m->first_token < 0) {
+    if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0) {
         snprintf(why, sizeof why, "commit: %u messages sent, %u received; %d of %d block-layers; first_token %d",
-                 m->n_frames, t->next_seq, t->n_got, want, m->first_token);
+                 m->n_frames, t->n_msgs, t->n_got, want, m->first_token);
         s_fail(r, t, PD_EPROTO, why, true);
         return;
     }

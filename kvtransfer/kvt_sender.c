@@ -1,14 +1,14 @@
 /* kvt_sender.c: the prefill side of the KV hand-off: one DEALER per decode peer, transfers streamed layer
  * by layer straight from the caller's pool (zero copy) within the receiver's credit. Does not decide what
  * to send or when a block may be reused: the caller marks layers ready and unpins on KVT_EV_RELEASED. */
-#define _POSIX_C_SOURCE 200809L /* nanosleep */
+#define _GNU_SOURCE /* nanosleep, getrandom */
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
-#include <xxhash.h>
 #include <zmq.h>
 
 #include "kvt_int.h"
@@ -40,20 +40,30 @@ typedef struct {
     int32_t n_layers_ready;
     bool has_commit, is_blocked, corrupt_next;
     int32_t first_token;
-    int32_t cur_layer, cur_block; /* next chunk pair to send */
-    uint32_t next_seq;
-    uint64_t in_flight_bytes; /* sent and not yet credited back */
-    uint64_t deadline_us;     /* 0 = none */
-    uint64_t last_heard_us;   /* last progress with the peer: a send, a reply, a credit */
+    int32_t cur_layer, cur_block;     /* next chunk pair to send */
+    uint32_t next_seq[KVT_MAX_CONNS]; /* per connection */
+    uint32_t n_sent;                  /* KvData messages, all connections */
+    bool is_striped;                  /* some went on a connection other than the primary */
+    uint64_t in_flight_bytes;         /* sent and not yet credited back */
+    uint64_t deadline_us;             /* 0 = none */
+    uint64_t last_heard_us;           /* last progress with the peer: a send, a reply, a credit */
 } kvt_stx_t;
 
-struct kvt_sender {
+/* One DEALER connection to the receiver; conn[0] is the primary (control messages, every reply). */
+typedef struct {
     void *sock;
+    kvt_hs_t hs;
+    uint64_t hello_sent_us;
+} kvt_conn_t;
+
+struct kvt_sender {
+    kvt_conn_t conn[KVT_MAX_CONNS];
+    int32_t n_conns, next_conn; /* next_conn: round robin for KvData */
+    uint64_t conn_group;        /* random, non-zero with several connections */
     kvt_sender_params_t p;
     char endpoint[256], sender_id[64], error[256], shm_name[256];
-    kvt_hs_t hs;
-    bool use_runs, use_shm; /* what the receiver answered in its hello reply */
-    uint64_t hello_sent_us;
+    kvt_hs_t hs;                            /* the primary's handshake (== conn[0].hs) */
+    bool use_runs, use_shm, use_groups;     /* what the receiver answered in its hello reply */
     uint64_t window_bytes, in_flight_bytes; /* credit of this connection */
     uint64_t peer_max_msg_bytes;
     uint64_t conn_heard_us; /* last message from the receiver, any transfer */
@@ -79,6 +89,7 @@ kvt_sender_params_t kvt_sender_params_default(void) {
     p.max_transfers = 256;
     p.heartbeat_ivl_ms = 1000;
     p.max_frame_bytes = 1u << 20;
+    p.n_conns = 1;
     return p;
 }
 
@@ -109,7 +120,7 @@ static kvt_stx_t *s_find(kvt_sender_t *s, uint64_t transfer_id) {
 }
 
 static pd_status s_send_ctrl(kvt_sender_t *s, Pdserve__V1__KvEnvelope *env) {
-    return kvt_send_env(s->sock, NULL, 0, env, s->envbuf, sizeof s->envbuf, false);
+    return kvt_send_env(s->conn[0].sock, NULL, 0, env, s->envbuf, sizeof s->envbuf, false);
 }
 
 static void s_send_cancel(kvt_sender_t *s, const kvt_stx_t *t, pd_status why, const char *msg) {
@@ -150,7 +161,7 @@ kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, cha
     if (kvt_endpoint_check(p->endpoint, err, err_cap) != PD_OK) return NULL;
     if (!zmq_ctx || !p->pool_base || l->n_layers <= 0 || l->n_kv_heads <= 0 || l->head_dim <= 0 || l->block_size <= 0 ||
         l->n_blocks <= 0 || l->dtype > ENG_KV_BF16 || p->max_transfers <= 0 || p->max_transfers > 65536 ||
-        p->reply_timeout_ms <= 0 || p->handshake_timeout_ms <= 0 || p->linger_ms < 0) {
+        p->reply_timeout_ms <= 0 || p->handshake_timeout_ms <= 0 || p->linger_ms < 0 || p->n_conns > KVT_MAX_CONNS) {
         snprintf(err, err_cap, "kvt sender: bad params (zmq_ctx, pool_base, layout, limits)");
         return NULL;
     }
@@ -178,18 +189,26 @@ kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, cha
         atomic_init(&s->rel->slots[i].n_frames, 0);
         s->rel->slots[i].owner = s->rel;
     }
-    s->sock = zmq_socket(zmq_ctx, ZMQ_DEALER);
-    if (!s->sock) {
-        snprintf(err, err_cap, "zmq_socket(DEALER): %s", zmq_strerror(errno));
-        goto fail;
-    }
-    if (kvt_socket_setup(s->sock, p->linger_ms, p->heartbeat_ivl_ms, err, err_cap) != PD_OK) goto fail;
-    /* IMMEDIATE: queue only to a completed connection, so nothing waits in a pipe to a peer that is not
-     * there (sends return EAGAIN and the work stays in the transfer's cursor) */
-    int one = 1;
-    if (zmq_setsockopt(s->sock, ZMQ_IMMEDIATE, &one, sizeof one) != 0 || zmq_connect(s->sock, p->endpoint) != 0) {
-        snprintf(err, err_cap, "kvt sender: connect %s: %s", p->endpoint, zmq_strerror(errno));
-        goto fail;
+    s->n_conns = p->n_conns > 1 ? p->n_conns : 1;
+    while (s->n_conns > 1 && s->conn_group == 0)
+        if (getrandom(&s->conn_group, sizeof s->conn_group, 0) != (ssize_t)sizeof s->conn_group)
+            s->conn_group = (uint64_t)pd_now_us() * 0x9e3779b97f4a7c15ull;
+    for (int32_t c = 0; c < s->n_conns; c++) {
+        kvt_conn_t *cn = &s->conn[c];
+        cn->sock = zmq_socket(zmq_ctx, ZMQ_DEALER);
+        if (!cn->sock) {
+            snprintf(err, err_cap, "zmq_socket(DEALER): %s", zmq_strerror(errno));
+            goto fail;
+        }
+        if (kvt_socket_setup(cn->sock, p->linger_ms, p->heartbeat_ivl_ms, err, err_cap) != PD_OK) goto fail;
+        /* IMMEDIATE: queue only to a completed connection, so nothing waits in a pipe to a peer that is not
+         * there (sends return EAGAIN and the work stays in the transfer's cursor) */
+        int one = 1;
+        if (zmq_setsockopt(cn->sock, ZMQ_IMMEDIATE, &one, sizeof one) != 0 || zmq_connect(cn->sock, p->endpoint) != 0) {
+            snprintf(err, err_cap, "kvt sender: connect %s: %s", p->endpoint, zmq_strerror(errno));
+            goto fail;
+        }
+        cn->hs = HS_NEW;
     }
     s->hs = HS_NEW;
     return s;
@@ -201,7 +220,8 @@ fail:
 void kvt_sender_destroy(kvt_sender_t **sp) {
     if (!sp || !*sp) return;
     kvt_sender_t *s = *sp;
-    if (s->sock) zmq_close(s->sock);
+    for (int32_t c = 0; c < KVT_MAX_CONNS; c++)
+        if (s->conn[c].sock) zmq_close(s->conn[c].sock);
     /* wait (bounded) until ZeroMQ dropped every frame pointing into the caller's pool */
     uint64_t give_up = pd_now_us() + (uint64_t)s->p.linger_ms * 1000u + 1000000u;
     while (atomic_load(&s->rel->refs) > 1 && pd_now_us() < give_up) {
@@ -284,21 +304,24 @@ pd_status kvt_sender_test_corrupt(kvt_sender_t *s, uint64_t transfer_id) {
 
 /* ---- incoming ---- */
 
-static void s_on_hello_reply(kvt_sender_t *s, const Pdserve__V1__KvHelloReply *m) {
-    if (s->hs == HS_OK || s->hs == HS_REFUSED) return;
+static void s_on_hello_reply(kvt_sender_t *s, int32_t c, const Pdserve__V1__KvHelloReply *m) {
+    if (s->hs == HS_REFUSED || s->conn[c].hs == HS_OK) return;
     int code = m->error ? (int)m->error->code : 0;
     if (code != PDSERVE__V1__ERROR_CODE__ERR_NONE) {
         snprintf(s->error, sizeof s->error, "receiver %.60s refused the handshake: %.160s", s->endpoint,
                  m->error && m->error->message ? m->error->message : "(no reason)");
         LOG_E("%s", s->error);
-        s->hs = HS_REFUSED;
+        s->hs = s->conn[0].hs = HS_REFUSED; /* any connection refused: the whole sender is */
         for (int32_t i = 0; i < s->p.max_transfers; i++) s_end(s, &s->tx[i], PD_EPROTO, s->error, false);
         return;
     }
+    s->conn[c].hs = HS_OK;
+    if (c > 0) return;
     s->hs = HS_OK;
     s->peer_max_msg_bytes = m->max_message_bytes;
     s->use_runs = m->frame_runs;
     s->use_shm = m->shm_mapped && s->p.pool_shm_name;
+    s->use_groups = m->conn_groups && s->n_conns > 1 && !s->use_shm; /* the shared pool needs no striping */
 }
 
 static void s_on_reserve_reply(kvt_sender_t *s, const Pdserve__V1__KvReserveReply *m) {
@@ -369,12 +392,13 @@ static void s_on_cancel(kvt_sender_t *s, const Pdserve__V1__KvCancel *m) {
     s_end(s, t, st == PD_OK ? PD_ECLOSED : st, why, false);
 }
 
-/* Reads what is there, at most a bounded number of messages per call. */
-static void s_recv_all(kvt_sender_t *s) {
+/* Reads what is there on connection c, at most a bounded number of messages per call. */
+static void s_recv_conn(kvt_sender_t *s, int32_t c) {
+    void *sock = s->conn[c].sock;
     for (int i = 0; i < 4096; i++) {
         zmq_msg_t m;
         zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, s->sock, ZMQ_DONTWAIT) < 0) {
+        if (zmq_msg_recv(&m, sock, ZMQ_DONTWAIT) < 0) {
             zmq_msg_close(&m);
             return;
         }
@@ -383,7 +407,7 @@ static void s_recv_all(kvt_sender_t *s) {
         zmq_msg_close(&m);
         while (more) { /* the receiver never sends multipart: drain and drop */
             zmq_msg_init(&m);
-            if (zmq_msg_recv(&m, s->sock, ZMQ_DONTWAIT) < 0)
+            if (zmq_msg_recv(&m, sock, ZMQ_DONTWAIT) < 0)
                 more = false;
             else
                 more = zmq_msg_more(&m);
@@ -399,7 +423,7 @@ static void s_recv_all(kvt_sender_t *s) {
         }
         s->conn_heard_us = pd_now_us();
         switch (env->body_case) {
-        case PDSERVE__V1__KV_ENVELOPE__BODY_HELLO_REPLY: s_on_hello_reply(s, env->hello_reply); break;
+        case PDSERVE__V1__KV_ENVELOPE__BODY_HELLO_REPLY: s_on_hello_reply(s, c, env->hello_reply); break;
         case PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE_REPLY: s_on_reserve_reply(s, env->reserve_reply); break;
         case PDSERVE__V1__KV_ENVELOPE__BODY_CREDIT: s_on_credit(s, env->credit); break;
         case PDSERVE__V1__KV_ENVELOPE__BODY_DONE: s_on_done(s, env->done); break;
@@ -410,24 +434,31 @@ static void s_recv_all(kvt_sender_t *s) {
     }
 }
 
+static void s_recv_all(kvt_sender_t *s) {
+    for (int32_t c = 0; c < s->n_conns; c++) s_recv_conn(s, c);
+}
+
 /* ---- outgoing ---- */
 
-static void s_send_hello(kvt_sender_t *s, uint64_t now) {
+static void s_send_hello(kvt_sender_t *s, int32_t c, uint64_t now) {
     Pdserve__V1__Fingerprint fp;
     kvt_fp_to_pb(&s->p.fingerprint, &fp);
     Pdserve__V1__KvHello h = PDSERVE__V1__KV_HELLO__INIT;
     h.fingerprint = &fp;
     h.sender_id = s->sender_id;
-    if (s->p.pool_shm_name) {
+    if (s->p.pool_shm_name && c == 0) { /* one mapping per sender: the primary's */
         h.shm_name = s->shm_name;
         h.shm_bytes = eng_kv_pool_bytes(&s->p.layout);
     }
+    h.conn_group = s->conn_group;
+    h.conn_index = (uint32_t)c;
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_HELLO;
     env.hello = &h;
-    if (s_send_ctrl(s, &env) == PD_OK) {
-        s->hs = HS_SENT;
-        s->hello_sent_us = now;
+    if (kvt_send_env(s->conn[c].sock, NULL, 0, &env, s->envbuf, sizeof s->envbuf, false) == PD_OK) {
+        s->conn[c].hs = HS_SENT;
+        s->conn[c].hello_sent_us = now;
+        if (c == 0) s->hs = HS_SENT;
     }
 }
 
@@ -455,7 +486,7 @@ static pd_status s_send_commit(kvt_sender_t *s, kvt_stx_t *t, uint64_t now) {
     Pdserve__V1__KvCommit m = PDSERVE__V1__KV_COMMIT__INIT;
     m.transfer_id = t->transfer_id;
     m.epoch = t->epoch;
-    m.n_frames = t->next_seq;
+    m.n_frames = t->n_sent;
     m.first_token = t->first_token;
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_COMMIT;
@@ -487,37 +518,57 @@ static uint32_t s_plan_runs(kvt_sender_t *s, const kvt_stx_t *t, int32_t b0, int
  * as the message cap and the connection's credit allow; the payload goes as ZeroMQ frames pointing into
  * the pool, or (shared pool) as offsets the receiver copies from. PD_OK sent, KVT_WAIT_CREDIT, PD_EAGAIN
  * (socket full), PD_EIO. */
+/* The connection for the next KvData: round robin over those whose handshake passed (the primary when the
+ * receiver does not know connection groups). */
+static int32_t s_pick_conn(kvt_sender_t *s) {
+    if (!s->use_groups) return 0;
+    for (int32_t k = 0; k < s->n_conns; k++) {
+        int32_t c = (s->next_conn + k) % s->n_conns;
+        if (s->conn[c].hs == HS_OK) {
+            s->next_conn = (c + 1) % s->n_conns;
+            return c;
+        }
+    }
+    return 0;
+}
+
 static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64_t now) {
     const eng_kv_layout_t *l = &s->p.layout;
     size_t chunk = eng_kv_chunk_bytes(l), pair = 2 * chunk;
-    /* shared pool: smaller messages, so the receiver starts copying while the sender still checksums */
-    uint64_t msg_cap = s->use_shm ? KVT_MAX_SHM_MSG_BYTES : KVT_MAX_MSG_PAYLOAD_BYTES;
+    /* messages of a few MiB: the receiver starts on one while the next is checksummed and in transit, and
+     * the last one (the tail after the last layer) is short */
+    uint64_t msg_cap = s->use_shm ? KVT_MAX_SHM_MSG_BYTES : KVT_SOCK_MSG_BYTES;
     if (!s->use_shm && s->peer_max_msg_bytes - KVT_MAX_ENVELOPE_BYTES < msg_cap)
         msg_cap = s->peer_max_msg_bytes - KVT_MAX_ENVELOPE_BYTES;
+    if (msg_cap < pair) msg_cap = pair; /* one block-layer always fits (checked at create and in the reply) */
     uint64_t k = (uint64_t)(t->n_blocks - t->cur_block);
     if (k > KVT_MAX_PAYLOAD_FRAMES / 2) k = KVT_MAX_PAYLOAD_FRAMES / 2;
     if (k > msg_cap / pair) k = msg_cap / pair;
-    uint64_t avail = s->window_bytes > s->in_flight_bytes ? s->window_bytes - s->in_flight_bytes : 0;
+    /* shared pool: run at most a few MiB ahead of the receiver, so the blocks just hashed here are still in
+     * the last-level cache when the receiver copies them (a full window ahead, both read them from DRAM) */
+    uint64_t window = s->use_shm && s->window_bytes > KVT_SHM_WINDOW_BYTES ? KVT_SHM_WINDOW_BYTES : s->window_bytes;
+    uint64_t avail = window > s->in_flight_bytes ? window - s->in_flight_bytes : 0;
     if (k * pair > avail) k = avail / pair;
     if (k == 0) {
         if (s->in_flight_bytes > 0) return KVT_WAIT_CREDIT;
         k = 1; /* a window below one block-layer still moves one at a time */
     }
-    int32_t layer = t->cur_layer;
+    int32_t layer = t->cur_layer, c = s_pick_conn(s);
+    void *sock = s->conn[c].sock;
     uint32_t n_runs = s_plan_runs(s, t, t->cur_block, (int32_t)k);
     size_t n_frames = 2u * n_runs;
     /* frame f: run f/2, kind f%2; a run's chunks are consecutive in the pool */
     for (size_t f = 0, b = (size_t)t->cur_block; f < n_frames; f++) {
         size_t off = eng_kv_chunk_offset(l, layer, (eng_kv_kind_t)(f % 2), t->block_ids[b]);
         s->shm_off[f] = off;
-        s->cksum[f] = XXH3_64bits((const uint8_t *)s->p.pool_base + off, s->runs[f / 2] * chunk);
+        s->cksum[f] = kvt_hash64((const uint8_t *)s->p.pool_base + off, s->runs[f / 2] * chunk);
         if (f % 2) b += s->runs[f / 2];
     }
     if (t->corrupt_next) s->cksum[0] ^= 1u;
     Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
     d.transfer_id = t->transfer_id;
     d.epoch = t->epoch;
-    d.seq = t->next_seq;
+    d.seq = t->next_seq[c];
     d.first_layer = (uint32_t)layer;
     d.n_layers = 1;
     d.first_block = (uint32_t)t->cur_block;
@@ -539,7 +590,7 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_DATA;
     env.data = &d;
-    pd_status st = kvt_send_env(s->sock, NULL, 0, &env, s->envbuf, sizeof s->envbuf, !s->use_shm);
+    pd_status st = kvt_send_env(sock, NULL, 0, &env, s->envbuf, sizeof s->envbuf, !s->use_shm);
     if (st != PD_OK) return st == PD_EAGAIN ? PD_EAGAIN : PD_EIO;
     /* once the first frame is queued, ZeroMQ accepts the rest of the message (HWM counts messages) */
     kvt_relslot_t *rs = &s->rel->slots[slot];
@@ -553,13 +604,16 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
             atomic_fetch_sub(&s->rel->refs, 1);
             return PD_EIO;
         }
-        if (zmq_msg_send(&m, s->sock, ZMQ_DONTWAIT | (f + 1 < n_frames ? ZMQ_SNDMORE : 0)) < 0) {
+        if (zmq_msg_send(&m, sock, ZMQ_DONTWAIT | (f + 1 < n_frames ? ZMQ_SNDMORE : 0)) < 0) {
             zmq_msg_close(&m); /* runs s_frame_free */
             return PD_EIO;
         }
     }
     t->corrupt_next = false;
-    t->next_seq++;
+    t->next_seq[c]++;
+    t->n_sent++;
+    t->is_striped |= c > 0;
+    s->st.striped_msgs += c > 0;
     t->in_flight_bytes += k * pair;
     s->in_flight_bytes += k * pair;
     s->st.payload_bytes += k * pair;
@@ -575,8 +629,12 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
 
 /* Moves each transfer one step, round robin, until nothing more can go out now. */
 static void s_pump(kvt_sender_t *s, uint64_t now) {
-    if (s->hs == HS_NEW || (s->hs == HS_SENT && now - s->hello_sent_us > (uint64_t)s->p.handshake_timeout_ms * 1000u))
-        s_send_hello(s, now); /* resent after a silent timeout: the receiver may have restarted */
+    for (int32_t c = 0; c < s->n_conns; c++) {
+        kvt_conn_t *cn = &s->conn[c];
+        if (cn->hs == HS_NEW ||
+            (cn->hs == HS_SENT && now - cn->hello_sent_us > (uint64_t)s->p.handshake_timeout_ms * 1000u))
+            s_send_hello(s, c, now); /* resent after a silent timeout: the receiver may have restarted */
+    }
     if (s->hs != HS_OK) return;
     int32_t n = s->p.max_transfers;
     for (int round = 0; round < 64; round++) {
@@ -589,7 +647,8 @@ static void s_pump(kvt_sender_t *s, uint64_t now) {
                 st = s_send_reserve(s, t, now);
             else if (t->state == TX_STREAMING && t->cur_layer < t->n_layers_ready)
                 st = s_send_data(s, t, i, now);
-            else if (t->state == TX_STREAMING && t->has_commit && t->cur_layer == s->p.layout.n_layers)
+            else if (t->state == TX_STREAMING && t->has_commit && t->cur_layer == s->p.layout.n_layers &&
+                     (!t->is_striped || t->in_flight_bytes == 0)) /* striped: the commit must not overtake */
                 st = s_send_commit(s, t, now);
             else
                 continue;
@@ -631,7 +690,8 @@ static void s_check_timers(kvt_sender_t *s, uint64_t now) {
                   s->hs != HS_OK ? "no handshake reply from the receiver" : "no reply from the receiver", true);
             /* A receiver that went silent may have restarted: a new one ignores peers that have not said
              * hello, so the next transfer starts with a fresh handshake. */
-            if (s->hs == HS_OK) s->hs = HS_NEW;
+            if (s->hs == HS_OK)
+                for (int32_t c = 0; c < s->n_conns; c++) s->hs = s->conn[c].hs = HS_NEW;
         }
     }
 }
@@ -655,8 +715,9 @@ int kvt_sender_poll(kvt_sender_t *s, int timeout_ms, kvt_event_t *events, int ca
          * this socket, and timers need checking */
         long wait_ms = (long)((deadline - now + 999) / 1000);
         if (s_has_unreleased(s) && wait_ms > 5) wait_ms = 5;
-        zmq_pollitem_t it = {s->sock, 0, ZMQ_POLLIN, 0};
-        if (zmq_poll(&it, 1, wait_ms) < 0 && zmq_errno() != EINTR) break;
+        zmq_pollitem_t it[KVT_MAX_CONNS];
+        for (int32_t c = 0; c < s->n_conns; c++) it[c] = (zmq_pollitem_t){s->conn[c].sock, 0, ZMQ_POLLIN, 0};
+        if (zmq_poll(it, s->n_conns, wait_ms) < 0 && zmq_errno() != EINTR) break;
     }
     int n = 0;
     while (n < cap && s->ev_count > 0) {
@@ -673,7 +734,7 @@ const char *kvt_sender_error(const kvt_sender_t *s) {
 }
 
 void *kvt_sender_socket(kvt_sender_t *s) {
-    return s->sock;
+    return s->conn[0].sock;
 }
 
 void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out) {

@@ -141,6 +141,7 @@ typedef struct {
     bool fp_mismatch;
     bool shm;         /* the sender's pool in shared memory, offered to the receiver */
     bool shm_refused; /* ... and the receiver does not map it (sockets) */
+    int32_t n_conns;  /* sender connections (0: the default, 1) */
 } env_opts_t;
 
 static env_opts_t s_opts(void) {
@@ -201,6 +202,7 @@ static bool env_open_sender(env_t *e, env_opts_t o, const char *endpoint) {
     sp.handshake_timeout_ms = 500;
     sp.pool_shm_name = e->shm_name[0] ? e->shm_name : NULL;
     sp.max_frame_bytes = 3 * eng_kv_chunk_bytes(&e->sl); /* runs of up to 3 blocks: several per message */
+    if (o.n_conns > 0) sp.n_conns = o.n_conns;
     e->s = kvt_sender_create(e->zctx, &sp, err, sizeof err);
     if (!e->s) fprintf(stderr, "sender: %s\n", err);
     return e->s != NULL;

@@ -155,6 +155,35 @@ static void test_corrupt_one(void) {
     env_fini(&e);
 }
 
+/* One sender over three connections: payload messages dealt over all of them, every byte lands, and a
+ * corrupted message (wherever it travels) fails only its own transfer. */
+static void test_multi_conn(void) {
+    for (int ipc = 0; ipc < 2; ipc++) {
+        env_t e;
+        env_opts_t o = s_opts();
+        o.ipc = ipc, o.n_conns = 3, o.credit_bytes = 64u << 10; /* small window: commits wait on credit */
+        REQUIRE(env_init(&e, o));
+        uint64_t ids[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+        for (int i = 0; i < 8; i++) CHECK_EQ_INT(s_start(&e, ids[i], 1, 4 + 5 * i, 0), PD_OK);
+        CHECK_EQ_INT(kvt_sender_test_corrupt(e.s, 5), PD_OK);
+        for (int i = 0; i < 8; i++) CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+        CHECK(env_run_until_released(&e, ids, 8, 5000));
+        for (int i = 0; i < 8; i++) {
+            if (ids[i] == 5) continue;
+            CHECK_MSG(e.rec[ids[i]].done_st == PD_OK, "transfer %d: %s", (int)ids[i], e.rec[ids[i]].err);
+            CHECK_MSG(s_verify(&e, ids[i]), "transfer %d ipc=%d", (int)ids[i], ipc);
+        }
+        CHECK(e.rec[5].done_st == PD_EPROTO && e.rec[5].failed && !e.rec[5].committed);
+        kvt_stats_t ss, rs;
+        kvt_sender_stats(e.s, &ss);
+        kvt_receiver_stats(e.r, &rs);
+        /* the sender may count messages of the failed transfer that the receiver dropped */
+        CHECK_MSG(rs.striped_msgs > 0 && ss.striped_msgs >= rs.striped_msgs, "striped: sent %llu, received %llu",
+                  (unsigned long long)ss.striped_msgs, (unsigned long long)rs.striped_msgs);
+        env_fini(&e);
+    }
+}
+
 static void test_receiver_timeout(void) {
     env_t e;
     REQUIRE(env_init(&e, s_opts()));
@@ -282,15 +311,20 @@ static size_t s_pack(const Pdserve__V1__KvEnvelope *env, uint8_t *buf) {
     return n;
 }
 
-static void s_feed(kvt_receiver_t *r, const Pdserve__V1__KvEnvelope *env, const void *const *pay, const size_t *psz,
-                   size_t n_pay) {
+static void s_feed_as(kvt_receiver_t *r, const char *peer, const Pdserve__V1__KvEnvelope *env, const void *const *pay,
+                      const size_t *psz, size_t n_pay) {
     static uint8_t buf[KVT_MAX_ENVELOPE_BYTES];
     const void *frames[16];
     size_t sizes[16];
     sizes[0] = s_pack(env, buf);
     frames[0] = buf;
     for (size_t i = 0; i < n_pay; i++) frames[1 + i] = pay[i], sizes[1 + i] = psz[i];
-    kvt_receiver_handle_frames(r, "peer1", 5, frames, sizes, 1 + n_pay);
+    kvt_receiver_handle_frames(r, peer, strlen(peer), frames, sizes, 1 + n_pay);
+}
+
+static void s_feed(kvt_receiver_t *r, const Pdserve__V1__KvEnvelope *env, const void *const *pay, const size_t *psz,
+                   size_t n_pay) {
+    s_feed_as(r, "peer1", env, pay, psz, n_pay);
 }
 
 static void test_stale_epoch_dropped(void) {
@@ -374,6 +408,62 @@ static void test_convert(void) {
     }
 }
 
+/* Connection groups: data of the primary's transfer is accepted on a secondary that said hello with the
+ * same group, with its own seq; a connection that never said hello, or a group without a primary, writes
+ * nothing; a gap on the secondary fails the transfer; commit counts messages over all connections. */
+static void test_conn_group_seq(void) {
+    env_t e;
+    REQUIRE(env_init(&e, s_opts()));
+    kvt_fingerprint_t fpr = s_fp(ENG_KV_F32);
+    Pdserve__V1__Fingerprint fp;
+    kvt_fp_to_pb(&fpr, &fp);
+    Pdserve__V1__KvHello h = PDSERVE__V1__KV_HELLO__INIT;
+    h.fingerprint = &fp;
+    h.conn_group = 0x5eed;
+    Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    s_feed_as(e.r, "pA", &env, NULL, NULL, 0);
+    h.conn_index = 1;
+    s_feed_as(e.r, "pB", &env, NULL, NULL, 0);
+    h.conn_group = 0xbad, h.conn_index = 1; /* a secondary whose group has no primary */
+    s_feed_as(e.r, "pD", &env, NULL, NULL, 0);
+    Pdserve__V1__KvReserve rs = PDSERVE__V1__KV_RESERVE__INIT;
+    rs.transfer_id = 9, rs.epoch = 1, rs.n_tokens = 8, rs.n_blocks = 2;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE;
+    env.reserve = &rs;
+    s_feed_as(e.r, "pA", &env, NULL, NULL, 0);
+    CHECK_EQ_INT(e.rs.n_reserved, 2);
+    size_t cb = eng_kv_chunk_bytes(&e.sl);
+    const void *pay[2] = {e.spool, e.spool + cb};
+    size_t psz[2] = {cb, cb};
+    uint64_t ck[2] = {XXH3_64bits(pay[0], cb), XXH3_64bits(pay[1], cb)};
+    Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
+    d.transfer_id = 9, d.epoch = 1, d.seq = 0, d.first_layer = 0, d.n_layers = 1, d.first_block = 0, d.n_blocks = 1;
+    d.dtype = PDSERVE__V1__KV_DTYPE__KV_DTYPE_F32, d.block_size = 4, d.n_kv_heads = 2, d.head_dim = 16;
+    d.n_checksums = 2, d.checksums = ck;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_DATA;
+    env.data = &d;
+    kvt_stats_t st;
+    s_feed_as(e.r, "pC", &env, pay, psz, 2); /* no hello: dropped */
+    s_feed_as(e.r, "pD", &env, pay, psz, 2); /* no primary: dropped */
+    kvt_receiver_stats(e.r, &st);
+    CHECK_EQ_INT(st.payload_bytes, 0);
+    s_feed_as(e.r, "pB", &env, pay, psz, 2); /* seq 0 on the secondary */
+    d.first_block = 1;
+    s_feed_as(e.r, "pA", &env, pay, psz, 2); /* seq 0 on the primary */
+    kvt_receiver_stats(e.r, &st);
+    CHECK_EQ_INT(st.payload_bytes, 4 * cb);
+    CHECK_EQ_INT(st.striped_msgs, 1);
+    d.first_layer = 1, d.seq = 2; /* seq 1 on the secondary went missing */
+    s_feed_as(e.r, "pB", &env, pay, psz, 2);
+    kvt_event_t ev[8];
+    int n = kvt_receiver_poll(e.r, 0, ev, 8);
+    CHECK(n == 1 && ev[0].kind == KVT_EV_FAILED && ev[0].status == PD_EPROTO && strstr(ev[0].err, "seq") != NULL);
+    CHECK_EQ_INT(e.rs.n_reserved, 0);
+    env_fini(&e);
+}
+
 int main(void) {
     PD_TEST_RUN(test_convert);
     PD_TEST_RUN(test_roundtrip_dtypes);
@@ -383,6 +473,8 @@ int main(void) {
     PD_TEST_RUN(test_receiver_full);
     PD_TEST_RUN(test_fingerprint_mismatch);
     PD_TEST_RUN(test_corrupt_one);
+    PD_TEST_RUN(test_multi_conn);
+    PD_TEST_RUN(test_conn_group_seq);
     PD_TEST_RUN(test_stale_epoch_dropped);
     PD_TEST_RUN(test_receiver_timeout);
     PD_TEST_RUN(test_sender_timeout_receiver_gone);

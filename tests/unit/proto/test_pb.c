@@ -124,12 +124,14 @@ static void t_kv_init(t_kv_t *t, Pdserve__V1__KvEnvelope__BodyCase body) {
         pdserve__v1__kv_hello__init(e->hello = &t->hello);
         t->hello.fingerprint = &t->fp, t->hello.sender_id = "prefill-0";
         t->hello.shm_name = "/pdserve-kv-prefill-0", t->hello.shm_bytes = 1u << 30;
+        t->hello.conn_group = 0x5eed5eed5eedull, t->hello.conn_index = 1;
         break;
     case PDSERVE__V1__KV_ENVELOPE__BODY_HELLO_REPLY:
         pdserve__v1__kv_hello_reply__init(e->hello_reply = &t->hello_reply);
         t->error.code = PDSERVE__V1__ERROR_CODE__ERR_INCOMPATIBLE, t->error.message = "block_size: 16 vs 32";
         t->hello_reply.error = &t->error, t->hello_reply.fingerprint = &t->fp;
         t->hello_reply.max_message_bytes = 1u << 26, t->hello_reply.frame_runs = 1, t->hello_reply.shm_mapped = 1;
+        t->hello_reply.conn_groups = 1;
         break;
     case PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE:
         pdserve__v1__kv_reserve__init(e->reserve = &t->reserve);
