@@ -215,7 +215,7 @@ static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use
         s_store_t st = {.l = l, .base = s_pool(bytes, 4)};
         kvt_receiver_params_t rp = kvt_receiver_params_default();
         rp.endpoint = endpoint, rp.fingerprint = s_fingerprint(&l), rp.layout = l;
-        rp.store = (kvt_store_t){&st, s_reserve, s_release, s_chunk};
+        rp.store = (kvt_store_t){.ctx = &st, .reserve = s_reserve, .release = s_release, .chunk = s_chunk};
         rp.max_message_bytes = 1ull << 30;
         rp.is_shm_enabled = use_shm;
         void *ctx = s_ctx(n_conns);

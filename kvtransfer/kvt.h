@@ -145,6 +145,10 @@ typedef struct {
     void (*release)(void *ctx, const int32_t *ids, int32_t n_blocks);
     /* Host address of one (layer, K or V, block) chunk, in the receiver's layout and dtype. */
     void *(*chunk)(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block_id);
+    /* Optional, used instead of reserve / release when set: the same, naming the request (and its token
+     * count) the blocks are for, so a decode scheduler can account blocks per request. */
+    pd_status (*reserve_for)(void *ctx, uint64_t request_id, int32_t n_tokens, int32_t n_blocks, int32_t *ids);
+    void (*release_for)(void *ctx, uint64_t request_id, const int32_t *ids, int32_t n_blocks);
 } kvt_store_t;
 
 typedef struct kvt_receiver kvt_receiver_t;

@@ -140,9 +140,16 @@ static void s_send_error(kvt_receiver_t *r, int32_t peer, Pdserve__V1__KvEnvelop
     s_send(r, peer, &env);
 }
 
+static void s_store_release(kvt_receiver_t *r, uint64_t request_id, const int32_t *ids, int32_t n) {
+    if (r->p.store.release_for)
+        r->p.store.release_for(r->p.store.ctx, request_id, ids, n);
+    else
+        r->p.store.release(r->p.store.ctx, ids, n);
+}
+
 /* Frees a transfer's slot; its blocks go back to the store unless they were handed over. */
 static void s_tx_free(kvt_receiver_t *r, kvt_rtx_t *t, bool release_blocks) {
-    if (release_blocks && t->n_blocks > 0) r->p.store.release(r->p.store.ctx, t->block_ids, t->n_blocks);
+    if (release_blocks && t->n_blocks > 0) s_store_release(r, t->request_id, t->block_ids, t->n_blocks);
     r->st.reserved_blocks -= t->n_blocks;
     r->st.active_transfers--;
     r->peers[t->peer].n_active--;
@@ -275,7 +282,9 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
         }
     }
     if (st == PD_OK) {
-        st = r->p.store.reserve(r->p.store.ctx, (int32_t)m->n_blocks, ids);
+        st = r->p.store.reserve_for ? r->p.store.reserve_for(r->p.store.ctx, m->request_id, (int32_t)m->n_tokens,
+                                                             (int32_t)m->n_blocks, ids)
+                                    : r->p.store.reserve(r->p.store.ctx, (int32_t)m->n_blocks, ids);
         if (st == PD_EAGAIN)
             snprintf(why, sizeof why, "reserve: no room for %u KV blocks", m->n_blocks);
         else if (st != PD_OK)
@@ -636,9 +645,10 @@ kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *
     kvt_receiver_t *r = NULL;
     const eng_kv_layout_t *l = &p->layout;
     if (kvt_endpoint_check(p->endpoint, err, err_cap) != PD_OK) return NULL;
-    if (!zmq_ctx || !p->store.reserve || !p->store.release || !p->store.chunk || l->n_layers <= 0 ||
-        l->n_kv_heads <= 0 || l->head_dim <= 0 || l->block_size <= 0 || l->n_blocks <= 0 || l->dtype > ENG_KV_BF16 ||
-        p->max_transfers <= 0 || p->max_transfers > 65536 || p->default_timeout_ms <= 0 || p->linger_ms < 0 ||
+    if (!zmq_ctx || !(p->store.reserve || p->store.reserve_for) || !(p->store.release || p->store.release_for) ||
+        !p->store.chunk || l->n_layers <= 0 || l->n_kv_heads <= 0 || l->head_dim <= 0 || l->block_size <= 0 ||
+        l->n_blocks <= 0 || l->dtype > ENG_KV_BF16 || p->max_transfers <= 0 || p->max_transfers > 65536 ||
+        p->default_timeout_ms <= 0 || p->linger_ms < 0 ||
         p->max_message_bytes < 2 * eng_kv_chunk_bytes(l) + KVT_MAX_ENVELOPE_BYTES ||
         p->max_message_bytes > (uint64_t)INT64_MAX) {
         snprintf(err, err_cap, "kvt receiver: bad params (store, layout, limits, max_message_bytes)");
@@ -687,7 +697,7 @@ static void s_drop_all(kvt_receiver_t *r) {
     r->n_held = 0;
     for (int i = 0; i < r->ev_count; i++) { /* committed but never delivered: nobody else will free them */
         kvt_rev_t *e = &r->ev[(r->ev_head + i) % r->ev_cap];
-        if (e->ids) r->p.store.release(r->p.store.ctx, e->ids, e->ev.n_blocks);
+        if (e->ids) s_store_release(r, e->ev.request_id, e->ids, e->ev.n_blocks);
         free(e->ids);
     }
     r->ev_head = r->ev_count = 0;

@@ -50,6 +50,20 @@ static void ts_release(void *ctx, const int32_t *ids, int32_t n) {
     s->n_reserved -= n;
 }
 
+/* the request-aware store callbacks: same pool, recording which request each call named */
+static uint64_t g_reserve_req, g_release_req;
+static int32_t g_reserve_tokens, g_n_release_for;
+
+static pd_status ts_reserve_for(void *ctx, uint64_t request_id, int32_t n_tokens, int32_t n, int32_t *ids) {
+    g_reserve_req = request_id, g_reserve_tokens = n_tokens;
+    return ts_reserve(ctx, n, ids);
+}
+
+static void ts_release_for(void *ctx, uint64_t request_id, const int32_t *ids, int32_t n) {
+    g_release_req = request_id, g_n_release_for++;
+    ts_release(ctx, ids, n);
+}
+
 static void *ts_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block) {
     tstore_t *s = ctx;
     return s->pool + eng_kv_chunk_offset(&s->l, layer, kind, block);
@@ -142,6 +156,7 @@ typedef struct {
     bool shm;         /* the sender's pool in shared memory, offered to the receiver */
     bool shm_refused; /* ... and the receiver does not map it (sockets) */
     int32_t n_conns;  /* sender connections (0: the default, 1) */
+    bool by_request;  /* the receiver store uses reserve_for / release_for */
 } env_opts_t;
 
 static env_opts_t s_opts(void) {
@@ -180,6 +195,9 @@ static bool env_open_receiver(env_t *e, env_opts_t o) {
     if (o.fp_mismatch) rp.fingerprint.tokenizer_hash ^= 1;
     rp.layout = e->rs.l;
     rp.store = (kvt_store_t){.ctx = &e->rs, .reserve = ts_reserve, .release = ts_release, .chunk = ts_chunk};
+    if (o.by_request)
+        rp.store = (kvt_store_t){
+            .ctx = &e->rs, .chunk = ts_chunk, .reserve_for = ts_reserve_for, .release_for = ts_release_for};
     rp.credit_bytes = o.credit_bytes;
     rp.max_message_bytes = 1 << 20;
     rp.is_shm_enabled = !o.shm_refused;

@@ -243,6 +243,35 @@ static void test_cancel_from_sender(void) {
     env_fini(&e);
 }
 
+/* A store that accounts per request sees each reservation and release with the request it is for. */
+static void test_store_by_request(void) {
+    env_opts_t o = s_opts();
+    o.by_request = true;
+    env_t e;
+    REQUIRE(env_init(&e, o));
+    uint64_t ids[2] = {1, 2};
+    g_n_release_for = 0;
+    CHECK_EQ_INT(s_start(&e, 1, 1, 32, 0), PD_OK);
+    CHECK_EQ_INT(kvt_sender_layers_ready(e.s, 1, e.sl.n_layers), PD_OK);
+    CHECK_EQ_INT(kvt_sender_commit(e.s, 1, 101), PD_OK);
+    CHECK(env_run_until_released(&e, ids, 1, 3000));
+    CHECK_MSG(e.rec[1].done_st == PD_OK, "%s: %s", pd_strerror(e.rec[1].done_st), e.rec[1].err);
+    CHECK(s_verify(&e, 1));
+    CHECK_EQ_INT(g_reserve_req, 0xabc000 + 1);
+    CHECK_EQ_INT(g_reserve_tokens, 32);
+    CHECK_EQ_INT(g_n_release_for, 0); /* committed blocks belong to the caller */
+    CHECK_EQ_INT(s_start(&e, 2, 1, 16, 0), PD_OK);
+    for (int i = 0; i < 100 && !e.rec[2].reserved; i++) env_step(&e, true, true);
+    CHECK_EQ_INT(g_reserve_req, 0xabc000 + 2);
+    CHECK_EQ_INT(kvt_sender_cancel(e.s, 2), PD_OK);
+    CHECK(env_run_until_released(&e, ids + 1, 1, 3000));
+    uint64_t end = pd_now_us() + 2000000;
+    while (!e.rec[2].failed && pd_now_us() < end) env_step(&e, true, true);
+    CHECK_EQ_INT(g_n_release_for, 1);
+    CHECK_EQ_INT(g_release_req, 0xabc000 + 2);
+    env_fini(&e);
+}
+
 /* The receiver lives on its own thread (its socket belongs to that thread), as in the decode service. */
 typedef struct {
     env_t *e;
@@ -479,5 +508,6 @@ int main(void) {
     PD_TEST_RUN(test_receiver_timeout);
     PD_TEST_RUN(test_sender_timeout_receiver_gone);
     PD_TEST_RUN(test_cancel_from_sender);
+    PD_TEST_RUN(test_store_by_request);
     return pd_test_finish();
 }
