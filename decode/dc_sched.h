@@ -107,7 +107,8 @@ typedef struct {
 } dc_event_t;
 
 /* Reserves the blocks for positions [0, n_prompt_tokens) and creates the request's state (WAITING_KV).
- * The blocks are dc_sched_blocks(s, req_id): give them to kvtransfer (the receiver's store.reserve).
+ * The blocks are dc_sched_blocks(s, req_id): hand them to kvtransfer through the receiver store's
+ * reserve_for(request_id, n_tokens, ...) callback (kvt.h), which names the request.
  * Returns PD_OK; PD_EAGAIN when the pool cannot spare them above the watermark or max_seqs requests are
  * held (retry later or elsewhere; nothing taken); PD_EINVAL for bad params (a duplicate or zero req_id,
  * invalid sampling or stops, a prompt that leaves no room for one token in max_context, or needs more blocks
