@@ -177,3 +177,23 @@ uint64_t eng_model_step_weight_bytes(const eng_model_t *m) {
     }
     return b;
 }
+
+static uint64_t s_fnv1a(uint64_t h, const void *data, size_t n) {
+    const uint8_t *p = data;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+uint64_t eng_model_identity_hash(const eng_model_t *m) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (int64_t i = 0; i < eng_gguf_n_tensors(m->gguf); i++) {
+        const eng_gguf_tensor_t *t = eng_gguf_tensor(m->gguf, i);
+        uint64_t facts[7] = {(uint64_t)t->type, t->n_dims, t->ne[0], t->ne[1], t->ne[2], t->ne[3], t->n_bytes};
+        h = s_fnv1a(h, t->name, strlen(t->name) + 1);
+        h = s_fnv1a(h, facts, sizeof facts);
+        size_t head = t->n_bytes < 256 ? (size_t)t->n_bytes : 256;
+        h = s_fnv1a(h, t->data, head);
+        h = s_fnv1a(h, (const uint8_t *)t->data + t->n_bytes - head, head);
+    }
+    return h;
+}

@@ -61,6 +61,11 @@ typedef struct eng_model {
 eng_model_t *eng_model_load(const char *path, char *err, size_t err_cap);
 void eng_model_destroy(eng_model_t **m);
 
+/* A 64-bit identity of the weights for peer fingerprints (kvt_fingerprint_t.weights_hash): FNV-1a over
+ * every tensor's name, type, shape and data size, plus the first and last 256 bytes of its data (so two
+ * fine-tunes of one architecture differ) — identity, not a checksum of every byte. Same file, same hash. */
+uint64_t eng_model_identity_hash(const eng_model_t *m);
+
 /* Bytes one decode step reads from the weights in their stored types: every matrix except the input
  * embedding table (only one row per token is read), plus the output head. Used by benchmarks. */
 uint64_t eng_model_step_weight_bytes(const eng_model_t *m);

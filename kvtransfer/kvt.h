@@ -27,7 +27,7 @@
 /* What two peers must agree on (mirrors pdserve.v1.Fingerprint). */
 typedef struct {
     char model_id[128];
-    uint64_t weights_hash;
+    uint64_t weights_hash; /* eng_model_identity_hash */
     uint64_t tokenizer_hash;
     eng_kv_dtype_t kv_dtype; /* the peer's own KV dtype; dtypes may differ (converted on receipt) */
     int32_t block_size, n_layers, n_kv_heads, head_dim;

@@ -113,6 +113,31 @@ static void test_matmul_q8_0_head(void) {
     s_check_matmul(&s_model->tok_embd, 5);
 }
 
+/* The identity hash is stable across loads and moves when one weight byte differs. */
+static void test_identity_hash(void) {
+    REQUIRE(s_model);
+    char err[256];
+    eng_model_t *again = eng_model_load(pd_test_model_path(), err, sizeof err);
+    REQUIRE(again);
+    uint64_t h = eng_model_identity_hash(s_model);
+    CHECK(h != 0);
+    CHECK(h == eng_model_identity_hash(again));
+    /* a copy of the model with one byte of the first tensor's data flipped */
+    size_t n = 0;
+    char *bytes = pd_test_read_file(pd_test_model_path(), &n);
+    REQUIRE(bytes);
+    eng_gguf_t *g = eng_gguf_open_mem(bytes, n, err, sizeof err);
+    REQUIRE(g);
+    const eng_gguf_tensor_t *tm = eng_gguf_tensor(g, 0);
+    ((char *)tm->data)[0] ^= 1; /* our own buffer */
+    eng_model_t fake = *s_model;
+    fake.gguf = g;
+    CHECK(eng_model_identity_hash(&fake) != h);
+    eng_gguf_destroy(&g);
+    free(bytes);
+    eng_model_destroy(&again);
+}
+
 int main(void) {
     char err[256];
     s_model = eng_model_load(pd_test_model_path(), err, sizeof err);
@@ -122,6 +147,7 @@ int main(void) {
     PD_TEST_RUN(test_row_dequant_matches_reference);
     PD_TEST_RUN(test_matmul_paths_agree);
     PD_TEST_RUN(test_matmul_q8_0_head);
+    PD_TEST_RUN(test_identity_hash);
     eng_model_destroy(&s_model);
     return pd_test_finish();
 }
