@@ -672,13 +672,8 @@ static void test_frame_mangled(void) {
     s_mangle("drop-frame", "payload frames");
 }
 
-/* TODO: kvt_sender never says hello again once its handshake succeeded, so after its receiver restarts every
- * transfer times out (the new receiver drops all messages of a peer without a hello). This scenario asserts
- * the bug while this is 1 and fails once the sender recovers, so that whoever fixes it turns the check on. */
-#define TF_KNOWN_BUG_RESTART 0
-
 /* The receiver dies after committing and a new one binds the same endpoint: the surviving sender must be
- * able to hand off to it (README: it says hello again after handshake_timeout_ms of silence). */
+ * able to hand off to it (README: a reply timeout drops the sender back to a fresh handshake). */
 static void test_receiver_restart(void) {
     const char *label = "receiver restarted";
     char ep[256];
@@ -705,17 +700,14 @@ static void test_receiver_restart(void) {
     s_check_killed(label, &s.rx, 5);
     const tline_t *r1 = s_line(&s2.tx, "ROUND 1", NULL, NULL);
     bool recovered = r1 && strstr(r1->text, "ok=1");
-    if (TF_KNOWN_BUG_RESTART)
-        CHECK_MSG(!recovered, "%s: XPASS: the sender recovered: set TF_KNOWN_BUG_RESTART to 0", label);
-    else
-        CHECK_MSG(recovered, "%s: the sender never handed off to the new receiver", label);
+    CHECK_MSG(recovered, "%s: the sender never handed off to the new receiver", label);
     if (recovered) /* ids differ by attempt: count them */
         CHECK_MSG(s_count(&s2.rx, "VERIFY", "ok=1", NULL) >= 2 && s_count(&s2.rx, "VERIFY", "ok=0", NULL) == 0,
                   "%s: the new receiver's committed bytes", label);
     s_check_rx_clean(label, &s2.rx);
     s_check_tx_clean(label, &s2.tx);
-    printf("%-28s sender %s the new receiver (%.2f s after go)%s\n", label, recovered ? "reached" : "NEVER reached",
-           r1 ? s_sec(r1->t_us, go_us) : -1.0, TF_KNOWN_BUG_RESTART ? ": known bug, expected" : "");
+    printf("%-28s sender %s the new receiver (%.2f s after go)\n", label, recovered ? "reached" : "NEVER reached",
+           r1 ? s_sec(r1->t_us, go_us) : -1.0);
     s_finish(&s, label);
     s_finish(&s2, label);
 }
