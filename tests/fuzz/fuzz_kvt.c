@@ -9,42 +9,11 @@
 #include "../../kvtransfer/kvt_receiver.c"
 #include "../../kvtransfer/kvt_wire.c"
 
+#include "../kvt_test_store.h"
+
 #include <xxhash.h> /* the harness fixes up checksums with the system XXH3 (same values as kvt_hash.c) */
 
 static void *s_zctx;
-
-typedef struct {
-    eng_kv_layout_t l;
-    uint8_t pool[2 * 2 * 8 * 32];
-    uint8_t used[8];
-    int32_t n_reserved;
-} fstore_t;
-
-static pd_status fs_reserve(void *ctx, int32_t n, int32_t *ids) {
-    fstore_t *s = ctx;
-    int32_t got = 0;
-    for (int32_t b = 0; b < s->l.n_blocks && got < n; b++)
-        if (!s->used[b]) ids[got++] = b;
-    if (got < n) return PD_EAGAIN;
-    for (int32_t i = 0; i < n; i++) s->used[ids[i]] = 1;
-    s->n_reserved += n;
-    return PD_OK;
-}
-
-static void fs_release(void *ctx, const int32_t *ids, int32_t n) {
-    fstore_t *s = ctx;
-    for (int32_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= s->l.n_blocks || !s->used[ids[i]]) abort(); /* double or foreign release */
-        s->used[ids[i]] = 0;
-    }
-    s->n_reserved -= n;
-}
-
-static void *fs_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block) {
-    fstore_t *s = ctx;
-    if (layer < 0 || layer >= s->l.n_layers || block < 0 || block >= s->l.n_blocks || !s->used[block]) abort();
-    return s->pool + eng_kv_chunk_offset(&s->l, layer, kind, block);
-}
 
 static kvt_fingerprint_t s_fp(void) {
     kvt_fingerprint_t f;
@@ -56,20 +25,24 @@ static kvt_fingerprint_t s_fp(void) {
     return f;
 }
 
-static fstore_t s_st;
-static kvt_receiver_t *s_r; /* one for all inputs (reset between them): sockets close asynchronously */
+static kvt_test_store_t s_st; /* aborts at once on a bad release or chunk request */
+static kvt_receiver_t *s_r;   /* one for all inputs (reset between them): sockets close asynchronously */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc, (void)argv;
     s_zctx = zmq_ctx_new();
     pd_log_set_level(PD_LOG_ERROR);
-    s_st.l = (eng_kv_layout_t){
-        .n_layers = 2, .n_kv_heads = 1, .head_dim = 4, .block_size = 2, .n_blocks = 8, .dtype = ENG_KV_F32};
+    if (!kts_init(
+            &s_st,
+            (eng_kv_layout_t){
+                .n_layers = 2, .n_kv_heads = 1, .head_dim = 4, .block_size = 2, .n_blocks = 8, .dtype = ENG_KV_F32}))
+        abort();
+    s_st.is_abort_on_bad = true;
     kvt_receiver_params_t p = kvt_receiver_params_default();
     p.endpoint = "inproc://fuzz_kvt";
     p.fingerprint = s_fp();
     p.layout = s_st.l;
-    p.store = (kvt_store_t){.ctx = &s_st, .reserve = fs_reserve, .release = fs_release, .chunk = fs_chunk};
+    p.store = kts_store(&s_st);
     p.max_transfers = 4;
     p.max_message_bytes = 64 * 1024;
     char err[256];
@@ -81,12 +54,12 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-static void s_drain(kvt_receiver_t *r, fstore_t *st) {
+static void s_drain(kvt_receiver_t *r, kvt_test_store_t *st) {
     kvt_event_t ev[16];
     int n;
     while ((n = kvt_receiver_poll(r, 0, ev, 16)) > 0)
         for (int i = 0; i < n; i++)
-            if (ev[i].kind == KVT_EV_COMMITTED) fs_release(st, ev[i].block_ids, ev[i].n_blocks); /* decode done */
+            if (ev[i].kind == KVT_EV_COMMITTED) kts_release(st, ev[i].block_ids, ev[i].n_blocks); /* decode done */
 }
 
 /* Replaces a KvData's checksums with the right ones for the payload frames that follow. */
@@ -134,8 +107,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const char *peers[3] = {"p0", "p1", "p2"};
     static uint8_t env_buf[4096];
     kvt_receiver_t *r = s_r;
-    fstore_t *st = &s_st;
-    memset(st->pool, 0, sizeof st->pool);
+    kvt_test_store_t *st = &s_st;
+    memset(st->pool, 0, eng_kv_pool_bytes(&st->l));
     s_feed_valid_start(r);
     size_t off = 0;
     while (off + 2 <= size) {

@@ -38,6 +38,7 @@
 #include <xxhash.h>
 #include <zmq.h>
 
+#include "../kvt_test_store.h"
 #include "kvt.h"
 #include "pd_log.h"
 #include "pdserve_kv.pb-c.h"
@@ -415,42 +416,8 @@ static int s_run_sender(const peer_opts_t *o, void *zctx) {
 
 /* ---- receiver ---- */
 
-typedef struct {
-    eng_kv_layout_t l;
-    uint8_t *pool, *used;
-    int32_t n_reserved, n_bad_release;
-} pstore_t;
-
-static pd_status ps_reserve(void *ctx, int32_t n, int32_t *ids) {
-    pstore_t *s = ctx;
-    int32_t got = 0;
-    for (int32_t b = 0; b < s->l.n_blocks && got < n; b++)
-        if (!s->used[b]) ids[got++] = b;
-    if (got < n) return PD_EAGAIN;
-    for (int32_t i = 0; i < n; i++) s->used[ids[i]] = 1;
-    s->n_reserved += n;
-    return PD_OK;
-}
-
-static void ps_release(void *ctx, const int32_t *ids, int32_t n) {
-    pstore_t *s = ctx;
-    for (int32_t i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= s->l.n_blocks || !s->used[ids[i]]) {
-            s->n_bad_release++; /* a double or bogus release: a kvtransfer bug */
-            continue;
-        }
-        s->used[ids[i]] = 0;
-        s->n_reserved--;
-    }
-}
-
-static void *ps_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block) {
-    pstore_t *s = ctx;
-    return s->pool + eng_kv_chunk_offset(&s->l, layer, kind, block);
-}
-
 /* Every element of every committed block equals the sender's pattern (exact in any dtype). */
-static bool s_verify(const pstore_t *s, uint64_t seed, const kvt_event_t *e) {
+static bool s_verify(const kvt_test_store_t *s, uint64_t seed, const kvt_event_t *e) {
     if (e->n_blocks <= 0 || e->n_blocks > PEER_MAX_BLOCKS || e->first_token != (int32_t)(1000u + e->transfer_id))
         return false;
     size_t n = eng_kv_chunk_elems(&s->l);
@@ -489,13 +456,13 @@ static void s_receiver_steps(const peer_opts_t *o, kvt_receiver_t *r, prx_t *x) 
     }
 }
 
-static void s_receiver_events(const peer_opts_t *o, pstore_t *ps, prx_t *x, const kvt_event_t *ev, int n) {
+static void s_receiver_events(const peer_opts_t *o, kvt_test_store_t *ps, prx_t *x, const kvt_event_t *ev, int n) {
     for (int i = 0; i < n; i++) {
         s_print_ev("receiver", &ev[i]);
         if (ev[i].kind == KVT_EV_COMMITTED) {
             s_out("VERIFY transfer=%llu ok=%d n_blocks=%d n_tokens=%d", (unsigned long long)ev[i].transfer_id,
                   s_verify(ps, o->seed, &ev[i]), ev[i].n_blocks, ev[i].n_tokens);
-            ps_release(ps, ev[i].block_ids, ev[i].n_blocks); /* the decode side would own them now */
+            kts_release(ps, ev[i].block_ids, ev[i].n_blocks); /* the decode side would own them now */
             x->n_committed++;
         }
         x->n_ended++;
@@ -504,22 +471,20 @@ static void s_receiver_events(const peer_opts_t *o, pstore_t *ps, prx_t *x, cons
 }
 
 static int s_run_receiver(const peer_opts_t *o, void *zctx) {
-    pstore_t ps = {.l = s_layout(o, PEER_RX_BLOCKS)};
-    ps.pool = calloc(1, eng_kv_pool_bytes(&ps.l));
-    ps.used = calloc(PEER_RX_BLOCKS, 1);
+    kvt_test_store_t ps;
+    bool is_store_ok = kts_init(&ps, s_layout(o, PEER_RX_BLOCKS));
     char err[256] = "";
     kvt_receiver_params_t rp = kvt_receiver_params_default();
     rp.endpoint = o->endpoint;
     rp.fingerprint = s_fingerprint(o, &ps.l);
     rp.layout = ps.l;
-    rp.store = (kvt_store_t){.ctx = &ps, .reserve = ps_reserve, .release = ps_release, .chunk = ps_chunk};
+    rp.store = kts_store(&ps);
     rp.credit_bytes = 1u << 20;
     rp.max_message_bytes = 4u << 20;
-    kvt_receiver_t *r = ps.pool && ps.used ? kvt_receiver_create(zctx, &rp, err, sizeof err) : NULL;
+    kvt_receiver_t *r = is_store_ok ? kvt_receiver_create(zctx, &rp, err, sizeof err) : NULL;
     if (!r) {
         s_out("CREATE failed err=%s", err);
-        free(ps.pool);
-        free(ps.used);
+        kts_fini(&ps);
         return 1;
     }
     /* a socket monitor is the only way to see a sender arrive (step 2); attached before READY, so no
@@ -554,13 +519,12 @@ static int s_run_receiver(const peer_opts_t *o, void *zctx) {
           (unsigned long long)st.transfers_started, (unsigned long long)st.transfers_done,
           (unsigned long long)st.transfers_failed, (unsigned long long)st.payload_bytes,
           (unsigned long long)st.frames_dropped_stale, st.active_transfers, st.reserved_blocks, ps.n_reserved,
-          ps.n_bad_release);
+          ps.n_bad);
     if (zmq_socket_monitor(kvt_receiver_socket(r), NULL, 0) != 0) s_out("MONITOR stop failed");
     kvt_receiver_destroy(&r);
     zmq_close(mon);
-    s_out("FINAL role=receiver store_reserved=%d bad_release=%d t=%llu", ps.n_reserved, ps.n_bad_release, s_ms());
-    free(ps.pool);
-    free(ps.used);
+    s_out("FINAL role=receiver store_reserved=%d bad_release=%d t=%llu", ps.n_reserved, ps.n_bad, s_ms());
+    kts_fini(&ps);
     return 0;
 }
 

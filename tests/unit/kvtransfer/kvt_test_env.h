@@ -15,40 +15,14 @@
 
 #include "kvt.h"
 #include "kvt_int.h"
+#include "kvt_test_store.h"
 #include "pd_test.h"
 
 /* not every test uses every fixture */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 
-/* ---- a test KV store: a pool plus a free map, counting what is reserved ---- */
-
-typedef struct {
-    eng_kv_layout_t l;
-    uint8_t *pool;
-    uint8_t *used;
-    int32_t n_reserved;
-} tstore_t;
-
-static pd_status ts_reserve(void *ctx, int32_t n, int32_t *ids) {
-    tstore_t *s = ctx;
-    int32_t got = 0;
-    for (int32_t b = 0; b < s->l.n_blocks && got < n; b++)
-        if (!s->used[b]) ids[got++] = b;
-    if (got < n) return PD_EAGAIN;
-    for (int32_t i = 0; i < n; i++) s->used[ids[i]] = 1;
-    s->n_reserved += n;
-    return PD_OK;
-}
-
-static void ts_release(void *ctx, const int32_t *ids, int32_t n) {
-    tstore_t *s = ctx;
-    for (int32_t i = 0; i < n; i++) {
-        CHECK(s->used[ids[i]]);
-        s->used[ids[i]] = 0;
-    }
-    s->n_reserved -= n;
-}
+/* ---- the test KV store (tests/kvt_test_store.h), optionally through the request-aware callbacks ---- */
 
 /* the request-aware store callbacks: same pool, recording which request each call named */
 static uint64_t g_reserve_req, g_release_req;
@@ -56,29 +30,12 @@ static int32_t g_reserve_tokens, g_n_release_for;
 
 static pd_status ts_reserve_for(void *ctx, uint64_t request_id, int32_t n_tokens, int32_t n, int32_t *ids) {
     g_reserve_req = request_id, g_reserve_tokens = n_tokens;
-    return ts_reserve(ctx, n, ids);
+    return kts_reserve(ctx, n, ids);
 }
 
 static void ts_release_for(void *ctx, uint64_t request_id, const int32_t *ids, int32_t n) {
     g_release_req = request_id, g_n_release_for++;
-    ts_release(ctx, ids, n);
-}
-
-static void *ts_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block) {
-    tstore_t *s = ctx;
-    return s->pool + eng_kv_chunk_offset(&s->l, layer, kind, block);
-}
-
-static void ts_init(tstore_t *s, eng_kv_layout_t l) {
-    s->l = l;
-    s->pool = calloc(1, eng_kv_pool_bytes(&l));
-    s->used = calloc((size_t)l.n_blocks, 1);
-    s->n_reserved = 0;
-}
-
-static void ts_fini(tstore_t *s) {
-    free(s->pool);
-    free(s->used);
+    kts_release(ctx, ids, n);
 }
 
 /* ---- fixtures ---- */
@@ -135,8 +92,8 @@ typedef struct {
     void *zctx;
     kvt_sender_t *s;
     kvt_receiver_t *r;
-    tstore_t rs;        /* receiver store */
-    eng_kv_layout_t sl; /* sender layout */
+    kvt_test_store_t rs; /* receiver store */
+    eng_kv_layout_t sl;  /* sender layout */
     uint8_t *spool;
     trec_t rec[128];
     int sender_rc; /* last negative poll result */
@@ -172,7 +129,7 @@ static env_opts_t s_opts(void) {
 static void env_prepare(env_t *e, env_opts_t o) {
     memset(e, 0, sizeof *e);
     e->zctx = zmq_ctx_new();
-    ts_init(&e->rs, s_layout(o.rdt, o.r_blocks));
+    REQUIRE(kts_init(&e->rs, s_layout(o.rdt, o.r_blocks)));
     e->sl = s_layout(o.sdt, o.s_blocks);
     if (o.shm) {
         e->spool = kvt_shm_pool_create(eng_kv_pool_bytes(&e->sl), e->shm_name, sizeof e->shm_name);
@@ -194,10 +151,10 @@ static bool env_open_receiver(env_t *e, env_opts_t o) {
     rp.fingerprint = s_fp(o.rdt);
     if (o.fp_mismatch) rp.fingerprint.tokenizer_hash ^= 1;
     rp.layout = e->rs.l;
-    rp.store = (kvt_store_t){.ctx = &e->rs, .reserve = ts_reserve, .release = ts_release, .chunk = ts_chunk};
+    rp.store = kts_store(&e->rs);
     if (o.by_request)
         rp.store = (kvt_store_t){
-            .ctx = &e->rs, .chunk = ts_chunk, .reserve_for = ts_reserve_for, .release_for = ts_release_for};
+            .ctx = &e->rs, .chunk = kts_chunk, .reserve_for = ts_reserve_for, .release_for = ts_release_for};
     rp.credit_bytes = o.credit_bytes;
     rp.max_message_bytes = 1 << 20;
     rp.is_shm_enabled = !o.shm_refused;
@@ -234,7 +191,7 @@ static bool env_init(env_t *e, env_opts_t o) {
 /* Releases what was committed (the decode side would own it), then checks nothing is left reserved. */
 static void env_fini(env_t *e) {
     for (int i = 0; i < 128; i++)
-        if (e->rec[i].committed) ts_release(&e->rs, e->rec[i].rblocks, e->rec[i].n_blocks);
+        if (e->rec[i].committed) kts_release(&e->rs, e->rec[i].rblocks, e->rec[i].n_blocks);
     kvt_sender_destroy(&e->s);
     if (e->r) {
         kvt_stats_t st;
@@ -246,7 +203,8 @@ static void env_fini(env_t *e) {
     CHECK_EQ_INT(e->rs.n_reserved, 0);
     zmq_ctx_term(e->zctx);
     if (strncmp(e->ep, "ipc://", 6) == 0) unlink(e->ep + 6); /* libzmq 4.3 leaves the socket file */
-    ts_fini(&e->rs);
+    CHECK_EQ_INT(e->rs.n_bad, 0);                            /* no double, foreign or out-of-reservation access */
+    kts_fini(&e->rs);
     if (e->shm_name[0])
         kvt_shm_pool_destroy(e->spool, eng_kv_pool_bytes(&e->sl), e->shm_name);
     else
@@ -349,7 +307,7 @@ static bool s_verify(env_t *e, uint64_t id) {
         for (int32_t ly = 0; ly < sl->n_layers && ok; ly++)
             for (int kind = 0; kind < 2 && ok; kind++) {
                 const uint8_t *src = e->spool + eng_kv_chunk_offset(sl, ly, kind, g_sblocks[id % 128][bi]);
-                const uint8_t *dst = ts_chunk(&e->rs, ly, kind, t->rblocks[bi]);
+                const uint8_t *dst = kts_chunk(&e->rs, ly, kind, t->rblocks[bi]);
                 if (sl->dtype == rl->dtype) {
                     ok = memcmp(src, dst, eng_kv_chunk_bytes(sl)) == 0;
                     continue;
