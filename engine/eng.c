@@ -174,6 +174,10 @@ pd_status eng_forward(eng_t *e, const eng_batch_t *b) {
     return e->ops->forward(e->be, b, eng_batch_n_logits(b));
 }
 
+void *eng_kv_host_base(eng_t *e) {
+    return e->ops->kv_host_base ? e->ops->kv_host_base(e->be) : NULL;
+}
+
 pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
     if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= e->kv_layout.n_blocks ||
         (kind != ENG_KV_K && kind != ENG_KV_V))

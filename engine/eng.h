@@ -76,6 +76,11 @@ PD_NODISCARD pd_status eng_forward(eng_t *e, const eng_batch_t *b);
 /* Rows of logits a batch produces. */
 int32_t eng_batch_n_logits(const eng_batch_t *b);
 
+/* The KV pool's host address when the backend keeps it in host memory in the eng_kv_layout.h layout (CPU),
+ * else NULL (CUDA: use the chunk calls). A chunk is at base + eng_kv_chunk_offset. Another thread (kvtransfer
+ * on the service loop) may read or write the chunks of blocks that no running eng_forward uses. */
+void *eng_kv_host_base(eng_t *e);
+
 /* KV block export/import in the pool's layout and dtype (eng_kv_layout.h): one (layer, kind, block)
  * chunk of eng_kv_chunk_bytes. For hand-off between workers and for tests. */
 PD_NODISCARD pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);

@@ -18,6 +18,8 @@ typedef struct {
     pd_status (*forward)(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits);
     pd_status (*kv_read)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);
     pd_status (*kv_write)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src);
+    /* The KV pool's host address when it lives in host memory in the eng_kv_layout.h layout, else NULL. */
+    void *(*kv_host_base)(eng_backend_t *be);
 } eng_backend_ops_t;
 
 extern const eng_backend_ops_t eng_backend_cpu;

@@ -61,8 +61,15 @@ typedef struct {
     int32_t n_blocks;    /* COMMITTED: block ids in block_ids (owned by the receiver object until the next
                             poll; copy them) */
     const int32_t *block_ids;
+    /* COMMITTED: the sender's kvt_sender_commit_info bytes (first_token_info_len of them, 0 when none), owned by
+     * the receiver object until the next poll */
+    const uint8_t *first_token_info;
+    size_t first_token_info_len;
     char err[160];
 } kvt_event_t;
+
+/* Longest first_token_info a commit may carry. */
+#define KVT_MAX_COMMIT_INFO_BYTES 4096
 
 /* ---- sender ---- */
 
@@ -121,6 +128,10 @@ PD_NODISCARD pd_status kvt_sender_start(kvt_sender_t *s, const kvt_transfer_t *t
 PD_NODISCARD pd_status kvt_sender_layers_ready(kvt_sender_t *s, uint64_t transfer_id, int32_t n_layers_ready);
 /* All layers ready; sends the commit (with the first sampled token) after the last payload. */
 PD_NODISCARD pd_status kvt_sender_commit(kvt_sender_t *s, uint64_t transfer_id, int32_t first_token);
+/* kvt_sender_commit, and hands the receiver info (info_len <= KVT_MAX_COMMIT_INFO_BYTES bytes, copied; opaque to
+ * kvtransfer) with the first token: its COMMITTED event carries them. PD_EINVAL for a longer info. */
+PD_NODISCARD pd_status kvt_sender_commit_info(kvt_sender_t *s, uint64_t transfer_id, int32_t first_token,
+                                              const void *info, size_t info_len);
 /* Cancels: the receiver frees its reservation; DONE(PD_ECLOSED) and RELEASED follow. */
 PD_NODISCARD pd_status kvt_sender_cancel(kvt_sender_t *s, uint64_t transfer_id);
 

@@ -507,12 +507,24 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     if (!t) return;
     int32_t want = r->p.layout.n_layers * t->n_blocks;
     char why[160];
-    if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0) {
-        snprintf(why, sizeof why, "commit: %u messages sent, %u received; %d of %d block-layers; first_token %d",
-                 m->n_frames, t->n_msgs, t->n_got, want, m->first_token);
+    size_t info_len = m->first_token_info.len;
+    if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0 ||
+        info_len > KVT_MAX_COMMIT_INFO_BYTES) {
+        snprintf(why, sizeof why,
+                 "commit: %u messages sent, %u received; %d of %d block-layers; first_token %d; info %zu bytes",
+                 m->n_frames, t->n_msgs, t->n_got, want, m->first_token, info_len);
         s_fail(r, t, PD_EPROTO, why, true);
         return;
     }
+    /* the info rides in the same allocation as the block ids, so it is freed with them */
+    size_t ids_bytes = (size_t)t->n_blocks * sizeof(int32_t);
+    int32_t *ids = realloc(t->block_ids, ids_bytes + info_len);
+    if (!ids) {
+        s_fail(r, t, PD_ENOMEM, "commit: out of memory", true);
+        return;
+    }
+    t->block_ids = ids;
+    if (info_len > 0) memcpy((uint8_t *)ids + ids_bytes, m->first_token_info.data, info_len);
     s_send_error(r, peer, PDSERVE__V1__KV_ENVELOPE__BODY_DONE, t->transfer_id, t->epoch, PD_OK, NULL);
     kvt_rev_t *e = s_ev_push(r, KVT_EV_COMMITTED, t, PD_OK, NULL);
     e->ids = t->block_ids; /* ownership of the blocks and of this array moves to the event */
@@ -520,6 +532,8 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     e->ev.n_tokens = t->n_tokens;
     e->ev.n_blocks = t->n_blocks;
     e->ev.block_ids = e->ids;
+    e->ev.first_token_info = info_len > 0 ? (const uint8_t *)ids + ids_bytes : NULL;
+    e->ev.first_token_info_len = info_len;
     t->block_ids = NULL;
     r->st.transfers_done++;
     s_tx_free(r, t, false);

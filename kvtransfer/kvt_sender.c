@@ -40,6 +40,8 @@ typedef struct {
     int32_t n_layers_ready;
     bool has_commit, is_blocked, corrupt_next;
     int32_t first_token;
+    uint8_t *commit_info; /* (commit_info_len) owned; handed over with the commit */
+    size_t commit_info_len;
     int32_t cur_layer, cur_block;     /* next chunk pair to send */
     uint32_t next_seq[KVT_MAX_CONNS]; /* per connection */
     uint32_t n_sent;                  /* KvData messages, all connections */
@@ -229,7 +231,10 @@ void kvt_sender_destroy(kvt_sender_t **sp) {
         nanosleep(&ts, NULL);
     }
     if (atomic_load(&s->rel->refs) > 1) LOG_W("kvt sender %s: payload frames still held by ZeroMQ", s->endpoint);
-    for (int32_t i = 0; i < s->p.max_transfers; i++) free(s->tx[i].block_ids);
+    for (int32_t i = 0; i < s->p.max_transfers; i++) {
+        free(s->tx[i].block_ids);
+        free(s->tx[i].commit_info);
+    }
     if (atomic_fetch_sub(&s->rel->refs, 1) == 1) free(s->rel);
     free(s->tx);
     free(s->ev);
@@ -279,9 +284,20 @@ pd_status kvt_sender_layers_ready(kvt_sender_t *s, uint64_t transfer_id, int32_t
 }
 
 pd_status kvt_sender_commit(kvt_sender_t *s, uint64_t transfer_id, int32_t first_token) {
+    return kvt_sender_commit_info(s, transfer_id, first_token, NULL, 0);
+}
+
+pd_status kvt_sender_commit_info(kvt_sender_t *s, uint64_t transfer_id, int32_t first_token, const void *info,
+                                 size_t info_len) {
     kvt_stx_t *t = s_find(s, transfer_id);
-    if (!t || first_token < 0) return PD_EINVAL;
-    if (t->state == TX_ENDED) return PD_OK; /* already over; its DONE says how */
+    if (!t || first_token < 0 || info_len > KVT_MAX_COMMIT_INFO_BYTES || (info_len > 0 && !info)) return PD_EINVAL;
+    if (t->state == TX_ENDED || t->has_commit) return PD_OK; /* already over (its DONE says how) or committed */
+    if (info_len > 0) {
+        t->commit_info = malloc(info_len);
+        if (!t->commit_info) return PD_ENOMEM;
+        memcpy(t->commit_info, info, info_len);
+        t->commit_info_len = info_len;
+    }
     t->n_layers_ready = s->p.layout.n_layers;
     t->has_commit = true;
     t->first_token = first_token;
@@ -488,6 +504,8 @@ static pd_status s_send_commit(kvt_sender_t *s, kvt_stx_t *t, uint64_t now) {
     m.epoch = t->epoch;
     m.n_frames = t->n_sent;
     m.first_token = t->first_token;
+    m.first_token_info.data = t->commit_info;
+    m.first_token_info.len = t->commit_info_len;
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_COMMIT;
     env.commit = &m;
@@ -674,6 +692,7 @@ static void s_check_timers(kvt_sender_t *s, uint64_t now) {
             if (atomic_load(&s->rel->slots[i].n_frames) == 0) {
                 s_ev_push(s, KVT_EV_RELEASED, t, PD_OK, NULL);
                 free(t->block_ids);
+                free(t->commit_info);
                 memset(t, 0, sizeof *t);
             }
             continue;

@@ -251,6 +251,10 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     return PD_OK;
 }
 
+static void *s_kv_host_base(eng_backend_t *be) {
+    return be->kv_pool;
+}
+
 static pd_status s_kv_read(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
     memcpy(dst, (uint8_t *)be->kv_pool + eng_kv_chunk_offset(&be->kv, layer, kind, block), eng_kv_chunk_bytes(&be->kv));
     return PD_OK;
@@ -268,4 +272,5 @@ const eng_backend_ops_t eng_backend_cpu = {
     .forward = s_forward,
     .kv_read = s_kv_read,
     .kv_write = s_kv_write,
+    .kv_host_base = s_kv_host_base,
 };

@@ -85,6 +85,8 @@ typedef struct {
     pd_status done_st, failed_st;
     int32_t first_token, n_blocks, n_tokens;
     int32_t rblocks[256];
+    uint8_t info[64]; /* COMMITTED: the first 64 bytes of first_token_info */
+    size_t info_len;
     char err[160];
 } trec_t;
 
@@ -237,6 +239,8 @@ static void s_take_receiver(env_t *e, const kvt_event_t *ev, int n) {
             t->n_blocks = ev[i].n_blocks;
             t->n_tokens = ev[i].n_tokens;
             memcpy(t->rblocks, ev[i].block_ids, (size_t)ev[i].n_blocks * sizeof(int32_t));
+            t->info_len = ev[i].first_token_info_len;
+            memcpy(t->info, ev[i].first_token_info, t->info_len < 64 ? t->info_len : 64);
         }
         if (ev[i].kind == KVT_EV_FAILED) {
             t->failed = true;

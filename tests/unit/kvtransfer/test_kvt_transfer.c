@@ -84,9 +84,14 @@ static void test_layers_streamed(void) {
         CHECK_EQ_INT(st.payload_bytes, (uint64_t)ly * layer_bytes); /* exactly the ready layers, no more */
         CHECK(!e.rec[id].committed);
     }
-    CHECK_EQ_INT(kvt_sender_commit(e.s, id, 105), PD_OK);
+    /* the commit hands the receiver the service's opaque first-token info, byte for byte */
+    const char info[] = "first token info \x00\x01\xff";
+    CHECK_EQ_INT(kvt_sender_commit_info(e.s, id, 105, info, KVT_MAX_COMMIT_INFO_BYTES + 1), PD_EINVAL);
+    CHECK_EQ_INT(kvt_sender_commit_info(e.s, id, 105, info, sizeof info), PD_OK);
     CHECK(env_run_until_released(&e, &id, 1, 3000));
     CHECK(s_verify(&e, id));
+    CHECK_EQ_INT(e.rec[id].info_len, sizeof info);
+    CHECK(memcmp(e.rec[id].info, info, sizeof info) == 0);
     env_fini(&e);
 }
 
