@@ -1,5 +1,5 @@
 /* pd_loop.h: the one event loop of a service (STYLE §6): ZeroMQ sockets and plain fds (the HTTP server's
- * epoll fd, the engine thread's completion fd, the signal pipe) in one zmq_poller, plus timers. Handlers run
+ * epoll fd, the engine thread's completion fd, the signal pipe) in one zmq_poll set, plus timers. Handlers run
  * on the loop thread, one at a time, and must not block. Does not own the sockets or fds it watches.
  * Thread: everything is called from the thread that runs the loop (the creator), except pd_loop_stop from a
  * signal handler through pd_loop_catch_signals. */

@@ -107,6 +107,18 @@ PD_NODISCARD pd_status pb_validate_generate_request(const Pdserve__V1__GenerateR
  * or (0, 10]; presence/frequency_penalty [-2, 2]; logprobs 0..PB_MAX_LOGPROBS. NULL (all defaults) is valid.
  * PD_EINVAL. */
 PD_NODISCARD pd_status pb_validate_sampling(const Pdserve__V1__SamplingParams *sp, char *err, size_t err_cap);
+
+/* SamplingParams with the wire's "0 = unset" resolved, in plain C (field for field what engine/eng_sample.h's
+ * eng_sampling_t means), so services can fill the engine's struct without proto knowing the engine. */
+typedef struct {
+    float temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty;
+    int32_t top_k, n_logprobs;
+    uint64_t seed;
+    bool has_seed;
+} pb_sampling_values_t;
+
+/* sp NULL = every default (greedy). top_p and repetition_penalty 0 become 1. Call after pb_validate_sampling. */
+void pb_sampling_values(const Pdserve__V1__SamplingParams *sp, pb_sampling_values_t *out);
 /* A chunk from a worker: token ids in [0, vocab_size) (0 = not checked), text valid UTF-8, at most
  * PB_MAX_LOGPROBS alternatives per token, logprobs <= 0 (or -inf), finish_reason known, error set exactly
  * when finish_reason is FINISH_ERROR and then with a code other than ERR_NONE. PD_EPROTO. */

@@ -47,6 +47,23 @@ pd_status pb_validate_sampling(const Pdserve__V1__SamplingParams *sp, char *err,
     return PD_OK;
 }
 
+void pb_sampling_values(const Pdserve__V1__SamplingParams *sp, pb_sampling_values_t *out) {
+    static const Pdserve__V1__SamplingParams none = PDSERVE__V1__SAMPLING_PARAMS__INIT;
+    if (!sp) sp = &none;
+    *out = (pb_sampling_values_t){
+        .temperature = sp->temperature,
+        .top_p = sp->top_p == 0.f ? 1.f : sp->top_p,
+        .min_p = sp->min_p,
+        .repetition_penalty = sp->repetition_penalty == 0.f ? 1.f : sp->repetition_penalty,
+        .presence_penalty = sp->presence_penalty,
+        .frequency_penalty = sp->frequency_penalty,
+        .top_k = sp->top_k,
+        .n_logprobs = sp->logprobs,
+        .seed = sp->seed,
+        .has_seed = sp->has_seed,
+    };
+}
+
 /* ---- GenerateRequest ---- */
 
 static pd_status s_check_token_ids(const Pdserve__V1__TokenIds *t, const pb_api_limits_t *lim, char *err,

@@ -23,17 +23,17 @@ typedef struct rt_core rt_core_t;
 typedef struct rt_req rt_req_t;
 
 typedef struct {
-    const char *model_path;        /* GGUF: tokenizer, chat template, model id, context length */
-    const char *model_id;          /* served id; NULL or "" = the GGUF's general.name */
-    const char *control_endpoint;  /* ROUTER bind for workers, e.g. "tcp://127.0.0.1:5550" */
-    int64_t heartbeat_ivl_ms;      /* asked of workers (default 250) */
-    int64_t worker_timeout_ms;     /* silent this long = out of rotation, its requests fail (default 2000) */
-    int64_t request_timeout_ms;    /* deadline of a request that names none (default 600000) */
-    int64_t max_inflight;          /* requests held at once; one more is ERR_RESOURCE_EXHAUSTED (default 1024) */
-    int64_t local_prefill_tokens;  /* prompts of at most this many tokens are prefilled on the decode worker
+    const char *model_path;       /* GGUF: tokenizer, chat template, model id, context length */
+    const char *model_id;         /* served id; NULL or "" = the GGUF's general.name */
+    const char *control_endpoint; /* ROUTER bind for workers, e.g. "tcp://127.0.0.1:5550" */
+    int64_t heartbeat_ivl_ms;     /* asked of workers (default 250) */
+    int64_t worker_timeout_ms;    /* silent this long = out of rotation, its requests fail (default 2000) */
+    int64_t request_timeout_ms;   /* deadline of a request that names none (default 600000) */
+    int64_t max_inflight;         /* requests held at once; one more is ERR_RESOURCE_EXHAUSTED (default 1024) */
+    int64_t local_prefill_tokens; /* prompts of at most this many tokens are prefilled on the decode worker
                                       (0 = never, unless no prefill worker is registered) */
-    int64_t min_prefill_workers;   /* rt_core_is_ready needs this many prefill workers (default 1) */
-    int64_t min_decode_workers;    /* ... and this many decode workers (default 1) */
+    int64_t min_prefill_workers;  /* rt_core_is_ready needs this many prefill workers (default 1) */
+    int64_t min_decode_workers;   /* ... and this many decode workers (default 1) */
 } rt_core_params_t;
 
 rt_core_params_t rt_core_params_default(void);

@@ -16,14 +16,14 @@
 typedef struct rt_http rt_http_t;
 
 typedef struct {
-    const char *bind_addr;       /* "127.0.0.1" (explicit; "0.0.0.0" only when asked) */
-    int32_t port;                /* 0 = pick a free one (rt_http_port tells which) */
-    int64_t max_body_bytes;      /* larger bodies get 413 before parsing (default 4 MiB) */
-    int64_t max_header_bytes;    /* per-connection memory for the request line and headers (default 32 KiB) */
-    int64_t connection_timeout_ms; /* idle / slow-loris cut-off (default 30000) */
-    int64_t max_connections;     /* (default 1024) */
-    int64_t sse_buffer_bytes;    /* unsent SSE bytes per stream before the stream is cut (default 1 MiB) */
-    int64_t sse_keepalive_ms;    /* ": keep-alive" comment after this much silence (default 15000) */
+    const char *bind_addr;          /* "127.0.0.1" (explicit; "0.0.0.0" only when asked) */
+    int32_t port;                   /* 0 = pick a free one (rt_http_port tells which) */
+    int64_t max_body_bytes;         /* larger bodies get 413 before parsing (default 4 MiB) */
+    int64_t max_header_bytes;       /* per-connection memory for the request line and headers (default 32 KiB) */
+    int64_t connection_timeout_ms;  /* idle / slow-loris cut-off (default 30000) */
+    int64_t max_connections;        /* (default 1024) */
+    int64_t sse_buffer_bytes;       /* unsent SSE bytes per stream before the stream is cut (default 1 MiB) */
+    int64_t sse_keepalive_ms;       /* ": keep-alive" comment after this much silence (default 15000) */
     uint32_t completion_max_tokens; /* completions without max_tokens (default 16, OpenAI's) */
 } rt_http_params_t;
 

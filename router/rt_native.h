@@ -25,8 +25,8 @@ typedef struct {
 rt_native_params_t rt_native_params_default(void);
 
 /* Binds and watches the socket on loop. NULL + reason in err. core, loop, zmq_ctx borrowed. */
-rt_native_t *rt_native_create(pd_loop_t *loop, void *zmq_ctx, rt_core_t *core, const rt_native_params_t *p,
-                              char *err, size_t err_cap);
+rt_native_t *rt_native_create(pd_loop_t *loop, void *zmq_ctx, rt_core_t *core, const rt_native_params_t *p, char *err,
+                              size_t err_cap);
 /* Abandons its requests in core, closes the socket; accepts NULL; sets *n to NULL. */
 void rt_native_destroy(rt_native_t **n);
 const char *rt_native_endpoint(const rt_native_t *n); /* as bound (port 0 resolved) */
