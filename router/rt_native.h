@@ -1,10 +1,11 @@
 /* rt_native.h: the router's native API: protobuf over ZeroMQ. A ROUTER socket for DEALER clients; each
- * client message is one frame, a packed GenerateRequest (request_id chosen by the client, unique per
- * connection) or a Cancel (request_id = the client's id); the router answers with packed ResponseChunk
- * frames carrying the client's request_id: one per decode step when stream is true, one at the end
- * otherwise. Every failure, including a malformed message, is a ResponseChunk with FINISH_ERROR and error set
- * (request_id 0 when it could not be read). A client that goes away (ZMTP heartbeat timeout) has its
- * requests cancelled. Thread: the router's loop thread. */
+ * client message is one frame, a packed pdserve.v1.ClientMessage (proto/pdserve_api.proto) holding either a
+ * GenerateRequest (request_id chosen by the client, unique per connection) or a CancelRequest (the client's
+ * request_id); the router answers with frames of one packed ResponseChunk each, carrying the client's
+ * request_id: one per decode step when stream is true, one at the end otherwise. Every failure, including a
+ * malformed message, is a ResponseChunk with FINISH_ERROR and error set (request_id 0 when it could not be
+ * read). A client that goes away (a send to it fails) has its requests cancelled.
+ * Thread: the router's loop thread. */
 #ifndef RT_NATIVE_H
 #define RT_NATIVE_H
 
