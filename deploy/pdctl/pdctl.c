@@ -14,7 +14,8 @@ static void s_usage(FILE *f) {
     fprintf(f, "usage: pdctl <command> [options]\n"
                "commands:\n"
                "  generate   run the engine in this process on one prompt and stream the completion\n"
-               "             (pdctl generate --help for its options)\n");
+               "             (pdctl generate --help for its options)\n"
+               "  bench      load generator against a running router (pdctl bench --help)\n");
 }
 
 bool pdctl_parse_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out) {
@@ -70,6 +71,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "generate")) return pdctl_generate(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "bench")) return pdctl_bench(argc - 1, argv + 1);
     fprintf(stderr, "pdctl: unknown command '%s'\n", argv[1]);
     s_usage(stderr);
     return 2;
