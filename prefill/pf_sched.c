@@ -3,6 +3,7 @@
  * sampler are allocated. Does not run the forward, send KV, or read a clock. */
 #include "pf_sched.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,6 +47,7 @@ struct pf_sched {
     int32_t *tokens;         /* (step_tokens) */
     uint8_t *want;           /* (step_tokens) */
     uint64_t *expired;       /* (n_slots) */
+    char err[192];           /* why the last pf_sched_submit was PD_EINVAL */
 };
 
 pf_sched_params_t pf_sched_params_default(void) {
@@ -161,38 +163,37 @@ void pf_sched_destroy(pf_sched_t **sp) {
 
 /* ---- submit ---- */
 
-static pd_status s_check_prompt(const pf_sched_t *s, uint64_t req_id, const int32_t *tokens, int32_t n,
-                                const eng_sampling_t *sampling) {
-    char err[160];
-    if (!tokens || n < 1 || n > s->p.max_prompt_tokens) {
-        LOG_W("req=%016llx refused: prompt of %d tokens (allowed 1..%d)", (unsigned long long)req_id, n,
-              s->p.max_prompt_tokens);
-        return PD_EINVAL;
-    }
-    int32_t need = eng_kv_blocks_for(n, s->p.block_size);
-    if (need > eng_kv_pool_n_blocks(s->p.pool)) {
-        LOG_W("req=%016llx refused: %d tokens need %d KV blocks, the pool has %d", (unsigned long long)req_id, n, need,
-              eng_kv_pool_n_blocks(s->p.pool));
-        return PD_EINVAL;
-    }
+/* Index of the first token id outside [0, vocab_size), or -1. */
+static int32_t s_bad_token(const pf_sched_t *s, const int32_t *tokens, int32_t n) {
     for (int32_t i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= s->p.vocab_size) {
-            LOG_W("req=%016llx refused: token %d at %d out of range", (unsigned long long)req_id, tokens[i], i);
-            return PD_EINVAL;
-        }
-    if (!sampling || eng_sampling_validate(sampling, err, sizeof err) != PD_OK) {
-        LOG_W("req=%016llx refused: sampling: %s", (unsigned long long)req_id, sampling ? err : "missing");
-        return PD_EINVAL;
-    }
-    if (s_find(s, req_id) >= 0) {
-        LOG_W("req=%016llx refused: duplicate request id", (unsigned long long)req_id);
-        return PD_EINVAL;
-    }
-    return PD_OK;
+        if (tokens[i] < 0 || tokens[i] >= s->p.vocab_size) return i;
+    return -1;
+}
+
+/* On refusal the reason goes to s->err (pf_sched_error) and to one log line. */
+static pd_status s_check_prompt(pf_sched_t *s, uint64_t req_id, const int32_t *tokens, int32_t n,
+                                const eng_sampling_t *sampling) {
+    char why[160];
+    int32_t bad = -1;
+    if (!tokens || n < 1 || n > s->p.max_prompt_tokens)
+        snprintf(s->err, sizeof s->err, "prompt of %d tokens (allowed 1..%d)", n, s->p.max_prompt_tokens);
+    else if (eng_kv_blocks_for(n, s->p.block_size) > eng_kv_pool_n_blocks(s->p.pool))
+        snprintf(s->err, sizeof s->err, "%d tokens need %d KV blocks, the pool has %d", n,
+                 eng_kv_blocks_for(n, s->p.block_size), eng_kv_pool_n_blocks(s->p.pool));
+    else if ((bad = s_bad_token(s, tokens, n)) >= 0)
+        snprintf(s->err, sizeof s->err, "token %d at %d out of range [0, %d)", tokens[bad], bad, s->p.vocab_size);
+    else if (!sampling || eng_sampling_validate(sampling, why, sizeof why) != PD_OK)
+        snprintf(s->err, sizeof s->err, "sampling: %s", sampling ? why : "missing");
+    else if (s_find(s, req_id) >= 0)
+        snprintf(s->err, sizeof s->err, "duplicate request id");
+    if (!s->err[0]) return PD_OK;
+    LOG_W("req=%016llx refused: %s", (unsigned long long)req_id, s->err);
+    return PD_EINVAL;
 }
 
 pd_status pf_sched_submit(pf_sched_t *s, uint64_t req_id, const int32_t *tokens, int32_t n_tokens,
                           const eng_sampling_t *sampling, uint64_t deadline_us) {
+    s->err[0] = '\0';
     if (s->n_queued >= s->p.max_queued) {
         s->st.n_rejected_full++;
         return PD_EAGAIN;
@@ -416,6 +417,10 @@ pd_status pf_sched_cancel(pf_sched_t *s, uint64_t req_id, bool *is_sending) {
     else
         s_req_free(s, i);
     return PD_OK;
+}
+
+const char *pf_sched_error(const pf_sched_t *s) {
+    return s->err;
 }
 
 void pf_sched_stats(const pf_sched_t *s, pf_sched_stats_t *out) {

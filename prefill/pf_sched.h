@@ -79,6 +79,9 @@ void pf_sched_destroy(pf_sched_t **s);
  * scheduler already holds. */
 PD_NODISCARD pd_status pf_sched_submit(pf_sched_t *s, uint64_t req_id, const int32_t *tokens, int32_t n_tokens,
                                        const eng_sampling_t *sampling, uint64_t deadline_us);
+/* Why the last pf_sched_submit returned PD_EINVAL, one line without the request id (e.g. "token 70000 at 3
+ * out of range [0, 49152)"), for the error reply; "" after a submit that was not refused as invalid. Owned by s. */
+const char *pf_sched_error(const pf_sched_t *s);
 
 /* One step's work, ready for eng_forward (pf_plan_batch). Arrays are owned by the scheduler.
  * Sequences appear in admission order; logits rows come back in that order, one per is_final sequence. */

@@ -46,6 +46,8 @@ rt_core_t *rt_core_create(pd_loop_t *loop, void *zmq_ctx, const rt_core_params_t
 void rt_core_destroy(rt_core_t **c);
 
 const char *rt_core_model_id(const rt_core_t *c);
+/* The control endpoint as bound (port 0 resolved), e.g. for the ready line. */
+const char *rt_core_control_endpoint(const rt_core_t *c);
 const eng_tok_t *rt_core_tokenizer(const rt_core_t *c); /* for logprob token text */
 int32_t rt_core_max_context(const rt_core_t *c);
 
@@ -56,7 +58,9 @@ int32_t rt_core_max_context(const rt_core_t *c);
  * chunk the handle is freed: do not use it again. */
 typedef void (*rt_chunk_fn)(void *ud, const Pdserve__V1__ResponseChunk *chunk);
 
-/* Takes ownership of *req (sets it to NULL; it must have passed pb_validate_generate_request), tokenizes,
+/* Takes ownership of *req (sets it to NULL; it must have passed pb_validate_generate_request, and be allocated
+ * the way protobuf-c's default allocator does, as rt_openai_parse_* and pb_unpack_* with a NULL or malloc-backed
+ * allocator make it: the core frees it with pb_free_generate_request(req, NULL)), tokenizes,
  * checks lengths (prompt < context; prompt + max_tokens <= context, 0 = the rest of the context), picks
  * workers and dispatches. Returns the request's handle, or NULL with *code and msg set (nothing kept):
  * ERR_INVALID_ARGUMENT (prompt too long, empty after templating, chat without a template, token id out of

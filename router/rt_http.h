@@ -3,7 +3,26 @@
  * (stream true: SSE; false: one JSON body), GET /v1/models, GET /health, GET /metrics. Request bodies are
  * mapped by rt_openai.h, run by rt_core.h. Limits at the door: body cap (413), header memory, connection
  * and read timeouts (slow clients), a bounded SSE buffer per stream (a slow reader is cut off without slowing
- * the others), SSE keep-alive comments. Thread: the router's loop thread. */
+ * the others), SSE keep-alive comments. Thread: the router's loop thread.
+ *
+ * Choices (tests/integration/test_router_http.py checks them):
+ *   - A POST body whose Content-Type is not application/json (parameters allowed) is refused with 415 and an
+ *     OpenAI error body (vLLM answers 400; 415 names the fix). Content-Length over max_body_bytes: 413 from
+ *     the head, before any body byte is read. A chunked body has no length up front and MHD takes no
+ *     response mid-body: the rest is read and dropped (not kept) and 413 goes out at its end, or the read
+ *     deadline below ends the connection first.
+ *   - An oversized request head is answered by MHD itself: 431 (headers) or 414 (request line), with MHD's
+ *     HTML body, then the connection is closed.
+ *   - connection_timeout_ms is a read deadline, not only an idle timeout: a request's head and body must
+ *     arrive within it of the connection starting to wait for that request (slow loris), and an idle
+ *     keep-alive connection is closed after it. Waiting for the answer does not count.
+ *   - Headers of a generation request wait for its first chunk: a request that fails before its first token
+ *     gets its real status (429 / 503 with Retry-After: 1, 504, ...) even when stream is true. A stream whose
+ *     first token takes longer than sse_keepalive_ms gets 200 and a keep-alive comment at that point.
+ *   - A stream cut for a slow reader, or a client gone, is abandoned in the core at once (the workers free
+ *     its blocks); the cut stream ends without [DONE], so the client cannot take it as complete.
+ *   - Responses carry X-Request-Id (cmpl-<hex> / chatcmpl-<hex>, the response's id) once the core took the
+ *     request. Counters: responses by status, streams cut, clients gone, read deadlines hit, bytes. */
 #ifndef RT_HTTP_H
 #define RT_HTTP_H
 

@@ -15,7 +15,9 @@ static void s_usage(FILE *f) {
                "commands:\n"
                "  generate   run the engine in this process on one prompt and stream the completion\n"
                "             (pdctl generate --help for its options)\n"
-               "  bench      load generator against a running router (pdctl bench --help)\n");
+               "  bench      load generator against a running router (pdctl bench --help)\n"
+               "  up         run a router, prefill and decode workers on this machine (pdctl up --help)\n"
+               "  chat       chat with a running router over its native API (pdctl chat --help)\n");
 }
 
 bool pdctl_parse_i64(const char *flag, const char *s, int64_t lo, int64_t hi, int64_t *out) {
@@ -72,6 +74,8 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "generate")) return pdctl_generate(argc - 1, argv + 1);
     if (!strcmp(argv[1], "bench")) return pdctl_bench(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "up")) return pdctl_up(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "chat")) return pdctl_chat(argc - 1, argv + 1);
     fprintf(stderr, "pdctl: unknown command '%s'\n", argv[1]);
     s_usage(stderr);
     return 2;

@@ -8,6 +8,8 @@
 /* Each returns the process exit code: 0 ok, 1 runtime failure, 2 usage error. */
 int pdctl_generate(int argc, char **argv);
 int pdctl_bench(int argc, char **argv);
+int pdctl_up(int argc, char **argv);   /* a router + prefill + decode cluster as child processes */
+int pdctl_chat(int argc, char **argv); /* interactive chat over the router's native API */
 
 /* Strict numeric parsing of a flag value: the whole string must be a number within [lo, hi].
  * On failure prints "pdctl: --flag: ..." to stderr and returns false. */

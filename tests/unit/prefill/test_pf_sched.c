@@ -274,12 +274,16 @@ static void test_refusals_and_backpressure(void) {
     int32_t big = p.max_prompt_tokens + 1;
     int32_t *huge = pd_xcalloc((size_t)big, sizeof(int32_t));
     CHECK_EQ_INT(pf_sched_submit(s, 4, huge, big, &greedy, 0), PD_EINVAL);
+    CHECK(strstr(pf_sched_error(s), "prompt of") != NULL); /* the reason, for the error reply */
     free(huge);
     CHECK_EQ_INT(pf_sched_submit(s, 4, prompt, 0, &greedy, 0), PD_EINVAL);
     int32_t bad_tok[2] = {1, s_vocab};
     CHECK_EQ_INT(pf_sched_submit(s, 4, bad_tok, 2, &greedy, 0), PD_EINVAL);
+    CHECK(strstr(pf_sched_error(s), "at 1 out of range") != NULL);
     CHECK_EQ_INT(pf_sched_submit(s, 4, prompt, 2, &bad, 0), PD_EINVAL);
+    CHECK(strstr(pf_sched_error(s), "sampling: top_p") != NULL);
     CHECK_EQ_INT(pf_sched_submit(s, 1, prompt, 2, &greedy, 0), PD_EINVAL); /* duplicate id */
+    CHECK(strcmp(pf_sched_error(s), "duplicate request id") == 0);
 
     /* the step failed in the backend: its requests end with FAILED events and their blocks are freed */
     pf_event_t ev[MAX_EVENTS];
@@ -312,7 +316,9 @@ static void test_waits_for_blocks(void) {
     REQUIRE(s);
     eng_sampling_t greedy = s_greedy();
     CHECK_EQ_INT(pf_sched_submit(s, 9, prompt, 129, &greedy, 0), PD_EINVAL); /* 9 blocks: could never run */
-    CHECK_EQ_INT(pf_sched_submit(s, 1, prompt, 80, &greedy, 0), PD_OK);      /* 5 blocks */
+    CHECK(strstr(pf_sched_error(s), "need 9 KV blocks, the pool has 8") != NULL);
+    CHECK_EQ_INT(pf_sched_submit(s, 1, prompt, 80, &greedy, 0), PD_OK); /* 5 blocks */
+    CHECK(pf_sched_error(s)[0] == '\0');
     CHECK_EQ_INT(pf_sched_submit(s, 2, prompt + 80, 64, &greedy, 0), PD_OK); /* 4 blocks: waits */
     CHECK_EQ_INT(pf_sched_submit(s, 3, prompt + 150, 1, &greedy, 0), PD_OK); /* would fit, but FCFS */
 
