@@ -8,8 +8,12 @@
  *   dc_sched_reserve   -> WAITING_KV: the prompt's blocks are taken from the pool now (kvtransfer writes
  *                         the prefill worker's K/V into them); refused early (PD_EAGAIN) when the pool
  *                         could not also keep a watermark of free blocks for the running sequences' growth.
- *   dc_sched_admit     -> RUNNING: the transfer committed; prefill's first token is emitted and becomes the
- *                         first decode input.
+ *   dc_sched_admit     -> RUNNING: the transfer committed; prefill's first token (with its logprobs, when
+ *                         prefill sent them) is emitted and becomes the first decode input.
+ *   or, with is_prefill_local (no prefill worker: short prompts), dc_sched_reserve -> PREFILLING: the prompt
+ *                         runs here in chunks, in the same steps as the decode rows (at most
+ *                         prefill_chunk_tokens prompt tokens per step), and the first token is sampled from the
+ *                         last prompt row with the request's own sampler -> RUNNING.
  *   dc_sched_plan / dc_sched_update, once per step, until a finish: STOP (EOS or a stop string), LENGTH
  *                         (max_tokens or context length), ERROR (deadline, KV capacity), CANCELLED.
  *   A finished request leaves the scheduler at once: its blocks go back to the pool, its id is forgotten.
@@ -18,10 +22,17 @@
  *   admission  reserve only if n_free - prompt_blocks >= watermark_blocks (LESSONS.md: refuse early
  *              instead of thrashing);
  *   batching   running sequences in admission order, oldest first, at most max_batch_seqs per step;
+ *   local prefill  after the decode rows, oldest reservation first, within prefill_chunk_tokens tokens and
+ *              max_prefill_seqs rows per step (decode rows never wait for a long prompt);
  *   growth     a sequence gets one more block when its next position crosses a block boundary;
  *   preemption when the pool cannot supply that block, the newest-admitted running sequence is finished
  *              with ERROR / PD_EAGAIN "KV capacity exhausted" (its blocks feed the older ones). Requests are
  *              never re-run. TODO: recompute- or swap-preemption, once the router can retry elsewhere.
+ *
+ * Same answer, either path: a seeded request draws one uniform per sampled token from one stream, first
+ * token included. Prefill's sampler drew the first; dc_sched_admit skips that draw in the request's own
+ * sampler (eng_sampler_skip_draw) and counts the first token as generated (penalties), so remote prefill,
+ * local prefill and a single sampler over the whole request (`pdctl generate`) give the same tokens.
  *
  * One thread (the decode service's loop) owns a dc_sched_t and calls everything; not thread-safe. */
 #ifndef DC_SCHED_H
@@ -41,14 +52,18 @@
 typedef struct dc_sched dc_sched_t;
 
 typedef struct {
-    eng_kv_pool_t *pool;      /* borrowed: the engine's block pool (eng_kv_pool); outlives the scheduler */
-    const eng_tok_t *tok;     /* borrowed: detokenizer and EOS */
-    int32_t block_size;       /* tokens per KV block (eng_kv_layout()->block_size) */
-    int32_t vocab_size;       /* logits row length */
-    int32_t max_context;      /* positions per sequence: prompt + generated <= max_context (model ctx_len) */
-    int32_t max_seqs;         /* requests held at once, any state (default 256) */
-    int32_t max_batch_seqs;   /* sequences in one step (default 64); <= the engine's max_batch_seqs */
-    int32_t watermark_blocks; /* free blocks admission leaves for growth; -1 (default) = max(1, 4% of pool) */
+    eng_kv_pool_t *pool;          /* borrowed: the engine's block pool (eng_kv_pool); outlives the scheduler */
+    const eng_tok_t *tok;         /* borrowed: detokenizer and EOS */
+    int32_t block_size;           /* tokens per KV block (eng_kv_layout()->block_size) */
+    int32_t vocab_size;           /* logits row length */
+    int32_t max_context;          /* positions per sequence: prompt + generated <= max_context (model ctx_len) */
+    int32_t max_seqs;             /* requests held at once, any state (default 256) */
+    int32_t max_batch_seqs;       /* sequences in one step (default 64); <= the engine's max_batch_seqs */
+    int32_t watermark_blocks;     /* free blocks admission leaves for growth; -1 (default) = max(1, 4% of pool) */
+    int32_t prefill_chunk_tokens; /* local-prefill prompt tokens per step, all requests together (default 256);
+                                     0 = local prefill refused. A step holds at most
+                                     max_batch_seqs * DC_MAX_TOKENS_PER_SEQ + prefill_chunk_tokens tokens */
+    int32_t max_prefill_seqs;     /* local-prefill rows per step, besides the max_batch_seqs decode rows (default 4) */
 } dc_sched_params_t;
 
 dc_sched_params_t dc_sched_params_default(void);
@@ -56,6 +71,8 @@ dc_sched_params_t dc_sched_params_default(void);
 /* NULL (reason in err, which may be NULL) on bad params. The scheduler allocates its slots and per-slot
  * text buffers here; per request it allocates only the sampler (at reserve). Caller destroys. */
 dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_cap);
+/* The parameters s runs with (watermark_blocks resolved). */
+const dc_sched_params_t *dc_sched_params(const dc_sched_t *s);
 /* Releases every block still held (any state) and frees s; accepts NULL or *s == NULL; sets *s to NULL.
  * Must not be called while a plan is being executed (the blocks would be reused under the forward). */
 void dc_sched_destroy(dc_sched_t **s);
@@ -72,6 +89,7 @@ typedef struct {
     const char *const *stops; /* (n_stops) stop strings, copied; OpenAI semantics (eng_stop.h) */
     int32_t n_stops;          /* 0..ENG_STOP_MAX */
     uint64_t deadline_us;     /* in the caller's clock (the one passed as now_us); 0 = none */
+    bool is_prefill_local;    /* the prompt (required) runs here instead of arriving through kvtransfer */
 } dc_req_params_t;
 
 /* max_tokens 16, greedy (temperature 0), no stops, no deadline; the caller sets req_id and
@@ -109,22 +127,37 @@ typedef struct {
 /* Reserves the blocks for positions [0, n_prompt_tokens) and creates the request's state (WAITING_KV).
  * The blocks are dc_sched_blocks(s, req_id): hand them to kvtransfer through the receiver store's
  * reserve_for(request_id, n_tokens, ...) callback (kvt.h), which names the request.
+ * With is_prefill_local the request is PREFILLING instead: the next plans run its prompt (copied here).
  * Returns PD_OK; PD_EAGAIN when the pool cannot spare them above the watermark or max_seqs requests are
  * held (retry later or elsewhere; nothing taken); PD_EINVAL for bad params (a duplicate or zero req_id,
  * invalid sampling or stops, a prompt that leaves no room for one token in max_context, or needs more blocks
- * than the pool has); PD_ENOMEM. A one-line reason goes to err (may be NULL). */
+ * than the pool has; is_prefill_local without a prompt or with prefill_chunk_tokens 0); PD_ENOMEM.
+ * A one-line reason goes to err (may be NULL). */
 PD_NODISCARD pd_status dc_sched_reserve(dc_sched_t *s, const dc_req_params_t *rp, char *err, size_t err_cap);
 
 /* The block ids of a held request (position order), n in *n_blocks; NULL for an unknown id. Valid until
  * the next call on s. */
 const int32_t *dc_sched_blocks(const dc_sched_t *s, uint64_t req_id, int32_t *n_blocks);
 
-/* The transfer of a WAITING_KV request committed: every prompt position has its K/V. first_token (sampled
- * by prefill) is emitted into *ev like a decoded token (text, stop strings, EOS, max_tokens) and becomes the
- * next step's input; the request is RUNNING unless that token already finished it (then ev->finish is set
- * and its blocks are free). PD_OK; PD_EINVAL (ev untouched) for an unknown id, a request not waiting, or a
- * token id outside the vocabulary. */
-PD_NODISCARD pd_status dc_sched_admit(dc_sched_t *s, uint64_t req_id, int32_t first_token, uint64_t now_us,
+typedef enum {
+    DC_REQ_NONE = 0,       /* not held (never reserved, or finished) */
+    DC_REQ_WAITING_KV = 1, /* reserved; its blocks are kvtransfer's to fill */
+    DC_REQ_PREFILLING = 2, /* is_prefill_local: prompt chunks still to run */
+    DC_REQ_RUNNING = 3,
+} dc_req_state_t;
+
+/* Where a request stands (DC_REQ_NONE for an unknown or finished id). */
+dc_req_state_t dc_sched_req_state(const dc_sched_t *s, uint64_t req_id);
+
+/* The transfer of a WAITING_KV request committed: every prompt position has its K/V. first (sampled by
+ * prefill; borrowed) is emitted into *ev like a decoded token (text, stop strings, EOS, max_tokens) and its
+ * token becomes the next step's input; the request is RUNNING unless that token already finished it (then
+ * ev->finish is set and its blocks are free). first->logprob may be NAN (unknown); first->top[0..n_top) are
+ * reported up to the request's n_logprobs. The request's sampler skips the draw prefill's sampler used
+ * (eng_sampler_skip_draw) and counts the token as generated. PD_OK; PD_EINVAL (ev untouched) for an unknown
+ * id, a request not WAITING_KV, a token id outside the vocabulary, n_top outside [0, ENG_MAX_LOGPROBS] or a
+ * top token outside the vocabulary. */
+PD_NODISCARD pd_status dc_sched_admit(dc_sched_t *s, uint64_t req_id, const eng_sample_result_t *first, uint64_t now_us,
                                       dc_event_t *ev);
 
 /* Ends a request in any state: reason PD_ECLOSED finishes it CANCELLED, any other status finishes it ERROR
@@ -139,8 +172,9 @@ PD_NODISCARD pd_status dc_sched_cancel(dc_sched_t *s, uint64_t req_id, pd_status
 /* ---- steps ---- */
 
 /* A step: parallel arrays, ready to become an eng_batch_t (dc_plan_batch). Row i is sequence req_ids[i]
- * with n_tokens[i] inputs at positions pos[i]..; one token per sequence today, the arrays leave room for
- * 1 + k drafts per sequence (speculative decoding). Capacities are fixed by dc_plan_init. */
+ * with n_tokens[i] inputs at positions pos[i]..; decode rows first (one token per sequence today, the arrays
+ * leave room for 1 + k drafts per sequence: speculative decoding), then local-prefill chunks (want_logits
+ * only on the last token of a prompt's last chunk). Capacities are fixed by dc_plan_init. */
 typedef struct {
     int32_t n_seqs;
     int32_t n_tokens_total;       /* sum of n_tokens */
@@ -157,13 +191,14 @@ typedef struct {
     bool is_in_flight; /* between dc_sched_plan and dc_sched_update / dc_sched_plan_abort */
 } dc_plan_t;
 
-/* Sizes a plan for s (max_batch_seqs rows, max_batch_seqs * DC_MAX_TOKENS_PER_SEQ tokens). */
+/* Sizes a plan for s (max_batch_seqs + max_prefill_seqs rows, max_batch_seqs * DC_MAX_TOKENS_PER_SEQ +
+ * prefill_chunk_tokens tokens). */
 #define DC_MAX_TOKENS_PER_SEQ 8
 void dc_plan_init(dc_plan_t *plan, const dc_sched_t *s);
 void dc_plan_fini(dc_plan_t *plan);
 
-/* Builds the next step into plan: checks deadlines, grows block tables at block boundaries (preempting
- * as the header comment says), and picks the rows. Requests finished on the way (deadline, preemption)
+/* Builds the next step into plan: checks deadlines (RUNNING and PREFILLING requests), grows block tables at
+ * block boundaries (preempting as the header comment says), and picks the rows. Requests finished on the way (deadline, preemption)
  * get an event in events (cap must be >= max_seqs); returns how many, or PD_EINVAL (bad args, or the
  * previous plan is still in flight). plan->n_seqs may be 0: nothing to run. */
 PD_NODISCARD int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *events, int cap);
@@ -171,8 +206,10 @@ PD_NODISCARD int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, 
 /* The plan's view as an engine batch; logits must hold plan->n_logits rows of vocab_size floats. */
 eng_batch_t dc_plan_batch(const dc_plan_t *plan, float *logits);
 
-/* After eng_forward(plan) succeeded: samples each row's logits with its request's sampler, appends the
- * token and emits one event per row still alive (events, cap >= plan->n_seqs). Checks, in this order: stop
+/* After eng_forward(plan) succeeded: samples each decode row's logits with its request's sampler, appends
+ * the token and emits one event per row still alive (events, cap >= plan->n_seqs). A local-prefill row
+ * advances its prompt; the last chunk's row samples the first token (the request is then RUNNING) and emits
+ * it like a decoded one. Checks, in this order: stop
  * string / EOS -> STOP, max_tokens / context -> LENGTH, now_us past the deadline -> ERROR PD_ETIMEDOUT.
  * Returns the number of events, or PD_EINVAL (plan not in flight, bad args). A row whose logits cannot be
  * sampled (NaN) finishes ERROR PD_EBACKEND. */
@@ -186,9 +223,9 @@ PD_NODISCARD int dc_sched_plan_abort(dc_sched_t *s, dc_plan_t *plan, pd_status s
 /* ---- counters ---- */
 
 typedef struct {
-    int32_t n_waiting, n_running;
-    int32_t n_free_blocks, n_total_blocks; /* of the pool (shared with anyone else using it) */
-    uint64_t n_tokens_generated;           /* emitted tokens, prefill's first ones included */
+    int32_t n_waiting, n_running, n_prefilling; /* WAITING_KV, RUNNING, PREFILLING requests */
+    int32_t n_free_blocks, n_total_blocks;      /* of the pool (shared with anyone else using it) */
+    uint64_t n_tokens_generated;                /* emitted tokens, prefill's first ones included */
     uint64_t n_finished, n_preempted, n_refused;
 } dc_sched_stats_t;
 

@@ -588,6 +588,11 @@ pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_r
     return PD_OK;
 }
 
+void eng_sampler_skip_draw(eng_sampler_t *s) {
+    PD_ASSERT(s);
+    if (s->p.temperature > 0.0f) (void)s_rng_uniform(s->rng);
+}
+
 static int s_cmp_i32(const void *a, const void *b) {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
     return (x > y) - (x < y);

@@ -98,4 +98,10 @@ typedef struct {
  * No allocation, no logging. */
 PD_NODISCARD pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_result_t *out);
 
+/* Consumes the random draw one eng_sampler_sample would (one uniform when temperature > 0, none when greedy)
+ * without sampling anything. For a request whose first token another sampler with the same seed drew (the
+ * prefill worker): skipping that draw here keeps the request's random stream the one a single sampler would
+ * have used for the whole request. Does not register a token (call eng_sampler_add_generated for it). */
+void eng_sampler_skip_draw(eng_sampler_t *s);
+
 #endif

@@ -121,7 +121,8 @@ static pd_status s_start(dc_sched_t *s, const dc_req_params_t *rp, const int32_t
     int32_t first = s_local_prefill(s, rp->req_id, prompt, rp->n_prompt_tokens);
     if (first < 0) return PD_EBACKEND;
     dc_event_t ev;
-    st = dc_sched_admit(s, rp->req_id, first, now, &ev);
+    eng_sample_result_t r = {.token = first, .logprob = NAN};
+    st = dc_sched_admit(s, rp->req_id, &r, now, &ev);
     if (st == PD_OK) s_record(&ev, 1);
     return st;
 }
@@ -348,7 +349,8 @@ static void test_cancel(void) {
     CHECK_EQ_INT(ev.token, -1);
     CHECK_EQ_INT(eng_kv_pool_n_free(s_pool()), total);
     CHECK_EQ_INT(dc_sched_cancel(s, 1, PD_ECLOSED, &ev), PD_EINVAL); /* gone */
-    CHECK_EQ_INT(dc_sched_admit(s, 1, 5, 0, &ev), PD_EINVAL);
+    eng_sample_result_t five = {.token = 5, .logprob = NAN};
+    CHECK_EQ_INT(dc_sched_admit(s, 1, &five, 0, &ev), PD_EINVAL);
 
     rp.req_id = 2; /* a failed transfer ends the request as an error */
     CHECK_EQ_INT(dc_sched_reserve(s, &rp, NULL, 0), PD_OK);
@@ -538,7 +540,14 @@ static void test_bad_args(void) {
     rp.n_stops = 0;
     CHECK_EQ_INT(dc_sched_reserve(s, &rp, NULL, 0), PD_OK);
     dc_event_t ev;
-    CHECK_EQ_INT(dc_sched_admit(s, 2, s_vocab, 0, &ev), PD_EINVAL);
+    eng_sample_result_t bad = {.token = s_vocab, .logprob = NAN};
+    CHECK_EQ_INT(dc_sched_admit(s, 2, &bad, 0, &ev), PD_EINVAL);
+    bad.token = 5, bad.n_top = 1, bad.top[0].token = -1;
+    CHECK_EQ_INT(dc_sched_admit(s, 2, &bad, 0, &ev), PD_EINVAL);
+    bad.top[0].token = 6, bad.n_top = ENG_MAX_LOGPROBS + 1;
+    CHECK_EQ_INT(dc_sched_admit(s, 2, &bad, 0, &ev), PD_EINVAL);
+    CHECK(dc_sched_admit(s, 2, NULL, 0, &ev) == PD_EINVAL);
+    CHECK_EQ_INT(dc_sched_req_state(s, 2), DC_REQ_WAITING_KV);
     CHECK_EQ_INT(dc_sched_cancel(s, 2, PD_ECLOSED, &ev), PD_OK);
     s_check_idle(s);
     dc_sched_destroy(&s);

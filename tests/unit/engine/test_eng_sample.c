@@ -606,6 +606,48 @@ static void test_seed(void) {
     eng_sampler_destroy(&b);
 }
 
+/* Skipping a draw = the draw a sample would have used: a sampler that skips the first token's draw (another
+ * sampler with the seed drew it) continues exactly as one sampler that sampled every token; greedy skips
+ * nothing. */
+static void test_skip_draw(void) {
+    enum { N = 64, V = 64 };
+    static float rows[N][V];
+    for (int i = 0; i < N; i++) t_fill_normal(rows[i], V, 1.0);
+    for (int greedy = 0; greedy < 2; greedy++) {
+        float t = greedy ? 0.0f : 0.8f;
+        eng_sampler_t *one = t_make(t, 0, 0.95f, 0.0f, 77, V), *first = t_make(t, 0, 0.95f, 0.0f, 77, V);
+        eng_sampler_t *rest = t_make(t, 0, 0.95f, 0.0f, 77, V);
+        REQUIRE(one && first && rest);
+        eng_sample_result_t a, b;
+        REQUIRE(eng_sampler_sample(one, rows[0], &a) == PD_OK);
+        REQUIRE(eng_sampler_sample(first, rows[0], &b) == PD_OK);
+        CHECK_EQ_INT(a.token, b.token);
+        eng_sampler_skip_draw(rest);
+        int n_same = 0;
+        for (int i = 1; i < N; i++) {
+            REQUIRE(eng_sampler_sample(one, rows[i], &a) == PD_OK);
+            REQUIRE(eng_sampler_sample(rest, rows[i], &b) == PD_OK);
+            CHECK_EQ_INT(a.token, b.token);
+            n_same += a.token == b.token;
+        }
+        CHECK_EQ_INT(n_same, N - 1);
+        eng_sampler_destroy(&one), eng_sampler_destroy(&first), eng_sampler_destroy(&rest);
+    }
+    /* without the skip the stream is shifted: the tokens differ somewhere */
+    eng_sampler_t *a = t_make(1.0f, 0, 1.0f, 0.0f, 5, V), *b = t_make(1.0f, 0, 1.0f, 0.0f, 5, V);
+    REQUIRE(a && b);
+    eng_sample_result_t ra, rb;
+    REQUIRE(eng_sampler_sample(a, rows[0], &ra) == PD_OK);
+    int n_diff = 0;
+    for (int i = 1; i < N; i++) {
+        REQUIRE(eng_sampler_sample(a, rows[i], &ra) == PD_OK);
+        REQUIRE(eng_sampler_sample(b, rows[i], &rb) == PD_OK);
+        n_diff += ra.token != rb.token;
+    }
+    CHECK(n_diff > 0);
+    eng_sampler_destroy(&a), eng_sampler_destroy(&b);
+}
+
 /* ---- penalties ---- */
 
 static void test_penalties_exact(void) {
@@ -887,6 +929,7 @@ int main(void) {
     PD_TEST_RUN(test_ties);
     PD_TEST_RUN(test_inverse_cdf_exact);
     PD_TEST_RUN(test_seed);
+    PD_TEST_RUN(test_skip_draw);
     PD_TEST_RUN(test_penalties_exact);
     PD_TEST_RUN(test_penalties_greedy_flip);
     PD_TEST_RUN(test_logprobs);

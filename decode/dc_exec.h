@@ -1,0 +1,58 @@
+/* dc_exec.h: the decode service's step executor. Drives dc_sched on the service loop: plans a step, runs it on
+ * the engine thread (eng_async, completion fd watched on the loop), feeds the logits back to dc_sched_update
+ * and hands every resulting event to a callback, then plans the next step at once while sequences remain.
+ * When nothing can run it goes idle until dc_exec_kick. Knows nothing of sockets or the wire.
+ * Thread: the loop thread calls everything and runs the callback; nothing here blocks it except
+ * dc_exec_destroy (waits for a running step). */
+#ifndef DC_EXEC_H
+#define DC_EXEC_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "dc_sched.h"
+#include "eng.h"
+#include "pd_common.h"
+#include "pd_loop.h"
+
+typedef struct dc_exec dc_exec_t;
+
+/* One event of the scheduler (a token, a finish), borrowed for the call. The callback may call dc_sched_*
+ * (cancel, reserve, admit) and dc_exec_kick (ignored while a step is being handled), but not destroy x. */
+typedef void (*dc_exec_event_fn)(void *ud, const dc_event_t *ev);
+
+typedef struct {
+    eng_t *eng;        /* borrowed; outlives x */
+    dc_sched_t *sched; /* borrowed; outlives x; its max_batch_seqs + max_prefill_seqs <= the engine's */
+    pd_loop_t *loop;   /* borrowed: the engine's completion fd is watched here */
+    dc_exec_event_fn on_event;
+    void *ud;
+} dc_exec_params_t;
+
+/* Starts the engine thread, sizes the plan and logits buffers, watches the completion fd. NULL with one line
+ * in err on failure. */
+dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap);
+/* Waits for a running step, ends its rows without events (dc_sched_plan_abort), stops watching, frees.
+ * Accepts NULL; sets *x to NULL. */
+void dc_exec_destroy(dc_exec_t **x);
+
+/* New work may exist (a request reserved for local prefill, a transfer committed): plans and starts a step
+ * if none is running. Events of the planning (deadlines, preemptions) go to the callback. */
+void dc_exec_kick(dc_exec_t *x);
+
+/* A step is running on the engine thread. */
+bool dc_exec_is_busy(const dc_exec_t *x);
+
+/* Blocks until the running step (if any) finished and handles it as the completion fd would, without
+ * planning another. For tests and shutdown. */
+void dc_exec_wait(dc_exec_t *x);
+
+typedef struct {
+    uint64_t n_steps, n_rows, n_tokens; /* forwards run, their sequence rows and input tokens */
+    uint64_t n_failed_steps;
+    uint64_t busy_us; /* engine time of those steps, as the loop saw it (submit to completion) */
+} dc_exec_stats_t;
+
+void dc_exec_stats(const dc_exec_t *x, dc_exec_stats_t *out);
+
+#endif

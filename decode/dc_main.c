@@ -1,0 +1,188 @@
+/* dc_main.c: pd-decode. Parses the config (sections "engine" and "decode"), loads the engine, runs the decode
+ * service on one event loop until SIGTERM / SIGINT has drained it. Exit codes: 0 clean shutdown, 1 runtime
+ * error (the router refused this worker, the engine or service could not start), 2 bad config. */
+#define _POSIX_C_SOURCE 200809L /* access */
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "dc_service.h"
+#include "eng.h"
+#include "pd_config.h"
+#include "pd_log.h"
+#include "pd_loop.h"
+
+typedef struct {
+    /* engine (shared with pd-prefill: same keys) */
+    char *model;
+    int64_t threads, kv_mem, max_batch_tokens, max_batch_seqs;
+    /* decode */
+    char *router, *id, *kv_bind;
+    int64_t max_batch, max_seqs, prefill_chunk_tokens;
+} dc_config_t;
+
+#define F(f) PD_CONFIG_FIELD(dc_config_t, f)
+/* kv_bind is a string, not an endpoint: pd_config endpoints need a port >= 1, and 0 (any free port) is the
+ * default; s_check validates it. One option per two lines reads better than clang-format's one field per line. */
+/* clang-format off */
+static const pd_opt_t s_opts[] = {
+    {.section = "engine", .key = "model", .type = PD_OPT_STRING, F(model), .help = "GGUF model file (required)"},
+    {.section = "engine", .key = "threads", .type = PD_OPT_INT64, F(threads), .def = "0", .min = 0, .max = 1024,
+     .help = "CPU compute threads, 0 = one per core"},
+    {.section = "engine", .key = "kv_mem", .type = PD_OPT_SIZE, F(kv_mem), .def = "512MiB", .min = 1 << 20,
+     .max = 1099511627776.0, .help = "KV block pool size"},
+    {.section = "engine", .key = "max_batch_tokens", .type = PD_OPT_INT64, F(max_batch_tokens), .def = "2048", .min = 1,
+     .max = 1 << 20, .help = "most new tokens in one forward"},
+    {.section = "engine", .key = "max_batch_seqs", .type = PD_OPT_INT64, F(max_batch_seqs), .def = "256", .min = 1,
+     .max = 65536, .help = "most sequences in one forward"},
+    {.section = "decode", .key = "router", .type = PD_OPT_ENDPOINT, F(router), .def = "tcp://127.0.0.1:5550",
+     .help = "the router's control endpoint"},
+    {.section = "decode", .key = "id", .type = PD_OPT_STRING, F(id), .def = "decode-0",
+     .help = "worker id (unique among workers; printable, no spaces)"},
+    {.section = "decode", .key = "kv_bind", .type = PD_OPT_STRING, F(kv_bind), .def = "tcp://127.0.0.1:0",
+     .help = "KV receiver bind endpoint (tcp port 0 = any free one; the bound one is advertised)"},
+    {.section = "decode", .key = "max_batch", .type = PD_OPT_INT64, F(max_batch), .def = "64", .min = 1, .max = 65536,
+     .help = "sequences decoded per step"},
+    {.section = "decode", .key = "max_seqs", .type = PD_OPT_INT64, F(max_seqs), .def = "256", .min = 1, .max = 65536,
+     .help = "requests held at once (waiting for KV, prefilling, decoding)"},
+    {.section = "decode", .key = "prefill_chunk_tokens", .type = PD_OPT_INT64, F(prefill_chunk_tokens), .min = 0,
+     .def = "256", .max = 1 << 20, .help = "local prefill tokens per step (prefill_locally requests; 0 = refused)"},
+};
+/* clang-format on */
+#undef F
+
+static const char *const s_other_sections[] = {"router", "prefill", NULL};
+static const pd_config_spec_t s_spec = {.program = "pd-decode",
+                                        .summary = "decode worker: KV and first token in, token stream out",
+                                        .opts = s_opts,
+                                        .n_opts = sizeof s_opts / sizeof s_opts[0],
+                                        .other_sections = s_other_sections};
+
+typedef struct {
+    dc_service_t *svc;
+    const dc_config_t *cfg;
+    bool is_ready_printed;
+} s_main_t;
+
+static void s_on_registered(void *ud) {
+    s_main_t *m = ud;
+    if (m->is_ready_printed) return;
+    m->is_ready_printed = true;
+    printf("pd-decode ready id=%s kv=%s router=%s\n", m->cfg->id, dc_service_kv_endpoint(m->svc), m->cfg->router);
+    fflush(stdout);
+}
+
+static void s_on_signal(pd_loop_t *l, void *ud) {
+    (void)l;
+    s_main_t *m = ud;
+    if (m->svc) dc_service_drain(m->svc);
+}
+
+/* Config problems the table cannot express. 2 = bad config, 0 = fine. */
+static int s_check(const dc_config_t *c) {
+    if (!c->model || !c->model[0] || access(c->model, R_OK) != 0) {
+        fprintf(stderr, "pd-decode: engine.model: %s\n",
+                c->model && c->model[0] ? "cannot read the file" : "required (--engine.model=PATH)");
+        return 2;
+    }
+    /* kv_bind as an endpoint, its port 0 read as 1 */
+    char ep[PD_CONFIG_MAX_STRING + 2];
+    size_t n = c->kv_bind ? strlen(c->kv_bind) : 0;
+    snprintf(ep, sizeof ep, "%s", c->kv_bind ? c->kv_bind : "");
+    if (n >= 2 && strcmp(ep + n - 2, ":0") == 0) ep[n - 1] = '1';
+    const char *why = NULL;
+    if (pd_endpoint_check(ep, 0, &why) != PD_OK) {
+        fprintf(stderr, "pd-decode: decode.kv_bind '%s' %s\n", c->kv_bind ? c->kv_bind : "", why);
+        return 2;
+    }
+    int64_t rows = c->max_batch + dc_sched_params_default().max_prefill_seqs;
+    if (rows > c->max_batch_seqs || c->max_batch + c->prefill_chunk_tokens > c->max_batch_tokens) {
+        fprintf(stderr,
+                "pd-decode: decode.max_batch %lld (+%lld local-prefill rows) must fit engine.max_batch_seqs %lld, and "
+                "with decode.prefill_chunk_tokens %lld engine.max_batch_tokens %lld\n",
+                (long long)c->max_batch, (long long)(rows - c->max_batch), (long long)c->max_batch_seqs,
+                (long long)c->prefill_chunk_tokens, (long long)c->max_batch_tokens);
+        return 2;
+    }
+    return 0;
+}
+
+static eng_t *s_engine_create(const dc_config_t *c, char *err, size_t err_cap) {
+    eng_params_t ep = eng_params_default();
+    ep.model_path = c->model;
+    ep.backend = ENG_BACKEND_CPU;
+    ep.n_threads = (int32_t)c->threads;
+    ep.kv_mem_bytes = (uint64_t)c->kv_mem;
+    ep.max_batch_tokens = (int32_t)c->max_batch_tokens;
+    ep.max_batch_seqs = (int32_t)c->max_batch_seqs;
+    eng_t *e = eng_create(&ep, err, err_cap); /* it logs the model and KV pool summary */
+    return e;
+}
+
+int main(int argc, char **argv) {
+    dc_config_t cfg = {0};
+    pd_config_args_t args;
+    char err[512] = "";
+    int rc = 2;
+    eng_t *eng = NULL;
+    pd_loop_t *loop = NULL;
+    void *zctx = NULL;
+    s_main_t m = {.cfg = &cfg};
+
+    pd_log_init("pd-decode", PD_LOG_INFO);
+    if (pd_config_parse_args(&s_spec, argc, argv, &cfg, &args, err, sizeof err) != PD_OK) {
+        fprintf(stderr, "pd-decode: %s\n", err);
+        goto fail;
+    }
+    if (args.is_help || args.is_print_config) {
+        if (args.is_help) pd_config_print_help(&s_spec, stdout);
+        char *json = args.is_help ? NULL : pd_config_to_json(&s_spec, &cfg, false);
+        if (json) printf("%s\n", json);
+        free(json);
+        rc = 0;
+        goto fail;
+    }
+    if ((rc = s_check(&cfg)) != 0) goto fail;
+    rc = 1;
+    char *json = pd_config_to_json(&s_spec, &cfg, true);
+    LOG_I("pd-decode %s, config %s", PD_VERSION, json ? json : "?");
+    free(json);
+
+    eng = s_engine_create(&cfg, err, sizeof err);
+    loop = eng ? pd_loop_create() : NULL;
+    zctx = loop ? zmq_ctx_new() : NULL;
+    if (!zctx) {
+        LOG_E("%s", eng ? "cannot create the event loop or the ZeroMQ context" : err);
+        goto fail;
+    }
+    dc_service_params_t sp = dc_service_params_default();
+    sp.eng = eng, sp.loop = loop, sp.zmq_ctx = zctx;
+    sp.router_endpoint = cfg.router, sp.worker_id = cfg.id, sp.kv_bind = cfg.kv_bind;
+    sp.max_batch = (int32_t)cfg.max_batch;
+    sp.max_seqs = (int32_t)cfg.max_seqs;
+    sp.prefill_chunk_tokens = (int32_t)cfg.prefill_chunk_tokens;
+    sp.on_registered = s_on_registered, sp.ud = &m;
+    m.svc = dc_service_create(&sp, err, sizeof err);
+    if (!m.svc) {
+        LOG_E("%s", err);
+        rc = strncmp(err, "decode", 6) == 0 ? 2 : 1; /* a bad id or batch size is the config's fault */
+        goto fail;
+    }
+    if (pd_loop_catch_signals(loop, s_on_signal, &m) != PD_OK) {
+        LOG_E("cannot catch signals");
+        goto fail;
+    }
+    if (pd_loop_run(loop) != PD_OK) goto fail;
+    rc = dc_service_is_refused(m.svc) ? 1 : 0;
+fail:
+    dc_service_destroy(&m.svc);
+    pd_loop_destroy(&loop);
+    if (zctx) zmq_ctx_term(zctx);
+    eng_destroy(&eng);
+    pd_config_free(&s_spec, &cfg);
+    if (rc == 0 && m.is_ready_printed) LOG_I("pd-decode exits cleanly");
+    return rc;
+}
