@@ -143,14 +143,16 @@ static pd_status s_model_load(rt_core_t *c, char *err, size_t err_cap) {
     /* a model without a template we render still serves text and token prompts */
     c->chat = eng_chat_create(g, NULL, c->chat_err, sizeof c->chat_err);
     if (!c->chat) LOG_W("model %s: chat requests will be refused: %s", c->model_path, c->chat_err);
-    const char *id = c->p.model_id && c->p.model_id[0] ? c->p.model_id : c->gguf_name;
-    if (!id[0]) { /* no general.name: the file name without its extension */
+    /* The served id defaults to the file name up to its first dot ("SmolLM2-135M-Instruct" for
+     * SmolLM2-135M-Instruct.Q4_1.gguf), as users name models; general.name is often a training-run label
+     * ("Smollm2 135M 8k Lc100K Mix1 Ep2") and stays the fingerprint's model_id. */
+    if (c->p.model_id && c->p.model_id[0]) {
+        snprintf(c->model_id, sizeof c->model_id, "%s", c->p.model_id);
+    } else {
         const char *base = strrchr(c->model_path, '/');
         base = base ? base + 1 : c->model_path;
         size_t n = strcspn(base, ".");
         snprintf(c->model_id, sizeof c->model_id, "%.*s", (int)(n ? n : strlen(base)), base);
-    } else {
-        snprintf(c->model_id, sizeof c->model_id, "%s", id);
     }
     st = PD_OK;
 fail:

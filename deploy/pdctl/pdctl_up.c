@@ -222,8 +222,8 @@ static bool s_find_exe(const up_opts_t *o, up_role_t role, char *out) {
     return false;
 }
 
-/* general.name of the GGUF (what the router serves when router.model_id is unset); also proves the file
- * is a readable model before any child starts. */
+/* What the router serves when router.model_id is unset: the file name up to its first dot (router/rt_core.c).
+ * Opening the GGUF also proves the file is a readable model before any child starts. */
 static bool s_read_model_id(const char *path, char *out, size_t cap) {
     char err[512];
     eng_gguf_t *g = eng_gguf_open(path, err, sizeof err);
@@ -231,12 +231,11 @@ static bool s_read_model_id(const char *path, char *out, size_t cap) {
         fprintf(stderr, "pdctl up: %s (fetch the default model with scripts/fetch_model.sh)\n", err);
         return false;
     }
-    eng_gguf_str_t s;
-    if (eng_gguf_get_str(g, "general.name", &s) && s.len)
-        snprintf(out, cap, "%.*s", (int)(s.len < cap ? s.len : cap - 1), s.ptr);
-    else
-        snprintf(out, cap, "default");
     eng_gguf_destroy(&g);
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    size_t n = strcspn(base, ".");
+    snprintf(out, cap, "%.*s", (int)(n ? n : strlen(base)), base);
     return true;
 }
 

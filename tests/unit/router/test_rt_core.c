@@ -36,7 +36,12 @@ static void test_registration(void) {
     REQUIRE(rt_env_init(&e, &p));
     CHECK(!rt_core_is_ready(e.core));
     CHECK_EQ_INT(rt_core_max_context(e.core), 8192);
-    CHECK(strcmp(rt_core_model_id(e.core), e.model_id) == 0); /* general.name by default */
+    /* served id by default: the model file's name up to its first dot (general.name stays the fingerprint's) */
+    const char *base = strrchr(pd_test_model_path(), '/');
+    base = base ? base + 1 : pd_test_model_path();
+    CHECK(strncmp(rt_core_model_id(e.core), base, strcspn(base, ".")) == 0);
+    CHECK_EQ_INT(strlen(rt_core_model_id(e.core)), strcspn(base, "."));
+    CHECK(strcmp(rt_core_model_id(e.core), e.model_id) != 0);
     rt_worker_sim_t d, pf;
     rt_worker_open(&e, &d, "decode-0");
     rt_worker_open(&e, &pf, "prefill-0");
