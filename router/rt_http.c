@@ -19,6 +19,8 @@
 
 #include "pd_log.h"
 
+#define RT_HTTP_SNDBUF_BYTES (64 << 10) /* per connection; responses are written in pieces past it */
+
 #define S_JSON "application/json"
 
 rt_http_params_t rt_http_params_default(void) {
@@ -258,6 +260,10 @@ static void s_connection(void *cls, struct MHD_Connection *c, void **socket_cont
                          enum MHD_ConnectionNotificationCode toe) {
     rt_http_t *h = cls;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        /* A fixed kernel send buffer: Linux autotuning lets an unread socket absorb megabytes, which would hide
+         * a stalled SSE reader from the sse_buffer cap for minutes (and hold that memory per connection). */
+        int fd = rt_http_conn_fd(c), sndbuf = RT_HTTP_SNDBUF_BYTES;
+        if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
         rt_http_conn_t *hc = calloc(1, sizeof *hc);
         if (!hc) return; /* no read deadline for this one; MHD's idle timeout still applies */
         *hc = (rt_http_conn_t){.conn = c, .read_start_us = pd_now_us(), .is_reading = true, .next = h->conns};
