@@ -142,6 +142,17 @@ def t_bad_requests(port, model):
     ]:
         st, _, _, js = request(port, "POST", "/v1/completions", body=body)
         check(st == 400 and is_openai_error(js, param), f"completions, {what}: 400 param {param}", (st, js))
+    # what the JSON parser itself refuses: each a 400 whose message names the problem
+    for raw, what, word in [
+        ('{"prompt": "hi", "prompt": "again"}', "duplicate key", "duplicate"),
+        ('{"prompt": "a\\u0000b"}', "NUL byte in a string", "\\u0000"),
+        ('{"prompt": "hi", "x": ' + "[" * 3000 + "]" * 3000 + "}", "nesting deeper than 2048", "depth"),
+        ('{"prompt": "hi", "temperature": 1e999}', "number out of range", "overflow"),
+        ('{"prompt": "hi", "max_tokens": 123456789012345678901234567890}', "integer beyond 64 bits", "big"),
+    ]:
+        st, _, _, js = request(port, "POST", "/v1/completions", body=raw)
+        msg = js["error"]["message"] if is_openai_error(js) else ""
+        check(st == 400 and is_openai_error(js) and word in msg.lower(), f"{what}: 400 saying so", (st, msg))
     st, _, _, js = request(port, "POST", "/v1/chat/completions", body={"messages": "hi"})
     check(st == 400 and is_openai_error(js, "messages"), "chat, messages as a string: 400", (st, js))
     st, _, _, js = request(port, "POST", "/v1/chat/completions", body={"messages": [{"role": "user"}]})
