@@ -508,8 +508,7 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     int32_t want = r->p.layout.n_layers * t->n_blocks;
     char why[160];
     size_t info_len = m->first_token_info.len;
-    if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0 ||
-        info_len > KVT_MAX_COMMIT_INFO_BYTES) {
+    if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0 || info_len > KVT_MAX_COMMIT_INFO_BYTES) {
         snprintf(why, sizeof why,
                  "commit: %u messages sent, %u received; %d of %d block-layers; first_token %d; info %zu bytes",
                  m->n_frames, t->n_msgs, t->n_got, want, m->first_token, info_len);
