@@ -162,6 +162,7 @@ static void t_kv_init(t_kv_t *t, Pdserve__V1__KvEnvelope__BodyCase body) {
     case PDSERVE__V1__KV_ENVELOPE__BODY_COMMIT:
         pdserve__v1__kv_commit__init(e->commit = &t->commit);
         t->commit.transfer_id = 6, t->commit.epoch = 2, t->commit.n_frames = 4, t->commit.first_token = 9690;
+        t->commit.first_token_info.data = (uint8_t *)"\x08\xda\x4b", t->commit.first_token_info.len = 3;
         break;
     case PDSERVE__V1__KV_ENVELOPE__BODY_DONE:
         pdserve__v1__kv_done__init(e->done = &t->done);
