@@ -240,7 +240,7 @@ static void s_take_receiver(env_t *e, const kvt_event_t *ev, int n) {
             t->n_tokens = ev[i].n_tokens;
             memcpy(t->rblocks, ev[i].block_ids, (size_t)ev[i].n_blocks * sizeof(int32_t));
             t->info_len = ev[i].first_token_info_len;
-            memcpy(t->info, ev[i].first_token_info, t->info_len < 64 ? t->info_len : 64);
+            if (t->info_len) memcpy(t->info, ev[i].first_token_info, t->info_len < 64 ? t->info_len : 64);
         }
         if (ev[i].kind == KVT_EV_FAILED) {
             t->failed = true;
