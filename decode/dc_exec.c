@@ -3,8 +3,10 @@
 #include "dc_exec.h"
 
 #include <stdlib.h>
+#include <string.h>
 #include <zmq.h>
 
+#include "dc_draft.h"
 #include "eng_async.h"
 #include "pd_log.h"
 
@@ -13,7 +15,10 @@ struct dc_exec {
     eng_async_t *async;
     dc_plan_t plan;
     eng_batch_t batch; /* the view of plan the engine thread reads while a step runs */
-    float *logits;     /* (plan.cap_seqs, vocab_size) */
+    float *logits;     /* (rows a plan can want, vocab_size) */
+    dc_draft_t *draft; /* DC_SPEC_DRAFT only */
+    /* written by the engine thread during a step, read by the loop after collecting it */
+    uint64_t job_draft_us, job_verify_us;
     dc_event_t *events;
     int cap_events;
     bool is_in_handler; /* inside a step's event callbacks: a kick then would re-enter planning */
@@ -32,7 +37,9 @@ static void s_emit(dc_exec_t *x, int n) {
 static void s_finish_step(dc_exec_t *x, pd_status result) {
     int n;
     x->st.busy_us += pd_now_us() - x->step_start_us;
+    x->st.draft_us += x->job_draft_us;
     if (result == PD_OK) {
+        dc_sched_spec_observe(x->p.sched, x->plan.n_tokens_total, (double)x->job_verify_us);
         n = dc_sched_update(x->p.sched, &x->plan, x->logits, pd_now_us(), x->events, x->cap_events);
     } else {
         x->st.n_failed_steps++;
@@ -56,22 +63,90 @@ static void s_on_done(pd_loop_t *l, void *ud) {
     dc_exec_kick(x);
 }
 
+/* The step on the engine thread: the draft model's proposals (they go into the plan), then the forward that
+ * verifies them. */
+static pd_status s_job(void *ud) {
+    dc_exec_t *x = ud;
+    uint64_t t0 = pd_now_us();
+    if (x->draft) dc_draft_run(x->draft, &x->plan);
+    uint64_t t1 = pd_now_us();
+    x->batch = dc_plan_batch(&x->plan, x->logits);
+    pd_status st = eng_forward(x->p.eng, &x->batch);
+    x->job_draft_us = t1 - t0;
+    x->job_verify_us = pd_now_us() - t1;
+    return st;
+}
+
 void dc_exec_kick(dc_exec_t *x) {
     if (x->is_in_handler || eng_async_is_busy(x->async)) return;
     int n = dc_sched_plan(x->p.sched, pd_now_us(), &x->plan, x->events, x->cap_events);
     PD_ASSERT(n >= 0);
     s_emit(x, n);
     if (x->plan.n_seqs == 0) return; /* idle until the next kick */
-    x->batch = dc_plan_batch(&x->plan, x->logits);
     x->step_start_us = pd_now_us();
-    pd_status st = eng_async_submit(x->async, &x->batch);
+    pd_status st = eng_async_submit_fn(x->async, s_job, x);
     if (st != PD_OK) { /* cannot happen while not busy; end the rows rather than leave them planned */
         s_finish_step(x, st);
         return;
     }
     x->st.n_steps++;
     x->st.n_rows += (uint64_t)x->plan.n_seqs;
-    x->st.n_tokens += (uint64_t)x->plan.n_tokens_total;
+    x->st.n_tokens += (uint64_t)x->plan.n_tokens_total; /* before drafts a draft model adds */
+}
+
+/* Best-of-reps time of one forward of one sequence with n tokens at position 0, in microseconds (one scratch
+ * block of e's pool, given back). */
+static pd_status s_time_forward(eng_t *e, int32_t n, int reps, double *us) {
+    eng_kv_pool_t *pool = eng_kv_pool(e);
+    int32_t block;
+    int32_t tokens[DC_MAX_TOKENS_PER_SEQ] = {0};
+    if (n > eng_kv_layout(e)->block_size || n > DC_MAX_TOKENS_PER_SEQ) return PD_EINVAL;
+    pd_status st = eng_kv_pool_alloc(pool, 1, &block);
+    if (st != PD_OK) return st;
+    float *logits = pd_xmalloc(sizeof *logits * (size_t)n * (size_t)eng_config(e)->vocab_size);
+    const int32_t *table = &block;
+    int32_t pos = 0, one = 1;
+    for (int32_t i = 0; i < n; i++) tokens[i] = 1 + i; /* any ids: the time does not depend on them */
+    uint8_t want[DC_MAX_TOKENS_PER_SEQ];
+    memset(want, 1, sizeof want);
+    eng_batch_t b = {.n_seqs = 1,
+                     .n_tokens = &n,
+                     .pos = &pos,
+                     .block_tables = &table,
+                     .n_blocks = &one,
+                     .tokens = tokens,
+                     .want_logits = want,
+                     .logits = logits};
+    *us = 1e30;
+    for (int r = 0; r < reps + 1 && st == PD_OK; r++) { /* the first run warms caches and is not counted */
+        uint64_t t0 = pd_now_us();
+        st = eng_forward(e, &b);
+        double dt = (double)(pd_now_us() - t0);
+        if (r > 0 && dt < *us) *us = dt;
+    }
+    free(logits);
+    pd_status rs = eng_kv_pool_release(pool, &block, 1);
+    return st != PD_OK ? st : rs;
+}
+
+/* The cost model of speculation: a forward of 1 and of 1 + spec_k tokens for the target (and of 1 and spec_k for
+ * the draft model) give a base and a per-token cost; dc_sched_spec_observe then tracks drift. */
+static pd_status s_calibrate(dc_exec_t *x, int32_t k, dc_spec_cost_t *c) {
+    double t1, tk;
+    *c = (dc_spec_cost_t){.scale = 1};
+    pd_status st = s_time_forward(x->p.eng, 1, 3, &t1);
+    if (st == PD_OK) st = s_time_forward(x->p.eng, 1 + k, 3, &tk);
+    if (st != PD_OK) return st;
+    c->per_token_us = tk > t1 ? (tk - t1) / k : t1 * 0.01; /* noise can invert them: then verifying is ~free */
+    c->base_us = t1 - c->per_token_us > 0 ? t1 - c->per_token_us : 0;
+    if (x->p.draft_eng) {
+        st = s_time_forward(x->p.draft_eng, 1, 3, &t1);
+        if (st == PD_OK) st = s_time_forward(x->p.draft_eng, k, 3, &tk);
+        if (st != PD_OK) return st;
+        c->draft_token_us = tk > t1 && k > 1 ? (tk - t1) / (k - 1) : t1 * 0.01;
+        c->draft_base_us = t1 - c->draft_token_us > 0 ? t1 - c->draft_token_us : 0;
+    }
+    return PD_OK;
 }
 
 dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) {
@@ -83,9 +158,33 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
     dc_exec_t *x = pd_xcalloc(1, sizeof *x);
     x->p = *p;
     dc_plan_init(&x->plan, p->sched);
-    x->logits = malloc(sizeof(float) * (size_t)x->plan.cap_seqs * (size_t)sp->vocab_size);
-    x->cap_events = sp->max_seqs > x->plan.cap_seqs ? sp->max_seqs : x->plan.cap_seqs;
+    /* logits rows: one per decode row and draft, one per local-prefill row (pages are touched only when used) */
+    size_t rows = sp->spec == DC_SPEC_OFF
+                      ? (size_t)x->plan.cap_seqs
+                      : (size_t)sp->max_batch_seqs * DC_MAX_TOKENS_PER_SEQ + (size_t)sp->max_prefill_seqs;
+    x->logits = malloc(sizeof(float) * rows * (size_t)sp->vocab_size);
+    x->cap_events = sp->max_seqs > x->plan.cap_tokens ? sp->max_seqs : x->plan.cap_tokens;
     x->events = pd_xcalloc((size_t)x->cap_events, sizeof *x->events);
+    if (sp->spec == DC_SPEC_DRAFT) {
+        if (!p->draft_eng) {
+            snprintf(err, err_cap, "dc_exec: speculation with a draft model needs draft_eng");
+            goto fail;
+        }
+        x->draft = dc_draft_create(p->draft_eng, p->eng, sp->max_batch_seqs,
+                                   sp->draft_catchup_tokens + sp->max_batch_seqs, err, err_cap);
+        if (!x->draft) goto fail;
+    }
+    if (sp->spec != DC_SPEC_OFF) {
+        pd_status st = s_calibrate(x, sp->spec_k, &x->st.cost);
+        if (st != PD_OK) {
+            snprintf(err, err_cap, "dc_exec: calibrating speculation: %s", pd_strerror(st));
+            goto fail;
+        }
+        dc_sched_spec_set_cost(p->sched, &x->st.cost);
+        LOG_I("speculation %s, k <= %d: forward %.0f us + %.0f us/token; draft model %.0f us + %.0f us/token",
+              dc_spec_mode_name(sp->spec), sp->spec_k, x->st.cost.base_us, x->st.cost.per_token_us,
+              x->st.cost.draft_base_us, x->st.cost.draft_token_us);
+    }
     x->async = eng_async_create(p->eng);
     if (!x->logits || !x->async) {
         snprintf(err, err_cap, "dc_exec: %s", x->logits ? "cannot start the engine thread" : "out of memory");
@@ -120,6 +219,7 @@ void dc_exec_destroy(dc_exec_t **xp) {
         eng_async_destroy(&x->async);
     }
     dc_plan_fini(&x->plan);
+    dc_draft_destroy(&x->draft);
     free(x->logits);
     free(x->events);
     free(x);

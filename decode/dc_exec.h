@@ -27,10 +27,12 @@ typedef struct {
     pd_loop_t *loop;   /* borrowed: the engine's completion fd is watched here */
     dc_exec_event_fn on_event;
     void *ud;
+    eng_t *draft_eng; /* the draft model (borrowed) when the scheduler speculates with one (DC_SPEC_DRAFT), else NULL */
 } dc_exec_params_t;
 
-/* Starts the engine thread, sizes the plan and logits buffers, watches the completion fd. NULL with one line
- * in err on failure. */
+/* Starts the engine thread, sizes the plan and logits buffers, watches the completion fd. With speculation on,
+ * first calibrates the cost model (dc_spec.h) by timing a few forwards of one scratch sequence (one KV block of
+ * each pool, given back), ~10-20 forwards. NULL with one line in err on failure. */
 dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap);
 /* Waits for a running step, ends its rows without events (dc_sched_plan_abort), stops watching, frees.
  * Accepts NULL; sets *x to NULL. */
@@ -50,7 +52,9 @@ void dc_exec_wait(dc_exec_t *x);
 typedef struct {
     uint64_t n_steps, n_rows, n_tokens; /* forwards run, their sequence rows and input tokens */
     uint64_t n_failed_steps;
-    uint64_t busy_us; /* engine time of those steps, as the loop saw it (submit to completion) */
+    uint64_t busy_us;    /* engine time of those steps, as the loop saw it (submit to completion) */
+    uint64_t draft_us;   /* of which the draft model's forwards */
+    dc_spec_cost_t cost; /* the calibrated cost model (zero without speculation) */
 } dc_exec_stats_t;
 
 void dc_exec_stats(const dc_exec_t *x, dc_exec_stats_t *out);

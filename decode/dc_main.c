@@ -22,7 +22,13 @@ typedef struct {
     /* decode */
     char *router, *id, *kv_bind;
     int64_t max_batch, max_seqs, prefill_chunk_tokens;
+    /* speculative decoding */
+    int spec;
+    char *draft_model;
+    int64_t spec_k, ngram_min, ngram_max, spec_max_step_drafts, draft_catchup_tokens, draft_kv_mem;
 } dc_config_t;
+
+static const char *const s_spec_modes[] = {"off", "ngram", "draft", NULL}; /* dc_spec_mode_t's order */
 
 #define F(f) PD_CONFIG_FIELD(dc_config_t, f)
 /* kv_bind is a string, not an endpoint: pd_config endpoints need a port >= 1, and 0 (any free port) is the
@@ -50,6 +56,22 @@ static const pd_opt_t s_opts[] = {
      .help = "requests held at once (waiting for KV, prefilling, decoding)"},
     {.section = "decode", .key = "prefill_chunk_tokens", .type = PD_OPT_INT64, F(prefill_chunk_tokens), .min = 0,
      .def = "256", .max = 1 << 20, .help = "local prefill tokens per step (prefill_locally requests; 0 = refused)"},
+    {.section = "decode", .key = "spec", .type = PD_OPT_ENUM, F(spec), .def = "off", .choices = s_spec_modes,
+     .help = "speculative decoding: n-gram prompt lookup or a draft model (decode.draft_model)"},
+    {.section = "decode", .key = "spec_k", .type = PD_OPT_INT64, F(spec_k), .def = "5", .min = 1,
+     .max = DC_MAX_TOKENS_PER_SEQ - 1, .help = "most drafts per sequence per step (adaptive below that)"},
+    {.section = "decode", .key = "ngram_min", .type = PD_OPT_INT64, F(ngram_min), .def = "2", .min = 1, .max = 64,
+     .help = "n-gram lookup: shortest match used"},
+    {.section = "decode", .key = "ngram_max", .type = PD_OPT_INT64, F(ngram_max), .def = "4", .min = 1, .max = 64,
+     .help = "n-gram lookup: longest match tried (first)"},
+    {.section = "decode", .key = "spec_max_step_drafts", .type = PD_OPT_INT64, F(spec_max_step_drafts), .def = "64",
+     .min = 1, .max = 65536, .help = "most draft tokens per step, all sequences together"},
+    {.section = "decode", .key = "draft_model", .type = PD_OPT_STRING, F(draft_model), .def = "",
+     .help = "GGUF draft model with the model's tokenizer (decode.spec=draft; see deploy/make_draft.py)"},
+    {.section = "decode", .key = "draft_kv_mem", .type = PD_OPT_SIZE, F(draft_kv_mem), .def = "128MiB",
+     .min = 1 << 20, .max = 1099511627776.0, .help = "the draft model's KV block pool"},
+    {.section = "decode", .key = "draft_catchup_tokens", .type = PD_OPT_INT64, F(draft_catchup_tokens), .def = "512",
+     .min = 1, .max = 1 << 20, .help = "prompt tokens the draft model may catch up on per step"},
 };
 /* clang-format on */
 #undef F
@@ -98,27 +120,42 @@ static int s_check(const dc_config_t *c) {
         fprintf(stderr, "pd-decode: decode.kv_bind '%s' %s\n", c->kv_bind ? c->kv_bind : "", why);
         return 2;
     }
+    if (c->spec == DC_SPEC_DRAFT && (!c->draft_model || !c->draft_model[0] || access(c->draft_model, R_OK) != 0)) {
+        fprintf(stderr, "pd-decode: decode.draft_model: %s\n",
+                c->draft_model && c->draft_model[0] ? "cannot read the file" : "required with decode.spec=draft");
+        return 2;
+    }
+    if (c->ngram_max < c->ngram_min) {
+        fprintf(stderr, "pd-decode: decode.ngram_max %lld must be >= decode.ngram_min %lld\n", (long long)c->ngram_max,
+                (long long)c->ngram_min);
+        return 2;
+    }
     int64_t rows = c->max_batch + dc_sched_params_default().max_prefill_seqs;
-    if (rows > c->max_batch_seqs || c->max_batch + c->prefill_chunk_tokens > c->max_batch_tokens) {
+    int64_t per_row = c->spec == DC_SPEC_OFF ? 1 : 1 + c->spec_k; /* a decode row and its drafts */
+    if (rows > c->max_batch_seqs || c->max_batch * per_row + c->prefill_chunk_tokens > c->max_batch_tokens) {
         fprintf(stderr,
                 "pd-decode: decode.max_batch %lld (+%lld local-prefill rows) must fit engine.max_batch_seqs %lld, and "
-                "with decode.prefill_chunk_tokens %lld engine.max_batch_tokens %lld\n",
+                "with %lld tokens per row and decode.prefill_chunk_tokens %lld engine.max_batch_tokens %lld\n",
                 (long long)c->max_batch, (long long)(rows - c->max_batch), (long long)c->max_batch_seqs,
-                (long long)c->prefill_chunk_tokens, (long long)c->max_batch_tokens);
+                (long long)per_row, (long long)c->prefill_chunk_tokens, (long long)c->max_batch_tokens);
         return 2;
     }
     return 0;
 }
 
-static eng_t *s_engine_create(const dc_config_t *c, char *err, size_t err_cap) {
+/* The model, or with is_draft the draft model: same backend and threads; the draft has its own (smaller) KV pool
+ * and takes a step's catch-up tokens plus one per row in a forward. */
+static eng_t *s_engine_create(const dc_config_t *c, bool is_draft, char *err, size_t err_cap) {
     eng_params_t ep = eng_params_default();
-    ep.model_path = c->model;
+    ep.model_path = is_draft ? c->draft_model : c->model;
     ep.backend = ENG_BACKEND_CPU;
     ep.n_threads = (int32_t)c->threads;
-    ep.kv_mem_bytes = (uint64_t)c->kv_mem;
-    ep.max_batch_tokens = (int32_t)c->max_batch_tokens;
+    ep.kv_mem_bytes = (uint64_t)(is_draft ? c->draft_kv_mem : c->kv_mem);
+    ep.max_batch_tokens = (int32_t)(is_draft ? c->draft_catchup_tokens + c->max_batch : c->max_batch_tokens);
     ep.max_batch_seqs = (int32_t)c->max_batch_seqs;
-    eng_t *e = eng_create(&ep, err, err_cap); /* it logs the model and KV pool summary */
+    char why[400];
+    eng_t *e = eng_create(&ep, why, sizeof why); /* it logs the model and KV pool summary */
+    if (!e) snprintf(err, err_cap, "%s%s: %s", is_draft ? "draft model " : "", ep.model_path, why);
     return e;
 }
 
@@ -127,7 +164,7 @@ int main(int argc, char **argv) {
     pd_config_args_t args;
     char err[512] = "";
     int rc = 2;
-    eng_t *eng = NULL;
+    eng_t *eng = NULL, *draft = NULL;
     pd_loop_t *loop = NULL;
     void *zctx = NULL;
     s_main_t m = {.cfg = &cfg};
@@ -151,7 +188,12 @@ int main(int argc, char **argv) {
     LOG_I("pd-decode %s, config %s", PD_VERSION, json ? json : "?");
     free(json);
 
-    eng = s_engine_create(&cfg, err, sizeof err);
+    eng = s_engine_create(&cfg, false, err, sizeof err);
+    if (eng && cfg.spec == DC_SPEC_DRAFT && !(draft = s_engine_create(&cfg, true, err, sizeof err))) {
+        LOG_E("%s", err);
+        rc = 2;
+        goto fail;
+    }
     loop = eng ? pd_loop_create() : NULL;
     zctx = loop ? zmq_ctx_new() : NULL;
     if (!zctx) {
@@ -164,11 +206,16 @@ int main(int argc, char **argv) {
     sp.max_batch = (int32_t)cfg.max_batch;
     sp.max_seqs = (int32_t)cfg.max_seqs;
     sp.prefill_chunk_tokens = (int32_t)cfg.prefill_chunk_tokens;
+    sp.spec = (dc_spec_mode_t)cfg.spec;
+    sp.spec_k = (int32_t)cfg.spec_k, sp.ngram_min = (int32_t)cfg.ngram_min, sp.ngram_max = (int32_t)cfg.ngram_max;
+    sp.spec_max_step_drafts = (int32_t)cfg.spec_max_step_drafts;
+    sp.draft_catchup_tokens = (int32_t)cfg.draft_catchup_tokens;
+    sp.draft_eng = draft;
     sp.on_registered = s_on_registered, sp.ud = &m;
     m.svc = dc_service_create(&sp, err, sizeof err);
     if (!m.svc) {
         LOG_E("%s", err);
-        rc = strncmp(err, "decode", 6) == 0 ? 2 : 1; /* a bad id or batch size is the config's fault */
+        rc = strncmp(err, "decode", 6) == 0 || strncmp(err, "draft", 5) == 0 ? 2 : 1; /* the config's fault */
         goto fail;
     }
     if (pd_loop_catch_signals(loop, s_on_signal, &m) != PD_OK) {
@@ -181,6 +228,7 @@ fail:
     dc_service_destroy(&m.svc);
     pd_loop_destroy(&loop);
     if (zctx) zmq_ctx_term(zctx);
+    eng_destroy(&draft);
     eng_destroy(&eng);
     pd_config_free(&s_spec, &cfg);
     if (rc == 0 && m.is_ready_printed) LOG_I("pd-decode exits cleanly");

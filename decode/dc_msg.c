@@ -53,6 +53,8 @@ pd_status dc_msg_decode_request(const Pdserve__V1__DecodeRequest *m, int32_t voc
     rp->n_stops = (int32_t)m->n_stop;
     rp->deadline_us = m->timeout_ms ? now_us + (uint64_t)m->timeout_ms * 1000u : 0;
     rp->is_prefill_local = m->prefill_locally;
+    if (m->speculative_tokens) /* dc_sched caps it to the deployment's spec_k */
+        rp->spec_k = m->speculative_tokens->value > INT32_MAX ? INT32_MAX : (int32_t)m->speculative_tokens->value;
     eng_sampling_t *sp = &rp->sampling;
     sp->temperature = v.temperature, sp->top_k = v.top_k, sp->top_p = v.top_p, sp->min_p = v.min_p;
     sp->repetition_penalty = v.repetition_penalty, sp->presence_penalty = v.presence_penalty;

@@ -24,10 +24,17 @@ typedef struct {
     eng_kv_seq_t kv;     /* covers positions [0, n_tokens) once planned; [0, n_prompt) while waiting */
     int32_t n_prompt;    /* positions whose K/V came from prefill (or are computed here, PREFILLING) */
     int32_t n_prefilled; /* PREFILLING: prompt positions already run */
-    int32_t *prompt;     /* (n_prompt) PREFILLING only: the input of the local prefill */
-    int32_t n_logprobs;  /* top logprobs the client asked for */
-    int32_t n_tokens;    /* prompt + generated; the last one is the next step's input */
-    int32_t n_generated; /* prefill's first token included */
+    int32_t *hist;       /* (hist_cap) prompt then generated tokens, n_tokens of them; NULL when the caller gave
+                            no prompt (no speculation then). PREFILLING reads its prompt from here */
+    int32_t hist_cap;
+    int32_t spec_k;         /* most drafts per step for this request (0: none) */
+    dc_spec_acc_t acc;      /* its drafts' acceptance */
+    eng_kv_seq_t draft_kv;  /* the draft model's blocks for it (DC_SPEC_DRAFT) */
+    int32_t n_draft_cached; /* positions the draft model holds K/V for */
+    int32_t ev_seq;         /* events emitted: picks the text buffer of the next one */
+    int32_t n_logprobs;     /* top logprobs the client asked for */
+    int32_t n_tokens;       /* prompt + generated; the last one is the next step's input */
+    int32_t n_generated;    /* prefill's first token included */
     int32_t max_tokens;
     int32_t last_token;
     bool is_ignore_eos;
@@ -37,7 +44,8 @@ typedef struct {
     eng_sampler_t *sampler;
     eng_stop_t *stop;
     eng_detok_t detok;
-    char *text; /* (text_cap) this request's latest event text */
+    char *text; /* (DC_MAX_TOKENS_PER_SEQ * text_cap): the latest events' texts, one buffer each, in turn (a
+                   verified row emits up to DC_MAX_TOKENS_PER_SEQ events in one call) */
 } s_slot_t;
 
 struct dc_sched {
@@ -49,6 +57,12 @@ struct dc_sched {
     size_t text_cap;
     char *scratch; /* (text_cap) detokenizer output before stop matching */
     uint64_t n_tokens_generated, n_finished, n_preempted, n_refused;
+    uint64_t n_decode_rows, n_spec_rows, n_draft_tokens, n_accepted_tokens;
+    dc_spec_cost_t cost;
+    bool has_cost;
+    /* plan-time scratch for speculation, (max_batch_seqs) and (max_batch_seqs, DC_MAX_TOKENS_PER_SEQ) */
+    float *sp_acc;
+    int32_t *sp_avail, *sp_k, *sp_drafts;
 };
 
 static void s_err(char *err, size_t cap, const char *fmt, ...) PD_PRINTF(3, 4);
@@ -66,11 +80,17 @@ dc_sched_params_t dc_sched_params_default(void) {
                                .max_batch_seqs = 64,
                                .watermark_blocks = -1,
                                .prefill_chunk_tokens = 256,
-                               .max_prefill_seqs = 4};
+                               .max_prefill_seqs = 4,
+                               .spec = DC_SPEC_OFF,
+                               .spec_k = 5,
+                               .ngram_min = 2,
+                               .ngram_max = 4,
+                               .spec_max_step_drafts = 64,
+                               .draft_catchup_tokens = 512};
 }
 
 dc_req_params_t dc_req_params_default(void) {
-    dc_req_params_t r = {.max_tokens = 16, .sampling = eng_sampling_default()};
+    dc_req_params_t r = {.max_tokens = 16, .sampling = eng_sampling_default(), .spec_k = -1};
     r.sampling.temperature = 0;
     return r;
 }
@@ -93,6 +113,16 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
               "max_batch_seqs, watermark_blocks, prefill_chunk_tokens, max_prefill_seqs)");
         return NULL;
     }
+    if (p->spec != DC_SPEC_OFF &&
+        (p->spec_k < 1 || p->spec_k > DC_MAX_TOKENS_PER_SEQ - 1 || p->spec_max_step_drafts < 0 ||
+         (p->spec == DC_SPEC_NGRAM && (p->ngram_min < 1 || p->ngram_max < p->ngram_min)) ||
+         (p->spec == DC_SPEC_DRAFT && (!p->draft_pool || p->draft_block_size < 1 || p->draft_catchup_tokens < 1)))) {
+        s_err(err, err_cap,
+              "dc_sched: bad speculation params (spec_k in [1, %d], ngram_min >= 1, ngram_max >= ngram_min, "
+              "spec_max_step_drafts >= 0; a draft model needs draft_pool, draft_block_size, draft_catchup_tokens)",
+              DC_MAX_TOKENS_PER_SEQ - 1);
+        return NULL;
+    }
     dc_sched_t *s = pd_xcalloc(1, sizeof *s);
     s->p = *p;
     if (s->p.watermark_blocks < 0) {
@@ -105,7 +135,12 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
     s->slots = pd_xcalloc((size_t)p->max_seqs, sizeof *s->slots);
     s->running = pd_xcalloc((size_t)p->max_seqs, sizeof *s->running);
     s->prefilling = pd_xcalloc((size_t)p->max_seqs, sizeof *s->prefilling);
-    for (int32_t i = 0; i < p->max_seqs; i++) s->slots[i].text = pd_xmalloc(s->text_cap);
+    for (int32_t i = 0; i < p->max_seqs; i++) s->slots[i].text = pd_xmalloc(s->text_cap * DC_MAX_TOKENS_PER_SEQ);
+    size_t nb = (size_t)p->max_batch_seqs;
+    s->sp_acc = pd_xcalloc(nb, sizeof *s->sp_acc);
+    s->sp_avail = pd_xcalloc(nb, sizeof *s->sp_avail);
+    s->sp_k = pd_xcalloc(nb, sizeof *s->sp_k);
+    s->sp_drafts = pd_xcalloc(nb * DC_MAX_TOKENS_PER_SEQ, sizeof *s->sp_drafts);
     return s;
 }
 
@@ -115,10 +150,11 @@ const dc_sched_params_t *dc_sched_params(const dc_sched_t *s) {
 
 static void s_slot_free(dc_sched_t *s, s_slot_t *sl) {
     eng_kv_seq_release(&sl->kv, s->p.pool);
+    if (s->p.draft_pool) eng_kv_seq_release(&sl->draft_kv, s->p.draft_pool);
     eng_sampler_destroy(&sl->sampler);
     eng_stop_destroy(&sl->stop);
-    free(sl->prompt);
-    sl->prompt = NULL;
+    free(sl->hist);
+    sl->hist = NULL;
     sl->state = S_FREE;
     sl->is_in_plan = false;
 }
@@ -129,8 +165,10 @@ void dc_sched_destroy(dc_sched_t **sp) {
     for (int32_t i = 0; i < s->p.max_seqs; i++) {
         if (s->slots[i].state != S_FREE) s_slot_free(s, &s->slots[i]);
         eng_kv_seq_fini(&s->slots[i].kv);
+        eng_kv_seq_fini(&s->slots[i].draft_kv);
         free(s->slots[i].text);
     }
+    free(s->sp_acc), free(s->sp_avail), free(s->sp_k), free(s->sp_drafts);
     free(s->slots), free(s->running), free(s->prefilling), free(s->scratch), free(s);
     *sp = NULL;
 }
@@ -156,12 +194,12 @@ static void s_list_remove(int32_t *list, int32_t *n, int32_t slot) {
     PD_ASSERT(!"slot not in its state's list");
 }
 
-static void s_event_init(dc_event_t *ev, const s_slot_t *sl) {
+static void s_event_init(dc_event_t *ev, s_slot_t *sl, const dc_sched_t *s) {
     memset(ev, 0, offsetof(dc_event_t, err) + 1);
     ev->req_id = sl->req_id;
     ev->token = -1;
     ev->logprob = NAN;
-    ev->text = sl->text;
+    ev->text = sl->text + (size_t)(sl->ev_seq++ % DC_MAX_TOKENS_PER_SEQ) * s->text_cap;
     ev->stop_index = -1;
     ev->n_generated = sl->n_generated;
 }
@@ -170,7 +208,8 @@ static void s_event_init(dc_event_t *ev, const s_slot_t *sl) {
 static void s_feed_text(dc_sched_t *s, s_slot_t *sl, dc_event_t *ev, const char *bytes, size_t n) {
     if (sl->is_stop_hit) return;
     bool is_hit = false;
-    int64_t w = eng_stop_feed(sl->stop, bytes, n, sl->text + ev->n_text, s->text_cap - (size_t)ev->n_text, &is_hit);
+    int64_t w =
+        eng_stop_feed(sl->stop, bytes, n, (char *)ev->text + ev->n_text, s->text_cap - (size_t)ev->n_text, &is_hit);
     PD_ASSERT(w >= 0); /* text_cap covers a token plus everything stop matching can hold back */
     ev->n_text += (int32_t)w;
     if (is_hit) {
@@ -187,7 +226,7 @@ static void s_finish(dc_sched_t *s, s_slot_t *sl, dc_event_t *ev, dc_finish_t fi
         int64_t n = eng_detok_flush(&sl->detok, s->scratch, s->text_cap);
         if (n > 0) s_feed_text(s, sl, ev, s->scratch, (size_t)n);
         if (!sl->is_stop_hit) {
-            n = eng_stop_flush(sl->stop, sl->text + ev->n_text, s->text_cap - (size_t)ev->n_text);
+            n = eng_stop_flush(sl->stop, (char *)ev->text + ev->n_text, s->text_cap - (size_t)ev->n_text);
             PD_ASSERT(n >= 0);
             ev->n_text += (int32_t)n;
         }
@@ -210,9 +249,13 @@ static void s_emit(dc_sched_t *s, s_slot_t *sl, const eng_sample_result_t *r, in
                    dc_event_t *ev) {
     sl->n_tokens++, sl->n_generated++;
     sl->last_token = token;
+    if (sl->hist) {
+        PD_ASSERT(sl->n_tokens <= sl->hist_cap); /* hist_cap = prompt + max_tokens, the most a request reaches */
+        sl->hist[sl->n_tokens - 1] = token;
+    }
     eng_sampler_add_generated(sl->sampler, token);
     s->n_tokens_generated++;
-    s_event_init(ev, sl);
+    s_event_init(ev, sl, s);
     ev->token = token;
     if (r) {
         ev->logprob = r->logprob;
@@ -243,6 +286,10 @@ static pd_status s_check_req(const dc_sched_t *s, const dc_req_params_t *rp, cha
     }
     if (rp->n_prompt_tokens < 1 || rp->n_prompt_tokens >= s->p.max_context) {
         s_err(err, err_cap, "prompt of %d tokens: must be in [1, %d)", rp->n_prompt_tokens, s->p.max_context);
+        return PD_EINVAL;
+    }
+    if (rp->spec_k < -1) {
+        s_err(err, err_cap, "spec_k %d must be >= -1", rp->spec_k);
         return PD_EINVAL;
     }
     if (rp->max_tokens < 1 || rp->n_stops < 0 || rp->n_stops > ENG_STOP_MAX || (rp->n_stops > 0 && !rp->stops)) {
@@ -304,11 +351,20 @@ pd_status dc_sched_reserve(dc_sched_t *s, const dc_req_params_t *rp, char *err, 
         s_err(err, err_cap, "KV blocks: %s", pd_strerror(st));
         goto fail;
     }
-    if (rp->prompt) eng_sampler_add_prompt(sl->sampler, rp->prompt, rp->n_prompt_tokens);
-    if (rp->is_prefill_local) {
-        sl->prompt = pd_xmalloc(sizeof *sl->prompt * (size_t)rp->n_prompt_tokens);
-        memcpy(sl->prompt, rp->prompt, sizeof *sl->prompt * (size_t)rp->n_prompt_tokens);
+    if (rp->prompt) {
+        eng_sampler_add_prompt(sl->sampler, rp->prompt, rp->n_prompt_tokens);
+        /* the history holds what a request can reach: its prompt plus max_tokens (or the context) */
+        int64_t cap = (int64_t)rp->n_prompt_tokens + rp->max_tokens;
+        sl->hist_cap = (int32_t)(cap < s->p.max_context ? cap : s->p.max_context);
+        sl->hist = pd_xmalloc(sizeof *sl->hist * (size_t)sl->hist_cap);
+        memcpy(sl->hist, rp->prompt, sizeof *sl->hist * (size_t)rp->n_prompt_tokens);
     }
+    sl->spec_k = s->p.spec == DC_SPEC_OFF || !rp->prompt      ? 0
+                 : rp->spec_k < 0 || rp->spec_k > s->p.spec_k ? s->p.spec_k
+                                                              : rp->spec_k;
+    sl->acc = (dc_spec_acc_t){0};
+    sl->n_draft_cached = 0;
+    sl->ev_seq = 0;
     eng_detok_init(&sl->detok);
     sl->req_id = rp->req_id;
     sl->n_prompt = sl->n_tokens = rp->n_prompt_tokens;
@@ -371,7 +427,7 @@ pd_status dc_sched_admit(dc_sched_t *s, uint64_t req_id, const eng_sample_result
 pd_status dc_sched_cancel(dc_sched_t *s, uint64_t req_id, pd_status reason, dc_event_t *ev) {
     s_slot_t *sl = s && ev ? s_find(s, req_id) : NULL;
     if (!sl) return PD_EINVAL;
-    s_event_init(ev, sl);
+    s_event_init(ev, sl, s);
     char why[96];
     snprintf(why, sizeof why, "cancelled (%s)", pd_strerror(reason));
     bool is_cancel = reason == PD_ECLOSED || reason == PD_OK;
@@ -394,13 +450,43 @@ void dc_plan_init(dc_plan_t *plan, const dc_sched_t *s) {
     plan->n_blocks = pd_xcalloc(ns, sizeof *plan->n_blocks);
     plan->tokens = pd_xcalloc(nt, sizeof *plan->tokens);
     plan->want_logits = pd_xcalloc(nt, sizeof *plan->want_logits);
+    plan->n_draft = pd_xcalloc(ns, sizeof *plan->n_draft);
+    plan->draft_k = pd_xcalloc(ns, sizeof *plan->draft_k);
+    plan->draft_n_in = pd_xcalloc(ns, sizeof *plan->draft_n_in);
+    plan->draft_pos = pd_xcalloc(ns, sizeof *plan->draft_pos);
+    plan->hist = pd_xcalloc(ns, sizeof *plan->hist);
+    plan->draft_tables = pd_xcalloc(ns, sizeof *plan->draft_tables);
+    plan->draft_n_blocks = pd_xcalloc(ns, sizeof *plan->draft_n_blocks);
+    plan->draft_cached_out = pd_xcalloc(ns, sizeof *plan->draft_cached_out);
 }
 
 void dc_plan_fini(dc_plan_t *plan) {
     if (!plan) return;
     free(plan->req_ids), free(plan->slots), free(plan->n_tokens), free(plan->pos);
     free((void *)plan->block_tables), free(plan->n_blocks), free(plan->tokens), free(plan->want_logits);
+    free(plan->n_draft), free(plan->draft_k), free(plan->draft_n_in), free(plan->draft_pos), free((void *)plan->hist);
+    free((void *)plan->draft_tables), free(plan->draft_n_blocks), free(plan->draft_cached_out);
     memset(plan, 0, sizeof *plan);
+}
+
+pd_status dc_plan_set_drafts(dc_plan_t *plan, int32_t row, const int32_t *drafts, int32_t n) {
+    if (!plan || row < 0 || row >= plan->n_decode_rows || plan->n_draft[row] != 0 || n < 0 || (n > 0 && !drafts) ||
+        1 + n > DC_MAX_TOKENS_PER_SEQ || plan->n_tokens[row] != 1 || plan->n_tokens_total + n > plan->cap_tokens)
+        return PD_EINVAL;
+    if (n == 0) return PD_OK;
+    int32_t t0 = 0;
+    for (int32_t i = 0; i < row; i++) t0 += plan->n_tokens[i];
+    /* the row's first token stays at t0 (its logits were wanted already); everything after moves right by n */
+    int32_t tail = plan->n_tokens_total - (t0 + 1);
+    memmove(plan->tokens + t0 + 1 + n, plan->tokens + t0 + 1, sizeof *plan->tokens * (size_t)tail);
+    memmove(plan->want_logits + t0 + 1 + n, plan->want_logits + t0 + 1, (size_t)tail);
+    memcpy(plan->tokens + t0 + 1, drafts, sizeof *drafts * (size_t)n);
+    memset(plan->want_logits + t0 + 1, 1, (size_t)n);
+    plan->n_tokens[row] += n;
+    plan->n_draft[row] = n;
+    plan->n_tokens_total += n;
+    plan->n_logits += n;
+    return PD_OK;
 }
 
 eng_batch_t dc_plan_batch(const dc_plan_t *plan, float *logits) {
@@ -426,12 +512,12 @@ static bool s_grow(dc_sched_t *s, int32_t i, dc_event_t *events, int cap, int *n
         dc_event_t *ev = &events[(*n_ev)++];
         if (st != PD_EAGAIN) {
             LOG_E("req=%llx KV table: %s", (unsigned long long)sl->req_id, pd_strerror(st));
-            s_event_init(ev, sl);
+            s_event_init(ev, sl, s);
             s_finish(s, sl, ev, DC_FINISH_ERROR, st, "KV block table", true);
             return false;
         }
         s_slot_t *victim = &s->slots[s->running[s->n_running - 1]];
-        s_event_init(ev, victim);
+        s_event_init(ev, victim, s);
         s->n_preempted++;
         LOG_W("req=%llx preempted at %d tokens: KV capacity exhausted (%d running)", (unsigned long long)victim->req_id,
               victim->n_tokens, s->n_running);
@@ -452,7 +538,7 @@ static int s_expire(dc_sched_t *s, const int32_t *list, int32_t *n, uint64_t now
             continue;
         }
         dc_event_t *ev = &events[n_ev++];
-        s_event_init(ev, sl);
+        s_event_init(ev, sl, s);
         s_finish(s, sl, ev, DC_FINISH_ERROR, PD_ETIMEDOUT, "deadline passed", true); /* removes list[i] */
     }
     return n_ev;
@@ -472,11 +558,87 @@ static void s_plan_row(dc_plan_t *plan, const s_slot_t *sl, int32_t slot, int32_
     plan->n_blocks[r] = sl->kv.n_blocks;
     memcpy(plan->tokens + t, tokens, sizeof *tokens * (size_t)n);
     memset(plan->want_logits + t, 0, (size_t)n);
+    plan->n_draft[r] = plan->draft_k[r] = plan->draft_n_in[r] = plan->draft_pos[r] = plan->draft_n_blocks[r] = 0;
+    plan->draft_cached_out[r] = -1;
+    plan->draft_tables[r] = NULL;
+    plan->hist[r] = sl->hist;
     if (is_logits) {
         plan->want_logits[t + n - 1] = 1;
         plan->n_logits++;
     }
     plan->n_tokens_total += n;
+}
+
+/* Most drafts row sl can use this step: its own k, and no draft past the context or past max_tokens (a row emits
+ * at most 1 + drafts tokens). */
+static int32_t s_row_k_max(const dc_sched_t *s, const s_slot_t *sl) {
+    int32_t k = sl->spec_k;
+    int32_t by_len = sl->max_tokens - sl->n_generated - 1, by_ctx = s->p.max_context - sl->n_tokens;
+    k = k < by_len ? k : by_len;
+    return k < by_ctx ? k : by_ctx;
+}
+
+/* Draft candidates of decode row i: what the n-gram lookup finds, or the draft model's catch-up (fed this step,
+ * within what is left of budget) and, once it has seen the whole history, k proposals. Returns how many drafts
+ * the row could take. */
+static int32_t s_spec_candidates(dc_sched_t *s, dc_plan_t *plan, int32_t i, int32_t *budget) {
+    s_slot_t *sl = &s->slots[plan->slots[i]];
+    int32_t k = s_row_k_max(s, sl);
+    if (k <= 0) return 0;
+    if (s->p.spec == DC_SPEC_NGRAM)
+        return dc_ngram_propose(sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k,
+                                s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ);
+    int32_t need = sl->n_tokens - sl->n_draft_cached, n_in = need < *budget ? need : *budget;
+    if (n_in <= 0) return 0;
+    if (eng_kv_seq_reserve(&sl->draft_kv, s->p.draft_pool, s->p.draft_block_size, sl->n_draft_cached + n_in) != PD_OK)
+        return 0;
+    plan->draft_n_in[i] = n_in;
+    plan->draft_pos[i] = sl->n_draft_cached;
+    *budget -= n_in;
+    return n_in == need ? k : 0;
+}
+
+/* Speculation for the decode rows of a planned step: candidates per row, adaptive k over the batch
+ * (dc_spec_allocate), blocks for the drafted positions (never preempting anyone for a draft: a row gets fewer
+ * drafts instead), then the n-gram drafts go into the plan; a draft model's are the executor's to add. */
+static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
+    int32_t n = plan->n_decode_rows, budget = s->p.draft_catchup_tokens;
+    bool is_draft = s->p.spec == DC_SPEC_DRAFT;
+    if (s->p.spec == DC_SPEC_OFF || n == 0 || !s->has_cost) return;
+    for (int32_t i = 0; i < n; i++) {
+        s->sp_acc[i] = dc_spec_acc_rate(&s->slots[plan->slots[i]].acc);
+        s->sp_avail[i] = s_spec_candidates(s, plan, i, &budget);
+    }
+    dc_spec_allocate(&s->cost, is_draft, n, s->sp_acc, s->sp_avail, plan->n_tokens_total, s->p.spec_max_step_drafts,
+                     s->sp_k);
+    int32_t bs = s->p.block_size;
+    for (int32_t i = 0; i < n; i++) {
+        s_slot_t *sl = &s->slots[plan->slots[i]];
+        int32_t k = s->sp_k[i];
+        if (k > 0 && eng_kv_seq_reserve(&sl->kv, s->p.pool, bs, sl->n_tokens + k) != PD_OK) {
+            int32_t room = sl->kv.n_blocks * bs - sl->n_tokens; /* drafts that fit the blocks it has */
+            k = room < k ? room : k;
+        }
+        if (is_draft && k > 1 &&
+            eng_kv_seq_reserve(&sl->draft_kv, s->p.draft_pool, s->p.draft_block_size, sl->n_tokens + k - 1) != PD_OK) {
+            int32_t room = sl->draft_kv.n_blocks * s->p.draft_block_size - sl->n_tokens + 1;
+            k = room < k ? room : k;
+        }
+        if (k <= 0) dc_spec_acc_idle(&sl->acc);
+        plan->block_tables[i] = sl->kv.blocks; /* the table may have grown (and moved) */
+        plan->n_blocks[i] = sl->kv.n_blocks;
+        if (is_draft) {
+            /* a row that will not draft skips its catch-up too, unless it is behind by more than a step's
+             * budget (a new prompt): then the catch-up is progress worth making */
+            if (k <= 0 && s->sp_avail[i] > 0) plan->draft_n_in[i] = 0;
+            plan->draft_k[i] = k > 0 ? k : 0;
+            plan->draft_tables[i] = sl->draft_kv.blocks;
+            plan->draft_n_blocks[i] = sl->draft_kv.n_blocks;
+        } else if (k > 0) {
+            pd_status st = dc_plan_set_drafts(plan, i, s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ, k);
+            PD_ASSERT(st == PD_OK); /* a decode row of one token, k < DC_MAX_TOKENS_PER_SEQ, capacity planned */
+        }
+    }
 }
 
 int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *events, int cap) {
@@ -492,10 +654,10 @@ int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *e
         if (!s_grow(s, i, events, cap, &n_ev)) continue; /* running[i] is now the next one */
         int32_t slot = s->running[i++];
         s_slot_t *sl = &s->slots[slot];
-        /* TODO: 1 + k drafts per sequence once speculative decoding lands */
         s_plan_row(plan, sl, slot, sl->n_tokens - 1, &sl->last_token, 1, true);
         sl->is_in_plan = true;
     }
+    plan->n_decode_rows = plan->n_seqs;
     /* local prefill after the decode rows, so that a long prompt only ever takes its budget of a step */
     int32_t budget = s->p.prefill_chunk_tokens;
     for (int32_t i = 0, n_rows = 0; i < s->n_prefilling && budget > 0 && n_rows < s->p.max_prefill_seqs; i++) {
@@ -503,11 +665,12 @@ int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *e
         s_slot_t *sl = &s->slots[slot];
         int32_t n = sl->n_prompt - sl->n_prefilled < budget ? sl->n_prompt - sl->n_prefilled : budget;
         bool is_last = sl->n_prefilled + n == sl->n_prompt;
-        s_plan_row(plan, sl, slot, sl->n_prefilled, sl->prompt + sl->n_prefilled, n, is_last);
+        s_plan_row(plan, sl, slot, sl->n_prefilled, sl->hist + sl->n_prefilled, n, is_last);
         sl->is_in_plan = true;
         budget -= n;
         n_rows++;
     }
+    s_plan_spec(s, plan);
     plan->is_in_flight = plan->n_seqs > 0;
     return n_ev;
 }
@@ -528,41 +691,87 @@ static s_slot_t *s_row_done(dc_sched_t *s, const dc_plan_t *plan, int32_t i) {
 static void s_prefill_done(dc_sched_t *s, s_slot_t *sl) {
     int32_t slot = (int32_t)(sl - s->slots);
     s_list_remove(s->prefilling, &s->n_prefilling, slot);
-    free(sl->prompt);
-    sl->prompt = NULL;
     sl->state = S_RUNNING;
     s->running[s->n_running++] = slot;
+}
+
+/* Samples one logits row for sl and emits the token; false when the request ended with it (sl is then gone). */
+static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const float *row, uint64_t now_us, dc_event_t *ev,
+                          int32_t *token) {
+    eng_sample_result_t r;
+    if (eng_sampler_sample(sl->sampler, row, &r) != PD_OK) {
+        LOG_E("req=%llx logits not finite at position %d", (unsigned long long)sl->req_id, sl->n_tokens - 1);
+        s_event_init(ev, sl, s);
+        s_finish(s, sl, ev, DC_FINISH_ERROR, PD_EBACKEND, "logits not finite", true);
+        return false;
+    }
+    *token = r.token;
+    s_emit(s, sl, &r, r.token, now_us, ev);
+    return sl->state == S_RUNNING;
+}
+
+/* Verifies decode row i: position j's token is sampled from the target's logits row j with the request's own
+ * sampler (penalties see the tokens accepted before it), exactly as plain decoding would; draft j is kept only
+ * when it is that token, and the first token that differs ends the row (dc_spec.h: why this is lossless).
+ * Every kept token is emitted as its own event, with stop strings, EOS and max_tokens checked in order. Then the
+ * rejected positions are rolled back: blocks past the new length go back to the pool, and the draft model
+ * keeps only the positions that were accepted. Returns the events written. */
+static int s_verify(dc_sched_t *s, s_slot_t *sl, const dc_plan_t *plan, int32_t i, const int32_t *drafts,
+                    const float *logits, uint64_t now_us, dc_event_t *events) {
+    int32_t n_draft = plan->n_draft[i], n_old = sl->n_tokens, accepted = 0;
+    size_t v = (size_t)s->p.vocab_size;
+    int n_ev = 0;
+    s->n_decode_rows++;
+    if (n_draft > 0) s->n_spec_rows++, s->n_draft_tokens += (uint64_t)n_draft;
+    for (int32_t j = 0; j <= n_draft; j++) {
+        int32_t token = -1;
+        if (!s_sample_emit(s, sl, logits + (size_t)j * v, now_us, &events[n_ev++], &token)) {
+            s->n_accepted_tokens += (uint64_t)accepted;
+            return n_ev; /* finished: blocks and draft state are gone with it */
+        }
+        if (j == n_draft || token != drafts[j]) break;
+        accepted++;
+    }
+    s->n_accepted_tokens += (uint64_t)accepted;
+    dc_spec_acc_observe(&sl->acc, n_draft, accepted);
+    eng_kv_seq_truncate(&sl->kv, s->p.pool, s->p.block_size, sl->n_tokens);
+    if (s->p.draft_pool) {
+        int32_t out = plan->draft_cached_out[i], valid = n_old + accepted;
+        if (out >= 0) sl->n_draft_cached = out < valid ? out : valid;
+        eng_kv_seq_truncate(&sl->draft_kv, s->p.draft_pool, s->p.draft_block_size, sl->n_tokens);
+    }
+    return n_ev;
 }
 
 int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_t now_us, dc_event_t *events, int cap) {
     if (!s || !plan || (!plan->is_in_flight && plan->n_seqs > 0)) return PD_EINVAL;
     if (!plan->is_in_flight) return 0;
-    if (!logits || !events || cap < plan->n_seqs) return PD_EINVAL;
+    int32_t max_events = plan->n_seqs; /* one per row, plus one per draft */
+    for (int32_t i = 0; i < plan->n_decode_rows; i++) max_events += plan->n_draft[i];
+    if (!logits || !events || cap < max_events) return PD_EINVAL;
     int n_ev = 0;
     int32_t row = 0, t = 0;
+    size_t v = (size_t)s->p.vocab_size;
     for (int32_t i = 0; i < plan->n_seqs; i++) {
-        /* the sequence's logits row is its last wanted one (its only one until drafts are verified; none for
-         * a prompt chunk that is not the last) */
-        int32_t last_row = -1;
+        /* the row's logits rows: one per draft plus one for a decode row, the last token's for the last chunk
+         * of a local prefill, none for its other chunks */
+        int32_t first_row = row, t0 = t;
         for (int32_t k = 0; k < plan->n_tokens[i]; k++, t++)
-            if (plan->want_logits[t]) last_row = row++;
+            if (plan->want_logits[t]) row++;
         s_slot_t *sl = s_row_done(s, plan, i);
         if (!sl) continue;
-        if (sl->state == S_PREFILLING) {
-            sl->n_prefilled += plan->n_tokens[i];
-            if (sl->n_prefilled < sl->n_prompt) continue;
-            s_prefill_done(s, sl);
-        }
-        PD_ASSERT(last_row >= 0);
-        eng_sample_result_t r;
-        dc_event_t *ev = &events[n_ev++];
-        if (eng_sampler_sample(sl->sampler, logits + (size_t)last_row * (size_t)s->p.vocab_size, &r) != PD_OK) {
-            LOG_E("req=%llx logits not finite at position %d", (unsigned long long)sl->req_id, sl->n_tokens - 1);
-            s_event_init(ev, sl);
-            s_finish(s, sl, ev, DC_FINISH_ERROR, PD_EBACKEND, "logits not finite", true);
+        if (i < plan->n_decode_rows) {
+            n_ev +=
+                s_verify(s, sl, plan, i, plan->tokens + t0 + 1, logits + (size_t)first_row * v, now_us, events + n_ev);
             continue;
         }
-        s_emit(s, sl, &r, r.token, now_us, ev);
+        PD_ASSERT(sl->state == S_PREFILLING);
+        sl->n_prefilled += plan->n_tokens[i];
+        if (sl->n_prefilled < sl->n_prompt) continue;
+        s_prefill_done(s, sl);
+        PD_ASSERT(row > first_row);
+        int32_t token;
+        (void)s_sample_emit(s, sl, logits + (size_t)(row - 1) * v, now_us, &events[n_ev++], &token);
     }
     plan->is_in_flight = false;
     return n_ev;
@@ -576,7 +785,7 @@ int dc_sched_plan_abort(dc_sched_t *s, dc_plan_t *plan, pd_status status, dc_eve
         s_slot_t *sl = s_row_done(s, plan, i);
         if (!sl) continue;
         dc_event_t *ev = &events[n_ev++];
-        s_event_init(ev, sl);
+        s_event_init(ev, sl, s);
         s_finish(s, sl, ev, DC_FINISH_ERROR, status, "forward failed", true);
     }
     plan->is_in_flight = false;
@@ -592,5 +801,19 @@ void dc_sched_stats(const dc_sched_t *s, dc_sched_stats_t *out) {
                               .n_tokens_generated = s->n_tokens_generated,
                               .n_finished = s->n_finished,
                               .n_preempted = s->n_preempted,
-                              .n_refused = s->n_refused};
+                              .n_refused = s->n_refused,
+                              .n_decode_rows = s->n_decode_rows,
+                              .n_spec_rows = s->n_spec_rows,
+                              .n_draft_tokens = s->n_draft_tokens,
+                              .n_accepted_tokens = s->n_accepted_tokens};
+}
+
+void dc_sched_spec_set_cost(dc_sched_t *s, const dc_spec_cost_t *c) {
+    s->cost = *c;
+    if (s->cost.scale <= 0) s->cost.scale = 1;
+    s->has_cost = true;
+}
+
+void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us) {
+    if (s->has_cost) dc_spec_cost_observe(&s->cost, n_tokens, verify_us);
 }

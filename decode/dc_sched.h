@@ -47,6 +47,7 @@
 #include "eng_sample.h"
 #include "eng_stop.h"
 #include "eng_tok.h"
+#include "dc_spec.h"
 #include "pd_common.h"
 
 typedef struct dc_sched dc_sched_t;
@@ -64,6 +65,15 @@ typedef struct {
                                      0 = local prefill refused. A step holds at most
                                      max_batch_seqs * DC_MAX_TOKENS_PER_SEQ + prefill_chunk_tokens tokens */
     int32_t max_prefill_seqs;     /* local-prefill rows per step, besides the max_batch_seqs decode rows (default 4) */
+    /* speculative decoding (dc_spec.h): drafts proposed per decode row, verified in the same forward */
+    dc_spec_mode_t spec;          /* DC_SPEC_OFF (default), DC_SPEC_NGRAM, DC_SPEC_DRAFT (needs draft_pool) */
+    int32_t spec_k;               /* most drafts per sequence per step, 1..DC_MAX_TOKENS_PER_SEQ-1 (default 5) */
+    int32_t ngram_min, ngram_max; /* n-gram lookup: longest match tried first (defaults 2 and 4) */
+    int32_t spec_max_step_drafts; /* most draft tokens in one step, all sequences together (default 64) */
+    eng_kv_pool_t *draft_pool;    /* DC_SPEC_DRAFT: the draft model's block pool (borrowed) */
+    int32_t draft_block_size;     /* its tokens per block */
+    int32_t draft_catchup_tokens; /* most tokens the draft model may catch up on per step (prompts it has not
+                                     seen yet), all sequences together (default 512) */
 } dc_sched_params_t;
 
 dc_sched_params_t dc_sched_params_default(void);
@@ -90,6 +100,8 @@ typedef struct {
     int32_t n_stops;          /* 0..ENG_STOP_MAX */
     uint64_t deadline_us;     /* in the caller's clock (the one passed as now_us); 0 = none */
     bool is_prefill_local;    /* the prompt (required) runs here instead of arriving through kvtransfer */
+    int32_t spec_k;           /* most drafts per step for this request: -1 = the deployment's spec_k, 0 = no
+                                 speculation, else capped by spec_k. Needs the prompt (drafts look it up) */
 } dc_req_params_t;
 
 /* max_tokens 16, greedy (temperature 0), no stops, no deadline; the caller sets req_id and
@@ -172,9 +184,12 @@ PD_NODISCARD pd_status dc_sched_cancel(dc_sched_t *s, uint64_t req_id, pd_status
 /* ---- steps ---- */
 
 /* A step: parallel arrays, ready to become an eng_batch_t (dc_plan_batch). Row i is sequence req_ids[i]
- * with n_tokens[i] inputs at positions pos[i]..; decode rows first (one token per sequence today, the arrays
- * leave room for 1 + k drafts per sequence: speculative decoding), then local-prefill chunks (want_logits
- * only on the last token of a prompt's last chunk). Capacities are fixed by dc_plan_init. */
+ * with n_tokens[i] inputs at positions pos[i]..; decode rows first (n_decode_rows of them: the sequence's next
+ * input, then n_draft[i] draft tokens, logits wanted for each), then local-prefill chunks (want_logits only on
+ * the last token of a prompt's last chunk). Capacities are fixed by dc_plan_init.
+ * With a draft model, a decode row may also carry draft work that the executor does before the forward
+ * (dc_draft.h): draft_n_in[i] tokens of the row's history from draft_pos[i] on to feed the draft model (its
+ * catch-up, the row's next input included), then draft_k[i] proposals to add with dc_plan_set_drafts. */
 typedef struct {
     int32_t n_seqs;
     int32_t n_tokens_total;       /* sum of n_tokens */
@@ -187,6 +202,16 @@ typedef struct {
     int32_t *n_blocks;            /* (n_seqs) */
     int32_t *tokens;              /* (n_tokens_total) sequence after sequence */
     uint8_t *want_logits;         /* (n_tokens_total) */
+    int32_t n_decode_rows;        /* rows [0, n_decode_rows) are decode rows */
+    int32_t *n_draft;             /* (n_seqs) draft tokens in the row after its first token */
+    /* draft-model work, per decode row (draft_k[i] == 0 and draft_n_in[i] == 0: none) */
+    int32_t *draft_k;             /* (n_seqs) proposals wanted */
+    int32_t *draft_n_in;          /* (n_seqs) history tokens to feed first, from position draft_pos[i] */
+    int32_t *draft_pos;           /* (n_seqs) positions the draft model holds K/V for */
+    const int32_t **hist;         /* (n_seqs) the row's history (prompt + generated); valid until update */
+    const int32_t **draft_tables; /* (n_seqs) the draft model's block table of the row */
+    int32_t *draft_n_blocks;      /* (n_seqs) */
+    int32_t *draft_cached_out;    /* (n_seqs) out, executor: positions the draft model now holds, -1 = none */
     int32_t cap_seqs, cap_tokens;
     bool is_in_flight; /* between dc_sched_plan and dc_sched_update / dc_sched_plan_abort */
 } dc_plan_t;
@@ -203,11 +228,17 @@ void dc_plan_fini(dc_plan_t *plan);
  * previous plan is still in flight). plan->n_seqs may be 0: nothing to run. */
 PD_NODISCARD int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *events, int cap);
 
+/* Puts n drafts (after the row's first token, logits wanted for each) into decode row `row`, which must have
+ * none yet; shifts the later rows. For the executor's draft model and for the n-gram lookup. PD_EINVAL when the
+ * row is not a decode row, already has drafts, or the row or plan capacity would be exceeded. */
+PD_NODISCARD pd_status dc_plan_set_drafts(dc_plan_t *plan, int32_t row, const int32_t *drafts, int32_t n);
+
 /* The plan's view as an engine batch; logits must hold plan->n_logits rows of vocab_size floats. */
 eng_batch_t dc_plan_batch(const dc_plan_t *plan, float *logits);
 
 /* After eng_forward(plan) succeeded: samples each decode row's logits with its request's sampler, appends
- * the token and emits one event per row still alive (events, cap >= plan->n_seqs). A local-prefill row
+ * the token and emits one event per row still alive, and for a row with drafts one more per accepted draft
+ * (events, cap >= plan->n_seqs + the plan's drafts; plan->n_tokens_total always suffices). A local-prefill row
  * advances its prompt; the last chunk's row samples the first token (the request is then RUNNING) and emits
  * it like a decoded one. Checks, in this order: stop
  * string / EOS -> STOP, max_tokens / context -> LENGTH, now_us past the deadline -> ERROR PD_ETIMEDOUT.
@@ -227,7 +258,15 @@ typedef struct {
     int32_t n_free_blocks, n_total_blocks;      /* of the pool (shared with anyone else using it) */
     uint64_t n_tokens_generated;                /* emitted tokens, prefill's first ones included */
     uint64_t n_finished, n_preempted, n_refused;
+    uint64_t n_decode_rows;                     /* decode rows verified (a sequence's step) */
+    uint64_t n_spec_rows;                       /* of those, rows that carried at least one draft */
+    uint64_t n_draft_tokens, n_accepted_tokens; /* drafts verified, drafts accepted */
 } dc_sched_stats_t;
+
+/* Speculation's cost model (dc_spec.h), set by the executor after calibrating the engine; until then drafts
+ * are not proposed. dc_sched_spec_observe feeds each step's measured verify time. */
+void dc_sched_spec_set_cost(dc_sched_t *s, const dc_spec_cost_t *c);
+void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us);
 
 void dc_sched_stats(const dc_sched_t *s, dc_sched_stats_t *out);
 

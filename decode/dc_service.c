@@ -142,6 +142,14 @@ static void s_send_heartbeat(dc_service_t *s) {
     hb.free_kv_blocks = (uint32_t)ss.n_free_blocks;
     hb.total_kv_blocks = (uint32_t)ss.n_total_blocks;
     hb.kv_bytes_received = ks.payload_bytes;
+    dc_exec_stats_t xs;
+    dc_exec_stats(s->exec, &xs);
+    hb.decode_steps = xs.n_steps;
+    hb.decode_rows = ss.n_decode_rows;
+    hb.decode_tokens = ss.n_decode_rows + ss.n_accepted_tokens; /* each verified row: its own token + accepted drafts */
+    hb.spec_rows = ss.n_spec_rows;
+    hb.spec_draft_tokens = ss.n_draft_tokens;
+    hb.spec_accepted_tokens = ss.n_accepted_tokens;
     Pdserve__V1__WorkerToRouter m = PDSERVE__V1__WORKER_TO_ROUTER__INIT;
     m.body_case = PDSERVE__V1__WORKER_TO_ROUTER__BODY_HEARTBEAT;
     m.heartbeat = &hb;
@@ -666,9 +674,24 @@ dc_service_t *dc_service_create(const dc_service_params_t *p, char *err, size_t 
     sp.max_seqs = p->max_seqs;
     sp.max_batch_seqs = p->max_batch;
     sp.prefill_chunk_tokens = p->prefill_chunk_tokens;
+    sp.spec = p->spec;
+    if (p->spec_k > 0) sp.spec_k = p->spec_k;
+    if (p->ngram_min > 0) sp.ngram_min = p->ngram_min;
+    if (p->ngram_max > 0) sp.ngram_max = p->ngram_max;
+    if (p->spec_max_step_drafts > 0) sp.spec_max_step_drafts = p->spec_max_step_drafts;
+    if (p->draft_catchup_tokens > 0) sp.draft_catchup_tokens = p->draft_catchup_tokens;
+    if (p->spec == DC_SPEC_DRAFT && p->draft_eng) {
+        sp.draft_pool = eng_kv_pool(p->draft_eng);
+        sp.draft_block_size = eng_kv_layout(p->draft_eng)->block_size;
+    }
     s->sched = dc_sched_create(&sp, err, err_cap);
     if (!s->sched) goto fail;
-    dc_exec_params_t xp = {.eng = p->eng, .sched = s->sched, .loop = p->loop, .on_event = s_on_event, .ud = s};
+    dc_exec_params_t xp = {.eng = p->eng,
+                           .sched = s->sched,
+                           .loop = p->loop,
+                           .on_event = s_on_event,
+                           .ud = s,
+                           .draft_eng = p->spec == DC_SPEC_DRAFT ? p->draft_eng : NULL};
     s->exec = dc_exec_create(&xp, err, err_cap);
     if (!s->exec) goto fail;
 

@@ -43,6 +43,10 @@ typedef struct {
     int32_t prefill_chunk_tokens; /* local-prefill tokens per step (default 256; 0 = local prefill refused) */
     int32_t heartbeat_ivl_ms;     /* until the router's WorkerRegistered names one (default 250) */
     int64_t drain_timeout_ms;     /* dc_service_drain: held requests may finish this long (default 30000) */
+    /* speculative decoding (dc_spec.h); spec_k etc. as in dc_sched_params_t (0 = that default) */
+    dc_spec_mode_t spec; /* DC_SPEC_OFF (default) */
+    int32_t spec_k, ngram_min, ngram_max, spec_max_step_drafts, draft_catchup_tokens;
+    eng_t *draft_eng; /* DC_SPEC_DRAFT: the draft model (borrowed, outlives the service) */
     /* Called on the loop thread each time the router accepts a registration that was not in force. */
     void (*on_registered)(void *ud);
     void *ud;

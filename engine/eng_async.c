@@ -20,6 +20,8 @@ struct eng_async {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     const eng_batch_t *job;
+    eng_async_fn job_fn; /* instead of job: a function run on the engine thread */
+    void *job_ud;
     bool has_job, is_quit, is_done;
     pd_status result;
     bool is_busy; /* loop thread only: submitted and not collected */
@@ -32,9 +34,11 @@ static void *s_main(void *arg) {
         while (!a->has_job && !a->is_quit) pthread_cond_wait(&a->cond, &a->lock);
         if (a->is_quit) break;
         const eng_batch_t *b = a->job;
+        eng_async_fn fn = a->job_fn;
+        void *ud = a->job_ud;
         a->has_job = false;
         pthread_mutex_unlock(&a->lock);
-        pd_status st = eng_forward(a->e, b);
+        pd_status st = fn ? fn(ud) : eng_forward(a->e, b);
         pthread_mutex_lock(&a->lock);
         a->result = st;
         a->is_done = true;
@@ -88,17 +92,28 @@ void eng_async_destroy(eng_async_t **ap) {
     *ap = NULL;
 }
 
-pd_status eng_async_submit(eng_async_t *a, const eng_batch_t *b) {
-    if (!b) return PD_EINVAL;
+static pd_status s_submit(eng_async_t *a, const eng_batch_t *b, eng_async_fn fn, void *ud) {
     if (a->is_busy) return PD_EAGAIN;
     pthread_mutex_lock(&a->lock);
     a->job = b;
+    a->job_fn = fn;
+    a->job_ud = ud;
     a->has_job = true;
     a->is_done = false;
     pthread_cond_broadcast(&a->cond);
     pthread_mutex_unlock(&a->lock);
     a->is_busy = true;
     return PD_OK;
+}
+
+pd_status eng_async_submit(eng_async_t *a, const eng_batch_t *b) {
+    if (!b) return PD_EINVAL;
+    return s_submit(a, b, NULL, NULL);
+}
+
+pd_status eng_async_submit_fn(eng_async_t *a, eng_async_fn fn, void *ud) {
+    if (!fn) return PD_EINVAL;
+    return s_submit(a, NULL, fn, ud);
 }
 
 int eng_async_fd(const eng_async_t *a) {

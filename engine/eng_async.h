@@ -23,6 +23,12 @@ void eng_async_destroy(eng_async_t **a);
  * eng_async_collect returns PD_OK for it. PD_OK; PD_EAGAIN if a batch is still running. */
 PD_NODISCARD pd_status eng_async_submit(eng_async_t *a, const eng_batch_t *b);
 
+/* A job that is more than one forward (a draft model's proposals, then the verification forward): fn(ud) runs on
+ * the engine thread, and its status is the result eng_async_collect returns. fn may drive any engine that only
+ * this thread uses while the job runs. PD_OK; PD_EAGAIN if a job is still running; PD_EINVAL for a NULL fn. */
+typedef pd_status (*eng_async_fn)(void *ud);
+PD_NODISCARD pd_status eng_async_submit_fn(eng_async_t *a, eng_async_fn fn, void *ud);
+
 /* Readable (POLLIN) when a submitted batch has finished and not been collected yet. */
 int eng_async_fd(const eng_async_t *a);
 

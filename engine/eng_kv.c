@@ -101,6 +101,14 @@ pd_status eng_kv_seq_reserve(eng_kv_seq_t *seq, eng_kv_pool_t *pool, int32_t blo
     return PD_OK;
 }
 
+void eng_kv_seq_truncate(eng_kv_seq_t *seq, eng_kv_pool_t *pool, int32_t block_size, int32_t n_tokens) {
+    int32_t keep = eng_kv_blocks_for(n_tokens > 0 ? n_tokens : 0, block_size);
+    if (keep >= seq->n_blocks) return;
+    pd_status st = eng_kv_pool_release(pool, seq->blocks + keep, seq->n_blocks - keep);
+    PD_ASSERT(st == PD_OK); /* a sequence's own blocks are always allocated */
+    seq->n_blocks = keep;
+}
+
 void eng_kv_seq_release(eng_kv_seq_t *seq, eng_kv_pool_t *pool) {
     pd_status st = eng_kv_pool_release(pool, seq->blocks, seq->n_blocks);
     PD_ASSERT(st == PD_OK); /* a sequence's own blocks are always allocated */

@@ -44,6 +44,9 @@ typedef struct {
 /* Makes the table cover n_tokens positions, allocating the missing blocks from pool (all or nothing:
  * PD_EAGAIN when the pool cannot supply them, and the table is unchanged). */
 PD_NODISCARD pd_status eng_kv_seq_reserve(eng_kv_seq_t *seq, eng_kv_pool_t *pool, int32_t block_size, int32_t n_tokens);
+/* Gives back the blocks past those covering n_tokens positions (speculative positions that were rejected), keeping
+ * the rest; a no-op when the table is not longer than that. */
+void eng_kv_seq_truncate(eng_kv_seq_t *seq, eng_kv_pool_t *pool, int32_t block_size, int32_t n_tokens);
 /* Returns every block to the pool and empties the table (keeps its buffer until eng_kv_seq_fini). */
 void eng_kv_seq_release(eng_kv_seq_t *seq, eng_kv_pool_t *pool);
 /* Frees the table's buffer; the blocks must have been released. */

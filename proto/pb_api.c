@@ -148,6 +148,9 @@ pd_status pb_validate_generate_request(const Pdserve__V1__GenerateRequest *req, 
     if (lim->max_timeout_ms && req->timeout_ms > lim->max_timeout_ms)
         return pb_fail(PD_EINVAL, err, err_cap, "timeout_ms = %u, must be at most %u (0 = the server's default)",
                        req->timeout_ms, lim->max_timeout_ms);
+    if (req->speculative_tokens && req->speculative_tokens->value > PB_MAX_SPECULATIVE_TOKENS)
+        return pb_fail(PD_EINVAL, err, err_cap, "speculative_tokens = %u, must be in [0, %d] (0 = off)",
+                       req->speculative_tokens->value, PB_MAX_SPECULATIVE_TOKENS);
     return PD_OK;
 }
 

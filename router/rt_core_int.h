@@ -38,6 +38,7 @@ typedef struct rt_worker {
     bool has_heartbeat;
     uint32_t queue_depth, running_seqs, free_kv_blocks, total_kv_blocks;
     uint64_t kv_bytes_sent, kv_bytes_received;
+    uint64_t decode_steps, decode_rows, decode_tokens, spec_rows, spec_draft_tokens, spec_accepted_tokens;
     /* the router's own load estimate since that heartbeat (reset by each heartbeat) */
     int64_t sent_blocks; /* decode: KV blocks the DecodeRequests sent since may hold (an upper bound) */
     int64_t sent_reqs;   /* prefill: PrefillRequests sent since */

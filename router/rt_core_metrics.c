@@ -107,14 +107,23 @@ static void s_workers(s_buf_t *b, const rt_core_t *c) {
         {"pdserve_worker_kv_bytes_sent_total", "counter", "KV bytes the worker sent (last heartbeat)."},
         {"pdserve_worker_kv_bytes_received_total", "counter", "KV bytes the worker received (last heartbeat)."},
         {"pdserve_worker_requests", "gauge", "Requests of this router the worker holds."},
+        {"pdserve_decode_steps_total", "counter", "Decode forwards run (decode workers; last heartbeat)."},
+        {"pdserve_decode_rows_total", "counter", "Sequence rows those forwards verified (one per sequence and step)."},
+        {"pdserve_decode_tokens_total", "counter", "Tokens those rows emitted (1 per row + accepted drafts)."},
+        {"pdserve_spec_rows_total", "counter", "Decode rows that carried speculative drafts."},
+        {"pdserve_spec_draft_tokens_total", "counter", "Draft tokens verified (n-gram lookup or draft model)."},
+        {"pdserve_spec_accepted_tokens_total", "counter", "Draft tokens accepted by verification."},
     };
     for (size_t s = 0; s < sizeof series / sizeof *series; s++) {
         s_head(b, series[s].name, series[s].type, series[s].help);
         for (int i = 0; i < RT_MAX_WORKERS; i++) {
             const rt_worker_t *w = &c->workers[i];
             if (!w->is_used) continue;
-            uint64_t v[] = {w->is_alive,        w->queue_depth,   w->running_seqs,      w->free_kv_blocks,
-                            w->total_kv_blocks, w->kv_bytes_sent, w->kv_bytes_received, (uint64_t)w->n_reqs};
+            uint64_t v[] = {w->is_alive,          w->queue_depth,         w->running_seqs,      w->free_kv_blocks,
+                            w->total_kv_blocks,   w->kv_bytes_sent,       w->kv_bytes_received, (uint64_t)w->n_reqs,
+                            w->decode_steps,      w->decode_rows,         w->decode_tokens,     w->spec_rows,
+                            w->spec_draft_tokens, w->spec_accepted_tokens};
+            _Static_assert(sizeof v / sizeof *v == sizeof series / sizeof *series, "one value per series");
             char id[2 * PB_MAX_ID_BYTES + 1];
             s_label(id, sizeof id, w->id);
             s_put(b, "%s{worker=\"%s\",role=\"%s\"} %llu\n", series[s].name, id, s_role_name(w->role),

@@ -64,6 +64,7 @@ void rt_openai_request_free(Pdserve__V1__GenerateRequest **preq) {
     for (size_t i = 0; i < req->n_stop; i++) s_free_str(req->stop[i]);
     free(req->stop);
     free(req->sampling);
+    free(req->speculative_tokens);
     free(req);
     *preq = NULL;
 }
@@ -523,6 +524,19 @@ static pd_status s_parse(rt_openai_endpoint_t ep, const char *body, size_t len, 
     bool ignore_eos = false;
     if ((st = s_get_bool(root, "ignore_eos", &ignore_eos, err))) goto fail;
     req->ignore_eos = ignore_eos;
+    json_int_t spec_tokens = 0;
+    bool has_spec = false;
+    if ((st = s_get_int(root, "speculative_tokens", 0, PB_MAX_SPECULATIVE_TOKENS, &spec_tokens, &has_spec, err)))
+        goto fail;
+    if (has_spec) {
+        req->speculative_tokens = calloc(1, sizeof *req->speculative_tokens);
+        if (!req->speculative_tokens) {
+            st = S_NOMEM(err);
+            goto fail;
+        }
+        pdserve__v1__uint32_value__init(req->speculative_tokens);
+        req->speculative_tokens->value = (uint32_t)spec_tokens;
+    }
 
     char why[PB_MAX_ERROR_BYTES];
     if (pb_validate_generate_request(req, &lim->api, why, sizeof why)) {

@@ -183,6 +183,7 @@ pd_status rt_registry_dispatch_decode(rt_core_t *c, rt_req_t *r) {
         dr.ignore_eos = r->gen->ignore_eos;
         dr.timeout_ms = s_timeout_ms(r);
         dr.prefill_locally = r->is_local;
+        dr.speculative_tokens = r->gen->speculative_tokens; /* borrowed from the request, like its stops */
         Pdserve__V1__RouterToWorker msg = PDSERVE__V1__ROUTER_TO_WORKER__INIT;
         msg.body_case = PDSERVE__V1__ROUTER_TO_WORKER__BODY_DECODE;
         msg.decode = &dr;
@@ -367,6 +368,9 @@ static void s_on_heartbeat(rt_core_t *c, rt_worker_t *w, const Pdserve__V1__Hear
     w->total_kv_blocks = hb->total_kv_blocks;
     w->kv_bytes_sent = hb->kv_bytes_sent;
     w->kv_bytes_received = hb->kv_bytes_received;
+    w->decode_steps = hb->decode_steps, w->decode_rows = hb->decode_rows, w->decode_tokens = hb->decode_tokens;
+    w->spec_rows = hb->spec_rows, w->spec_draft_tokens = hb->spec_draft_tokens;
+    w->spec_accepted_tokens = hb->spec_accepted_tokens;
     w->sent_blocks = 0;
     w->sent_reqs = 0;
     s_send_registered(c, w->id, strlen(w->id), PDSERVE__V1__ERROR_CODE__ERR_NONE, NULL);

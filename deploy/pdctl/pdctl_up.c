@@ -109,6 +109,9 @@ static void s_help(void) {
            "                         the build tree's router/ prefill/ decode/, then PATH)\n"
            "  --ready-timeout S      seconds to wait for every ready line (default 120)\n"
            "  --stop-timeout S       seconds between SIGTERM and SIGKILL when stopping (default 40)\n"
+           "  --spec MODE            speculative decoding on the decode workers: off, ngram or draft\n"
+           "                         (= --decode.spec=MODE; see pd-decode --help for decode.spec_k etc.)\n"
+           "  --draft-model PATH     the draft model of --spec draft (= --decode.draft_model=PATH)\n"
            "  --section.key=value    passed to the services that own the section (router.* to the router,\n"
            "                         prefill.* / decode.* to that pool, engine.* to both pools)\n",
            pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS);
@@ -152,6 +155,20 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
             return 2;
         }
         i++;
+        /* shortcuts for decode-section options: passed through like --decode.key=value */
+        const char *alias = !strcmp(f, "--spec")          ? "--decode.spec"
+                            : !strcmp(f, "--draft-model") ? "--decode.draft_model"
+                                                          : NULL;
+        if (alias) {
+            if (o->n_pass == UP_MAX_PASS) {
+                fprintf(stderr, "pdctl up: at most %d --section.key options\n", UP_MAX_PASS);
+                return 2;
+            }
+            size_t n = strlen(alias) + strlen(v) + 2;
+            o->pass[o->n_pass] = pd_xmalloc(n);
+            snprintf(o->pass[o->n_pass++], n, "%s=%s", alias, v);
+            continue;
+        }
         if (!strcmp(f, "--model"))
             o->model = v, o->has_model = true;
         else if (!strcmp(f, "--config"))

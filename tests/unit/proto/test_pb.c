@@ -19,6 +19,7 @@ typedef struct {
     Pdserve__V1__TokenIds tok;
     int32_t ids[4];
     char *stop[2];
+    Pdserve__V1__UInt32Value spec;
 } t_req_t;
 
 static void t_req_init(t_req_t *t, Pdserve__V1__GenerateRequest__PromptCase pc) {
@@ -45,6 +46,9 @@ static void t_req_init(t_req_t *t, Pdserve__V1__GenerateRequest__PromptCase pc) 
     Pdserve__V1__GenerateRequest *r = &t->req;
     r->request_id = 0xFEDCBA9876543210ull, r->model = "smol", r->sampling = &t->sp, r->max_tokens = 64;
     r->n_stop = 2, r->stop = t->stop, r->timeout_ms = 5000, r->stream = 1, r->ignore_eos = 1;
+    pdserve__v1__uint32_value__init(&t->spec);
+    t->spec.value = 3;
+    r->speculative_tokens = &t->spec;
     r->prompt_case = pc;
     if (pc == PDSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT) r->text = "Once upon a time";
     if (pc == PDSERVE__V1__GENERATE_REQUEST__PROMPT_TOKEN_IDS) r->token_ids = &t->tok;
@@ -201,6 +205,8 @@ static void t_ctl_init(t_ctl_t *t) {
     t->hb.worker_id = "decode-1", t->hb.seq = 12, t->hb.role = PDSERVE__V1__WORKER_ROLE__ROLE_BOTH;
     t->hb.queue_depth = 2, t->hb.running_seqs = 3, t->hb.free_kv_blocks = 10, t->hb.total_kv_blocks = 10;
     t->hb.kv_bytes_sent = 1, t->hb.kv_bytes_received = 2;
+    t->hb.decode_steps = 3, t->hb.decode_rows = 4, t->hb.decode_tokens = 5;
+    t->hb.spec_rows = 6, t->hb.spec_draft_tokens = 7, t->hb.spec_accepted_tokens = 8;
     pdserve__v1__cancel__init(&t->cancel);
     t->cancel.request_id = 3, t->cancel.reason = PDSERVE__V1__ERROR_CODE__ERR_DEADLINE_EXCEEDED;
 }

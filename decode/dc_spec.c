@@ -1,0 +1,104 @@
+/* dc_spec.c: n-gram lookup, acceptance tracking, cost model and draft allocation (see dc_spec.h). */
+#include "dc_spec.h"
+
+#include <math.h>
+#include <string.h>
+
+const char *dc_spec_mode_name(dc_spec_mode_t m) {
+    switch (m) {
+    case DC_SPEC_NGRAM: return "ngram";
+    case DC_SPEC_DRAFT: return "draft";
+    default: return "off";
+    }
+}
+
+pd_status dc_spec_mode_parse(const char *s, dc_spec_mode_t *out) {
+    if (!s || !out) return PD_EINVAL;
+    if (!strcmp(s, "off"))
+        *out = DC_SPEC_OFF;
+    else if (!strcmp(s, "ngram"))
+        *out = DC_SPEC_NGRAM;
+    else if (!strcmp(s, "draft"))
+        *out = DC_SPEC_DRAFT;
+    else
+        return PD_EINVAL;
+    return PD_OK;
+}
+
+int32_t dc_ngram_propose(const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max, int32_t k, int32_t *out) {
+    if (!hist || !out || k < 1 || n_min < 1 || n_max < n_min) return 0;
+    for (int32_t n = n_max < n_hist - 1 ? n_max : n_hist - 1; n >= n_min; n--) {
+        const int32_t *tail = hist + n_hist - n;
+        /* the most recent occurrence that ends before the tail itself does, and has at least one follower */
+        for (int32_t start = n_hist - n - 1; start >= 0; start--) {
+            if (hist[start] != tail[0] || memcmp(hist + start, tail, sizeof *tail * (size_t)n)) continue;
+            int32_t from = start + n, m = n_hist - from < k ? n_hist - from : k;
+            memcpy(out, hist + from, sizeof *out * (size_t)m);
+            return m;
+        }
+    }
+    return 0;
+}
+
+/* Decay per observation and per idle step: about the last 5 verifications count; an idle sequence is back
+ * near the prior after ~100 steps. */
+#define ACC_DECAY      0.8f
+#define ACC_IDLE_DECAY 0.98f
+
+float dc_spec_acc_rate(const dc_spec_acc_t *a) {
+    return (a->n_ok + 1.0f) / (a->n_tested + 2.0f);
+}
+
+void dc_spec_acc_observe(dc_spec_acc_t *a, int32_t proposed, int32_t accepted) {
+    if (proposed <= 0) return;
+    /* drafts after the first rejected one were never tested: accepted successes, one failure unless all passed */
+    int32_t tested = accepted < proposed ? accepted + 1 : accepted;
+    a->n_ok = a->n_ok * ACC_DECAY + (float)accepted;
+    a->n_tested = a->n_tested * ACC_DECAY + (float)tested;
+}
+
+void dc_spec_acc_idle(dc_spec_acc_t *a) {
+    a->n_ok *= ACC_IDLE_DECAY;
+    a->n_tested *= ACC_IDLE_DECAY;
+}
+
+void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us) {
+    double predicted = c->base_us + c->per_token_us * (double)n_tokens;
+    if (predicted <= 0 || verify_us <= 0) return;
+    double ratio = verify_us / predicted;
+    double s = 0.9 * c->scale + 0.1 * ratio;
+    c->scale = s < 0.25 ? 0.25 : s > 4 ? 4 : s;
+}
+
+int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t n_rows, const float *acc,
+                         const int32_t *avail, int32_t n_step_tokens, int32_t max_total, int32_t *k) {
+    enum { MAX_DEPTH = 64 };
+    int32_t depth_rows[MAX_DEPTH + 1] = {0};
+    for (int32_t i = 0; i < n_rows; i++) k[i] = 0;
+    if (n_rows <= 0 || max_total <= 0) return 0;
+    double sc = c->scale > 0 ? c->scale : 1;
+    /* expected tokens of the step and its predicted time; every decode row yields at least one token */
+    double gain = n_rows, t = sc * (c->base_us + c->per_token_us * (double)n_step_tokens);
+    int32_t total = 0;
+    while (total < max_total) {
+        int32_t best = -1;
+        double best_g = 0;
+        for (int32_t i = 0; i < n_rows; i++) {
+            if (k[i] >= avail[i] || k[i] >= MAX_DEPTH) continue;
+            double g = pow(acc[i], k[i] + 1);
+            if (g > best_g) best_g = g, best = i;
+        }
+        if (best < 0) break;
+        int32_t depth = k[best] + 1;
+        double cost = sc * c->per_token_us;
+        if (use_draft_model) cost += sc * (c->draft_token_us + (depth_rows[depth] == 0 ? c->draft_base_us : 0));
+        /* adding it must raise tokens per unit time: best_g / cost > gain / t */
+        if (best_g * t <= gain * cost) break;
+        k[best] = depth;
+        depth_rows[depth]++;
+        gain += best_g;
+        t += cost;
+        total++;
+    }
+    return total;
+}

@@ -1,0 +1,73 @@
+/* dc_spec.h: the pure parts of speculative decoding in the decode batch: the n-gram prompt-lookup proposer,
+ * per-sequence acceptance tracking, the step cost model and the allocation of draft tokens across a batch
+ * (adaptive k). No engine, no clock, no allocation: dc_sched calls these while it plans a step, the executor
+ * feeds measured step times back.
+ *
+ * Why drafts never change an answer: verification samples every position of a row from the target model's own
+ * logits, in order, with the request's own sampler and random stream, exactly as plain decoding would, and
+ * keeps a draft token only when the sampled token equals it (dc_sched.c, s_verify). For a draft that is a
+ * point mass (n-gram lookup, a greedy draft model) this is the rejection sampling of Leviathan et al. / Chen et
+ * al.: accepted with probability p(d) = min(1, p(d)/q(d)), and after a rejection the token is distributed as p
+ * restricted to tokens other than d, i.e. normalize(max(0, p - q)). Realised with the same uniform draw plain
+ * decoding would have used, so a seeded request gives the same tokens with and without speculation.
+ *
+ * Adaptive k (dc_spec_allocate): a draft token at depth j of a sequence whose per-token acceptance is a yields
+ * a^j expected extra tokens and costs one more verified token (plus draft-model work). Tokens are added in
+ * order of decreasing a^j while they raise the step's expected tokens per second under the cost model, so
+ * speculation switches itself off where verifying costs about as much as decoding (large CPU batches) and
+ * where drafts keep failing, and grows k where the step is dominated by reading the weights (small batches). */
+#ifndef DC_SPEC_H
+#define DC_SPEC_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "pd_common.h"
+
+typedef enum { DC_SPEC_OFF = 0, DC_SPEC_NGRAM = 1, DC_SPEC_DRAFT = 2 } dc_spec_mode_t;
+
+/* "off", "ngram", "draft". */
+const char *dc_spec_mode_name(dc_spec_mode_t m);
+/* PD_OK, or PD_EINVAL for anything but those three names. */
+PD_NODISCARD pd_status dc_spec_mode_parse(const char *s, dc_spec_mode_t *out);
+
+/* n-gram prompt lookup: finds the most recent earlier occurrence in hist[0..n_hist) of hist's last n tokens,
+ * trying n = n_max down to n_min, and copies up to k tokens that followed it into out. Returns how many (0:
+ * no match). The history is the prompt plus the generated tokens, so a document quoted by the answer is found,
+ * and so is a loop in the answer itself. O(n_hist * n_max). */
+int32_t dc_ngram_propose(const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max, int32_t k, int32_t *out);
+
+/* Per-sequence acceptance: exponentially weighted counts of accepted drafts over drafts that were tested, with
+ * a prior of 1 accepted in 2 (rate 0.5). Steps without drafts let the counts decay back towards the prior, so
+ * a sequence whose drafts once failed is tried again later. Plain struct, zero-initialised = prior. */
+typedef struct {
+    float n_ok, n_tested;
+} dc_spec_acc_t;
+
+float dc_spec_acc_rate(const dc_spec_acc_t *a);
+/* proposed drafts were verified and the first accepted of them matched. */
+void dc_spec_acc_observe(dc_spec_acc_t *a, int32_t proposed, int32_t accepted);
+/* A step in which this sequence had nothing verified. */
+void dc_spec_acc_idle(dc_spec_acc_t *a);
+
+/* Step cost, in microseconds: verify forward = base_us + per_token_us * tokens in the step; each draft token
+ * adds draft_token_us, and each draft-model forward (one per draft depth) draft_base_us. Calibrated once
+ * at startup (dc_exec), then scaled by the ratio of measured to predicted step times (EMA). */
+typedef struct {
+    double base_us, per_token_us;         /* target forward */
+    double draft_base_us, draft_token_us; /* draft-model forward (0 for n-gram lookup) */
+    double scale;                         /* measured / predicted, EMA; 1 at calibration */
+} dc_spec_cost_t;
+
+/* Feeds one measured step: n_tokens verified in verify_us. Keeps scale within [0.25, 4]. */
+void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us);
+
+/* Adaptive k for one step. n_rows decode rows; acc[i] the acceptance rate of row i, avail[i] the most drafts row i
+ * can take (n-gram: what the lookup found; draft model: the request's k; both capped by the caller for blocks
+ * and row capacity). n_step_tokens: tokens of the step without drafts (decode rows + local-prefill chunks).
+ * use_draft_model: charge the draft model's cost. max_total: most draft tokens in the step. Writes k[i] in
+ * [0, avail[i]]; returns their sum. */
+int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t n_rows, const float *acc,
+                         const int32_t *avail, int32_t n_step_tokens, int32_t max_total, int32_t *k);
+
+#endif

@@ -1,0 +1,363 @@
+/* test_dc_spec.c: speculative decoding in the decode batch. The pure parts (n-gram lookup, acceptance, the cost
+ * model's allocation) on hand-made inputs; then the real model on the CPU engine: requests decoded together
+ * with n-gram drafts, and with a draft model, give exactly the tokens (and logprobs) each gives alone without
+ * speculation, greedy and seeded sampling, stop strings included; drafts really were proposed, accepted and
+ * rejected (rollback exercised); every block of both pools comes back. The draft model here is the default model
+ * itself (a second engine): real catch-up, proposals and rollback, with acceptance near 1 for greedy requests.
+ * The integration tests use a truncated draft (deploy/make_draft.py). */
+#include <math.h>
+#include <stdint.h>
+
+#include "dc_draft.h"
+#include "dc_sched.h"
+#include "dc_spec.h"
+#include "eng.h"
+#include "pd_log.h"
+#include "pd_test.h"
+
+#define MAX_GEN  48
+#define MAX_REQS 6
+
+/* ---- pure parts ---- */
+
+static void test_ngram(void) {
+    int32_t out[8];
+    /* "1 2 3 4 5 ... 1 2 3" -> 4 5 6 (the longest suffix n-gram "1 2 3" occurred at 0) */
+    int32_t h1[] = {1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3};
+    CHECK_EQ_INT(dc_ngram_propose(h1, 11, 1, 3, 3, out), 3);
+    CHECK(out[0] == 4 && out[1] == 5 && out[2] == 6);
+    /* k larger than what follows the match: only what exists */
+    int32_t h2[] = {7, 8, 9, 7, 8};
+    CHECK_EQ_INT(dc_ngram_propose(h2, 5, 2, 2, 5, out), 3);
+    CHECK(out[0] == 9 && out[1] == 7 && out[2] == 8);
+    /* the most recent occurrence wins */
+    int32_t h3[] = {5, 1, 5, 2, 5};
+    CHECK_EQ_INT(dc_ngram_propose(h3, 5, 1, 1, 1, out), 1);
+    CHECK_EQ_INT(out[0], 2);
+    /* longer n tried first: "3 5" -> 9, although "5" alone most recently led to 2 */
+    int32_t h4[] = {3, 5, 9, 5, 2, 3, 5};
+    CHECK_EQ_INT(dc_ngram_propose(h4, 7, 1, 2, 1, out), 1);
+    CHECK_EQ_INT(out[0], 9);
+    /* no match below n_min, no history, bad args */
+    int32_t h5[] = {1, 2, 3, 4};
+    CHECK_EQ_INT(dc_ngram_propose(h5, 4, 1, 3, 4, out), 0);
+    CHECK_EQ_INT(dc_ngram_propose(h5, 1, 1, 3, 4, out), 0);
+    CHECK_EQ_INT(dc_ngram_propose(h5, 4, 0, 3, 4, out), 0);
+    CHECK_EQ_INT(dc_ngram_propose(h5, 4, 2, 1, 4, out), 0);
+}
+
+static void test_acceptance(void) {
+    dc_spec_acc_t a = {0};
+    CHECK(fabsf(dc_spec_acc_rate(&a) - 0.5f) < 1e-6f);
+    for (int i = 0; i < 10; i++) dc_spec_acc_observe(&a, 4, 4);
+    CHECK(dc_spec_acc_rate(&a) > 0.9f);
+    for (int i = 0; i < 30; i++) dc_spec_acc_observe(&a, 4, 0); /* each round tests one draft: slower to fall */
+    CHECK(dc_spec_acc_rate(&a) < 0.2f);
+    float low = dc_spec_acc_rate(&a);
+    for (int i = 0; i < 200; i++) dc_spec_acc_idle(&a);
+    CHECK(dc_spec_acc_rate(&a) > low && fabsf(dc_spec_acc_rate(&a) - 0.5f) < 0.05f); /* back towards the prior */
+    dc_spec_acc_observe(&a, 0, 0);                                                   /* nothing tested: no change */
+}
+
+static void test_allocate(void) {
+    int32_t k[4], avail[4] = {5, 5, 5, 5};
+    float acc[4] = {0.9f, 0.9f, 0.9f, 0.9f};
+    /* weight-bound step (GPU-like: base 10 ms, 0.1 ms per token): every row drafts all it can */
+    dc_spec_cost_t gpu = {.base_us = 10000, .per_token_us = 100, .scale = 1};
+    CHECK_EQ_INT(dc_spec_allocate(&gpu, false, 4, acc, avail, 4, 64, k), 20);
+    /* the step cap holds */
+    CHECK_EQ_INT(dc_spec_allocate(&gpu, false, 4, acc, avail, 4, 6, k), 6);
+    CHECK(k[0] + k[1] + k[2] + k[3] == 6);
+    /* compute-bound steps (this CPU: base 3.8 ms + 3.3 ms a token): a batch of 32 gains nothing from drafts even
+     * at acceptance 0.9 (0.9 tokens per 3.3 ms < 32 tokens per 109 ms) ... */
+    dc_spec_cost_t cpu1 = {.base_us = 3800, .per_token_us = 3300, .scale = 1};
+    int32_t k32[32], av32[32];
+    float acc32[32];
+    for (int i = 0; i < 32; i++) av32[i] = 5, acc32[i] = 0.9f;
+    CHECK_EQ_INT(dc_spec_allocate(&cpu1, false, 32, acc32, av32, 32, 64, k32), 0);
+    /* ... but one sequence does: 0.9 / 3.3 ms > 1 / 7.1 ms, and so on down to k = 3 */
+    CHECK_EQ_INT(dc_spec_allocate(&cpu1, false, 1, acc, avail, 1, 64, k), 3);
+    /* failing drafts are not proposed; availability bounds each row; the better row drafts deeper */
+    float mixed[4] = {0.05f, 0.95f, 0.6f, 0.95f};
+    int32_t av2[4] = {5, 2, 5, 0};
+    dc_spec_allocate(&gpu, false, 4, mixed, av2, 4, 64, k);
+    CHECK(k[0] <= 1 && k[1] == 2 && k[2] >= 1 && k[3] == 0);
+    /* a draft model's cost counts: an expensive one drafts less than free n-gram lookup */
+    dc_spec_cost_t dm = {
+        .base_us = 3800, .per_token_us = 3300, .draft_base_us = 3000, .draft_token_us = 500, .scale = 1};
+    int32_t kd = dc_spec_allocate(&dm, true, 1, acc, avail, 1, 64, k);
+    CHECK(kd < 3);
+    /* the measured scale applies to all costs alike: no change in the decision */
+    dc_spec_cost_t scaled = cpu1;
+    scaled.scale = 2;
+    CHECK_EQ_INT(dc_spec_allocate(&scaled, false, 1, acc, avail, 1, 64, k), 3);
+    dc_spec_cost_observe(&scaled, 1, 1e9); /* one absurd step moves the scale by a bounded amount */
+    CHECK(scaled.scale <= 4);
+}
+
+/* ---- the real model ---- */
+
+static eng_t *s_engine, *s_draft_engine;
+static int32_t s_vocab;
+static float *s_logits;
+
+typedef struct {
+    uint64_t id;
+    int32_t toks[MAX_GEN];
+    float lps[MAX_GEN];
+    int n_toks;
+    char text[4096];
+    size_t n_text;
+    dc_finish_t finish;
+} out_t;
+
+static out_t s_outs[MAX_REQS];
+
+static out_t *s_out(uint64_t id) {
+    PD_ASSERT(id >= 1 && id <= MAX_REQS);
+    return &s_outs[id - 1];
+}
+
+static void s_record(const dc_event_t *ev, int n) {
+    for (int i = 0; i < n; i++) {
+        out_t *o = s_out(ev[i].req_id);
+        CHECK(o->finish == DC_FINISH_NONE);
+        if (ev[i].token >= 0 && o->n_toks < MAX_GEN) {
+            o->lps[o->n_toks] = ev[i].logprob;
+            o->toks[o->n_toks++] = ev[i].token;
+        }
+        if (o->n_text + (size_t)ev[i].n_text < sizeof o->text) {
+            memcpy(o->text + o->n_text, ev[i].text, (size_t)ev[i].n_text);
+            o->n_text += (size_t)ev[i].n_text;
+        }
+        o->finish = ev[i].finish;
+    }
+}
+
+static dc_sched_t *s_sched(dc_spec_mode_t spec) {
+    dc_sched_params_t p = dc_sched_params_default();
+    p.pool = eng_kv_pool(s_engine);
+    p.tok = eng_tokenizer(s_engine);
+    p.block_size = eng_kv_layout(s_engine)->block_size;
+    p.vocab_size = s_vocab;
+    p.max_context = eng_config(s_engine)->ctx_len;
+    p.max_seqs = 16;
+    p.max_batch_seqs = 8;
+    p.watermark_blocks = 1;
+    p.prefill_chunk_tokens = 64;
+    p.max_prefill_seqs = 2;
+    p.spec = spec;
+    p.spec_k = 4;
+    p.ngram_min = 1;
+    p.ngram_max = 3;
+    if (spec == DC_SPEC_DRAFT) {
+        p.draft_pool = eng_kv_pool(s_draft_engine);
+        p.draft_block_size = eng_kv_layout(s_draft_engine)->block_size;
+        p.draft_catchup_tokens = 48; /* below the prompts' length: catch-up spreads over steps */
+    }
+    char err[256];
+    dc_sched_t *s = dc_sched_create(&p, err, sizeof err);
+    if (!s) fprintf(stderr, "dc_sched_create: %s\n", err);
+    if (s && spec != DC_SPEC_OFF) {
+        /* a weight-bound cost model, so that every available draft is proposed: the test is about correctness */
+        dc_spec_cost_t c = {.base_us = 1e6, .per_token_us = 1, .draft_base_us = 1, .draft_token_us = 1, .scale = 1};
+        dc_sched_spec_set_cost(s, &c);
+    }
+    return s;
+}
+
+/* Runs every request to its end: plan, draft model, forward, update. Returns steps, or -1. */
+static int s_run(dc_sched_t *s, dc_draft_t *d) {
+    static dc_event_t ev[8 * DC_MAX_TOKENS_PER_SEQ + 16];
+    dc_plan_t plan;
+    dc_plan_init(&plan, s);
+    int steps = 0;
+    for (;;) {
+        int n = dc_sched_plan(s, 0, &plan, ev, (int)(sizeof ev / sizeof *ev));
+        if (n < 0) break;
+        s_record(ev, n);
+        if (plan.n_seqs == 0) break;
+        if (d) dc_draft_run(d, &plan);
+        eng_batch_t b = dc_plan_batch(&plan, s_logits);
+        if (eng_forward(s_engine, &b) != PD_OK) break;
+        n = dc_sched_update(s, &plan, s_logits, 0, ev, (int)(sizeof ev / sizeof *ev));
+        if (n < 0) break;
+        s_record(ev, n);
+        steps++;
+    }
+    dc_plan_fini(&plan);
+    return steps;
+}
+
+static const char *s_prompts[MAX_REQS] = {
+    "Repeat exactly: the red fox runs, the red fox jumps, the red fox runs, the red fox jumps, the red fox",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "Document: Paris is the capital of France. Berlin is the capital of Germany. Rome is the capital of Italy.\n"
+    "Question: what is the capital of Germany? Quote the document.\nAnswer:",
+    "Count: one, two, three, four, five, six, seven, eight, nine, ten, one, two, three, four,",
+    "Once upon a time",
+    "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,",
+};
+
+static int32_t s_prompt_ids[MAX_REQS][256];
+static int32_t s_n_prompt[MAX_REQS];
+
+static dc_req_params_t s_req(int i, bool is_sampled) {
+    static const char *stops[] = {"seven"};
+    dc_req_params_t r = dc_req_params_default();
+    r.req_id = (uint64_t)i + 1;
+    r.n_prompt_tokens = s_n_prompt[i];
+    r.prompt = s_prompt_ids[i];
+    r.is_prefill_local = true;
+    r.max_tokens = i == 4 ? 8 : 32;
+    r.ignore_eos = i != 2;
+    if (i == 3) r.stops = stops, r.n_stops = 1; /* a stop string that an accepted run may contain */
+    if (is_sampled) {
+        r.sampling.temperature = 0.8f;
+        r.sampling.top_p = 0.95f;
+        r.sampling.repetition_penalty = i == 1 ? 1.1f : 1.0f; /* penalties see the accepted drafts */
+        r.sampling.seed = 1234 + (uint64_t)i;
+        r.sampling.has_seed = true;
+    }
+    r.sampling.n_logprobs = 2;
+    return r;
+}
+
+/* All requests through one scheduler in mode spec, in one batch (or one at a time): outputs into s_outs. */
+static void s_decode(dc_spec_mode_t spec, bool is_sampled, bool is_batched, dc_sched_stats_t *st) {
+    memset(s_outs, 0, sizeof s_outs);
+    dc_sched_t *s = s_sched(spec);
+    REQUIRE(s);
+    dc_draft_t *d = NULL;
+    char err[256] = "";
+    if (spec == DC_SPEC_DRAFT) {
+        d = dc_draft_create(s_draft_engine, s_engine, 8, 48 + 8, err, sizeof err);
+        REQUIRE(d);
+    }
+    for (int i = 0; i < MAX_REQS; i++) {
+        dc_req_params_t r = s_req(i, is_sampled);
+        CHECK_EQ_INT(dc_sched_reserve(s, &r, err, sizeof err), PD_OK);
+        if (!is_batched) CHECK(s_run(s, d) > 0);
+    }
+    if (is_batched) CHECK(s_run(s, d) > 0);
+    dc_sched_stats(s, st);
+    CHECK_EQ_INT(st->n_running + st->n_prefilling + st->n_waiting, 0);
+    CHECK_EQ_INT(st->n_free_blocks, st->n_total_blocks);
+    dc_draft_destroy(&d);
+    dc_sched_destroy(&s);
+    if (s_draft_engine)
+        CHECK_EQ_INT(eng_kv_pool_n_free(eng_kv_pool(s_draft_engine)),
+                     eng_kv_pool_n_blocks(eng_kv_pool(s_draft_engine)));
+}
+
+static void s_check_same(const out_t *ref, const char *what) {
+    for (int i = 0; i < MAX_REQS; i++) {
+        const out_t *a = &ref[i], *b = &s_outs[i];
+        bool same = a->n_toks == b->n_toks && !memcmp(a->toks, b->toks, sizeof a->toks[0] * (size_t)a->n_toks) &&
+                    a->finish == b->finish && a->n_text == b->n_text && !memcmp(a->text, b->text, a->n_text);
+        for (int t = 0; same && t < a->n_toks; t++) same = a->lps[t] == b->lps[t];
+        if (!same) {
+            int t = 0;
+            while (t < a->n_toks && t < b->n_toks && a->toks[t] == b->toks[t]) t++;
+            fprintf(stderr, "%s: request %d differs (tokens %d vs %d, first difference at %d)\n", what, i, a->n_toks,
+                    b->n_toks, t);
+        }
+        CHECK(same);
+    }
+}
+
+static void s_lossless(bool is_sampled) {
+    static out_t ref[MAX_REQS];
+    dc_sched_stats_t st;
+    s_decode(DC_SPEC_OFF, is_sampled, false, &st); /* the reference: alone, no speculation */
+    memcpy(ref, s_outs, sizeof ref);
+    CHECK_EQ_INT(st.n_draft_tokens, 0);
+    CHECK_EQ_INT(ref[3].finish, DC_FINISH_STOP); /* the stop string is reached */
+
+    s_decode(DC_SPEC_NGRAM, is_sampled, true, &st);
+    s_check_same(ref, is_sampled ? "ngram, sampled, batch" : "ngram, greedy, batch");
+    fprintf(stderr, "ngram %s: %llu drafts, %llu accepted, %llu of %llu rows drafted\n",
+            is_sampled ? "sampled" : "greedy", (unsigned long long)st.n_draft_tokens,
+            (unsigned long long)st.n_accepted_tokens, (unsigned long long)st.n_spec_rows,
+            (unsigned long long)st.n_decode_rows);
+    CHECK(st.n_accepted_tokens > 0);                 /* drafts were used ... */
+    CHECK(st.n_draft_tokens > st.n_accepted_tokens); /* ... and some rejected: rollback ran */
+    s_decode(DC_SPEC_NGRAM, is_sampled, false, &st);
+    s_check_same(ref, "ngram, alone");
+
+    s_decode(DC_SPEC_DRAFT, is_sampled, true, &st);
+    s_check_same(ref, is_sampled ? "draft model, sampled, batch" : "draft model, greedy, batch");
+    fprintf(stderr, "draft %s: %llu drafts, %llu accepted\n", is_sampled ? "sampled" : "greedy",
+            (unsigned long long)st.n_draft_tokens, (unsigned long long)st.n_accepted_tokens);
+    CHECK(st.n_accepted_tokens > 0);
+    if (!is_sampled) CHECK(st.n_accepted_tokens * 10 >= st.n_draft_tokens * 9); /* the draft is the model itself */
+    if (is_sampled) CHECK(st.n_draft_tokens > st.n_accepted_tokens);
+}
+
+static void test_lossless_greedy(void) {
+    s_lossless(false);
+}
+
+static void test_lossless_sampled(void) {
+    s_lossless(true);
+}
+
+/* A request that asks for no speculation gets none; spec_k above the deployment's is capped. */
+static void test_per_request(void) {
+    dc_sched_t *s = s_sched(DC_SPEC_NGRAM);
+    REQUIRE(s);
+    memset(s_outs, 0, sizeof s_outs);
+    dc_req_params_t r = s_req(0, false);
+    r.spec_k = 0;
+    CHECK_EQ_INT(dc_sched_reserve(s, &r, NULL, 0), PD_OK);
+    CHECK(s_run(s, NULL) > 0);
+    dc_sched_stats_t st;
+    dc_sched_stats(s, &st);
+    CHECK_EQ_INT(st.n_draft_tokens, 0);
+    r.req_id = 2, r.spec_k = 100;
+    CHECK_EQ_INT(dc_sched_reserve(s, &r, NULL, 0), PD_OK);
+    CHECK(s_run(s, NULL) > 0);
+    dc_sched_stats(s, &st);
+    CHECK(st.n_draft_tokens > 0 && st.n_draft_tokens <= 4 * st.n_spec_rows);
+    r.req_id = 3, r.spec_k = -2;
+    CHECK_EQ_INT(dc_sched_reserve(s, &r, NULL, 0), PD_EINVAL);
+    dc_sched_destroy(&s);
+}
+
+int main(void) {
+    pd_log_init("test_dc_spec", PD_LOG_WARN);
+    PD_TEST_RUN(test_ngram);
+    PD_TEST_RUN(test_acceptance);
+    PD_TEST_RUN(test_allocate);
+    eng_params_t p = eng_params_default();
+    p.model_path = pd_test_model_path();
+    p.n_threads = 2;
+    p.kv_n_blocks = 96;
+    p.max_batch_seqs = 16;
+    char err[512];
+    s_engine = eng_create(&p, err, sizeof err);
+    p.kv_n_blocks = 64;
+    s_draft_engine = s_engine ? eng_create(&p, err, sizeof err) : NULL;
+    if (!s_engine || !s_draft_engine) {
+        fprintf(stderr, "eng_create: %s\n", err);
+        return 1;
+    }
+    s_vocab = eng_config(s_engine)->vocab_size;
+    s_logits = pd_xmalloc(sizeof(float) * (8 * DC_MAX_TOKENS_PER_SEQ + 2) * (size_t)s_vocab);
+    for (int i = 0; i < MAX_REQS; i++) {
+        int64_t n =
+            eng_tok_encode(eng_tokenizer(s_engine), s_prompts[i], strlen(s_prompts[i]), false, s_prompt_ids[i], 256);
+        if (n <= 0 || n > 256) {
+            fprintf(stderr, "prompt %d: %lld tokens\n", i, (long long)n);
+            return 1;
+        }
+        s_n_prompt[i] = (int32_t)n;
+    }
+    PD_TEST_RUN(test_lossless_greedy);
+    PD_TEST_RUN(test_lossless_sampled);
+    PD_TEST_RUN(test_per_request);
+    free(s_logits);
+    eng_destroy(&s_draft_engine);
+    eng_destroy(&s_engine);
+    return pd_test_finish();
+}
