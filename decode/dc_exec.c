@@ -6,7 +6,6 @@
 #include <string.h>
 #include <zmq.h>
 
-#include "dc_draft.h"
 #include "eng_async.h"
 #include "pd_log.h"
 
@@ -14,9 +13,9 @@ struct dc_exec {
     dc_exec_params_t p;
     eng_async_t *async;
     dc_plan_t plan;
-    eng_batch_t batch; /* the view of plan the engine thread reads while a step runs */
-    float *logits;     /* (rows a plan can want, vocab_size) */
-    dc_draft_t *draft; /* DC_SPEC_DRAFT only */
+    eng_batch_t batch;    /* the view of plan the engine thread reads while a step runs */
+    float *logits;        /* (rows a plan can want, vocab_size) */
+    eng_drafter_t *draft; /* DC_SPEC_DRAFT only */
     /* written by the engine thread during a step, read by the loop after collecting it */
     uint64_t job_draft_us, job_verify_us;
     dc_event_t *events;
@@ -63,12 +62,32 @@ static void s_on_done(pd_loop_t *l, void *ud) {
     dc_exec_kick(x);
 }
 
+int32_t dc_exec_draft(eng_drafter_t *d, dc_plan_t *plan) {
+    eng_draft_batch_t b = {.n_rows = plan->n_decode_rows,
+                           .hist = plan->hist,
+                           .pos = plan->draft_pos,
+                           .n_in = plan->draft_n_in,
+                           .k = plan->draft_k,
+                           .block_tables = plan->draft_tables,
+                           .n_blocks = plan->draft_n_blocks,
+                           .drafts = plan->draft_props,
+                           .n_drafts = plan->draft_n_props,
+                           .cached_out = plan->draft_cached_out};
+    if (b.n_rows == 0 || eng_drafter_run(d, &b) == 0) return 0;
+    int32_t total = 0;
+    for (int32_t i = 0; i < b.n_rows; i++) {
+        int32_t n = b.n_drafts[i];
+        if (n > 0 && dc_plan_set_drafts(plan, i, b.drafts + (size_t)i * ENG_DRAFT_MAX, n) == PD_OK) total += n;
+    }
+    return total;
+}
+
 /* The step on the engine thread: the draft model's proposals (they go into the plan), then the forward that
  * verifies them. */
 static pd_status s_job(void *ud) {
     dc_exec_t *x = ud;
     uint64_t t0 = pd_now_us();
-    if (x->draft) dc_draft_run(x->draft, &x->plan);
+    if (x->draft) dc_exec_draft(x->draft, &x->plan);
     uint64_t t1 = pd_now_us();
     x->batch = dc_plan_batch(&x->plan, x->logits);
     pd_status st = eng_forward(x->p.eng, &x->batch);
@@ -170,8 +189,8 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
             snprintf(err, err_cap, "dc_exec: speculation with a draft model needs draft_eng");
             goto fail;
         }
-        x->draft = dc_draft_create(p->draft_eng, p->eng, sp->max_batch_seqs,
-                                   sp->draft_catchup_tokens + sp->max_batch_seqs, err, err_cap);
+        x->draft = eng_drafter_create(p->draft_eng, p->eng, sp->max_batch_seqs,
+                                      sp->draft_catchup_tokens + sp->max_batch_seqs, err, err_cap);
         if (!x->draft) goto fail;
     }
     if (sp->spec != DC_SPEC_OFF) {
@@ -219,7 +238,7 @@ void dc_exec_destroy(dc_exec_t **xp) {
         eng_async_destroy(&x->async);
     }
     dc_plan_fini(&x->plan);
-    dc_draft_destroy(&x->draft);
+    eng_drafter_destroy(&x->draft);
     free(x->logits);
     free(x->events);
     free(x);

@@ -42,6 +42,11 @@ void dc_exec_destroy(dc_exec_t **x);
  * if none is running. Events of the planning (deadlines, preemptions) go to the callback. */
 void dc_exec_kick(dc_exec_t *x);
 
+/* The draft model's part of a planned step (its decode rows' draft work, dc_plan_t): runs d over them and puts
+ * the proposals into the plan (dc_plan_set_drafts). Returns the drafts added. Thread: the one that drives d's
+ * engine (the engine thread; tests call it directly). */
+int32_t dc_exec_draft(eng_drafter_t *d, dc_plan_t *plan);
+
 /* A step is running on the engine thread. */
 bool dc_exec_is_busy(const dc_exec_t *x);
 

@@ -26,6 +26,7 @@ typedef struct {
     int spec;
     char *draft_model;
     int64_t spec_k, ngram_min, ngram_max, spec_max_step_drafts, draft_catchup_tokens, draft_kv_mem;
+    bool spec_fixed_k;
 } dc_config_t;
 
 static const char *const s_spec_modes[] = {"off", "ngram", "draft", NULL}; /* dc_spec_mode_t's order */
@@ -60,6 +61,8 @@ static const pd_opt_t s_opts[] = {
      .help = "speculative decoding: n-gram prompt lookup or a draft model (decode.draft_model)"},
     {.section = "decode", .key = "spec_k", .type = PD_OPT_INT64, F(spec_k), .def = "5", .min = 1,
      .max = DC_MAX_TOKENS_PER_SEQ - 1, .help = "most drafts per sequence per step (adaptive below that)"},
+    {.section = "decode", .key = "spec_fixed_k", .type = PD_OPT_BOOL, F(spec_fixed_k), .def = "false",
+     .help = "always draft up to spec_k (no cost model); for tests and comparisons"},
     {.section = "decode", .key = "ngram_min", .type = PD_OPT_INT64, F(ngram_min), .def = "2", .min = 1, .max = 64,
      .help = "n-gram lookup: shortest match used"},
     {.section = "decode", .key = "ngram_max", .type = PD_OPT_INT64, F(ngram_max), .def = "4", .min = 1, .max = 64,
@@ -209,6 +212,7 @@ int main(int argc, char **argv) {
     sp.spec = (dc_spec_mode_t)cfg.spec;
     sp.spec_k = (int32_t)cfg.spec_k, sp.ngram_min = (int32_t)cfg.ngram_min, sp.ngram_max = (int32_t)cfg.ngram_max;
     sp.spec_max_step_drafts = (int32_t)cfg.spec_max_step_drafts;
+    sp.spec_fixed_k = cfg.spec_fixed_k;
     sp.draft_catchup_tokens = (int32_t)cfg.draft_catchup_tokens;
     sp.draft_eng = draft;
     sp.on_registered = s_on_registered, sp.ud = &m;

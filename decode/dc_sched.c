@@ -458,6 +458,8 @@ void dc_plan_init(dc_plan_t *plan, const dc_sched_t *s) {
     plan->draft_tables = pd_xcalloc(ns, sizeof *plan->draft_tables);
     plan->draft_n_blocks = pd_xcalloc(ns, sizeof *plan->draft_n_blocks);
     plan->draft_cached_out = pd_xcalloc(ns, sizeof *plan->draft_cached_out);
+    plan->draft_props = pd_xcalloc(ns * ENG_DRAFT_MAX, sizeof *plan->draft_props);
+    plan->draft_n_props = pd_xcalloc(ns, sizeof *plan->draft_n_props);
 }
 
 void dc_plan_fini(dc_plan_t *plan) {
@@ -466,6 +468,7 @@ void dc_plan_fini(dc_plan_t *plan) {
     free((void *)plan->block_tables), free(plan->n_blocks), free(plan->tokens), free(plan->want_logits);
     free(plan->n_draft), free(plan->draft_k), free(plan->draft_n_in), free(plan->draft_pos), free((void *)plan->hist);
     free((void *)plan->draft_tables), free(plan->draft_n_blocks), free(plan->draft_cached_out);
+    free(plan->draft_props), free(plan->draft_n_props);
     memset(plan, 0, sizeof *plan);
 }
 
@@ -586,8 +589,8 @@ static int32_t s_spec_candidates(dc_sched_t *s, dc_plan_t *plan, int32_t i, int3
     int32_t k = s_row_k_max(s, sl);
     if (k <= 0) return 0;
     if (s->p.spec == DC_SPEC_NGRAM)
-        return dc_ngram_propose(sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k,
-                                s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ);
+        return eng_draft_ngram(sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k,
+                               s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ);
     int32_t need = sl->n_tokens - sl->n_draft_cached, n_in = need < *budget ? need : *budget;
     if (n_in <= 0) return 0;
     if (eng_kv_seq_reserve(&sl->draft_kv, s->p.draft_pool, s->p.draft_block_size, sl->n_draft_cached + n_in) != PD_OK)
@@ -604,13 +607,20 @@ static int32_t s_spec_candidates(dc_sched_t *s, dc_plan_t *plan, int32_t i, int3
 static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
     int32_t n = plan->n_decode_rows, budget = s->p.draft_catchup_tokens;
     bool is_draft = s->p.spec == DC_SPEC_DRAFT;
-    if (s->p.spec == DC_SPEC_OFF || n == 0 || !s->has_cost) return;
+    if (s->p.spec == DC_SPEC_OFF || n == 0 || (!s->has_cost && !s->p.spec_fixed_k)) return;
     for (int32_t i = 0; i < n; i++) {
         s->sp_acc[i] = dc_spec_acc_rate(&s->slots[plan->slots[i]].acc);
         s->sp_avail[i] = s_spec_candidates(s, plan, i, &budget);
     }
-    dc_spec_allocate(&s->cost, is_draft, n, s->sp_acc, s->sp_avail, plan->n_tokens_total, s->p.spec_max_step_drafts,
-                     s->sp_k);
+    if (s->p.spec_fixed_k) {
+        for (int32_t i = 0, left = s->p.spec_max_step_drafts; i < n; i++) {
+            s->sp_k[i] = s->sp_avail[i] < left ? s->sp_avail[i] : left;
+            left -= s->sp_k[i];
+        }
+    } else {
+        dc_spec_allocate(&s->cost, is_draft, n, s->sp_acc, s->sp_avail, plan->n_tokens_total, s->p.spec_max_step_drafts,
+                         s->sp_k);
+    }
     int32_t bs = s->p.block_size;
     for (int32_t i = 0; i < n; i++) {
         s_slot_t *sl = &s->slots[plan->slots[i]];

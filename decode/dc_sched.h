@@ -28,6 +28,12 @@
  *   preemption when the pool cannot supply that block, the newest-admitted running sequence is finished
  *              with ERROR / PD_EAGAIN "KV capacity exhausted" (its blocks feed the older ones). Requests are
  *              never re-run. TODO: recompute- or swap-preemption, once the router can retry elsewhere.
+ *   speculation (spec != DC_SPEC_OFF, dc_spec.h) each decode row may carry drafts after its input: n-gram lookup
+ *              over the request's prompt + output, or a draft model's proposals (added by the executor, dc_exec_draft);
+ *              how many per row is dc_spec_allocate's call (adaptive k under the cost model), never more than the
+ *              blocks a row has or can get without preempting anyone. Verification (dc_sched_update) samples every
+ *              position with the request's own sampler and keeps a draft only when it is the sampled token, so the
+ *              tokens are those of plain decoding, seeded sampling included; rejected positions are rolled back.
  *
  * Same answer, either path: a seeded request draws one uniform per sampled token from one stream, first
  * token included. Prefill's sampler drew the first; dc_sched_admit skips that draw in the request's own
@@ -43,6 +49,7 @@
 #include <stdint.h>
 
 #include "eng.h"
+#include "eng_draft.h"
 #include "eng_kv.h"
 #include "eng_sample.h"
 #include "eng_stop.h"
@@ -70,6 +77,8 @@ typedef struct {
     int32_t spec_k;               /* most drafts per sequence per step, 1..DC_MAX_TOKENS_PER_SEQ-1 (default 5) */
     int32_t ngram_min, ngram_max; /* n-gram lookup: longest match tried first (defaults 2 and 4) */
     int32_t spec_max_step_drafts; /* most draft tokens in one step, all sequences together (default 64) */
+    bool spec_fixed_k;            /* true: every row drafts as much as it can (up to spec_k), no cost model (for
+                                     tests and comparisons); false (default): adaptive k */
     eng_kv_pool_t *draft_pool;    /* DC_SPEC_DRAFT: the draft model's block pool (borrowed) */
     int32_t draft_block_size;     /* its tokens per block */
     int32_t draft_catchup_tokens; /* most tokens the draft model may catch up on per step (prompts it has not
@@ -188,7 +197,7 @@ PD_NODISCARD pd_status dc_sched_cancel(dc_sched_t *s, uint64_t req_id, pd_status
  * input, then n_draft[i] draft tokens, logits wanted for each), then local-prefill chunks (want_logits only on
  * the last token of a prompt's last chunk). Capacities are fixed by dc_plan_init.
  * With a draft model, a decode row may also carry draft work that the executor does before the forward
- * (dc_draft.h): draft_n_in[i] tokens of the row's history from draft_pos[i] on to feed the draft model (its
+ * (eng_draft.h, dc_exec_draft): draft_n_in[i] tokens of the row's history from draft_pos[i] on to feed the draft model (its
  * catch-up, the row's next input included), then draft_k[i] proposals to add with dc_plan_set_drafts. */
 typedef struct {
     int32_t n_seqs;
@@ -212,6 +221,8 @@ typedef struct {
     const int32_t **draft_tables; /* (n_seqs) the draft model's block table of the row */
     int32_t *draft_n_blocks;      /* (n_seqs) */
     int32_t *draft_cached_out;    /* (n_seqs) out, executor: positions the draft model now holds, -1 = none */
+    int32_t *draft_props;         /* (cap_seqs, ENG_DRAFT_MAX) executor scratch: the draft model's proposals */
+    int32_t *draft_n_props;       /* (cap_seqs) executor scratch */
     int32_t cap_seqs, cap_tokens;
     bool is_in_flight; /* between dc_sched_plan and dc_sched_update / dc_sched_plan_abort */
 } dc_plan_t;

@@ -675,6 +675,7 @@ dc_service_t *dc_service_create(const dc_service_params_t *p, char *err, size_t 
     sp.max_batch_seqs = p->max_batch;
     sp.prefill_chunk_tokens = p->prefill_chunk_tokens;
     sp.spec = p->spec;
+    sp.spec_fixed_k = p->spec_fixed_k;
     if (p->spec_k > 0) sp.spec_k = p->spec_k;
     if (p->ngram_min > 0) sp.ngram_min = p->ngram_min;
     if (p->ngram_max > 0) sp.ngram_max = p->ngram_max;

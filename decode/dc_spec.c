@@ -25,21 +25,6 @@ pd_status dc_spec_mode_parse(const char *s, dc_spec_mode_t *out) {
     return PD_OK;
 }
 
-int32_t dc_ngram_propose(const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max, int32_t k, int32_t *out) {
-    if (!hist || !out || k < 1 || n_min < 1 || n_max < n_min) return 0;
-    for (int32_t n = n_max < n_hist - 1 ? n_max : n_hist - 1; n >= n_min; n--) {
-        const int32_t *tail = hist + n_hist - n;
-        /* the most recent occurrence that ends before the tail itself does, and has at least one follower */
-        for (int32_t start = n_hist - n - 1; start >= 0; start--) {
-            if (hist[start] != tail[0] || memcmp(hist + start, tail, sizeof *tail * (size_t)n)) continue;
-            int32_t from = start + n, m = n_hist - from < k ? n_hist - from : k;
-            memcpy(out, hist + from, sizeof *out * (size_t)m);
-            return m;
-        }
-    }
-    return 0;
-}
-
 /* Decay per observation and per idle step: about the last 5 verifications count; an idle sequence is back
  * near the prior after ~100 steps. */
 #define ACC_DECAY      0.8f

@@ -1,7 +1,7 @@
-/* dc_spec.h: the pure parts of speculative decoding in the decode batch: the n-gram prompt-lookup proposer,
- * per-sequence acceptance tracking, the step cost model and the allocation of draft tokens across a batch
- * (adaptive k). No engine, no clock, no allocation: dc_sched calls these while it plans a step, the executor
- * feeds measured step times back.
+/* dc_spec.h: the decode service's policy for speculative decoding in its batch: per-sequence acceptance
+ * tracking, the step cost model and the allocation of draft tokens across a batch (adaptive k). The proposers
+ * themselves (n-gram lookup, draft model) are the engine's (eng_draft.h). No engine, no clock, no allocation:
+ * dc_sched calls these while it plans a step, the executor feeds measured step times back.
  *
  * Why drafts never change an answer: verification samples every position of a row from the target model's own
  * logits, in order, with the request's own sampler and random stream, exactly as plain decoding would, and
@@ -30,12 +30,6 @@ typedef enum { DC_SPEC_OFF = 0, DC_SPEC_NGRAM = 1, DC_SPEC_DRAFT = 2 } dc_spec_m
 const char *dc_spec_mode_name(dc_spec_mode_t m);
 /* PD_OK, or PD_EINVAL for anything but those three names. */
 PD_NODISCARD pd_status dc_spec_mode_parse(const char *s, dc_spec_mode_t *out);
-
-/* n-gram prompt lookup: finds the most recent earlier occurrence in hist[0..n_hist) of hist's last n tokens,
- * trying n = n_max down to n_min, and copies up to k tokens that followed it into out. Returns how many (0:
- * no match). The history is the prompt plus the generated tokens, so a document quoted by the answer is found,
- * and so is a loop in the answer itself. O(n_hist * n_max). */
-int32_t dc_ngram_propose(const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max, int32_t k, int32_t *out);
 
 /* Per-sequence acceptance: exponentially weighted counts of accepted drafts over drafts that were tested, with
  * a prior of 1 accepted in 2 (rate 0.5). Steps without drafts let the counts decay back towards the prior, so

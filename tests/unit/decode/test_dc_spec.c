@@ -8,7 +8,8 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "dc_draft.h"
+#include "dc_exec.h"
+#include "eng_draft.h"
 #include "dc_sched.h"
 #include "dc_spec.h"
 #include "eng.h"
@@ -24,26 +25,26 @@ static void test_ngram(void) {
     int32_t out[8];
     /* "1 2 3 4 5 ... 1 2 3" -> 4 5 6 (the longest suffix n-gram "1 2 3" occurred at 0) */
     int32_t h1[] = {1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3};
-    CHECK_EQ_INT(dc_ngram_propose(h1, 11, 1, 3, 3, out), 3);
+    CHECK_EQ_INT(eng_draft_ngram(h1, 11, 1, 3, 3, out), 3);
     CHECK(out[0] == 4 && out[1] == 5 && out[2] == 6);
     /* k larger than what follows the match: only what exists */
     int32_t h2[] = {7, 8, 9, 7, 8};
-    CHECK_EQ_INT(dc_ngram_propose(h2, 5, 2, 2, 5, out), 3);
+    CHECK_EQ_INT(eng_draft_ngram(h2, 5, 2, 2, 5, out), 3);
     CHECK(out[0] == 9 && out[1] == 7 && out[2] == 8);
     /* the most recent occurrence wins */
     int32_t h3[] = {5, 1, 5, 2, 5};
-    CHECK_EQ_INT(dc_ngram_propose(h3, 5, 1, 1, 1, out), 1);
+    CHECK_EQ_INT(eng_draft_ngram(h3, 5, 1, 1, 1, out), 1);
     CHECK_EQ_INT(out[0], 2);
     /* longer n tried first: "3 5" -> 9, although "5" alone most recently led to 2 */
     int32_t h4[] = {3, 5, 9, 5, 2, 3, 5};
-    CHECK_EQ_INT(dc_ngram_propose(h4, 7, 1, 2, 1, out), 1);
+    CHECK_EQ_INT(eng_draft_ngram(h4, 7, 1, 2, 1, out), 1);
     CHECK_EQ_INT(out[0], 9);
     /* no match below n_min, no history, bad args */
     int32_t h5[] = {1, 2, 3, 4};
-    CHECK_EQ_INT(dc_ngram_propose(h5, 4, 1, 3, 4, out), 0);
-    CHECK_EQ_INT(dc_ngram_propose(h5, 1, 1, 3, 4, out), 0);
-    CHECK_EQ_INT(dc_ngram_propose(h5, 4, 0, 3, 4, out), 0);
-    CHECK_EQ_INT(dc_ngram_propose(h5, 4, 2, 1, 4, out), 0);
+    CHECK_EQ_INT(eng_draft_ngram(h5, 4, 1, 3, 4, out), 0);
+    CHECK_EQ_INT(eng_draft_ngram(h5, 1, 1, 3, 4, out), 0);
+    CHECK_EQ_INT(eng_draft_ngram(h5, 4, 0, 3, 4, out), 0);
+    CHECK_EQ_INT(eng_draft_ngram(h5, 4, 2, 1, 4, out), 0);
 }
 
 static void test_acceptance(void) {
@@ -167,7 +168,7 @@ static dc_sched_t *s_sched(dc_spec_mode_t spec) {
 }
 
 /* Runs every request to its end: plan, draft model, forward, update. Returns steps, or -1. */
-static int s_run(dc_sched_t *s, dc_draft_t *d) {
+static int s_run(dc_sched_t *s, eng_drafter_t *d) {
     static dc_event_t ev[8 * DC_MAX_TOKENS_PER_SEQ + 16];
     dc_plan_t plan;
     dc_plan_init(&plan, s);
@@ -177,7 +178,7 @@ static int s_run(dc_sched_t *s, dc_draft_t *d) {
         if (n < 0) break;
         s_record(ev, n);
         if (plan.n_seqs == 0) break;
-        if (d) dc_draft_run(d, &plan);
+        if (d) dc_exec_draft(d, &plan);
         eng_batch_t b = dc_plan_batch(&plan, s_logits);
         if (eng_forward(s_engine, &b) != PD_OK) break;
         n = dc_sched_update(s, &plan, s_logits, 0, ev, (int)(sizeof ev / sizeof *ev));
@@ -228,10 +229,10 @@ static void s_decode(dc_spec_mode_t spec, bool is_sampled, bool is_batched, dc_s
     memset(s_outs, 0, sizeof s_outs);
     dc_sched_t *s = s_sched(spec);
     REQUIRE(s);
-    dc_draft_t *d = NULL;
+    eng_drafter_t *d = NULL;
     char err[256] = "";
     if (spec == DC_SPEC_DRAFT) {
-        d = dc_draft_create(s_draft_engine, s_engine, 8, 48 + 8, err, sizeof err);
+        d = eng_drafter_create(s_draft_engine, s_engine, 8, 48 + 8, err, sizeof err);
         REQUIRE(d);
     }
     for (int i = 0; i < MAX_REQS; i++) {
@@ -243,7 +244,7 @@ static void s_decode(dc_spec_mode_t spec, bool is_sampled, bool is_batched, dc_s
     dc_sched_stats(s, st);
     CHECK_EQ_INT(st->n_running + st->n_prefilling + st->n_waiting, 0);
     CHECK_EQ_INT(st->n_free_blocks, st->n_total_blocks);
-    dc_draft_destroy(&d);
+    eng_drafter_destroy(&d);
     dc_sched_destroy(&s);
     if (s_draft_engine)
         CHECK_EQ_INT(eng_kv_pool_n_free(eng_kv_pool(s_draft_engine)),
@@ -324,6 +325,96 @@ static void test_per_request(void) {
     dc_sched_destroy(&s);
 }
 
+/* ---- the distribution of sampled tokens under speculation ----
+ * Synthetic logits (a 5-token slice of the vocabulary, the rest -inf) replace the model, so that the target
+ * distribution p is known exactly. The n-gram lookup proposes token D at the step under test; over many seeds the
+ * emitted token must follow p (chi-square), not favour the draft, and when D was accepted the next token must
+ * follow the next row's distribution. The same seeds without speculation give the same tokens. */
+#define SLICE 5
+static const int32_t s_slice[SLICE] = {300, 301, 302, 303, 304};
+static const float s_p0[SLICE] = {0.10f, 0.30f, 0.25f, 0.20f, 0.15f}; /* D = 301 has p = 0.3 */
+static const float s_p1[SLICE] = {0.40f, 0.05f, 0.05f, 0.20f, 0.30f};
+
+static void s_fill_row(float *row, const float *p) {
+    for (int32_t v = 0; v < s_vocab; v++) row[v] = -INFINITY;
+    for (int i = 0; i < SLICE; i++) row[s_slice[i]] = logf(p[i]);
+}
+
+/* Emitted tokens of one request's first decode step (seed), with or without n-gram drafting. */
+static int s_one_step(dc_spec_mode_t spec, uint64_t seed, int32_t *out) {
+    dc_sched_t *s = s_sched(spec);
+    if (!s) return -1;
+    /* prompt "a b c D a b" and prefill's first token c: the lookup finds "a b c" and proposes D a b c */
+    int32_t prompt[] = {200, 201, 202, 301, 200, 201};
+    dc_req_params_t r = dc_req_params_default();
+    r.req_id = 1, r.n_prompt_tokens = 6, r.prompt = prompt, r.max_tokens = 8, r.ignore_eos = true;
+    r.sampling.temperature = 1, r.sampling.seed = seed, r.sampling.has_seed = true;
+    CHECK_EQ_INT(dc_sched_reserve(s, &r, NULL, 0), PD_OK);
+    eng_sample_result_t first = {.token = 202, .logprob = NAN};
+    dc_event_t ev[16];
+    CHECK_EQ_INT(dc_sched_admit(s, 1, &first, 0, &ev[0]), PD_OK);
+    dc_plan_t plan;
+    dc_plan_init(&plan, s);
+    CHECK_EQ_INT(dc_sched_plan(s, 0, &plan, ev, 16), 0);
+    CHECK_EQ_INT(plan.n_draft[0], spec == DC_SPEC_OFF ? 0 : 4);
+    CHECK(spec == DC_SPEC_OFF || plan.tokens[1] == 301);
+    for (int32_t row = 0; row < plan.n_logits; row++)
+        s_fill_row(s_logits + (size_t)row * (size_t)s_vocab, row == 0 ? s_p0 : s_p1);
+    int n = dc_sched_update(s, &plan, s_logits, 0, ev, 16);
+    for (int i = 0; i < n; i++) out[i] = ev[i].token;
+    dc_plan_fini(&plan);
+    dc_sched_destroy(&s);
+    return n;
+}
+
+static double s_chi2(const int *count, const float *p, int n) {
+    double x = 0;
+    for (int i = 0; i < SLICE; i++) {
+        double e = p[i] * n;
+        x += (count[i] - e) * (count[i] - e) / e;
+    }
+    return x;
+}
+
+static int s_slot_of(int32_t token) {
+    for (int i = 0; i < SLICE; i++)
+        if (s_slice[i] == token) return i;
+    return -1;
+}
+
+static void test_distribution(void) {
+    const char *q = getenv("PD_TEST_QUICK");
+    int n_seeds = q && !strcmp(q, "1") ? 1000 : 4000;
+    int c0[SLICE] = {0}, c1[SLICE] = {0}, n_accepted = 0, n_same = 0;
+    for (int seed = 0; seed < n_seeds; seed++) {
+        int32_t with[8], without[8];
+        int n = s_one_step(DC_SPEC_NGRAM, 7000 + (uint64_t)seed, with);
+        REQUIRE(n >= 1);
+        REQUIRE(s_one_step(DC_SPEC_OFF, 7000 + (uint64_t)seed, without) == 1);
+        n_same += with[0] == without[0];
+        int k0 = s_slot_of(with[0]);
+        REQUIRE(k0 >= 0);
+        c0[k0]++;
+        /* D accepted: the next row is sampled too (from p1, which cannot give the second draft, 200: the run ends) */
+        CHECK_EQ_INT(n, with[0] == 301 ? 2 : 1);
+        if (n == 2) {
+            n_accepted++;
+            int k1 = s_slot_of(with[1]);
+            REQUIRE(k1 >= 0);
+            c1[k1]++;
+        }
+    }
+    /* chi-square, 4 degrees of freedom: 18.47 is the 0.1% critical value (seeds are fixed: no flakiness) */
+    double x0 = s_chi2(c0, s_p0, n_seeds), x1 = s_chi2(c1, s_p1, n_accepted);
+    fprintf(stderr,
+            "  first token: chi2 = %.2f over %d seeds (accepted the draft %d times, p = 0.30); "
+            "after an accepted draft: chi2 = %.2f over %d\n",
+            x0, n_seeds, n_accepted, x1, n_accepted);
+    CHECK(x0 < 18.47);
+    CHECK(x1 < 18.47);
+    CHECK_EQ_INT(n_same, n_seeds); /* and token for token what plain decoding draws with the same seed */
+}
+
 int main(void) {
     pd_log_init("test_dc_spec", PD_LOG_WARN);
     PD_TEST_RUN(test_ngram);
@@ -356,6 +447,7 @@ int main(void) {
     PD_TEST_RUN(test_lossless_greedy);
     PD_TEST_RUN(test_lossless_sampled);
     PD_TEST_RUN(test_per_request);
+    PD_TEST_RUN(test_distribution);
     free(s_logits);
     eng_destroy(&s_draft_engine);
     eng_destroy(&s_engine);
