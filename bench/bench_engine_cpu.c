@@ -3,7 +3,8 @@
  *   - decode (batch 1, 8, 32): bytes read per step (weights in stored types + KV) / step time, as a
  *     fraction of this machine's memory bandwidth (a multi-threaded memcpy; read+written bytes), and
  *     FLOP/s as a fraction of sgemm (the bound once a batch shares the weight reads);
- *   - prefill (512-token prompts): FLOP/s as a fraction of OpenBLAS sgemm on this machine.
+ *   - prefill (512-token prompts): FLOP/s as a fraction of OpenBLAS sgemm on this machine;
+ *   - speculative verification: one sequence's step with 2, 4, 6, 8 tokens next to a 1-token step.
  * Usage: engine_cpu [--model PATH] [--threads N] [--steps N]. Prints one summary line per config. */
 #include <cblas.h>
 #include <omp.h>
@@ -96,17 +97,22 @@ static double s_prefill(bench_t *bn, int n_seqs, int len, int reps) {
     return best;
 }
 
-/* Decode: n_seqs sequences with ctx tokens of context each, steps batched decode steps; returns the
- * median step time. */
-static double s_decode(bench_t *bn, int n_seqs, int ctx, int steps) {
+/* Decode: n_seqs sequences with ctx tokens of context each, steps batched decode steps of t_per tokens per
+ * sequence (1, or 1 + drafts: a speculative verification row, logits for every token); returns the median step
+ * time. */
+static double s_decode(bench_t *bn, int n_seqs, int ctx, int steps, int t_per) {
     eng_kv_seq_t seqs[64] = {{0}};
     int32_t n_tok[64], pos[64], nb[64], toks[64];
+    uint8_t want[64];
+    memset(want, 1, sizeof want);
+    PD_ASSERT(n_seqs * t_per <= 64);
     const int32_t *tables[64];
     double *dts = pd_xmalloc(sizeof(double) * (size_t)steps);
     /* real context: prefill ctx tokens per sequence (so attention reads written KV, not zeros) */
     int32_t *ctx_toks = pd_xmalloc(sizeof(int32_t) * (size_t)ctx);
     for (int s = 0; s < n_seqs; s++) {
-        if (eng_kv_seq_reserve(&seqs[s], eng_kv_pool(bn->e), eng_kv_layout(bn->e)->block_size, ctx + steps) != PD_OK)
+        if (eng_kv_seq_reserve(&seqs[s], eng_kv_pool(bn->e), eng_kv_layout(bn->e)->block_size, ctx + steps * t_per) !=
+            PD_OK)
             PD_FATAL("KV pool too small");
         for (int i = 0; i < ctx; i++) ctx_toks[i] = 100 + (s * 131 + i * 7919) % 40000;
         int32_t n = ctx, p0 = 0;
@@ -123,8 +129,8 @@ static double s_decode(bench_t *bn, int n_seqs, int ctx, int steps) {
     free(ctx_toks);
     for (int i = 0; i < steps; i++) {
         for (int s = 0; s < n_seqs; s++) {
-            n_tok[s] = 1, pos[s] = ctx + i, tables[s] = seqs[s].blocks, nb[s] = seqs[s].n_blocks;
-            toks[s] = 200 + s + i;
+            n_tok[s] = t_per, pos[s] = ctx + i * t_per, tables[s] = seqs[s].blocks, nb[s] = seqs[s].n_blocks;
+            for (int t = 0; t < t_per; t++) toks[s * t_per + t] = 200 + s + i + t;
         }
         eng_batch_t b = {.n_seqs = n_seqs,
                          .n_tokens = n_tok,
@@ -132,6 +138,7 @@ static double s_decode(bench_t *bn, int n_seqs, int ctx, int steps) {
                          .block_tables = tables,
                          .n_blocks = nb,
                          .tokens = toks,
+                         .want_logits = t_per > 1 ? want : NULL,
                          .logits = bn->logits};
         double t0 = s_now();
         if (eng_forward(bn->e, &b) != PD_OK) PD_FATAL("forward failed");
@@ -217,7 +224,7 @@ int main(int argc, char **argv) {
     int ctx = 128;
     for (size_t i = 0; i < sizeof dec_batches / sizeof *dec_batches; i++) {
         int nb = dec_batches[i];
-        double dt = s_decode(&bn, nb, ctx, steps);
+        double dt = s_decode(&bn, nb, ctx, steps, 1);
         double kv_bytes = (double)nb * (ctx + steps / 2) * eng_kv_token_bytes(eng_kv_layout(bn.e));
         double bytes = (double)wbytes + kv_bytes;
         /* compute side, for the batches where weight reads are shared: matrices + attention over the context */
@@ -227,6 +234,15 @@ int main(int argc, char **argv) {
                nb, ctx, nb / dt, dt * 1e3, bytes / 1e6, (double)wbytes / 1e6, kv_bytes / 1e6, bytes / dt / 1e9,
                100.0 * bytes / dt / bw, flops / dt / 1e9, 100.0 * flops / dt / peak);
     }
+    /* speculative verification: one sequence, its next token plus 1..7 drafts in one forward. What a verified
+     * token costs next to a plain decode step decides whether drafting pays (decode/dc_spec.h) */
+    double t1 = s_decode(&bn, 1, 512, steps, 1);
+    printf("verify ctx=512: 1 token %.2f ms", t1 * 1e3);
+    for (int t_per = 2; t_per <= 8; t_per += 2) {
+        double dt = s_decode(&bn, 1, 512, steps, t_per);
+        printf("; %d tokens %.2f ms (%.2fx)", t_per, dt * 1e3, dt / t1);
+    }
+    printf("\n");
     free(bn.logits);
     eng_destroy(&bn.e);
     return 0;
