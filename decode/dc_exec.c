@@ -150,17 +150,18 @@ static pd_status s_time_forward(eng_t *e, int32_t n, int reps, double *us) {
 
 /* The cost model of speculation: a forward of 1 and of 1 + spec_k tokens for the target (and of 1 and spec_k for
  * the draft model) give a base and a per-token cost; dc_sched_spec_observe then tracks drift. */
-static pd_status s_calibrate(dc_exec_t *x, int32_t k, dc_spec_cost_t *c) {
+pd_status dc_exec_calibrate(eng_t *eng, eng_t *draft_eng, int32_t k, dc_spec_cost_t *c) {
     double t1, tk;
     *c = (dc_spec_cost_t){.scale = 1};
-    pd_status st = s_time_forward(x->p.eng, 1, 3, &t1);
-    if (st == PD_OK) st = s_time_forward(x->p.eng, 1 + k, 3, &tk);
+    if (k < 1 || k >= DC_MAX_TOKENS_PER_SEQ) return PD_EINVAL;
+    pd_status st = s_time_forward(eng, 1, 3, &t1);
+    if (st == PD_OK) st = s_time_forward(eng, 1 + k, 3, &tk);
     if (st != PD_OK) return st;
     c->per_token_us = tk > t1 ? (tk - t1) / k : t1 * 0.01; /* noise can invert them: then verifying is ~free */
     c->base_us = t1 - c->per_token_us > 0 ? t1 - c->per_token_us : 0;
-    if (x->p.draft_eng) {
-        st = s_time_forward(x->p.draft_eng, 1, 3, &t1);
-        if (st == PD_OK) st = s_time_forward(x->p.draft_eng, k, 3, &tk);
+    if (draft_eng) {
+        st = s_time_forward(draft_eng, 1, 3, &t1);
+        if (st == PD_OK) st = s_time_forward(draft_eng, k, 3, &tk);
         if (st != PD_OK) return st;
         c->draft_token_us = tk > t1 && k > 1 ? (tk - t1) / (k - 1) : t1 * 0.01;
         c->draft_base_us = t1 - c->draft_token_us > 0 ? t1 - c->draft_token_us : 0;
@@ -194,7 +195,7 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
         if (!x->draft) goto fail;
     }
     if (sp->spec != DC_SPEC_OFF) {
-        pd_status st = s_calibrate(x, sp->spec_k, &x->st.cost);
+        pd_status st = dc_exec_calibrate(p->eng, x->draft ? p->draft_eng : NULL, sp->spec_k, &x->st.cost);
         if (st != PD_OK) {
             snprintf(err, err_cap, "dc_exec: calibrating speculation: %s", pd_strerror(st));
             goto fail;

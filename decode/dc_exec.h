@@ -47,6 +47,12 @@ void dc_exec_kick(dc_exec_t *x);
  * engine (the engine thread; tests call it directly). */
 int32_t dc_exec_draft(eng_drafter_t *d, dc_plan_t *plan);
 
+/* Speculation's cost model (dc_spec.h) for eng (and draft_eng, may be NULL): the best of a few forwards of one
+ * scratch sequence with 1 and 1 + k tokens (k and 1 for the draft) give a base and a per-token cost. Uses one KV
+ * block of each pool, given back. PD_OK or the forward's / pool's error. Thread: the one that drives the engines,
+ * while nothing else runs on them. */
+PD_NODISCARD pd_status dc_exec_calibrate(eng_t *eng, eng_t *draft_eng, int32_t k, dc_spec_cost_t *c);
+
 /* A step is running on the engine thread. */
 bool dc_exec_is_busy(const dc_exec_t *x);
 

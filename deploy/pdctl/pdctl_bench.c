@@ -27,7 +27,7 @@ typedef struct {
     double rate, temperature, ttft_slo_ms, itl_slo_ms;
     int64_t n_requests, concurrency, seed, timeout_ms;
     bench_dist_t prompt_len, output_len;
-    bool is_json;
+    bool is_json, is_chat, is_ignore_eos_off;
 } bench_opts_t;
 
 typedef struct {
@@ -110,6 +110,8 @@ static void s_help(void) {
            "  --prompt-len D        synthetic prompt tokens: N, fixed:N or uniform:A:B (default 128)\n"
            "  --output-len D        output tokens (ignore_eos): N, fixed:N or uniform:A:B (default 64)\n"
            "  --prompts FILE        JSONL, one {\"prompt\": TEXT, \"max_tokens\": N?} per line, used in turn\n"
+           "  --chat                send each JSONL prompt as the user message of a chat (the model's template)\n"
+           "  --no-ignore-eos       let requests end at end-of-generation (default: exactly the output length)\n"
            "  --temperature T       sampling temperature (default 0 = greedy)\n"
            "  --seed S              arrivals, lengths and token ids (default 1)\n"
            "  --ttft-slo MS         goodput: time to first token limit (default 1000)\n"
@@ -135,6 +137,10 @@ static int s_parse(int argc, char **argv, bench_opts_t *o, bool *done) {
             s_help();
             *done = true;
             return 0;
+        } else if (!strcmp(f, "--chat")) {
+            o->is_chat = true, takes = false;
+        } else if (!strcmp(f, "--no-ignore-eos")) {
+            o->is_ignore_eos_off = true, takes = false;
         } else if (!strcmp(f, "--json")) {
             o->is_json = true, takes = false;
         } else if (!v) {
@@ -230,13 +236,22 @@ static bool s_send(void *sock, const bench_opts_t *o, bench_req_t *r, uint64_t i
     g.request_id = id;
     g.max_tokens = (uint32_t)r->max_tokens;
     g.stream = true;
-    g.ignore_eos = true;
+    g.ignore_eos = !o->is_ignore_eos_off;
     g.timeout_ms = (uint32_t)o->timeout_ms;
     sp.temperature = (float)o->temperature;
     sp.seed = id;
     sp.has_seed = true;
     g.sampling = &sp;
-    if (r->text) {
+    Pdserve__V1__ChatMessages chat = PDSERVE__V1__CHAT_MESSAGES__INIT;
+    Pdserve__V1__ChatMessage msg = PDSERVE__V1__CHAT_MESSAGE__INIT, *pmsg = &msg;
+    if (r->text && o->is_chat) {
+        msg.role = "user";
+        msg.content = r->text;
+        chat.n_messages = 1;
+        chat.messages = &pmsg;
+        g.prompt_case = PDSERVE__V1__GENERATE_REQUEST__PROMPT_CHAT;
+        g.chat = &chat;
+    } else if (r->text) {
         g.prompt_case = PDSERVE__V1__GENERATE_REQUEST__PROMPT_TEXT;
         g.text = r->text;
     } else {
@@ -293,6 +308,8 @@ static void s_on_chunk(bench_req_t *reqs, int64_t n, const Pdserve__V1__Response
 static void s_report(const bench_opts_t *o, bench_req_t *reqs, int64_t n, bench_vec_t *itl, double wall_s) {
     bench_vec_t ttft = {0}, e2e = {0};
     int64_t n_ok = 0, n_good = 0, out_tokens = 0, errs[16] = {0};
+    /* decode speed of one sequence: tokens after the first over the time from first to last (prefill excluded) */
+    double dec_tokens = 0, dec_s = 0;
     for (int64_t i = 0; i < n; i++) {
         bench_req_t *r = &reqs[i];
         if (!r->is_ok) {
@@ -301,6 +318,7 @@ static void s_report(const bench_opts_t *o, bench_req_t *reqs, int64_t n, bench_
         }
         n_ok++;
         out_tokens += r->n_out;
+        if (r->n_out >= 2) dec_tokens += r->n_out - 1, dec_s += (double)(r->t_last - r->t_first) / 1e6;
         double t = r->n_out ? (double)(r->t_first - r->t_send) / 1000.0 : 0;
         s_vec_push(&ttft, t);
         s_vec_push(&e2e, (double)(r->t_end - r->t_send) / 1000.0);
@@ -312,16 +330,19 @@ static void s_report(const bench_opts_t *o, bench_req_t *reqs, int64_t n, bench_
     qsort(e2e.v, e2e.n, sizeof(double), s_cmp);
     qsort(itl->v, itl->n, sizeof(double), s_cmp);
     double tps = out_tokens / wall_s, rps = n_ok / wall_s, goodput = n_good / wall_s;
+    double dec_tps = dec_s > 0 ? dec_tokens / dec_s : 0;
     if (o->is_json) {
         printf("{\"requests\": %lld, \"ok\": %lld, \"failed\": %lld, \"duration_s\": %.3f, \"rate\": %g, "
-               "\"output_tokens\": %lld, \"output_tokens_per_s\": %.2f, \"requests_per_s\": %.3f, "
+               "\"output_tokens\": %lld, \"output_tokens_per_s\": %.2f, \"decode_tokens_per_s_per_seq\": %.2f, "
+               "\"requests_per_s\": %.3f, "
                "\"goodput_requests_per_s\": %.3f, \"ttft_slo_ms\": %g, \"itl_slo_ms\": %g, "
                "\"ttft_ms\": {\"p50\": %.2f, \"p90\": %.2f, \"p99\": %.2f}, "
                "\"itl_ms\": {\"p50\": %.2f, \"p90\": %.2f, \"p99\": %.2f}, "
                "\"e2e_ms\": {\"p50\": %.2f, \"p90\": %.2f, \"p99\": %.2f}, \"errors_by_code\": {",
-               (long long)n, (long long)n_ok, (long long)(n - n_ok), wall_s, o->rate, (long long)out_tokens, tps, rps,
-               goodput, o->ttft_slo_ms, o->itl_slo_ms, s_pct(&ttft, 50), s_pct(&ttft, 90), s_pct(&ttft, 99),
-               s_pct(itl, 50), s_pct(itl, 90), s_pct(itl, 99), s_pct(&e2e, 50), s_pct(&e2e, 90), s_pct(&e2e, 99));
+               (long long)n, (long long)n_ok, (long long)(n - n_ok), wall_s, o->rate, (long long)out_tokens, tps,
+               dec_tps, rps, goodput, o->ttft_slo_ms, o->itl_slo_ms, s_pct(&ttft, 50), s_pct(&ttft, 90),
+               s_pct(&ttft, 99), s_pct(itl, 50), s_pct(itl, 90), s_pct(itl, 99), s_pct(&e2e, 50), s_pct(&e2e, 90),
+               s_pct(&e2e, 99));
         bool first = true;
         for (int i = 0; i < 16; i++)
             if (errs[i]) printf("%s\"%d\": %lld", first ? "" : ", ", i, (long long)errs[i]), first = false;
@@ -331,6 +352,7 @@ static void s_report(const bench_opts_t *o, bench_req_t *reqs, int64_t n, bench_
                (long long)(n - n_ok), wall_s, o->rate > 0 ? "poisson" : "all at once");
         printf("output %.1f tok/s, %.2f req/s, goodput %.2f req/s (ttft <= %g ms, mean itl <= %g ms)\n", tps, rps,
                goodput, o->ttft_slo_ms, o->itl_slo_ms);
+        printf("decode %.1f tok/s per sequence (first to last token)\n", dec_tps);
         printf("ttft ms  p50 %8.1f  p90 %8.1f  p99 %8.1f\n", s_pct(&ttft, 50), s_pct(&ttft, 90), s_pct(&ttft, 99));
         printf("itl  ms  p50 %8.1f  p90 %8.1f  p99 %8.1f\n", s_pct(itl, 50), s_pct(itl, 90), s_pct(itl, 99));
         printf("e2e  ms  p50 %8.1f  p90 %8.1f  p99 %8.1f\n", s_pct(&e2e, 50), s_pct(&e2e, 90), s_pct(&e2e, 99));

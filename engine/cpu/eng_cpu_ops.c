@@ -156,47 +156,6 @@ S_ROW_FN(s_row_q8_0, s_q8_0_block, 34)
 S_FUSED_KERNEL(s_fused_q4_1, s_q4_1_block, 20)
 S_FUSED_KERNEL(s_fused_q8_0, s_q8_0_block, 34)
 #undef S_FUSED_KERNEL
-
-/* A few tokens (2..S_MULTI_MAX: a speculative row and its drafts, a small decode batch): each 32-element block of
- * a row is dequantized once into registers and multiplied into every token's accumulator, so the dequantization
- * is shared by the tokens and no f32 weights are stored. One row at a time: n_t accumulators, 4 weight vectors
- * and a token vector fit the 16 registers. Each accumulator sees the FMAs of the single-token kernel in the same
- * order and ends in s_hsum: the same bits as every other path. */
-#define S_MULTI_MAX 8
-#define S_MULTI_KERNEL(NAME, BLOCK_FN, BLOCK_BYTES)                                                                    \
-    static inline __attribute__((always_inline)) void NAME##_nt(float *y, int64_t ldy, const float *x, int64_t ldx,    \
-                                                                const uint8_t *w0, uint64_t row_bytes, int64_t n_rows, \
-                                                                int64_t k_n, int n_t) {                                \
-        for (int64_t r = 0; r < n_rows; r++) {                                                                         \
-            const uint8_t *b = w0 + (uint64_t)r * row_bytes, *pf = b + 2 * row_bytes;                                  \
-            __m256 a[S_MULTI_MAX], w[4];                                                                               \
-            for (int t = 0; t < n_t; t++) a[t] = _mm256_setzero_ps();                                                  \
-            for (int64_t k = 0; k < k_n; k += 32, b += BLOCK_BYTES, pf += BLOCK_BYTES) {                               \
-                _mm_prefetch((const char *)pf, _MM_HINT_T0);                                                           \
-                BLOCK_FN(b, w);                                                                                        \
-                for (int j = 0; j < 4; j++)                                                                            \
-                    for (int t = 0; t < n_t; t++)                                                                      \
-                        a[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * ldx + k + 8 * j), w[j], a[t]);                  \
-            }                                                                                                          \
-            for (int t = 0; t < n_t; t++) y[t * ldy + r] = s_hsum(a[t]);                                               \
-        }                                                                                                              \
-    }                                                                                                                  \
-    static void NAME(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w0, uint64_t row_bytes,        \
-                     int64_t n_rows, int64_t k_n, int n_t) {                                                           \
-        switch (n_t) { /* constant token counts: the accumulators stay in registers */                                 \
-        case 2: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 2); break;                                       \
-        case 3: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 3); break;                                       \
-        case 4: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 4); break;                                       \
-        case 5: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 5); break;                                       \
-        case 6: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 6); break;                                       \
-        case 7: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 7); break;                                       \
-        default: NAME##_nt(y, ldy, x, ldx, w0, row_bytes, n_rows, k_n, 8); break;                                      \
-        }                                                                                                              \
-    }
-
-S_MULTI_KERNEL(s_multi_q4_1, s_q4_1_block, 20)
-S_MULTI_KERNEL(s_multi_q8_0, s_q8_0_block, 34)
-#undef S_MULTI_KERNEL
 #endif
 
 void eng_cpu_weight_row(const eng_weight_t *w, int64_t row, float *dst) {
@@ -276,13 +235,14 @@ static void s_matmul_tile(float *y, int64_t ldy, const float *x, int64_t ldx, in
     /* Tokens in chunks that stay in L2 while a tile of dequantized rows is reused across them. */
     const int64_t tok_chunk = 63; /* a multiple of the 3-token kernel */
 #ifdef ENG_CPU_AVX2
-    if (n_tok <= S_MULTI_MAX && (w->type == ENG_GGML_Q4_1 || w->type == ENG_GGML_Q8_0)) {
+    if (n_tok < 4 && (w->type == ENG_GGML_Q4_1 || w->type == ENG_GGML_Q8_0)) {
         const uint8_t *w0 = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
-        bool is_q4 = w->type == ENG_GGML_Q4_1;
-        if (n_tok == 1 && is_q4) s_fused_q4_1(y + r0, x, w0, w->row_bytes, n_rows, k_n);
-        if (n_tok == 1 && !is_q4) s_fused_q8_0(y + r0, x, w0, w->row_bytes, n_rows, k_n);
-        if (n_tok > 1 && is_q4) s_multi_q4_1(y + r0, ldy, x, ldx, w0, w->row_bytes, n_rows, k_n, (int)n_tok);
-        if (n_tok > 1 && !is_q4) s_multi_q8_0(y + r0, ldy, x, ldx, w0, w->row_bytes, n_rows, k_n, (int)n_tok);
+        for (int64_t t = 0; t < n_tok; t++) {
+            if (w->type == ENG_GGML_Q4_1)
+                s_fused_q4_1(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
+            else
+                s_fused_q8_0(y + t * ldy + r0, x + t * ldx, w0, w->row_bytes, n_rows, k_n);
+        }
         return;
     }
 #endif

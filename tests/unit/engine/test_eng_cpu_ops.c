@@ -102,15 +102,15 @@ static void s_check_matmul(const eng_weight_t *w, int n_tok) {
 static void test_matmul_paths_agree(void) {
     REQUIRE(s_model);
     s_check_matmul(&s_model->layers[3].wk, 9); /* Q4_1, 192 rows: tiles of 3 tokens x 4 rows */
-    for (int n = 2; n <= 7; n++) s_check_matmul(&s_model->layers[3].wv, n); /* the multi-token kernel */
-    s_check_matmul(&s_model->layers[3].wq, 4);                              /* multi-token kernel, 4 tokens */
-    s_check_matmul(&s_model->layers[3].w_down, 8);    /* Q4_1, K = 1536, the multi-token kernel's most */
-    s_check_matmul(&s_model->layers[3].attn_norm, 5); /* F32 vector: 1 row, leftover paths */
+    for (int n = 2; n <= 7; n++) s_check_matmul(&s_model->layers[3].wv, n); /* fused per token (< 4), tiles (>= 4) */
+    s_check_matmul(&s_model->layers[3].wq, 4);                              /* 3 tokens + 1 leftover */
+    s_check_matmul(&s_model->layers[3].w_down, 8);                          /* Q4_1, K = 1536, 3 + 3 + 2 tokens */
+    s_check_matmul(&s_model->layers[3].attn_norm, 5);                       /* F32 vector: 1 row, leftover paths */
 }
 
 static void test_matmul_q8_0_head(void) {
     REQUIRE(s_model);
-    /* the tied output head (Q8_0, 49152 rows): decode kernel vs multi-token kernel vs tile kernel */
+    /* the tied output head (Q8_0, 49152 rows): decode kernel vs tile kernel */
     s_check_matmul(&s_model->tok_embd, 5);
     s_check_matmul(&s_model->tok_embd, 10);
 }
