@@ -581,19 +581,25 @@ static int32_t s_row_k_max(const dc_sched_t *s, const s_slot_t *sl) {
     return k < by_ctx ? k : by_ctx;
 }
 
-/* Draft candidates of decode row i: what the n-gram lookup finds, or the draft model's catch-up (fed this step,
- * within what is left of budget) and, once it has seen the whole history, k proposals. Returns how many drafts
- * the row could take. */
-static int32_t s_spec_candidates(dc_sched_t *s, dc_plan_t *plan, int32_t i, int32_t *budget) {
+/* Draft candidates of decode row i: what the n-gram lookup finds, or for a draft model the row's k (it proposes
+ * as many as asked). */
+static int32_t s_spec_candidates(dc_sched_t *s, int32_t i, const dc_plan_t *plan) {
     s_slot_t *sl = &s->slots[plan->slots[i]];
     int32_t k = s_row_k_max(s, sl);
-    if (k <= 0) return 0;
-    if (s->p.spec == DC_SPEC_NGRAM)
-        return eng_draft_ngram(sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k,
-                               s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ);
+    if (k <= 0 || s->p.spec == DC_SPEC_DRAFT) return k > 0 ? k : 0;
+    return eng_draft_ngram(sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k,
+                           s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ);
+}
+
+/* A drafting row's draft-model catch-up: the history it has not seen, within what is left of this step's budget.
+ * Only rows the allocation gave drafts catch up (a draft model that does not pay never reads the prompts). Returns
+ * the drafts the row keeps: k once it has seen the whole history, 0 while it is still catching up (a long prompt
+ * takes a few steps) or when its draft blocks cannot be had. */
+static int32_t s_draft_catchup(dc_sched_t *s, dc_plan_t *plan, int32_t i, int32_t k, int32_t *budget) {
+    s_slot_t *sl = &s->slots[plan->slots[i]];
     int32_t need = sl->n_tokens - sl->n_draft_cached, n_in = need < *budget ? need : *budget;
-    if (n_in <= 0) return 0;
-    if (eng_kv_seq_reserve(&sl->draft_kv, s->p.draft_pool, s->p.draft_block_size, sl->n_draft_cached + n_in) != PD_OK)
+    if (n_in <= 0 ||
+        eng_kv_seq_reserve(&sl->draft_kv, s->p.draft_pool, s->p.draft_block_size, sl->n_draft_cached + n_in) != PD_OK)
         return 0;
     plan->draft_n_in[i] = n_in;
     plan->draft_pos[i] = sl->n_draft_cached;
@@ -610,7 +616,7 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
     if (s->p.spec == DC_SPEC_OFF || n == 0 || (!s->has_cost && !s->p.spec_fixed_k)) return;
     for (int32_t i = 0; i < n; i++) {
         s->sp_acc[i] = dc_spec_acc_rate(&s->slots[plan->slots[i]].acc);
-        s->sp_avail[i] = s_spec_candidates(s, plan, i, &budget);
+        s->sp_avail[i] = s_spec_candidates(s, i, plan);
     }
     if (s->p.spec_fixed_k) {
         for (int32_t i = 0, left = s->p.spec_max_step_drafts; i < n; i++) {
@@ -625,6 +631,7 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
     for (int32_t i = 0; i < n; i++) {
         s_slot_t *sl = &s->slots[plan->slots[i]];
         int32_t k = s->sp_k[i];
+        if (is_draft && k > 0) k = s_draft_catchup(s, plan, i, k, &budget);
         if (k > 0 && eng_kv_seq_reserve(&sl->kv, s->p.pool, bs, sl->n_tokens + k) != PD_OK) {
             int32_t room = sl->kv.n_blocks * bs - sl->n_tokens; /* drafts that fit the blocks it has */
             k = room < k ? room : k;
@@ -638,9 +645,6 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
         plan->block_tables[i] = sl->kv.blocks; /* the table may have grown (and moved) */
         plan->n_blocks[i] = sl->kv.n_blocks;
         if (is_draft) {
-            /* a row that will not draft skips its catch-up too, unless it is behind by more than a step's
-             * budget (a new prompt): then the catch-up is progress worth making */
-            if (k <= 0 && s->sp_avail[i] > 0) plan->draft_n_in[i] = 0;
             plan->draft_k[i] = k > 0 ? k : 0;
             plan->draft_tables[i] = sl->draft_kv.blocks;
             plan->draft_n_blocks[i] = sl->draft_kv.n_blocks;
