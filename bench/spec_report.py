@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""spec_report.py: the arithmetic of bench/run_spec_bench.sh (stdlib only).
+
+  spec_report.py result --spec S --workload W --concurrency C --prompt-format F \\
+                        --bench BENCH.json --before METRICS.txt --after METRICS.txt
+      prints one JSON line for one run: pdctl bench's figures plus the deltas of the router's per-worker
+      speculation counters between two /metrics scrapes (summed over decode workers).
+  spec_report.py table RESULTS.jsonl
+      prints a markdown table, one row per run, with the ratios of output tokens/s and of ITL p50 to
+      spec=off's at the same workload and concurrency.
+
+Counters (Prometheus text from the router's /metrics, per worker label):
+  pdserve_spec_draft_tokens_total     drafted tokens proposed for verification
+  pdserve_spec_accepted_tokens_total  drafted tokens accepted
+  pdserve_decode_steps_total          decode forwards (one verification step of the whole batch)
+  pdserve_decode_tokens_total         tokens emitted by decode, all sequences
+Derived (None where a counter is missing, e.g. before speculation landed):
+  acceptance_rate        accepted / draft
+  tokens_per_step        decode tokens / decode steps: all sequences of the batch together, so it grows
+                         with the batch as well as with speculation
+  rows_per_step_est      (decode tokens - accepted) / decode steps: mean sequences per step, assuming each
+                         verified row emits its accepted drafts plus one token of its own (a row cut short
+                         by max_tokens emits fewer, so this slightly undercounts)
+  tokens_per_seq_step_est  decode tokens / (decode tokens - accepted): tokens per sequence per step under
+                         the same assumption; 1.0 without speculation
+"""
+import argparse
+import json
+import re
+import sys
+
+COUNTERS = {
+    "draft": "pdserve_spec_draft_tokens_total",
+    "accepted": "pdserve_spec_accepted_tokens_total",
+    "steps": "pdserve_decode_steps_total",
+    "tokens": "pdserve_decode_tokens_total",
+}
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_metrics(path):
+    """{counter key: {worker: value}} for the counters above; a counter absent from the text is absent."""
+    out = {}
+    names = {v: k for k, v in COUNTERS.items()}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = _LINE.match(line)
+            if not m or m.group(1) not in names:
+                continue
+            w = re.search(r'worker="([^"]*)"', m.group(2) or "")
+            role = re.search(r'role="([^"]*)"', m.group(2) or "")
+            if role and role.group(1) == "prefill":
+                continue
+            try:
+                v = float(m.group(3))
+            except ValueError:
+                continue
+            out.setdefault(names[m.group(1)], {})[w.group(1) if w else ""] = v
+    return out
+
+
+def deltas(before, after):
+    """Per counter: the sum over workers of after - before (a worker new since `before` counts from 0)."""
+    d = {}
+    for key in COUNTERS:
+        if key not in after:
+            d[key] = None
+            continue
+        b = before.get(key, {})
+        d[key] = sum(v - b.get(w, 0.0) for w, v in after[key].items())
+    return d
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def cmd_result(a):
+    with open(a.bench, encoding="utf-8") as f:
+        bench = json.loads(f.read().strip().splitlines()[-1])
+    d = deltas(parse_metrics(a.before), parse_metrics(a.after))
+    tokens, steps, acc = d["tokens"], d["steps"], d["accepted"]
+    rows_tokens = None if tokens is None else tokens - (acc or 0.0)
+    row = {
+        "spec": a.spec, "workload": a.workload, "concurrency": a.concurrency, "prompt_format": a.prompt_format,
+        "requests": bench.get("requests"), "ok": bench.get("ok"), "failed": bench.get("failed"),
+        "duration_s": bench.get("duration_s"), "output_tokens": bench.get("output_tokens"),
+        "output_tok_s": bench.get("output_tokens_per_s"),
+        "decode_tok_s": ratio(tokens, bench.get("duration_s")),
+        "ttft_ms_p50": bench.get("ttft_ms", {}).get("p50"), "itl_ms_p50": bench.get("itl_ms", {}).get("p50"),
+        "itl_ms_p90": bench.get("itl_ms", {}).get("p90"),
+        "acceptance_rate": ratio(acc, d["draft"]),
+        "tokens_per_step": ratio(tokens, steps),
+        "rows_per_step_est": ratio(rows_tokens, steps),
+        "tokens_per_seq_step_est": ratio(tokens, rows_tokens),
+        "counters": d,
+    }
+    for k, v in row.items():
+        if isinstance(v, float):
+            row[k] = round(v, 4)
+    print(json.dumps(row))
+    return 0
+
+
+def fmt(v, nd=2):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def cmd_table(a):
+    with open(a.results, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    base = {(r["workload"], r["concurrency"]): r for r in rows if r["spec"] == "off"}
+    print("| spec | workload | conc | ok/req | output tok/s | vs off | decode tok/s | ITL p50 ms | ITL vs off "
+          "| TTFT p50 ms | accept | tok/step (batch) | tok/seq-step (est) |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    order = {"off": 0, "ngram": 1, "draft": 2}
+    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], order.get(r["spec"], 9))):
+        b = base.get((r["workload"], r["concurrency"]), {})
+        vs = ratio(r["output_tok_s"], b.get("output_tok_s"))
+        itl_vs = ratio(b.get("itl_ms_p50"), r["itl_ms_p50"])
+        print(f"| {r['spec']} | {r['workload']} | {r['concurrency']} | {r['ok']}/{r['requests']} "
+              f"| {fmt(r['output_tok_s'], 1)} | {fmt(vs)}x | {fmt(r['decode_tok_s'], 1)} | {fmt(r['itl_ms_p50'], 1)} "
+              f"| {fmt(itl_vs)}x | {fmt(r['ttft_ms_p50'], 0)} | {fmt(r['acceptance_rate'])} | {fmt(r['tokens_per_step'])} "
+              f"| {fmt(r['tokens_per_seq_step_est'])} |")
+    formats = sorted({r.get("prompt_format", "?") for r in rows})
+    print(f"\nprompts sent as: {', '.join(formats)} (chat = the model's chat template; raw = completion text). "
+          "vs off: output tok/s over spec=off's at the same workload and concurrency; ITL vs off: spec=off's "
+          "ITL p50 over this one (per-stream decode speed-up; the better signal where prefill bounds output "
+          "tok/s, as RAG does on a few cores: check decode's 'waiting' count in its log). tok/step counts every "
+          "sequence of a step; tok/seq-step = decode tokens / (decode tokens - accepted drafts).")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("result")
+    r.add_argument("--spec", required=True)
+    r.add_argument("--workload", required=True)
+    r.add_argument("--concurrency", type=int, required=True)
+    r.add_argument("--prompt-format", default="chat")
+    r.add_argument("--bench", required=True)
+    r.add_argument("--before", required=True)
+    r.add_argument("--after", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("results")
+    a = ap.parse_args()
+    return cmd_result(a) if a.cmd == "result" else cmd_table(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
