@@ -150,23 +150,23 @@ static pd_status s_time_forward(eng_t *e, int32_t n, int reps, double *us) {
 
 /* The cost model of speculation: a forward of 1 and of 1 + spec_k tokens for the target (and of 1 and spec_k for
  * the draft model) give a base and a per-token cost; dc_sched_spec_observe then tracks drift. */
+/* base + per_token * tokens through the times of a forward of 1 and of n tokens. */
+static pd_status s_fit(eng_t *e, int32_t n, double *base_us, double *per_token_us) {
+    double t1, tn;
+    pd_status st = s_time_forward(e, 1, 3, &t1);
+    if (st == PD_OK && n > 1) st = s_time_forward(e, n, 3, &tn);
+    if (st != PD_OK) return st;
+    *per_token_us = n > 1 && tn > t1 ? (tn - t1) / (n - 1) : t1 * 0.01; /* noise can invert them: ~free then */
+    *base_us = t1 - *per_token_us > 0 ? t1 - *per_token_us : 0;
+    return PD_OK;
+}
+
 pd_status dc_exec_calibrate(eng_t *eng, eng_t *draft_eng, int32_t k, dc_spec_cost_t *c) {
-    double t1, tk;
     *c = (dc_spec_cost_t){.scale = 1};
     if (k < 1 || k >= DC_MAX_TOKENS_PER_SEQ) return PD_EINVAL;
-    pd_status st = s_time_forward(eng, 1, 3, &t1);
-    if (st == PD_OK) st = s_time_forward(eng, 1 + k, 3, &tk);
-    if (st != PD_OK) return st;
-    c->per_token_us = tk > t1 ? (tk - t1) / k : t1 * 0.01; /* noise can invert them: then verifying is ~free */
-    c->base_us = t1 - c->per_token_us > 0 ? t1 - c->per_token_us : 0;
-    if (draft_eng) {
-        st = s_time_forward(draft_eng, 1, 3, &t1);
-        if (st == PD_OK) st = s_time_forward(draft_eng, k, 3, &tk);
-        if (st != PD_OK) return st;
-        c->draft_token_us = tk > t1 && k > 1 ? (tk - t1) / (k - 1) : t1 * 0.01;
-        c->draft_base_us = t1 - c->draft_token_us > 0 ? t1 - c->draft_token_us : 0;
-    }
-    return PD_OK;
+    pd_status st = s_fit(eng, 1 + k, &c->base_us, &c->per_token_us);
+    if (st == PD_OK && draft_eng) st = s_fit(draft_eng, k, &c->draft_base_us, &c->draft_token_us);
+    return st;
 }
 
 dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) {

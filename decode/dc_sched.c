@@ -709,9 +709,9 @@ static void s_prefill_done(dc_sched_t *s, s_slot_t *sl) {
     s->running[s->n_running++] = slot;
 }
 
-/* Samples one logits row for sl and emits the token; false when the request ended with it (sl is then gone). */
-static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const float *row, uint64_t now_us, dc_event_t *ev,
-                          int32_t *token) {
+/* Samples one logits row for sl and emits the token (then sl->last_token); false when the request ended with it
+ * (sl is then gone). */
+static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const float *row, uint64_t now_us, dc_event_t *ev) {
     eng_sample_result_t r;
     if (eng_sampler_sample(sl->sampler, row, &r) != PD_OK) {
         LOG_E("req=%llx logits not finite at position %d", (unsigned long long)sl->req_id, sl->n_tokens - 1);
@@ -719,7 +719,6 @@ static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const float *row, uint64_
         s_finish(s, sl, ev, DC_FINISH_ERROR, PD_EBACKEND, "logits not finite", true);
         return false;
     }
-    *token = r.token;
     s_emit(s, sl, &r, r.token, now_us, ev);
     return sl->state == S_RUNNING;
 }
@@ -738,15 +737,12 @@ static int s_verify(dc_sched_t *s, s_slot_t *sl, const dc_plan_t *plan, int32_t 
     s->n_decode_rows++;
     if (n_draft > 0) s->n_spec_rows++, s->n_draft_tokens += (uint64_t)n_draft;
     for (int32_t j = 0; j <= n_draft; j++) {
-        int32_t token = -1;
-        if (!s_sample_emit(s, sl, logits + (size_t)j * v, now_us, &events[n_ev++], &token)) {
-            s->n_accepted_tokens += (uint64_t)accepted;
+        if (!s_sample_emit(s, sl, logits + (size_t)j * v, now_us, &events[n_ev++]))
             return n_ev; /* finished: blocks and draft state are gone with it */
-        }
-        if (j == n_draft || token != drafts[j]) break;
+        if (j == n_draft || sl->last_token != drafts[j]) break;
         accepted++;
+        s->n_accepted_tokens++;
     }
-    s->n_accepted_tokens += (uint64_t)accepted;
     dc_spec_acc_observe(&sl->acc, n_draft, accepted);
     eng_kv_seq_truncate(&sl->kv, s->p.pool, s->p.block_size, sl->n_tokens);
     if (s->p.draft_pool) {
@@ -784,8 +780,7 @@ int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_
         if (sl->n_prefilled < sl->n_prompt) continue;
         s_prefill_done(s, sl);
         PD_ASSERT(row > first_row);
-        int32_t token;
-        (void)s_sample_emit(s, sl, logits + (size_t)(row - 1) * v, now_us, &events[n_ev++], &token);
+        (void)s_sample_emit(s, sl, logits + (size_t)(row - 1) * v, now_us, &events[n_ev++]);
     }
     plan->is_in_flight = false;
     return n_ev;

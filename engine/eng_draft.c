@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "eng_sample.h"
 #include "pd_log.h"
 
 int32_t eng_draft_ngram(const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max, int32_t k, int32_t *out) {
@@ -79,13 +80,6 @@ void eng_drafter_destroy(eng_drafter_t **dp) {
     *dp = NULL;
 }
 
-static int32_t s_argmax(const float *x, int32_t n) {
-    int32_t best = 0;
-    for (int32_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
-}
-
 /* Runs the n batch rows; false (logged at most once a second) when the forward fails. */
 static bool s_forward(eng_drafter_t *d, int32_t n) {
     eng_batch_t b = {.n_seqs = n,
@@ -134,7 +128,9 @@ int32_t eng_drafter_run(eng_drafter_t *d, const eng_draft_batch_t *b) {
         int32_t i = d->row_of[r];
         b->cached_out[i] = d->pos[r] + d->n_tok[r];
         if (b->k[i] <= 0) continue;
-        b->drafts[(size_t)i * ENG_DRAFT_MAX] = s_argmax(d->logits + (size_t)row++ * (size_t)d->vocab, d->vocab);
+        int32_t tok = eng_logits_argmax(d->logits + (size_t)row++ * (size_t)d->vocab, d->vocab);
+        if (tok < 0) continue; /* logits not finite: no draft for this row */
+        b->drafts[(size_t)i * ENG_DRAFT_MAX] = tok;
         b->n_drafts[i] = 1;
         total++;
     }
@@ -154,9 +150,10 @@ int32_t eng_drafter_run(eng_drafter_t *d, const eng_draft_batch_t *b) {
         }
         if (n == 0 || !s_forward(d, n)) break;
         for (int32_t r = 0; r < n; r++) {
-            int32_t i = d->row_of[r];
+            int32_t i = d->row_of[r], tok = eng_logits_argmax(d->logits + (size_t)r * (size_t)d->vocab, d->vocab);
             b->cached_out[i] = d->pos[r] + 1;
-            b->drafts[(size_t)i * ENG_DRAFT_MAX + depth] = s_argmax(d->logits + (size_t)r * (size_t)d->vocab, d->vocab);
+            if (tok < 0) continue; /* logits not finite: the row stops drafting here */
+            b->drafts[(size_t)i * ENG_DRAFT_MAX + depth] = tok;
             b->n_drafts[i] = depth + 1;
             total++;
         }

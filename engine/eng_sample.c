@@ -221,6 +221,10 @@ static int32_t s_argmax(const float *x, int32_t n) {
     return arg;
 }
 
+int32_t eng_logits_argmax(const float *logits, int32_t n) {
+    return logits && n > 0 ? s_argmax(logits, n) : -1;
+}
+
 /* Sum in double over 8 independent accumulators: no float accumulation error over the vocabulary, and
  * the loop vectorises without reassociating anything. */
 static double s_sum(const float *w, int32_t n) {

@@ -98,6 +98,10 @@ typedef struct {
  * No allocation, no logging. */
 PD_NODISCARD pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_result_t *out);
 
+/* Index of the largest of n logits, the lowest id among equals (the greedy choice of eng_sampler_sample without
+ * penalties); -1 when one is NaN or +inf, or none is finite. Vectorised; any thread. */
+int32_t eng_logits_argmax(const float *logits, int32_t n);
+
 /* Consumes the random draw one eng_sampler_sample would (one uniform when temperature > 0, none when greedy)
  * without sampling anything. For a request whose first token another sampler with the same seed drew (the
  * prefill worker): skipping that draw here keeps the request's random stream the one a single sampler would

@@ -125,6 +125,19 @@ static bool s_is_service_opt(const char *f) {
     return p > f + 2 && *p == '.';
 }
 
+/* Adds "key=value" (or key alone when value is NULL: it holds its "=value") to the options passed to the services.
+ * False (message printed) when there are UP_MAX_PASS already. */
+static bool s_add_pass(up_opts_t *o, const char *key, const char *value) {
+    if (o->n_pass == UP_MAX_PASS) {
+        fprintf(stderr, "pdctl up: at most %d --section.key options\n", UP_MAX_PASS);
+        return false;
+    }
+    size_t n = strlen(key) + (value ? strlen(value) + 1 : 0) + 1;
+    o->pass[o->n_pass] = pd_xmalloc(n);
+    snprintf(o->pass[o->n_pass++], n, "%s%s%s", key, value ? "=" : "", value ? value : "");
+    return true;
+}
+
 /* Returns 0 to go on, or an exit code (0 for --help, 2 for a usage error). */
 static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
     *done = false;
@@ -139,14 +152,8 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
             return 0;
         }
         if (s_is_service_opt(f)) {
-            if (o->n_pass == UP_MAX_PASS) {
-                fprintf(stderr, "pdctl up: at most %d --section.key options\n", UP_MAX_PASS);
-                return 2;
-            }
             bool has_value = strchr(f, '=') || !v || !strncmp(v, "--", 2); /* else: "--s.k value" */
-            size_t n = strlen(f) + (has_value ? 0 : strlen(v) + 1) + 1;
-            o->pass[o->n_pass] = pd_xmalloc(n);
-            snprintf(o->pass[o->n_pass++], n, "%s%s%s", f, has_value ? "" : "=", has_value ? "" : v);
+            if (!s_add_pass(o, f, has_value ? NULL : v)) return 2;
             i += !has_value;
             continue;
         }
@@ -160,13 +167,7 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
                             : !strcmp(f, "--draft-model") ? "--decode.draft_model"
                                                           : NULL;
         if (alias) {
-            if (o->n_pass == UP_MAX_PASS) {
-                fprintf(stderr, "pdctl up: at most %d --section.key options\n", UP_MAX_PASS);
-                return 2;
-            }
-            size_t n = strlen(alias) + strlen(v) + 2;
-            o->pass[o->n_pass] = pd_xmalloc(n);
-            snprintf(o->pass[o->n_pass++], n, "%s=%s", alias, v);
+            if (!s_add_pass(o, alias, v)) return 2;
             continue;
         }
         if (!strcmp(f, "--model"))
