@@ -21,7 +21,7 @@ echo "== ASan+UBSan build + unit tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Asan >/dev/null
 cmake --build build-asan -j"$(nproc)" >/dev/null
 (cd build-asan && PD_TEST_QUICK=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ctest -L unit --output-on-failure)
+    ctest -L unit -LE release_only --output-on-failure)
 
 echo "== libFuzzer smoke run"
 CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPDSERVE_FUZZ=ON -DPDSERVE_TESTS=ON >/dev/null
@@ -31,7 +31,7 @@ trap 'rm -rf "$work"' EXIT
 for target in gguf tok kvt pb; do
     mkdir -p "$work/$target"
     # libFuzzer writes new inputs into the first corpus folder: a scratch one, never the committed seeds
-    "$ROOT/build-fuzz/tests/fuzz_$target" -max_total_time="${PD_FUZZ_SECONDS:-20}" "$work/$target" \
+    "$ROOT/build-fuzz/tests/fuzz_$target" -max_total_time="${PD_FUZZ_SECONDS:-12}" "$work/$target" \
         "$ROOT/tests/fuzz/corpus_$target" > "$work/$target.log" 2>&1 || { tail -n 40 "$work/$target.log"; exit 1; }
     echo "fuzz_$target: $(grep -o 'Done [0-9]* runs' "$work/$target.log"), no crash"
 done
