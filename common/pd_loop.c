@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -172,6 +173,17 @@ static void s_compact(pd_loop_t *l) {
     l->n_t = n;
 }
 
+/* A callback that holds the loop this long delays every other socket and timer on it: say so, with its
+ * address (addr2line -f -e BINARY turns it into a name), so a stalled loop is found, not guessed at. */
+#define S_SLOW_CALLBACK_US 500000u
+
+static void s_check_slow(const char *kind, pd_loop_fn fn, uint64_t t0) {
+    uint64_t took = pd_now_us() - t0;
+    if (took >= S_SLOW_CALLBACK_US)
+        LOG_W("pd_loop: a %s callback (%#llx) held the loop for %llu ms", kind, (unsigned long long)(uintptr_t)fn,
+              (unsigned long long)(took / 1000u));
+}
+
 /* Fires the timers due at now; a handler may add or cancel timers (added ones wait for the next pass). */
 static void s_fire_timers(pd_loop_t *l) {
     uint64_t now = pd_now_us();
@@ -186,7 +198,9 @@ static void s_fire_timers(pd_loop_t *l) {
         }
         pd_loop_fn fn = t->fn;
         void *ud = t->ud;
+        uint64_t t0 = pd_now_us();
         fn(l, ud); /* may realloc l->t: do not touch t after this */
+        s_check_slow("timer", fn, t0);
     }
 }
 
@@ -213,7 +227,10 @@ pd_status pd_loop_run_once(pd_loop_t *l, int timeout_ms) {
         if (!l->items[k].revents) continue;
         pd_watch_t *w = &l->w[l->item_watch[k]];
         if (w->is_removed) continue;
-        w->fn(l, w->ud); /* may add watches (realloc): re-read through l->w next time */
+        pd_loop_fn fn = w->fn;
+        uint64_t t0 = pd_now_us();
+        fn(l, w->ud); /* may add watches (realloc): re-read through l->w next time */
+        s_check_slow("socket", fn, t0);
     }
     if (!l->is_stopped) s_fire_timers(l);
     return PD_OK;

@@ -15,7 +15,7 @@
 
 #define S_LINGER_MS       200  /* closing never waits long for a router that is gone */
 #define S_ZMTP_HB_MS      1000 /* ZMTP pings: a vanished router's TCP connection is noticed and redialled */
-#define S_SILENT_REREG    5    /* heartbeat intervals without a router message before registering again */
+#define S_SILENT_REREG    5    /* heartbeats left unanswered before registering again */
 #define S_SILENT_LOST     10   /* ... before the router counts as gone: cancel everything */
 #define S_DRAIN_TICK_MS   10
 #define S_STOP_GRACE_MS   5000 /* after the drain's cancel: a running step and the releases may take this long */
@@ -32,6 +32,7 @@ struct pf_service {
     Pdserve__V1__Fingerprint fp_pb; /* points into fp */
     bool is_registered, is_refused, is_draining, is_cancelled_rest;
     int32_t hb_ivl_ms;
+    int32_t n_hb_unanswered; /* heartbeats sent (or due) since the router was last heard */
     int64_t hb_timer, drain_timer;
     uint64_t last_heard_us, last_register_us, drain_deadline_us, stop_deadline_us;
     bool is_register_queued; /* the last register went out on a live connection: wait for its answer */
@@ -160,12 +161,15 @@ static void s_on_heartbeat(pd_loop_t *l, void *ud) {
     s_on_control(l, s);
     if (s->is_refused) return;
     uint64_t now = pd_now_us(), ivl_us = (uint64_t)s->hb_ivl_ms * 1000u;
-    uint64_t silent_us = now - s->last_heard_us;
-    if (s->is_registered && silent_us > S_SILENT_LOST * ivl_us) {
+    /* Silence is counted in heartbeats the router left unanswered (it answers each), not in wall time: a loop
+     * that could not run for a while (a long handler, a starved CPU) must not take its own pause for the
+     * router's, as it once did under full load. A heartbeat that could not even be queued counts too. */
+    if (s->is_registered && s->n_hb_unanswered > S_SILENT_LOST) {
         pf_exec_stats_t es;
         pf_exec_stats(s->exec, &es);
-        LOG_W("router %s silent for %llu ms: it is gone; cancelling %d requests, registering again", s->router,
-              (unsigned long long)(silent_us / 1000u), es.n_requests);
+        LOG_W("router %s silent for %llu ms (%d heartbeats unanswered): it is gone; cancelling %d requests, "
+              "registering again",
+              s->router, (unsigned long long)((now - s->last_heard_us) / 1000u), s->n_hb_unanswered, es.n_requests);
         s->is_registered = false;
         pf_exec_cancel_all(s->exec, false, PDSERVE__V1__ERROR_CODE__ERR_UNAVAILABLE, "router lost");
     }
@@ -175,8 +179,11 @@ static void s_on_heartbeat(pd_loop_t *l, void *ud) {
      * takes a register as a restart of this worker and ends the requests it routed here. */
     bool is_due = now - s->last_register_us >= S_SILENT_REREG * ivl_us;
     if (!s->is_registered && (!s->is_register_queued || is_due)) s_send_register(s);
-    if (s->is_registered && silent_us > S_SILENT_REREG * ivl_us && is_due) s_send_register(s);
-    if (s->is_registered) s_send_heartbeat(s);
+    if (s->is_registered && s->n_hb_unanswered > S_SILENT_REREG && is_due) s_send_register(s);
+    if (s->is_registered) {
+        s->n_hb_unanswered++;
+        s_send_heartbeat(s);
+    }
 }
 
 static void s_on_drain_tick(pd_loop_t *l, void *ud) {
@@ -284,6 +291,7 @@ static void s_on_message(pf_service_t *s, const uint8_t *buf, size_t len) {
         return;
     }
     s->last_heard_us = pd_now_us();
+    s->n_hb_unanswered = 0;
     Pdserve__V1__RouterToWorker *m = (Pdserve__V1__RouterToWorker *)msg;
     switch (m->body_case) {
     case PDSERVE__V1__ROUTER_TO_WORKER__BODY_REGISTERED: s_on_registered(s, m->registered); break;

@@ -3,11 +3,13 @@
  * heartbeats, the KV that lands bit-identical to an eng_forward of the same prompt alone, the first token and
  * its logprobs in the commit info, every refusal and transfer failure as the right RequestFailed, cancel,
  * deadlines, router loss and re-registration, drain; the engine's pool back to full after each. */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <zmq.h>
 
 #include "eng.h"
@@ -693,6 +695,29 @@ static void test_router_lost(void) {
     fx_fini(&f);
 }
 
+/* The worker's own loop held up for 20 heartbeat intervals (a long handler, a starved CPU) is not the router's
+ * silence: the router answers once heartbeats flow again, and nothing is cancelled. */
+static void test_stalled_loop_keeps_router(void) {
+    fx_t f;
+    int32_t p[30];
+    s_make_prompt(p, 30, 71);
+    REQUIRE(fx_init(&f, 16, NULL));
+    REQUIRE(fx_register(&f));
+    f.is_rx_paused = true; /* the request sits in SENDING */
+    req_t q = {.id = 0x11, .prompt = p, .n = 30};
+    fx_prefill(&f, &q);
+    CHECK(fx_run_until_sending(&f, 60000));
+    nanosleep(&(struct timespec){.tv_sec = 1}, NULL); /* 20 intervals of 50 ms */
+    fx_run_for(&f, 300);
+    CHECK(pf_service_is_registered(f.svc));
+    CHECK_EQ_INT(f.n_register, 1);
+    CHECK_EQ_INT(f.n_fails, 0);
+    f.is_rx_paused = false;
+    CHECK(fx_run_until(&f, &f.n_commits, 1, 60000)); /* the transfer went on */
+    CHECK(fx_run_idle(&f, 5000));
+    fx_fini(&f);
+}
+
 static void test_drain(void) {
     fx_t f;
     int32_t p[100];
@@ -743,6 +768,7 @@ int main(void) {
     PD_TEST_RUN(test_cancel);
     PD_TEST_RUN(test_deadline_in_queue);
     PD_TEST_RUN(test_router_lost);
+    PD_TEST_RUN(test_stalled_loop_keeps_router);
     PD_TEST_RUN(test_drain);
     eng_destroy(&s_eng);
     return pd_test_finish();
