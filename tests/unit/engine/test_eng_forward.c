@@ -1,19 +1,30 @@
-/* test_eng_forward.c: the CPU forward pass against Hugging Face transformers (golden logits and greedy
+/* test_eng_forward.c: the forward pass against Hugging Face transformers (golden logits and greedy
  * continuations made by tests/golden/make_logits_golden.py), and batch invariance: a sequence's
- * logits are bit-identical alone, in a batch of 16 mixed sequences, and prefilled in chunks of 7. */
+ * logits are bit-identical alone, in a batch of 16 mixed sequences, and prefilled in chunks of 7.
+ * PD_TEST_BACKEND=cuda (tests/gpu/, label gpu) runs the same checks on the CUDA backend with bf16 tolerances:
+ * the CPU backend matches the golden greedy tokens exactly, so agreeing with them is agreeing with the CPU. */
+#include <math.h>
 #include <stdint.h>
 
 #include "eng.h"
 #include "pd_log.h"
 #include "pd_test.h"
 
-#define GOLDEN_DIR      PD_SOURCE_DIR "/tests/golden/logits"
+#define GOLDEN_DIR           PD_SOURCE_DIR "/tests/golden/logits"
 /* Logit tolerance against transformers float32: both sides compute in f32 with different summation
  * orders over 30 layers. Observed max |diff| is 3e-5..8e-5 (printed per case); 1e-3 leaves room for
  * other compilers and kernels without hiding a real error (a wrong RoPE layout is off by ~6). */
-#define LOGIT_ABS_TOL   1e-3f
+#define LOGIT_ABS_TOL        1e-3f
 /* A greedy divergence is accepted only at a near-tie: top-2 margin in the reference below this. */
-#define NEAR_TIE_MARGIN 2e-3f
+#define NEAR_TIE_MARGIN      2e-3f
+/* CUDA: bf16 weights, activations into each GEMM and KV (8 significant bits) put logits ~1% off in L2 norm;
+ * 3% fails a real error (one layer's output dropped is > 30%). A greedy divergence there is accepted at a
+ * reference margin below 0.5 logits; batch composition changes cuBLAS's kernel choice, so alone vs batched
+ * agree within 1% (L2), not bit for bit. */
+#define CUDA_REL_TOL         3e-2f
+#define CUDA_NEAR_TIE_MARGIN 0.5f
+#define CUDA_BATCH_REL_TOL   1e-2f
+static bool s_is_cuda;
 
 typedef struct {
     char name[64];
@@ -125,6 +136,13 @@ static float s_max_abs_diff(const float *a, const float *b, int32_t n) {
     return m;
 }
 
+static float s_rel_l2(const float *a, const float *ref, int32_t n) {
+    double num = 0, den = 0;
+    for (int32_t i = 0; i < n; i++) num += (double)(a[i] - ref[i]) * (a[i] - ref[i]), den += (double)ref[i] * ref[i];
+    double r = sqrt(num / (den > 0 ? den : 1));
+    return r == r ? (float)r : INFINITY;
+}
+
 /* PD_TEST_QUICK=1 (the sanitizer run: same code paths, ~30x slower instructions) keeps prompts up to
  * 128 tokens and 8 greedy steps (the Release run covers the 293- and 1044-token ones). */
 static bool s_quick(void) {
@@ -153,11 +171,17 @@ static void test_golden_logits_and_greedy(void) {
         CHECK_EQ_INT(s_run_seq(&seq, c->prompt, c->n_prompt, 0, c->n_prompt, want, logits), PD_OK);
         /* rows come back in position order; the golden file has the last position first */
         float worst = s_max_abs_diff(logits + (size_t)c->n_extra * s_vocab, c->logits, s_vocab);
+        float worst_rel = s_rel_l2(logits + (size_t)c->n_extra * s_vocab, c->logits, s_vocab);
         for (int i = 0; i < c->n_extra; i++) {
             float d = s_max_abs_diff(logits + (size_t)i * s_vocab, c->logits + (size_t)(1 + i) * s_vocab, s_vocab);
+            float r = s_rel_l2(logits + (size_t)i * s_vocab, c->logits + (size_t)(1 + i) * s_vocab, s_vocab);
             if (d > worst || d != d) worst = d;
+            if (r > worst_rel || r != r) worst_rel = r;
         }
-        CHECK_MSG(worst <= LOGIT_ABS_TOL, "%s: max |logit diff| %g", c->name, worst);
+        if (s_is_cuda)
+            CHECK_MSG(worst_rel <= CUDA_REL_TOL, "%s: |logit diff| / |logits| %g", c->name, worst_rel);
+        else
+            CHECK_MSG(worst <= LOGIT_ABS_TOL, "%s: max |logit diff| %g", c->name, worst);
         free(want);
 
         /* greedy continuation, one token per forward */
@@ -173,10 +197,12 @@ static void test_golden_logits_and_greedy(void) {
             if (g + 1 < c->n_gen) CHECK_EQ_INT(s_run_seq(&seq, &tok, 1, c->n_prompt + g, 1, NULL, last), PD_OK);
         }
         if (diverged >= 0)
-            CHECK_MSG(c->margins[diverged] < NEAR_TIE_MARGIN, "%s: greedy diverges at step %d (ref margin %g)", c->name,
-                      diverged, c->margins[diverged]);
-        fprintf(stderr, "  %-22s prompt %4d  max|dlogit| %.2e  greedy %s (%d tokens)\n", c->name, c->n_prompt, worst,
-                diverged < 0 ? "identical" : "diverged at near-tie", diverged < 0 ? c->n_gen : diverged);
+            CHECK_MSG(c->margins[diverged] < (s_is_cuda ? CUDA_NEAR_TIE_MARGIN : NEAR_TIE_MARGIN),
+                      "%s: greedy diverges at step %d (ref margin %g)", c->name, diverged, c->margins[diverged]);
+        fprintf(stderr, "  %-22s prompt %4d  max|dlogit| %.2e  rel L2 %.2e  greedy %s (%d tokens%s%.3g)\n", c->name,
+                c->n_prompt, worst, worst_rel, diverged < 0 ? "identical" : "diverged",
+                diverged < 0 ? c->n_gen : diverged, diverged < 0 ? "" : "; ref margin there ",
+                diverged < 0 ? 0.0 : c->margins[diverged]);
         eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
         eng_kv_seq_fini(&seq);
         free(c->prompt), free(c->greedy), free(c->margins), free(c->extra_pos), free(c->logits);
@@ -224,6 +250,7 @@ static void test_batch_invariance(void) {
     int32_t done[N_SEQS] = {0}, n_gen[N_SEQS] = {0}, next_tok[N_SEQS];
     float *out = pd_xmalloc(sizeof(float) * (size_t)s_vocab * N_SEQS);
     int mismatches = 0;
+    float worst_rel = 0;
     for (int step = 0; step < 64; step++) {
         int32_t n_tok[N_SEQS], pos[N_SEQS], nb[N_SEQS], toks[N_SEQS * 7], idx[N_SEQS];
         const int32_t *tables[N_SEQS];
@@ -261,13 +288,20 @@ static void test_batch_invariance(void) {
                 if (done[s] < lens[s]) continue; /* mid-prompt chunk: its logits are not used */
             }
             const float *want = ref + ((size_t)s * (N_STEPS + 1) + (size_t)n_gen[s]) * s_vocab;
-            if (memcmp(row, want, sizeof(float) * (size_t)s_vocab) != 0) mismatches++;
+            if (s_is_cuda) {
+                float r = s_rel_l2(row, want, s_vocab);
+                if (r > worst_rel) worst_rel = r;
+                if (!(r <= CUDA_BATCH_REL_TOL)) mismatches++;
+            } else if (memcmp(row, want, sizeof(float) * (size_t)s_vocab) != 0) {
+                mismatches++;
+            }
             next_tok[s] = s_argmax(row, s_vocab);
             if (n_gen[s] < N_STEPS) CHECK_EQ_INT(next_tok[s], ref_tok[s][n_gen[s]]);
             n_gen[s]++;
         }
     }
-    CHECK_MSG(mismatches == 0, "%d logit rows differ bitwise between alone and batched+chunked", mismatches);
+    CHECK_MSG(mismatches == 0, "%d logit rows differ between alone and batched+chunked", mismatches);
+    if (s_is_cuda) fprintf(stderr, "  batched+chunked vs alone: worst rel L2 %.2e\n", worst_rel);
     for (int s = 0; s < N_SEQS; s++) {
         CHECK_EQ_INT(n_gen[s], N_STEPS + 1);
         eng_kv_seq_release(&seqs[s], eng_kv_pool(s_engine));
@@ -315,6 +349,9 @@ int main(void) {
     eng_params_t p = eng_params_default();
     p.model_path = pd_test_model_path();
     p.kv_mem_bytes = 160ull << 20;
+    const char *backend = getenv("PD_TEST_BACKEND");
+    s_is_cuda = backend && !strcmp(backend, "cuda");
+    if (s_is_cuda) p.backend = ENG_BACKEND_CUDA;
     char err[512];
     s_engine = eng_create(&p, err, sizeof err);
     if (!s_engine) {

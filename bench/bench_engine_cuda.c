@@ -1,0 +1,315 @@
+/* bench_engine_cuda.c: the CUDA backend against the GPU's own limits, measured in the same run.
+ *   limits:  device-to-device copy bandwidth (bytes read + written), and a plain cuBLAS bf16 GEMM (8192^3).
+ *   decode:  B sequences with a ctx-token prompt, then `new` steps of one token each (eng_forward with the
+ *            logits of every row copied to the host, as a service step does); tok/s, step time, and the step
+ *            as a fraction of the bandwidth limit: (weight bytes + KV bytes read) / step time / copy bandwidth.
+ *   prefill: B prompts of len tokens in forwards of up to max_batch_tokens; tok/s and TFLOP/s over the GEMM
+ *            peak, counting 2 x matrix parameters x tokens (the embedding table is a lookup; the output head
+ *            is applied to one row per prompt) plus causal attention 2 x 2 x layers x q_dim x len^2 / 2.
+ * Tokens are fixed, not sampled: the numbers are the engine's, not the sampler's.
+ * Usage: engine_cuda --model PATH [--gpu N] [--ctx 512] [--new 128] [--decode-batches 1,8,32,64,128]
+ *                    [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192] */
+#define _POSIX_C_SOURCE 200809L
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eng.h"
+#include "pd_log.h"
+
+typedef struct {
+    const char *model;
+    int gpu, ctx, n_new, prefill_len, max_batch_tokens;
+    int decode_b[16], n_decode_b, prefill_b[8], n_prefill_b;
+} opts_t;
+
+static int s_parse_list(const char *s, int *out, int cap) {
+    int n = 0;
+    while (*s && n < cap) {
+        out[n++] = atoi(s);
+        const char *c = strchr(s, ',');
+        if (!c) break;
+        s = c + 1;
+    }
+    return n;
+}
+
+#define S_CK(call)                                                      \
+    do {                                                                \
+        cudaError_t e_ = (call);                                        \
+        if (e_ != cudaSuccess) {                                        \
+            fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(e_)); \
+            exit(1);                                                    \
+        }                                                               \
+    } while (0)
+
+/* Bytes read + written per second by a device-to-device copy of 1 GiB, median of 9. */
+static double s_copy_bw(void) {
+    const size_t n = (size_t)1 << 30;
+    void *a, *b;
+    S_CK(cudaMalloc(&a, n));
+    S_CK(cudaMalloc(&b, n));
+    S_CK(cudaMemset(a, 1, n));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
+    float ms[9];
+    for (int r = -1; r < 9; r++) {
+        cudaEventRecord(e0, 0);
+        S_CK(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice));
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        if (r >= 0) cudaEventElapsedTime(&ms[r], e0, e1);
+    }
+    for (int i = 1; i < 9; i++)
+        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+            float t = ms[j];
+            ms[j] = ms[j - 1], ms[j - 1] = t;
+        }
+    cudaFree(a), cudaFree(b);
+    return 2.0 * (double)n / (ms[4] * 1e-3);
+}
+
+/* FLOP/s of a bf16 GEMM 8192^3 (f32 accumulate, bf16 out) on random data, median of 9. */
+static double s_gemm_peak(void) {
+    const int n = 8192;
+    const size_t elems = (size_t)n * n;
+    uint16_t *h = malloc(elems * 2);
+    uint32_t x = 12345;
+    for (size_t i = 0; i < elems; i++) {
+        x = x * 1664525u + 1013904223u;
+        float f = ((float)(x >> 8) / 16777216.0f - 0.5f);
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        h[i] = (uint16_t)(bits >> 16);
+    }
+    void *a, *b, *c;
+    S_CK(cudaMalloc(&a, elems * 2));
+    S_CK(cudaMalloc(&b, elems * 2));
+    S_CK(cudaMalloc(&c, elems * 2));
+    S_CK(cudaMemcpy(a, h, elems * 2, cudaMemcpyHostToDevice));
+    S_CK(cudaMemcpy(b, h, elems * 2, cudaMemcpyHostToDevice));
+    free(h);
+    cublasHandle_t blas;
+    cublasCreate(&blas);
+    const float alpha = 1.0f, beta = 0.0f;
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0), cudaEventCreate(&e1);
+    float ms[9];
+    for (int r = -2; r < 9; r++) {
+        cudaEventRecord(e0, 0);
+        cublasStatus_t st =
+            cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &beta,
+                         c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        if (st != CUBLAS_STATUS_SUCCESS) {
+            fprintf(stderr, "cublasGemmEx: %d\n", (int)st);
+            exit(1);
+        }
+        if (r >= 0) cudaEventElapsedTime(&ms[r], e0, e1);
+    }
+    for (int i = 1; i < 9; i++)
+        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+            float t = ms[j];
+            ms[j] = ms[j - 1], ms[j - 1] = t;
+        }
+    cublasDestroy(blas);
+    cudaFree(a), cudaFree(b), cudaFree(c);
+    return 2.0 * n * (double)n * n / (ms[4] * 1e-3);
+}
+
+typedef struct {
+    eng_t *e;
+    int32_t vocab;
+    eng_kv_seq_t *seqs;
+    int n_seqs;
+    float *logits;
+} run_t;
+
+/* Forwards the prompts [pos0, pos0 + len) of sequences s0..s0+n in batches of up to max_tokens tokens; returns
+ * seconds. */
+static double s_prefill(run_t *r, int s0, int n, int len, int max_tokens) {
+    int per = max_tokens / len > 0 ? max_tokens / len : 1, chunk = len < max_tokens ? len : max_tokens;
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)max_tokens), nt[256], pos[256], nb[256];
+    const int32_t *tables[256];
+    uint64_t t0 = pd_now_us();
+    for (int a = 0; a < n; a += per) {
+        int m = n - a < per ? n - a : per;
+        for (int done = 0; done < len; done += chunk) {
+            int c = len - done < chunk ? len - done : chunk;
+            for (int i = 0; i < m; i++) {
+                eng_kv_seq_t *sq = &r->seqs[s0 + a + i];
+                for (int k = 0; k < c; k++)
+                    toks[i * c + k] = (int32_t)((done + k) * 7919 + (s0 + a + i) * 31) % r->vocab;
+                nt[i] = c, pos[i] = done, tables[i] = sq->blocks, nb[i] = sq->n_blocks;
+            }
+            eng_batch_t b = {.n_seqs = m,
+                             .n_tokens = nt,
+                             .pos = pos,
+                             .block_tables = tables,
+                             .n_blocks = nb,
+                             .tokens = toks,
+                             .want_logits = NULL,
+                             .logits = r->logits};
+            if (eng_forward(r->e, &b) != PD_OK) {
+                fprintf(stderr, "prefill forward failed\n");
+                exit(1);
+            }
+        }
+    }
+    free(toks);
+    return (double)(pd_now_us() - t0) / 1e6;
+}
+
+int main(int argc, char **argv) {
+    opts_t o = {.gpu = 0, .ctx = 512, .n_new = 128, .prefill_len = 4096, .max_batch_tokens = 8192};
+    o.n_decode_b = s_parse_list("1,8,32,64,128", o.decode_b, 16);
+    o.n_prefill_b = s_parse_list("1,8", o.prefill_b, 8);
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *f = argv[i], *v = argv[i + 1];
+        if (!strcmp(f, "--model"))
+            o.model = v;
+        else if (!strcmp(f, "--gpu"))
+            o.gpu = atoi(v);
+        else if (!strcmp(f, "--ctx"))
+            o.ctx = atoi(v);
+        else if (!strcmp(f, "--new"))
+            o.n_new = atoi(v);
+        else if (!strcmp(f, "--prefill-len"))
+            o.prefill_len = atoi(v);
+        else if (!strcmp(f, "--max-batch-tokens"))
+            o.max_batch_tokens = atoi(v);
+        else if (!strcmp(f, "--decode-batches"))
+            o.n_decode_b = s_parse_list(v, o.decode_b, 16);
+        else if (!strcmp(f, "--prefill-batches"))
+            o.n_prefill_b = s_parse_list(v, o.prefill_b, 8);
+        else {
+            fprintf(stderr, "unknown flag %s\n", f);
+            return 2;
+        }
+    }
+    if (!o.model) {
+        fprintf(stderr, "usage: engine_cuda --model PATH [options]\n");
+        return 2;
+    }
+    pd_log_init("bench", PD_LOG_WARN);
+    S_CK(cudaSetDevice(o.gpu));
+    struct cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, o.gpu);
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    double bw = s_copy_bw(), peak = s_gemm_peak();
+    printf("gpu %s, driver API %d; copy %.0f GB/s (read+write); bf16 GEMM 8192^3 %.0f TFLOP/s\n", prop.name, driver,
+           bw / 1e9, peak / 1e12);
+
+    int max_b = 1, max_pb = 1;
+    for (int i = 0; i < o.n_decode_b; i++) max_b = o.decode_b[i] > max_b ? o.decode_b[i] : max_b;
+    for (int i = 0; i < o.n_prefill_b; i++) max_pb = o.prefill_b[i] > max_pb ? o.prefill_b[i] : max_pb;
+    eng_params_t p = eng_params_default();
+    p.model_path = o.model, p.backend = ENG_BACKEND_CUDA, p.gpu = o.gpu;
+    p.max_batch_tokens = o.max_batch_tokens, p.max_batch_seqs = 256;
+    /* KV for the largest decode batch or prefill batch, whichever needs more */
+    uint64_t kv_tokens = (uint64_t)max_b * (uint64_t)(o.ctx + o.n_new + 16);
+    if ((uint64_t)max_pb * (uint64_t)(o.prefill_len + 16) > kv_tokens)
+        kv_tokens = (uint64_t)max_pb * (uint64_t)(o.prefill_len + 16);
+    char err[512];
+    uint64_t t_load = pd_now_us();
+    /* first a layout probe to learn KV bytes per token, then the real engine */
+    p.kv_n_blocks = 1;
+    eng_t *probe = eng_create(&p, err, sizeof err);
+    if (!probe) {
+        fprintf(stderr, "eng_create: %s\n", err);
+        return 1;
+    }
+    const eng_kv_layout_t *lay = eng_kv_layout(probe);
+    const size_t kv_token_bytes = eng_kv_token_bytes(lay);
+    eng_destroy(&probe);
+    p.kv_n_blocks = (int32_t)((kv_tokens + (uint64_t)p.kv_block_size - 1) / (uint64_t)p.kv_block_size + 2 * max_b);
+    eng_t *e = eng_create(&p, err, sizeof err);
+    if (!e) {
+        fprintf(stderr, "eng_create: %s\n", err);
+        return 1;
+    }
+    const eng_model_config_t *c = eng_config(e);
+    const uint64_t w_bytes = eng_model_step_weight_bytes(eng_model(e));
+    const double q_dim = (double)c->n_heads * c->head_dim, kv_dim = (double)c->n_kv_heads * c->head_dim;
+    const double mat_params =
+        (double)c->n_layers * ((double)c->dim * (q_dim + 2 * kv_dim) + q_dim * c->dim + 3.0 * c->dim * c->hidden_dim);
+    printf("model %s: %d layers, dim %d, %d/%d heads x %d, ffn %d, vocab %d; %.2f GB read per decode step "
+           "(weights but the embedding table); KV %zu B/token; loaded in %.1f s\n",
+           o.model, c->n_layers, c->dim, c->n_heads, c->n_kv_heads, c->head_dim, c->hidden_dim, c->vocab_size,
+           (double)w_bytes / 1e9, kv_token_bytes, (double)(pd_now_us() - t_load) / 1e6);
+
+    run_t r = {.e = e, .vocab = c->vocab_size};
+    r.seqs = calloc(256, sizeof(eng_kv_seq_t));
+    r.logits = malloc(sizeof(float) * (size_t)c->vocab_size * 256);
+    eng_kv_pool_t *pool = eng_kv_pool(e);
+
+    printf("\n%-8s %6s %10s %10s %12s %10s\n", "decode", "batch", "tok/s", "step ms", "GB/step", "of copy bw");
+    for (int bi = 0; bi < o.n_decode_b; bi++) {
+        const int B = o.decode_b[bi];
+        for (int s = 0; s < B; s++)
+            if (eng_kv_seq_reserve(&r.seqs[s], pool, lay->block_size, o.ctx + o.n_new + 2) != PD_OK) {
+                fprintf(stderr, "KV pool too small for batch %d\n", B);
+                return 1;
+            }
+        (void)s_prefill(&r, 0, B, o.ctx, o.max_batch_tokens);
+        int32_t nt[256], pos[256], nb[256], toks[256];
+        const int32_t *tables[256];
+        for (int s = 0; s < B; s++) nt[s] = 1, tables[s] = r.seqs[s].blocks, nb[s] = r.seqs[s].n_blocks;
+        uint64_t t0 = 0;
+        for (int step = -2; step < o.n_new; step++) { /* two warm-up steps */
+            if (step == 0) t0 = pd_now_us();
+            for (int s = 0; s < B; s++) pos[s] = o.ctx + 2 + step, toks[s] = (step * 131 + s * 17 + 1000) % r.vocab;
+            eng_batch_t b = {.n_seqs = B,
+                             .n_tokens = nt,
+                             .pos = pos,
+                             .block_tables = tables,
+                             .n_blocks = nb,
+                             .tokens = toks,
+                             .want_logits = NULL,
+                             .logits = r.logits};
+            if (eng_forward(e, &b) != PD_OK) {
+                fprintf(stderr, "decode forward failed\n");
+                return 1;
+            }
+        }
+        const double step_s = (double)(pd_now_us() - t0) / 1e6 / o.n_new;
+        /* KV read per step: every sequence's context, mid-run */
+        const double kv_read = (double)B * (o.ctx + 2 + o.n_new / 2) * (double)kv_token_bytes;
+        const double bytes = (double)w_bytes + kv_read;
+        printf("%-8s %6d %10.1f %10.3f %12.3f %9.1f%%\n", "decode", B, B / step_s, step_s * 1e3, bytes / 1e9,
+               100.0 * bytes / step_s / bw);
+        for (int s = 0; s < B; s++) eng_kv_seq_release(&r.seqs[s], pool);
+    }
+
+    printf("\n%-8s %6s %10s %10s %12s %12s %12s\n", "prefill", "batch", "tok/s", "ms", "TFLOP/s", "of peak",
+           "matmul only");
+    for (int bi = 0; bi < o.n_prefill_b; bi++) {
+        const int B = o.prefill_b[bi];
+        for (int s = 0; s < B; s++)
+            if (eng_kv_seq_reserve(&r.seqs[s], pool, lay->block_size, o.prefill_len) != PD_OK) {
+                fprintf(stderr, "KV pool too small for prefill batch %d\n", B);
+                return 1;
+            }
+        (void)s_prefill(&r, 0, B < 2 ? B : 2, o.prefill_len < 512 ? o.prefill_len : 512, o.max_batch_tokens);
+        double best = 1e30;
+        for (int rep = 0; rep < 3; rep++) {
+            double t = s_prefill(&r, 0, B, o.prefill_len, o.max_batch_tokens);
+            if (t < best) best = t;
+        }
+        const double tokens = (double)B * o.prefill_len;
+        const double mm = 2.0 * mat_params * tokens + 2.0 * (double)c->vocab_size * c->dim * B;
+        const double attn = 2.0 * 2.0 * c->n_layers * q_dim * (double)o.prefill_len * o.prefill_len / 2.0 * B;
+        printf("%-8s %6d %10.0f %10.1f %12.1f %11.1f%% %11.1f%%\n", "prefill", B, tokens / best, best * 1e3,
+               (mm + attn) / best / 1e12, 100.0 * (mm + attn) / best / peak, 100.0 * mm / best / peak);
+        for (int s = 0; s < B; s++) eng_kv_seq_release(&r.seqs[s], pool);
+    }
+    for (int s = 0; s < 256; s++) eng_kv_seq_fini(&r.seqs[s]);
+    free(r.seqs), free(r.logits);
+    eng_destroy(&e);
+    return 0;
+}

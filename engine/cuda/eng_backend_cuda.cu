@@ -1,0 +1,395 @@
+/* eng_backend_cuda.cu: the CUDA backend. Weights live on the GPU in bf16 (dequantized at load from any type the
+ * CPU backend reads), with Q/K/V and gate/up fused into one matrix each so a layer is four GEMMs (cuBLAS, bf16 in,
+ * f32 accumulate). The residual stream stays f32 on the GPU and the residual adds ride in the GEMMs (beta = 1).
+ * The KV pool is bf16 on the GPU in the eng_kv_layout.h layout. A forward copies the batch's small tables up once,
+ * runs every layer on one stream and copies back only the logits asked for.
+ *
+ * Not yet here (issue 6): CUDA graphs for decode steps, sampling on the GPU, tensor-core attention for prefill,
+ * sequence-split attention for long decode contexts, KV hand-off straight from GPU memory. */
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "eng_backend.h"
+#include "eng_quant.h"
+#include "pd_log.h"
+}
+#include "eng_cuda_ops.cuh"
+
+#define S_LOGIT_ROWS 256 /* logits rows per output-head GEMM: bounds the device logits buffer */
+
+typedef struct {
+    float *attn_norm, *ffn_norm; /* (dim) */
+    __nv_bfloat16 *wqkv;         /* (q_dim + 2 kv_dim, dim) */
+    float *bqkv;                 /* (q_dim + 2 kv_dim) or NULL */
+    __nv_bfloat16 *wo;           /* (dim, q_dim) */
+    __nv_bfloat16 *w_gate_up;    /* (2 hidden_dim, dim): gate rows, then up rows */
+    __nv_bfloat16 *w_down;       /* (dim, hidden_dim) */
+} s_layer_t;
+
+struct eng_backend {
+    const eng_model_t *m;
+    eng_kv_layout_t kv;
+    int gpu;
+    cudaStream_t st;
+    cublasHandle_t blas;
+    int32_t max_tokens, max_seqs, max_table; /* scratch limits */
+    /* weights */
+    __nv_bfloat16 *embd, *output; /* output == embd when tied */
+    float *out_norm;
+    s_layer_t *layers;
+    __nv_bfloat16 *kv_pool;
+    /* scratch, sized for max_tokens */
+    float *x, *qkv, *q, *gu, *rope_cs, *logits;
+    __nv_bfloat16 *xb, *att, *h;
+    /* the batch's tables: one device buffer, filled from one pinned host buffer per forward */
+    int32_t *meta_d, *meta_h;
+    size_t meta_cap; /* int32 elements */
+    float *logits_h; /* pinned (S_LOGIT_ROWS, vocab) */
+};
+
+#define S_CUDA(call, what)                                               \
+    do {                                                                 \
+        cudaError_t e_ = (call);                                         \
+        if (e_ != cudaSuccess) {                                         \
+            LOG_E("cuda backend: %s: %s", what, cudaGetErrorString(e_)); \
+            return PD_EBACKEND;                                          \
+        }                                                                \
+    } while (0)
+
+static void s_free_dev(void *p) {
+    if (p) cudaFree(p);
+}
+
+static void s_destroy(eng_backend_t **pbe) {
+    if (!pbe || !*pbe) return;
+    eng_backend_t *be = *pbe;
+    cudaSetDevice(be->gpu);
+    if (be->st) cudaStreamSynchronize(be->st);
+    if (be->layers) {
+        for (int32_t l = 0; l < be->m->cfg.n_layers; l++) {
+            s_layer_t *w = &be->layers[l];
+            s_free_dev(w->attn_norm), s_free_dev(w->ffn_norm), s_free_dev(w->wqkv), s_free_dev(w->bqkv);
+            s_free_dev(w->wo), s_free_dev(w->w_gate_up), s_free_dev(w->w_down);
+        }
+        free(be->layers);
+    }
+    if (be->output != be->embd) s_free_dev(be->output);
+    s_free_dev(be->embd), s_free_dev(be->out_norm), s_free_dev(be->kv_pool);
+    s_free_dev(be->x), s_free_dev(be->qkv), s_free_dev(be->q), s_free_dev(be->gu), s_free_dev(be->rope_cs);
+    s_free_dev(be->logits), s_free_dev(be->xb), s_free_dev(be->att), s_free_dev(be->h), s_free_dev(be->meta_d);
+    if (be->meta_h) cudaFreeHost(be->meta_h);
+    if (be->logits_h) cudaFreeHost(be->logits_h);
+    if (be->blas) cublasDestroy(be->blas);
+    if (be->st) cudaStreamDestroy(be->st);
+    free(be);
+    *pbe = NULL;
+}
+
+/* ---- weight upload: rows converted on the host into a pinned staging buffer, then copied ---- */
+
+typedef struct {
+    void *stage; /* pinned */
+    size_t stage_bytes;
+    float *row; /* one dequantized row */
+} s_uploader_t;
+
+/* Rows [0, w->rows) of w as bf16 into dst (row-major, cols elements each). */
+static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_weight_t *w) {
+    const size_t row_out = (size_t)w->cols * sizeof(uint16_t);
+    const int64_t rows_per_chunk = (int64_t)(u->stage_bytes / row_out);
+    for (int64_t r0 = 0; r0 < w->rows; r0 += rows_per_chunk) {
+        const int64_t nr = w->rows - r0 < rows_per_chunk ? w->rows - r0 : rows_per_chunk;
+        uint16_t *out = (uint16_t *)u->stage;
+        const uint8_t *src = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
+        if (w->type == ENG_GGML_BF16) {
+            memcpy(out, src, (size_t)nr * row_out);
+        } else {
+            for (int64_t r = 0; r < nr; r++) {
+                if (eng_dequant(w->type, src + (uint64_t)r * w->row_bytes, u->row, w->cols) != PD_OK) {
+                    LOG_E("cuda backend: cannot dequantize a %s weight", eng_ggml_type_name(w->type));
+                    return PD_EINVAL;
+                }
+                for (int64_t c = 0; c < w->cols; c++) out[r * w->cols + c] = eng_f32_to_bf16(u->row[c]);
+            }
+        }
+        S_CUDA(cudaMemcpy(dst + r0 * w->cols, out, (size_t)nr * row_out, cudaMemcpyHostToDevice), "upload weights");
+    }
+    return PD_OK;
+}
+
+/* A vector (norm weight, bias) as f32 at dst. */
+static pd_status s_upload_f32(s_uploader_t *u, float *dst, const eng_weight_t *w) {
+    const int64_t n = w->rows * w->cols;
+    for (int64_t r = 0; r < w->rows; r++)
+        if (eng_dequant(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes, u->row + r * w->cols,
+                        w->cols) != PD_OK)
+            return PD_EINVAL;
+    S_CUDA(cudaMemcpy(dst, u->row, (size_t)n * sizeof(float), cudaMemcpyHostToDevice), "upload vector");
+    return PD_OK;
+}
+
+static pd_status s_alloc(void **p, size_t bytes, const char *what) {
+    S_CUDA(cudaMalloc(p, bytes), what);
+    return PD_OK;
+}
+
+#define S_TRY(x)                     \
+    do {                             \
+        if ((x) != PD_OK) goto fail; \
+    } while (0)
+
+static pd_status s_upload_model(eng_backend_t *be) {
+    const eng_model_t *m = be->m;
+    const eng_model_config_t *c = &m->cfg;
+    const int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    const int64_t qkv_dim = q_dim + 2 * kv_dim, bf = sizeof(__nv_bfloat16);
+    int64_t widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
+    if (qkv_dim > widest) widest = qkv_dim;
+    s_uploader_t u = {NULL, (size_t)64 << 20, NULL};
+    pd_status st = PD_EBACKEND;
+    u.row = (float *)malloc(sizeof(float) * (size_t)widest);
+    if (!u.row || cudaMallocHost(&u.stage, u.stage_bytes) != cudaSuccess) goto fail;
+
+    S_TRY(s_alloc((void **)&be->embd, (size_t)c->vocab_size * c->dim * bf, "embeddings"));
+    S_TRY(s_upload_bf16(&u, be->embd, &m->tok_embd));
+    if (c->tied_embeddings) {
+        be->output = be->embd;
+    } else {
+        S_TRY(s_alloc((void **)&be->output, (size_t)c->vocab_size * c->dim * bf, "output head"));
+        S_TRY(s_upload_bf16(&u, be->output, &m->output));
+    }
+    S_TRY(s_alloc((void **)&be->out_norm, sizeof(float) * c->dim, "norm"));
+    S_TRY(s_upload_f32(&u, be->out_norm, &m->out_norm));
+    be->layers = (s_layer_t *)calloc((size_t)c->n_layers, sizeof(s_layer_t));
+    if (!be->layers) goto fail;
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const eng_layer_weights_t *src = &m->layers[l];
+        s_layer_t *w = &be->layers[l];
+        S_TRY(s_alloc((void **)&w->attn_norm, sizeof(float) * c->dim, "norm"));
+        S_TRY(s_alloc((void **)&w->ffn_norm, sizeof(float) * c->dim, "norm"));
+        S_TRY(s_upload_f32(&u, w->attn_norm, &src->attn_norm));
+        S_TRY(s_upload_f32(&u, w->ffn_norm, &src->ffn_norm));
+        S_TRY(s_alloc((void **)&w->wqkv, (size_t)(qkv_dim * c->dim * bf), "wqkv"));
+        S_TRY(s_upload_bf16(&u, w->wqkv, &src->wq));
+        S_TRY(s_upload_bf16(&u, w->wqkv + q_dim * c->dim, &src->wk));
+        S_TRY(s_upload_bf16(&u, w->wqkv + (q_dim + kv_dim) * c->dim, &src->wv));
+        if (c->has_qkv_bias) {
+            S_TRY(s_alloc((void **)&w->bqkv, sizeof(float) * (size_t)qkv_dim, "bias"));
+            S_TRY(s_upload_f32(&u, w->bqkv, &src->bq));
+            S_TRY(s_upload_f32(&u, w->bqkv + q_dim, &src->bk));
+            S_TRY(s_upload_f32(&u, w->bqkv + q_dim + kv_dim, &src->bv));
+        }
+        S_TRY(s_alloc((void **)&w->wo, (size_t)(c->dim * q_dim * bf), "wo"));
+        S_TRY(s_upload_bf16(&u, w->wo, &src->wo));
+        S_TRY(s_alloc((void **)&w->w_gate_up, (size_t)(2 * (int64_t)c->hidden_dim * c->dim * bf), "w_gate_up"));
+        S_TRY(s_upload_bf16(&u, w->w_gate_up, &src->w_gate));
+        S_TRY(s_upload_bf16(&u, w->w_gate_up + (int64_t)c->hidden_dim * c->dim, &src->w_up));
+        S_TRY(s_alloc((void **)&w->w_down, (size_t)((int64_t)c->dim * c->hidden_dim * bf), "w_down"));
+        S_TRY(s_upload_bf16(&u, w->w_down, &src->w_down));
+    }
+    st = PD_OK;
+fail:
+    if (u.stage) cudaFreeHost(u.stage);
+    free(u.row);
+    return st;
+}
+
+static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
+                               size_t err_cap) {
+    const eng_model_config_t *c = &m->cfg;
+    if (kv->dtype != ENG_KV_BF16) {
+        snprintf(err, err_cap, "cuda backend: KV dtype must be bf16");
+        return NULL;
+    }
+    if (c->head_dim != 64 && c->head_dim != 128) {
+        snprintf(err, err_cap, "cuda backend: head_dim %d not supported (64 or 128)", c->head_dim);
+        return NULL;
+    }
+    if (c->n_heads % c->n_kv_heads || c->n_heads / c->n_kv_heads > ENG_CUDA_ATT_ROWS || c->rope_dim != c->head_dim) {
+        snprintf(err, err_cap, "cuda backend: head layout %d/%d (rope %d) not supported", c->n_heads, c->n_kv_heads,
+                 c->rope_dim);
+        return NULL;
+    }
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || p->gpu < 0 || p->gpu >= n_dev) {
+        snprintf(err, err_cap, "cuda backend: GPU %d not available (%d visible)", p->gpu, n_dev);
+        return NULL;
+    }
+    eng_backend_t *be = (eng_backend_t *)calloc(1, sizeof *be);
+    if (!be) return NULL;
+    be->m = m, be->kv = *kv, be->gpu = p->gpu;
+    be->max_tokens = p->max_batch_tokens, be->max_seqs = p->max_batch_seqs;
+    const int64_t T = be->max_tokens, q_dim = (int64_t)c->n_heads * c->head_dim,
+                  kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    /* every sequence's table can cover the whole context */
+    be->max_table = be->max_seqs * ((c->ctx_len + kv->block_size - 1) / kv->block_size);
+    if (cudaSetDevice(be->gpu) != cudaSuccess || cudaStreamCreateWithFlags(&be->st, cudaStreamNonBlocking) ||
+        cublasCreate(&be->blas) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetStream(be->blas, be->st) != CUBLAS_STATUS_SUCCESS) {
+        snprintf(err, err_cap, "cuda backend: cannot set up GPU %d (stream, cuBLAS)", be->gpu);
+        goto fail;
+    }
+    if (s_upload_model(be) != PD_OK) {
+        snprintf(err, err_cap, "cuda backend: cannot upload the weights (see the log)");
+        goto fail;
+    }
+    if (s_alloc((void **)&be->kv_pool, eng_kv_pool_bytes(kv), "KV pool") != PD_OK) {
+        snprintf(err, err_cap, "cuda backend: cannot allocate a KV pool of %zu bytes", eng_kv_pool_bytes(kv));
+        goto fail;
+    }
+    be->meta_cap = (size_t)(6 * T + be->max_table + 64); /* tokens, positions, table offsets, rows, tiles */
+    if (s_alloc((void **)&be->x, sizeof(float) * T * c->dim, "scratch") ||
+        s_alloc((void **)&be->qkv, sizeof(float) * T * (q_dim + 2 * kv_dim), "scratch") ||
+        s_alloc((void **)&be->q, sizeof(float) * T * q_dim, "scratch") ||
+        s_alloc((void **)&be->gu, sizeof(float) * T * 2 * c->hidden_dim, "scratch") ||
+        s_alloc((void **)&be->rope_cs, sizeof(float) * T * c->head_dim, "scratch") ||
+        s_alloc((void **)&be->logits, sizeof(float) * S_LOGIT_ROWS * c->vocab_size, "scratch") ||
+        s_alloc((void **)&be->xb, sizeof(__nv_bfloat16) * T * c->dim, "scratch") ||
+        s_alloc((void **)&be->att, sizeof(__nv_bfloat16) * T * q_dim, "scratch") ||
+        s_alloc((void **)&be->h, sizeof(__nv_bfloat16) * T * c->hidden_dim, "scratch") ||
+        s_alloc((void **)&be->meta_d, sizeof(int32_t) * be->meta_cap, "scratch") ||
+        cudaMallocHost(&be->meta_h, sizeof(int32_t) * be->meta_cap) != cudaSuccess ||
+        cudaMallocHost(&be->logits_h, sizeof(float) * S_LOGIT_ROWS * c->vocab_size) != cudaSuccess) {
+        snprintf(err, err_cap, "cuda backend: cannot allocate scratch for %lld tokens", (long long)T);
+        goto fail;
+    }
+    {
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        LOG_I("cuda backend: GPU %d, weights bf16 uploaded; %.1f of %.1f GiB free", be->gpu, free_b / 1073741824.0,
+              total_b / 1073741824.0);
+    }
+    return be;
+fail:
+    s_destroy(&be);
+    return NULL;
+}
+
+/* Y (n_tok, n_out) [+]= X (n_tok, k) . W (n_out, k)^T: bf16 operands, f32 accumulate and output. */
+static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int64_t n_tok,
+                        int64_t n_out, int64_t k, bool is_accumulate) {
+    const float alpha = 1.0f, beta = is_accumulate ? 1.0f : 0.0f;
+    cublasStatus_t s =
+        cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)k, &alpha, w, CUDA_R_16BF, (int)k,
+                     x, CUDA_R_16BF, (int)k, &beta, y, CUDA_R_32F, (int)n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        LOG_E("cuda backend: cublasGemmEx (%lld x %lld x %lld): status %d", (long long)n_tok, (long long)n_out,
+              (long long)k, (int)s);
+        return PD_EBACKEND;
+    }
+    return PD_OK;
+}
+
+static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+    const eng_model_config_t *c = &be->m->cfg;
+    const int64_t dim = c->dim, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd,
+                  kv_dim = (int64_t)c->n_kv_heads * hd, G = c->n_heads / c->n_kv_heads;
+    const int32_t tile_tokens = (int32_t)(ENG_CUDA_ATT_ROWS / G);
+
+    /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
+    int64_t T = 0, n_table = 0, n_tiles = 0;
+    for (int32_t s = 0; s < b->n_seqs; s++) {
+        if (b->pos[s] + b->n_tokens[s] > c->ctx_len) {
+            LOG_E("cuda backend: sequence %d reaches position %d, beyond the context of %d", s,
+                  b->pos[s] + b->n_tokens[s], c->ctx_len);
+            return PD_EINVAL;
+        }
+        T += b->n_tokens[s], n_table += b->n_blocks[s];
+        n_tiles += (b->n_tokens[s] + tile_tokens - 1) / tile_tokens;
+    }
+    const size_t need = (size_t)(3 * T + n_logits + 2 * n_tiles + n_table);
+    if (need > be->meta_cap || T > be->max_tokens) {
+        LOG_E("cuda backend: batch of %lld tokens, %lld table entries exceeds the scratch", (long long)T,
+              (long long)n_table);
+        return PD_EINVAL;
+    }
+    int32_t *tok = be->meta_h, *tok_pos = tok + T, *tok_table = tok_pos + T, *rows = tok_table + T;
+    eng_cuda_tile_t *tiles = (eng_cuda_tile_t *)(rows + n_logits);
+    int32_t *tables = (int32_t *)(tiles + n_tiles);
+    memcpy(tok, b->tokens, sizeof(int32_t) * (size_t)T);
+    int64_t t = 0, off = 0, n_rows = 0, ti = 0;
+    for (int32_t s = 0; s < b->n_seqs; s++) {
+        memcpy(tables + off, b->block_tables[s], sizeof(int32_t) * (size_t)b->n_blocks[s]);
+        for (int32_t i = 0; i < b->n_tokens[s]; i += tile_tokens) {
+            tiles[ti].t0 = (int32_t)(t + i);
+            tiles[ti++].n = b->n_tokens[s] - i < tile_tokens ? b->n_tokens[s] - i : tile_tokens;
+        }
+        for (int32_t i = 0; i < b->n_tokens[s]; i++, t++) {
+            tok_pos[t] = b->pos[s] + i, tok_table[t] = (int32_t)off;
+            bool want = b->want_logits ? b->want_logits[t] != 0 : i == b->n_tokens[s] - 1;
+            if (want) rows[n_rows++] = (int32_t)t;
+        }
+        off += b->n_blocks[s];
+    }
+    PD_ASSERT(n_rows == n_logits);
+    S_CUDA(cudaMemcpyAsync(be->meta_d, be->meta_h, sizeof(int32_t) * need, cudaMemcpyHostToDevice, be->st),
+           "copy the batch");
+    const int32_t *d_tok = be->meta_d, *d_pos = d_tok + T, *d_table = d_pos + T, *d_rows = d_table + T;
+    const eng_cuda_tile_t *d_tiles = (const eng_cuda_tile_t *)(d_rows + n_logits);
+    const eng_cuda_tokens_t tk = {
+        (int32_t)T,        d_pos,          d_table, (const int32_t *)(d_tiles + n_tiles), be->rope_cs,
+        be->kv.block_size, be->kv.n_blocks};
+
+    eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
+    eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const s_layer_t *w = &be->layers[l];
+        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+        if (s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK) return PD_EBACKEND;
+        eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
+                            be->st);
+        S_CUDA(eng_cuda_attention(be->att, be->q, be->kv_pool, &tk, d_tiles, (int32_t)n_tiles, l, c->n_heads,
+                                  c->n_kv_heads, (int32_t)hd, be->st),
+               "attention");
+        if (s_gemm(be, be->x, be->att, w->wo, T, dim, q_dim, true) != PD_OK) return PD_EBACKEND;
+        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+        if (s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
+            return PD_EBACKEND;
+        eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
+        if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
+    }
+    /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows */
+    eng_cuda_rmsnorm(be->xb, be->x, d_rows, be->out_norm, n_logits, (int32_t)dim, c->rms_eps, be->st);
+    for (int32_t r0 = 0; r0 < n_logits; r0 += S_LOGIT_ROWS) {
+        const int32_t nr = n_logits - r0 < S_LOGIT_ROWS ? n_logits - r0 : S_LOGIT_ROWS;
+        const size_t row_bytes = sizeof(float) * (size_t)c->vocab_size;
+        if (s_gemm(be, be->logits, be->xb + (int64_t)r0 * dim, be->output, nr, c->vocab_size, dim, false) != PD_OK)
+            return PD_EBACKEND;
+        S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
+        S_CUDA(cudaStreamSynchronize(be->st), "forward");
+        memcpy(b->logits + (size_t)r0 * c->vocab_size, be->logits_h, row_bytes * nr);
+    }
+    S_CUDA(cudaStreamSynchronize(be->st), "forward");
+    S_CUDA(cudaGetLastError(), "forward kernels");
+    return PD_OK;
+}
+
+static void *s_kv_host_base(eng_backend_t *be) {
+    (void)be;
+    return NULL;
+}
+
+static pd_status s_kv_read(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
+    S_CUDA(cudaMemcpyAsync(dst, (uint8_t *)be->kv_pool + eng_kv_chunk_offset(&be->kv, layer, kind, block),
+                           eng_kv_chunk_bytes(&be->kv), cudaMemcpyDeviceToHost, be->st),
+           "KV read");
+    S_CUDA(cudaStreamSynchronize(be->st), "KV read");
+    return PD_OK;
+}
+
+static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src) {
+    S_CUDA(cudaMemcpyAsync((uint8_t *)be->kv_pool + eng_kv_chunk_offset(&be->kv, layer, kind, block), src,
+                           eng_kv_chunk_bytes(&be->kv), cudaMemcpyHostToDevice, be->st),
+           "KV write");
+    S_CUDA(cudaStreamSynchronize(be->st), "KV write");
+    return PD_OK;
+}
+
+extern "C" const eng_backend_ops_t eng_backend_cuda = {
+    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base,
+};

@@ -1,0 +1,272 @@
+/* eng_cuda_ops.cu: the CUDA backend's own kernels (contract in eng_cuda_ops.cuh). The matrix products are
+ * cuBLAS's; these are the memory-bound pieces between them, each one pass over its data. */
+#include "eng_cuda_ops.cuh"
+
+#include <math.h>
+
+static __device__ __forceinline__ float s_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ __forceinline__ float s_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* ---- embedding ---- */
+
+static __global__ void k_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t dim) {
+    const int64_t t = blockIdx.x;
+    const __nv_bfloat16 *row = embd + (int64_t)tokens[t] * dim;
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) x[t * dim + i] = __bfloat162float(row[i]);
+}
+
+void eng_cuda_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t n_tokens, int32_t dim,
+                    cudaStream_t st) {
+    k_embed<<<n_tokens, 256, 0, st>>>(x, embd, tokens, dim);
+}
+
+/* ---- RMSNorm: one block per row, the sum of squares reduced in f32 ---- */
+
+static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
+                                 float eps) {
+    __shared__ float part[32];
+    const int64_t r = blockIdx.x, src = rows ? rows[r] : r;
+    const float *xr = x + src * dim;
+    float ss = 0.0f;
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = s_warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        v = s_warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float scale = rsqrtf(part[0] / (float)dim + eps);
+    for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) y[r * dim + i] = __float2bfloat16(xr[i] * scale * w[i]);
+}
+
+void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t n_rows,
+                      int32_t dim, float eps, cudaStream_t st) {
+    k_rmsnorm<<<n_rows, dim >= 2048 ? 512 : 256, 0, st>>>(y, x, rows, w, dim, eps);
+}
+
+/* ---- RoPE ---- */
+
+static __global__ void k_rope_table(float *cs, const int32_t *tok_pos, int32_t head_dim, double theta) {
+    const int64_t t = blockIdx.x;
+    for (int32_t i = threadIdx.x; i < head_dim / 2; i += blockDim.x) {
+        double freq = pow(theta, -2.0 * (double)i / (double)head_dim), s, c;
+        sincos((double)tok_pos[t] * freq, &s, &c);
+        cs[t * head_dim + 2 * i] = (float)c;
+        cs[t * head_dim + 2 * i + 1] = (float)s;
+    }
+}
+
+void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, int32_t head_dim, double theta,
+                         cudaStream_t st) {
+    k_rope_table<<<n_tokens, 64, 0, st>>>(cs, tok_pos, head_dim, theta);
+}
+
+static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, int32_t layer, int32_t kind,
+                                                   int32_t block, int32_t slot, int32_t kv_dim) {
+    size_t chunk = ((size_t)layer * 2u + (size_t)kind) * (size_t)tk.n_blocks + (size_t)block;
+    return (chunk * (size_t)tk.block_size + (size_t)slot) * (size_t)kv_dim;
+}
+
+/* One block per token: rotate the (adjacent) pairs of every Q and K head, store K and V in the token's slot. */
+static __global__ void k_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
+                                    const eng_cuda_tokens_t tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
+                                    int32_t head_dim) {
+    const int64_t t = blockIdx.x;
+    const int32_t q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
+    const float *row = qkv + t * (int64_t)(q_dim + 2 * kv_dim);
+    const float *cs = tk.rope_cs + t * head_dim;
+    const int32_t pos = tk.tok_pos[t];
+    const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
+    __nv_bfloat16 *k_dst = kv_pool + s_kv_slot(tk, layer, 0, block, slot, kv_dim);
+    __nv_bfloat16 *v_dst = kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim);
+    for (int32_t p = threadIdx.x; p < (n_heads + n_kv_heads) * half; p += blockDim.x) {
+        const int32_t i = p % half, e = 2 * (p / half) * half + 2 * i; /* element of the pair in [q | k] */
+        float x0 = row[e], x1 = row[e + 1];
+        if (bias) x0 += bias[e], x1 += bias[e + 1];
+        const float c = cs[2 * i], s = cs[2 * i + 1];
+        const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
+        if (e < q_dim) {
+            q[t * q_dim + e] = y0, q[t * q_dim + e + 1] = y1;
+        } else {
+            k_dst[e - q_dim] = __float2bfloat16(y0), k_dst[e - q_dim + 1] = __float2bfloat16(y1);
+        }
+    }
+    for (int32_t i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        float v = row[q_dim + kv_dim + i];
+        if (bias) v += bias[q_dim + kv_dim + i];
+        v_dst[i] = __float2bfloat16(v);
+    }
+}
+
+void eng_cuda_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
+                         const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
+                         int32_t head_dim, cudaStream_t st) {
+    k_rope_store<<<tk->n_tokens, 256, 0, st>>>(q, kv_pool, qkv, bias, *tk, layer, n_heads, n_kv_heads, head_dim);
+}
+
+/* ---- attention over the paged cache ----
+ * One thread block per (tile, KV head). A tile is consecutive tokens of one sequence, times the G query heads that
+ * share this KV head: up to ENG_CUDA_ATT_ROWS query rows, so every K/V element read from the pool serves all of
+ * them. Keys come in tiles of 32 (one per lane) through shared memory as f32; each warp owns ENG_CUDA_ATT_RPW rows
+ * and keeps their output accumulators in registers (lane owns dims lane, lane+32, ...), with the online softmax
+ * (running max and sum) of flash attention. K rows are padded by one float so that 32 lanes reading 32 keys at
+ * one dim hit 32 banks. CUDA cores, not tensor cores: the correct first version. */
+template <int HD>
+static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
+    k_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool, const eng_cuda_tokens_t tk,
+                const eng_cuda_tile_t *tiles, int32_t layer, int32_t n_heads, int32_t n_kv_heads) {
+    constexpr int E = HD / 32; /* dims per lane */
+    extern __shared__ float smem[];
+    float *q_s = smem;                               /* (ROWS, HD) */
+    float *k_s = q_s + ENG_CUDA_ATT_ROWS * HD;       /* (KEYS, HD + 1) */
+    float *v_s = k_s + ENG_CUDA_ATT_KEYS * (HD + 1); /* (KEYS, HD) */
+    __shared__ int32_t row_pos[ENG_CUDA_ATT_ROWS];
+
+    const eng_cuda_tile_t tile = tiles[blockIdx.x];
+    const int32_t g = blockIdx.y, G = n_heads / n_kv_heads, n_rows = tile.n * G;
+    const int32_t q_dim = n_heads * HD, kv_dim = n_kv_heads * HD;
+    const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float scale = rsqrtf((float)HD);
+    const int32_t *table = tk.tables + tk.tok_table[tile.t0];
+    const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1];
+
+    for (int32_t i = threadIdx.x; i < ENG_CUDA_ATT_ROWS * HD; i += blockDim.x) {
+        const int32_t r = i / HD, d = i % HD;
+        float v = 0.0f;
+        if (r < n_rows) v = q[(int64_t)(tile.t0 + r / G) * q_dim + (g * G + r % G) * HD + d] * scale;
+        q_s[i] = v;
+    }
+    for (int32_t r = threadIdx.x; r < ENG_CUDA_ATT_ROWS; r += blockDim.x)
+        row_pos[r] = r < n_rows ? tk.tok_pos[tile.t0 + r / G] : -1;
+
+    float acc[ENG_CUDA_ATT_RPW][E], m[ENG_CUDA_ATT_RPW], l[ENG_CUDA_ATT_RPW];
+#pragma unroll
+    for (int i = 0; i < ENG_CUDA_ATT_RPW; i++) {
+        m[i] = -INFINITY, l[i] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[i][e] = 0.0f;
+    }
+
+    for (int32_t k0 = 0; k0 <= pos_max; k0 += ENG_CUDA_ATT_KEYS) {
+        __syncthreads(); /* the previous tile is consumed (and, the first time, q_s and row_pos are written) */
+        constexpr int VEC = HD / 8; /* 16-byte vectors per key row */
+        for (int32_t i = threadIdx.x; i < ENG_CUDA_ATT_KEYS * VEC; i += blockDim.x) {
+            const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
+            float kf[8], vf[8];
+            if (j <= pos_max) {
+                const int32_t block = table[j / tk.block_size], slot = j % tk.block_size;
+                const uint4 kr =
+                    *(const uint4 *)(kv_pool + s_kv_slot(tk, layer, 0, block, slot, kv_dim) + g * HD + vec * 8);
+                const uint4 vr =
+                    *(const uint4 *)(kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim) + g * HD + vec * 8);
+                const __nv_bfloat162 *kb = (const __nv_bfloat162 *)&kr, *vb = (const __nv_bfloat162 *)&vr;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float2 kk = __bfloat1622float2(kb[e]), vv = __bfloat1622float2(vb[e]);
+                    kf[2 * e] = kk.x, kf[2 * e + 1] = kk.y, vf[2 * e] = vv.x, vf[2 * e + 1] = vv.y;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[e] = 0.0f, vf[e] = 0.0f;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                k_s[key * (HD + 1) + vec * 8 + e] = kf[e];
+                v_s[key * HD + vec * 8 + e] = vf[e];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < ENG_CUDA_ATT_RPW; i++) {
+            const int32_t r = warp + i * ENG_CUDA_ATT_WARPS;
+            if (r >= n_rows) break;
+            const int32_t pos = row_pos[r];
+            if (k0 > pos) continue; /* this row sees none of the tile */
+            const float *qr = q_s + r * HD, *kr = k_s + lane * (HD + 1);
+            float s = 0.0f;
+#pragma unroll 16
+            for (int d = 0; d < HD; d++) s += qr[d] * kr[d];
+            if (k0 + lane > pos) s = -INFINITY;
+            const float m_new = fmaxf(m[i], s_warp_max(s));
+            const float corr = expf(m[i] - m_new); /* m[i] = -inf the first time: 0 */
+            const float p = expf(s - m_new);
+            l[i] = l[i] * corr + s_warp_sum(p);
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[i][e] *= corr;
+            const int32_t n_keys = pos - k0 + 1 < ENG_CUDA_ATT_KEYS ? pos - k0 + 1 : ENG_CUDA_ATT_KEYS;
+            for (int32_t jj = 0; jj < n_keys; jj++) {
+                const float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+                for (int e = 0; e < E; e++) acc[i][e] += pj * v_s[jj * HD + lane + 32 * e];
+            }
+            m[i] = m_new;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ENG_CUDA_ATT_RPW; i++) {
+        const int32_t r = warp + i * ENG_CUDA_ATT_WARPS;
+        if (r >= n_rows) break;
+        __nv_bfloat16 *out = att + (int64_t)(tile.t0 + r / G) * q_dim + (g * G + r % G) * HD;
+        const float inv = 1.0f / l[i];
+#pragma unroll
+        for (int e = 0; e < E; e++) out[lane + 32 * e] = __float2bfloat16(acc[i][e] * inv);
+    }
+}
+
+template <int HD>
+static cudaError_t s_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool,
+                               const eng_cuda_tokens_t *tk, const eng_cuda_tile_t *tiles, int32_t n_tiles,
+                               int32_t layer, int32_t n_heads, int32_t n_kv_heads, cudaStream_t st) {
+    const size_t smem = sizeof(float) * ((size_t)ENG_CUDA_ATT_ROWS * HD + (size_t)ENG_CUDA_ATT_KEYS * (HD + 1) +
+                                         (size_t)ENG_CUDA_ATT_KEYS * HD);
+    static bool is_configured = false; /* the engine thread is the only caller */
+    if (!is_configured) {
+        cudaError_t err = cudaFuncSetAttribute(k_attention<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (err != cudaSuccess) return err;
+        is_configured = true;
+    }
+    dim3 grid((unsigned)n_tiles, (unsigned)n_kv_heads);
+    k_attention<HD>
+        <<<grid, ENG_CUDA_ATT_WARPS * 32, smem, st>>>(att, q, kv_pool, *tk, tiles, layer, n_heads, n_kv_heads);
+    return cudaGetLastError();
+}
+
+cudaError_t eng_cuda_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool,
+                               const eng_cuda_tokens_t *tk, const eng_cuda_tile_t *tiles, int32_t n_tiles,
+                               int32_t layer, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, cudaStream_t st) {
+    if (n_tiles == 0) return cudaSuccess;
+    switch (head_dim) {
+    case 64: return s_attention<64>(att, q, kv_pool, tk, tiles, n_tiles, layer, n_heads, n_kv_heads, st);
+    case 128: return s_attention<128>(att, q, kv_pool, tk, tiles, n_tiles, layer, n_heads, n_kv_heads, st);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+/* ---- SwiGLU ---- */
+
+static __global__ void k_swiglu(__nv_bfloat16 *h, const float *gu, int64_t n, int32_t hidden) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / hidden, j = i % hidden;
+        const float g = gu[t * 2 * hidden + j], u = gu[t * 2 * hidden + hidden + j];
+        h[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st) {
+    const int64_t n = (int64_t)n_tokens * hidden;
+    int64_t blocks = (n + 255) / 256;
+    if (blocks > 65535) blocks = 65535;
+    k_swiglu<<<(unsigned)blocks, 256, 0, st>>>(h, gu, n, hidden);
+}

@@ -1,0 +1,54 @@
+/* eng_cuda_ops.cuh: the CUDA backend's kernels behind eng_cuda_* launchers (private to engine/cuda/).
+ * Layouts: the residual stream is f32 (T, dim); everything that feeds a GEMM is bf16; the KV pool is bf16 in
+ * the eng_kv_layout.h layout, so a block's chunk copies out as is. A "token" is one new token of the batch;
+ * per token the launchers get its position and its sequence's block table (flattened, offset per sequence). */
+#ifndef ENG_CUDA_OPS_CUH
+#define ENG_CUDA_OPS_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+/* What the kernels need to find a token's sequence, position and KV blocks. All device pointers. */
+typedef struct {
+    int32_t n_tokens;
+    const int32_t *tok_pos;       /* (T) position of each token */
+    const int32_t *tok_table;     /* (T) offset of its sequence's block table in tables */
+    const int32_t *tables;        /* concatenated block tables */
+    const float *rope_cs;         /* (T, head_dim) cos, sin of each rotated pair, filled by eng_cuda_rope_table */
+    int32_t block_size, n_blocks; /* KV pool geometry (blocks per layer) */
+} eng_cuda_tokens_t;
+
+/* An attention tile: up to ENG_CUDA_ATT_ROWS query rows (tokens x the query heads of one KV head) of consecutive
+ * tokens of one sequence. */
+typedef struct {
+    int32_t t0, n; /* first token (batch index) and token count */
+} eng_cuda_tile_t;
+
+#define ENG_CUDA_ATT_WARPS 4
+#define ENG_CUDA_ATT_RPW   8 /* query rows per warp */
+#define ENG_CUDA_ATT_ROWS  (ENG_CUDA_ATT_WARPS * ENG_CUDA_ATT_RPW)
+#define ENG_CUDA_ATT_KEYS  32 /* keys per shared-memory tile: one per lane */
+
+/* x[t] = embd[tokens[t]] as f32. */
+void eng_cuda_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t n_tokens, int32_t dim,
+                    cudaStream_t st);
+/* y[r] = bf16(x[rows[r]] / rms(x[rows[r]]) * w); rows NULL: r itself. */
+void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t n_rows,
+                      int32_t dim, float eps, cudaStream_t st);
+/* cos/sin table per token: angle pos * theta^(-2i/head_dim), in double like the CPU backend. */
+void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, int32_t head_dim, double theta,
+                         cudaStream_t st);
+/* From the fused projection qkv (T, q_dim + 2 kv_dim) f32 (+ bias when not NULL): RoPE'd Q into q (T, q_dim) f32,
+ * RoPE'd K and V into the token's slot of layer `layer` of the bf16 KV pool. */
+void eng_cuda_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
+                         const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
+                         int32_t head_dim, cudaStream_t st);
+/* Causal attention over the paged cache for every token: att (T, n_heads*head_dim) bf16. */
+cudaError_t eng_cuda_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool,
+                               const eng_cuda_tokens_t *tk, const eng_cuda_tile_t *tiles, int32_t n_tiles,
+                               int32_t layer, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, cudaStream_t st);
+/* h = bf16(silu(gu[:, :hidden]) * gu[:, hidden:]) for gu (T, 2 hidden) f32. */
+void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
+
+#endif

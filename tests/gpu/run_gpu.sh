@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# run_gpu.sh: the GPU checks and benchmarks of issue 6, run on the lent GPU machine (through the device tool,
+# carrying .debs/ from scripts/fetch_debs.sh and .whl/ from scripts/fetch_pywheels.sh). Logs go to $OUT.
+#   tests/gpu/run_gpu.sh build         configure + build with -DPDSERVE_CUDA=ON (sm_90a) into build-gpu/
+#   tests/gpu/run_gpu.sh parity        CPU vs CUDA on random-weight models of three head layouts
+#   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
+#   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
+#   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
+# Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT="${OUT:-$ROOT/device-out}"
+MODELS="${PD_GPU_MODELS:-/tmp/pdmodels}"
+mkdir -p "$OUT" "$MODELS"
+source scripts/device_env.sh
+export PYTHONUNBUFFERED=1
+
+s_model() { # shape -> path, generated once per machine
+    local shape=$1 path="$MODELS/$1.gguf"
+    shift
+    if [ ! -f "$path" ]; then
+        python3 deploy/make_random_gguf.py "$path" --jobs "$(nproc)" "$@" >>"$OUT/models.log" 2>&1 || {
+            echo "cannot make $shape (see models.log)"
+            tail -5 "$OUT/models.log"
+            return 1
+        }
+    fi
+    echo "$path"
+}
+
+while [ $# -gt 0 ]; do
+    stage=$1
+    shift
+    case "$stage" in
+    build)
+        {
+            nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+            cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null &&
+                cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda 2>&1 |
+                grep -E "error|warning|Error" || true
+            ls -la build-gpu/tests/test_cuda_parity build-gpu/bench/engine_cuda
+        } 2>&1 | tee -a "$OUT/build.log"
+        ;;
+    parity)
+        # three head layouts: SmolLM2's (9/3 heads of 64), Llama-3.2-1B's (32/8 of 64), Llama-3.1-8B's (32/8 of 128)
+        m1=$(s_model smolshape --shape custom --dim 576 --layers 4 --heads 9 --kv-heads 3 --ffn 1536 --vocab 49152) &&
+            m2=$(s_model l1b2 --shape llama-3.2-1b --layers 2) &&
+            m3=$(s_model l8b2 --shape llama-3.1-8b --layers 2) &&
+            PD_PARITY_MODELS="$m1:$m2:$m3" ./build-gpu/tests/test_cuda_parity 2>&1 | tee -a "$OUT/parity.log"
+        ;;
+    golden)
+        PD_TEST_BACKEND=cuda ./build-gpu/tests/test_eng_forward 2>&1 | tee -a "$OUT/golden.log"
+        ;;
+    bench)
+        shape=$1
+        shift
+        m=$(s_model "$shape" --shape "$shape") && ./build-gpu/bench/engine_cuda --model "$m" 2>&1 |
+            tee -a "$OUT/bench_$shape.log"
+        ;;
+    hf)
+        shape=$1
+        shift
+        python3 bench/hf_peer.py --shape "$([ "$shape" = llama-3.1-8b ] && echo 8b || echo 1b)" \
+            --json "$OUT/hf_$shape.json" 2>&1 | tee -a "$OUT/hf_$shape.log"
+        ;;
+    *)
+        echo "unknown stage $stage"
+        exit 2
+        ;;
+    esac
+done

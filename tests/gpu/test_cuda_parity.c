@@ -1,0 +1,229 @@
+/* test_cuda_parity.c: the CUDA backend against the CPU backend (the reference, itself checked against HF
+ * transformers) on every model in PD_PARITY_MODELS (colon-separated GGUF paths; default: the default model):
+ *   - six prompts of mixed lengths (1..300 tokens), each alone: prefill logits and 8 teacher-forced decode steps
+ *     (both backends fed the CPU's greedy tokens) within CUDA_REL_TOL in L2 norm, and the same argmax wherever
+ *     the CPU's top-2 margin is clear of the bf16 noise;
+ *   - the same six in one batch, prompts in chunks of 13 tokens, against themselves alone on CUDA: within
+ *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
+ *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
+ *     to bf16 and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
+ *     disaggregated path: CPU prefill worker, CUDA decode worker).
+ * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
+#define _POSIX_C_SOURCE 200809L /* strdup, strtok_r */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eng.h"
+#include "eng_quant.h"
+#include "pd_log.h"
+#include "pd_test.h"
+
+#define CUDA_REL_TOL       3e-2f
+#define CUDA_BATCH_REL_TOL 1e-2f
+#define CLEAR_MARGIN       0.5f /* CPU top-2 logit gap above which the argmax must agree */
+#define N_SEQS             6
+#define N_STEPS            8
+#define CHUNK              13
+
+static const int s_lens[N_SEQS] = {1, 7, 33, 100, 300, 17};
+
+typedef struct {
+    eng_t *e;
+    int32_t vocab;
+    eng_kv_seq_t seqs[N_SEQS];
+} side_t;
+
+static float s_rel_l2(const float *a, const float *ref, int32_t n) {
+    double num = 0, den = 0;
+    for (int32_t i = 0; i < n; i++) num += (double)(a[i] - ref[i]) * (a[i] - ref[i]), den += (double)ref[i] * ref[i];
+    double r = sqrt(num / (den > 0 ? den : 1));
+    return r == r ? (float)r : INFINITY;
+}
+
+static int32_t s_argmax(const float *v, int32_t n, float *margin) {
+    int32_t best = 0, second = -1;
+    for (int32_t i = 1; i < n; i++) {
+        if (v[i] > v[best])
+            second = best, best = i;
+        else if (second < 0 || v[i] > v[second])
+            second = i;
+    }
+    if (margin) *margin = second < 0 ? INFINITY : v[best] - v[second];
+    return best;
+}
+
+/* One sequence alone: tokens [pos, pos + n) in one forward, logits of the last. */
+static void s_forward_one(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits) {
+    REQUIRE(eng_kv_seq_reserve(&sd->seqs[s], eng_kv_pool(sd->e), eng_kv_layout(sd->e)->block_size, pos + n) == PD_OK);
+    const int32_t *table = sd->seqs[s].blocks;
+    eng_batch_t b = {.n_seqs = 1,
+                     .n_tokens = &n,
+                     .pos = &pos,
+                     .block_tables = &table,
+                     .n_blocks = &sd->seqs[s].n_blocks,
+                     .tokens = toks,
+                     .logits = logits};
+    REQUIRE(eng_forward(sd->e, &b) == PD_OK);
+}
+
+static void s_make_prompt(int32_t *dst, int n, uint32_t seed, int32_t vocab) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        dst[i] = (int32_t)((seed >> 8) % (uint32_t)(vocab - 100)) + 50;
+    }
+}
+
+static void s_release(side_t *sd) {
+    for (int s = 0; s < N_SEQS; s++) eng_kv_seq_release(&sd->seqs[s], eng_kv_pool(sd->e));
+}
+
+static void s_check_model(const char *path) {
+    eng_params_t p = eng_params_default();
+    p.model_path = path;
+    p.kv_mem_bytes = 256ull << 20;
+    char err[512];
+    side_t cpu = {0}, gpu = {0};
+    cpu.e = eng_create(&p, err, sizeof err);
+    p.backend = ENG_BACKEND_CUDA;
+    gpu.e = cpu.e ? eng_create(&p, err, sizeof err) : NULL;
+    if (!cpu.e || !gpu.e) {
+        fprintf(stderr, "eng_create(%s): %s\n", path, err);
+        CHECK(false);
+        eng_destroy(&cpu.e);
+        return;
+    }
+    const int32_t V = eng_config(cpu.e)->vocab_size;
+    cpu.vocab = gpu.vocab = V;
+    float *lc = pd_xmalloc(sizeof(float) * (size_t)V), *lg = pd_xmalloc(sizeof(float) * (size_t)V);
+    float *alone = pd_xmalloc(sizeof(float) * (size_t)V * N_SEQS * (N_STEPS + 1));
+    int32_t *prompts[N_SEQS], forced[N_SEQS][N_STEPS];
+    float worst = 0, worst_batch = 0;
+    int n_argmax_clear = 0, n_argmax_bad = 0;
+
+    /* 1. each sequence alone, CPU vs CUDA, teacher-forced on the CPU's greedy tokens */
+    for (int s = 0; s < N_SEQS; s++) {
+        prompts[s] = pd_xmalloc(sizeof(int32_t) * (size_t)s_lens[s]);
+        s_make_prompt(prompts[s], s_lens[s], 77u + (uint32_t)s, V);
+        s_forward_one(&cpu, s, prompts[s], s_lens[s], 0, lc);
+        s_forward_one(&gpu, s, prompts[s], s_lens[s], 0, lg);
+        for (int g = 0; g <= N_STEPS; g++) {
+            float r = s_rel_l2(lg, lc, V), margin;
+            if (!(r <= worst)) worst = r;
+            int32_t tc = s_argmax(lc, V, &margin), tg = s_argmax(lg, V, NULL);
+            if (margin > CLEAR_MARGIN) n_argmax_clear++, n_argmax_bad += tc != tg;
+            memcpy(alone + ((size_t)s * (N_STEPS + 1) + (size_t)g) * V, lg, sizeof(float) * (size_t)V);
+            if (g == N_STEPS) break;
+            forced[s][g] = tc;
+            s_forward_one(&cpu, s, &tc, 1, s_lens[s] + g, lc);
+            s_forward_one(&gpu, s, &tc, 1, s_lens[s] + g, lg);
+        }
+    }
+    CHECK_MSG(worst <= CUDA_REL_TOL, "%s: CPU vs CUDA logits differ by %g (L2, relative)", path, worst);
+    CHECK_MSG(n_argmax_bad == 0, "%s: %d of %d clear argmaxes differ", path, n_argmax_bad, n_argmax_clear);
+    s_release(&gpu);
+
+    /* 2. all six batched on CUDA, prompts in chunks, then the forced decode steps together */
+    int32_t done[N_SEQS] = {0}, n_gen[N_SEQS] = {0};
+    float *out = pd_xmalloc(sizeof(float) * (size_t)V * N_SEQS);
+    for (int step = 0; step < 64; step++) {
+        int32_t nt[N_SEQS], pos[N_SEQS], nb[N_SEQS], toks[N_SEQS * CHUNK], idx[N_SEQS];
+        const int32_t *tables[N_SEQS];
+        int ns = 0, ntok = 0;
+        for (int s = 0; s < N_SEQS; s++) {
+            if (n_gen[s] > N_STEPS) continue;
+            int32_t n, ps;
+            const int32_t *src;
+            if (done[s] < s_lens[s]) {
+                n = s_lens[s] - done[s] < CHUNK ? s_lens[s] - done[s] : CHUNK, ps = done[s], src = prompts[s] + done[s];
+            } else {
+                n = 1, ps = s_lens[s] + n_gen[s] - 1, src = &forced[s][n_gen[s] - 1];
+            }
+            REQUIRE(eng_kv_seq_reserve(&gpu.seqs[s], eng_kv_pool(gpu.e), eng_kv_layout(gpu.e)->block_size, ps + n) ==
+                    PD_OK);
+            memcpy(toks + ntok, src, sizeof(int32_t) * (size_t)n);
+            nt[ns] = n, pos[ns] = ps, tables[ns] = gpu.seqs[s].blocks, nb[ns] = gpu.seqs[s].n_blocks, idx[ns] = s;
+            ntok += n, ns++;
+        }
+        if (ns == 0) break;
+        eng_batch_t b = {.n_seqs = ns,
+                         .n_tokens = nt,
+                         .pos = pos,
+                         .block_tables = tables,
+                         .n_blocks = nb,
+                         .tokens = toks,
+                         .logits = out};
+        REQUIRE(eng_forward(gpu.e, &b) == PD_OK);
+        for (int i = 0; i < ns; i++) {
+            int s = idx[i];
+            if (done[s] < s_lens[s]) {
+                done[s] += nt[i];
+                if (done[s] < s_lens[s]) continue;
+            }
+            float r = s_rel_l2(out + (size_t)i * V, alone + ((size_t)s * (N_STEPS + 1) + (size_t)n_gen[s]) * V, V);
+            if (!(r <= worst_batch)) worst_batch = r;
+            n_gen[s]++;
+        }
+    }
+    for (int s = 0; s < N_SEQS; s++) CHECK_EQ_INT(n_gen[s], N_STEPS + 1);
+    CHECK_MSG(worst_batch <= CUDA_BATCH_REL_TOL, "%s: batched vs alone on CUDA differ by %g", path, worst_batch);
+    s_release(&gpu);
+
+    /* 3. KV chunks: round trip, then CPU prefill -> bf16 -> CUDA decode against CUDA prefill -> CUDA decode */
+    const eng_kv_layout_t *kl = eng_kv_layout(gpu.e), *kc = eng_kv_layout(cpu.e);
+    const size_t chunk_elems = eng_kv_chunk_elems(kl);
+    uint16_t *h16 = pd_xmalloc(chunk_elems * 2), *back = pd_xmalloc(chunk_elems * 2);
+    float *h32 = pd_xmalloc(chunk_elems * 4);
+    for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_bf16((float)((i * 2654435761u) % 1000) / 500.0f - 1);
+    CHECK_EQ_INT(eng_kv_write_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, kl->n_blocks - 1, h16), PD_OK);
+    CHECK_EQ_INT(eng_kv_read_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, kl->n_blocks - 1, back), PD_OK);
+    CHECK(memcmp(h16, back, chunk_elems * 2) == 0);
+
+    const int s = 4; /* the 300-token prompt: 19 blocks */
+    eng_kv_seq_release(&cpu.seqs[s], eng_kv_pool(cpu.e));
+    s_forward_one(&cpu, s, prompts[s], s_lens[s], 0, lc);
+    REQUIRE(eng_kv_seq_reserve(&gpu.seqs[s], eng_kv_pool(gpu.e), kl->block_size, s_lens[s] + 1) == PD_OK);
+    const int32_t n_blocks = (s_lens[s] + kl->block_size - 1) / kl->block_size;
+    REQUIRE(kc->block_size == kl->block_size);
+    for (int32_t l = 0; l < kl->n_layers; l++)
+        for (int kind = 0; kind < 2; kind++)
+            for (int32_t bi = 0; bi < n_blocks; bi++) {
+                REQUIRE(eng_kv_read_chunk(cpu.e, l, (eng_kv_kind_t)kind, cpu.seqs[s].blocks[bi], h32) == PD_OK);
+                for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_bf16(h32[i]);
+                REQUIRE(eng_kv_write_chunk(gpu.e, l, (eng_kv_kind_t)kind, gpu.seqs[s].blocks[bi], h16) == PD_OK);
+            }
+    const int32_t next = forced[s][0];
+    s_forward_one(&gpu, s, &next, 1, s_lens[s], lg);                /* decode on the imported KV */
+    const float *own = alone + ((size_t)s * (N_STEPS + 1) + 1) * V; /* CUDA prefill + the same step */
+    float r_import = s_rel_l2(lg, own, V);
+    CHECK_MSG(r_import <= CUDA_REL_TOL, "%s: decode on imported CPU KV differs by %g", path, r_import);
+
+    fprintf(stderr,
+            "  %s: CPU vs CUDA worst rel L2 %.2e (tol %.0e); clear argmaxes %d/%d equal; batched+chunked vs alone "
+            "%.2e (tol %.0e); decode on CPU-prefilled KV %.2e\n",
+            path, worst, CUDA_REL_TOL, n_argmax_clear - n_argmax_bad, n_argmax_clear, worst_batch, CUDA_BATCH_REL_TOL,
+            r_import);
+    s_release(&cpu), s_release(&gpu);
+    for (int i = 0; i < N_SEQS; i++) {
+        eng_kv_seq_fini(&cpu.seqs[i]), eng_kv_seq_fini(&gpu.seqs[i]);
+        free(prompts[i]);
+    }
+    free(h16), free(back), free(h32), free(out), free(alone), free(lc), free(lg);
+    eng_destroy(&gpu.e);
+    eng_destroy(&cpu.e);
+}
+
+static void test_parity(void) {
+    const char *env = getenv("PD_PARITY_MODELS");
+    char *list = strdup(env && *env ? env : pd_test_model_path());
+    for (char *save = NULL, *m = strtok_r(list, ":", &save); m; m = strtok_r(NULL, ":", &save)) s_check_model(m);
+    free(list);
+}
+
+int main(void) {
+    pd_log_init("test", PD_LOG_WARN);
+    PD_TEST_RUN(test_parity);
+    return pd_test_finish();
+}
