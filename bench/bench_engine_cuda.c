@@ -28,8 +28,8 @@ typedef struct {
 
 static int s_parse_list(const char *s, int *out, int cap) {
     int n = 0;
-    while (*s && n < cap) {
-        out[n++] = atoi(s);
+    while (*s && n < cap) { /* "0" or "none": an empty list */
+        if (atoi(s) > 0) out[n++] = atoi(s);
         const char *c = strchr(s, ',');
         if (!c) break;
         s = c + 1;

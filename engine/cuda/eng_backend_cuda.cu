@@ -20,7 +20,27 @@ extern "C" {
 }
 #include "eng_cuda_ops.cuh"
 
-#define S_LOGIT_ROWS 256 /* logits rows per output-head GEMM: bounds the device logits buffer */
+#define S_LOGIT_ROWS       256 /* logits rows per output-head GEMM: bounds the device logits buffer */
+#define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
+#define S_SPLIT_MAX_TOKENS 128 /* ... for batches of at most this many tokens: bounds the partials' scratch */
+
+/* ENG_CUDA_PROFILE=1: per-phase GPU times from events around each kernel, summed over forwards and logged at
+ * destroy (events do not synchronise, so the forward's own timing barely moves). */
+enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTN, P_WO, P_GATE_UP, P_SWIGLU, P_DOWN, P_HEAD, P_N };
+static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", "rope+store", "attention",
+                                               "o gemm", "gate_up", "swiglu",   "down gemm",  "head+copy"};
+#define S_PROF_EVENTS 2048
+
+/* A captured forward. Every pointer it uses is fixed at create (scratch, the batch tables' device buffer); what
+ * varies between batches of one key lives in that buffer, copied up before each launch. */
+#define S_MAX_GRAPHS       64
+#define S_GRAPH_MAX_ROWS   256 /* logits rows: one output-head slice */
+#define S_GRAPH_MAX_TOKENS 512
+typedef struct {
+    int64_t T, n_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
+    cudaGraphExec_t exec;
+    uint64_t last_used;
+} s_graph_t;
 
 typedef struct {
     float *attn_norm, *ffn_norm; /* (dim) */
@@ -50,7 +70,51 @@ struct eng_backend {
     int32_t *meta_d, *meta_h;
     size_t meta_cap; /* int32 elements */
     float *logits_h; /* pinned (S_LOGIT_ROWS, vocab) */
+    int n_sm;
+    float *part_acc, *part_ml; /* attention split partials */
+    bool is_gemv;              /* own GEMV for batches of <= 8 tokens (ENG_CUDA_GEMV=0: cuBLAS for all) */
+    /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
+    bool is_graphs;
+    s_graph_t graphs[S_MAX_GRAPHS];
+    uint64_t graph_clock;
+    void *blas_ws;
+    /* profiling (ENG_CUDA_PROFILE) */
+    bool is_prof;
+    cudaEvent_t *ev;
+    int n_ev, ev_phase[S_PROF_EVENTS / 2];
+    double prof_ms[P_N], prof_host_ms, prof_wall_ms;
+    int64_t n_prof;
+    uint64_t t_launched;
 };
+
+static void s_prof_mark(eng_backend_t *be, int phase, bool is_start) {
+    if (!be->is_prof || be->n_ev >= S_PROF_EVENTS) return;
+    if (is_start) be->ev_phase[be->n_ev / 2] = phase;
+    cudaEventRecord(be->ev[be->n_ev++], be->st);
+}
+
+/* After the forward's sync: adds each event pair's time to its phase. */
+static void s_prof_collect(eng_backend_t *be, double host_ms, double wall_ms) {
+    if (!be->is_prof) return;
+    for (int i = 0; i + 1 < be->n_ev; i += 2) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, be->ev[i], be->ev[i + 1]);
+        be->prof_ms[be->ev_phase[i / 2]] += ms;
+    }
+    be->n_ev = 0, be->n_prof++, be->prof_host_ms += host_ms, be->prof_wall_ms += wall_ms;
+}
+
+static void s_prof_report(eng_backend_t *be) {
+    if (!be->is_prof || !be->n_prof) return;
+    double total = 0;
+    for (int p = 0; p < P_N; p++) total += be->prof_ms[p];
+    fprintf(stderr,
+            "cuda profile over %lld forwards: wall %.3f ms, host (to the last launch) %.3f ms, kernels %.3f ms\n",
+            (long long)be->n_prof, be->prof_wall_ms / be->n_prof, be->prof_host_ms / be->n_prof, total / be->n_prof);
+    for (int p = 0; p < P_N; p++)
+        fprintf(stderr, "  %-11s %8.3f ms %5.1f%%\n", s_phase_names[p], be->prof_ms[p] / be->n_prof,
+                100.0 * be->prof_ms[p] / (total > 0 ? total : 1));
+}
 
 #define S_CUDA(call, what)                                               \
     do {                                                                 \
@@ -70,6 +134,13 @@ static void s_destroy(eng_backend_t **pbe) {
     eng_backend_t *be = *pbe;
     cudaSetDevice(be->gpu);
     if (be->st) cudaStreamSynchronize(be->st);
+    s_prof_report(be);
+    for (int i = 0; i < S_MAX_GRAPHS; i++)
+        if (be->graphs[i].T) cudaGraphExecDestroy(be->graphs[i].exec);
+    s_free_dev(be->blas_ws);
+    for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
+    free(be->ev);
+    s_free_dev(be->part_acc), s_free_dev(be->part_ml);
     if (be->layers) {
         for (int32_t l = 0; l < be->m->cfg.n_layers; l++) {
             s_layer_t *w = &be->layers[l];
@@ -258,6 +329,23 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         snprintf(err, err_cap, "cuda backend: cannot allocate scratch for %lld tokens", (long long)T);
         goto fail;
     }
+    cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->gpu);
+    if (s_alloc((void **)&be->part_acc, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * q_dim, "scratch") ||
+        s_alloc((void **)&be->part_ml, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * c->n_heads * 2, "scratch")) {
+        snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
+        goto fail;
+    }
+    {
+        const char *prof = getenv("ENG_CUDA_PROFILE"), *gemv = getenv("ENG_CUDA_GEMV"),
+                   *graphs = getenv("ENG_CUDA_GRAPHS");
+        be->is_prof = prof && *prof && *prof != '0';
+        be->is_gemv = !(gemv && *gemv == '0');
+        be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
+        if (be->is_prof) {
+            be->ev = (cudaEvent_t *)calloc(S_PROF_EVENTS, sizeof(cudaEvent_t));
+            for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventCreate(&be->ev[i]);
+        }
+    }
     {
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
@@ -285,15 +373,114 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
     return PD_OK;
 }
 
-static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+/* Everything a forward runs after its tables are on the GPU, on be->st. With out NULL (graph capture) the logits
+ * stay in the pinned buffer (one slice); else each slice is synchronised and copied to out. */
+static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_cuda_att_t *attp, const int32_t *d_tok,
+                           const int32_t *d_rows, int32_t n_logits, float *out) {
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t dim = c->dim, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd,
-                  kv_dim = (int64_t)c->n_kv_heads * hd, G = c->n_heads / c->n_kv_heads;
+                  kv_dim = (int64_t)c->n_kv_heads * hd, T = tkp->n_tokens;
+    const eng_cuda_tokens_t tk = *tkp;
+    eng_cuda_att_t att = *attp;
+    const int32_t *d_pos = tk.tok_pos;
+    s_prof_mark(be, P_EMBED, true);
+    eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
+    eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
+    s_prof_mark(be, P_EMBED, false);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const s_layer_t *w = &be->layers[l];
+        s_prof_mark(be, P_NORM, true);
+        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+        s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
+        if (s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK) return PD_EBACKEND;
+        s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ROPE, true);
+        eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
+                            be->st);
+        s_prof_mark(be, P_ROPE, false), s_prof_mark(be, P_ATTN, true);
+        att.layer = l;
+        S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
+        s_prof_mark(be, P_ATTN, false), s_prof_mark(be, P_WO, true);
+        if (s_gemm(be, be->x, be->att, w->wo, T, dim, q_dim, true) != PD_OK) return PD_EBACKEND;
+        s_prof_mark(be, P_WO, false), s_prof_mark(be, P_NORM, true);
+        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+        s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
+        if (s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
+            return PD_EBACKEND;
+        s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_SWIGLU, true);
+        eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
+        s_prof_mark(be, P_SWIGLU, false), s_prof_mark(be, P_DOWN, true);
+        if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
+        s_prof_mark(be, P_DOWN, false);
+    }
+    /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows */
+    s_prof_mark(be, P_HEAD, true);
+    be->t_launched = be->is_prof ? pd_now_us() : 0;
+    eng_cuda_rmsnorm(be->xb, be->x, d_rows, be->out_norm, n_logits, (int32_t)dim, c->rms_eps, be->st);
+    for (int32_t r0 = 0; r0 < n_logits; r0 += S_LOGIT_ROWS) {
+        const int32_t nr = n_logits - r0 < S_LOGIT_ROWS ? n_logits - r0 : S_LOGIT_ROWS;
+        const size_t row_bytes = sizeof(float) * (size_t)c->vocab_size;
+        if (s_gemm(be, be->logits, be->xb + (int64_t)r0 * dim, be->output, nr, c->vocab_size, dim, false) != PD_OK)
+            return PD_EBACKEND;
+        S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
+        if (r0 + nr >= n_logits) s_prof_mark(be, P_HEAD, false);
+        if (!out) break; /* captured: the caller copies after the launch */
+        S_CUDA(cudaStreamSynchronize(be->st), "forward");
+        memcpy(out + (size_t)r0 * c->vocab_size, be->logits_h, row_bytes * nr);
+    }
+    return PD_OK;
+}
+
+/* The graph for this batch's key, captured on first use; the least recently used one makes room. */
+static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int64_t n_logits,
+                              const eng_cuda_tokens_t *tk, eng_cuda_att_t *att, const int32_t *d_tok,
+                              const int32_t *d_rows) {
+    s_graph_t *g = NULL, *lru = &be->graphs[0];
+    for (int i = 0; i < S_MAX_GRAPHS && !g; i++) {
+        s_graph_t *c = &be->graphs[i];
+        if (c->T == T && c->n_tiles == n_tiles && c->n_logits == n_logits && c->split_keys == att->split_keys &&
+            c->n_splits == att->n_splits)
+            g = c;
+        if (c->last_used < lru->last_used) lru = c;
+    }
+    if (!g) {
+        g = lru;
+        if (g->T) cudaGraphExecDestroy(g->exec), g->T = 0;
+        cudaGraph_t graph;
+        cudaError_t e = cudaStreamBeginCapture(be->st, cudaStreamCaptureModeThreadLocal);
+        if (e != cudaSuccess) {
+            LOG_E("cuda backend: begin capture: %s", cudaGetErrorString(e));
+            return NULL;
+        }
+        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, NULL);
+        e = cudaStreamEndCapture(be->st, &graph);
+        if (st != PD_OK || e != cudaSuccess) {
+            LOG_E("cuda backend: capture failed: %s", cudaGetErrorString(e));
+            if (e == cudaSuccess) cudaGraphDestroy(graph);
+            return NULL;
+        }
+        e = cudaGraphInstantiate(&g->exec, graph, 0);
+        cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+            LOG_E("cuda backend: graph instantiate: %s", cudaGetErrorString(e));
+            return NULL;
+        }
+        g->T = T, g->n_tiles = n_tiles, g->n_logits = n_logits, g->split_keys = att->split_keys;
+        g->n_splits = att->n_splits;
+    }
+    g->last_used = ++be->graph_clock;
+    return g;
+}
+
+static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+    const uint64_t t_start = be->is_prof ? pd_now_us() : 0;
+    const eng_model_config_t *c = &be->m->cfg;
+    const int64_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
     const int32_t tile_tokens = (int32_t)(ENG_CUDA_ATT_ROWS / G);
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
-    int64_t T = 0, n_table = 0, n_tiles = 0;
+    int64_t T = 0, n_table = 0, n_tiles = 0, max_len = 0;
     for (int32_t s = 0; s < b->n_seqs; s++) {
+        if (b->pos[s] + b->n_tokens[s] > max_len) max_len = b->pos[s] + b->n_tokens[s];
         if (b->pos[s] + b->n_tokens[s] > c->ctx_len) {
             LOG_E("cuda backend: sequence %d reaches position %d, beyond the context of %d", s,
                   b->pos[s] + b->n_tokens[s], c->ctx_len);
@@ -335,37 +522,33 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
         (int32_t)T,        d_pos,          d_table, (const int32_t *)(d_tiles + n_tiles), be->rope_cs,
         be->kv.block_size, be->kv.n_blocks};
 
-    eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
-    eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
-    for (int32_t l = 0; l < c->n_layers; l++) {
-        const s_layer_t *w = &be->layers[l];
-        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
-        if (s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK) return PD_EBACKEND;
-        eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
-                            be->st);
-        S_CUDA(eng_cuda_attention(be->att, be->q, be->kv_pool, &tk, d_tiles, (int32_t)n_tiles, l, c->n_heads,
-                                  c->n_kv_heads, (int32_t)hd, be->st),
-               "attention");
-        if (s_gemm(be, be->x, be->att, w->wo, T, dim, q_dim, true) != PD_OK) return PD_EBACKEND;
-        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
-        if (s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
-            return PD_EBACKEND;
-        eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
-        if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
+    /* Too few (tile, KV head) pairs to fill the GPU (small decode batches): split every sequence's keys into
+     * ranges, at least 64 keys each, for about four blocks per multiprocessor. Sized from the longest sequence
+     * rounded up to 256 tokens, so that a captured graph serves 256 decode steps before the key changes. */
+    eng_cuda_att_t att = {be->att,       be->q,       be->kv_pool, d_tiles, (int32_t)n_tiles, 0,          c->n_heads,
+                          c->n_kv_heads, (int32_t)hd, 0,           1,       be->part_acc,     be->part_ml};
+    const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
+    if (pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
+        const int64_t want = (4 * be->n_sm + pairs - 1) / pairs;
+        int64_t keys = ((len + want - 1) / want + 31) / 32 * 32;
+        if (keys < 64) keys = 64;
+        if ((len + keys - 1) / keys > S_MAX_SPLITS) keys = ((len + S_MAX_SPLITS - 1) / S_MAX_SPLITS + 31) / 32 * 32;
+        if ((len + keys - 1) / keys > 1)
+            att.split_keys = (int32_t)keys, att.n_splits = (int32_t)((len + keys - 1) / keys);
     }
-    /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows */
-    eng_cuda_rmsnorm(be->xb, be->x, d_rows, be->out_norm, n_logits, (int32_t)dim, c->rms_eps, be->st);
-    for (int32_t r0 = 0; r0 < n_logits; r0 += S_LOGIT_ROWS) {
-        const int32_t nr = n_logits - r0 < S_LOGIT_ROWS ? n_logits - r0 : S_LOGIT_ROWS;
-        const size_t row_bytes = sizeof(float) * (size_t)c->vocab_size;
-        if (s_gemm(be, be->logits, be->xb + (int64_t)r0 * dim, be->output, nr, c->vocab_size, dim, false) != PD_OK)
-            return PD_EBACKEND;
-        S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
+
+    if (n_logits > S_GRAPH_MAX_ROWS || T > S_GRAPH_MAX_TOKENS || !be->is_graphs) {
+        if (s_enqueue(be, &tk, &att, d_tok, d_rows, n_logits, b->logits) != PD_OK) return PD_EBACKEND;
+    } else {
+        s_graph_t *g = s_graph_get(be, T, n_tiles, n_logits, &tk, &att, d_tok, d_rows);
+        if (!g) return PD_EBACKEND;
+        S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
         S_CUDA(cudaStreamSynchronize(be->st), "forward");
-        memcpy(b->logits + (size_t)r0 * c->vocab_size, be->logits_h, row_bytes * nr);
+        memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * n_logits);
     }
-    S_CUDA(cudaStreamSynchronize(be->st), "forward");
     S_CUDA(cudaGetLastError(), "forward kernels");
+    if (be->is_prof)
+        s_prof_collect(be, (double)(be->t_launched - t_start) / 1e3, (double)(pd_now_us() - t_start) / 1e3);
     return PD_OK;
 }
 

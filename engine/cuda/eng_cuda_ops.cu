@@ -117,16 +117,18 @@ void eng_cuda_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, con
 }
 
 /* ---- attention over the paged cache ----
- * One thread block per (tile, KV head). A tile is consecutive tokens of one sequence, times the G query heads that
- * share this KV head: up to ENG_CUDA_ATT_ROWS query rows, so every K/V element read from the pool serves all of
- * them. Keys come in tiles of 32 (one per lane) through shared memory as f32; each warp owns ENG_CUDA_ATT_RPW rows
- * and keeps their output accumulators in registers (lane owns dims lane, lane+32, ...), with the online softmax
- * (running max and sum) of flash attention. K rows are padded by one float so that 32 lanes reading 32 keys at
- * one dim hit 32 banks. CUDA cores, not tensor cores: the correct first version. */
+ * One thread block per (tile, KV head, key split). A tile is consecutive tokens of one sequence, times the G query
+ * heads that share this KV head: up to ENG_CUDA_ATT_ROWS query rows, so every K/V element read from the pool serves
+ * all of them. Keys come in tiles of 32 (one per lane) through shared memory as f32; each warp owns
+ * ENG_CUDA_ATT_RPW rows and keeps their output accumulators in registers (lane owns dims lane, lane+32, ...), with
+ * the online softmax (running max and sum) of flash attention. K rows are padded by one float so that 32 lanes
+ * reading 32 keys at one dim hit 32 banks. CUDA cores, not tensor cores.
+ * Splits (flash-decoding): when the batch has too few (tile, KV head) pairs to fill the GPU (small decode
+ * batches), each pair's keys are cut into ranges of split_keys, one block each, which write unnormalised partial
+ * results (acc, max, sum) that k_attention_combine merges. */
 template <int HD>
 static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
-    k_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool, const eng_cuda_tokens_t tk,
-                const eng_cuda_tile_t *tiles, int32_t layer, int32_t n_heads, int32_t n_kv_heads) {
+    k_attention(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
     constexpr int E = HD / 32; /* dims per lane */
     extern __shared__ float smem[];
     float *q_s = smem;                               /* (ROWS, HD) */
@@ -134,18 +136,21 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     float *v_s = k_s + ENG_CUDA_ATT_KEYS * (HD + 1); /* (KEYS, HD) */
     __shared__ int32_t row_pos[ENG_CUDA_ATT_ROWS];
 
-    const eng_cuda_tile_t tile = tiles[blockIdx.x];
-    const int32_t g = blockIdx.y, G = n_heads / n_kv_heads, n_rows = tile.n * G;
-    const int32_t q_dim = n_heads * HD, kv_dim = n_kv_heads * HD;
+    const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
+    const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G;
+    const int32_t q_dim = a.n_heads * HD, kv_dim = a.n_kv_heads * HD;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float scale = rsqrtf((float)HD);
     const int32_t *table = tk.tables + tk.tok_table[tile.t0];
     const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1];
+    const int32_t k_begin = a.split_keys ? (int32_t)blockIdx.z * a.split_keys : 0;
+    const int32_t k_last = a.split_keys ? min(pos_max, k_begin + a.split_keys - 1) : pos_max;
+    if (k_begin > pos_max) return; /* a split past this tile's keys: the combine reads none of it */
 
     for (int32_t i = threadIdx.x; i < ENG_CUDA_ATT_ROWS * HD; i += blockDim.x) {
         const int32_t r = i / HD, d = i % HD;
         float v = 0.0f;
-        if (r < n_rows) v = q[(int64_t)(tile.t0 + r / G) * q_dim + (g * G + r % G) * HD + d] * scale;
+        if (r < n_rows) v = a.q[(int64_t)(tile.t0 + r / G) * q_dim + (g * G + r % G) * HD + d] * scale;
         q_s[i] = v;
     }
     for (int32_t r = threadIdx.x; r < ENG_CUDA_ATT_ROWS; r += blockDim.x)
@@ -159,18 +164,18 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
         for (int e = 0; e < E; e++) acc[i][e] = 0.0f;
     }
 
-    for (int32_t k0 = 0; k0 <= pos_max; k0 += ENG_CUDA_ATT_KEYS) {
+    for (int32_t k0 = k_begin; k0 <= k_last; k0 += ENG_CUDA_ATT_KEYS) {
         __syncthreads(); /* the previous tile is consumed (and, the first time, q_s and row_pos are written) */
         constexpr int VEC = HD / 8; /* 16-byte vectors per key row */
         for (int32_t i = threadIdx.x; i < ENG_CUDA_ATT_KEYS * VEC; i += blockDim.x) {
             const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
             float kf[8], vf[8];
-            if (j <= pos_max) {
+            if (j <= k_last) {
                 const int32_t block = table[j / tk.block_size], slot = j % tk.block_size;
                 const uint4 kr =
-                    *(const uint4 *)(kv_pool + s_kv_slot(tk, layer, 0, block, slot, kv_dim) + g * HD + vec * 8);
+                    *(const uint4 *)(a.kv_pool + s_kv_slot(tk, a.layer, 0, block, slot, kv_dim) + g * HD + vec * 8);
                 const uint4 vr =
-                    *(const uint4 *)(kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim) + g * HD + vec * 8);
+                    *(const uint4 *)(a.kv_pool + s_kv_slot(tk, a.layer, 1, block, slot, kv_dim) + g * HD + vec * 8);
                 const __nv_bfloat162 *kb = (const __nv_bfloat162 *)&kr, *vb = (const __nv_bfloat162 *)&vr;
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -192,7 +197,7 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
         for (int i = 0; i < ENG_CUDA_ATT_RPW; i++) {
             const int32_t r = warp + i * ENG_CUDA_ATT_WARPS;
             if (r >= n_rows) break;
-            const int32_t pos = row_pos[r];
+            const int32_t pos = min(row_pos[r], k_last);
             if (k0 > pos) continue; /* this row sees none of the tile */
             const float *qr = q_s + r * HD, *kr = k_s + lane * (HD + 1);
             float s = 0.0f;
@@ -218,17 +223,42 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     for (int i = 0; i < ENG_CUDA_ATT_RPW; i++) {
         const int32_t r = warp + i * ENG_CUDA_ATT_WARPS;
         if (r >= n_rows) break;
-        __nv_bfloat16 *out = att + (int64_t)(tile.t0 + r / G) * q_dim + (g * G + r % G) * HD;
-        const float inv = 1.0f / l[i];
+        const int64_t t = tile.t0 + r / G, h = g * G + r % G;
+        if (a.split_keys) {
+            if (k_begin > row_pos[r]) continue; /* this row's keys end before the split */
+            const int64_t slot = (int64_t)blockIdx.z * tk.n_tokens + t;
+            float *out = a.part_acc + slot * q_dim + h * HD;
 #pragma unroll
-        for (int e = 0; e < E; e++) out[lane + 32 * e] = __float2bfloat16(acc[i][e] * inv);
+            for (int e = 0; e < E; e++) out[lane + 32 * e] = acc[i][e];
+            if (lane == 0)
+                a.part_ml[(slot * a.n_heads + h) * 2] = m[i], a.part_ml[(slot * a.n_heads + h) * 2 + 1] = l[i];
+        } else {
+            __nv_bfloat16 *out = a.att + t * q_dim + h * HD;
+            const float inv = 1.0f / l[i];
+#pragma unroll
+            for (int e = 0; e < E; e++) out[lane + 32 * e] = __float2bfloat16(acc[i][e] * inv);
+        }
     }
 }
 
+/* Merges the splits of one (token, head): block (token, head), one thread per dim. */
+static __global__ void k_attention_combine(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, int32_t head_dim) {
+    const int64_t t = blockIdx.x, h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
+    const int32_t n = tk.tok_pos[t] / a.split_keys + 1;
+    float mx = -INFINITY;
+    for (int32_t z = 0; z < n; z++) mx = fmaxf(mx, a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]);
+    float sum = 0.0f, acc = 0.0f;
+    for (int32_t z = 0; z < n; z++) {
+        const int64_t slot = (int64_t)z * tk.n_tokens + t;
+        const float w = expf(a.part_ml[(slot * a.n_heads + h) * 2] - mx);
+        sum += w * a.part_ml[(slot * a.n_heads + h) * 2 + 1];
+        acc += w * a.part_acc[slot * q_dim + h * head_dim + threadIdx.x];
+    }
+    a.att[t * q_dim + h * head_dim + threadIdx.x] = __float2bfloat16(acc / sum);
+}
+
 template <int HD>
-static cudaError_t s_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool,
-                               const eng_cuda_tokens_t *tk, const eng_cuda_tile_t *tiles, int32_t n_tiles,
-                               int32_t layer, int32_t n_heads, int32_t n_kv_heads, cudaStream_t st) {
+static cudaError_t s_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     const size_t smem = sizeof(float) * ((size_t)ENG_CUDA_ATT_ROWS * HD + (size_t)ENG_CUDA_ATT_KEYS * (HD + 1) +
                                          (size_t)ENG_CUDA_ATT_KEYS * HD);
     static bool is_configured = false; /* the engine thread is the only caller */
@@ -237,19 +267,18 @@ static cudaError_t s_attention(__nv_bfloat16 *att, const float *q, const __nv_bf
         if (err != cudaSuccess) return err;
         is_configured = true;
     }
-    dim3 grid((unsigned)n_tiles, (unsigned)n_kv_heads);
-    k_attention<HD>
-        <<<grid, ENG_CUDA_ATT_WARPS * 32, smem, st>>>(att, q, kv_pool, *tk, tiles, layer, n_heads, n_kv_heads);
+    dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
+    k_attention<HD><<<grid, ENG_CUDA_ATT_WARPS * 32, smem, st>>>(*a, *tk);
+    if (a->split_keys)
+        k_attention_combine<<<dim3((unsigned)tk->n_tokens, (unsigned)a->n_heads), HD, 0, st>>>(*a, *tk, HD);
     return cudaGetLastError();
 }
 
-cudaError_t eng_cuda_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool,
-                               const eng_cuda_tokens_t *tk, const eng_cuda_tile_t *tiles, int32_t n_tiles,
-                               int32_t layer, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, cudaStream_t st) {
-    if (n_tiles == 0) return cudaSuccess;
-    switch (head_dim) {
-    case 64: return s_attention<64>(att, q, kv_pool, tk, tiles, n_tiles, layer, n_heads, n_kv_heads, st);
-    case 128: return s_attention<128>(att, q, kv_pool, tk, tiles, n_tiles, layer, n_heads, n_kv_heads, st);
+cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
+    if (a->n_tiles == 0) return cudaSuccess;
+    switch (a->head_dim) {
+    case 64: return s_attention<64>(a, tk, st);
+    case 128: return s_attention<128>(a, tk, st);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -269,4 +298,75 @@ void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_
     int64_t blocks = (n + 255) / 256;
     if (blocks > 65535) blocks = 65535;
     k_swiglu<<<(unsigned)blocks, 256, 0, st>>>(h, gu, n, hidden);
+}
+
+/* ---- GEMV for small batches (decode) ----
+ * y (B, N) [+]= x (B, K) . W (N, K)^T for B <= 8: one warp per weight row, 16-byte loads of W (each element read
+ * once, streamed), four in flight per lane before the first use; x (B rows of K) is small and stays in L1/L2.
+ * cuBLAS at these shapes was latency-bound (a 2048 x 3072 bf16 matrix at about a third of copy bandwidth). */
+static __device__ __forceinline__ float s_dot8(const uint4 a, const uint4 b) {
+    const __nv_bfloat162 *a2 = (const __nv_bfloat162 *)&a, *b2 = (const __nv_bfloat162 *)&b;
+    float s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 fa = __bfloat1622float2(a2[e]), fb = __bfloat1622float2(b2[e]);
+        s = fmaf(fa.x, fb.x, s);
+        s = fmaf(fa.y, fb.y, s);
+    }
+    return s;
+}
+
+template <int B>
+static __global__ void __launch_bounds__(256)
+    k_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k, bool is_accumulate) {
+    const int32_t lane = threadIdx.x & 31, row = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= n_out) return;
+    const uint4 *wr = (const uint4 *)(w + (int64_t)row * k);
+    const int32_t n_vec = k / 8;
+    float acc[B];
+#pragma unroll
+    for (int b = 0; b < B; b++) acc[b] = 0.0f;
+    int32_t v = lane;
+    for (; v + 96 < n_vec; v += 128) {
+        uint4 wv[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) wv[u] = __ldcs(wr + v + 32 * u); /* streamed: read once */
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int b = 0; b < B; b++) acc[b] += s_dot8(wv[u], ((const uint4 *)(x + (int64_t)b * k))[v + 32 * u]);
+    }
+    for (; v < n_vec; v += 32) {
+        const uint4 wv = __ldcs(wr + v);
+#pragma unroll
+        for (int b = 0; b < B; b++) acc[b] += s_dot8(wv, ((const uint4 *)(x + (int64_t)b * k))[v]);
+    }
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+        const float s = s_warp_sum(acc[b]);
+        if (lane == 0) {
+            float *out = y + (int64_t)b * n_out + row;
+            *out = is_accumulate ? *out + s : s;
+        }
+    }
+}
+
+bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
+                   bool is_accumulate, cudaStream_t st) {
+    if (k % 8 || n_tok < 1 || n_tok > ENG_CUDA_GEMV_MAX_TOKENS) return false;
+    const unsigned grid = (unsigned)((n_out + 7) / 8);
+    switch (n_tok) {
+#define S_GEMV_CASE(nb) \
+    case nb: k_gemv<nb><<<grid, 256, 0, st>>>(y, x, w, n_out, k, is_accumulate); break;
+        S_GEMV_CASE(1)
+        S_GEMV_CASE(2)
+        S_GEMV_CASE(3)
+        S_GEMV_CASE(4)
+        S_GEMV_CASE(5)
+        S_GEMV_CASE(6)
+        S_GEMV_CASE(7)
+        S_GEMV_CASE(8)
+#undef S_GEMV_CASE
+    }
+    return true;
 }

@@ -44,11 +44,23 @@ void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, in
 void eng_cuda_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st);
-/* Causal attention over the paged cache for every token: att (T, n_heads*head_dim) bf16. */
-cudaError_t eng_cuda_attention(__nv_bfloat16 *att, const float *q, const __nv_bfloat16 *kv_pool,
-                               const eng_cuda_tokens_t *tk, const eng_cuda_tile_t *tiles, int32_t n_tiles,
-                               int32_t layer, int32_t n_heads, int32_t n_kv_heads, int32_t head_dim, cudaStream_t st);
+/* Causal attention over the paged cache for every token of the batch. */
+typedef struct {
+    __nv_bfloat16 *att;           /* out: (T, n_heads * head_dim) */
+    const float *q;               /* (T, n_heads * head_dim), RoPE applied */
+    const __nv_bfloat16 *kv_pool; /* the whole pool */
+    const eng_cuda_tile_t *tiles; /* (n_tiles) device */
+    int32_t n_tiles, layer, n_heads, n_kv_heads, head_dim;
+    int32_t split_keys, n_splits; /* 0, 1: each (tile, KV head) in one block; else keys per split block */
+    float *part_acc, *part_ml;    /* split scratch: (n_splits, T, q_dim) and (n_splits, T, n_heads, 2) */
+} eng_cuda_att_t;
+cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* h = bf16(silu(gu[:, :hidden]) * gu[:, hidden:]) for gu (T, 2 hidden) f32. */
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
+/* y (n_tok, n_out) [+]= x (n_tok, k) . w (n_out, k)^T for 1 <= n_tok <= ENG_CUDA_GEMV_MAX_TOKENS and k % 8 == 0
+ * (16-byte aligned rows); false (nothing launched) otherwise. */
+#define ENG_CUDA_GEMV_MAX_TOKENS 8
+bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
+                   bool is_accumulate, cudaStream_t st);
 
 #endif

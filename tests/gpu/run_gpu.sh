@@ -5,6 +5,8 @@
 #   tests/gpu/run_gpu.sh parity        CPU vs CUDA on random-weight models of three head layouts
 #   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
 #   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
+#   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
+#   tests/gpu/run_gpu.sh ab SHAPE      decode at batch 1 and 8 with graphs / small-batch GEMV off and on
 #   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 set -uo pipefail
@@ -57,6 +59,27 @@ while [ $# -gt 0 ]; do
         shift
         m=$(s_model "$shape" --shape "$shape") && ./build-gpu/bench/engine_cuda --model "$m" 2>&1 |
             tee -a "$OUT/bench_$shape.log"
+        ;;
+    profile)
+        # per-phase GPU times (ENG_CUDA_PROFILE) of decode at batch 1 and 64 and of one 4096-token prefill
+        shape=$1
+        shift
+        m=$(s_model "$shape" --shape "$shape") && for args in "--decode-batches 1 --prefill-batches 0" \
+            "--decode-batches 64 --prefill-batches 0" "--decode-batches 0 --prefill-batches 1"; do
+            echo "== $shape $args"
+            ENG_CUDA_PROFILE=1 ./build-gpu/bench/engine_cuda --model "$m" $args 2>&1 | grep -v "chat disabled"
+        done 2>&1 | tee -a "$OUT/profile_$shape.log"
+        ;;
+    ab)
+        # the same decode steps with the CUDA graphs and the small-batch GEMV switched off, for before/after
+        shape=$1
+        shift
+        m=$(s_model "$shape" --shape "$shape") && for env in "ENG_CUDA_GRAPHS=0 ENG_CUDA_GEMV=0" "ENG_CUDA_GRAPHS=0" \
+            "ENG_CUDA_GEMV=0" "ENG_CUDA_GRAPHS=1"; do
+            echo "== $shape $env"
+            env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 1,8 --prefill-batches 0 2>&1 |
+                grep -E "^decode +[0-9]"
+        done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     hf)
         shape=$1
