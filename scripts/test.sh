@@ -17,6 +17,12 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$(nproc)" >/dev/null
 (cd build && ctest -L unit --output-on-failure)
 
+echo "== CUDA backend: compile and link (no GPU here; tests/gpu/run_gpu.sh runs it on the lent GPU machine)"
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC" >/dev/null
+cmake --build build-cuda -j"$(nproc)" --target test_cuda_parity test_eng_forward engine_cuda >/dev/null
+echo "built: $(ls build-cuda/tests/test_cuda_parity build-cuda/bench/engine_cuda | tr '\n' ' ')"
+
 echo "== ASan+UBSan build + unit tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Asan >/dev/null
 cmake --build build-asan -j"$(nproc)" >/dev/null

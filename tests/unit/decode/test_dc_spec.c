@@ -211,7 +211,7 @@ static dc_req_params_t s_req(int i, bool is_sampled) {
     r.n_prompt_tokens = s_n_prompt[i];
     r.prompt = s_prompt_ids[i];
     r.is_prefill_local = true;
-    r.max_tokens = s_quick ? 6 : i == 4 ? 8 : 32;
+    r.max_tokens = s_quick ? 4 : i == 4 ? 8 : 32;
     r.ignore_eos = i != 2;
     if (i == 3) r.stops = stops, r.n_stops = 1; /* a stop string that an accepted run may contain */
     if (is_sampled) {
