@@ -37,7 +37,7 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 #define S_GRAPH_MAX_ROWS   256 /* logits rows: one output-head slice */
 #define S_GRAPH_MAX_TOKENS 512
 typedef struct {
-    int64_t T, n_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
+    int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
     cudaGraphExec_t exec;
     uint64_t last_used;
 } s_graph_t;
@@ -73,6 +73,7 @@ struct eng_backend {
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
     bool is_gemv;              /* own GEMV for batches of <= 8 tokens (ENG_CUDA_GEMV=0: cuBLAS for all) */
+    bool is_tc;                /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs;
     s_graph_t graphs[S_MAX_GRAPHS];
@@ -340,6 +341,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
                    *graphs = getenv("ENG_CUDA_GRAPHS");
         be->is_prof = prof && *prof && *prof != '0';
         be->is_gemv = !(gemv && *gemv == '0');
+        const char *tc = getenv("ENG_CUDA_TC");
+        be->is_tc = !(tc && *tc == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         if (be->is_prof) {
             be->ev = (cudaEvent_t *)calloc(S_PROF_EVENTS, sizeof(cudaEvent_t));
@@ -437,8 +440,8 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
     s_graph_t *g = NULL, *lru = &be->graphs[0];
     for (int i = 0; i < S_MAX_GRAPHS && !g; i++) {
         s_graph_t *c = &be->graphs[i];
-        if (c->T == T && c->n_tiles == n_tiles && c->n_logits == n_logits && c->split_keys == att->split_keys &&
-            c->n_splits == att->n_splits)
+        if (c->T == T && c->n_tiles == n_tiles && c->n_tc_tiles == att->n_tc_tiles && c->n_logits == n_logits &&
+            c->split_keys == att->split_keys && c->n_splits == att->n_splits)
             g = c;
         if (c->last_used < lru->last_used) lru = c;
     }
@@ -464,7 +467,8 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             LOG_E("cuda backend: graph instantiate: %s", cudaGetErrorString(e));
             return NULL;
         }
-        g->T = T, g->n_tiles = n_tiles, g->n_logits = n_logits, g->split_keys = att->split_keys;
+        g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits;
+        g->split_keys = att->split_keys;
         g->n_splits = att->n_splits;
     }
     g->last_used = ++be->graph_clock;
@@ -478,7 +482,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     const int32_t tile_tokens = (int32_t)(ENG_CUDA_ATT_ROWS / G);
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
-    int64_t T = 0, n_table = 0, n_tiles = 0, max_len = 0;
+    int64_t T = 0, n_table = 0, n_tiles = 0, n_tc_tiles = 0, max_len = 0;
     for (int32_t s = 0; s < b->n_seqs; s++) {
         if (b->pos[s] + b->n_tokens[s] > max_len) max_len = b->pos[s] + b->n_tokens[s];
         if (b->pos[s] + b->n_tokens[s] > c->ctx_len) {
@@ -487,24 +491,29 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
             return PD_EINVAL;
         }
         T += b->n_tokens[s], n_table += b->n_blocks[s];
-        n_tiles += (b->n_tokens[s] + tile_tokens - 1) / tile_tokens;
+        if (be->is_tc && b->n_tokens[s] >= ENG_CUDA_TC_MIN)
+            n_tc_tiles += (b->n_tokens[s] + ENG_CUDA_TC_ROWS - 1) / ENG_CUDA_TC_ROWS;
+        else
+            n_tiles += (b->n_tokens[s] + tile_tokens - 1) / tile_tokens;
     }
-    const size_t need = (size_t)(3 * T + n_logits + 2 * n_tiles + n_table);
+    const size_t need = (size_t)(3 * T + n_logits + 2 * (n_tiles + n_tc_tiles) + n_table);
     if (need > be->meta_cap || T > be->max_tokens) {
         LOG_E("cuda backend: batch of %lld tokens, %lld table entries exceeds the scratch", (long long)T,
               (long long)n_table);
         return PD_EINVAL;
     }
     int32_t *tok = be->meta_h, *tok_pos = tok + T, *tok_table = tok_pos + T, *rows = tok_table + T;
-    eng_cuda_tile_t *tiles = (eng_cuda_tile_t *)(rows + n_logits);
-    int32_t *tables = (int32_t *)(tiles + n_tiles);
+    eng_cuda_tile_t *tiles = (eng_cuda_tile_t *)(rows + n_logits), *tc_tiles = tiles + n_tiles;
+    int32_t *tables = (int32_t *)(tc_tiles + n_tc_tiles);
     memcpy(tok, b->tokens, sizeof(int32_t) * (size_t)T);
-    int64_t t = 0, off = 0, n_rows = 0, ti = 0;
+    int64_t t = 0, off = 0, n_rows = 0, ti = 0, tci = 0;
     for (int32_t s = 0; s < b->n_seqs; s++) {
         memcpy(tables + off, b->block_tables[s], sizeof(int32_t) * (size_t)b->n_blocks[s]);
-        for (int32_t i = 0; i < b->n_tokens[s]; i += tile_tokens) {
-            tiles[ti].t0 = (int32_t)(t + i);
-            tiles[ti++].n = b->n_tokens[s] - i < tile_tokens ? b->n_tokens[s] - i : tile_tokens;
+        const bool is_tc = be->is_tc && b->n_tokens[s] >= ENG_CUDA_TC_MIN;
+        const int32_t per = is_tc ? ENG_CUDA_TC_ROWS : tile_tokens;
+        for (int32_t i = 0; i < b->n_tokens[s]; i += per) {
+            eng_cuda_tile_t *tl = is_tc ? &tc_tiles[tci++] : &tiles[ti++];
+            tl->t0 = (int32_t)(t + i), tl->n = b->n_tokens[s] - i < per ? b->n_tokens[s] - i : per;
         }
         for (int32_t i = 0; i < b->n_tokens[s]; i++, t++) {
             tok_pos[t] = b->pos[s] + i, tok_table[t] = (int32_t)off;
@@ -519,14 +528,15 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     const int32_t *d_tok = be->meta_d, *d_pos = d_tok + T, *d_table = d_pos + T, *d_rows = d_table + T;
     const eng_cuda_tile_t *d_tiles = (const eng_cuda_tile_t *)(d_rows + n_logits);
     const eng_cuda_tokens_t tk = {
-        (int32_t)T,        d_pos,          d_table, (const int32_t *)(d_tiles + n_tiles), be->rope_cs,
+        (int32_t)T,        d_pos,          d_table, (const int32_t *)(d_tiles + n_tiles + n_tc_tiles), be->rope_cs,
         be->kv.block_size, be->kv.n_blocks};
 
     /* Too few (tile, KV head) pairs to fill the GPU (small decode batches): split every sequence's keys into
      * ranges, at least 64 keys each, for about four blocks per multiprocessor. Sized from the longest sequence
      * rounded up to 256 tokens, so that a captured graph serves 256 decode steps before the key changes. */
-    eng_cuda_att_t att = {be->att,       be->q,       be->kv_pool, d_tiles, (int32_t)n_tiles, 0,          c->n_heads,
-                          c->n_kv_heads, (int32_t)hd, 0,           1,       be->part_acc,     be->part_ml};
+    eng_cuda_att_t att = {be->att, be->q,        be->kv_pool,   d_tiles,           (int32_t)n_tiles,
+                          0,       c->n_heads,   c->n_kv_heads, (int32_t)hd,       0,
+                          1,       be->part_acc, be->part_ml,   d_tiles + n_tiles, (int32_t)n_tc_tiles};
     const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
     if (pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
         const int64_t want = (4 * be->n_sm + pairs - 1) / pairs;

@@ -29,6 +29,8 @@ typedef struct {
 #define ENG_CUDA_ATT_RPW   8 /* query rows per warp */
 #define ENG_CUDA_ATT_ROWS  (ENG_CUDA_ATT_WARPS * ENG_CUDA_ATT_RPW)
 #define ENG_CUDA_ATT_KEYS  32 /* keys per shared-memory tile: one per lane */
+#define ENG_CUDA_TC_ROWS   64 /* tokens per tensor-core attention tile (16 per warp, 4 warps) */
+#define ENG_CUDA_TC_MIN    32 /* a sequence with at least this many new tokens takes the tensor-core path */
 
 /* x[t] = embd[tokens[t]] as f32. */
 void eng_cuda_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t n_tokens, int32_t dim,
@@ -49,10 +51,12 @@ typedef struct {
     __nv_bfloat16 *att;           /* out: (T, n_heads * head_dim) */
     const float *q;               /* (T, n_heads * head_dim), RoPE applied */
     const __nv_bfloat16 *kv_pool; /* the whole pool */
-    const eng_cuda_tile_t *tiles; /* (n_tiles) device */
+    const eng_cuda_tile_t *tiles; /* (n_tiles) device: CUDA-core tiles (decode, short chunks) */
     int32_t n_tiles, layer, n_heads, n_kv_heads, head_dim;
-    int32_t split_keys, n_splits; /* 0, 1: each (tile, KV head) in one block; else keys per split block */
-    float *part_acc, *part_ml;    /* split scratch: (n_splits, T, q_dim) and (n_splits, T, n_heads, 2) */
+    int32_t split_keys, n_splits;    /* 0, 1: each (tile, KV head) in one block; else keys per split block */
+    float *part_acc, *part_ml;       /* split scratch: (n_splits, T, q_dim) and (n_splits, T, n_heads, 2) */
+    const eng_cuda_tile_t *tc_tiles; /* (n_tc_tiles) device: tensor-core tiles of ENG_CUDA_TC_ROWS tokens (prefill) */
+    int32_t n_tc_tiles;
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* h = bf16(silu(gu[:, :hidden]) * gu[:, hidden:]) for gu (T, 2 hidden) f32. */

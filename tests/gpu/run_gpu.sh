@@ -80,6 +80,11 @@ while [ $# -gt 0 ]; do
             env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 1,8 --prefill-batches 0 2>&1 |
                 grep -E "^decode +[0-9]"
         done 2>&1 | tee -a "$OUT/ab_$shape.log"
+        echo "== $shape prefill, tensor-core attention off / on" | tee -a "$OUT/ab_$shape.log"
+        for env in "ENG_CUDA_TC=0" "ENG_CUDA_TC=1"; do
+            env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 0 --prefill-batches 1 2>&1 |
+                grep -E "^prefill +[0-9]"
+        done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     hf)
         shape=$1
