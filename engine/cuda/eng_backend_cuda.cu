@@ -538,7 +538,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
                           0,       c->n_heads,   c->n_kv_heads, (int32_t)hd,       0,
                           1,       be->part_acc, be->part_ml,   d_tiles + n_tiles, (int32_t)n_tc_tiles};
     const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
-    if (pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
+    if (pairs > 0 && pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
         const int64_t want = (4 * be->n_sm + pairs - 1) / pairs;
         int64_t keys = ((len + want - 1) / want + 31) / 32 * 32;
         if (keys < 64) keys = 64;
