@@ -287,7 +287,7 @@ namespace wmma = nvcuda::wmma;
 
 template <int HD> struct s_tc_layout {
     static constexpr int LDQ = HD + 8, LDS = S_TC_KEYS + 4, LDP = S_TC_KEYS + 8, LDO = HD + 4; /* padded strides */
-    static constexpr size_t Q = 0, K = Q + 64 * LDQ * 2, V = K + S_TC_KEYS * LDQ * 2, W = V + S_TC_KEYS * LDQ * 2;
+    static constexpr size_t K = 0, V = K + S_TC_KEYS * LDQ * 2, W = V + S_TC_KEYS * LDQ * 2;
     static constexpr size_t W_S = 0, W_P = W_S + 16 * LDS * 4, W_O = W_P + 16 * LDP * 2, W_BYTES = W_O + 16 * LDO * 4;
     static constexpr size_t BYTES = W + 4 * W_BYTES;
 };
@@ -296,8 +296,7 @@ template <int HD>
 static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
     typedef s_tc_layout<HD> L;
     extern __shared__ __align__(128) unsigned char tc_smem[];
-    __nv_bfloat16 *q_s = (__nv_bfloat16 *)(tc_smem + L::Q), *k_s = (__nv_bfloat16 *)(tc_smem + L::K),
-                  *v_s = (__nv_bfloat16 *)(tc_smem + L::V);
+    __nv_bfloat16 *k_s = (__nv_bfloat16 *)(tc_smem + L::K), *v_s = (__nv_bfloat16 *)(tc_smem + L::V);
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned char *ws = tc_smem + L::W + warp * L::W_BYTES;
     float *s_w = (float *)(ws + L::W_S), *o_w = (float *)(ws + L::W_O);
@@ -310,10 +309,22 @@ static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_
     const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1];
     const float scale = rsqrtf((float)HD);
 
-    /* Q tile (rows past the tile's end are zero), output accumulators zero */
+    /* Q as two bf16 terms, hi + lo (16 significant bits, near the f32 of the CUDA-core path): a real model's
+     * attention sinks make scores of tens, where bf16's 8 bits alone moved attention weights by tens of percent.
+     * Staged through the K and V buffers (rows past the tile's end are zero), then kept in registers. */
     for (int32_t i = threadIdx.x; i < 64 * HD; i += blockDim.x) {
         const int32_t r = i / HD, d = i % HD;
-        q_s[r * L::LDQ + d] = __float2bfloat16(r < tile.n ? a.q[(int64_t)(tile.t0 + r) * q_dim + h * HD + d] : 0.0f);
+        const float v = r < tile.n ? a.q[(int64_t)(tile.t0 + r) * q_dim + h * HD + d] : 0.0f;
+        const __nv_bfloat16 hi = __float2bfloat16(v);
+        k_s[r * L::LDQ + d] = hi;
+        v_s[r * L::LDQ + d] = __float2bfloat16(v - __bfloat162float(hi));
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> q_hi[HD / 16], q_lo[HD / 16];
+#pragma unroll
+    for (int d = 0; d < HD / 16; d++) {
+        wmma::load_matrix_sync(q_hi[d], k_s + warp * 16 * L::LDQ + d * 16, L::LDQ);
+        wmma::load_matrix_sync(q_lo[d], v_s + warp * 16 * L::LDQ + d * 16, L::LDQ);
     }
     for (int32_t i = lane; i < 16 * HD; i += 32) o_w[(i / HD) * L::LDO + i % HD] = 0.0f;
     /* lane owns row r = lane / 2 of its warp, columns half * 32 .. + 31 (scores) and half * HD / 2 .. (output) */
@@ -323,7 +334,7 @@ static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_
     float m = -INFINITY, l = 0.0f;
 
     for (int32_t k0 = 0; k0 <= pos_max; k0 += S_TC_KEYS) {
-        __syncthreads(); /* previous K/V consumed; Q written */
+        __syncthreads(); /* previous K/V consumed (the first time: the Q fragments are loaded) */
         constexpr int VEC = HD / 8;
         for (int32_t i = threadIdx.x; i < S_TC_KEYS * VEC; i += blockDim.x) {
             const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
@@ -345,11 +356,10 @@ static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_
             wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
             for (int d = 0; d < HD / 16; d++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
-                wmma::load_matrix_sync(fa, q_s + warp * 16 * L::LDQ + d * 16, L::LDQ);
                 wmma::load_matrix_sync(fb, k_s + kf * 16 * L::LDQ + d * 16, L::LDQ);
-                wmma::mma_sync(acc, fa, fb, acc);
+                wmma::mma_sync(acc, q_lo[d], fb, acc);
+                wmma::mma_sync(acc, q_hi[d], fb, acc);
             }
             wmma::store_matrix_sync(s_w + kf * 16, acc, L::LDS, wmma::mem_row_major);
         }

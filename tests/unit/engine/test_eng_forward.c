@@ -200,10 +200,11 @@ static void test_golden_logits_and_greedy(void) {
         if (diverged >= 0)
             CHECK_MSG(c->margins[diverged] < (s_is_cuda ? CUDA_NEAR_TIE_MARGIN : NEAR_TIE_MARGIN),
                       "%s: greedy diverges at step %d (ref margin %g)", c->name, diverged, c->margins[diverged]);
-        fprintf(stderr, "  %-22s prompt %4d  max|dlogit| %.2e  rel L2 %.2e  greedy %s (%d tokens%s%.3g)\n", c->name,
-                c->n_prompt, worst, worst_rel, diverged < 0 ? "identical" : "diverged",
-                diverged < 0 ? c->n_gen : diverged, diverged < 0 ? "" : "; ref margin there ",
-                diverged < 0 ? 0.0 : c->margins[diverged]);
+        char where[64] = "";
+        if (diverged >= 0)
+            snprintf(where, sizeof where, " at step %d, ref margin %.3g", diverged, c->margins[diverged]);
+        fprintf(stderr, "  %-22s prompt %4d  max|dlogit| %.2e  rel L2 %.2e  greedy %s (%d tokens)%s\n", c->name,
+                c->n_prompt, worst, worst_rel, diverged < 0 ? "identical" : "diverged", c->n_gen, where);
         eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
         eng_kv_seq_fini(&seq);
         free(c->prompt), free(c->greedy), free(c->margins), free(c->extra_pos), free(c->logits);
