@@ -288,7 +288,8 @@ namespace wmma = nvcuda::wmma;
 template <int HD> struct s_tc_layout {
     static constexpr int LDQ = HD + 8, LDS = S_TC_KEYS + 4, LDP = S_TC_KEYS + 8, LDO = HD + 4; /* padded strides */
     static constexpr size_t K = 0, V = K + S_TC_KEYS * LDQ * 2, W = V + S_TC_KEYS * LDQ * 2;
-    static constexpr size_t W_S = 0, W_P = W_S + 16 * LDS * 4, W_O = W_P + 16 * LDP * 2, W_BYTES = W_O + 16 * LDO * 4;
+    static constexpr size_t W_S = 0, W_P = W_S + 16 * LDS * 4, W_PL = W_P + 16 * LDP * 2, W_O = W_PL + 16 * LDP * 2,
+                            W_BYTES = W_O + 16 * LDO * 4;
     static constexpr size_t BYTES = W + 4 * W_BYTES;
 };
 
@@ -300,7 +301,7 @@ static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     unsigned char *ws = tc_smem + L::W + warp * L::W_BYTES;
     float *s_w = (float *)(ws + L::W_S), *o_w = (float *)(ws + L::W_O);
-    __nv_bfloat16 *p_w = (__nv_bfloat16 *)(ws + L::W_P);
+    __nv_bfloat16 *p_w = (__nv_bfloat16 *)(ws + L::W_P), *pl_w = (__nv_bfloat16 *)(ws + L::W_PL);
 
     const eng_cuda_tile_t tile = a.tc_tiles[blockIdx.x];
     const int32_t h = blockIdx.y, g = h / (a.n_heads / a.n_kv_heads);
@@ -379,8 +380,10 @@ static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_
 #pragma unroll
         for (int c = 0; c < 32; c++) {
             const float p = expf(sv[c] - m_new);
+            const __nv_bfloat16 p_hi = __float2bfloat16(p);
             sum += p;
-            p_w[r * L::LDP + half * 32 + c] = __float2bfloat16(p);
+            p_w[r * L::LDP + half * 32 + c] = p_hi; /* P too as hi + lo: within 1e-2 of the CUDA-core path */
+            pl_w[r * L::LDP + half * 32 + c] = __float2bfloat16(p - __bfloat162float(p_hi));
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         l = l * corr + sum, m = m_new;
@@ -394,10 +397,12 @@ static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_
             wmma::load_matrix_sync(acc, o_w + nf * 16, L::LDO, wmma::mem_row_major);
 #pragma unroll
             for (int kk = 0; kk < S_TC_KEYS / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa, fl;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
                 wmma::load_matrix_sync(fa, p_w + kk * 16, L::LDP);
+                wmma::load_matrix_sync(fl, pl_w + kk * 16, L::LDP);
                 wmma::load_matrix_sync(fb, v_s + kk * 16 * L::LDQ + nf * 16, L::LDQ);
+                wmma::mma_sync(acc, fl, fb, acc);
                 wmma::mma_sync(acc, fa, fb, acc);
             }
             wmma::store_matrix_sync(o_w + nf * 16, acc, L::LDO, wmma::mem_row_major);
