@@ -24,6 +24,11 @@ struct dc_exec {
     uint64_t step_start_us;
     uint64_t last_fail_log_us;
     dc_exec_stats_t st;
+    /* transferred KV not yet copied from the host mirror to the pool (dc_exec_kv_arrived), and the rows of the
+     * running step that copy theirs (read by the engine thread) */
+    uint64_t *kv_pending;
+    int32_t n_kv_pending, cap_kv_pending;
+    int32_t *upload_rows, n_upload_rows;
 };
 
 static void s_emit(dc_exec_t *x, int n) {
@@ -86,6 +91,12 @@ int32_t dc_exec_draft(eng_drafter_t *d, dc_plan_t *plan) {
  * verifies them. */
 static pd_status s_job(void *ud) {
     dc_exec_t *x = ud;
+    const int32_t bs = eng_kv_layout(x->p.eng)->block_size;
+    for (int32_t i = 0; i < x->n_upload_rows; i++) { /* KV that came through kvtransfer: positions [0, pos) */
+        const int32_t r = x->upload_rows[i];
+        pd_status st = eng_kv_from_host(x->p.eng, x->plan.block_tables[r], (x->plan.pos[r] + bs - 1) / bs);
+        if (st != PD_OK) return st;
+    }
     uint64_t t0 = pd_now_us();
     if (x->draft) dc_exec_draft(x->draft, &x->plan);
     uint64_t t1 = pd_now_us();
@@ -96,12 +107,37 @@ static pd_status s_job(void *ud) {
     return st;
 }
 
+/* Moves the pending transfers this plan runs into upload_rows; forgets those whose request is gone. */
+static void s_take_uploads(dc_exec_t *x) {
+    x->n_upload_rows = 0;
+    for (int32_t i = 0; i < x->n_kv_pending;) {
+        const uint64_t id = x->kv_pending[i];
+        int32_t row = -1, n_blocks;
+        for (int32_t r = 0; r < x->plan.n_seqs && row < 0; r++)
+            if (x->plan.req_ids[r] == id) row = r;
+        if (row >= 0) x->upload_rows[x->n_upload_rows++] = row;
+        if (row >= 0 || !dc_sched_blocks(x->p.sched, id, &n_blocks))
+            x->kv_pending[i] = x->kv_pending[--x->n_kv_pending];
+        else
+            i++;
+    }
+}
+
+void dc_exec_kv_arrived(dc_exec_t *x, uint64_t req_id) {
+    if (x->n_kv_pending == x->cap_kv_pending) {
+        x->cap_kv_pending = x->cap_kv_pending ? 2 * x->cap_kv_pending : 16;
+        x->kv_pending = pd_xrealloc(x->kv_pending, sizeof(uint64_t) * (size_t)x->cap_kv_pending);
+    }
+    x->kv_pending[x->n_kv_pending++] = req_id;
+}
+
 void dc_exec_kick(dc_exec_t *x) {
     if (x->is_in_handler || eng_async_is_busy(x->async)) return;
     int n = dc_sched_plan(x->p.sched, pd_now_us(), &x->plan, x->events, x->cap_events);
     PD_ASSERT(n >= 0);
     s_emit(x, n);
     if (x->plan.n_seqs == 0) return; /* idle until the next kick */
+    s_take_uploads(x);
     x->step_start_us = pd_now_us();
     pd_status st = eng_async_submit_fn(x->async, s_job, x);
     if (st != PD_OK) { /* cannot happen while not busy; end the rows rather than leave them planned */
@@ -178,6 +214,7 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
     dc_exec_t *x = pd_xcalloc(1, sizeof *x);
     x->p = *p;
     dc_plan_init(&x->plan, p->sched);
+    x->upload_rows = pd_xmalloc(sizeof(int32_t) * (size_t)x->plan.cap_seqs);
     /* logits rows: one per decode row and draft, one per local-prefill row (pages are touched only when used) */
     size_t rows = sp->spec == DC_SPEC_OFF
                       ? (size_t)x->plan.cap_seqs
@@ -240,6 +277,7 @@ void dc_exec_destroy(dc_exec_t **xp) {
     }
     dc_plan_fini(&x->plan);
     eng_drafter_destroy(&x->draft);
+    free(x->kv_pending), free(x->upload_rows);
     free(x->logits);
     free(x->events);
     free(x);

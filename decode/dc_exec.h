@@ -42,6 +42,11 @@ void dc_exec_destroy(dc_exec_t **x);
  * if none is running. Events of the planning (deadlines, preemptions) go to the callback. */
 void dc_exec_kick(dc_exec_t *x);
 
+/* req_id's KV arrived through kvtransfer into the engine's host KV (eng_kv_host_base): the step that first plans
+ * it copies its blocks to the pool first (eng_kv_from_host; nothing to do when the pool is the host memory).
+ * Call before admitting it (dc_sched_admit). */
+void dc_exec_kv_arrived(dc_exec_t *x, uint64_t req_id);
+
 /* The draft model's part of a planned step (its decode rows' draft work, dc_plan_t): runs d over them and puts
  * the proposals into the plan (dc_plan_set_drafts). Returns the drafts added. Thread: the one that drives d's
  * engine (the engine thread; tests call it directly). */

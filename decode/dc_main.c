@@ -18,7 +18,8 @@
 typedef struct {
     /* engine (shared with pd-prefill: same keys) */
     char *model;
-    int64_t threads, kv_mem, max_batch_tokens, max_batch_seqs;
+    int backend;
+    int64_t gpu, threads, kv_mem, max_batch_tokens, max_batch_seqs;
     /* decode */
     char *router, *id, *kv_bind;
     int64_t max_batch, max_seqs, prefill_chunk_tokens;
@@ -30,6 +31,7 @@ typedef struct {
 } dc_config_t;
 
 static const char *const s_spec_modes[] = {"off", "ngram", "draft", NULL}; /* dc_spec_mode_t's order */
+static const char *const s_backends[] = {"cpu", "cuda", NULL};             /* eng_backend_kind_t order */
 
 #define F(f) PD_CONFIG_FIELD(dc_config_t, f)
 /* kv_bind is a string, not an endpoint: pd_config endpoints need a port >= 1, and 0 (any free port) is the
@@ -37,6 +39,10 @@ static const char *const s_spec_modes[] = {"off", "ngram", "draft", NULL}; /* dc
 /* clang-format off */
 static const pd_opt_t s_opts[] = {
     {.section = "engine", .key = "model", .type = PD_OPT_STRING, F(model), .help = "GGUF model file (required)"},
+    {.section = "engine", .key = "backend", .type = PD_OPT_ENUM, F(backend), .def = "cpu", .choices = s_backends,
+     .help = "compute backend (cuda: a binary built with -DPDSERVE_CUDA=ON)"},
+    {.section = "engine", .key = "gpu", .type = PD_OPT_INT64, F(gpu), .def = "0", .min = 0, .max = 64,
+     .help = "CUDA device index (engine.backend cuda)"},
     {.section = "engine", .key = "threads", .type = PD_OPT_INT64, F(threads), .def = "0", .min = 0, .max = 1024,
      .help = "CPU compute threads, 0 = one per core"},
     {.section = "engine", .key = "kv_mem", .type = PD_OPT_SIZE, F(kv_mem), .def = "512MiB", .min = 1 << 20,
@@ -151,7 +157,9 @@ static int s_check(const dc_config_t *c) {
 static eng_t *s_engine_create(const dc_config_t *c, bool is_draft, char *err, size_t err_cap) {
     eng_params_t ep = eng_params_default();
     ep.model_path = is_draft ? c->draft_model : c->model;
-    ep.backend = ENG_BACKEND_CPU;
+    ep.backend = (eng_backend_kind_t)c->backend;
+    ep.gpu = (int32_t)c->gpu;
+    ep.kv_host_mirror = !is_draft; /* kvtransfer writes the target's KV into host memory: the GPU pool's copy */
     ep.n_threads = (int32_t)c->threads;
     ep.kv_mem_bytes = (uint64_t)(is_draft ? c->draft_kv_mem : c->kv_mem);
     ep.max_batch_tokens = (int32_t)(is_draft ? c->draft_catchup_tokens + c->max_batch : c->max_batch_tokens);

@@ -303,6 +303,7 @@ static void s_on_committed(dc_service_t *s, const kvt_event_t *kev) {
     pd_status st = dc_msg_first_token(kev->first_token_info, kev->first_token_info_len, kev->first_token, s->vocab_size,
                                       &first, why, sizeof why);
     dc_event_t ev;
+    if (st == PD_OK) dc_exec_kv_arrived(s->exec, r->req_id); /* into the pool before its first step (GPU) */
     if (st == PD_OK && dc_sched_admit(s->sched, r->req_id, &first, pd_now_us(), &ev) != PD_OK) {
         st = PD_EPROTO;
         snprintf(why, sizeof why, "first token %d outside the vocabulary", kev->first_token);

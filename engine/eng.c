@@ -36,7 +36,8 @@ static const eng_backend_ops_t *s_pick_backend(eng_backend_kind_t kind, char *er
 #ifdef PDSERVE_CUDA
     if (kind == ENG_BACKEND_CUDA) return &eng_backend_cuda;
 #endif
-    snprintf(err, cap, "engine: backend %d not built into this binary (configure with -DPDSERVE_CUDA=ON)", (int)kind);
+    snprintf(err, cap, "engine: the %s backend is not built into this binary (configure with -DPDSERVE_CUDA=ON)",
+             kind == ENG_BACKEND_CUDA ? "cuda" : "requested");
     return NULL;
 }
 
@@ -178,6 +179,28 @@ pd_status eng_forward(eng_t *e, const eng_batch_t *b) {
 
 void *eng_kv_host_base(eng_t *e) {
     return e->ops->kv_host_base ? e->ops->kv_host_base(e->be) : NULL;
+}
+
+static pd_status s_kv_sync(eng_t *e, const int32_t *blocks, int32_t n, bool is_to_host) {
+    if (n < 0) return PD_EINVAL;
+    for (int32_t i = 0; i < n; i++)
+        if (blocks[i] < 0 || blocks[i] >= e->kv_layout.n_blocks) {
+            LOG_E("engine: KV sync of block id %d outside the pool of %d", blocks[i], e->kv_layout.n_blocks);
+            return PD_EINVAL;
+        }
+    if (!e->ops->kv_sync || n == 0) return PD_OK;
+    return e->ops->kv_sync(e->be, blocks, n, is_to_host);
+}
+
+pd_status eng_kv_to_host(eng_t *e, const int32_t *table, int32_t pos, int32_t n_tokens) {
+    if (pos < 0 || n_tokens < 0) return PD_EINVAL;
+    if (n_tokens == 0) return PD_OK;
+    const int32_t bs = e->kv_layout.block_size, first = pos / bs, last = (pos + n_tokens - 1) / bs;
+    return s_kv_sync(e, table + first, last - first + 1, true);
+}
+
+pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t n_blocks) {
+    return s_kv_sync(e, table, n_blocks, false);
 }
 
 pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {

@@ -31,6 +31,7 @@ typedef struct {
     uint64_t kv_mem_bytes;    /* KV pool budget when kv_n_blocks is 0 (default 512 MiB) */
     int32_t max_batch_tokens; /* most new tokens in one eng_forward (sizes scratch; default 2048) */
     int32_t max_batch_seqs;   /* most sequences in one eng_forward (default 256) */
+    bool kv_host_mirror;      /* CUDA: keep a pinned host copy of the KV pool for kvtransfer (eng_kv_to_host) */
 } eng_params_t;
 
 eng_params_t eng_params_default(void);
@@ -80,6 +81,15 @@ int32_t eng_batch_n_logits(const eng_batch_t *b);
  * else NULL (CUDA: use the chunk calls). A chunk is at base + eng_kv_chunk_offset. Another thread (kvtransfer
  * on the service loop) may read or write the chunks of blocks that no running eng_forward uses. */
 void *eng_kv_host_base(eng_t *e);
+
+/* The host mirror of a pool that lives off the host (CUDA with kv_host_mirror): eng_kv_host_base is then a pinned
+ * host copy in the same layout, and these move whole blocks (every layer, K and V) between it and the GPU pool.
+ * to_host: the blocks of table spanning positions [pos, pos + n_tokens), after the forward that wrote them and
+ * before kvtransfer sends them; from_host: blocks table[0 .. n_blocks), after kvtransfer wrote them and before a
+ * forward reads them. No-ops (PD_OK) when the pool is in host memory (CPU). PD_EINVAL for a block outside the
+ * pool, PD_EBACKEND on a device error. Thread: the engine's. */
+PD_NODISCARD pd_status eng_kv_to_host(eng_t *e, const int32_t *table, int32_t pos, int32_t n_tokens);
+PD_NODISCARD pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t n_blocks);
 
 /* KV block export/import in the pool's layout and dtype (eng_kv_layout.h): one (layer, kind, block)
  * chunk of eng_kv_chunk_bytes. For hand-off between workers and for tests. */

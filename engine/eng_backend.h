@@ -18,8 +18,11 @@ typedef struct {
     pd_status (*forward)(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits);
     pd_status (*kv_read)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);
     pd_status (*kv_write)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src);
-    /* The KV pool's host address when it lives in host memory in the eng_kv_layout.h layout, else NULL. */
+    /* The KV pool's host address when it lives in host memory in the eng_kv_layout.h layout (or its host mirror),
+     * else NULL. */
     void *(*kv_host_base)(eng_backend_t *be);
+    /* Copies whole blocks between the pool and its host mirror; NULL when the pool is the host memory itself. */
+    pd_status (*kv_sync)(eng_backend_t *be, const int32_t *blocks, int32_t n_blocks, bool is_to_host);
 } eng_backend_ops_t;
 
 extern const eng_backend_ops_t eng_backend_cpu;

@@ -467,6 +467,16 @@ static void s_take_expired(pf_exec_t *x, const pf_plan_t *pl) {
     }
 }
 
+/* The step on the engine thread: the forward, then the KV it wrote to the host mirror kvtransfer sends from
+ * (eng_kv_to_host: nothing to do when the pool is the host memory). */
+static pd_status s_job(void *ud) {
+    pf_exec_t *x = ud;
+    pd_status st = eng_forward(x->p.eng, &x->batch);
+    for (int32_t i = 0; st == PD_OK && i < x->batch.n_seqs; i++)
+        st = eng_kv_to_host(x->p.eng, x->batch.block_tables[i], x->batch.pos[i], x->batch.n_tokens[i]);
+    return st;
+}
+
 /* Plans and starts the next step when the engine is idle and work is waiting. */
 static void s_kick(pf_exec_t *x) {
     if (x->plan || x->n_reqs == 0) return;
@@ -483,7 +493,7 @@ static void s_kick(pf_exec_t *x) {
         s_req_t *r = s_req_find(x, pl->req_ids[k]);
         if (r) r->is_in_step = true;
     }
-    pd_status st = eng_async_submit(x->async, &x->batch);
+    pd_status st = eng_async_submit_fn(x->async, s_job, x);
     if (st == PD_OK) {
         x->plan = pl;
         return;

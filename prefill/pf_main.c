@@ -19,7 +19,8 @@
 typedef struct {
     /* engine (shared with pd-decode: same keys) */
     char *model;
-    int64_t threads, kv_mem, max_batch_tokens, max_batch_seqs;
+    int backend;
+    int64_t gpu, threads, kv_mem, max_batch_tokens, max_batch_seqs;
     /* prefill */
     char *router, *id;
     int64_t step_tokens, chunk_tokens, max_queued, kv_conns;
@@ -31,8 +32,17 @@ typedef struct {
         .section = sec_, .key = #key_, .type = type_, PD_CONFIG_FIELD(pf_config_t, key_), .def = def_, .min = lo_, \
         .max = hi_, .help = help_                                                                                  \
     }
+static const char *const s_backends[] = {"cpu", "cuda", NULL}; /* eng_backend_kind_t order */
 static const pd_opt_t s_opts[] = {
     S_OPT("engine", model, PD_OPT_STRING, NULL, 0, 0, "GGUF model file (required)"),
+    {.section = "engine",
+     .key = "backend",
+     .type = PD_OPT_ENUM,
+     PD_CONFIG_FIELD(pf_config_t, backend),
+     .def = "cpu",
+     .choices = s_backends,
+     .help = "compute backend (cuda: a binary built with -DPDSERVE_CUDA=ON)"},
+    S_OPT("engine", gpu, PD_OPT_INT64, "0", 0, 64, "CUDA device index (engine.backend cuda)"),
     S_OPT("engine", threads, PD_OPT_INT64, "0", 0, 1024, "CPU compute threads, 0 = one per core"),
     S_OPT("engine", kv_mem, PD_OPT_SIZE, "512MiB", 1 << 20, 1099511627776.0, "KV block pool size"),
     S_OPT("engine", max_batch_tokens, PD_OPT_INT64, "2048", 1, 1 << 20, "most new tokens in one forward"),
@@ -99,7 +109,9 @@ static int s_check(const pf_config_t *c) {
 static eng_t *s_engine_create(const pf_config_t *c, char *err, size_t err_cap) {
     eng_params_t ep = eng_params_default();
     ep.model_path = c->model;
-    ep.backend = ENG_BACKEND_CPU;
+    ep.backend = (eng_backend_kind_t)c->backend;
+    ep.gpu = (int32_t)c->gpu;
+    ep.kv_host_mirror = true; /* kvtransfer sends from host memory: the GPU pool's pinned copy */
     ep.n_threads = (int32_t)c->threads;
     ep.kv_mem_bytes = (uint64_t)c->kv_mem;
     ep.max_batch_tokens = (int32_t)c->max_batch_tokens;

@@ -14,7 +14,8 @@
 typedef struct {
     const char *model, *prompt, *system;
     bool chat, special, ignore_eos, verbose;
-    int64_t max_tokens, threads;
+    int64_t max_tokens, threads, gpu;
+    bool is_cuda;
     const char *stops[ENG_STOP_MAX];
     int n_stops;
     eng_sampling_t sampling;
@@ -40,6 +41,8 @@ static void s_help(void) {
            "  --logprobs N              print the top-N logprobs of each token to stderr, 0..%d\n"
            "  --ignore-eos              keep generating past end-of-generation tokens\n"
            "  --threads N               compute threads (default: one per core)\n"
+           "  --backend cpu|cuda        compute backend (default cpu; cuda needs -DPDSERVE_CUDA=ON)\n"
+           "  --gpu N                   CUDA device index (default 0)\n"
            "  --verbose                 engine log lines on stderr\n",
            pdctl_default_model(), ENG_STOP_MAX, ENG_MAX_LOGPROBS);
 }
@@ -91,6 +94,14 @@ static int s_parse(int argc, char **argv, gen_opts_t *o, bool *done) {
             NEED_VALUE if (!pdctl_parse_i64(f, v, 1, 1 << 20, &o->max_tokens)) return 2;
         } else if (!strcmp(f, "--threads")) {
             NEED_VALUE if (!pdctl_parse_i64(f, v, 1, 1024, &o->threads)) return 2;
+        } else if (!strcmp(f, "--gpu")) {
+            NEED_VALUE if (!pdctl_parse_i64(f, v, 0, 64, &o->gpu)) return 2;
+        } else if (!strcmp(f, "--backend")) {
+            NEED_VALUE if (strcmp(v, "cpu") && strcmp(v, "cuda")) {
+                fprintf(stderr, "pdctl generate: --backend is cpu or cuda, not '%s'\n", v);
+                return 2;
+            }
+            o->is_cuda = !strcmp(v, "cuda");
         } else if (!strcmp(f, "--top-k")) {
             NEED_VALUE if (!pdctl_parse_i64(f, v, 0, 1 << 30, &iv)) return 2;
             o->sampling.top_k = (int32_t)iv;
@@ -309,6 +320,8 @@ int pdctl_generate(int argc, char **argv) {
     eng_params_t p = eng_params_default();
     p.model_path = o.model;
     p.n_threads = (int32_t)o.threads;
+    p.backend = o.is_cuda ? ENG_BACKEND_CUDA : ENG_BACKEND_CPU;
+    p.gpu = (int32_t)o.gpu;
     p.kv_mem_bytes = 256ull << 20;
     char err[512];
     eng_t *e = eng_create(&p, err, sizeof err);

@@ -112,6 +112,8 @@ static void s_help(void) {
            "  --spec MODE            speculative decoding on the decode workers: off, ngram or draft\n"
            "                         (= --decode.spec=MODE; see pd-decode --help for decode.spec_k etc.)\n"
            "  --draft-model PATH     the draft model of --spec draft (= --decode.draft_model=PATH)\n"
+           "  --backend cpu|cuda     compute backend of every worker (= --engine.backend; cuda needs a build\n"
+           "                         with -DPDSERVE_CUDA=ON); --gpu N picks the device (= --engine.gpu=N)\n"
            "  --section.key=value    passed to the services that own the section (router.* to the router,\n"
            "                         prefill.* / decode.* to that pool, engine.* to both pools)\n",
            pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS);
@@ -162,9 +164,11 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
             return 2;
         }
         i++;
-        /* shortcuts for decode-section options: passed through like --decode.key=value */
+        /* shortcuts for decode- and engine-section options: passed through like --section.key=value */
         const char *alias = !strcmp(f, "--spec")          ? "--decode.spec"
                             : !strcmp(f, "--draft-model") ? "--decode.draft_model"
+                            : !strcmp(f, "--backend")     ? "--engine.backend"
+                            : !strcmp(f, "--gpu")         ? "--engine.gpu"
                                                           : NULL;
         if (alias) {
             if (!s_add_pass(o, alias, v)) return 2;

@@ -72,8 +72,11 @@ struct eng_backend {
     float *logits_h; /* pinned (S_LOGIT_ROWS, vocab) */
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
-    bool is_gemv;              /* own GEMV for batches of <= 8 tokens (ENG_CUDA_GEMV=0: cuBLAS for all) */
-    bool is_tc;                /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
+    /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
+    uint8_t *mirror, *mirror_d;
+    int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
+    bool is_gemv;                   /* own GEMV for batches of <= 8 tokens (ENG_CUDA_GEMV=0: cuBLAS for all) */
+    bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs;
     s_graph_t graphs[S_MAX_GRAPHS];
@@ -142,6 +145,8 @@ static void s_destroy(eng_backend_t **pbe) {
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
     s_free_dev(be->part_acc), s_free_dev(be->part_ml);
+    if (be->mirror) cudaFreeHost(be->mirror);
+    if (be->sync_ids) cudaFreeHost(be->sync_ids);
     if (be->layers) {
         for (int32_t l = 0; l < be->m->cfg.n_layers; l++) {
             s_layer_t *w = &be->layers[l];
@@ -331,6 +336,16 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         goto fail;
     }
     cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->gpu);
+    if (p->kv_host_mirror &&
+        (cudaHostAlloc((void **)&be->mirror, eng_kv_pool_bytes(kv), cudaHostAllocMapped) != cudaSuccess ||
+         cudaHostGetDevicePointer((void **)&be->mirror_d, be->mirror, 0) != cudaSuccess ||
+         cudaHostAlloc((void **)&be->sync_ids, sizeof(int32_t) * (size_t)kv->n_blocks, cudaHostAllocMapped) !=
+             cudaSuccess ||
+         cudaHostGetDevicePointer((void **)&be->sync_ids_d, be->sync_ids, 0) != cudaSuccess)) {
+        snprintf(err, err_cap, "cuda backend: cannot allocate a pinned host mirror of the KV pool (%zu bytes)",
+                 eng_kv_pool_bytes(kv));
+        goto fail;
+    }
     if (s_alloc((void **)&be->part_acc, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * q_dim, "scratch") ||
         s_alloc((void **)&be->part_ml, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * c->n_heads * 2, "scratch")) {
         snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
@@ -563,8 +578,21 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
 }
 
 static void *s_kv_host_base(eng_backend_t *be) {
-    (void)be;
-    return NULL;
+    return be->mirror;
+}
+
+static pd_status s_kv_sync(eng_backend_t *be, const int32_t *blocks, int32_t n, bool is_to_host) {
+    if (!be->mirror) {
+        LOG_E("cuda backend: KV sync without a host mirror (eng_params.kv_host_mirror)");
+        return PD_EINVAL;
+    }
+    memcpy(be->sync_ids, blocks, sizeof(int32_t) * (size_t)n); /* the last kernel reading it was waited for */
+    eng_cuda_kv_copy(is_to_host ? (void *)be->mirror_d : (void *)be->kv_pool,
+                     is_to_host ? (const void *)be->kv_pool : (const void *)be->mirror_d, be->sync_ids_d, n,
+                     be->kv.n_layers * 2, be->kv.n_blocks, eng_kv_chunk_bytes(&be->kv), be->st);
+    S_CUDA(cudaGetLastError(), "KV sync");
+    S_CUDA(cudaStreamSynchronize(be->st), "KV sync");
+    return PD_OK;
 }
 
 static pd_status s_kv_read(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
@@ -584,5 +612,5 @@ static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind
 }
 
 extern "C" const eng_backend_ops_t eng_backend_cuda = {
-    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base,
+    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync,
 };

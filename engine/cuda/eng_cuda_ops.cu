@@ -534,3 +534,20 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
     }
     return true;
 }
+
+/* ---- KV blocks between the pool and its host mirror ----
+ * One thread block per (listed block, layer x kind chunk), 16-byte copies. The mirror is mapped pinned host memory,
+ * so the kernel's loads or stores cross PCIe directly: one launch moves any set of scattered blocks. */
+static __global__ void k_kv_copy(uint8_t *dst, const uint8_t *src, const int32_t *blocks, int32_t n_blocks_pool,
+                                 size_t chunk_bytes) {
+    const size_t off = ((size_t)blockIdx.y * (size_t)n_blocks_pool + (size_t)blocks[blockIdx.x]) * chunk_bytes;
+    const uint4 *s = (const uint4 *)(src + off);
+    uint4 *d = (uint4 *)(dst + off);
+    for (size_t i = threadIdx.x; i < chunk_bytes / 16; i += blockDim.x) d[i] = s[i];
+}
+
+void eng_cuda_kv_copy(void *dst, const void *src, const int32_t *blocks, int32_t n, int32_t n_chunks_per_block,
+                      int32_t n_blocks_pool, size_t chunk_bytes, cudaStream_t st) {
+    k_kv_copy<<<dim3((unsigned)n, (unsigned)n_chunks_per_block), 256, 0, st>>>((uint8_t *)dst, (const uint8_t *)src,
+                                                                               blocks, n_blocks_pool, chunk_bytes);
+}

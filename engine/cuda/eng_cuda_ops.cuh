@@ -67,4 +67,9 @@ void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st);
 
+/* Copies every chunk (n_chunks_per_block = layers x 2) of the n listed blocks from src to dst, two pools of one
+ * layout (device pointers; mapped host memory included); chunk_bytes a multiple of 16. */
+void eng_cuda_kv_copy(void *dst, const void *src, const int32_t *blocks, int32_t n, int32_t n_chunks_per_block,
+                      int32_t n_blocks_pool, size_t chunk_bytes, cudaStream_t st);
+
 #endif

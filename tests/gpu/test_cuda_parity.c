@@ -7,7 +7,8 @@
  *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
  *     to bf16 and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
- *     disaggregated path: CPU prefill worker, CUDA decode worker).
+ *     disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
+ *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool.
  * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
 #define _POSIX_C_SOURCE 200809L /* strdup, strtok_r */
 #include <math.h>
@@ -200,11 +201,50 @@ static void s_check_model(const char *path) {
     float r_import = s_rel_l2(lg, own, V);
     CHECK_MSG(r_import <= CUDA_REL_TOL, "%s: decode on imported CPU KV differs by %g", path, r_import);
 
+    /* 4. the host mirror the services' kvtransfer uses (kv_host_mirror): CPU KV as bf16 written into the mirror,
+     * eng_kv_from_host, the same decode step; then a CUDA prefill's eng_kv_to_host equals its chunks read back */
+    p.kv_host_mirror = true;
+    side_t mir = {0};
+    mir.e = eng_create(&p, err, sizeof err);
+    REQUIRE(mir.e != NULL);
+    uint8_t *mbase = eng_kv_host_base(mir.e);
+    const eng_kv_layout_t *km = eng_kv_layout(mir.e);
+    REQUIRE(mbase != NULL && km->n_blocks == kl->n_blocks);
+    REQUIRE(eng_kv_seq_reserve(&mir.seqs[s], eng_kv_pool(mir.e), km->block_size, s_lens[s] + 1) == PD_OK);
+    for (int32_t l = 0; l < km->n_layers; l++)
+        for (int kind = 0; kind < 2; kind++)
+            for (int32_t bi = 0; bi < n_blocks; bi++) {
+                REQUIRE(eng_kv_read_chunk(cpu.e, l, (eng_kv_kind_t)kind, cpu.seqs[s].blocks[bi], h32) == PD_OK);
+                uint16_t *dst =
+                    (uint16_t *)(mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, mir.seqs[s].blocks[bi]));
+                for (size_t i = 0; i < chunk_elems; i++) dst[i] = eng_f32_to_bf16(h32[i]);
+            }
+    CHECK_EQ_INT(eng_kv_from_host(mir.e, mir.seqs[s].blocks, n_blocks), PD_OK);
+    s_forward_one(&mir, s, &next, 1, s_lens[s], lg);
+    float r_mirror = s_rel_l2(lg, own, V);
+    CHECK_MSG(r_mirror <= CUDA_REL_TOL, "%s: decode on mirror-imported CPU KV differs by %g", path, r_mirror);
+    const int s2 = 3; /* a CUDA prefill of 100 tokens, then to the mirror */
+    s_forward_one(&mir, s2, prompts[s2], s_lens[s2], 0, lg);
+    CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s2].blocks, 0, s_lens[s2]), PD_OK);
+    int n_diff = 0;
+    for (int32_t l = 0; l < km->n_layers; l++)
+        for (int kind = 0; kind < 2; kind++)
+            for (int32_t bi = 0; bi < (s_lens[s2] + km->block_size - 1) / km->block_size; bi++) {
+                const int32_t blk = mir.seqs[s2].blocks[bi];
+                REQUIRE(eng_kv_read_chunk(mir.e, l, (eng_kv_kind_t)kind, blk, back) == PD_OK);
+                n_diff +=
+                    memcmp(back, mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, blk), chunk_elems * 2) != 0;
+            }
+    CHECK_MSG(n_diff == 0, "%s: %d chunks of the mirror differ from the pool after eng_kv_to_host", path, n_diff);
+    s_release(&mir);
+    for (int i = 0; i < N_SEQS; i++) eng_kv_seq_fini(&mir.seqs[i]);
+    eng_destroy(&mir.e);
+
     fprintf(stderr,
             "  %s: CPU vs CUDA worst rel L2 %.2e (tol %.0e); clear argmaxes %d/%d equal; batched+chunked vs alone "
-            "%.2e (tol %.0e); decode on CPU-prefilled KV %.2e\n",
+            "%.2e (tol %.0e); decode on CPU-prefilled KV %.2e (through the host mirror %.2e)\n",
             path, worst, CUDA_REL_TOL, n_argmax_clear - n_argmax_bad, n_argmax_clear, worst_batch, CUDA_BATCH_REL_TOL,
-            r_import);
+            r_import, r_mirror);
     s_release(&cpu), s_release(&gpu);
     for (int i = 0; i < N_SEQS; i++) {
         eng_kv_seq_fini(&cpu.seqs[i]), eng_kv_seq_fini(&gpu.seqs[i]);
