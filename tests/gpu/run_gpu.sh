@@ -7,6 +7,7 @@
 #   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
 #   tests/gpu/run_gpu.sh ab SHAPE      decode at batch 1 and 8 with graphs / small-batch GEMV off and on
+#   tests/gpu/run_gpu.sh cluster       pdctl up --backend cuda: router -> prefill -> decode on the GPU
 #   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 set -uo pipefail
@@ -39,7 +40,8 @@ while [ $# -gt 0 ]; do
         {
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
             cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null &&
-                cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda 2>&1 |
+                cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda \
+                pdctl pd-router pd-prefill pd-decode 2>&1 |
                 grep -E "error|warning|Error" || true
             ls -la build-gpu/tests/test_cuda_parity build-gpu/bench/engine_cuda
         } 2>&1 | tee -a "$OUT/build.log"
@@ -85,6 +87,21 @@ while [ $# -gt 0 ]; do
             env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 0 --prefill-batches 1 2>&1 |
                 grep -E "^prefill +[0-9]"
         done 2>&1 | tee -a "$OUT/ab_$shape.log"
+        ;;
+    cluster)
+        # pdctl up --backend cuda (1 prefill + 1 decode worker sharing the GPU, KV through the host mirror and
+        # kvtransfer): a greedy completion of a 200-token prompt against pdctl generate --backend cuda
+        m=${PDSERVE_MODEL:-$(s_model smolshape --shape custom --dim 576 --layers 4 --heads 9 --kv-heads 3 --ffn 1536 \
+            --vocab 49152)}
+        {
+            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18080 >"$OUT/cluster_up.log" 2>&1 &
+            up=$!
+            python3 tests/gpu/cluster_smoke.py "$m" 18080 ./build-gpu/deploy/pdctl
+            echo "cluster smoke rc=$?"
+            kill -INT $up
+            wait $up
+            tail -5 "$OUT/cluster_up.log"
+        } 2>&1 | tee -a "$OUT/cluster.log"
         ;;
     hf)
         shape=$1
