@@ -3,7 +3,7 @@
 # carrying .debs/ there (scripts/fetch_debs.sh). Unpacks every .deb into $PD_PREFIX (default /tmp/pdprefix)
 # and exports the paths CMake, pkg-config, the compiler and the loader need.
 PD_PREFIX="${PD_PREFIX:-/tmp/pdprefix}"
-if [ ! -f "$PD_PREFIX/.unpacked" ]; then
+if [ ! -f "$PD_PREFIX/.unpacked" ] && ls "$(dirname "${BASH_SOURCE[0]}")"/../.debs/*.deb >/dev/null 2>&1; then
     mkdir -p "$PD_PREFIX"
     for f in "$(dirname "${BASH_SOURCE[0]}")"/../.debs/*.deb; do dpkg -x "$f" "$PD_PREFIX"; done
     # -dev packages symlink to absolute /usr/lib paths: repoint them inside the prefix
