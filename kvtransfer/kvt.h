@@ -154,7 +154,8 @@ typedef struct {
     pd_status (*reserve)(void *ctx, int32_t n_blocks, int32_t *ids);
     /* Return blocks of a transfer that failed or was cancelled. */
     void (*release)(void *ctx, const int32_t *ids, int32_t n_blocks);
-    /* Host address of one (layer, K or V, block) chunk, in the receiver's layout and dtype. */
+    /* Host address of one (layer, K or V, block) chunk, in the receiver's layout and dtype. Called from the
+     * receiver's copy thread too (copy_threads 2) while the poll thread waits for it: a pure address lookup. */
     void *(*chunk)(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block_id);
     /* Optional, used instead of reserve / release when set: the same, naming the request (and its token
      * count) the blocks are for, so a decode scheduler can account blocks per request. */
@@ -176,6 +177,12 @@ typedef struct {
     int32_t linger_ms;          /* ZMQ_LINGER on close (default 0) */
     int32_t heartbeat_ivl_ms;   /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
     bool is_shm_enabled;        /* map a same-host sender's shared pool when it offers one (default true) */
+    /* 2 (default): a shared-pool frame pair's V copy runs on a helper thread beside its K copy (one core moves
+     * about half of memcpy's bandwidth with the checksum); 1: inline. Socket frames stay on the poll thread:
+     * there ZeroMQ's I/O thread already runs beside it, and a third thread on two cores made tcp slower. */
+    int32_t copy_threads;
+    uint64_t copy_parallel_min_bytes; /* ... for frames of at least this many bytes (default 1 MiB: below it the
+                                         hand-off costs about what it saves) */
 } kvt_receiver_params_t;
 
 kvt_receiver_params_t kvt_receiver_params_default(void);

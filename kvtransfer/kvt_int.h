@@ -98,5 +98,7 @@ bool kvt_receiver_has_room(const kvt_receiver_t *r);
 void kvt_receiver_reset(kvt_receiver_t *r);
 /* Test hook: the next KvData of this transfer goes out with a wrong checksum for its first frame. */
 PD_NODISCARD pd_status kvt_sender_test_corrupt(kvt_sender_t *s, uint64_t transfer_id);
+/* ... for its frame 0 (K) or 1 (V). */
+PD_NODISCARD pd_status kvt_sender_test_corrupt_frame(kvt_sender_t *s, uint64_t transfer_id, int32_t frame);
 
 #endif

@@ -3,6 +3,7 @@
  * credit, and hands the blocks over on commit. Trusts nothing from the wire; a bad message ends only the
  * transfer it names. Does not schedule: what to do with committed blocks is the caller's business. */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,25 @@ typedef struct {
     int32_t *ids; /* COMMITTED: owned, freed on the poll after delivery */
 } kvt_rev_t;
 
+/* The helper that copies a pair's V frame while the poll thread copies its K frame (s_put_pair). A job is
+ * posted and waited for within one s_put_pair, so nothing else in the receiver runs beside it. */
+typedef struct kvt_data_in kvt_data_in_t;
+typedef struct {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool is_posted, is_done, is_stopping;
+    /* the job: s_put_frame's arguments and its result */
+    struct kvt_receiver *r;
+    kvt_rtx_t *t;
+    kvt_data_in_t *in;
+    size_t f;
+    uint32_t ly, b, n;
+    bool ok;
+    char why[160]; /* as the poll thread's reason buffers */
+    uint8_t *scratch;
+} kvt_copier_t;
+
 struct kvt_receiver {
     void *sock;
     kvt_receiver_params_t p;
@@ -62,6 +82,7 @@ struct kvt_receiver {
     kvt_stats_t st;
     uint64_t log_next_us; /* rate limit for protocol-error lines */
     uint64_t log_suppressed;
+    kvt_copier_t *copier; /* copy_threads 2 */
 };
 
 kvt_receiver_params_t kvt_receiver_params_default(void) {
@@ -73,6 +94,8 @@ kvt_receiver_params_t kvt_receiver_params_default(void) {
     p.default_timeout_ms = 30000;
     p.linger_ms = 0;
     p.heartbeat_ivl_ms = 1000;
+    p.copy_threads = 2;
+    p.copy_parallel_min_bytes = 1u << 20;
     p.is_shm_enabled = true;
     return p;
 }
@@ -366,7 +389,7 @@ static pd_status s_check_data(const kvt_receiver_t *r, const kvt_rtx_t *t, const
 #define KVT_COPY_PIECE (16u << 10) /* bytes hashed and stored per step: stays in L1 between the two */
 
 /* What s_on_data needs for each frame. */
-typedef struct {
+struct kvt_data_in {
     const Pdserve__V1__KvData *d;
     const void *const *frames; /* socket payloads, or NULL for the shared pool */
     const size_t *sizes;
@@ -375,13 +398,13 @@ typedef struct {
     eng_kv_dtype_t wire_dt;
     size_t wire_chunk; /* bytes of one chunk on the wire */
     uint64_t total;
-} kvt_data_in_t;
+};
 
 /* Copies frame f (n chunks of kind, blocks [b, b + n) of layer ly) into the reserved blocks, then checks
  * its checksum over the bytes as they were copied (so a sender that overwrites its shared pool meanwhile
  * is caught, not committed). false + reason: wrong size, out of the pool, or checksum mismatch. */
-static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_t f, uint32_t ly, int kind, uint32_t b,
-                        uint32_t n, char *why, size_t cap) {
+static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, const kvt_data_in_t *in, uint8_t *scratch, size_t f,
+                        uint32_t ly, int kind, uint32_t b, uint32_t n, char *why, size_t cap) {
     const eng_kv_layout_t *l = &r->p.layout;
     uint64_t bytes = (uint64_t)n * in->wire_chunk;
     const uint8_t *src;
@@ -405,13 +428,13 @@ static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size
              * scratch (the sender could change it between our hash and our copy); a socket frame is ours. */
             for (size_t o = 0; o < in->wire_chunk; o += KVT_COPY_PIECE) {
                 size_t k = in->wire_chunk - o < KVT_COPY_PIECE ? in->wire_chunk - o : KVT_COPY_PIECE;
-                const uint8_t *c = in->shm ? memcpy(r->scratch, src + o, k) : src + o;
+                const uint8_t *c = in->shm ? memcpy(scratch, src + o, k) : src + o;
                 kvt_hash_update(&hs, c, k);
                 kvt_copy_stream(dst + o, c, k);
             }
         } else {
             const uint8_t *c = src;
-            if (in->shm) c = memcpy(r->scratch, src, in->wire_chunk);
+            if (in->shm) c = memcpy(scratch, src, in->wire_chunk);
             kvt_hash_update(&hs, c, in->wire_chunk);
             kvt_convert(dst, l->dtype, c, in->wire_dt, eng_kv_chunk_elems(l));
         }
@@ -420,15 +443,79 @@ static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size
         snprintf(why, cap, "data: layer %u blocks [%u,+%u) %c: checksum mismatch", ly, b, n, kind ? 'V' : 'K');
         return false;
     }
-    in->total += bytes;
     return true;
+}
+
+static void *s_copier_main(void *arg) {
+    kvt_copier_t *c = arg;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        while (!c->is_posted && !c->is_stopping) pthread_cond_wait(&c->cv, &c->mu);
+        if (c->is_stopping) break;
+        c->is_posted = false;
+        pthread_mutex_unlock(&c->mu);
+        bool ok = s_put_frame(c->r, c->t, c->in, c->scratch, c->f, c->ly, 1, c->b, c->n, c->why, sizeof c->why);
+        pthread_mutex_lock(&c->mu);
+        c->ok = ok, c->is_done = true;
+        pthread_cond_broadcast(&c->cv);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+static kvt_copier_t *s_copier_create(kvt_receiver_t *r, size_t scratch_bytes) {
+    kvt_copier_t *c = pd_xcalloc(1, sizeof *c);
+    c->r = r;
+    c->scratch = pd_xmalloc(scratch_bytes);
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    if (pthread_create(&c->thread, NULL, s_copier_main, c) != 0) {
+        LOG_W("kvt receiver: no copy thread (%s); copying on the poll thread", strerror(errno));
+        pthread_cond_destroy(&c->cv), pthread_mutex_destroy(&c->mu);
+        free(c->scratch), free(c);
+        return NULL;
+    }
+    return c;
+}
+
+static void s_copier_destroy(kvt_copier_t **cp) {
+    kvt_copier_t *c = *cp;
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    c->is_stopping = true;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    pthread_join(c->thread, NULL);
+    pthread_cond_destroy(&c->cv), pthread_mutex_destroy(&c->mu);
+    free(c->scratch), free(c);
+    *cp = NULL;
 }
 
 /* The K and V frames (f, f + 1) of blocks [b, b + n) of layer ly. */
 static bool s_put_pair(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_t f, uint32_t ly, uint32_t b,
                        uint32_t n, char *why, size_t cap) {
-    if (!s_put_frame(r, t, in, f, ly, 0, b, n, why, cap) || !s_put_frame(r, t, in, f + 1, ly, 1, b, n, why, cap))
+    kvt_copier_t *c = r->copier;
+    /* V on the copy thread, K here: for the shared pool only, where the copies are the whole cost; socket payloads
+     * already keep ZeroMQ's I/O thread busy, and a third thread on two cores made tcp slower */
+    if (c && in->shm && (uint64_t)n * in->wire_chunk >= r->p.copy_parallel_min_bytes) {
+        pthread_mutex_lock(&c->mu);
+        c->t = t, c->in = in, c->f = f + 1, c->ly = ly, c->b = b, c->n = n, c->is_done = false, c->is_posted = true;
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+        bool ok_k = s_put_frame(r, t, in, r->scratch, f, ly, 0, b, n, why, cap);
+        pthread_mutex_lock(&c->mu);
+        while (!c->is_done) pthread_cond_wait(&c->cv, &c->mu);
+        pthread_mutex_unlock(&c->mu);
+        if (!ok_k) return false;
+        if (!c->ok) {
+            snprintf(why, cap, "%s", c->why);
+            return false;
+        }
+    } else if (!s_put_frame(r, t, in, r->scratch, f, ly, 0, b, n, why, cap) ||
+               !s_put_frame(r, t, in, r->scratch, f + 1, ly, 1, b, n, why, cap)) {
         return false;
+    }
+    in->total += 2u * (uint64_t)n * in->wire_chunk;
     for (uint32_t i = 0; i < n; i++) t->got[(size_t)ly * (size_t)t->n_blocks + b + i] = 1;
     t->n_got += (int32_t)n;
     return true;
@@ -674,6 +761,7 @@ kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *
     r->ev = pd_xcalloc((size_t)r->ev_cap, sizeof *r->ev);
     r->held_ids = pd_xcalloc((size_t)r->ev_cap, sizeof *r->held_ids);
     r->scratch = pd_xmalloc(eng_kv_chunk_elems(l) * 4u);
+    if (p->copy_threads >= 2) r->copier = s_copier_create(r, eng_kv_chunk_elems(l) * 4u);
     r->sock = zmq_socket(zmq_ctx, ZMQ_ROUTER);
     if (!r->sock) {
         snprintf(err, err_cap, "zmq_socket(ROUTER): %s", zmq_strerror(errno));
@@ -726,6 +814,7 @@ void kvt_receiver_reset(kvt_receiver_t *r) {
 void kvt_receiver_destroy(kvt_receiver_t **rp) {
     if (!rp || !*rp) return;
     kvt_receiver_t *r = *rp;
+    s_copier_destroy(&r->copier);
     s_drop_all(r);
     if (r->sock) zmq_close(r->sock);
     free(r->held_ids);

@@ -38,7 +38,8 @@ typedef struct {
     int32_t n_tokens, n_blocks;
     int32_t *block_ids; /* (n_blocks) the sender's blocks, owned */
     int32_t n_layers_ready;
-    bool has_commit, is_blocked, corrupt_next;
+    bool has_commit, is_blocked;
+    int32_t corrupt_next; /* test hook: 1 + the frame of the next data message whose checksum is spoiled; 0 none */
     int32_t first_token;
     uint8_t *commit_info; /* (commit_info_len) owned; handed over with the commit */
     size_t commit_info_len;
@@ -312,9 +313,13 @@ pd_status kvt_sender_cancel(kvt_sender_t *s, uint64_t transfer_id) {
 }
 
 pd_status kvt_sender_test_corrupt(kvt_sender_t *s, uint64_t transfer_id) {
+    return kvt_sender_test_corrupt_frame(s, transfer_id, 0);
+}
+
+pd_status kvt_sender_test_corrupt_frame(kvt_sender_t *s, uint64_t transfer_id, int32_t frame) {
     kvt_stx_t *t = s_find(s, transfer_id);
-    if (!t) return PD_EINVAL;
-    t->corrupt_next = true;
+    if (!t || frame < 0 || frame > 1) return PD_EINVAL;
+    t->corrupt_next = 1 + frame;
     return PD_OK;
 }
 
@@ -582,7 +587,7 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
         s->cksum[f] = kvt_hash64((const uint8_t *)s->p.pool_base + off, s->runs[f / 2] * chunk);
         if (f % 2) b += s->runs[f / 2];
     }
-    if (t->corrupt_next) s->cksum[0] ^= 1u;
+    if (t->corrupt_next) s->cksum[t->corrupt_next - 1] ^= 1u;
     Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
     d.transfer_id = t->transfer_id;
     d.epoch = t->epoch;
@@ -627,7 +632,7 @@ static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64
             return PD_EIO;
         }
     }
-    t->corrupt_next = false;
+    t->corrupt_next = 0;
     t->next_seq[c]++;
     t->n_sent++;
     t->is_striped |= c > 0;
