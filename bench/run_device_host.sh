@@ -12,6 +12,8 @@ source scripts/device_env.sh
     cmake --version | head -1
     cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DPDSERVE_TESTS=OFF >/dev/null && \
         cmake --build build-dev -j"$(nproc)" --target kv_transfer 2>&1 | grep -E "error|warning" || true
-    echo "== bench/kv_transfer"
-    ./build-dev/bench/kv_transfer
+    for ct in 2 1; do # the receiver's shared-pool copies on two threads (the default), then on one
+        echo "== bench/kv_transfer, KVT_COPY_THREADS=$ct"
+        KVT_COPY_THREADS=$ct ./build-dev/bench/kv_transfer
+    done
 } 2>&1 | tee "$OUT/host_bench.log"
