@@ -97,6 +97,7 @@ struct rt_core {
     char endpoint[PB_MAX_ENDPOINT_BYTES + 1];
     rt_worker_t *workers; /* (RT_MAX_WORKERS) */
     int64_t check_timer_id;
+    uint64_t last_check_us, resumed_us; /* the worker check's last run; when the loop last came back from a stall */
     /* requests by id */
     rt_req_t **buckets;
     uint64_t n_buckets; /* power of two */

@@ -263,9 +263,19 @@ static void s_on_check(pd_loop_t *l, void *ud) {
     (void)l;
     rt_core_t *c = ud;
     uint64_t now = pd_now_us(), limit = (uint64_t)c->p.worker_timeout_ms * 1000u;
+    /* This loop itself held up for half the timeout (a long handler, a starved CPU): the workers' silence since
+     * then is ours, not theirs. Each gets a whole timeout from now, as the prefill and decode workers count the
+     * router's silence in unanswered heartbeats rather than wall time. */
+    if (now - c->last_check_us > limit / 2) {
+        LOG_W("router loop held up for %llu ms: worker silence counts from now",
+              (unsigned long long)((now - c->last_check_us) / 1000u));
+        c->resumed_us = now;
+    }
+    c->last_check_us = now;
     for (int i = 0; i < RT_MAX_WORKERS; i++) {
         rt_worker_t *w = &c->workers[i];
-        if (w->is_used && w->is_alive && now - w->last_seen_us > limit) {
+        uint64_t seen = w->last_seen_us > c->resumed_us ? w->last_seen_us : c->resumed_us;
+        if (w->is_used && w->is_alive && now - seen > limit) {
             char why[64];
             snprintf(why, sizeof why, "silent for %llu ms", (unsigned long long)((now - w->last_seen_us) / 1000u));
             s_worker_lost(c, w, why);
@@ -564,6 +574,7 @@ pd_status rt_registry_open(rt_core_t *c, char *err, size_t cap) {
     int64_t ivl =
         c->p.heartbeat_ivl_ms < c->p.worker_timeout_ms / 4 ? c->p.heartbeat_ivl_ms : c->p.worker_timeout_ms / 4;
     c->check_timer_id = pd_loop_add_timer(c->loop, ivl > 5 ? ivl : 5, true, s_on_check, c);
+    c->last_check_us = pd_now_us();
     if (c->check_timer_id < 0) {
         snprintf(err, cap, "router control socket: cannot add its timer");
         return PD_EIO;

@@ -1,6 +1,10 @@
 /* test_rt_core.c: rt_core on a real pd_loop against scripted DEALER workers (real ZeroMQ on loopback, the real
  * model file for the tokenizer): registration and fingerprints, dispatch choices, reservation refusals, chunk
- * relay (seed, usage), failures (prefill, deadline, lost worker), abandon, admission errors, metrics. */
+ * relay (seed, usage), failures (prefill, deadline, lost worker, the router's own stall), abandon, admission
+ * errors, metrics. */
+#define _POSIX_C_SOURCE 200809L /* nanosleep */
+#include <time.h>
+
 #include "rt_openai.h"
 #include "unit/router/rt_test_env.h"
 
@@ -384,6 +388,37 @@ static void test_failures(void) {
     rt_env_fini(&e);
 }
 
+/* The router's own loop held up for 2.5 timeouts with the whole machine (nobody beat meanwhile): no worker is
+ * lost for the router's pause; one that then stays silent for a whole timeout is. */
+static void test_router_stall(void) {
+    rt_env_t e;
+    rt_core_params_t p = rt_env_params();
+    p.worker_timeout_ms = 400;
+    REQUIRE(rt_env_init(&e, &p));
+    rt_worker_sim_t d, pf;
+    rt_worker_open(&e, &d, "decode-0");
+    rt_worker_open(&e, &pf, "prefill-0");
+    REQUIRE(rt_worker_register(&e, &d, ROLE_D) && rt_worker_register(&e, &pf, ROLE_P));
+    rt_env_pump(&e, 30);
+    CHECK(rt_core_is_ready(e.core));
+    nanosleep(&(struct timespec){.tv_nsec = 999999999}, NULL);
+    rt_env_pump(&e, 50);
+    CHECK(rt_core_is_ready(e.core));
+    uint64_t end = pd_now_us() + 700000u; /* decode beats, prefill stays silent */
+    while (pd_now_us() < end) {
+        rt_worker_heartbeat(&d, ROLE_D, 100, 0);
+        rt_env_pump(&e, 40);
+    }
+    CHECK(!rt_core_is_ready(e.core));
+    char *text = rt_core_metrics(e.core, NULL);
+    CHECK(text && strstr(text, "pdserve_workers{role=\"prefill\",state=\"lost\"} 1\n"));
+    CHECK(text && strstr(text, "pdserve_workers{role=\"decode\",state=\"lost\"} 0\n"));
+    free(text);
+    rt_worker_close(&d);
+    rt_worker_close(&pf);
+    rt_env_fini(&e);
+}
+
 static rt_req_t *s_try(rt_env_t *e, Pdserve__V1__GenerateRequest *req, Pdserve__V1__ErrorCode *code, char *msg,
                        size_t cap) {
     rt_front_t f = {0};
@@ -473,6 +508,7 @@ int main(void) {
     PD_TEST_RUN(test_local_prefill);
     PD_TEST_RUN(test_reserve_refused);
     PD_TEST_RUN(test_failures);
+    PD_TEST_RUN(test_router_stall);
     PD_TEST_RUN(test_admission);
     return pd_test_finish();
 }
