@@ -16,6 +16,7 @@
 #   --concurrency "C ..." (default: 1 8 32)
 #   --spec-k K          draft tokens per step (--decode.spec_k; default: the service's)
 #   --threads T         compute threads for the whole cluster (default 2, env PD_BENCH_THREADS)
+#   --backend B         cpu (default) or cuda: the workers' engine (pdctl up --backend; a -DPDSERVE_CUDA=ON build)
 #   --max-requests N    cap on R per run (default 32, 0 = none). Why: on 2 cores one prefill thread
 #                       takes ~7-8 s per 1.3k-token RAG prompt, so R = 64 at C = 32 would cost ~8 min per
 #                       spec mode alone and the default run would not fit in 20 min
@@ -45,7 +46,7 @@ usage() { sed -n '/^# usage:/,/^#   --out/p' "$0" | sed 's/^# \{0,1\}//' >&2; ex
 case "$1" in -h | --help) usage ;; esac
 BUILD=$1
 shift
-DRAFT="" QUICK=0 SPECS="" WORKLOADS="rag chat" CONCS="1 8 32" SPEC_K="" OUT="" MAX_REQ=32
+BACKEND=cpu DRAFT="" QUICK=0 SPECS="" WORKLOADS="rag chat" CONCS="1 8 32" SPEC_K="" OUT="" MAX_REQ=32
 THREADS=${PD_BENCH_THREADS:-2}
 KV_MEM=4GiB
 while [ $# -gt 0 ]; do
@@ -57,6 +58,7 @@ while [ $# -gt 0 ]; do
     --concurrency) CONCS=$2; shift 2 ;;
     --spec-k) SPEC_K=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
+    --backend) BACKEND=$2; shift 2 ;;
     --kv-mem) KV_MEM=$2; shift 2 ;;
     --max-requests) MAX_REQ=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
@@ -113,7 +115,8 @@ start_cluster() { # spec mode; sets URL, API
         [ -n "$SPEC_K" ] && [ "$spec" != off ] && args+=("--decode.spec_k=$SPEC_K")
         [ "$spec" = draft ] && args+=("--decode.draft_model=$DRAFT")
     fi
-    "$PDCTL" up --port 0 --threads "$THREADS" --prefill 1 --decode 1 "--engine.kv_mem=$KV_MEM" "${args[@]}" \
+    "$PDCTL" up --port 0 --threads "$THREADS" --prefill 1 --decode 1 --backend "$BACKEND" "--engine.kv_mem=$KV_MEM" \
+        "${args[@]}" \
         >"$log" 2>&1 &
     CLUSTER_PID=$!
     URL="" API=""

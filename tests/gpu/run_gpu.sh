@@ -8,6 +8,8 @@
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
 #   tests/gpu/run_gpu.sh ab SHAPE      decode at batch 1 and 8 with graphs / small-batch GEMV off and on
 #   tests/gpu/run_gpu.sh cluster       pdctl up --backend cuda: router -> prefill -> decode on the GPU
+#   tests/gpu/run_gpu.sh spec          bench/run_spec_bench.sh --backend cuda (PDSERVE_MODELS: the default model's folder)
+#   tests/gpu/run_gpu.sh host          bench/kv_transfer on the host CPU (issue 3), copy threads 2 and 1
 #   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 set -uo pipefail
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
             cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null &&
                 cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda \
-                pdctl pd-router pd-prefill pd-decode 2>&1 |
+                pdctl pd-router pd-prefill pd-decode kv_transfer 2>&1 |
                 grep -E "error|warning|Error" || true
             ls -la build-gpu/tests/test_cuda_parity build-gpu/bench/engine_cuda
         } 2>&1 | tee -a "$OUT/build.log"
@@ -102,6 +104,19 @@ while [ $# -gt 0 ]; do
             wait $up
             tail -5 "$OUT/cluster_up.log"
         } 2>&1 | tee -a "$OUT/cluster.log"
+        ;;
+    spec)
+        # issue 5 on the GPU: bench/run_spec_bench.sh with --backend cuda (needs the default model: PDSERVE_MODELS
+        # names its folder; the RAG/chat workloads use its chat template)
+        bench/run_spec_bench.sh build-gpu --backend cuda --spec "off ngram" --concurrency "1 8 32" \
+            --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -20 | tee -a "$OUT/spec.log"
+        ;;
+    host)
+        # issue 3 on this machine's host CPU: the KV hand-off, receiver copies on two threads then one
+        for ct in 2 1; do
+            echo "== kv_transfer KVT_COPY_THREADS=$ct"
+            KVT_COPY_THREADS=$ct ./build-gpu/bench/kv_transfer
+        done 2>&1 | tee -a "$OUT/host.log"
         ;;
     hf)
         shape=$1
