@@ -147,13 +147,13 @@ pd_status pd_endpoint_check(const char *uri, unsigned flags, const char **why) {
         if (!isdigit((unsigned char)*c) || p > 65535) goto bad_port;
         p = p * 10 + (*c - '0');
     }
-    if (!*port || p < 1 || p > 65535) goto bad_port;
+    if (!*port || p < ((flags & PD_OPT_ALLOW_PORT0) ? 0 : 1) || p > 65535) goto bad_port;
     return PD_OK;
 bad_host:
     *why = "has a malformed host (name, IPv4 or [IPv6])";
     return PD_EINVAL;
 bad_port:
-    *why = "needs a port in [1, 65535]";
+    *why = (flags & PD_OPT_ALLOW_PORT0) ? "needs a port in [0, 65535] (0: any free one)" : "needs a port in [1, 65535]";
     return PD_EINVAL;
 }
 

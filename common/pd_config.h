@@ -27,6 +27,7 @@ typedef enum {
 enum {
     PD_OPT_ALLOW_WILDCARD = 1u << 0, /* endpoint may bind every interface (host "*", 0.0.0.0 or [::]) */
     PD_OPT_ALLOW_EMPTY = 1u << 1,    /* endpoint may be "" (meaning: not configured) */
+    PD_OPT_ALLOW_PORT0 = 1u << 2,    /* tcp port may be 0: bind any free port (the service reports the one it got) */
 };
 
 /* Field C types, filled by PD_CONFIG_FIELD so pd_config_defaults can refuse a table whose option type does not

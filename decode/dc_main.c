@@ -34,8 +34,7 @@ static const char *const s_spec_modes[] = {"off", "ngram", "draft", NULL}; /* dc
 static const char *const s_backends[] = {"cpu", "cuda", NULL};             /* eng_backend_kind_t order */
 
 #define F(f) PD_CONFIG_FIELD(dc_config_t, f)
-/* kv_bind is a string, not an endpoint: pd_config endpoints need a port >= 1, and 0 (any free port) is the
- * default; s_check validates it. One option per two lines reads better than clang-format's one field per line. */
+/* One option per two lines reads better than clang-format's one field per line. */
 /* clang-format off */
 static const pd_opt_t s_opts[] = {
     {.section = "engine", .key = "model", .type = PD_OPT_STRING, F(model), .help = "GGUF model file (required)"},
@@ -55,8 +54,8 @@ static const pd_opt_t s_opts[] = {
      .help = "the router's control endpoint"},
     {.section = "decode", .key = "id", .type = PD_OPT_STRING, F(id), .def = "decode-0",
      .help = "worker id (unique among workers; printable, no spaces)"},
-    {.section = "decode", .key = "kv_bind", .type = PD_OPT_STRING, F(kv_bind), .def = "tcp://127.0.0.1:0",
-     .help = "KV receiver bind endpoint (tcp port 0 = any free one; the bound one is advertised)"},
+    {.section = "decode", .key = "kv_bind", .type = PD_OPT_ENDPOINT, F(kv_bind), .def = "tcp://127.0.0.1:0",
+     .flags = PD_OPT_ALLOW_PORT0, .help = "KV receiver bind endpoint (tcp port 0 = any free one; the bound one is advertised)"},
     {.section = "decode", .key = "max_batch", .type = PD_OPT_INT64, F(max_batch), .def = "64", .min = 1, .max = 65536,
      .help = "sequences decoded per step"},
     {.section = "decode", .key = "max_seqs", .type = PD_OPT_INT64, F(max_seqs), .def = "256", .min = 1, .max = 65536,
@@ -117,16 +116,6 @@ static int s_check(const dc_config_t *c) {
     if (!c->model || !c->model[0] || access(c->model, R_OK) != 0) {
         fprintf(stderr, "pd-decode: engine.model: %s\n",
                 c->model && c->model[0] ? "cannot read the file" : "required (--engine.model=PATH)");
-        return 2;
-    }
-    /* kv_bind as an endpoint, its port 0 read as 1 */
-    char ep[PD_CONFIG_MAX_STRING + 2];
-    size_t n = c->kv_bind ? strlen(c->kv_bind) : 0;
-    snprintf(ep, sizeof ep, "%s", c->kv_bind ? c->kv_bind : "");
-    if (n >= 2 && strcmp(ep + n - 2, ":0") == 0) ep[n - 1] = '1';
-    const char *why = NULL;
-    if (pd_endpoint_check(ep, 0, &why) != PD_OK) {
-        fprintf(stderr, "pd-decode: decode.kv_bind '%s' %s\n", c->kv_bind ? c->kv_bind : "", why);
         return 2;
     }
     if (c->spec == DC_SPEC_DRAFT && (!c->draft_model || !c->draft_model[0] || access(c->draft_model, R_OK) != 0)) {

@@ -294,6 +294,9 @@ static void test_endpoints(void) {
     memset(long_ipc + 11, 'x', 110);
     CHECK(pd_endpoint_check(long_ipc, 0, &why) == PD_EINVAL && strstr(why, "107"));
     CHECK(pd_endpoint_check("tcp://*:5555", PD_OPT_ALLOW_WILDCARD, &why) == PD_OK);
+    CHECK(pd_endpoint_check("tcp://127.0.0.1:0", 0, &why) == PD_EINVAL && strstr(why, "[1, 65535]"));
+    CHECK(pd_endpoint_check("tcp://127.0.0.1:0", PD_OPT_ALLOW_PORT0, &why) == PD_OK);
+    CHECK(pd_endpoint_check("tcp://127.0.0.1:65536", PD_OPT_ALLOW_PORT0, &why) == PD_EINVAL && strstr(why, "[0, "));
     CHECK(pd_endpoint_check("tcp://0.0.0.0:5555", PD_OPT_ALLOW_WILDCARD, &why) == PD_OK);
     CHECK(pd_endpoint_check("", PD_OPT_ALLOW_EMPTY, &why) == PD_OK);
     CHECK(pd_endpoint_check("tcp://*:5555", 0, &why) == PD_EINVAL && strstr(why, "every interface"));
