@@ -40,6 +40,9 @@ typedef struct {
     int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
     cudaGraphExec_t exec;
     uint64_t last_used;
+    /* ENG_CUDA_STEP_TIMES=1: whole eng_forward wall time vs the graph's own GPU time, summed over its launches */
+    int64_t n_timed;
+    double wall_ms, gpu_ms;
 } s_graph_t;
 
 typedef struct {
@@ -78,7 +81,8 @@ struct eng_backend {
     bool is_gemv;                   /* own GEMV for batches of <= 8 tokens (ENG_CUDA_GEMV=0: cuBLAS for all) */
     bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
-    bool is_graphs;
+    bool is_graphs, is_step_times;
+    cudaEvent_t step_ev[2];
     s_graph_t graphs[S_MAX_GRAPHS];
     uint64_t graph_clock;
     void *blas_ws;
@@ -139,8 +143,17 @@ static void s_destroy(eng_backend_t **pbe) {
     cudaSetDevice(be->gpu);
     if (be->st) cudaStreamSynchronize(be->st);
     s_prof_report(be);
-    for (int i = 0; i < S_MAX_GRAPHS; i++)
-        if (be->graphs[i].T) cudaGraphExecDestroy(be->graphs[i].exec);
+    for (int i = 0; i < S_MAX_GRAPHS; i++) {
+        const s_graph_t *g = &be->graphs[i];
+        if (be->is_step_times && g->T && g->n_timed)
+            fprintf(stderr,
+                    "cuda graph steps of %lld tokens: %lld launches, forward wall %.3f ms, GPU %.3f ms, host %.3f ms "
+                    "(%.1f%% of GPU)\n",
+                    (long long)g->T, (long long)g->n_timed, g->wall_ms / g->n_timed, g->gpu_ms / g->n_timed,
+                    (g->wall_ms - g->gpu_ms) / g->n_timed, 100.0 * (g->wall_ms - g->gpu_ms) / g->gpu_ms);
+        if (g->T) cudaGraphExecDestroy(g->exec);
+    }
+    if (be->is_step_times) cudaEventDestroy(be->step_ev[0]), cudaEventDestroy(be->step_ev[1]);
     s_free_dev(be->blas_ws);
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
@@ -359,6 +372,10 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         const char *tc = getenv("ENG_CUDA_TC");
         be->is_tc = !(tc && *tc == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
+        const char *step_times = getenv("ENG_CUDA_STEP_TIMES");
+        be->is_step_times = step_times && *step_times && *step_times != '0' &&
+                            cudaEventCreate(&be->step_ev[0]) == cudaSuccess &&
+                            cudaEventCreate(&be->step_ev[1]) == cudaSuccess;
         if (be->is_prof) {
             be->ev = (cudaEvent_t *)calloc(S_PROF_EVENTS, sizeof(cudaEvent_t));
             for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventCreate(&be->ev[i]);
@@ -491,7 +508,7 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
 }
 
 static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
-    const uint64_t t_start = be->is_prof ? pd_now_us() : 0;
+    const uint64_t t_start = be->is_prof || be->is_step_times ? pd_now_us() : 0;
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
     const int32_t tile_tokens = (int32_t)(ENG_CUDA_ATT_ROWS / G);
@@ -567,9 +584,16 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     } else {
         s_graph_t *g = s_graph_get(be, T, n_tiles, n_logits, &tk, &att, d_tok, d_rows);
         if (!g) return PD_EBACKEND;
+        if (be->is_step_times) cudaEventRecord(be->step_ev[0], be->st);
         S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
+        if (be->is_step_times) cudaEventRecord(be->step_ev[1], be->st);
         S_CUDA(cudaStreamSynchronize(be->st), "forward");
         memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * n_logits);
+        if (be->is_step_times) { /* the whole call (tables, copy up, launch, logits out) against the graph alone */
+            float gpu_ms = 0;
+            cudaEventElapsedTime(&gpu_ms, be->step_ev[0], be->step_ev[1]);
+            g->n_timed++, g->gpu_ms += gpu_ms, g->wall_ms += (double)(pd_now_us() - t_start) / 1e3;
+        }
     }
     S_CUDA(cudaGetLastError(), "forward kernels");
     if (be->is_prof)

@@ -69,7 +69,8 @@ while [ $# -gt 0 ]; do
     bench)
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && ./build-gpu/bench/engine_cuda --model "$m" 2>&1 |
+        # ENG_CUDA_STEP_TIMES: per graph-launched batch size, the forward's wall time against the graph's GPU time
+        m=$(s_model "$shape" --shape "$shape") && ENG_CUDA_STEP_TIMES=1 ./build-gpu/bench/engine_cuda --model "$m" 2>&1 |
             tee -a "$OUT/bench_$shape.log"
         ;;
     profile)
