@@ -1,11 +1,12 @@
 /* eng_backend_cuda.cu: the CUDA backend. Weights live on the GPU in bf16 (dequantized at load from any type the
  * CPU backend reads), with Q/K/V and gate/up fused into one matrix each so a layer is four GEMMs (cuBLAS, bf16 in,
  * f32 accumulate). The residual stream stays f32 on the GPU and the residual adds ride in the GEMMs (beta = 1).
- * The KV pool is bf16 on the GPU in the eng_kv_layout.h layout. A forward copies the batch's small tables up once,
- * runs every layer on one stream and copies back only the logits asked for.
+ * The KV pool is bf16 on the GPU in the eng_kv_layout.h layout, with an optional pinned host mirror for kvtransfer.
+ * A forward copies the batch's small tables up once, runs every layer on one stream (replaying a CUDA graph per
+ * batch shape for small batches) and copies back only the logits asked for.
  *
- * Not yet here (issue 6): CUDA graphs for decode steps, sampling on the GPU, tensor-core attention for prefill,
- * sequence-split attention for long decode contexts, KV hand-off straight from GPU memory. */
+ * Not yet here (issue 6): sampling on the GPU, KV copied to the host layer by layer during the forward, register-
+ * resident tensor-core attention (eng_cuda_ops.cu's WMMA kernel keeps its tiles in shared memory). */
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -78,7 +79,6 @@ struct eng_backend {
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
-    bool is_gemv;                   /* own GEMV for batches of <= 8 tokens (ENG_CUDA_GEMV=0: cuBLAS for all) */
     bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
@@ -365,10 +365,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         goto fail;
     }
     {
-        const char *prof = getenv("ENG_CUDA_PROFILE"), *gemv = getenv("ENG_CUDA_GEMV"),
-                   *graphs = getenv("ENG_CUDA_GRAPHS");
+        const char *prof = getenv("ENG_CUDA_PROFILE"), *graphs = getenv("ENG_CUDA_GRAPHS");
         be->is_prof = prof && *prof && *prof != '0';
-        be->is_gemv = !(gemv && *gemv == '0');
         const char *tc = getenv("ENG_CUDA_TC");
         be->is_tc = !(tc && *tc == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */

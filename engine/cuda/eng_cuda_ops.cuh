@@ -61,12 +61,6 @@ typedef struct {
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* h = bf16(silu(gu[:, :hidden]) * gu[:, hidden:]) for gu (T, 2 hidden) f32. */
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
-/* y (n_tok, n_out) [+]= x (n_tok, k) . w (n_out, k)^T for 1 <= n_tok <= ENG_CUDA_GEMV_MAX_TOKENS and k % 8 == 0
- * (16-byte aligned rows); false (nothing launched) otherwise. */
-#define ENG_CUDA_GEMV_MAX_TOKENS 8
-bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
-                   bool is_accumulate, cudaStream_t st);
-
 /* Copies every chunk (n_chunks_per_block = layers x 2) of the n listed blocks from src to dst, two pools of one
  * layout (device pointers; mapped host memory included); chunk_bytes a multiple of 16. */
 void eng_cuda_kv_copy(void *dst, const void *src, const int32_t *blocks, int32_t n, int32_t n_chunks_per_block,

@@ -6,7 +6,7 @@
 #   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
 #   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
-#   tests/gpu/run_gpu.sh ab SHAPE      decode at batch 1 and 8 with graphs / small-batch GEMV off and on
+#   tests/gpu/run_gpu.sh ab SHAPE      decode at batch 1 and 8 with graphs off and on; prefill with tensor cores off/on
 #   tests/gpu/run_gpu.sh cluster       pdctl up --backend cuda: router -> prefill -> decode on the GPU
 #   tests/gpu/run_gpu.sh spec          bench/run_spec_bench.sh --backend cuda (PDSERVE_MODELS: the default model's folder)
 #   tests/gpu/run_gpu.sh host          bench/kv_transfer on the host CPU (issue 3), copy threads 2 and 1
@@ -84,11 +84,11 @@ while [ $# -gt 0 ]; do
         done 2>&1 | tee -a "$OUT/profile_$shape.log"
         ;;
     ab)
-        # the same decode steps with the CUDA graphs and the small-batch GEMV switched off, for before/after
+        # the same decode steps with the CUDA graphs off and on, each twice (the pairs show run-to-run noise)
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && for env in "ENG_CUDA_GRAPHS=0 ENG_CUDA_GEMV=0" "ENG_CUDA_GRAPHS=0" \
-            "ENG_CUDA_GEMV=0" "ENG_CUDA_GRAPHS=1"; do
+        m=$(s_model "$shape" --shape "$shape") && for env in ENG_CUDA_GRAPHS=0 ENG_CUDA_GRAPHS=1 ENG_CUDA_GRAPHS=0 \
+            ENG_CUDA_GRAPHS=1; do
             echo "== $shape $env"
             env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 1,8 --prefill-batches 0 2>&1 |
                 grep -E "^decode +[0-9]"
