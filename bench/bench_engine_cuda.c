@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "eng.h"
+#include "eng_quant.h"
 #include "pd_log.h"
 
 typedef struct {
@@ -46,6 +47,16 @@ static int s_parse_list(const char *s, int *out, int cap) {
         }                                                               \
     } while (0)
 
+/* The median of 9 timings (sorts them). */
+static float s_median9(float ms[9]) {
+    for (int i = 1; i < 9; i++)
+        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
+            float t = ms[j];
+            ms[j] = ms[j - 1], ms[j - 1] = t;
+        }
+    return ms[4];
+}
+
 /* Bytes read + written per second by a device-to-device copy of 1 GiB, median of 9. */
 static double s_copy_bw(void) {
     const size_t n = (size_t)1 << 30;
@@ -63,13 +74,9 @@ static double s_copy_bw(void) {
         cudaEventSynchronize(e1);
         if (r >= 0) cudaEventElapsedTime(&ms[r], e0, e1);
     }
-    for (int i = 1; i < 9; i++)
-        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
-            float t = ms[j];
-            ms[j] = ms[j - 1], ms[j - 1] = t;
-        }
+    cudaEventDestroy(e0), cudaEventDestroy(e1);
     cudaFree(a), cudaFree(b);
-    return 2.0 * (double)n / (ms[4] * 1e-3);
+    return 2.0 * (double)n / (s_median9(ms) * 1e-3);
 }
 
 /* FLOP/s of a bf16 GEMM 8192^3 (f32 accumulate, bf16 out) on random data, median of 9. */
@@ -80,10 +87,7 @@ static double s_gemm_peak(void) {
     uint32_t x = 12345;
     for (size_t i = 0; i < elems; i++) {
         x = x * 1664525u + 1013904223u;
-        float f = ((float)(x >> 8) / 16777216.0f - 0.5f);
-        uint32_t bits;
-        memcpy(&bits, &f, 4);
-        h[i] = (uint16_t)(bits >> 16);
+        h[i] = eng_f32_to_bf16((float)(x >> 8) / 16777216.0f - 0.5f);
     }
     void *a, *b, *c;
     S_CK(cudaMalloc(&a, elems * 2));
@@ -111,53 +115,56 @@ static double s_gemm_peak(void) {
         }
         if (r >= 0) cudaEventElapsedTime(&ms[r], e0, e1);
     }
-    for (int i = 1; i < 9; i++)
-        for (int j = i; j > 0 && ms[j] < ms[j - 1]; j--) {
-            float t = ms[j];
-            ms[j] = ms[j - 1], ms[j - 1] = t;
-        }
+    cudaEventDestroy(e0), cudaEventDestroy(e1);
     cublasDestroy(blas);
     cudaFree(a), cudaFree(b), cudaFree(c);
-    return 2.0 * n * (double)n * n / (ms[4] * 1e-3);
+    return 2.0 * n * (double)n * n / (s_median9(ms) * 1e-3);
 }
 
 typedef struct {
     eng_t *e;
     int32_t vocab;
     eng_kv_seq_t *seqs;
-    int n_seqs;
     float *logits;
 } run_t;
+
+/* One eng_forward of m sequences of sequences seqs[0..m) (n_tokens[i] tokens at pos[i], tokens in order), logits
+ * of each last token into r->logits; exits on failure. */
+static void s_forward(run_t *r, const eng_kv_seq_t *seqs, int m, const int32_t *n_tokens, const int32_t *pos,
+                      const int32_t *tokens, const char *what) {
+    int32_t nb[256];
+    const int32_t *tables[256];
+    for (int i = 0; i < m; i++) tables[i] = seqs[i].blocks, nb[i] = seqs[i].n_blocks;
+    eng_batch_t b = {.n_seqs = m,
+                     .n_tokens = n_tokens,
+                     .pos = pos,
+                     .block_tables = tables,
+                     .n_blocks = nb,
+                     .tokens = tokens,
+                     .want_logits = NULL,
+                     .logits = r->logits};
+    if (eng_forward(r->e, &b) != PD_OK) {
+        fprintf(stderr, "%s forward failed\n", what);
+        exit(1);
+    }
+}
 
 /* Forwards the prompts [pos0, pos0 + len) of sequences s0..s0+n in batches of up to max_tokens tokens; returns
  * seconds. */
 static double s_prefill(run_t *r, int s0, int n, int len, int max_tokens) {
     int per = max_tokens / len > 0 ? max_tokens / len : 1, chunk = len < max_tokens ? len : max_tokens;
-    int32_t *toks = malloc(sizeof(int32_t) * (size_t)max_tokens), nt[256], pos[256], nb[256];
-    const int32_t *tables[256];
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)max_tokens), nt[256], pos[256];
     uint64_t t0 = pd_now_us();
     for (int a = 0; a < n; a += per) {
         int m = n - a < per ? n - a : per;
         for (int done = 0; done < len; done += chunk) {
             int c = len - done < chunk ? len - done : chunk;
             for (int i = 0; i < m; i++) {
-                eng_kv_seq_t *sq = &r->seqs[s0 + a + i];
                 for (int k = 0; k < c; k++)
                     toks[i * c + k] = (int32_t)((done + k) * 7919 + (s0 + a + i) * 31) % r->vocab;
-                nt[i] = c, pos[i] = done, tables[i] = sq->blocks, nb[i] = sq->n_blocks;
+                nt[i] = c, pos[i] = done;
             }
-            eng_batch_t b = {.n_seqs = m,
-                             .n_tokens = nt,
-                             .pos = pos,
-                             .block_tables = tables,
-                             .n_blocks = nb,
-                             .tokens = toks,
-                             .want_logits = NULL,
-                             .logits = r->logits};
-            if (eng_forward(r->e, &b) != PD_OK) {
-                fprintf(stderr, "prefill forward failed\n");
-                exit(1);
-            }
+            s_forward(r, r->seqs + s0 + a, m, nt, pos, toks, "prefill");
         }
     }
     free(toks);
@@ -217,20 +224,27 @@ int main(int argc, char **argv) {
         kv_tokens = (uint64_t)max_pb * (uint64_t)(o.prefill_len + 16);
     char err[512];
     uint64_t t_load = pd_now_us();
-    /* first a layout probe to learn KV bytes per token, then the real engine */
-    p.kv_n_blocks = 1;
-    eng_t *probe = eng_create(&p, err, sizeof err);
-    if (!probe) {
-        fprintf(stderr, "eng_create: %s\n", err);
+    /* KV bytes per token from the model file alone (the CUDA pool is bf16), to size the pool before the engine */
+    eng_model_t *mf = eng_model_load(o.model, err, sizeof err);
+    if (!mf) {
+        fprintf(stderr, "%s: %s\n", o.model, err);
         return 1;
     }
-    const eng_kv_layout_t *lay = eng_kv_layout(probe);
-    const size_t kv_token_bytes = eng_kv_token_bytes(lay);
-    eng_destroy(&probe);
+    const eng_kv_layout_t bf16_kv = {.n_layers = mf->cfg.n_layers,
+                                     .n_kv_heads = mf->cfg.n_kv_heads,
+                                     .head_dim = mf->cfg.head_dim,
+                                     .block_size = p.kv_block_size,
+                                     .dtype = ENG_KV_BF16};
+    const size_t kv_token_bytes = eng_kv_token_bytes(&bf16_kv);
+    eng_model_destroy(&mf);
     p.kv_n_blocks = (int32_t)((kv_tokens + (uint64_t)p.kv_block_size - 1) / (uint64_t)p.kv_block_size + 2 * max_b);
     eng_t *e = eng_create(&p, err, sizeof err);
     if (!e) {
         fprintf(stderr, "eng_create: %s\n", err);
+        return 1;
+    }
+    if (eng_kv_token_bytes(eng_kv_layout(e)) != kv_token_bytes) {
+        fprintf(stderr, "engine KV layout differs from the bf16 one this bench sized the pool for\n");
         return 1;
     }
     const eng_model_config_t *c = eng_config(e);
@@ -252,30 +266,18 @@ int main(int argc, char **argv) {
     for (int bi = 0; bi < o.n_decode_b; bi++) {
         const int B = o.decode_b[bi];
         for (int s = 0; s < B; s++)
-            if (eng_kv_seq_reserve(&r.seqs[s], pool, lay->block_size, o.ctx + o.n_new + 2) != PD_OK) {
+            if (eng_kv_seq_reserve(&r.seqs[s], pool, p.kv_block_size, o.ctx + o.n_new + 2) != PD_OK) {
                 fprintf(stderr, "KV pool too small for batch %d\n", B);
                 return 1;
             }
         (void)s_prefill(&r, 0, B, o.ctx, o.max_batch_tokens);
-        int32_t nt[256], pos[256], nb[256], toks[256];
-        const int32_t *tables[256];
-        for (int s = 0; s < B; s++) nt[s] = 1, tables[s] = r.seqs[s].blocks, nb[s] = r.seqs[s].n_blocks;
+        int32_t nt[256], pos[256], toks[256];
+        for (int s = 0; s < B; s++) nt[s] = 1;
         uint64_t t0 = 0;
         for (int step = -2; step < o.n_new; step++) { /* two warm-up steps */
             if (step == 0) t0 = pd_now_us();
             for (int s = 0; s < B; s++) pos[s] = o.ctx + 2 + step, toks[s] = (step * 131 + s * 17 + 1000) % r.vocab;
-            eng_batch_t b = {.n_seqs = B,
-                             .n_tokens = nt,
-                             .pos = pos,
-                             .block_tables = tables,
-                             .n_blocks = nb,
-                             .tokens = toks,
-                             .want_logits = NULL,
-                             .logits = r.logits};
-            if (eng_forward(e, &b) != PD_OK) {
-                fprintf(stderr, "decode forward failed\n");
-                return 1;
-            }
+            s_forward(&r, r.seqs, B, nt, pos, toks, "decode");
         }
         const double step_s = (double)(pd_now_us() - t0) / 1e6 / o.n_new;
         /* KV read per step: every sequence's context, mid-run */
@@ -291,7 +293,7 @@ int main(int argc, char **argv) {
     for (int bi = 0; bi < o.n_prefill_b; bi++) {
         const int B = o.prefill_b[bi];
         for (int s = 0; s < B; s++)
-            if (eng_kv_seq_reserve(&r.seqs[s], pool, lay->block_size, o.prefill_len) != PD_OK) {
+            if (eng_kv_seq_reserve(&r.seqs[s], pool, p.kv_block_size, o.prefill_len) != PD_OK) {
                 fprintf(stderr, "KV pool too small for prefill batch %d\n", B);
                 return 1;
             }
