@@ -4,6 +4,7 @@
 #define PD_TEST_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,6 +100,15 @@ static inline const char *pd_test_model_path(void) {
     else
         snprintf(buf, sizeof buf, "%s/.cache/pdserve/models/SmolLM2-135M-Instruct.Q4_1.gguf", home ? home : ".");
     return buf;
+}
+
+/* ||a - ref|| / ||ref|| in L2 norm, in double; INFINITY when either holds a NaN. For tolerances of backends that
+ * round differently (CUDA's bf16 against the CPU's f32 or a golden file). */
+static inline float pd_test_rel_l2(const float *a, const float *ref, int32_t n) {
+    double num = 0, den = 0;
+    for (int32_t i = 0; i < n; i++) num += (double)(a[i] - ref[i]) * (a[i] - ref[i]), den += (double)ref[i] * ref[i];
+    double r = sqrt(num / (den > 0 ? den : 1));
+    return r == r ? (float)r : INFINITY;
 }
 
 #endif

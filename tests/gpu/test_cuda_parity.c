@@ -37,13 +37,6 @@ typedef struct {
     eng_kv_seq_t seqs[N_SEQS];
 } side_t;
 
-static float s_rel_l2(const float *a, const float *ref, int32_t n) {
-    double num = 0, den = 0;
-    for (int32_t i = 0; i < n; i++) num += (double)(a[i] - ref[i]) * (a[i] - ref[i]), den += (double)ref[i] * ref[i];
-    double r = sqrt(num / (den > 0 ? den : 1));
-    return r == r ? (float)r : INFINITY;
-}
-
 static int32_t s_argmax(const float *v, int32_t n, float *margin) {
     int32_t best = 0, second = -1;
     for (int32_t i = 1; i < n; i++) {
@@ -111,7 +104,7 @@ static void s_check_model(const char *path) {
         s_forward_one(&cpu, s, prompts[s], s_lens[s], 0, lc);
         s_forward_one(&gpu, s, prompts[s], s_lens[s], 0, lg);
         for (int g = 0; g <= N_STEPS; g++) {
-            float r = s_rel_l2(lg, lc, V), margin;
+            float r = pd_test_rel_l2(lg, lc, V), margin;
             if (!(r <= worst)) worst = r;
             int32_t tc = s_argmax(lc, V, &margin), tg = s_argmax(lg, V, NULL);
             if (margin > CLEAR_MARGIN) n_argmax_clear++, n_argmax_bad += tc != tg;
@@ -163,7 +156,8 @@ static void s_check_model(const char *path) {
                 done[s] += nt[i];
                 if (done[s] < s_lens[s]) continue;
             }
-            float r = s_rel_l2(out + (size_t)i * V, alone + ((size_t)s * (N_STEPS + 1) + (size_t)n_gen[s]) * V, V);
+            float r =
+                pd_test_rel_l2(out + (size_t)i * V, alone + ((size_t)s * (N_STEPS + 1) + (size_t)n_gen[s]) * V, V);
             if (!(r <= worst_batch)) worst_batch = r;
             n_gen[s]++;
         }
@@ -198,7 +192,7 @@ static void s_check_model(const char *path) {
     const int32_t next = forced[s][0];
     s_forward_one(&gpu, s, &next, 1, s_lens[s], lg);                /* decode on the imported KV */
     const float *own = alone + ((size_t)s * (N_STEPS + 1) + 1) * V; /* CUDA prefill + the same step */
-    float r_import = s_rel_l2(lg, own, V);
+    float r_import = pd_test_rel_l2(lg, own, V);
     CHECK_MSG(r_import <= CUDA_REL_TOL, "%s: decode on imported CPU KV differs by %g", path, r_import);
 
     /* 4. the host mirror the services' kvtransfer uses (kv_host_mirror): CPU KV as bf16 written into the mirror,
@@ -221,7 +215,7 @@ static void s_check_model(const char *path) {
             }
     CHECK_EQ_INT(eng_kv_from_host(mir.e, mir.seqs[s].blocks, n_blocks), PD_OK);
     s_forward_one(&mir, s, &next, 1, s_lens[s], lg);
-    float r_mirror = s_rel_l2(lg, own, V);
+    float r_mirror = pd_test_rel_l2(lg, own, V);
     CHECK_MSG(r_mirror <= CUDA_REL_TOL, "%s: decode on mirror-imported CPU KV differs by %g", path, r_mirror);
     const int s2 = 3; /* a CUDA prefill of 100 tokens, then to the mirror */
     s_forward_one(&mir, s2, prompts[s2], s_lens[s2], 0, lg);

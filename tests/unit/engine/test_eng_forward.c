@@ -137,13 +137,6 @@ static float s_max_abs_diff(const float *a, const float *b, int32_t n) {
     return m;
 }
 
-static float s_rel_l2(const float *a, const float *ref, int32_t n) {
-    double num = 0, den = 0;
-    for (int32_t i = 0; i < n; i++) num += (double)(a[i] - ref[i]) * (a[i] - ref[i]), den += (double)ref[i] * ref[i];
-    double r = sqrt(num / (den > 0 ? den : 1));
-    return r == r ? (float)r : INFINITY;
-}
-
 /* PD_TEST_QUICK=1 (the sanitizer run: same code paths, ~30x slower instructions) keeps prompts up to
  * 128 tokens and 8 greedy steps (the Release run covers the 293- and 1044-token ones). */
 static bool s_quick(void) {
@@ -172,10 +165,10 @@ static void test_golden_logits_and_greedy(void) {
         CHECK_EQ_INT(s_run_seq(&seq, c->prompt, c->n_prompt, 0, c->n_prompt, want, logits), PD_OK);
         /* rows come back in position order; the golden file has the last position first */
         float worst = s_max_abs_diff(logits + (size_t)c->n_extra * s_vocab, c->logits, s_vocab);
-        float worst_rel = s_rel_l2(logits + (size_t)c->n_extra * s_vocab, c->logits, s_vocab);
+        float worst_rel = pd_test_rel_l2(logits + (size_t)c->n_extra * s_vocab, c->logits, s_vocab);
         for (int i = 0; i < c->n_extra; i++) {
             float d = s_max_abs_diff(logits + (size_t)i * s_vocab, c->logits + (size_t)(1 + i) * s_vocab, s_vocab);
-            float r = s_rel_l2(logits + (size_t)i * s_vocab, c->logits + (size_t)(1 + i) * s_vocab, s_vocab);
+            float r = pd_test_rel_l2(logits + (size_t)i * s_vocab, c->logits + (size_t)(1 + i) * s_vocab, s_vocab);
             if (d > worst || d != d) worst = d;
             if (r > worst_rel || r != r) worst_rel = r;
         }
@@ -291,7 +284,7 @@ static void test_batch_invariance(void) {
             }
             const float *want = ref + ((size_t)s * (N_STEPS + 1) + (size_t)n_gen[s]) * s_vocab;
             if (s_is_cuda) {
-                float r = s_rel_l2(row, want, s_vocab);
+                float r = pd_test_rel_l2(row, want, s_vocab);
                 if (r > worst_rel) worst_rel = r;
                 if (!(r <= CUDA_BATCH_REL_TOL)) mismatches++;
             } else if (memcmp(row, want, sizeof(float) * (size_t)s_vocab) != 0) {
