@@ -190,6 +190,13 @@ static void test_dispatch_and_relay(void) {
     rt_env_fini(&e);
 }
 
+/* decode-0 and prefill-0, both registered. */
+static bool s_two_workers(rt_env_t *e, rt_worker_sim_t *d, rt_worker_sim_t *pf) {
+    rt_worker_open(e, d, "decode-0");
+    rt_worker_open(e, pf, "prefill-0");
+    return rt_worker_register(e, d, ROLE_D) && rt_worker_register(e, pf, ROLE_P);
+}
+
 /* Short prompts stay on the decode worker; so does everything when no prefill worker is wanted. */
 static void test_local_prefill(void) {
     rt_env_t e;
@@ -197,9 +204,7 @@ static void test_local_prefill(void) {
     p.local_prefill_tokens = 8;
     REQUIRE(rt_env_init(&e, &p));
     rt_worker_sim_t d, pf;
-    rt_worker_open(&e, &d, "decode-0");
-    rt_worker_open(&e, &pf, "prefill-0");
-    REQUIRE(rt_worker_register(&e, &d, ROLE_D) && rt_worker_register(&e, &pf, ROLE_P));
+    REQUIRE(s_two_workers(&e, &d, &pf));
     rt_front_t f = {0}, f2 = {0};
     REQUIRE(rt_submit(&e, &f, rt_text_request("Hi", 4, 0)));
     Pdserve__V1__RouterToWorker *m = rt_worker_expect(&e, &d, BODY_DECODE, 2000);
@@ -317,9 +322,7 @@ static void test_failures(void) {
     p.worker_timeout_ms = 400;
     REQUIRE(rt_env_init(&e, &p));
     rt_worker_sim_t d, pf;
-    rt_worker_open(&e, &d, "decode-0");
-    rt_worker_open(&e, &pf, "prefill-0");
-    REQUIRE(rt_worker_register(&e, &d, ROLE_D) && rt_worker_register(&e, &pf, ROLE_P));
+    REQUIRE(s_two_workers(&e, &d, &pf));
 
     /* the prefill worker fails it: its error reaches the client, the decode worker frees its blocks */
     rt_front_t f = {0};
@@ -396,9 +399,7 @@ static void test_router_stall(void) {
     p.worker_timeout_ms = 400;
     REQUIRE(rt_env_init(&e, &p));
     rt_worker_sim_t d, pf;
-    rt_worker_open(&e, &d, "decode-0");
-    rt_worker_open(&e, &pf, "prefill-0");
-    REQUIRE(rt_worker_register(&e, &d, ROLE_D) && rt_worker_register(&e, &pf, ROLE_P));
+    REQUIRE(s_two_workers(&e, &d, &pf));
     rt_env_pump(&e, 30);
     CHECK(rt_core_is_ready(e.core));
     nanosleep(&(struct timespec){.tv_nsec = 999999999}, NULL);
