@@ -1,12 +1,13 @@
 /* eng_backend_cuda.cu: the CUDA backend. Weights live on the GPU in bf16 (dequantized at load from any type the
  * CPU backend reads), with Q/K/V and gate/up fused into one matrix each so a layer is four GEMMs (cuBLAS, bf16 in,
- * f32 accumulate). The residual stream stays f32 on the GPU and the residual adds ride in the GEMMs (beta = 1).
+ * f32 accumulate; at 1..4 rows our own matrix-vector kernel, eng_cuda_gemv.cu). The residual stream stays f32 on
+ * the GPU and the residual adds ride in the products (beta = 1).
  * The KV pool is bf16 on the GPU in the eng_kv_layout.h layout, with an optional pinned host mirror for kvtransfer.
  * A forward copies the batch's small tables up once, runs every layer on one stream (replaying a CUDA graph per
- * batch shape for small batches) and copies back only the logits asked for.
+ * batch shape for small batches) and copies back only the logits asked for. Prefill chunks of >= 32 tokens take the
+ * tensor-core attention (eng_cuda_attn_mma.cu), decode rows and short chunks the CUDA-core one (eng_cuda_ops.cu).
  *
- * Not yet here (issue 6): sampling on the GPU, KV copied to the host layer by layer during the forward, register-
- * resident tensor-core attention (eng_cuda_ops.cu's WMMA kernel keeps its tiles in shared memory). */
+ * Not yet here (issue 6): sampling on the GPU, KV copied to the host layer by layer during the forward. */
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -24,6 +25,7 @@ extern "C" {
 #define S_LOGIT_ROWS       256 /* logits rows per output-head GEMM: bounds the device logits buffer */
 #define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
 #define S_SPLIT_MAX_TOKENS 128 /* ... for batches of at most this many tokens: bounds the partials' scratch */
+#define S_GEMV_MAX_TOK     4   /* default ENG_CUDA_GEMV: own matrix-vector kernel up to this many rows (measured) */
 
 /* ENG_CUDA_PROFILE=1: per-phase GPU times from events around each kernel, summed over forwards and logged at
  * destroy (events do not synchronise, so the forward's own timing barely moves). */
@@ -80,6 +82,7 @@ struct eng_backend {
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
     bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
+    int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
     cudaEvent_t step_ev[2];
@@ -369,6 +372,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_prof = prof && *prof && *prof != '0';
         const char *tc = getenv("ENG_CUDA_TC");
         be->is_tc = !(tc && *tc == '0');
+        const char *gemv = getenv("ENG_CUDA_GEMV");
+        be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         const char *step_times = getenv("ENG_CUDA_STEP_TIMES");
         be->is_step_times = step_times && *step_times && *step_times != '0' &&
@@ -394,6 +399,9 @@ fail:
 /* Y (n_tok, n_out) [+]= X (n_tok, k) . W (n_out, k)^T: bf16 operands, f32 accumulate and output. */
 static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int64_t n_tok,
                         int64_t n_out, int64_t k, bool is_accumulate) {
+    if (n_tok <= be->gemv_max_tok &&
+        eng_cuda_gemv(y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st))
+        return PD_OK;
     const float alpha = 1.0f, beta = is_accumulate ? 1.0f : 0.0f;
     cublasStatus_t s =
         cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)k, &alpha, w, CUDA_R_16BF, (int)k,

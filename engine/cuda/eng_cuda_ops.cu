@@ -3,7 +3,6 @@
 #include "eng_cuda_ops.cuh"
 
 #include <math.h>
-#include <mma.h>
 
 static __device__ __forceinline__ float s_warp_sum(float v) {
 #pragma unroll
@@ -72,12 +71,6 @@ static __global__ void k_rope_table(float *cs, const int32_t *tok_pos, int32_t h
 void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, int32_t head_dim, double theta,
                          cudaStream_t st) {
     k_rope_table<<<n_tokens, 64, 0, st>>>(cs, tok_pos, head_dim, theta);
-}
-
-static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, int32_t layer, int32_t kind,
-                                                   int32_t block, int32_t slot, int32_t kv_dim) {
-    size_t chunk = ((size_t)layer * 2u + (size_t)kind) * (size_t)tk.n_blocks + (size_t)block;
-    return (chunk * (size_t)tk.block_size + (size_t)slot) * (size_t)kv_dim;
 }
 
 /* One block per token: rotate the (adjacent) pairs of every Q and K head, store K and V in the token's slot. */
@@ -242,20 +235,24 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     }
 }
 
-/* Merges the splits of one (token, head): block (token, head), one thread per dim. */
+/* Merges the key splits of the CUDA-core tiles: block (tile, head), one thread per dim, the tile's tokens in turn.
+ * Only those tiles: tokens of tensor-core tiles in the same batch have no partials. */
 static __global__ void k_attention_combine(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, int32_t head_dim) {
-    const int64_t t = blockIdx.x, h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
-    const int32_t n = tk.tok_pos[t] / a.split_keys + 1;
-    float mx = -INFINITY;
-    for (int32_t z = 0; z < n; z++) mx = fmaxf(mx, a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]);
-    float sum = 0.0f, acc = 0.0f;
-    for (int32_t z = 0; z < n; z++) {
-        const int64_t slot = (int64_t)z * tk.n_tokens + t;
-        const float w = expf(a.part_ml[(slot * a.n_heads + h) * 2] - mx);
-        sum += w * a.part_ml[(slot * a.n_heads + h) * 2 + 1];
-        acc += w * a.part_acc[slot * q_dim + h * head_dim + threadIdx.x];
+    const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
+    const int64_t h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
+    for (int64_t t = tile.t0; t < tile.t0 + tile.n; t++) {
+        const int32_t n = tk.tok_pos[t] / a.split_keys + 1;
+        float mx = -INFINITY;
+        for (int32_t z = 0; z < n; z++) mx = fmaxf(mx, a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]);
+        float sum = 0.0f, acc = 0.0f;
+        for (int32_t z = 0; z < n; z++) {
+            const int64_t slot = (int64_t)z * tk.n_tokens + t;
+            const float w = expf(a.part_ml[(slot * a.n_heads + h) * 2] - mx);
+            sum += w * a.part_ml[(slot * a.n_heads + h) * 2 + 1];
+            acc += w * a.part_acc[slot * q_dim + h * head_dim + threadIdx.x];
+        }
+        a.att[t * q_dim + h * head_dim + threadIdx.x] = __float2bfloat16(acc / sum);
     }
-    a.att[t * q_dim + h * head_dim + threadIdx.x] = __float2bfloat16(acc / sum);
 }
 
 template <int HD>
@@ -270,181 +267,26 @@ static cudaError_t s_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     }
     dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
     k_attention<HD><<<grid, ENG_CUDA_ATT_WARPS * 32, smem, st>>>(*a, *tk);
-    if (a->split_keys)
-        k_attention_combine<<<dim3((unsigned)tk->n_tokens, (unsigned)a->n_heads), HD, 0, st>>>(*a, *tk, HD);
-    return cudaGetLastError();
-}
-
-/* ---- attention on tensor cores (prefill chunks) ----
- * One thread block per (tile of 64 consecutive tokens of one sequence, query head); 4 warps of 16 query rows.
- * Keys come 64 at a time from the paged cache into shared memory (bf16). Each warp computes its 16 x 64 scores
- * with WMMA (bf16 in, f32 accumulate), does the online softmax on them in shared memory (two lanes per row), and
- * accumulates P.V with WMMA into an f32 output tile it keeps in shared memory (WMMA's register layout is opaque,
- * so the per-row rescale happens there). Flash attention's structure on the simplest tensor-core API; the next
- * step is register-resident mma.sync fragments. */
-namespace wmma = nvcuda::wmma;
-#define S_TC_KEYS 64
-
-template <int HD> struct s_tc_layout {
-    static constexpr int LDQ = HD + 8, LDS = S_TC_KEYS + 4, LDP = S_TC_KEYS + 8, LDO = HD + 4; /* padded strides */
-    static constexpr size_t K = 0, V = K + S_TC_KEYS * LDQ * 2, W = V + S_TC_KEYS * LDQ * 2;
-    static constexpr size_t W_S = 0, W_P = W_S + 16 * LDS * 4, W_PL = W_P + 16 * LDP * 2, W_O = W_PL + 16 * LDP * 2,
-                            W_BYTES = W_O + 16 * LDO * 4;
-    static constexpr size_t BYTES = W + 4 * W_BYTES;
-};
-
-template <int HD>
-static __global__ void __launch_bounds__(128) k_attention_tc(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
-    typedef s_tc_layout<HD> L;
-    extern __shared__ __align__(128) unsigned char tc_smem[];
-    __nv_bfloat16 *k_s = (__nv_bfloat16 *)(tc_smem + L::K), *v_s = (__nv_bfloat16 *)(tc_smem + L::V);
-    const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    unsigned char *ws = tc_smem + L::W + warp * L::W_BYTES;
-    float *s_w = (float *)(ws + L::W_S), *o_w = (float *)(ws + L::W_O);
-    __nv_bfloat16 *p_w = (__nv_bfloat16 *)(ws + L::W_P), *pl_w = (__nv_bfloat16 *)(ws + L::W_PL);
-
-    const eng_cuda_tile_t tile = a.tc_tiles[blockIdx.x];
-    const int32_t h = blockIdx.y, g = h / (a.n_heads / a.n_kv_heads);
-    const int32_t q_dim = a.n_heads * HD, kv_dim = a.n_kv_heads * HD;
-    const int32_t *table = tk.tables + tk.tok_table[tile.t0];
-    const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1];
-    const float scale = rsqrtf((float)HD);
-
-    /* Q as two bf16 terms, hi + lo (16 significant bits, near the f32 of the CUDA-core path): a real model's
-     * attention sinks make scores of tens, where bf16's 8 bits alone moved attention weights by tens of percent.
-     * Staged through the K and V buffers (rows past the tile's end are zero), then kept in registers. */
-    for (int32_t i = threadIdx.x; i < 64 * HD; i += blockDim.x) {
-        const int32_t r = i / HD, d = i % HD;
-        const float v = r < tile.n ? a.q[(int64_t)(tile.t0 + r) * q_dim + h * HD + d] : 0.0f;
-        const __nv_bfloat16 hi = __float2bfloat16(v);
-        k_s[r * L::LDQ + d] = hi;
-        v_s[r * L::LDQ + d] = __float2bfloat16(v - __bfloat162float(hi));
-    }
-    __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> q_hi[HD / 16], q_lo[HD / 16];
-#pragma unroll
-    for (int d = 0; d < HD / 16; d++) {
-        wmma::load_matrix_sync(q_hi[d], k_s + warp * 16 * L::LDQ + d * 16, L::LDQ);
-        wmma::load_matrix_sync(q_lo[d], v_s + warp * 16 * L::LDQ + d * 16, L::LDQ);
-    }
-    for (int32_t i = lane; i < 16 * HD; i += 32) o_w[(i / HD) * L::LDO + i % HD] = 0.0f;
-    /* lane owns row r = lane / 2 of its warp, columns half * 32 .. + 31 (scores) and half * HD / 2 .. (output) */
-    const int32_t r = lane >> 1, half = lane & 1, row = warp * 16 + r;
-    const int32_t pos = row < tile.n ? tk.tok_pos[tile.t0 + row] : pos_max; /* padding rows: harmless, unwritten */
-    const int32_t warp_pos_max = tk.tok_pos[tile.t0 + min(warp * 16 + 15, tile.n - 1)];
-    float m = -INFINITY, l = 0.0f;
-
-    for (int32_t k0 = 0; k0 <= pos_max; k0 += S_TC_KEYS) {
-        __syncthreads(); /* previous K/V consumed (the first time: the Q fragments are loaded) */
-        constexpr int VEC = HD / 8;
-        for (int32_t i = threadIdx.x; i < S_TC_KEYS * VEC; i += blockDim.x) {
-            const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
-            uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
-            if (j <= pos_max) {
-                const int32_t block = table[j / tk.block_size], slot = j % tk.block_size;
-                kr = *(const uint4 *)(a.kv_pool + s_kv_slot(tk, a.layer, 0, block, slot, kv_dim) + g * HD + vec * 8);
-                vr = *(const uint4 *)(a.kv_pool + s_kv_slot(tk, a.layer, 1, block, slot, kv_dim) + g * HD + vec * 8);
-            }
-            *(uint4 *)(k_s + key * L::LDQ + vec * 8) = kr;
-            *(uint4 *)(v_s + key * L::LDQ + vec * 8) = vr;
-        }
-        __syncthreads();
-        if (k0 > warp_pos_max || warp * 16 >= tile.n) continue; /* every row of this warp is before these keys */
-
-        /* S = Q K^T for this warp's 16 rows and the 64 keys */
-        for (int kf = 0; kf < S_TC_KEYS / 16; kf++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int d = 0; d < HD / 16; d++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
-                wmma::load_matrix_sync(fb, k_s + kf * 16 * L::LDQ + d * 16, L::LDQ);
-                wmma::mma_sync(acc, q_lo[d], fb, acc);
-                wmma::mma_sync(acc, q_hi[d], fb, acc);
-            }
-            wmma::store_matrix_sync(s_w + kf * 16, acc, L::LDS, wmma::mem_row_major);
-        }
-        __syncwarp();
-
-        /* online softmax: two lanes per row, 32 scores each */
-        float sv[32], mx = -INFINITY;
-#pragma unroll
-        for (int c = 0; c < 32; c++) {
-            const int32_t j = k0 + half * 32 + c;
-            sv[c] = j <= pos ? s_w[r * L::LDS + half * 32 + c] * scale : -INFINITY;
-            mx = fmaxf(mx, sv[c]);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        const float m_new = fmaxf(m, mx), corr = expf(m - m_new); /* the row's key 0 is always valid */
-        float sum = 0.0f;
-#pragma unroll
-        for (int c = 0; c < 32; c++) {
-            const float p = expf(sv[c] - m_new);
-            const __nv_bfloat16 p_hi = __float2bfloat16(p);
-            sum += p;
-            p_w[r * L::LDP + half * 32 + c] = p_hi; /* P too as hi + lo: within 1e-2 of the CUDA-core path */
-            pl_w[r * L::LDP + half * 32 + c] = __float2bfloat16(p - __bfloat162float(p_hi));
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        l = l * corr + sum, m = m_new;
-        for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); d++) o_w[r * L::LDO + d] *= corr;
-        __syncwarp();
-
-        /* O += P V */
-#pragma unroll
-        for (int nf = 0; nf < HD / 16; nf++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, o_w + nf * 16, L::LDO, wmma::mem_row_major);
-#pragma unroll
-            for (int kk = 0; kk < S_TC_KEYS / 16; kk++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa, fl;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
-                wmma::load_matrix_sync(fa, p_w + kk * 16, L::LDP);
-                wmma::load_matrix_sync(fl, pl_w + kk * 16, L::LDP);
-                wmma::load_matrix_sync(fb, v_s + kk * 16 * L::LDQ + nf * 16, L::LDQ);
-                wmma::mma_sync(acc, fl, fb, acc);
-                wmma::mma_sync(acc, fa, fb, acc);
-            }
-            wmma::store_matrix_sync(o_w + nf * 16, acc, L::LDO, wmma::mem_row_major);
-        }
-        __syncwarp();
-    }
-    if (row < tile.n) {
-        const float inv = 1.0f / l;
-        __nv_bfloat16 *out = a.att + (int64_t)(tile.t0 + row) * q_dim + h * HD;
-        for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); d++)
-            out[d] = __float2bfloat16(o_w[r * L::LDO + d] * inv);
-    }
-}
-
-template <int HD>
-static cudaError_t s_attention_tc(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
-    static bool is_configured = false; /* the engine thread is the only caller */
-    if (!is_configured) {
-        cudaError_t err = cudaFuncSetAttribute(k_attention_tc<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)s_tc_layout<HD>::BYTES);
-        if (err != cudaSuccess) return err;
-        is_configured = true;
-    }
-    k_attention_tc<HD>
-        <<<dim3((unsigned)a->n_tc_tiles, (unsigned)a->n_heads), 128, s_tc_layout<HD>::BYTES, st>>>(*a, *tk);
     return cudaGetLastError();
 }
 
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
-    cudaError_t err = cudaSuccess;
     if (a->n_tc_tiles > 0) {
-        err = a->head_dim == 64    ? s_attention_tc<64>(a, tk, st)
-              : a->head_dim == 128 ? s_attention_tc<128>(a, tk, st)
-                                   : cudaErrorInvalidValue;
+        cudaError_t err = eng_cuda_attention_mma(a, tk, st);
         if (err != cudaSuccess) return err;
     }
     if (a->n_tiles == 0) return cudaSuccess;
-    switch (a->head_dim) {
-    case 64: return s_attention<64>(a, tk, st);
-    case 128: return s_attention<128>(a, tk, st);
-    default: return cudaErrorInvalidValue;
+    cudaError_t err = cudaErrorInvalidValue;
+    if (a->head_dim == 64)
+        err = s_attention<64>(a, tk, st);
+    else if (a->head_dim == 128)
+        err = s_attention<128>(a, tk, st);
+    if (err == cudaSuccess && a->split_keys) { /* merge the key splits' partials */
+        k_attention_combine<<<dim3((unsigned)a->n_tiles, (unsigned)a->n_heads), a->head_dim, 0, st>>>(*a, *tk,
+                                                                                                      a->head_dim);
+        err = cudaGetLastError();
     }
+    return err;
 }
 
 /* ---- SwiGLU ---- */

@@ -59,6 +59,23 @@ typedef struct {
     int32_t n_tc_tiles;
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
+/* The tensor-core tiles of a (eng_cuda_attn_mma.cu); eng_cuda_attention calls it. */
+cudaError_t eng_cuda_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
+
+/* Element offset of (layer, K or V, block, slot) in the pool (eng_kv_layout.h: chunks of block_size x kv_dim). */
+static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, int32_t layer, int32_t kind,
+                                                   int32_t block, int32_t slot, int32_t kv_dim) {
+    size_t chunk = ((size_t)layer * 2u + (size_t)kind) * (size_t)tk.n_blocks + (size_t)block;
+    return (chunk * (size_t)tk.block_size + (size_t)slot) * (size_t)kv_dim;
+}
+/* Matrix-vector products for small batches (decode, speculative verification): y (n_tok, n_out) [+]= x (n_tok, k)
+ * . w (n_out, k)^T, bf16 operands, f32 accumulate and output, every weight read once from HBM (streaming loads)
+ * for all n_tok rows. cuBLAS reaches ~75% of copy bandwidth on these shapes; this aims at >= 90%. Returns false
+ * and launches nothing where the shape is not handled (n_tok < 1 or > ENG_CUDA_GEMV_MAX_TOK, k % 8 != 0, a
+ * pointer not 16-byte aligned): the caller then uses cuBLAS. */
+#define ENG_CUDA_GEMV_MAX_TOK 8
+bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
+                   bool is_accumulate, cudaStream_t st);
 /* h = bf16(silu(gu[:, :hidden]) * gu[:, hidden:]) for gu (T, 2 hidden) f32. */
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
 /* Copies every chunk (n_chunks_per_block = layers x 2) of the n listed blocks from src to dst, two pools of one

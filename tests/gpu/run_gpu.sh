@@ -6,7 +6,9 @@
 #   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
 #   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
-#   tests/gpu/run_gpu.sh ab SHAPE      decode at batch 1 and 8 with graphs off and on; prefill with tensor cores off/on
+#   tests/gpu/run_gpu.sh kernels       test_cuda_gemv: the matrix-vector kernel vs a double reference, then its
+#                                      weight bandwidth next to cuBLAS and a device copy
+#   tests/gpu/run_gpu.sh ab SHAPE      decode under each setting in AB_ENVS (default: ENG_CUDA_GEMV=0 / 4, each twice)
 #   tests/gpu/run_gpu.sh cluster       pdctl up --backend cuda: router -> prefill -> decode on the GPU
 #   tests/gpu/run_gpu.sh spec          bench/run_spec_bench.sh --backend cuda (PDSERVE_MODELS: the default model's folder)
 #   tests/gpu/run_gpu.sh host          bench/kv_transfer on the host CPU (issue 3), copy threads 2 and 1
@@ -51,6 +53,7 @@ while [ $# -gt 0 ]; do
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
             cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null &&
                 cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda \
+                test_cuda_gemv \
                 pdctl pd-router pd-prefill pd-decode kv_transfer 2>&1 |
                 grep -E "error|warning|Error" || true
             ls -la build-gpu/tests/test_cuda_parity build-gpu/bench/engine_cuda
@@ -83,21 +86,20 @@ while [ $# -gt 0 ]; do
             ENG_CUDA_PROFILE=1 ./build-gpu/bench/engine_cuda --model "$m" $args 2>&1 | grep -v "chat disabled"
         done 2>&1 | tee -a "$OUT/profile_$shape.log"
         ;;
+    kernels)
+        ./build-gpu/tests/test_cuda_gemv 2>&1 | tee -a "$OUT/kernels.log"
+        ;;
     ab)
-        # the same decode steps with the CUDA graphs off and on, each twice (the pairs show run-to-run noise)
+        # decode steps under each setting of AB_ENVS in turn (default: cuBLAS for every product, then the own matrix-vector kernel up to 4 rows,
+        # each twice, so the pairs show run-to-run noise) at AB_BATCHES (default 1,4,8); commas join variables
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && for env in ENG_CUDA_GRAPHS=0 ENG_CUDA_GRAPHS=1 ENG_CUDA_GRAPHS=0 \
-            ENG_CUDA_GRAPHS=1; do
-            echo "== $shape $env"
-            env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 1,8 --prefill-batches 0 2>&1 |
-                grep -E "^decode +[0-9]"
-        done 2>&1 | tee -a "$OUT/ab_$shape.log"
-        echo "== $shape prefill, tensor-core attention off / on" | tee -a "$OUT/ab_$shape.log"
-        for env in "ENG_CUDA_TC=0" "ENG_CUDA_TC=1"; do
-            env $env ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 0 --prefill-batches 1 2>&1 |
-                grep -E "^prefill +[0-9]"
-        done 2>&1 | tee -a "$OUT/ab_$shape.log"
+        m=$(s_model "$shape" --shape "$shape") &&
+            for env in ${AB_ENVS:-ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4 ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4}; do
+                echo "== $shape $env"
+                env ${env//,/ } ./build-gpu/bench/engine_cuda --model "$m" --decode-batches "${AB_BATCHES:-1,4,8}" \
+                    --prefill-batches 0 2>&1 | grep -E "^decode +[0-9]"
+            done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     cluster)
         # pdctl up --backend cuda (1 prefill + 1 decode worker sharing the GPU, KV through the host mirror and

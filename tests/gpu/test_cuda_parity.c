@@ -3,7 +3,7 @@
  *   - six prompts of mixed lengths (1..300 tokens), each alone: prefill logits and 8 teacher-forced decode steps
  *     (both backends fed the CPU's greedy tokens) within CUDA_REL_TOL in L2 norm, and the same argmax wherever
  *     the CPU's top-2 margin is clear of the bf16 noise;
- *   - the same six in one batch, prompts in chunks of 13 tokens, against themselves alone on CUDA: within
+ *   - the same six in one batch, prompts in chunks of 13 (40 for two of them), against themselves alone on CUDA: within
  *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
  *     to bf16 and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
@@ -28,6 +28,7 @@
 #define N_SEQS             6
 #define N_STEPS            8
 #define CHUNK              13
+#define CHUNK_TC           40 /* sequences 3 and 4 prefill in chunks this long: tensor-core tiles next to decode rows */
 
 static const int s_lens[N_SEQS] = {1, 7, 33, 100, 300, 17};
 
@@ -119,11 +120,12 @@ static void s_check_model(const char *path) {
     CHECK_MSG(n_argmax_bad == 0, "%s: %d of %d clear argmaxes differ", path, n_argmax_bad, n_argmax_clear);
     s_release(&gpu);
 
-    /* 2. all six batched on CUDA, prompts in chunks, then the forced decode steps together */
+    /* 2. all six batched on CUDA, prompts in chunks, then the forced decode steps together: batches mix CUDA-core
+     * tiles (short chunks), tensor-core tiles (chunks of 40) and decode rows, with and without key splits */
     int32_t done[N_SEQS] = {0}, n_gen[N_SEQS] = {0};
     float *out = pd_xmalloc(sizeof(float) * (size_t)V * N_SEQS);
     for (int step = 0; step < 64; step++) {
-        int32_t nt[N_SEQS], pos[N_SEQS], nb[N_SEQS], toks[N_SEQS * CHUNK], idx[N_SEQS];
+        int32_t nt[N_SEQS], pos[N_SEQS], nb[N_SEQS], toks[N_SEQS * CHUNK_TC], idx[N_SEQS];
         const int32_t *tables[N_SEQS];
         int ns = 0, ntok = 0;
         for (int s = 0; s < N_SEQS; s++) {
@@ -131,7 +133,8 @@ static void s_check_model(const char *path) {
             int32_t n, ps;
             const int32_t *src;
             if (done[s] < s_lens[s]) {
-                n = s_lens[s] - done[s] < CHUNK ? s_lens[s] - done[s] : CHUNK, ps = done[s], src = prompts[s] + done[s];
+                const int32_t chunk = s == 3 || s == 4 ? CHUNK_TC : CHUNK;
+                n = s_lens[s] - done[s] < chunk ? s_lens[s] - done[s] : chunk, ps = done[s], src = prompts[s] + done[s];
             } else {
                 n = 1, ps = s_lens[s] + n_gen[s] - 1, src = &forced[s][n_gen[s] - 1];
             }

@@ -1,0 +1,249 @@
+/* eng_cuda_attn_mma.cu: causal attention for prefill chunks on tensor cores, flash-attention 2 style with the
+ * operands in registers (mma.sync m16n8k16, bf16 in, f32 accumulate), over the paged bf16 KV pool.
+ *
+ * One thread block per (tile of up to 64 consecutive tokens of one sequence, query head); 4 warps of 16 query rows.
+ * Keys come 64 at a time from the paged cache into shared memory with cp.async, two stages, so the next tile's
+ * loads overlap this tile's math. Each warp keeps its Q fragments, its 16 x 64 scores, the probabilities and its
+ * 16 x HD output accumulator in registers: the scores' accumulator layout is the A-operand layout of the P.V
+ * product, so P never touches shared memory (the WMMA kernel this replaced stored S, P and O there).
+ *
+ * Precision: Q and P go in as two bf16 terms each, hi + lo (16 significant bits, near the f32 of the CUDA-core
+ * path). A real model's attention sinks make scores of tens, where bf16's 8 bits alone moved attention weights by
+ * tens of percent (SmolLM2: batched vs alone 16% apart). K and V are bf16 in the pool, so they are exact. The
+ * scale 1/sqrt(head_dim) and log2(e) are folded into Q so the softmax runs on exp2. */
+#include "eng_cuda_ops.cuh"
+
+#include <math.h>
+
+#define S_KEYS 64 /* keys per shared-memory stage */
+
+static __device__ __forceinline__ void s_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ void s_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const __nv_bfloat16 *p) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* 16 bytes global -> shared, asynchronously; n_src 0 writes zeros (keys past the sequence's end). */
+static __device__ __forceinline__ void s_cp_async16(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int n_src) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(n_src));
+}
+
+static __device__ __forceinline__ uint32_t s_pack(float lo_col, float hi_col) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo_col, hi_col); /* .x (low half) = the lower column */
+    return *(uint32_t *)&v;
+}
+
+/* x as hi + lo bf16 pairs: hi = bf16(x), lo = bf16(x - hi). */
+static __device__ __forceinline__ void s_split(float x0, float x1, uint32_t *hi, uint32_t *lo) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    *hi = *(uint32_t *)&h;
+    *lo = s_pack(x0 - __bfloat162float(h.x), x1 - __bfloat162float(h.y));
+}
+
+/* Key tile `k0` of this block's KV head into one stage: K then V, (S_KEYS, HD + 8) bf16 each (the 8 padding
+ * elements put the 8 rows of each ldmatrix on distinct banks). */
+template <int HD>
+static __device__ __forceinline__ void s_load_keys(__nv_bfloat16 *stage, const eng_cuda_att_t &a,
+                                                   const eng_cuda_tokens_t &tk, const int32_t *table, int32_t k0,
+                                                   int32_t pos_max, int32_t g) {
+    constexpr int LD = HD + 8, VEC = HD / 8;
+    const int32_t kv_dim = a.n_kv_heads * HD;
+    for (int32_t i = threadIdx.x; i < S_KEYS * VEC; i += blockDim.x) {
+        const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
+        const bool is_valid = j <= pos_max;
+        const int32_t block = is_valid ? table[j / tk.block_size] : 0, slot = j % tk.block_size;
+        const size_t k_off = is_valid ? s_kv_slot(tk, a.layer, 0, block, slot, kv_dim) + g * HD + vec * 8 : 0;
+        const size_t v_off = is_valid ? s_kv_slot(tk, a.layer, 1, block, slot, kv_dim) + g * HD + vec * 8 : 0;
+        s_cp_async16(stage + key * LD + vec * 8, a.kv_pool + k_off, is_valid ? 16 : 0);
+        s_cp_async16(stage + S_KEYS * LD + key * LD + vec * 8, a.kv_pool + v_off, is_valid ? 16 : 0);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+/* Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 * gq + tq. A (16 x 16): reg 0 = (row gq, cols 2tq, 2tq + 1),
+ * reg 1 = row gq + 8, reg 2 = cols + 8, reg 3 = both. B (16 x 8): reg 0 = (rows 2tq, 2tq + 1, col gq), reg 1 =
+ * rows + 8. C (16 x 8, f32): c0, c1 = (row gq, cols 2tq, 2tq + 1), c2, c3 = row gq + 8. */
+template <int HD>
+static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
+    constexpr int LD = HD + 8, STAGE = 2 * S_KEYS * LD;
+    extern __shared__ __align__(128) unsigned char mma_smem[];
+    __nv_bfloat16 *stages = (__nv_bfloat16 *)mma_smem;
+    const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+
+    /* the longest tiles (last in a sequence) first, so the short ones fill the tail of the grid */
+    const eng_cuda_tile_t tile = a.tc_tiles[gridDim.x - 1 - blockIdx.x];
+    const int32_t h = blockIdx.y, g = h / (a.n_heads / a.n_kv_heads), q_dim = a.n_heads * HD;
+    const int32_t *table = tk.tables + tk.tok_table[tile.t0];
+    const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1], n_key_tiles = pos_max / S_KEYS + 1;
+
+    const int32_t r0 = warp * 16 + gq, r1 = r0 + 8; /* this lane's two rows of the tile */
+    const bool is_warp_active = warp * 16 < tile.n;
+    const int32_t pos0 = r0 < tile.n ? tk.tok_pos[tile.t0 + r0] : pos_max;
+    const int32_t pos1 = r1 < tile.n ? tk.tok_pos[tile.t0 + r1] : pos_max;
+    const int32_t warp_pos_min = is_warp_active ? tk.tok_pos[tile.t0 + warp * 16] : 0;
+    const int32_t warp_pos_max = is_warp_active ? tk.tok_pos[tile.t0 + min(warp * 16 + 15, tile.n - 1)] : -1;
+
+    s_load_keys<HD>(stages, a, tk, table, 0, pos_max, g);
+
+    /* Q fragments straight from global memory (f32), scaled, split hi + lo; padding rows repeat the last row */
+    uint32_t q_hi[HD / 16][4], q_lo[HD / 16][4];
+    {
+        const float qs = rsqrtf((float)HD) * 1.44269504088896341f;
+        const float *q_r0 = a.q + (int64_t)(tile.t0 + min(r0, tile.n - 1)) * q_dim + h * HD;
+        const float *q_r1 = a.q + (int64_t)(tile.t0 + min(r1, tile.n - 1)) * q_dim + h * HD;
+#pragma unroll
+        for (int d = 0; d < HD / 16; d++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int col = d * 16 + half * 8 + 2 * tq;
+                const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
+                s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
+                s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
+            }
+        }
+    }
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* running max (log2 units) and partial sums */
+
+    for (int32_t it = 0; it < n_key_tiles; it++) {
+        const int32_t k0 = it * S_KEYS;
+        if (it + 1 < n_key_tiles) {
+            s_load_keys<HD>(stages + ((it + 1) & 1) * STAGE, a, tk, table, k0 + S_KEYS, pos_max, g);
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncthreads();
+        const __nv_bfloat16 *k_s = stages + (it & 1) * STAGE, *v_s = k_s + S_KEYS * LD;
+        if (is_warp_active && k0 <= warp_pos_max) {
+            /* S = Q K^T: 8 key n-tiles of 8, each ldmatrix.x4 gives two n-tiles' B fragments for one d step */
+            float s[S_KEYS / 8][4];
+#pragma unroll
+            for (int j = 0; j < S_KEYS / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int d = 0; d < HD / 16; d++) {
+#pragma unroll
+                for (int np = 0; np < S_KEYS / 16; np++) {
+                    uint32_t b[4];
+                    s_ldsm_x4(b, k_s + (np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 +
+                                     ((lane >> 3) & 1) * 8);
+                    s_mma(s[2 * np], q_lo[d], b[0], b[1]);
+                    s_mma(s[2 * np], q_hi[d], b[0], b[1]);
+                    s_mma(s[2 * np + 1], q_lo[d], b[2], b[3]);
+                    s_mma(s[2 * np + 1], q_hi[d], b[2], b[3]);
+                }
+            }
+            if (k0 + S_KEYS - 1 > warp_pos_min) { /* the causal edge crosses this tile */
+#pragma unroll
+                for (int j = 0; j < S_KEYS / 8; j++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int32_t key = k0 + 8 * j + 2 * tq + e;
+                        if (key > pos0) s[j][e] = -INFINITY;
+                        if (key > pos1) s[j][2 + e] = -INFINITY;
+                    }
+                }
+            }
+            /* online softmax: the four lanes of a row group hold its 64 scores between them */
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int j = 0; j < S_KEYS / 8; j++) {
+                mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+            }
+#pragma unroll
+            for (int x = 1; x <= 2; x <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+            }
+            /* key 0 is in every row's range, so after the first tile the maxima are finite */
+            const float c0 = exp2f(m0 - mx0), c1 = exp2f(m1 - mx1);
+            m0 = mx0, m1 = mx1, l0 *= c0, l1 *= c1;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
+
+                /* O += P V, 16 keys per step: P's A fragment is two score n-tiles; V's B fragments by ldmatrix.trans */
+#pragma unroll
+            for (int kk = 0; kk < S_KEYS / 16; kk++) {
+                uint32_t p_hi[4], p_lo[4];
+#pragma unroll
+                for (int jj = 0; jj < 2; jj++) {
+                    const float *sv = s[2 * kk + jj];
+                    const float p00 = exp2f(sv[0] - m0), p01 = exp2f(sv[1] - m0);
+                    const float p10 = exp2f(sv[2] - m1), p11 = exp2f(sv[3] - m1);
+                    l0 += p00 + p01, l1 += p10 + p11;
+                    s_split(p00, p01, &p_hi[2 * jj], &p_lo[2 * jj]);
+                    s_split(p10, p11, &p_hi[2 * jj + 1], &p_lo[2 * jj + 1]);
+                }
+#pragma unroll
+                for (int np = 0; np < HD / 16; np++) {
+                    uint32_t b[4];
+                    s_ldsm_x4_trans(b, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 +
+                                           ((lane >> 4) & 1) * 8);
+                    s_mma(o[2 * np], p_lo, b[0], b[1]);
+                    s_mma(o[2 * np], p_hi, b[0], b[1]);
+                    s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
+                    s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads(); /* this stage is consumed before the next iteration's loads overwrite it */
+    }
+    if (!is_warp_active) return;
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    __nv_bfloat16 *out0 = a.att + (int64_t)(tile.t0 + r0) * q_dim + h * HD;
+    __nv_bfloat16 *out1 = a.att + (int64_t)(tile.t0 + r1) * q_dim + h * HD;
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        if (r0 < tile.n)
+            *(__nv_bfloat162 *)(out0 + n * 8 + 2 * tq) = __floats2bfloat162_rn(o[n][0] * inv0, o[n][1] * inv0);
+        if (r1 < tile.n)
+            *(__nv_bfloat162 *)(out1 + n * 8 + 2 * tq) = __floats2bfloat162_rn(o[n][2] * inv1, o[n][3] * inv1);
+    }
+}
+
+template <int HD>
+static cudaError_t s_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
+    constexpr size_t SMEM = 2u * 2u * S_KEYS * (HD + 8) * sizeof(__nv_bfloat16);
+    static bool is_configured = false; /* the engine thread is the only caller */
+    if (!is_configured) {
+        cudaError_t err =
+            cudaFuncSetAttribute(k_attention_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM);
+        if (err != cudaSuccess) return err;
+        is_configured = true;
+    }
+    k_attention_mma<HD><<<dim3((unsigned)a->n_tc_tiles, (unsigned)a->n_heads), 128, SMEM, st>>>(*a, *tk);
+    return cudaGetLastError();
+}
+
+cudaError_t eng_cuda_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
+    switch (a->head_dim) {
+    case 64: return s_attention_mma<64>(a, tk, st);
+    case 128: return s_attention_mma<128>(a, tk, st);
+    default: return cudaErrorInvalidValue;
+    }
+}
