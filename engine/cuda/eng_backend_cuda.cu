@@ -26,6 +26,7 @@ extern "C" {
 #define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
 #define S_SPLIT_MAX_TOKENS 128 /* ... for batches of at most this many tokens: bounds the partials' scratch */
 #define S_GEMV_MAX_TOK     4   /* default ENG_CUDA_GEMV: own matrix-vector kernel up to this many rows (measured) */
+#define S_FUSE_MAX_TOK     2   /* ... with RoPE / SwiGLU in its epilogue up to this many (at 4 rows 1B lost 3%) */
 
 /* ENG_CUDA_PROFILE=1: per-phase GPU times from events around each kernel, summed over forwards and logged at
  * destroy (events do not synchronise, so the forward's own timing barely moves). */
@@ -53,7 +54,7 @@ typedef struct {
     __nv_bfloat16 *wqkv;         /* (q_dim + 2 kv_dim, dim) */
     float *bqkv;                 /* (q_dim + 2 kv_dim) or NULL */
     __nv_bfloat16 *wo;           /* (dim, q_dim) */
-    __nv_bfloat16 *w_gate_up;    /* (2 hidden_dim, dim): gate rows, then up rows */
+    __nv_bfloat16 *w_gate_up;    /* (2 hidden_dim, dim): gate and up rows interleaved (2j gate j, 2j + 1 up j) */
     __nv_bfloat16 *w_down;       /* (dim, hidden_dim) */
 } s_layer_t;
 
@@ -83,6 +84,7 @@ struct eng_backend {
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
     bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
+    bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
     cudaEvent_t step_ev[2];
@@ -191,8 +193,8 @@ typedef struct {
     float *row; /* one dequantized row */
 } s_uploader_t;
 
-/* Rows [0, w->rows) of w as bf16 into dst (row-major, cols elements each). */
-static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_weight_t *w) {
+/* Rows [0, w->rows) of w as bf16 into dst (row-major, cols elements each), row r at dst row r * row_step. */
+static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_weight_t *w, int32_t row_step) {
     const size_t row_out = (size_t)w->cols * sizeof(uint16_t);
     const int64_t rows_per_chunk = (int64_t)(u->stage_bytes / row_out);
     for (int64_t r0 = 0; r0 < w->rows; r0 += rows_per_chunk) {
@@ -210,7 +212,9 @@ static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_we
                 for (int64_t c = 0; c < w->cols; c++) out[r * w->cols + c] = eng_f32_to_bf16(u->row[c]);
             }
         }
-        S_CUDA(cudaMemcpy(dst + r0 * w->cols, out, (size_t)nr * row_out, cudaMemcpyHostToDevice), "upload weights");
+        S_CUDA(cudaMemcpy2D(dst + r0 * row_step * w->cols, row_out * row_step, out, row_out, row_out, (size_t)nr,
+                            cudaMemcpyHostToDevice),
+               "upload weights");
     }
     return PD_OK;
 }
@@ -249,12 +253,12 @@ static pd_status s_upload_model(eng_backend_t *be) {
     if (!u.row || cudaMallocHost(&u.stage, u.stage_bytes) != cudaSuccess) goto fail;
 
     S_TRY(s_alloc((void **)&be->embd, (size_t)c->vocab_size * c->dim * bf, "embeddings"));
-    S_TRY(s_upload_bf16(&u, be->embd, &m->tok_embd));
+    S_TRY(s_upload_bf16(&u, be->embd, &m->tok_embd, 1));
     if (c->tied_embeddings) {
         be->output = be->embd;
     } else {
         S_TRY(s_alloc((void **)&be->output, (size_t)c->vocab_size * c->dim * bf, "output head"));
-        S_TRY(s_upload_bf16(&u, be->output, &m->output));
+        S_TRY(s_upload_bf16(&u, be->output, &m->output, 1));
     }
     S_TRY(s_alloc((void **)&be->out_norm, sizeof(float) * c->dim, "norm"));
     S_TRY(s_upload_f32(&u, be->out_norm, &m->out_norm));
@@ -268,9 +272,9 @@ static pd_status s_upload_model(eng_backend_t *be) {
         S_TRY(s_upload_f32(&u, w->attn_norm, &src->attn_norm));
         S_TRY(s_upload_f32(&u, w->ffn_norm, &src->ffn_norm));
         S_TRY(s_alloc((void **)&w->wqkv, (size_t)(qkv_dim * c->dim * bf), "wqkv"));
-        S_TRY(s_upload_bf16(&u, w->wqkv, &src->wq));
-        S_TRY(s_upload_bf16(&u, w->wqkv + q_dim * c->dim, &src->wk));
-        S_TRY(s_upload_bf16(&u, w->wqkv + (q_dim + kv_dim) * c->dim, &src->wv));
+        S_TRY(s_upload_bf16(&u, w->wqkv, &src->wq, 1));
+        S_TRY(s_upload_bf16(&u, w->wqkv + q_dim * c->dim, &src->wk, 1));
+        S_TRY(s_upload_bf16(&u, w->wqkv + (q_dim + kv_dim) * c->dim, &src->wv, 1));
         if (c->has_qkv_bias) {
             S_TRY(s_alloc((void **)&w->bqkv, sizeof(float) * (size_t)qkv_dim, "bias"));
             S_TRY(s_upload_f32(&u, w->bqkv, &src->bq));
@@ -278,12 +282,13 @@ static pd_status s_upload_model(eng_backend_t *be) {
             S_TRY(s_upload_f32(&u, w->bqkv + q_dim + kv_dim, &src->bv));
         }
         S_TRY(s_alloc((void **)&w->wo, (size_t)(c->dim * q_dim * bf), "wo"));
-        S_TRY(s_upload_bf16(&u, w->wo, &src->wo));
+        S_TRY(s_upload_bf16(&u, w->wo, &src->wo, 1));
         S_TRY(s_alloc((void **)&w->w_gate_up, (size_t)(2 * (int64_t)c->hidden_dim * c->dim * bf), "w_gate_up"));
-        S_TRY(s_upload_bf16(&u, w->w_gate_up, &src->w_gate));
-        S_TRY(s_upload_bf16(&u, w->w_gate_up + (int64_t)c->hidden_dim * c->dim, &src->w_up));
+        /* interleaved, so that one warp of the matrix-vector kernel holds a gate/up pair (SwiGLU in its epilogue) */
+        S_TRY(s_upload_bf16(&u, w->w_gate_up, &src->w_gate, 2));
+        S_TRY(s_upload_bf16(&u, w->w_gate_up + c->dim, &src->w_up, 2));
         S_TRY(s_alloc((void **)&w->w_down, (size_t)((int64_t)c->dim * c->hidden_dim * bf), "w_down"));
-        S_TRY(s_upload_bf16(&u, w->w_down, &src->w_down));
+        S_TRY(s_upload_bf16(&u, w->w_down, &src->w_down, 1));
     }
     st = PD_OK;
 fail:
@@ -374,6 +379,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_tc = !(tc && *tc == '0');
         const char *gemv = getenv("ENG_CUDA_GEMV");
         be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
+        const char *fuse = getenv("ENG_CUDA_FUSE");
+        be->is_fused = !(fuse && *fuse == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         const char *step_times = getenv("ENG_CUDA_STEP_TIMES");
         be->is_step_times = step_times && *step_times && *step_times != '0' &&
@@ -424,6 +431,8 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     const eng_cuda_tokens_t tk = *tkp;
     eng_cuda_att_t att = *attp;
     const int32_t *d_pos = tk.tok_pos;
+    /* batches the matrix-vector kernel takes: RoPE + KV store and SwiGLU ride in its epilogue (ENG_CUDA_FUSE=0: off) */
+    const bool is_fused = T <= be->gemv_max_tok && T <= S_FUSE_MAX_TOK && be->is_fused;
     s_prof_mark(be, P_EMBED, true);
     eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
     eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
@@ -433,11 +442,15 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         s_prof_mark(be, P_NORM, true);
         eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
         s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
-        if (s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK) return PD_EBACKEND;
-        s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ROPE, true);
-        eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
-                            be->st);
-        s_prof_mark(be, P_ROPE, false), s_prof_mark(be, P_ATTN, true);
+        const eng_cuda_qkv_dst_t qkv_dst = {be->q, be->kv_pool, w->bqkv, l, c->n_heads, c->n_kv_heads, (int32_t)hd};
+        if (!is_fused || !eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st)) {
+            if (s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK) return PD_EBACKEND;
+            s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ROPE, true);
+            eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
+                                be->st);
+            s_prof_mark(be, P_ROPE, false), s_prof_mark(be, P_QKV, true);
+        }
+        s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ATTN, true);
         att.layer = l;
         S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
         s_prof_mark(be, P_ATTN, false), s_prof_mark(be, P_WO, true);
@@ -445,11 +458,15 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         s_prof_mark(be, P_WO, false), s_prof_mark(be, P_NORM, true);
         eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
         s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
-        if (s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
-            return PD_EBACKEND;
-        s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_SWIGLU, true);
-        eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
-        s_prof_mark(be, P_SWIGLU, false), s_prof_mark(be, P_DOWN, true);
+        if (!is_fused ||
+            !eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T, c->hidden_dim, (int32_t)dim, be->st)) {
+            if (s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
+                return PD_EBACKEND;
+            s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_SWIGLU, true);
+            eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
+            s_prof_mark(be, P_SWIGLU, false), s_prof_mark(be, P_GATE_UP, true);
+        }
+        s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_DOWN, true);
         if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_DOWN, false);
     }

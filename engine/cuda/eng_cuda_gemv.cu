@@ -4,6 +4,8 @@
  * (x, partial sums) touches HBM. */
 #include "eng_cuda_ops.cuh"
 
+#include <math.h>
+
 #define GEMV_WARPS 4 /* warps per block: 128 threads, small enough that many blocks fit per SM */
 #define GEMV_U     4 /* 16-byte weight chunks per row per lane per iteration, all loaded before any math */
 
@@ -47,9 +49,52 @@ static __device__ __forceinline__ void s_fma_chunk(float (&acc)[R][NT], const ui
  * row load of the warp is 512 contiguous bytes; per iteration a lane has R * GEMV_U independent 16-byte loads in
  * flight (R * GEMV_U * 512 bytes per warp), which with several warps per SM covers HBM latency. x (NT * k * 2
  * bytes) is re-read by every warp from L1/L2, R rows per load. */
-template <int NT, int R>
+/* What happens to the totals: stored (or added) as they are, or, for pairs of adjacent rows, fused with the kernel
+ * that would otherwise follow (one launch less per layer at batch 1, where a launch costs as much as a small
+ * matrix's weights): SwiGLU of an interleaved gate/up pair, or RoPE of a Q/K pair and the store of K and V into the
+ * paged pool. */
+enum { S_PLAIN, S_SWIGLU, S_QKV };
+typedef struct {
+    float *y; /* S_PLAIN: (n_tok, n_out) */
+    bool is_accumulate;
+    __nv_bfloat16 *h; /* S_SWIGLU: (n_tok, n_out / 2) */
+    eng_cuda_qkv_dst_t qkv;
+    eng_cuda_tokens_t tk; /* S_QKV */
+} s_epilogue_t;
+
+/* Rows o, o + 1 (o even) of token t: the SwiGLU of a gate/up pair, or a RoPE'd Q or K pair / a V pair. */
+template <int MODE>
+static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64_t t, int64_t o, int32_t n_out,
+                                                    float a0, float a1) {
+    if constexpr (MODE == S_SWIGLU) {
+        e.h[t * (n_out / 2) + o / 2] = __float2bfloat16(a0 / (1.0f + expf(-a0)) * a1);
+    } else {
+        const eng_cuda_qkv_dst_t &d = e.qkv;
+        const eng_cuda_tokens_t &tk = e.tk;
+        const int32_t hd = d.head_dim, q_dim = d.n_heads * hd, kv_dim = d.n_kv_heads * hd;
+        if (d.bias) a0 += d.bias[o], a1 += d.bias[o + 1];
+        const int32_t pos = tk.tok_pos[t];
+        const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
+        if (o < q_dim + kv_dim) { /* Q or K: rotate the pair like k_rope_store */
+            const int32_t i = (int32_t)(o % hd) / 2;
+            const float c = tk.rope_cs[t * hd + 2 * i], sn = tk.rope_cs[t * hd + 2 * i + 1];
+            const float y0 = a0 * c - a1 * sn, y1 = a0 * sn + a1 * c;
+            if (o < q_dim) {
+                d.q[t * q_dim + o] = y0, d.q[t * q_dim + o + 1] = y1;
+            } else {
+                __nv_bfloat16 *k_dst = d.kv_pool + s_kv_slot(tk, d.layer, 0, block, slot, kv_dim) + (o - q_dim);
+                k_dst[0] = __float2bfloat16(y0), k_dst[1] = __float2bfloat16(y1);
+            }
+        } else {
+            __nv_bfloat16 *v_dst = d.kv_pool + s_kv_slot(tk, d.layer, 1, block, slot, kv_dim) + (o - q_dim - kv_dim);
+            v_dst[0] = __float2bfloat16(a0), v_dst[1] = __float2bfloat16(a1);
+        }
+    }
+}
+
+template <int NT, int R, int MODE>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    k_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k, bool is_accumulate) {
+    k_gemv(const s_epilogue_t e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k) {
     const int lane = threadIdx.x & 31;
     const int64_t row0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
     if (row0 >= n_out) return; /* the whole warp: no shuffle partner is left behind */
@@ -91,36 +136,67 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
         for (int t = 0; t < NT; t++) {
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
-            if (lane == r * NT + t && row0 + r < n_out) {
-                float *dst = y + (int64_t)t * n_out + row0 + r;
-                *dst = is_accumulate ? *dst + acc[r][t] : acc[r][t];
+            if (MODE == S_PLAIN && lane == r * NT + t && row0 + r < n_out) {
+                float *dst = e.y + (int64_t)t * n_out + row0 + r;
+                *dst = e.is_accumulate ? *dst + acc[r][t] : acc[r][t];
             }
         }
+    if constexpr (MODE != S_PLAIN) { /* R is even and n_out too: rows come in whole pairs */
+#pragma unroll
+        for (int p = 0; p < R / 2; p++)
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                if (lane == p * NT + t && row0 + 2 * p < n_out)
+                    s_store_pair<MODE>(e, t, row0 + 2 * p, n_out, acc[2 * p][t], acc[2 * p + 1][t]);
+    }
 }
 
 /* Fewer rows per warp at 1..2 tokens keeps more warps in flight for small n_out; more at 3..8 reuses each x load
  * for 4 rows, keeping L1 traffic and instruction count per weight byte down. */
-template <int NT>
-static void s_launch(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k,
-                     bool is_accumulate, cudaStream_t st) {
+template <int NT, int MODE>
+static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k,
+                     cudaStream_t st) {
     constexpr int R = NT <= 2 ? 2 : 4;
     const unsigned n_blocks = (unsigned)((n_out + GEMV_WARPS * R - 1) / (GEMV_WARPS * R));
-    k_gemv<NT, R><<<n_blocks, GEMV_WARPS * 32, 0, st>>>(y, x, w, n_out, k, is_accumulate);
+    k_gemv<NT, R, MODE><<<n_blocks, GEMV_WARPS * 32, 0, st>>>(e, x, w, n_out, k);
+}
+
+template <int MODE>
+static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
+                   int32_t k, cudaStream_t st) {
+    if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
+    if (((uintptr_t)x | (uintptr_t)w) % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
+    switch (n_tok) {
+    case 1: s_launch<1, MODE>(e, x, w, n_out, k, st); break;
+    case 2: s_launch<2, MODE>(e, x, w, n_out, k, st); break;
+    case 3: s_launch<3, MODE>(e, x, w, n_out, k, st); break;
+    case 4: s_launch<4, MODE>(e, x, w, n_out, k, st); break;
+    case 5: s_launch<5, MODE>(e, x, w, n_out, k, st); break;
+    case 6: s_launch<6, MODE>(e, x, w, n_out, k, st); break;
+    case 7: s_launch<7, MODE>(e, x, w, n_out, k, st); break;
+    default: s_launch<8, MODE>(e, x, w, n_out, k, st); break;
+    }
+    return true;
 }
 
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st) {
-    if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
-    if (((uintptr_t)x | (uintptr_t)w) % 16 != 0) return false;
-    switch (n_tok) {
-    case 1: s_launch<1>(y, x, w, n_out, k, is_accumulate, st); break;
-    case 2: s_launch<2>(y, x, w, n_out, k, is_accumulate, st); break;
-    case 3: s_launch<3>(y, x, w, n_out, k, is_accumulate, st); break;
-    case 4: s_launch<4>(y, x, w, n_out, k, is_accumulate, st); break;
-    case 5: s_launch<5>(y, x, w, n_out, k, is_accumulate, st); break;
-    case 6: s_launch<6>(y, x, w, n_out, k, is_accumulate, st); break;
-    case 7: s_launch<7>(y, x, w, n_out, k, is_accumulate, st); break;
-    default: s_launch<8>(y, x, w, n_out, k, is_accumulate, st); break;
-    }
-    return true;
+    s_epilogue_t e = {};
+    e.y = y, e.is_accumulate = is_accumulate;
+    return s_gemv<S_PLAIN>(e, x, w, n_tok, n_out, k, st);
+}
+
+bool eng_cuda_gemv_swiglu(__nv_bfloat16 *h, const __nv_bfloat16 *x, const __nv_bfloat16 *w_gate_up, int32_t n_tok,
+                          int32_t hidden, int32_t k, cudaStream_t st) {
+    s_epilogue_t e = {};
+    e.h = h;
+    return s_gemv<S_SWIGLU>(e, x, w_gate_up, n_tok, 2 * hidden, k, st);
+}
+
+bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const __nv_bfloat16 *x,
+                       const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st) {
+    if (d->head_dim % 2 != 0) return false;
+    s_epilogue_t e = {};
+    e.qkv = *d, e.tk = *tk;
+    return s_gemv<S_QKV>(e, x, wqkv, tk->n_tokens, (d->n_heads + 2 * d->n_kv_heads) * d->head_dim, k, st);
 }

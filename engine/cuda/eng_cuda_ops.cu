@@ -294,7 +294,7 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
 static __global__ void k_swiglu(__nv_bfloat16 *h, const float *gu, int64_t n, int32_t hidden) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t t = i / hidden, j = i % hidden;
-        const float g = gu[t * 2 * hidden + j], u = gu[t * 2 * hidden + hidden + j];
+        const float g = gu[t * 2 * hidden + 2 * j], u = gu[t * 2 * hidden + 2 * j + 1];
         h[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
     }
 }

@@ -76,7 +76,23 @@ static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, i
 #define ENG_CUDA_GEMV_MAX_TOK 8
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st);
-/* h = bf16(silu(gu[:, :hidden]) * gu[:, hidden:]) for gu (T, 2 hidden) f32. */
+/* The same product fused with what follows it, for weights whose rows come in pairs:
+ *   _swiglu: w_gate_up (2 hidden, k) with gate and up rows interleaved (row 2j gate j, 2j + 1 up j); writes
+ *            h (n_tok, hidden) = bf16(silu(gate) * up) instead of the products;
+ *   _qkv:    the fused Q/K/V projection of tk's tokens (n_tok = tk->n_tokens): adds the bias, RoPEs Q and K with
+ *            tk->rope_cs like eng_cuda_rope_store, writes Q to q (f32) and K, V into the tokens' pool slots.
+ * Same refusals as eng_cuda_gemv (false: nothing launched; the caller runs the product and the next kernel). */
+typedef struct {
+    float *q;               /* (n_tok, n_heads * head_dim) */
+    __nv_bfloat16 *kv_pool; /* the whole pool */
+    const float *bias;      /* (q_dim + 2 kv_dim) or NULL */
+    int32_t layer, n_heads, n_kv_heads, head_dim;
+} eng_cuda_qkv_dst_t;
+bool eng_cuda_gemv_swiglu(__nv_bfloat16 *h, const __nv_bfloat16 *x, const __nv_bfloat16 *w_gate_up, int32_t n_tok,
+                          int32_t hidden, int32_t k, cudaStream_t st);
+bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const __nv_bfloat16 *x,
+                       const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st);
+/* h = bf16(silu(gate) * up) for gu (T, 2 hidden) f32 with gate and up interleaved (column 2j gate j, 2j + 1 up j). */
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
 /* Copies every chunk (n_chunks_per_block = layers x 2) of the n listed blocks from src to dst, two pools of one
  * layout (device pointers; mapped host memory included); chunk_bytes a multiple of 16. */
