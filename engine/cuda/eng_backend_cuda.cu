@@ -129,6 +129,9 @@ static void s_prof_report(eng_backend_t *be) {
                 100.0 * be->prof_ms[p] / (total > 0 ? total : 1));
 }
 
+/* After a launch: a bad launch configuration is reported where it happened, with its kernel named. */
+#define S_LAUNCHED(what) S_CUDA(cudaGetLastError(), what)
+
 #define S_CUDA(call, what)                                               \
     do {                                                                 \
         cudaError_t e_ = (call);                                         \
@@ -407,8 +410,10 @@ fail:
 static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int64_t n_tok,
                         int64_t n_out, int64_t k, bool is_accumulate) {
     if (n_tok <= be->gemv_max_tok &&
-        eng_cuda_gemv(y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st))
+        eng_cuda_gemv(y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st)) {
+        S_LAUNCHED("matrix-vector product");
         return PD_OK;
+    }
     const float alpha = 1.0f, beta = is_accumulate ? 1.0f : 0.0f;
     cublasStatus_t s =
         cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)k, &alpha, w, CUDA_R_16BF, (int)k,
@@ -436,11 +441,13 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     s_prof_mark(be, P_EMBED, true);
     eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
     eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
+    S_LAUNCHED("embed, rope table");
     s_prof_mark(be, P_EMBED, false);
     for (int32_t l = 0; l < c->n_layers; l++) {
         const s_layer_t *w = &be->layers[l];
         s_prof_mark(be, P_NORM, true);
         eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+        S_LAUNCHED("attention norm");
         s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
         const eng_cuda_qkv_dst_t qkv_dst = {be->q, be->kv_pool, w->bqkv, l, c->n_heads, c->n_kv_heads, (int32_t)hd};
         if (!is_fused || !eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st)) {
@@ -448,8 +455,10 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ROPE, true);
             eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
                                 be->st);
+            S_LAUNCHED("rope + KV store");
             s_prof_mark(be, P_ROPE, false), s_prof_mark(be, P_QKV, true);
         }
+        S_LAUNCHED("Q/K/V");
         s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ATTN, true);
         att.layer = l;
         S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
@@ -457,6 +466,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         if (s_gemm(be, be->x, be->att, w->wo, T, dim, q_dim, true) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_WO, false), s_prof_mark(be, P_NORM, true);
         eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+        S_LAUNCHED("ffn norm");
         s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
         if (!is_fused ||
             !eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T, c->hidden_dim, (int32_t)dim, be->st)) {
@@ -464,8 +474,10 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
                 return PD_EBACKEND;
             s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_SWIGLU, true);
             eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
+            S_LAUNCHED("swiglu");
             s_prof_mark(be, P_SWIGLU, false), s_prof_mark(be, P_GATE_UP, true);
         }
+        S_LAUNCHED("gate/up");
         s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_DOWN, true);
         if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_DOWN, false);
@@ -474,6 +486,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     s_prof_mark(be, P_HEAD, true);
     be->t_launched = be->is_prof ? pd_now_us() : 0;
     eng_cuda_rmsnorm(be->xb, be->x, d_rows, be->out_norm, n_logits, (int32_t)dim, c->rms_eps, be->st);
+    S_LAUNCHED("output norm");
     for (int32_t r0 = 0; r0 < n_logits; r0 += S_LOGIT_ROWS) {
         const int32_t nr = n_logits - r0 < S_LOGIT_ROWS ? n_logits - r0 : S_LOGIT_ROWS;
         const size_t row_bytes = sizeof(float) * (size_t)c->vocab_size;
@@ -618,7 +631,14 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
             g->n_timed++, g->gpu_ms += gpu_ms, g->wall_ms += (double)(pd_now_us() - t_start) / 1e3;
         }
     }
-    S_CUDA(cudaGetLastError(), "forward kernels");
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+        LOG_E("cuda backend: forward kernels (%lld tokens of %d sequences, %lld + %lld tensor-core tiles, %d logits, "
+              "%d key splits): %s",
+              (long long)T, b->n_seqs, (long long)n_tiles, (long long)n_tc_tiles, n_logits, att.n_splits,
+              cudaGetErrorString(err));
+        return PD_EBACKEND;
+    }
     if (be->is_prof)
         s_prof_collect(be, (double)(be->t_launched - t_start) / 1e3, (double)(pd_now_us() - t_start) / 1e3);
     return PD_OK;
