@@ -482,7 +482,11 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_DOWN, false);
     }
-    /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows */
+    /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows; none for a mid-prompt chunk */
+    if (n_logits == 0) { /* the forward is still complete when eng_forward returns */
+        if (out) S_CUDA(cudaStreamSynchronize(be->st), "forward");
+        return PD_OK;
+    }
     s_prof_mark(be, P_HEAD, true);
     be->t_launched = be->is_prof ? pd_now_us() : 0;
     eng_cuda_rmsnorm(be->xb, be->x, d_rows, be->out_norm, n_logits, (int32_t)dim, c->rms_eps, be->st);

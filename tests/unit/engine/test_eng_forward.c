@@ -20,11 +20,13 @@
 /* CUDA: bf16 weights, activations into each GEMM and KV (8 significant bits) put logits 0.3-4.3% off in L2 norm
  * on the 11 golden prompts (H100, 2026-11-23; random-weight models in test_cuda_parity: 0.6-1.1%); 6% still fails
  * a real error (one layer's output dropped is > 30%). A greedy divergence is accepted at a reference margin below
- * 0.5 logits (observed: 0.006-0.03); batch composition changes cuBLAS's kernel choice, so alone vs batched agree
- * within 1% (L2), not bit for bit. */
+ * 0.5 logits (observed: 0.006-0.03). Alone vs batched: not bit for bit, because batch size picks the kernels. Rows
+ * of batches of 1-4 go through the f32 CUDA-core matrix-vector kernel, larger batches through cuBLAS's tensor-core
+ * GEMMs, whose f32 accumulation rounds differently; SmolLM2's attention sinks amplify it: 1.84e-2 (L2) worst over
+ * this test's 16 sequences x 9 steps, 8.8e-3 with cuBLAS for every row (ENG_CUDA_GEMV=0), H100, 2026-11-23. */
 #define CUDA_REL_TOL         6e-2f
 #define CUDA_NEAR_TIE_MARGIN 0.5f
-#define CUDA_BATCH_REL_TOL   1e-2f
+#define CUDA_BATCH_REL_TOL   2.5e-2f
 static bool s_is_cuda;
 
 typedef struct {
@@ -307,6 +309,24 @@ static void test_batch_invariance(void) {
     free(out), free(ref);
 }
 
+/* A prompt prefilled in chunks, whose first chunks ask for no logits at all (the prefill worker's mid-prompt
+ * steps): every forward succeeds and the last chunk's logits are the one-piece prefill's. */
+static void test_chunks_without_logits(void) {
+    int32_t prompt[40];
+    s_make_prompt(prompt, 40, 99u);
+    float *whole = pd_xmalloc(sizeof(float) * (size_t)s_vocab), *chunked = pd_xmalloc(sizeof(float) * (size_t)s_vocab);
+    eng_kv_seq_t a = {0}, b = {0};
+    CHECK_EQ_INT(s_run_seq(&a, prompt, 40, 0, 40, NULL, whole), PD_OK);
+    CHECK_EQ_INT(s_run_seq(&b, prompt, 40, 0, 16, NULL, chunked), PD_OK); /* 16 + 16 (no logits) + 8 */
+    if (s_is_cuda)
+        CHECK(pd_test_rel_l2(chunked, whole, s_vocab) <= CUDA_BATCH_REL_TOL);
+    else
+        CHECK(memcmp(chunked, whole, sizeof(float) * (size_t)s_vocab) == 0);
+    eng_kv_seq_release(&a, eng_kv_pool(s_engine)), eng_kv_seq_release(&b, eng_kv_pool(s_engine));
+    eng_kv_seq_fini(&a), eng_kv_seq_fini(&b);
+    free(whole), free(chunked);
+}
+
 static void test_bad_batches(void) {
     eng_kv_seq_t seq = {0};
     REQUIRE(eng_kv_seq_reserve(&seq, eng_kv_pool(s_engine), 16, 16) == PD_OK);
@@ -363,6 +383,7 @@ int main(void) {
     }
     s_vocab = eng_config(s_engine)->vocab_size;
     PD_TEST_RUN(test_bad_batches);
+    PD_TEST_RUN(test_chunks_without_logits);
     PD_TEST_RUN(test_batch_invariance);
     PD_TEST_RUN(test_golden_logits_and_greedy);
     eng_destroy(&s_engine);
