@@ -47,11 +47,29 @@ void dc_spec_acc_idle(dc_spec_acc_t *a) {
     a->n_tested *= ACC_IDLE_DECAY;
 }
 
+/* The step-cost fit: each observation's weight decays by COST_DECAY per step (~30 steps count); a line is fitted
+ * once COST_MIN_STEPS steps are in and their token counts have a variance of at least COST_MIN_VAR. */
+#define COST_DECAY     0.97
+#define COST_MIN_STEPS 8.0
+#define COST_MIN_VAR   1.0
+
 void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us) {
-    double predicted = c->base_us + c->per_token_us * (double)n_tokens;
-    if (predicted <= 0 || verify_us <= 0) return;
-    double ratio = verify_us / predicted;
-    double s = 0.9 * c->scale + 0.1 * ratio;
+    if (n_tokens <= 0 || verify_us <= 0) return;
+    const double n = n_tokens, y = verify_us;
+    c->w = COST_DECAY * c->w + 1, c->s_n = COST_DECAY * c->s_n + n, c->s_nn = COST_DECAY * c->s_nn + n * n;
+    c->s_y = COST_DECAY * c->s_y + y, c->s_ny = COST_DECAY * c->s_ny + n * y;
+    const double mn = c->s_n / c->w, my = c->s_y / c->w, var = c->s_nn / c->w - mn * mn;
+    if (c->w >= COST_MIN_STEPS && var >= COST_MIN_VAR) { /* enough spread in n: fit the line itself */
+        double slope = (c->s_ny / c->w - mn * my) / var;
+        if (slope < 0) slope = 0;
+        double base = my - slope * mn;
+        if (base < 0) base = 0, slope = my / mn; /* through the origin: still the measured mean */
+        c->base_us = base, c->per_token_us = slope, c->scale = 1;
+        return;
+    }
+    double predicted = c->base_us + c->per_token_us * n;
+    if (predicted <= 0) return;
+    double s = 0.9 * c->scale + 0.1 * y / predicted;
     c->scale = s < 0.25 ? 0.25 : s > 4 ? 4 : s;
 }
 

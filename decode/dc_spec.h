@@ -44,16 +44,21 @@ void dc_spec_acc_observe(dc_spec_acc_t *a, int32_t proposed, int32_t accepted);
 /* A step in which this sequence had nothing verified. */
 void dc_spec_acc_idle(dc_spec_acc_t *a);
 
-/* Step cost, in microseconds: verify forward = base_us + per_token_us * tokens in the step; each draft token
- * adds draft_token_us, and each draft-model forward (one per draft depth) draft_base_us. Calibrated once
- * at startup (dc_exec), then scaled by the ratio of measured to predicted step times (EMA). */
+/* Step cost, in microseconds: verify step = base_us + per_token_us * tokens in the step; each draft token adds
+ * draft_token_us, and each draft-model forward (one per draft depth) draft_base_us. Calibrated once at startup
+ * (dc_exec: one sequence, 1 and 1 + k tokens), then refitted from the measured steps: a least-squares line
+ * through them (decayed, so it follows the load) once their token counts vary enough, else a measured/predicted
+ * scale. Why refit: a batch's extra verified tokens cost what one sequence's calibration cannot show (on the GPU,
+ * other kernels and graph shapes at batch 32, and a logits row per token for the host to read and sample). */
 typedef struct {
-    double base_us, per_token_us;         /* target forward */
+    double base_us, per_token_us;         /* target step */
     double draft_base_us, draft_token_us; /* draft-model forward (0 for n-gram lookup) */
-    double scale;                         /* measured / predicted, EMA; 1 at calibration */
+    double scale;                         /* measured / predicted, EMA, while no line is fitted; 1 at calibration */
+    double w, s_n, s_nn, s_y, s_ny;       /* decayed sums over observed steps (n tokens, y us) */
 } dc_spec_cost_t;
 
-/* Feeds one measured step: n_tokens verified in verify_us. Keeps scale within [0.25, 4]. */
+/* Feeds one measured step: n_tokens verified in verify_us (forward and the host's work on its logits). Keeps
+ * scale within [0.25, 4] and the fitted costs non-negative. */
 void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us);
 
 /* Adaptive k for one step. n_rows decode rows; acc[i] the acceptance rate of row i, avail[i] the most drafts row i

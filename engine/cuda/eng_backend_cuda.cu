@@ -42,6 +42,7 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 #define S_GRAPH_MAX_TOKENS 512
 typedef struct {
     int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
+    bool is_captured;                                               /* exec holds the graph (the key was seen twice) */
     cudaGraphExec_t exec;
     uint64_t last_used;
     /* ENG_CUDA_STEP_TIMES=1: whole eng_forward wall time vs the graph's own GPU time, summed over its launches */
@@ -90,6 +91,7 @@ struct eng_backend {
     cudaEvent_t step_ev[2];
     s_graph_t graphs[S_MAX_GRAPHS];
     uint64_t graph_clock;
+    int64_t n_captures, n_graph_launches, n_direct; /* forwards: graphs captured, replayed; launched directly */
     void *blas_ws;
     /* profiling (ENG_CUDA_PROFILE) */
     bool is_prof;
@@ -151,6 +153,10 @@ static void s_destroy(eng_backend_t **pbe) {
     cudaSetDevice(be->gpu);
     if (be->st) cudaStreamSynchronize(be->st);
     s_prof_report(be);
+    if (be->n_graph_launches + be->n_direct > 0)
+        LOG_I("cuda backend: %lld forwards: %lld from %lld captured graphs, %lld launched directly",
+              (long long)(be->n_graph_launches + be->n_direct), (long long)be->n_graph_launches,
+              (long long)be->n_captures, (long long)be->n_direct);
     for (int i = 0; i < S_MAX_GRAPHS; i++) {
         const s_graph_t *g = &be->graphs[i];
         if (be->is_step_times && g->T && g->n_timed)
@@ -159,7 +165,7 @@ static void s_destroy(eng_backend_t **pbe) {
                     "(%.1f%% of GPU)\n",
                     (long long)g->T, (long long)g->n_timed, g->wall_ms / g->n_timed, g->gpu_ms / g->n_timed,
                     (g->wall_ms - g->gpu_ms) / g->n_timed, 100.0 * (g->wall_ms - g->gpu_ms) / g->gpu_ms);
-        if (g->T) cudaGraphExecDestroy(g->exec);
+        if (g->is_captured) cudaGraphExecDestroy(g->exec);
     }
     if (be->is_step_times) cudaEventDestroy(be->step_ev[0]), cudaEventDestroy(be->step_ev[1]);
     s_free_dev(be->blas_ws);
@@ -505,10 +511,14 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     return PD_OK;
 }
 
-/* The graph for this batch's key, captured on first use; the least recently used one makes room. */
+/* The graph for this batch's key, captured the second time the key is seen (NULL with PD_OK the first time: run
+ * the forward directly). Why not on first use: speculative verification makes batch shapes vary step to step, and
+ * a capture + instantiate costs several directly launched forwards; a shape that comes back pays for it. The least
+ * recently used slot makes room. */
 static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int64_t n_logits,
                               const eng_cuda_tokens_t *tk, eng_cuda_att_t *att, const int32_t *d_tok,
-                              const int32_t *d_rows) {
+                              const int32_t *d_rows, pd_status *status) {
+    *status = PD_OK;
     s_graph_t *g = NULL, *lru = &be->graphs[0];
     for (int i = 0; i < S_MAX_GRAPHS && !g; i++) {
         s_graph_t *c = &be->graphs[i];
@@ -517,9 +527,15 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             g = c;
         if (c->last_used < lru->last_used) lru = c;
     }
-    if (!g) {
+    if (!g) { /* first sighting: remember the key only */
         g = lru;
-        if (g->T) cudaGraphExecDestroy(g->exec), g->T = 0;
+        if (g->is_captured) cudaGraphExecDestroy(g->exec), g->is_captured = false;
+        g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits;
+        g->split_keys = att->split_keys, g->n_splits = att->n_splits, g->last_used = ++be->graph_clock;
+        return NULL;
+    }
+    if (!g->is_captured) {
+        *status = PD_EBACKEND;
         cudaGraph_t graph;
         cudaError_t e = cudaStreamBeginCapture(be->st, cudaStreamCaptureModeThreadLocal);
         if (e != cudaSuccess) {
@@ -539,9 +555,7 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             LOG_E("cuda backend: graph instantiate: %s", cudaGetErrorString(e));
             return NULL;
         }
-        g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits;
-        g->split_keys = att->split_keys;
-        g->n_splits = att->n_splits;
+        g->is_captured = true, be->n_captures++, *status = PD_OK;
     }
     g->last_used = ++be->graph_clock;
     return g;
@@ -619,11 +633,17 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
             att.split_keys = (int32_t)keys, att.n_splits = (int32_t)((len + keys - 1) / keys);
     }
 
-    if (n_logits > S_GRAPH_MAX_ROWS || T > S_GRAPH_MAX_TOKENS || !be->is_graphs) {
+    s_graph_t *g = NULL;
+    if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs) {
+        pd_status gst;
+        g = s_graph_get(be, T, n_tiles, n_logits, &tk, &att, d_tok, d_rows, &gst);
+        if (gst != PD_OK) return gst;
+    }
+    if (!g) {
+        be->n_direct++;
         if (s_enqueue(be, &tk, &att, d_tok, d_rows, n_logits, b->logits) != PD_OK) return PD_EBACKEND;
     } else {
-        s_graph_t *g = s_graph_get(be, T, n_tiles, n_logits, &tk, &att, d_tok, d_rows);
-        if (!g) return PD_EBACKEND;
+        be->n_graph_launches++;
         if (be->is_step_times) cudaEventRecord(be->step_ev[0], be->st);
         S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
         if (be->is_step_times) cudaEventRecord(be->step_ev[1], be->st);

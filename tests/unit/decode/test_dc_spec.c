@@ -96,6 +96,31 @@ static void test_allocate(void) {
     CHECK(scaled.scale <= 4);
 }
 
+/* The cost model refits itself from measured steps: calibrated as cheap GPU-like verification, it learns from
+ * steps of 32-190 tokens that each verified token costs 60 us (host sampling of its logits row included), and
+ * a batch of 32 at acceptance 0.5 stops drafting, while at acceptance 0.9 it still drafts. */
+static void test_cost_refit(void) {
+    dc_spec_cost_t c = {.base_us = 1000, .per_token_us = 2, .scale = 1};
+    int32_t k[32], avail[32];
+    float acc[32];
+    for (int i = 0; i < 32; i++) avail[i] = 5, acc[i] = 0.5f;
+    CHECK(dc_spec_allocate(&c, false, 32, acc, avail, 32, 256, k) >= 64); /* as calibrated: drafts look free */
+    dc_spec_cost_observe(&c, 32, 3000); /* one step: no spread in n yet, only the scale moves */
+    CHECK(c.per_token_us == 2 && c.scale > 1);
+    for (int i = 0; i < 40; i++) {
+        const int32_t n = 32 + (i * 37) % 159;
+        dc_spec_cost_observe(&c, n, 3000 + 60.0 * (n - 32));
+    }
+    CHECK(fabs(c.per_token_us - 60) < 1 && fabs(c.base_us - (3000 - 60 * 32)) < 30 && c.scale == 1);
+    CHECK_EQ_INT(dc_spec_allocate(&c, false, 32, acc, avail, 32, 256, k), 0);
+    for (int i = 0; i < 32; i++) acc[i] = 0.9f;
+    CHECK(dc_spec_allocate(&c, false, 32, acc, avail, 32, 256, k) > 0);
+    /* a noisy, decreasing-looking sample never makes verified tokens negative or free of the base */
+    dc_spec_cost_t d = {.base_us = 1000, .per_token_us = 10, .scale = 1};
+    for (int i = 0; i < 20; i++) dc_spec_cost_observe(&d, 1 + i % 6, 2000 - 100.0 * (i % 6));
+    CHECK(d.per_token_us >= 0 && d.base_us >= 0);
+}
+
 /* ---- the real model ---- */
 
 static eng_t *s_engine, *s_draft_engine;
@@ -424,6 +449,7 @@ int main(void) {
     PD_TEST_RUN(test_ngram);
     PD_TEST_RUN(test_acceptance);
     PD_TEST_RUN(test_allocate);
+    PD_TEST_RUN(test_cost_refit);
     eng_params_t p = eng_params_default();
     p.model_path = pd_test_model_path();
     p.n_threads = 2;
