@@ -58,8 +58,9 @@ struct dc_sched {
     char *scratch; /* (text_cap) detokenizer output before stop matching */
     uint64_t n_tokens_generated, n_finished, n_preempted, n_refused;
     uint64_t n_decode_rows, n_spec_rows, n_draft_tokens, n_accepted_tokens;
-    dc_spec_cost_t cost;
+    dc_spec_cost_t cost, cost_calibrated; /* the refitted model; the startup one, for exploring steps */
     bool has_cost;
+    int64_t n_spec_plans;
     /* plan-time scratch for speculation, (max_batch_seqs) and (max_batch_seqs, DC_MAX_TOKENS_PER_SEQ) */
     float *sp_acc;
     int32_t *sp_avail, *sp_k, *sp_drafts;
@@ -624,8 +625,11 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
             left -= s->sp_k[i];
         }
     } else {
-        dc_spec_allocate(&s->cost, is_draft, n, s->sp_acc, s->sp_avail, plan->n_tokens_total, s->p.spec_max_step_drafts,
-                         s->sp_k);
+        /* one step in DC_SPEC_EXPLORE drafts as the startup calibration would: once the refitted model says drafts
+         * do not pay, the steps stop varying and it could never learn that they pay again (load, acceptance) */
+        const bool is_explore = ++s->n_spec_plans % DC_SPEC_EXPLORE == 0;
+        dc_spec_allocate(is_explore ? &s->cost_calibrated : &s->cost, is_draft, n, s->sp_acc, s->sp_avail,
+                         plan->n_tokens_total, s->p.spec_max_step_drafts, s->sp_k);
     }
     int32_t bs = s->p.block_size;
     for (int32_t i = 0; i < n; i++) {
@@ -820,6 +824,7 @@ void dc_sched_stats(const dc_sched_t *s, dc_sched_stats_t *out) {
 void dc_sched_spec_set_cost(dc_sched_t *s, const dc_spec_cost_t *c) {
     s->cost = *c;
     if (s->cost.scale <= 0) s->cost.scale = 1;
+    s->cost_calibrated = s->cost;
     s->has_cost = true;
 }
 

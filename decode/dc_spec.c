@@ -55,7 +55,8 @@ void dc_spec_acc_idle(dc_spec_acc_t *a) {
 
 void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us) {
     if (n_tokens <= 0 || verify_us <= 0) return;
-    const double n = n_tokens, y = verify_us;
+    const double n = n_tokens, predicted_now = c->scale * (c->base_us + c->per_token_us * n);
+    const double y = predicted_now > 0 && verify_us > 3 * predicted_now ? 3 * predicted_now : verify_us;
     c->w = COST_DECAY * c->w + 1, c->s_n = COST_DECAY * c->s_n + n, c->s_nn = COST_DECAY * c->s_nn + n * n;
     c->s_y = COST_DECAY * c->s_y + y, c->s_ny = COST_DECAY * c->s_ny + n * y;
     const double mn = c->s_n / c->w, my = c->s_y / c->w, var = c->s_nn / c->w - mn * mn;
@@ -67,7 +68,7 @@ void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us)
         c->base_us = base, c->per_token_us = slope, c->scale = 1;
         return;
     }
-    double predicted = c->base_us + c->per_token_us * n;
+    const double predicted = c->base_us + c->per_token_us * n;
     if (predicted <= 0) return;
     double s = 0.9 * c->scale + 0.1 * y / predicted;
     c->scale = s < 0.25 ? 0.25 : s > 4 ? 4 : s;
