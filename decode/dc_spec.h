@@ -57,10 +57,11 @@ typedef struct {
     double w, s_n, s_nn, s_y, s_ny;       /* decayed sums over observed steps (n tokens, y us) */
 } dc_spec_cost_t;
 
+#define DC_SPEC_EXPLORE 16 /* dc_sched: every 16th speculative step allocates drafts under the startup calibration */
+
 /* Feeds one measured step: n_tokens verified in verify_us (forward and the host's work on its logits). A step is
  * counted as at most 3x its prediction (a one-off, such as a CUDA graph captured for a new batch shape, moves the
  * fit a bounded amount). Keeps scale within [0.25, 4] and the fitted costs non-negative. */
-#define DC_SPEC_EXPLORE 16 /* dc_sched: every 16th speculative step allocates drafts under the startup calibration */
 void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us);
 
 /* Adaptive k for one step. n_rows decode rows; acc[i] the acceptance rate of row i, avail[i] the most drafts row i
