@@ -59,6 +59,7 @@ struct dc_sched {
     uint64_t n_tokens_generated, n_finished, n_preempted, n_refused;
     uint64_t n_decode_rows, n_spec_rows, n_draft_tokens, n_accepted_tokens;
     dc_spec_cost_t cost, cost_calibrated; /* the refitted model; the startup one, for exploring steps */
+    dc_spec_acc_t acc_all;                /* acceptance over all sequences, slow decay: new sequences' prior */
     bool has_cost;
     int64_t n_spec_plans;
     /* plan-time scratch for speculation, (max_batch_seqs) and (max_batch_seqs, DC_MAX_TOKENS_PER_SEQ) */
@@ -363,7 +364,9 @@ pd_status dc_sched_reserve(dc_sched_t *s, const dc_req_params_t *rp, char *err, 
     sl->spec_k = s->p.spec == DC_SPEC_OFF || !rp->prompt      ? 0
                  : rp->spec_k < 0 || rp->spec_k > s->p.spec_k ? s->p.spec_k
                                                               : rp->spec_k;
-    sl->acc = (dc_spec_acc_t){0};
+    /* the worker's recent acceptance as this sequence's prior, kept within [0.02, 0.98] so it can move */
+    const float prior = dc_spec_acc_rate(&s->acc_all);
+    sl->acc = (dc_spec_acc_t){.prior = prior < 0.02f ? 0.02f : prior > 0.98f ? 0.98f : prior};
     sl->n_draft_cached = 0;
     sl->ev_seq = 0;
     eng_detok_init(&sl->detok);
@@ -727,6 +730,14 @@ static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const float *row, uint64_
     return sl->state == S_RUNNING;
 }
 
+/* The worker-wide acceptance (new sequences' prior): counted like dc_spec_acc_observe, decaying slowly (about the
+ * last 200 verified rows count). */
+static void s_observe_all(dc_sched_t *s, int32_t proposed, int32_t accepted) {
+    const int32_t tested = accepted < proposed ? accepted + 1 : accepted;
+    s->acc_all.n_ok = s->acc_all.n_ok * 0.995f + (float)accepted;
+    s->acc_all.n_tested = s->acc_all.n_tested * 0.995f + (float)tested;
+}
+
 /* Verifies decode row i: position j's token is sampled from the target's logits row j with the request's own
  * sampler (penalties see the tokens accepted before it), exactly as plain decoding would; draft j is kept only
  * when it is that token, and the first token that differs ends the row (dc_spec.h: why this is lossless).
@@ -748,6 +759,7 @@ static int s_verify(dc_sched_t *s, s_slot_t *sl, const dc_plan_t *plan, int32_t 
         s->n_accepted_tokens++;
     }
     dc_spec_acc_observe(&sl->acc, n_draft, accepted);
+    if (n_draft > 0) s_observe_all(s, n_draft, accepted);
     eng_kv_seq_truncate(&sl->kv, s->p.pool, s->p.block_size, sl->n_tokens);
     if (s->p.draft_pool) {
         int32_t out = plan->draft_cached_out[i], valid = n_old + accepted;

@@ -31,7 +31,8 @@ pd_status dc_spec_mode_parse(const char *s, dc_spec_mode_t *out) {
 #define ACC_IDLE_DECAY 0.98f
 
 float dc_spec_acc_rate(const dc_spec_acc_t *a) {
-    return (a->n_ok + 1.0f) / (a->n_tested + 2.0f);
+    const float prior = a->prior > 0 ? a->prior : 0.5f;
+    return (a->n_ok + 2.0f * prior) / (a->n_tested + 2.0f);
 }
 
 void dc_spec_acc_observe(dc_spec_acc_t *a, int32_t proposed, int32_t accepted) {

@@ -32,10 +32,14 @@ const char *dc_spec_mode_name(dc_spec_mode_t m);
 PD_NODISCARD pd_status dc_spec_mode_parse(const char *s, dc_spec_mode_t *out);
 
 /* Per-sequence acceptance: exponentially weighted counts of accepted drafts over drafts that were tested, with
- * a prior of 1 accepted in 2 (rate 0.5). Steps without drafts let the counts decay back towards the prior, so
- * a sequence whose drafts once failed is tried again later. Plain struct, zero-initialised = prior. */
+ * a prior worth 2 tests at rate `prior` (0: 0.5). Steps without drafts let the counts decay back towards the
+ * prior, so a sequence whose drafts once failed is tried again later. The decode scheduler sets a new sequence's
+ * prior to the worker's recent acceptance over all sequences (dc_spec_acc_t of its own), so a draft model that
+ * keeps failing is not tried on every new request (each try makes it read the whole prompt first). Plain struct,
+ * zero-initialised = prior 0.5. */
 typedef struct {
     float n_ok, n_tested;
+    float prior;
 } dc_spec_acc_t;
 
 float dc_spec_acc_rate(const dc_spec_acc_t *a);

@@ -58,6 +58,18 @@ static void test_acceptance(void) {
     for (int i = 0; i < 200; i++) dc_spec_acc_idle(&a);
     CHECK(dc_spec_acc_rate(&a) > low && fabsf(dc_spec_acc_rate(&a) - 0.5f) < 0.05f); /* back towards the prior */
     dc_spec_acc_observe(&a, 0, 0);                                                   /* nothing tested: no change */
+    /* a prior of 0.05 (a draft model that keeps failing on this worker): a new sequence is not worth drafting for
+     * under a cost where 0.5 would be, and an idle one decays back to 0.05, not 0.5 */
+    dc_spec_acc_t poor = {.prior = 0.05f};
+    CHECK(fabsf(dc_spec_acc_rate(&poor) - 0.05f) < 1e-6f);
+    dc_spec_cost_t c = {.base_us = 1100, .per_token_us = 20, .draft_base_us = 400, .draft_token_us = 10, .scale = 1};
+    int32_t k[1], avail[1] = {4};
+    float r_poor = dc_spec_acc_rate(&poor), r_new = dc_spec_acc_rate(&(dc_spec_acc_t){0});
+    CHECK_EQ_INT(dc_spec_allocate(&c, true, 1, &r_poor, avail, 1, 64, k), 0);
+    CHECK(dc_spec_allocate(&c, true, 1, &r_new, avail, 1, 64, k) > 0);
+    for (int i = 0; i < 10; i++) dc_spec_acc_observe(&poor, 4, 4);
+    for (int i = 0; i < 400; i++) dc_spec_acc_idle(&poor);
+    CHECK(fabsf(dc_spec_acc_rate(&poor) - 0.05f) < 0.02f);
 }
 
 static void test_allocate(void) {
