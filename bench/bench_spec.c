@@ -127,10 +127,11 @@ static result_t s_run(eng_t *e, eng_t *draft, eng_drafter_t *drafter, dc_spec_mo
         eng_batch_t bt = dc_plan_batch(&plan, logits);
         if (eng_forward(e, &bt) != PD_OK) PD_FATAL("forward failed");
         double t2 = s_now();
-        if (mode != DC_SPEC_OFF) dc_sched_spec_observe(s, plan.n_tokens_total, (t2 - t1) * 1e6);
-        int32_t n_rows = plan.n_decode_rows;
+        int32_t n_rows = plan.n_decode_rows, n_tokens = plan.n_tokens_total;
         n = dc_sched_update(s, &plan, logits, 0, ev, (int)(sizeof ev / sizeof *ev));
         if (n < 0) PD_FATAL("update failed");
+        /* as dc_exec does: decode steps only, the forward plus the update (sampling, verification) */
+        if (mode != DC_SPEC_OFF && is_pure) dc_sched_spec_observe(s, n_tokens, (s_now() - t1) * 1e6);
         if (is_pure) {
             dec_time += t2 - t0;
             dec_steps++;

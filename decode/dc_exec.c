@@ -43,11 +43,14 @@ static void s_finish_step(dc_exec_t *x, pd_status result) {
     x->st.busy_us += pd_now_us() - x->step_start_us;
     x->st.draft_us += x->job_draft_us;
     if (result == PD_OK) {
-        /* the step's cost for speculation's model: the forward and the host's sampling / verification of its rows */
+        /* the step's cost for speculation's model: the forward and the host's sampling / verification of its rows;
+         * steps with local-prefill chunks are left out (hundreds of prompt tokens would set the fitted line) */
         const uint64_t t0 = pd_now_us();
         const int32_t n_tokens = x->plan.n_tokens_total;
+        const bool is_pure_decode = x->plan.n_decode_rows == x->plan.n_seqs;
         n = dc_sched_update(x->p.sched, &x->plan, x->logits, t0, x->events, x->cap_events);
-        dc_sched_spec_observe(x->p.sched, n_tokens, (double)(x->job_verify_us + (pd_now_us() - t0)));
+        if (is_pure_decode)
+            dc_sched_spec_observe(x->p.sched, n_tokens, (double)(x->job_verify_us + (pd_now_us() - t0)));
     } else {
         x->st.n_failed_steps++;
         uint64_t now = pd_now_us();

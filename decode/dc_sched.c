@@ -63,7 +63,7 @@ struct dc_sched {
     bool has_cost;
     int64_t n_spec_plans;
     /* plan-time scratch for speculation, (max_batch_seqs) and (max_batch_seqs, DC_MAX_TOKENS_PER_SEQ) */
-    float *sp_acc;
+    float *sp_acc, *sp_extra;
     int32_t *sp_avail, *sp_k, *sp_drafts;
 };
 
@@ -140,6 +140,7 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
     for (int32_t i = 0; i < p->max_seqs; i++) s->slots[i].text = pd_xmalloc(s->text_cap * DC_MAX_TOKENS_PER_SEQ);
     size_t nb = (size_t)p->max_batch_seqs;
     s->sp_acc = pd_xcalloc(nb, sizeof *s->sp_acc);
+    s->sp_extra = pd_xcalloc(nb, sizeof *s->sp_extra);
     s->sp_avail = pd_xcalloc(nb, sizeof *s->sp_avail);
     s->sp_k = pd_xcalloc(nb, sizeof *s->sp_k);
     s->sp_drafts = pd_xcalloc(nb * DC_MAX_TOKENS_PER_SEQ, sizeof *s->sp_drafts);
@@ -170,7 +171,7 @@ void dc_sched_destroy(dc_sched_t **sp) {
         eng_kv_seq_fini(&s->slots[i].draft_kv);
         free(s->slots[i].text);
     }
-    free(s->sp_acc), free(s->sp_avail), free(s->sp_k), free(s->sp_drafts);
+    free(s->sp_acc), free(s->sp_extra), free(s->sp_avail), free(s->sp_k), free(s->sp_drafts);
     free(s->slots), free(s->running), free(s->prefilling), free(s->scratch), free(s);
     *sp = NULL;
 }
@@ -619,8 +620,13 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
     bool is_draft = s->p.spec == DC_SPEC_DRAFT;
     if (s->p.spec == DC_SPEC_OFF || n == 0 || (!s->has_cost && !s->p.spec_fixed_k)) return;
     for (int32_t i = 0; i < n; i++) {
-        s->sp_acc[i] = dc_spec_acc_rate(&s->slots[plan->slots[i]].acc);
+        const s_slot_t *sl = &s->slots[plan->slots[i]];
+        s->sp_acc[i] = dc_spec_acc_rate(&sl->acc);
         s->sp_avail[i] = s_spec_candidates(s, i, plan);
+        if (is_draft) { /* history the draft model has not read yet, spread over the tokens the row has left */
+            const int32_t lag = sl->n_tokens - sl->n_draft_cached - 1, left = sl->max_tokens - sl->n_generated;
+            s->sp_extra[i] = lag > 0 ? (float)(lag * s->cost.draft_token_us / (left > 1 ? left : 1)) : 0.0f;
+        }
     }
     if (s->p.spec_fixed_k) {
         for (int32_t i = 0, left = s->p.spec_max_step_drafts; i < n; i++) {
@@ -632,7 +638,7 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
          * do not pay, the steps stop varying and it could never learn that they pay again (load, acceptance) */
         const bool is_explore = ++s->n_spec_plans % DC_SPEC_EXPLORE == 0;
         dc_spec_allocate(is_explore ? &s->cost_calibrated : &s->cost, is_draft, n, s->sp_acc, s->sp_avail,
-                         plan->n_tokens_total, s->p.spec_max_step_drafts, s->sp_k);
+                         is_draft ? s->sp_extra : NULL, plan->n_tokens_total, s->p.spec_max_step_drafts, s->sp_k);
     }
     int32_t bs = s->p.block_size;
     for (int32_t i = 0; i < n; i++) {

@@ -76,7 +76,8 @@ void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us)
 }
 
 int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t n_rows, const float *acc,
-                         const int32_t *avail, int32_t n_step_tokens, int32_t max_total, int32_t *k) {
+                         const int32_t *avail, const float *first_extra_us, int32_t n_step_tokens, int32_t max_total,
+                         int32_t *k) {
     enum { MAX_DEPTH = 64 };
     int32_t depth_rows[MAX_DEPTH + 1] = {0};
     for (int32_t i = 0; i < n_rows; i++) k[i] = 0;
@@ -86,18 +87,21 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
     double gain = n_rows, t = sc * (c->base_us + c->per_token_us * (double)n_step_tokens);
     int32_t total = 0;
     while (total < max_total) {
+        /* the draft token with the most expected tokens per unit of cost */
         int32_t best = -1;
-        double best_g = 0;
+        double best_g = 0, best_cost = 1;
         for (int32_t i = 0; i < n_rows; i++) {
             if (k[i] >= avail[i] || k[i] >= MAX_DEPTH) continue;
-            double g = pow(acc[i], k[i] + 1);
-            if (g > best_g) best_g = g, best = i;
+            const int32_t depth = k[i] + 1;
+            double g = pow(acc[i], depth), cost = sc * c->per_token_us;
+            if (use_draft_model) cost += sc * (c->draft_token_us + (depth_rows[depth] == 0 ? c->draft_base_us : 0));
+            if (depth == 1 && first_extra_us) cost += sc * first_extra_us[i];
+            if (cost > 0 && (best < 0 || g * best_cost > best_g * cost)) best_g = g, best_cost = cost, best = i;
         }
         if (best < 0) break;
         int32_t depth = k[best] + 1;
-        double cost = sc * c->per_token_us;
-        if (use_draft_model) cost += sc * (c->draft_token_us + (depth_rows[depth] == 0 ? c->draft_base_us : 0));
-        /* adding it must raise tokens per unit time: best_g / cost > gain / t */
+        double cost = best_cost;
+        /* adding it must raise tokens per unit time: best_g / cost > gain / t (no other candidate could) */
         if (best_g * t <= gain * cost) break;
         k[best] = depth;
         depth_rows[depth]++;

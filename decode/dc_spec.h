@@ -71,9 +71,12 @@ void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us)
 /* Adaptive k for one step. n_rows decode rows; acc[i] the acceptance rate of row i, avail[i] the most drafts row i
  * can take (n-gram: what the lookup found; draft model: the request's k; both capped by the caller for blocks
  * and row capacity). n_step_tokens: tokens of the step without drafts (decode rows + local-prefill chunks).
- * use_draft_model: charge the draft model's cost. max_total: most draft tokens in the step. Writes k[i] in
- * [0, avail[i]]; returns their sum. */
+ * use_draft_model: charge the draft model's cost. first_extra_us (NULL: none): what row i's first draft costs on
+ * top (a draft model that must first read the row's history it has not seen; the scheduler spreads that over the
+ * row's remaining tokens). Draft tokens go in order of expected tokens per unit cost. max_total: most draft tokens
+ * in the step. Writes k[i] in [0, avail[i]]; returns their sum. */
 int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t n_rows, const float *acc,
-                         const int32_t *avail, int32_t n_step_tokens, int32_t max_total, int32_t *k);
+                         const int32_t *avail, const float *first_extra_us, int32_t n_step_tokens, int32_t max_total,
+                         int32_t *k);
 
 #endif

@@ -65,8 +65,8 @@ static void test_acceptance(void) {
     dc_spec_cost_t c = {.base_us = 1100, .per_token_us = 20, .draft_base_us = 400, .draft_token_us = 10, .scale = 1};
     int32_t k[1], avail[1] = {4};
     float r_poor = dc_spec_acc_rate(&poor), r_new = dc_spec_acc_rate(&(dc_spec_acc_t){0});
-    CHECK_EQ_INT(dc_spec_allocate(&c, true, 1, &r_poor, avail, 1, 64, k), 0);
-    CHECK(dc_spec_allocate(&c, true, 1, &r_new, avail, 1, 64, k) > 0);
+    CHECK_EQ_INT(dc_spec_allocate(&c, true, 1, &r_poor, avail, NULL, 1, 64, k), 0);
+    CHECK(dc_spec_allocate(&c, true, 1, &r_new, avail, NULL, 1, 64, k) > 0);
     for (int i = 0; i < 10; i++) dc_spec_acc_observe(&poor, 4, 4);
     for (int i = 0; i < 400; i++) dc_spec_acc_idle(&poor);
     CHECK(fabsf(dc_spec_acc_rate(&poor) - 0.05f) < 0.02f);
@@ -77,9 +77,9 @@ static void test_allocate(void) {
     float acc[4] = {0.9f, 0.9f, 0.9f, 0.9f};
     /* weight-bound step (GPU-like: base 10 ms, 0.1 ms per token): every row drafts all it can */
     dc_spec_cost_t gpu = {.base_us = 10000, .per_token_us = 100, .scale = 1};
-    CHECK_EQ_INT(dc_spec_allocate(&gpu, false, 4, acc, avail, 4, 64, k), 20);
+    CHECK_EQ_INT(dc_spec_allocate(&gpu, false, 4, acc, avail, NULL, 4, 64, k), 20);
     /* the step cap holds */
-    CHECK_EQ_INT(dc_spec_allocate(&gpu, false, 4, acc, avail, 4, 6, k), 6);
+    CHECK_EQ_INT(dc_spec_allocate(&gpu, false, 4, acc, avail, NULL, 4, 6, k), 6);
     CHECK(k[0] + k[1] + k[2] + k[3] == 6);
     /* compute-bound steps (this CPU: base 3.8 ms + 3.3 ms a token): a batch of 32 gains nothing from drafts even
      * at acceptance 0.9 (0.9 tokens per 3.3 ms < 32 tokens per 109 ms) ... */
@@ -87,25 +87,33 @@ static void test_allocate(void) {
     int32_t k32[32], av32[32];
     float acc32[32];
     for (int i = 0; i < 32; i++) av32[i] = 5, acc32[i] = 0.9f;
-    CHECK_EQ_INT(dc_spec_allocate(&cpu1, false, 32, acc32, av32, 32, 64, k32), 0);
+    CHECK_EQ_INT(dc_spec_allocate(&cpu1, false, 32, acc32, av32, NULL, 32, 64, k32), 0);
     /* ... but one sequence does: 0.9 / 3.3 ms > 1 / 7.1 ms, and so on down to k = 3 */
-    CHECK_EQ_INT(dc_spec_allocate(&cpu1, false, 1, acc, avail, 1, 64, k), 3);
+    CHECK_EQ_INT(dc_spec_allocate(&cpu1, false, 1, acc, avail, NULL, 1, 64, k), 3);
     /* failing drafts are not proposed; availability bounds each row; the better row drafts deeper */
     float mixed[4] = {0.05f, 0.95f, 0.6f, 0.95f};
     int32_t av2[4] = {5, 2, 5, 0};
-    dc_spec_allocate(&gpu, false, 4, mixed, av2, 4, 64, k);
+    dc_spec_allocate(&gpu, false, 4, mixed, av2, NULL, 4, 64, k);
     CHECK(k[0] <= 1 && k[1] == 2 && k[2] >= 1 && k[3] == 0);
     /* a draft model's cost counts: an expensive one drafts less than free n-gram lookup */
     dc_spec_cost_t dm = {
         .base_us = 3800, .per_token_us = 3300, .draft_base_us = 3000, .draft_token_us = 500, .scale = 1};
-    int32_t kd = dc_spec_allocate(&dm, true, 1, acc, avail, 1, 64, k);
+    int32_t kd = dc_spec_allocate(&dm, true, 1, acc, avail, NULL, 1, 64, k);
     CHECK(kd < 3);
     /* the measured scale applies to all costs alike: no change in the decision */
     dc_spec_cost_t scaled = cpu1;
     scaled.scale = 2;
-    CHECK_EQ_INT(dc_spec_allocate(&scaled, false, 1, acc, avail, 1, 64, k), 3);
+    CHECK_EQ_INT(dc_spec_allocate(&scaled, false, 1, acc, avail, NULL, 1, 64, k), 3);
     dc_spec_cost_observe(&scaled, 1, 1e9); /* one absurd step moves the scale by a bounded amount */
     CHECK(scaled.scale <= 4);
+    /* a draft model that would first have to read 1.3k tokens of a row's prompt (spread over its 128 tokens to go):
+     * that row does not draft, while a caught-up row of equal acceptance in the same step does */
+    dc_spec_cost_t dm2 = {
+        .base_us = 9700, .per_token_us = 1500, .draft_base_us = 1000, .draft_token_us = 1500, .scale = 1};
+    float acc2[2] = {0.9f, 0.9f}, extra[2] = {1300.0f * 1500 / 128, 0};
+    int32_t av[2] = {4, 4}, k2[2];
+    dc_spec_allocate(&dm2, true, 2, acc2, av, extra, 2, 64, k2);
+    CHECK(k2[0] == 0 && k2[1] > 0);
 }
 
 /* The cost model refits itself from measured steps: calibrated as cheap GPU-like verification, it learns from
@@ -117,7 +125,7 @@ static void test_cost_refit(void) {
     int32_t k[32], avail[32];
     float acc[32];
     for (int i = 0; i < 32; i++) avail[i] = 5, acc[i] = 0.5f;
-    CHECK(dc_spec_allocate(&c, false, 32, acc, avail, 32, 256, k) >= 64); /* as calibrated: drafts look free */
+    CHECK(dc_spec_allocate(&c, false, 32, acc, avail, NULL, 32, 256, k) >= 64); /* as calibrated: drafts look free */
     dc_spec_cost_observe(&c, 32, 3000); /* one step: no spread in n yet, only the scale moves */
     CHECK(c.per_token_us == 2 && c.scale > 1);
     for (int i = 0; i < 200; i++) { /* each step counts as at most 3x its prediction: it takes a while */
@@ -125,9 +133,9 @@ static void test_cost_refit(void) {
         dc_spec_cost_observe(&c, n, 3000 + 60.0 * (n - 32));
     }
     CHECK(fabs(c.per_token_us - 60) < 1 && fabs(c.base_us - (3000 - 60 * 32)) < 30 && c.scale == 1);
-    CHECK_EQ_INT(dc_spec_allocate(&c, false, 32, acc, avail, 32, 256, k), 0);
+    CHECK_EQ_INT(dc_spec_allocate(&c, false, 32, acc, avail, NULL, 32, 256, k), 0);
     for (int i = 0; i < 32; i++) acc[i] = 0.9f;
-    CHECK(dc_spec_allocate(&c, false, 32, acc, avail, 32, 256, k) > 0);
+    CHECK(dc_spec_allocate(&c, false, 32, acc, avail, NULL, 32, 256, k) > 0);
     const double per_token = c.per_token_us;
     dc_spec_cost_observe(&c, 100, 1e7);
     CHECK(c.per_token_us < 3 * per_token);
