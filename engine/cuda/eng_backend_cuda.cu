@@ -456,16 +456,19 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         S_LAUNCHED("attention norm");
         s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
         const eng_cuda_qkv_dst_t qkv_dst = {be->q, be->kv_pool, w->bqkv, l, c->n_heads, c->n_kv_heads, (int32_t)hd};
-        if (!is_fused || !eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st)) {
-            if (s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK) return PD_EBACKEND;
-            s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ROPE, true);
+        const bool is_qkv_fused = is_fused && eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st);
+        if (!is_qkv_fused && s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK)
+            return PD_EBACKEND;
+        S_LAUNCHED("Q/K/V");
+        s_prof_mark(be, P_QKV, false);
+        if (!is_qkv_fused) {
+            s_prof_mark(be, P_ROPE, true);
             eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
                                 be->st);
             S_LAUNCHED("rope + KV store");
-            s_prof_mark(be, P_ROPE, false), s_prof_mark(be, P_QKV, true);
+            s_prof_mark(be, P_ROPE, false);
         }
-        S_LAUNCHED("Q/K/V");
-        s_prof_mark(be, P_QKV, false), s_prof_mark(be, P_ATTN, true);
+        s_prof_mark(be, P_ATTN, true);
         att.layer = l;
         S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
         s_prof_mark(be, P_ATTN, false), s_prof_mark(be, P_WO, true);
@@ -474,17 +477,20 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
         S_LAUNCHED("ffn norm");
         s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
-        if (!is_fused ||
-            !eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T, c->hidden_dim, (int32_t)dim, be->st)) {
-            if (s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
-                return PD_EBACKEND;
-            s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_SWIGLU, true);
+        const bool is_gu_fused = is_fused && eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T,
+                                                                  c->hidden_dim, (int32_t)dim, be->st);
+        if (!is_gu_fused &&
+            s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
+            return PD_EBACKEND;
+        S_LAUNCHED("gate/up");
+        s_prof_mark(be, P_GATE_UP, false);
+        if (!is_gu_fused) {
+            s_prof_mark(be, P_SWIGLU, true);
             eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
             S_LAUNCHED("swiglu");
-            s_prof_mark(be, P_SWIGLU, false), s_prof_mark(be, P_GATE_UP, true);
+            s_prof_mark(be, P_SWIGLU, false);
         }
-        S_LAUNCHED("gate/up");
-        s_prof_mark(be, P_GATE_UP, false), s_prof_mark(be, P_DOWN, true);
+        s_prof_mark(be, P_DOWN, true);
         if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_DOWN, false);
     }

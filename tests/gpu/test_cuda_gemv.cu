@@ -3,6 +3,9 @@
  * shapes it must refuse. Then, not asserted, its weight bandwidth next to cuBLAS and a device-to-device copy on the
  * 8B shapes, with weights cycling through more memory than L2 holds so the timings measure HBM. */
 #include "eng_cuda_ops.cuh"
+extern "C" {
+#include "eng_quant.h"
+}
 
 #include <cublas_v2.h>
 #include <math.h>
@@ -32,22 +35,9 @@ static float s_rand(void) { /* uniform in [-1, 1) */
     return (float)(g_lcg >> 8) * (2.0f / 16777216.0f) - 1.0f;
 }
 
-static uint16_t s_to_bf16(float f) { /* round to nearest even (no NaNs here) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static float s_from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Fills n bf16 values in [-1, 1], returning their exact f32 values in f. */
 static void s_fill(uint16_t *b, float *f, size_t n) {
-    for (size_t i = 0; i < n; i++) b[i] = s_to_bf16(s_rand()), f[i] = s_from_bf16(b[i]);
+    for (size_t i = 0; i < n; i++) b[i] = eng_f32_to_bf16(s_rand()), f[i] = eng_bf16_to_f32(b[i]);
 }
 
 /* One (n_out, k): x for ENG_CUDA_GEMV_MAX_TOK tokens and the reference for all of them once; each n_tok uses
