@@ -127,10 +127,13 @@ while [ $# -gt 0 ]; do
             --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -24 | tee -a "$OUT/spec.log"
         ;;
     host)
-        # issue 3 on this machine's host CPU: the KV hand-off, receiver copies on two threads then one
-        for ct in 2 1; do
-            echo "== kv_transfer KVT_COPY_THREADS=$ct"
-            KVT_COPY_THREADS=$ct ./build-gpu/bench/kv_transfer
+        # issue 3 on this machine's host CPU: the KV hand-off; socket frame pairs copied on two threads (the
+        # default on >= 8 cores) against one, interleaved, three runs each
+        for run in 1 2 3; do
+            for sp in 1 0; do
+                echo "== kv_transfer run $run KVT_SOCKET_COPY_PARALLEL=$sp"
+                KVT_SOCKET_COPY_PARALLEL=$sp ./build-gpu/bench/kv_transfer --transports ${HOST_TRANSPORTS:-tcp,ipc,shm}
+            done
         done 2>&1 | tee -a "$OUT/host.log"
         ;;
     hf)
