@@ -13,8 +13,8 @@ struct dc_exec {
     dc_exec_params_t p;
     eng_async_t *async;
     dc_plan_t plan;
-    eng_batch_t batch;    /* the view of plan the engine thread reads while a step runs */
-    float *logits;        /* (rows a plan can want, vocab_size) */
+    eng_batch_t batch;    /* the view of plan the engine thread reads while a step runs; the engine samples it
+                             (on the GPU for CUDA: no logits cross to the host) */
     eng_drafter_t *draft; /* DC_SPEC_DRAFT only */
     /* written by the engine thread during a step, read by the loop after collecting it */
     uint64_t job_draft_us, job_verify_us;
@@ -48,7 +48,7 @@ static void s_finish_step(dc_exec_t *x, pd_status result) {
         const uint64_t t0 = pd_now_us();
         const int32_t n_tokens = x->plan.n_tokens_total;
         const bool is_pure_decode = x->plan.n_decode_rows == x->plan.n_seqs;
-        n = dc_sched_update(x->p.sched, &x->plan, x->logits, t0, x->events, x->cap_events);
+        n = dc_sched_update(x->p.sched, &x->plan, NULL, t0, x->events, x->cap_events);
         if (is_pure_decode)
             dc_sched_spec_observe(x->p.sched, n_tokens, (double)(x->job_verify_us + (pd_now_us() - t0)));
     } else {
@@ -106,7 +106,7 @@ static pd_status s_job(void *ud) {
     uint64_t t0 = pd_now_us();
     if (x->draft) dc_exec_draft(x->draft, &x->plan);
     uint64_t t1 = pd_now_us();
-    x->batch = dc_plan_batch(&x->plan, x->logits);
+    x->batch = dc_plan_batch(&x->plan, NULL);
     pd_status st = eng_forward(x->p.eng, &x->batch);
     x->job_draft_us = t1 - t0;
     x->job_verify_us = pd_now_us() - t1;
@@ -221,11 +221,6 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
     x->p = *p;
     dc_plan_init(&x->plan, p->sched);
     x->upload_rows = pd_xmalloc(sizeof(int32_t) * (size_t)x->plan.cap_seqs);
-    /* logits rows: one per decode row and draft, one per local-prefill row (pages are touched only when used) */
-    size_t rows = sp->spec == DC_SPEC_OFF
-                      ? (size_t)x->plan.cap_seqs
-                      : (size_t)sp->max_batch_seqs * DC_MAX_TOKENS_PER_SEQ + (size_t)sp->max_prefill_seqs;
-    x->logits = malloc(sizeof(float) * rows * (size_t)sp->vocab_size);
     x->cap_events = sp->max_seqs > x->plan.cap_tokens ? sp->max_seqs : x->plan.cap_tokens;
     x->events = pd_xcalloc((size_t)x->cap_events, sizeof *x->events);
     if (sp->spec == DC_SPEC_DRAFT) {
@@ -249,8 +244,8 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
               x->st.cost.draft_base_us, x->st.cost.draft_token_us);
     }
     x->async = eng_async_create(p->eng);
-    if (!x->logits || !x->async) {
-        snprintf(err, err_cap, "dc_exec: %s", x->logits ? "cannot start the engine thread" : "out of memory");
+    if (!x->async) {
+        snprintf(err, err_cap, "dc_exec: cannot start the engine thread");
         goto fail;
     }
     if (pd_loop_add_fd(p->loop, eng_async_fd(x->async), ZMQ_POLLIN, s_on_done, x) != PD_OK) {
@@ -284,7 +279,6 @@ void dc_exec_destroy(dc_exec_t **xp) {
     dc_plan_fini(&x->plan);
     eng_drafter_destroy(&x->draft);
     free(x->kv_pending), free(x->upload_rows);
-    free(x->logits);
     free(x->events);
     free(x);
     *xp = NULL;

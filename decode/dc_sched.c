@@ -465,6 +465,9 @@ void dc_plan_init(dc_plan_t *plan, const dc_sched_t *s) {
     plan->draft_cached_out = pd_xcalloc(ns, sizeof *plan->draft_cached_out);
     plan->draft_props = pd_xcalloc(ns * ENG_DRAFT_MAX, sizeof *plan->draft_props);
     plan->draft_n_props = pd_xcalloc(ns, sizeof *plan->draft_n_props);
+    plan->samplers = pd_xcalloc(ns, sizeof *plan->samplers);
+    plan->smp_rows = pd_xcalloc(nt, sizeof *plan->smp_rows);
+    plan->samples = pd_xcalloc(nt, sizeof *plan->samples);
 }
 
 void dc_plan_fini(dc_plan_t *plan) {
@@ -474,6 +477,7 @@ void dc_plan_fini(dc_plan_t *plan) {
     free(plan->n_draft), free(plan->draft_k), free(plan->draft_n_in), free(plan->draft_pos), free((void *)plan->hist);
     free((void *)plan->draft_tables), free(plan->draft_n_blocks), free(plan->draft_cached_out);
     free(plan->draft_props), free(plan->draft_n_props);
+    free((void *)plan->samplers), free(plan->smp_rows), free(plan->samples), free(plan->smp_pen);
     memset(plan, 0, sizeof *plan);
 }
 
@@ -497,15 +501,57 @@ pd_status dc_plan_set_drafts(dc_plan_t *plan, int32_t row, const int32_t *drafts
     return PD_OK;
 }
 
-eng_batch_t dc_plan_batch(const dc_plan_t *plan, float *logits) {
-    return (eng_batch_t){.n_seqs = plan->n_seqs,
-                         .n_tokens = plan->n_tokens,
-                         .pos = plan->pos,
-                         .block_tables = (const int32_t *const *)plan->block_tables,
-                         .n_blocks = plan->n_blocks,
-                         .tokens = plan->tokens,
-                         .want_logits = plan->want_logits,
-                         .logits = logits};
+/* One request per logits row (dc_plan_batch without logits). */
+static void s_plan_sampling(dc_plan_t *plan) {
+    int64_t need = 0;
+    for (int32_t i = 0, t = 0; i < plan->n_seqs; t += plan->n_tokens[i++])
+        for (int32_t j = 0; j < plan->n_tokens[i]; j++)
+            if (plan->want_logits[t + j]) need += eng_sampler_n_seen(plan->samplers[i]) + j;
+    if (need > plan->smp_pen_cap) {
+        plan->smp_pen_cap = need * 2;
+        free(plan->smp_pen);
+        plan->smp_pen = pd_xmalloc(sizeof *plan->smp_pen * (size_t)plan->smp_pen_cap);
+    }
+    int32_t r = 0;
+    int64_t off = 0;
+    double u[DC_MAX_TOKENS_PER_SEQ];
+    for (int32_t i = 0, t = 0; i < plan->n_seqs; t += plan->n_tokens[i++]) {
+        const eng_sampler_t *smp = plan->samplers[i];
+        /* a decode row's position j follows drafts 0..j-1 (tokens t+1 ..) and takes the sampler's draw j; a
+         * prefill row wants at most its last token, the sampler's first draw */
+        const bool is_decode = i < plan->n_decode_rows;
+        if (is_decode) eng_sampler_peek_draws(smp, u, plan->n_tokens[i]);
+        for (int32_t j = 0; j < plan->n_tokens[i]; j++) {
+            if (!plan->want_logits[t + j]) continue;
+            eng_row_sampling_t *q = &plan->smp_rows[r++];
+            const int32_t n_extra = is_decode ? j : 0;
+            if (!is_decode) eng_sampler_peek_draws(smp, u, 1);
+            q->p = *eng_sampler_params(smp);
+            q->u = is_decode ? u[j] : u[0];
+            q->pen = plan->smp_pen + off;
+            q->n_pen = eng_sampler_penalties(smp, plan->tokens + t + 1, n_extra, plan->smp_pen + off);
+            off += q->n_pen;
+        }
+    }
+    PD_ASSERT(r == plan->n_logits && off <= need);
+}
+
+eng_batch_t dc_plan_batch(dc_plan_t *plan, float *logits) {
+    eng_batch_t b = {.n_seqs = plan->n_seqs,
+                     .n_tokens = plan->n_tokens,
+                     .pos = plan->pos,
+                     .block_tables = (const int32_t *const *)plan->block_tables,
+                     .n_blocks = plan->n_blocks,
+                     .tokens = plan->tokens,
+                     .want_logits = plan->want_logits,
+                     .logits = logits};
+    plan->is_sampled = !logits;
+    if (!logits) {
+        s_plan_sampling(plan);
+        b.sampling = plan->smp_rows;
+        b.samples = plan->samples;
+    }
+    return b;
 }
 
 /* Makes running[i]'s table cover its next input. When the pool is dry, the newest-admitted running
@@ -570,6 +616,7 @@ static void s_plan_row(dc_plan_t *plan, const s_slot_t *sl, int32_t slot, int32_
     plan->draft_cached_out[r] = -1;
     plan->draft_tables[r] = NULL;
     plan->hist[r] = sl->hist;
+    plan->samplers[r] = sl->sampler;
     if (is_logits) {
         plan->want_logits[t + n - 1] = 1;
         plan->n_logits++;
@@ -677,6 +724,7 @@ int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, dc_event_t *e
     int n_ev = s_expire(s, s->running, &s->n_running, now_us, events);
     n_ev += s_expire(s, s->prefilling, &s->n_prefilling, now_us, events + n_ev);
     plan->n_seqs = plan->n_tokens_total = plan->n_logits = 0;
+    plan->is_sampled = false;
     for (int32_t i = 0; i < s->n_running && plan->n_seqs < s->p.max_batch_seqs;) {
         if (!s_grow(s, i, events, cap, &n_ev)) continue; /* running[i] is now the next one */
         int32_t slot = s->running[i++];
@@ -722,11 +770,19 @@ static void s_prefill_done(dc_sched_t *s, s_slot_t *sl) {
     s->running[s->n_running++] = slot;
 }
 
-/* Samples one logits row for sl and emits the token (then sl->last_token); false when the request ended with it
- * (sl is then gone). */
-static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const float *row, uint64_t now_us, dc_event_t *ev) {
+/* Samples logits row `row` of the step for sl (or takes the engine's sample of it, consuming the same draw) and
+ * emits the token (then sl->last_token); false when the request ended with it (sl is then gone). */
+static bool s_sample_emit(dc_sched_t *s, s_slot_t *sl, const dc_plan_t *plan, const float *logits, int32_t row,
+                          uint64_t now_us, dc_event_t *ev) {
     eng_sample_result_t r;
-    if (eng_sampler_sample(sl->sampler, row, &r) != PD_OK) {
+    pd_status st = PD_EINVAL;
+    if (!logits) {
+        r = plan->samples[row];
+        if (r.token >= 0 && r.token < s->p.vocab_size) st = PD_OK, eng_sampler_skip_draw(sl->sampler);
+    } else {
+        st = eng_sampler_sample(sl->sampler, logits + (size_t)row * (size_t)s->p.vocab_size, &r);
+    }
+    if (st != PD_OK) {
         LOG_E("req=%llx logits not finite at position %d", (unsigned long long)sl->req_id, sl->n_tokens - 1);
         s_event_init(ev, sl, s);
         s_finish(s, sl, ev, DC_FINISH_ERROR, PD_EBACKEND, "logits not finite", true);
@@ -751,14 +807,13 @@ static void s_observe_all(dc_sched_t *s, int32_t proposed, int32_t accepted) {
  * rejected positions are rolled back: blocks past the new length go back to the pool, and the draft model
  * keeps only the positions that were accepted. Returns the events written. */
 static int s_verify(dc_sched_t *s, s_slot_t *sl, const dc_plan_t *plan, int32_t i, const int32_t *drafts,
-                    const float *logits, uint64_t now_us, dc_event_t *events) {
+                    const float *logits, int32_t first_row, uint64_t now_us, dc_event_t *events) {
     int32_t n_draft = plan->n_draft[i], n_old = sl->n_tokens, accepted = 0;
-    size_t v = (size_t)s->p.vocab_size;
     int n_ev = 0;
     s->n_decode_rows++;
     if (n_draft > 0) s->n_spec_rows++, s->n_draft_tokens += (uint64_t)n_draft;
     for (int32_t j = 0; j <= n_draft; j++) {
-        if (!s_sample_emit(s, sl, logits + (size_t)j * v, now_us, &events[n_ev++]))
+        if (!s_sample_emit(s, sl, plan, logits, first_row + j, now_us, &events[n_ev++]))
             return n_ev; /* finished: blocks and draft state are gone with it */
         if (j == n_draft || sl->last_token != drafts[j]) break;
         accepted++;
@@ -780,10 +835,10 @@ int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_
     if (!plan->is_in_flight) return 0;
     int32_t max_events = plan->n_seqs; /* one per row, plus one per draft */
     for (int32_t i = 0; i < plan->n_decode_rows; i++) max_events += plan->n_draft[i];
-    if (!logits || !events || cap < max_events) return PD_EINVAL;
+    if ((!logits && !plan->is_sampled) || !events || cap < max_events) return PD_EINVAL;
+    if (plan->is_sampled) logits = NULL; /* the engine sampled: plan->samples */
     int n_ev = 0;
     int32_t row = 0, t = 0;
-    size_t v = (size_t)s->p.vocab_size;
     for (int32_t i = 0; i < plan->n_seqs; i++) {
         /* the row's logits rows: one per draft plus one for a decode row, the last token's for the last chunk
          * of a local prefill, none for its other chunks */
@@ -793,8 +848,7 @@ int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_
         s_slot_t *sl = s_row_done(s, plan, i);
         if (!sl) continue;
         if (i < plan->n_decode_rows) {
-            n_ev +=
-                s_verify(s, sl, plan, i, plan->tokens + t0 + 1, logits + (size_t)first_row * v, now_us, events + n_ev);
+            n_ev += s_verify(s, sl, plan, i, plan->tokens + t0 + 1, logits, first_row, now_us, events + n_ev);
             continue;
         }
         PD_ASSERT(sl->state == S_PREFILLING);
@@ -802,7 +856,7 @@ int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_
         if (sl->n_prefilled < sl->n_prompt) continue;
         s_prefill_done(s, sl);
         PD_ASSERT(row > first_row);
-        (void)s_sample_emit(s, sl, logits + (size_t)(row - 1) * v, now_us, &events[n_ev++]);
+        (void)s_sample_emit(s, sl, plan, logits, row - 1, now_us, &events[n_ev++]);
     }
     plan->is_in_flight = false;
     return n_ev;

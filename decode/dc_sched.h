@@ -225,6 +225,14 @@ typedef struct {
     int32_t *draft_n_props;       /* (cap_seqs) executor scratch */
     int32_t cap_seqs, cap_tokens;
     bool is_in_flight; /* between dc_sched_plan and dc_sched_update / dc_sched_plan_abort */
+    /* sampling in the engine (dc_plan_batch without logits): each row's sampler (read-only, valid until update),
+     * and one request and one result per logits row */
+    const eng_sampler_t **samplers; /* (cap_seqs) */
+    eng_row_sampling_t *smp_rows;   /* (cap_tokens) */
+    eng_sample_result_t *samples;   /* (cap_tokens) */
+    eng_pen_t *smp_pen;             /* the requests' penalty lists, grown on demand */
+    int64_t smp_pen_cap;
+    bool is_sampled; /* the step's batch samples: update reads samples instead of logits */
 } dc_plan_t;
 
 /* Sizes a plan for s (max_batch_seqs + max_prefill_seqs rows, max_batch_seqs * DC_MAX_TOKENS_PER_SEQ +
@@ -244,10 +252,16 @@ PD_NODISCARD int dc_sched_plan(dc_sched_t *s, uint64_t now_us, dc_plan_t *plan, 
  * row is not a decode row, already has drafts, or the row or plan capacity would be exceeded. */
 PD_NODISCARD pd_status dc_plan_set_drafts(dc_plan_t *plan, int32_t row, const int32_t *drafts, int32_t n);
 
-/* The plan's view as an engine batch; logits must hold plan->n_logits rows of vocab_size floats. */
-eng_batch_t dc_plan_batch(const dc_plan_t *plan, float *logits);
+/* The plan's view as an engine batch. With logits (plan->n_logits rows of vocab_size floats) the engine returns
+ * logits and dc_sched_update samples them; with logits NULL the engine samples (eng_batch_t.sampling: on the GPU for
+ * CUDA) from requests built here out of each row's sampler: its parameters, its next draws, and its penalty state
+ * with the row's earlier drafts counted as generated (position j is only used if drafts 0..j-1 are accepted, and
+ * then they are exactly the tokens the sampler will have been given). Call after the drafts are in, on the thread
+ * that runs the forward; the samplers are not changed. */
+eng_batch_t dc_plan_batch(dc_plan_t *plan, float *logits);
 
-/* After eng_forward(plan) succeeded: samples each decode row's logits with its request's sampler, appends
+/* After eng_forward(plan) succeeded: samples each decode row's logits with its request's sampler (logits NULL: takes
+ * the samples the engine drew, plan->samples, consuming the same draws from the sampler), appends
  * the token and emits one event per row still alive, and for a row with drafts one more per accepted draft
  * (events, cap >= plan->n_seqs + the plan's drafts; plan->n_tokens_total always suffices). A local-prefill row
  * advances its prompt; the last chunk's row samples the first token (the request is then RUNNING) and emits

@@ -19,6 +19,12 @@ struct eng {
     eng_kv_pool_t *kv_pool;
     const eng_backend_ops_t *ops;
     eng_backend_t *be;
+    /* eng_batch_t.sampling: a bit per token marks a row's penalty list while it is checked for repeats; for
+     * backends that do not sample, the facade's scratch (logits rows, grown on demand) and host sampler */
+    uint8_t *pen_mark;
+    float *smp_logits;
+    int32_t smp_logits_rows;
+    eng_row_sampler_t *row_sampler;
 };
 
 eng_params_t eng_params_default(void) {
@@ -79,6 +85,11 @@ eng_t *eng_create(const eng_params_t *p, char *err, size_t err_cap) {
     e->kv_pool = eng_kv_pool_create(e->kv_layout.n_blocks);
     e->be = e->ops->create(e->model, &e->kv_layout, &e->params, err, err_cap);
     if (!e->be) goto fail;
+    e->pen_mark = pd_xcalloc(((size_t)c->vocab_size + 7) / 8, 1);
+    if (!e->ops->is_sampling && !(e->row_sampler = eng_row_sampler_create(c->vocab_size))) {
+        snprintf(err, err_cap, "engine: out of memory for the sampler");
+        goto fail;
+    }
     LOG_I("engine: model '%s' (%s) dim=%d layers=%d heads=%d/%d vocab=%d ctx=%d weights=%.1f MiB; backend=%s; "
           "KV pool %d blocks x %d tokens = %.1f MiB",
           c->name, c->arch, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->vocab_size, c->ctx_len,
@@ -93,6 +104,8 @@ fail:
 void eng_destroy(eng_t **e) {
     if (!e || !*e) return;
     if ((*e)->be) (*e)->ops->destroy(&(*e)->be);
+    free((*e)->pen_mark), free((*e)->smp_logits);
+    eng_row_sampler_destroy(&(*e)->row_sampler);
     eng_kv_pool_destroy(&(*e)->kv_pool);
     eng_chat_destroy(&(*e)->chat);
     eng_tok_destroy(&(*e)->tok);
@@ -171,10 +184,79 @@ static pd_status s_validate(const eng_t *e, const eng_batch_t *b) {
     return PD_OK;
 }
 
+/* The batch's sampling requests (n_logits of them), checked as eng.h promises. */
+static pd_status s_validate_sampling(eng_t *e, const eng_batch_t *b, int32_t n_logits) {
+    const int32_t n_vocab = e->model->cfg.vocab_size;
+    for (int32_t r = 0; r < n_logits; r++) {
+        const eng_row_sampling_t *q = &b->sampling[r];
+        char why[128];
+        if (eng_sampling_validate(&q->p, why, sizeof why) != PD_OK) {
+            LOG_E("engine: sampling row %d: %s", r, why);
+            return PD_EINVAL;
+        }
+        if (!(q->u >= 0.0 && q->u < 1.0) || q->n_pen < 0 || (q->n_pen > 0 && !q->pen)) {
+            LOG_E("engine: sampling row %d: draw %g (must be in [0, 1)) or %d penalty entries", r, q->u, q->n_pen);
+            return PD_EINVAL;
+        }
+        int32_t j = 0;
+        bool is_ok = true;
+        for (; j < q->n_pen && is_ok; j++) {
+            const int32_t t = q->pen[j].token;
+            is_ok = t >= 0 && t < n_vocab && q->pen[j].count >= 0 && !(e->pen_mark[t >> 3] & (1u << (t & 7)));
+            if (is_ok) e->pen_mark[t >> 3] |= (uint8_t)(1u << (t & 7));
+        }
+        for (int32_t i = 0; i < j; i++) { /* unmark what was marked (the failing entry was not) */
+            const int32_t t = q->pen[i].token;
+            if (is_ok || i < j - 1) e->pen_mark[t >> 3] &= (uint8_t) ~(1u << (t & 7));
+        }
+        if (!is_ok) {
+            LOG_E("engine: sampling row %d: penalty entry %d (token %d, count %d) outside the vocabulary or repeated",
+                  r, j - 1, q->pen[j - 1].token, q->pen[j - 1].count);
+            return PD_EINVAL;
+        }
+    }
+    return PD_OK;
+}
+
 pd_status eng_forward(eng_t *e, const eng_batch_t *b) {
     pd_status st = s_validate(e, b);
     if (st != PD_OK) return st;
-    return e->ops->forward(e->be, b, eng_batch_n_logits(b));
+    const int32_t n_logits = eng_batch_n_logits(b);
+    if (n_logits > 0 && !b->logits && !b->sampling) {
+        LOG_E("engine: %d logits rows asked for, with neither logits nor sampling to put them in", n_logits);
+        return PD_EINVAL;
+    }
+    if (!b->sampling || n_logits == 0) {
+        eng_batch_t plain = *b;
+        plain.sampling = NULL;
+        return e->ops->forward(e->be, &plain, n_logits);
+    }
+    if (!b->samples) {
+        LOG_E("engine: sampling requests without room for the samples");
+        return PD_EINVAL;
+    }
+    if ((st = s_validate_sampling(e, b, n_logits)) != PD_OK) return st;
+    if (e->ops->is_sampling) return e->ops->forward(e->be, b, n_logits);
+
+    /* on the host: the logits into the caller's buffer or the scratch, then each row */
+    const size_t n_vocab = (size_t)e->model->cfg.vocab_size;
+    eng_batch_t plain = *b;
+    plain.sampling = NULL;
+    if (!plain.logits) {
+        if (n_logits > e->smp_logits_rows) {
+            free(e->smp_logits);
+            e->smp_logits = pd_xmalloc(sizeof(float) * n_vocab * (size_t)n_logits);
+            e->smp_logits_rows = n_logits;
+        }
+        plain.logits = e->smp_logits;
+    }
+    if ((st = e->ops->forward(e->be, &plain, n_logits)) != PD_OK) return st;
+    for (int32_t r = 0; r < n_logits; r++) {
+        eng_sample_result_t *out = &b->samples[r];
+        if (eng_row_sample(e->row_sampler, &b->sampling[r], plain.logits + (size_t)r * n_vocab, out) != PD_OK)
+            out->token = -1, out->n_top = 0; /* the requests were checked: the logits are not finite */
+    }
+    return PD_OK;
 }
 
 void *eng_kv_host_base(eng_t *e) {

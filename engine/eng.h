@@ -14,6 +14,7 @@
 #include "eng_kv.h"
 #include "eng_kv_layout.h"
 #include "eng_model.h"
+#include "eng_sample.h"
 #include "eng_tok.h"
 #include "pd_common.h"
 
@@ -66,11 +67,18 @@ typedef struct {
     const int32_t *n_blocks;            /* (n_seqs) length of each block table */
     const int32_t *tokens;              /* (sum n_tokens) ids, sequence after sequence */
     const uint8_t *want_logits;         /* (sum n_tokens) or NULL */
-    float *logits;                      /* out: (rows requested, vocab_size) */
+    float *logits;                      /* out: (rows requested, vocab_size); may be NULL when sampling is set */
+    /* Sampling next to the logits (on the GPU with CUDA, so that only tokens and logprobs cross to the host): one
+     * request per logits row, in row order, and one result per row out, as eng_sampler_sample would give on the
+     * same logits (eng_sample.h). samples[r].token is -1 when row r's logits are not finite. NULL: no sampling. */
+    const eng_row_sampling_t *sampling;
+    eng_sample_result_t *samples;
 } eng_batch_t;
 
 /* PD_OK; PD_EINVAL (with a log line) for a malformed batch: bad token id, too many tokens or
- * sequences, a block table too short for the positions, a block id out of range; PD_EBACKEND when
+ * sequences, a block table too short for the positions, a block id out of range, neither logits nor samples asked
+ * for rows that want them, a sampling request with invalid parameters, a draw u outside [0, 1) or a penalty token
+ * outside the vocabulary or listed twice; PD_EBACKEND when
  * the backend fails. Thread: the one thread that owns e. */
 PD_NODISCARD pd_status eng_forward(eng_t *e, const eng_batch_t *b);
 

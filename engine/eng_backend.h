@@ -14,7 +14,8 @@ typedef struct {
     eng_backend_t *(*create)(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
                              size_t err_cap);
     void (*destroy)(eng_backend_t **be);
-    /* The batch is already validated by eng_forward. */
+    /* The batch is already validated by eng_forward. Backends with is_sampling take b->sampling themselves; for
+     * the others the facade samples the logits on the host (b->sampling is then NULL here). */
     pd_status (*forward)(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits);
     pd_status (*kv_read)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);
     pd_status (*kv_write)(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src);
@@ -23,6 +24,7 @@ typedef struct {
     void *(*kv_host_base)(eng_backend_t *be);
     /* Copies whole blocks between the pool and its host mirror; NULL when the pool is the host memory itself. */
     pd_status (*kv_sync)(eng_backend_t *be, const int32_t *blocks, int32_t n_blocks, bool is_to_host);
+    bool is_sampling; /* forward samples b->sampling itself, next to the logits */
 } eng_backend_ops_t;
 
 extern const eng_backend_ops_t eng_backend_cpu;

@@ -31,7 +31,9 @@ struct eng_drafter {
     int32_t *n_tok, *pos, *n_blocks, *tokens;
     const int32_t **tables;
     uint8_t *want;
-    float *logits; /* (max_rows, vocab) */
+    /* greedy, sampled by the engine (on the GPU for CUDA: no logits rows cross to the host) */
+    eng_row_sampling_t *greedy; /* (max_rows) */
+    eng_sample_result_t *picks; /* (max_rows) */
     uint64_t last_fail_log_us;
 };
 
@@ -68,7 +70,12 @@ eng_drafter_t *eng_drafter_create(eng_t *draft, const eng_t *target, int32_t max
     d->tables = pd_xcalloc(nr, sizeof *d->tables);
     d->tokens = pd_xcalloc((size_t)max_tokens, sizeof *d->tokens);
     d->want = pd_xcalloc((size_t)max_tokens, 1);
-    d->logits = pd_xmalloc(sizeof *d->logits * nr * (size_t)dv);
+    d->greedy = pd_xcalloc(nr, sizeof *d->greedy);
+    d->picks = pd_xcalloc(nr, sizeof *d->picks);
+    for (size_t r = 0; r < nr; r++) {
+        d->greedy[r].p = eng_sampling_default();
+        d->greedy[r].p.temperature = 0.0f;
+    }
     return d;
 }
 
@@ -76,7 +83,7 @@ void eng_drafter_destroy(eng_drafter_t **dp) {
     if (!dp || !*dp) return;
     eng_drafter_t *d = *dp;
     free(d->row_of), free(d->n_tok), free(d->pos), free(d->n_blocks), free((void *)d->tables);
-    free(d->tokens), free(d->want), free(d->logits), free(d);
+    free(d->tokens), free(d->want), free(d->greedy), free(d->picks), free(d);
     *dp = NULL;
 }
 
@@ -89,7 +96,8 @@ static bool s_forward(eng_drafter_t *d, int32_t n) {
                      .n_blocks = d->n_blocks,
                      .tokens = d->tokens,
                      .want_logits = d->want,
-                     .logits = d->logits};
+                     .sampling = d->greedy,
+                     .samples = d->picks};
     pd_status st = eng_forward(d->e, &b);
     if (st == PD_OK) return true;
     uint64_t now = pd_now_us();
@@ -128,7 +136,7 @@ int32_t eng_drafter_run(eng_drafter_t *d, const eng_draft_batch_t *b) {
         int32_t i = d->row_of[r];
         b->cached_out[i] = d->pos[r] + d->n_tok[r];
         if (b->k[i] <= 0) continue;
-        int32_t tok = eng_logits_argmax(d->logits + (size_t)row++ * (size_t)d->vocab, d->vocab);
+        int32_t tok = d->picks[row++].token;
         if (tok < 0) continue; /* logits not finite: no draft for this row */
         b->drafts[(size_t)i * ENG_DRAFT_MAX] = tok;
         b->n_drafts[i] = 1;
@@ -150,7 +158,7 @@ int32_t eng_drafter_run(eng_drafter_t *d, const eng_draft_batch_t *b) {
         }
         if (n == 0 || !s_forward(d, n)) break;
         for (int32_t r = 0; r < n; r++) {
-            int32_t i = d->row_of[r], tok = eng_logits_argmax(d->logits + (size_t)r * (size_t)d->vocab, d->vocab);
+            int32_t i = d->row_of[r], tok = d->picks[r].token;
             b->cached_out[i] = d->pos[r] + 1;
             if (tok < 0) continue; /* logits not finite: the row stops drafting here */
             b->drafts[(size_t)i * ENG_DRAFT_MAX + depth] = tok;

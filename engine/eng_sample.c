@@ -562,8 +562,8 @@ static int32_t s_filter(eng_sampler_t *s, const float *x, float x_max, double u,
     return n;
 }
 
-pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_result_t *out) {
-    if (!s || !logits || !out) return PD_EINVAL;
+/* eng_sampler_sample with the draw taken from rng, or u given when rng is NULL (used when temperature > 0). */
+static pd_status s_sample_u(eng_sampler_t *s, const float *logits, uint64_t *rng, double u, eng_sample_result_t *out) {
     const int32_t n_vocab = s->vocab_size;
     const int32_t raw_arg = s_argmax(logits, n_vocab);
     if (raw_arg < 0) return PD_EINVAL;
@@ -575,7 +575,7 @@ pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_r
     double mass_all = 0.0;
     if (s->p.temperature > 0.0f) {
         double mass;
-        const double u = s_rng_uniform(s->rng);
+        if (rng) u = s_rng_uniform(rng);
         const int32_t n = s_filter(s, x, x[arg], u, &mass, &mass_all);
         const int32_t m = s_cut(s, n, S_CUT_MASS_GT, u * mass);
         token = s->cand[m - 1].id;
@@ -590,6 +590,99 @@ pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_r
     out->n_top = s->p.n_logprobs < n_vocab ? s->p.n_logprobs : n_vocab;
     if (out->n_top > 0) s_top_logprobs(logits, n_vocab, out->n_top, lse, out->top);
     return PD_OK;
+}
+
+pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits, eng_sample_result_t *out) {
+    if (!s || !logits || !out) return PD_EINVAL;
+    return s_sample_u(s, logits, s->rng, 0.0, out);
+}
+
+const eng_sampling_t *eng_sampler_params(const eng_sampler_t *s) {
+    return &s->p;
+}
+
+void eng_sampler_peek_draws(const eng_sampler_t *s, double *u, int32_t n) {
+    uint64_t st[4];
+    memcpy(st, s->rng, sizeof st);
+    for (int32_t i = 0; i < n; i++) u[i] = s_rng_uniform(st);
+}
+
+int32_t eng_sampler_n_seen(const eng_sampler_t *s) {
+    return s->n_seen;
+}
+
+int32_t eng_sampler_penalties(const eng_sampler_t *s, const int32_t *extra, int32_t n_extra, eng_pen_t *out) {
+    if (!s->has_penalties) return 0;
+    int32_t n = s->n_seen;
+    for (int32_t j = 0; j < n; j++) out[j] = (eng_pen_t){s->seen[j], s->counts[s->seen[j]]};
+    for (int32_t i = 0; i < n_extra; i++) {
+        const int32_t t = extra[i];
+        PD_ASSERT(t >= 0 && t < s->vocab_size);
+        int32_t j = -1;
+        if (s->counts[t] > 0 || s_in_prompt(s, t)) { /* already listed: find it (a short scan per draft) */
+            for (j = 0; out[j].token != t; j++) {
+            }
+        } else {
+            for (int32_t k = s->n_seen; k < n && j < 0; k++)
+                if (out[k].token == t) j = k;
+        }
+        if (j < 0) out[j = n++] = (eng_pen_t){t, 0};
+        if (out[j].count < INT32_MAX) out[j].count++;
+    }
+    return n;
+}
+
+struct eng_row_sampler {
+    eng_sampler_t *s; /* its scratch, parameters and penalty state are loaded per row and cleared after */
+};
+
+eng_row_sampler_t *eng_row_sampler_create(int32_t vocab_size) {
+    eng_sampling_t p = eng_sampling_default();
+    p.has_seed = true; /* no clock read: this sampler never draws */
+    eng_row_sampler_t *rs = calloc(1, sizeof *rs);
+    if (!rs || !(rs->s = eng_sampler_create(&p, vocab_size))) {
+        free(rs);
+        return NULL;
+    }
+    return rs;
+}
+
+void eng_row_sampler_destroy(eng_row_sampler_t **rs) {
+    if (!rs || !*rs) return;
+    eng_sampler_destroy(&(*rs)->s);
+    free(*rs);
+    *rs = NULL;
+}
+
+pd_status eng_row_sample(eng_row_sampler_t *rs, const eng_row_sampling_t *row, const float *logits,
+                         eng_sample_result_t *out) {
+    if (!rs || !row || !logits || !out || (row->n_pen > 0 && !row->pen) || row->n_pen < 0 ||
+        eng_sampling_validate(&row->p, NULL, 0) != PD_OK || !(row->u >= 0.0 && row->u < 1.0))
+        return PD_EINVAL;
+    eng_sampler_t *s = rs->s;
+    for (int32_t j = 0; j < row->n_pen; j++)
+        if (row->pen[j].token < 0 || row->pen[j].token >= s->vocab_size || row->pen[j].count < 0) return PD_EINVAL;
+    s->p = row->p;
+    s->has_penalties =
+        row->p.repetition_penalty != 1.0f || row->p.presence_penalty != 0.0f || row->p.frequency_penalty != 0.0f;
+    /* the list as the sampler's own state: every token seen (repetition), counts for the generated ones */
+    const int32_t n_pen = s->has_penalties ? row->n_pen : 0;
+    s->n_seen = 0;
+    for (int32_t j = 0; j < n_pen; j++) {
+        const int32_t t = row->pen[j].token;
+        if (s->counts[t] > 0 || s_in_prompt(s, t)) continue; /* listed twice: the first entry holds */
+        s->seen[s->n_seen++] = t;
+        s->counts[t] = row->pen[j].count;
+        if (row->pen[j].count == 0) s->prompt_bits[t >> 3] |= (uint8_t)(1u << (t & 7));
+    }
+    pd_status st = s_sample_u(s, logits, NULL, row->u, out);
+    for (int32_t j = 0; j < s->n_seen; j++) { /* clear only what was set */
+        const int32_t t = s->seen[j];
+        s->counts[t] = 0;
+        s->prompt_bits[t >> 3] = 0;
+    }
+    s->n_seen = 0;
+    return st;
 }
 
 void eng_sampler_skip_draw(eng_sampler_t *s) {

@@ -102,6 +102,40 @@ PD_NODISCARD pd_status eng_sampler_sample(eng_sampler_t *s, const float *logits,
  * penalties); -1 when one is NaN or +inf, or none is finite. Vectorised; any thread. */
 int32_t eng_logits_argmax(const float *logits, int32_t n);
 
+/* ---- sampling a row without the request's state (on the device, or on another thread) ----
+ * A row request carries everything eng_sampler_sample reads from the request's sampler: the parameters, the
+ * uniform draw, and the penalty state as a list. eng_row_sample (and the CUDA backend's kernel) then choose
+ * exactly the token eng_sampler_sample would have chosen on the same logits. */
+
+typedef struct {
+    int32_t token; /* occurs in the prompt or the output (repetition penalty) */
+    int32_t count; /* times generated (frequency and presence penalties when > 0) */
+} eng_pen_t;
+
+typedef struct {
+    eng_sampling_t p;     /* seed and has_seed unused: the draw is u */
+    double u;             /* the uniform draw in [0, 1) (temperature > 0) */
+    const eng_pen_t *pen; /* (n_pen) distinct tokens; empty when no penalty is set */
+    int32_t n_pen;
+} eng_row_sampling_t;
+
+const eng_sampling_t *eng_sampler_params(const eng_sampler_t *s);
+/* The next n uniform draws eng_sampler_sample would make (none are consumed); n <= 0 is a no-op. */
+void eng_sampler_peek_draws(const eng_sampler_t *s, double *u, int32_t n);
+/* The penalty state after registering extra[0..n_extra) as generated on top of what s holds (without changing
+ * s): at most eng_sampler_n_seen(s) + n_extra entries into out. 0 when s has no penalty set. */
+int32_t eng_sampler_penalties(const eng_sampler_t *s, const int32_t *extra, int32_t n_extra, eng_pen_t *out);
+int32_t eng_sampler_n_seen(const eng_sampler_t *s);
+
+/* Scratch for eng_row_sample (about 32 bytes per vocabulary entry), one per thread that samples rows. */
+typedef struct eng_row_sampler eng_row_sampler_t;
+eng_row_sampler_t *eng_row_sampler_create(int32_t vocab_size);
+void eng_row_sampler_destroy(eng_row_sampler_t **rs);
+/* eng_sampler_sample for a row request: PD_OK, or PD_EINVAL for invalid parameters, a penalty token outside the
+ * vocabulary or logits eng_sampler_sample rejects. */
+PD_NODISCARD pd_status eng_row_sample(eng_row_sampler_t *rs, const eng_row_sampling_t *row, const float *logits,
+                                      eng_sample_result_t *out);
+
 /* Consumes the random draw one eng_sampler_sample would (one uniform when temperature > 0, none when greedy)
  * without sampling anything. For a request whose first token another sampler with the same seed drew (the
  * prefill worker): skipping that draw here keeps the request's random stream the one a single sampler would

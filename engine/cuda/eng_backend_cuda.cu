@@ -6,8 +6,9 @@
  * A forward copies the batch's small tables up once, runs every layer on one stream (replaying a CUDA graph per
  * batch shape for small batches) and copies back only the logits asked for. Prefill chunks of >= 32 tokens take the
  * tensor-core attention (eng_cuda_attn_mma.cu), decode rows and short chunks the CUDA-core one (eng_cuda_ops.cu).
+ * A batch with sampling requests is sampled on the GPU (eng_cuda_sample.cu): only token ids and logprobs come back.
  *
- * Not yet here (issue 6): sampling on the GPU, KV copied to the host layer by layer during the forward. */
+ * Not yet here (issue 6): KV copied to the host layer by layer during the forward. */
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -21,6 +22,7 @@ extern "C" {
 #include "pd_log.h"
 }
 #include "eng_cuda_ops.cuh"
+#include "eng_cuda_sample.cuh"
 
 #define S_LOGIT_ROWS       256 /* logits rows per output-head GEMM: bounds the device logits buffer */
 #define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
@@ -42,6 +44,7 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 #define S_GRAPH_MAX_TOKENS 512
 typedef struct {
     int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
+    bool is_logits;                                                 /* ... and whether the logits come back */
     bool is_captured;                                               /* exec holds the graph (the key was seen twice) */
     cudaGraphExec_t exec;
     uint64_t last_used;
@@ -78,6 +81,13 @@ struct eng_backend {
     int32_t *meta_d, *meta_h;
     size_t meta_cap; /* int32 elements */
     float *logits_h; /* pinned (S_LOGIT_ROWS, vocab) */
+    /* sampling on the GPU: one request and one result per logits row (max_tokens of them), the rows' penalty lists
+     * (grown on demand), and scratch rows for the penalised logits / weights */
+    eng_cuda_sample_req_t *smp_req_h, *smp_req_d;
+    eng_cuda_sample_out_t *smp_out_h, *smp_out_d;
+    eng_pen_t *smp_pen_h, *smp_pen_d;
+    int64_t smp_pen_cap;
+    float *smp_work; /* (S_LOGIT_ROWS, vocab) */
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
@@ -188,6 +198,10 @@ static void s_destroy(eng_backend_t **pbe) {
     s_free_dev(be->logits), s_free_dev(be->xb), s_free_dev(be->att), s_free_dev(be->h), s_free_dev(be->meta_d);
     if (be->meta_h) cudaFreeHost(be->meta_h);
     if (be->logits_h) cudaFreeHost(be->logits_h);
+    if (be->smp_req_h) cudaFreeHost(be->smp_req_h);
+    if (be->smp_out_h) cudaFreeHost(be->smp_out_h);
+    if (be->smp_pen_h) cudaFreeHost(be->smp_pen_h);
+    s_free_dev(be->smp_req_d), s_free_dev(be->smp_out_d), s_free_dev(be->smp_pen_d), s_free_dev(be->smp_work);
     if (be->blas) cublasDestroy(be->blas);
     if (be->st) cudaStreamDestroy(be->st);
     free(be);
@@ -361,7 +375,12 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         s_alloc((void **)&be->h, sizeof(__nv_bfloat16) * T * c->hidden_dim, "scratch") ||
         s_alloc((void **)&be->meta_d, sizeof(int32_t) * be->meta_cap, "scratch") ||
         cudaMallocHost(&be->meta_h, sizeof(int32_t) * be->meta_cap) != cudaSuccess ||
-        cudaMallocHost(&be->logits_h, sizeof(float) * S_LOGIT_ROWS * c->vocab_size) != cudaSuccess) {
+        cudaMallocHost(&be->logits_h, sizeof(float) * S_LOGIT_ROWS * c->vocab_size) != cudaSuccess ||
+        s_alloc((void **)&be->smp_work, sizeof(float) * S_LOGIT_ROWS * c->vocab_size, "scratch") ||
+        s_alloc((void **)&be->smp_req_d, sizeof(eng_cuda_sample_req_t) * T, "scratch") ||
+        s_alloc((void **)&be->smp_out_d, sizeof(eng_cuda_sample_out_t) * T, "scratch") ||
+        cudaMallocHost(&be->smp_req_h, sizeof(eng_cuda_sample_req_t) * T) != cudaSuccess ||
+        cudaMallocHost(&be->smp_out_h, sizeof(eng_cuda_sample_out_t) * T) != cudaSuccess) {
         snprintf(err, err_cap, "cuda backend: cannot allocate scratch for %lld tokens", (long long)T);
         goto fail;
     }
@@ -432,10 +451,12 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
     return PD_OK;
 }
 
-/* Everything a forward runs after its tables are on the GPU, on be->st. With out NULL (graph capture) the logits
- * stay in the pinned buffer (one slice); else each slice is synchronised and copied to out. */
+/* Everything a forward runs after its tables are on the GPU, on be->st. is_logits: the logits rows go to the pinned
+ * buffer, a slice at a time; when capturing (one slice) they stay there, else each slice is synchronised and copied
+ * to out. is_sample: each slice is sampled (never while capturing: the requests change every step). */
 static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_cuda_att_t *attp, const int32_t *d_tok,
-                           const int32_t *d_rows, int32_t n_logits, float *out) {
+                           const int32_t *d_rows, int32_t n_logits, bool is_capture, bool is_logits, bool is_sample,
+                           float *out) {
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t dim = c->dim, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd,
                   kv_dim = (int64_t)c->n_kv_heads * hd, T = tkp->n_tokens;
@@ -496,7 +517,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     }
     /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows; none for a mid-prompt chunk */
     if (n_logits == 0) { /* the forward is still complete when eng_forward returns */
-        if (out) S_CUDA(cudaStreamSynchronize(be->st), "forward");
+        if (!is_capture) S_CUDA(cudaStreamSynchronize(be->st), "forward");
         return PD_OK;
     }
     s_prof_mark(be, P_HEAD, true);
@@ -508,12 +529,21 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         const size_t row_bytes = sizeof(float) * (size_t)c->vocab_size;
         if (s_gemm(be, be->logits, be->xb + (int64_t)r0 * dim, be->output, nr, c->vocab_size, dim, false) != PD_OK)
             return PD_EBACKEND;
-        S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
+        if (is_logits)
+            S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
+        if (is_sample) {
+            eng_cuda_sample(be->logits, be->smp_work, nr, c->vocab_size, be->smp_req_d + r0, be->smp_pen_d,
+                            be->smp_out_d + r0, be->st);
+            S_LAUNCHED("sampling");
+        }
         if (r0 + nr >= n_logits) s_prof_mark(be, P_HEAD, false);
-        if (!out) break; /* captured: the caller copies after the launch */
-        S_CUDA(cudaStreamSynchronize(be->st), "forward");
-        memcpy(out + (size_t)r0 * c->vocab_size, be->logits_h, row_bytes * nr);
+        if (is_capture) break; /* the caller copies after the launch */
+        if (is_logits) {
+            S_CUDA(cudaStreamSynchronize(be->st), "forward");
+            memcpy(out + (size_t)r0 * c->vocab_size, be->logits_h, row_bytes * nr);
+        }
     }
+    if (!is_capture && !is_logits) S_CUDA(cudaStreamSynchronize(be->st), "forward");
     return PD_OK;
 }
 
@@ -521,7 +551,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
  * the forward directly). Why not on first use: speculative verification makes batch shapes vary step to step, and
  * a capture + instantiate costs several directly launched forwards; a shape that comes back pays for it. The least
  * recently used slot makes room. */
-static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int64_t n_logits,
+static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int64_t n_logits, bool is_logits,
                               const eng_cuda_tokens_t *tk, eng_cuda_att_t *att, const int32_t *d_tok,
                               const int32_t *d_rows, pd_status *status) {
     *status = PD_OK;
@@ -529,14 +559,15 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
     for (int i = 0; i < S_MAX_GRAPHS && !g; i++) {
         s_graph_t *c = &be->graphs[i];
         if (c->T == T && c->n_tiles == n_tiles && c->n_tc_tiles == att->n_tc_tiles && c->n_logits == n_logits &&
-            c->split_keys == att->split_keys && c->n_splits == att->n_splits)
+            c->split_keys == att->split_keys && c->n_splits == att->n_splits && c->is_logits == is_logits)
             g = c;
         if (c->last_used < lru->last_used) lru = c;
     }
     if (!g) { /* first sighting: remember the key only */
         g = lru;
         if (g->is_captured) cudaGraphExecDestroy(g->exec), g->is_captured = false;
-        g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits;
+        g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits,
+        g->is_logits = is_logits;
         g->split_keys = att->split_keys, g->n_splits = att->n_splits, g->last_used = ++be->graph_clock;
         return NULL;
     }
@@ -548,7 +579,7 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             LOG_E("cuda backend: begin capture: %s", cudaGetErrorString(e));
             return NULL;
         }
-        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, NULL);
+        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, true, is_logits, false, NULL);
         e = cudaStreamEndCapture(be->st, &graph);
         if (st != PD_OK || e != cudaSuccess) {
             LOG_E("cuda backend: capture failed: %s", cudaGetErrorString(e));
@@ -565,6 +596,60 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
     }
     g->last_used = ++be->graph_clock;
     return g;
+}
+
+/* The batch's sampling requests into the pinned buffers, then up to the GPU (on the stream, before the forward). */
+static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+    if (be->m->cfg.vocab_size > ENG_CUDA_SAMPLE_MAX_VOCAB) {
+        LOG_E("cuda backend: sampling on the GPU takes vocabularies up to %d tokens", ENG_CUDA_SAMPLE_MAX_VOCAB);
+        return PD_EINVAL;
+    }
+    int64_t n_pen = 0;
+    for (int32_t r = 0; r < n_logits; r++) n_pen += b->sampling[r].n_pen;
+    if (n_pen > be->smp_pen_cap) { /* the previous forward was waited for: nothing reads the old buffers */
+        const int64_t cap = n_pen * 2 > 4096 ? n_pen * 2 : 4096;
+        if (be->smp_pen_h) cudaFreeHost(be->smp_pen_h), be->smp_pen_h = NULL;
+        s_free_dev(be->smp_pen_d), be->smp_pen_d = NULL, be->smp_pen_cap = 0;
+        if (cudaMallocHost(&be->smp_pen_h, sizeof(eng_pen_t) * cap) != cudaSuccess ||
+            s_alloc((void **)&be->smp_pen_d, sizeof(eng_pen_t) * cap, "penalty lists") != PD_OK)
+            return PD_EBACKEND;
+        be->smp_pen_cap = cap;
+    }
+    int32_t off = 0;
+    for (int32_t r = 0; r < n_logits; r++) {
+        const eng_row_sampling_t *rs = &b->sampling[r];
+        eng_cuda_sample_req_t *q = &be->smp_req_h[r];
+        q->u = rs->u, q->temperature = rs->p.temperature, q->top_p = rs->p.top_p, q->min_p = rs->p.min_p;
+        q->repetition_penalty = rs->p.repetition_penalty, q->presence_penalty = rs->p.presence_penalty;
+        q->frequency_penalty = rs->p.frequency_penalty, q->top_k = rs->p.top_k, q->n_logprobs = rs->p.n_logprobs;
+        q->pen_off = off, q->n_pen = rs->n_pen;
+        if (rs->n_pen > 0) memcpy(be->smp_pen_h + off, rs->pen, sizeof(eng_pen_t) * (size_t)rs->n_pen);
+        off += rs->n_pen;
+    }
+    S_CUDA(cudaMemcpyAsync(be->smp_req_d, be->smp_req_h, sizeof(eng_cuda_sample_req_t) * (size_t)n_logits,
+                           cudaMemcpyHostToDevice, be->st),
+           "sampling requests");
+    if (off > 0)
+        S_CUDA(cudaMemcpyAsync(be->smp_pen_d, be->smp_pen_h, sizeof(eng_pen_t) * (size_t)off, cudaMemcpyHostToDevice,
+                               be->st),
+               "penalty lists");
+    return PD_OK;
+}
+
+/* The sampled rows back to the host (after the sampling kernels on the stream), as eng_sample_result_t. */
+static pd_status s_sample_collect(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+    S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_logits,
+                           cudaMemcpyDeviceToHost, be->st),
+           "samples");
+    S_CUDA(cudaStreamSynchronize(be->st), "forward");
+    for (int32_t r = 0; r < n_logits; r++) {
+        const eng_cuda_sample_out_t *o = &be->smp_out_h[r];
+        eng_sample_result_t *res = &b->samples[r];
+        res->token = o->token, res->logprob = o->logprob, res->n_top = o->token < 0 ? 0 : o->n_top;
+        for (int32_t j = 0; j < res->n_top; j++)
+            res->top[j].token = o->top_token[j], res->top[j].logprob = o->top_logprob[j];
+    }
+    return PD_OK;
 }
 
 static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
@@ -640,21 +725,32 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     }
 
     s_graph_t *g = NULL;
+    const bool is_logits = b->logits != NULL, is_sample = b->sampling != NULL && n_logits > 0;
+    if (is_sample && s_sample_upload(be, b, n_logits) != PD_OK) return PD_EBACKEND;
     if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs) {
         pd_status gst;
-        g = s_graph_get(be, T, n_tiles, n_logits, &tk, &att, d_tok, d_rows, &gst);
+        g = s_graph_get(be, T, n_tiles, n_logits, is_logits, &tk, &att, d_tok, d_rows, &gst);
         if (gst != PD_OK) return gst;
     }
     if (!g) {
         be->n_direct++;
-        if (s_enqueue(be, &tk, &att, d_tok, d_rows, n_logits, b->logits) != PD_OK) return PD_EBACKEND;
+        if (s_enqueue(be, &tk, &att, d_tok, d_rows, n_logits, false, is_logits, is_sample, b->logits) != PD_OK)
+            return PD_EBACKEND;
+        if (is_sample && s_sample_collect(be, b, n_logits) != PD_OK) return PD_EBACKEND;
     } else {
         be->n_graph_launches++;
         if (be->is_step_times) cudaEventRecord(be->step_ev[0], be->st);
         S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
         if (be->is_step_times) cudaEventRecord(be->step_ev[1], be->st);
-        S_CUDA(cudaStreamSynchronize(be->st), "forward");
-        memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * n_logits);
+        if (is_sample) {
+            eng_cuda_sample(be->logits, be->smp_work, n_logits, c->vocab_size, be->smp_req_d, be->smp_pen_d,
+                            be->smp_out_d, be->st);
+            S_CUDA(cudaGetLastError(), "sampling");
+            if (s_sample_collect(be, b, n_logits) != PD_OK) return PD_EBACKEND;
+        } else {
+            S_CUDA(cudaStreamSynchronize(be->st), "forward");
+        }
+        if (is_logits) memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * n_logits);
         if (be->is_step_times) { /* the whole call (tables, copy up, launch, logits out) against the graph alone */
             float gpu_ms = 0;
             cudaEventElapsedTime(&gpu_ms, be->step_ev[0], be->step_ev[1]);
@@ -709,5 +805,5 @@ static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind
 }
 
 extern "C" const eng_backend_ops_t eng_backend_cuda = {
-    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync,
+    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync, true,
 };
