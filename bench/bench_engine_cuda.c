@@ -1,14 +1,16 @@
 /* bench_engine_cuda.c: the CUDA backend against the GPU's own limits, measured in the same run.
  *   limits:  device-to-device copy bandwidth (bytes read + written), and a plain cuBLAS bf16 GEMM (8192^3).
- *   decode:  B sequences with a ctx-token prompt, then `new` steps of one token each (eng_forward with the
- *            logits of every row copied to the host, as a service step does); tok/s, step time, and the step
- *            as a fraction of the bandwidth limit: (weight bytes + KV bytes read) / step time / copy bandwidth.
+ *   decode:  B sequences with a ctx-token prompt, then `new` steps of one token each, every row sampled (temperature
+ *            0.7, top-p 0.9, as a service step does): "gpu" samples on the GPU (only tokens come back), "host"
+ *            copies the logits rows out and samples them on the host (eng_row_sample, one thread: the decode service
+ *            before GPU sampling); tok/s, step time, and the step as a fraction of the bandwidth limit:
+ *            (weight bytes + KV bytes read) / step time / copy bandwidth.
  *   prefill: B prompts of len tokens in forwards of up to max_batch_tokens; tok/s and TFLOP/s over the GEMM
  *            peak, counting 2 x matrix parameters x tokens (the embedding table is a lookup; the output head
  *            is applied to one row per prompt) plus causal attention 2 x 2 x layers x q_dim x len^2 / 2.
- * Tokens are fixed, not sampled: the numbers are the engine's, not the sampler's.
+ * Input tokens are fixed, not the sampled ones: the step's cost does not depend on them.
  * Usage: engine_cuda --model PATH [--gpu N] [--ctx 512] [--new 128] [--decode-batches 1,8,32,64,128]
- *                    [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192] */
+ *                    [--sampling gpu,host] [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192] */
 #define _POSIX_C_SOURCE 200809L
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -25,6 +27,7 @@ typedef struct {
     const char *model;
     int gpu, ctx, n_new, prefill_len, max_batch_tokens;
     int decode_b[16], n_decode_b, prefill_b[8], n_prefill_b;
+    bool is_gpu_sampling, is_host_sampling;
 } opts_t;
 
 static int s_parse_list(const char *s, int *out, int cap) {
@@ -126,6 +129,11 @@ typedef struct {
     int32_t vocab;
     eng_kv_seq_t *seqs;
     float *logits;
+    /* decode steps: one sampling request and result per row; host: the logits come out and are sampled here */
+    eng_row_sampling_t *rows;
+    eng_sample_result_t *samples;
+    eng_row_sampler_t *host;
+    bool is_decode_on_host, is_decode_on_gpu;
 } run_t;
 
 /* One eng_forward of m sequences of sequences seqs[0..m) (n_tokens[i] tokens at pos[i], tokens in order), logits
@@ -143,10 +151,16 @@ static void s_forward(run_t *r, const eng_kv_seq_t *seqs, int m, const int32_t *
                      .tokens = tokens,
                      .want_logits = NULL,
                      .logits = r->logits};
+    if (r->is_decode_on_gpu) b.logits = NULL, b.sampling = r->rows, b.samples = r->samples;
     if (eng_forward(r->e, &b) != PD_OK) {
         fprintf(stderr, "%s forward failed\n", what);
         exit(1);
     }
+    for (int i = 0; r->is_decode_on_host && i < m; i++)
+        if (eng_row_sample(r->host, &r->rows[i], r->logits + (size_t)i * r->vocab, &r->samples[i]) != PD_OK) {
+            fprintf(stderr, "%s: row %d not sampled\n", what, i);
+            exit(1);
+        }
 }
 
 /* Forwards the prompts [pos0, pos0 + len) of sequences s0..s0+n in batches of up to max_tokens tokens; returns
@@ -172,7 +186,13 @@ static double s_prefill(run_t *r, int s0, int n, int len, int max_tokens) {
 }
 
 int main(int argc, char **argv) {
-    opts_t o = {.gpu = 0, .ctx = 512, .n_new = 128, .prefill_len = 4096, .max_batch_tokens = 8192};
+    opts_t o = {.gpu = 0,
+                .ctx = 512,
+                .n_new = 128,
+                .prefill_len = 4096,
+                .max_batch_tokens = 8192,
+                .is_gpu_sampling = true,
+                .is_host_sampling = true};
     o.n_decode_b = s_parse_list("1,8,32,64,128", o.decode_b, 16);
     o.n_prefill_b = s_parse_list("1,8", o.prefill_b, 8);
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -193,6 +213,8 @@ int main(int argc, char **argv) {
             o.n_decode_b = s_parse_list(v, o.decode_b, 16);
         else if (!strcmp(f, "--prefill-batches"))
             o.n_prefill_b = s_parse_list(v, o.prefill_b, 8);
+        else if (!strcmp(f, "--sampling"))
+            o.is_gpu_sampling = strstr(v, "gpu") != NULL, o.is_host_sampling = strstr(v, "host") != NULL;
         else {
             fprintf(stderr, "unknown flag %s\n", f);
             return 2;
@@ -260,17 +282,28 @@ int main(int argc, char **argv) {
     run_t r = {.e = e, .vocab = c->vocab_size};
     r.seqs = calloc(256, sizeof(eng_kv_seq_t));
     r.logits = malloc(sizeof(float) * (size_t)c->vocab_size * 256);
+    r.rows = calloc(256, sizeof *r.rows), r.samples = calloc(256, sizeof *r.samples);
+    r.host = eng_row_sampler_create(c->vocab_size);
+    for (int i = 0; i < 256; i++) {
+        r.rows[i].p = eng_sampling_default();
+        r.rows[i].p.temperature = 0.7f, r.rows[i].p.top_p = 0.9f, r.rows[i].u = (i + 0.5) / 256.0;
+    }
     eng_kv_pool_t *pool = eng_kv_pool(e);
 
-    printf("\n%-8s %6s %10s %10s %12s %10s\n", "decode", "batch", "tok/s", "step ms", "GB/step", "of copy bw");
-    for (int bi = 0; bi < o.n_decode_b; bi++) {
-        const int B = o.decode_b[bi];
+    printf("\n%-8s %6s %10s %10s %12s %10s %9s\n", "decode", "batch", "tok/s", "step ms", "GB/step", "of copy bw",
+           "sampling");
+    for (int run = 0; run < o.n_decode_b * 2; run++) {
+        const int B = o.decode_b[run / 2];
+        const bool is_gpu = run % 2 == 0;
+        if ((is_gpu && !o.is_gpu_sampling) || (!is_gpu && !o.is_host_sampling)) continue;
+        r.is_decode_on_gpu = r.is_decode_on_host = false; /* the prompts: logits only */
         for (int s = 0; s < B; s++)
             if (eng_kv_seq_reserve(&r.seqs[s], pool, p.kv_block_size, o.ctx + o.n_new + 2) != PD_OK) {
                 fprintf(stderr, "KV pool too small for batch %d\n", B);
                 return 1;
             }
         (void)s_prefill(&r, 0, B, o.ctx, o.max_batch_tokens);
+        r.is_decode_on_gpu = is_gpu, r.is_decode_on_host = !is_gpu;
         int32_t nt[256], pos[256], toks[256];
         for (int s = 0; s < B; s++) nt[s] = 1;
         uint64_t t0 = 0;
@@ -283,10 +316,11 @@ int main(int argc, char **argv) {
         /* KV read per step: every sequence's context, mid-run */
         const double kv_read = (double)B * (o.ctx + 2 + o.n_new / 2) * (double)kv_token_bytes;
         const double bytes = (double)w_bytes + kv_read;
-        printf("%-8s %6d %10.1f %10.3f %12.3f %9.1f%%\n", "decode", B, B / step_s, step_s * 1e3, bytes / 1e9,
-               100.0 * bytes / step_s / bw);
+        printf("%-8s %6d %10.1f %10.3f %12.3f %9.1f%% %9s\n", "decode", B, B / step_s, step_s * 1e3, bytes / 1e9,
+               100.0 * bytes / step_s / bw, r.is_decode_on_gpu ? "gpu" : "host");
         for (int s = 0; s < B; s++) eng_kv_seq_release(&r.seqs[s], pool);
     }
+    r.is_decode_on_gpu = r.is_decode_on_host = false;
 
     printf("\n%-8s %6s %10s %10s %12s %12s %12s\n", "prefill", "batch", "tok/s", "ms", "TFLOP/s", "of peak",
            "matmul only");
@@ -311,7 +345,9 @@ int main(int argc, char **argv) {
         for (int s = 0; s < B; s++) eng_kv_seq_release(&r.seqs[s], pool);
     }
     for (int s = 0; s < 256; s++) eng_kv_seq_fini(&r.seqs[s]);
-    free(r.seqs), free(r.logits);
+    r.is_decode_on_gpu = r.is_decode_on_host = false;
+    free(r.seqs), free(r.logits), free(r.rows), free(r.samples);
+    eng_row_sampler_destroy(&r.host);
     eng_destroy(&e);
     return 0;
 }

@@ -327,6 +327,98 @@ static void test_chunks_without_logits(void) {
     free(whole), free(chunked);
 }
 
+/* Sampling in the engine (eng_batch_t.sampling) on real model logits: one forward returns logits and samples for
+ * 48 rows, each with its own parameters, penalty list and draw; every sample must be what the host's eng_row_sample
+ * picks on the returned logits. On the CPU backend that is the same code; on CUDA it is the GPU kernel against the
+ * host sampler, token for token (logprobs within 2e-6: the log-sum-exp is summed in another order). A second forward
+ * without logits gives the same tokens; malformed requests are refused. */
+#define SMP_SEQS 12
+#define SMP_TOK  4
+#define SMP_ROWS (SMP_SEQS * SMP_TOK)
+static void test_sampling_rows(void) {
+    static eng_pen_t pen[SMP_ROWS][24];
+    eng_row_sampling_t rows[SMP_ROWS];
+    eng_sample_result_t got[SMP_ROWS], again[SMP_ROWS];
+    eng_kv_seq_t seqs[SMP_SEQS] = {0};
+    int32_t tokens[SMP_ROWS], n_tok[SMP_SEQS], pos[SMP_SEQS], n_blocks[SMP_SEQS];
+    const int32_t *tables[SMP_SEQS];
+    uint8_t want[SMP_ROWS];
+    s_make_prompt(tokens, SMP_ROWS, 7u);
+    memset(want, 1, sizeof want);
+    for (int i = 0; i < SMP_SEQS; i++) {
+        REQUIRE(eng_kv_seq_reserve(&seqs[i], eng_kv_pool(s_engine), eng_kv_layout(s_engine)->block_size, SMP_TOK) ==
+                PD_OK);
+        n_tok[i] = SMP_TOK, pos[i] = 0, tables[i] = seqs[i].blocks, n_blocks[i] = seqs[i].n_blocks;
+    }
+    const float temps[] = {0.0f, 0.7f, 1.0f, 1.5f}, top_ps[] = {1.0f, 0.9f, 0.6f};
+    const int32_t top_ks[] = {0, 1, 20, 200};
+    for (int r = 0; r < SMP_ROWS; r++) {
+        eng_sampling_t p = eng_sampling_default();
+        p.temperature = temps[r % 4], p.top_k = top_ks[(r / 4) % 4], p.top_p = top_ps[(r / 2) % 3];
+        p.min_p = r % 5 == 0 ? 0.02f : 0.0f, p.n_logprobs = r % 3 == 0 ? 8 : 0;
+        p.repetition_penalty = r % 2 ? 1.3f : 1.0f, p.presence_penalty = r % 6 == 1 ? 0.4f : 0.0f;
+        p.frequency_penalty = r % 7 == 3 ? 0.25f : 0.0f;
+        rows[r] = (eng_row_sampling_t){.p = p, .u = (r + 0.5) / SMP_ROWS, .pen = pen[r], .n_pen = r % 2 ? 24 : 0};
+        for (int i = 0; i < 24; i++) /* distinct (101 is prime to 2000), some the prompt's own tokens */
+            pen[r][i] = (eng_pen_t){i < 4 ? tokens[(r + i) % SMP_ROWS] : (r * 37 + i * 101) % 2000, i % 4};
+        for (int i = 4; i < 24; i++) /* keep the list distinct from the four prompt tokens */
+            for (int j = 0; j < 4; j++)
+                if (pen[r][i].token == pen[r][j].token) pen[r][i].token = 2000 + i;
+    }
+    float *logits = pd_xmalloc(sizeof(float) * (size_t)s_vocab * SMP_ROWS);
+    eng_batch_t b = {.n_seqs = SMP_SEQS,
+                     .n_tokens = n_tok,
+                     .pos = pos,
+                     .block_tables = tables,
+                     .n_blocks = n_blocks,
+                     .tokens = tokens,
+                     .want_logits = want,
+                     .logits = logits,
+                     .sampling = rows,
+                     .samples = got};
+    REQUIRE(eng_forward(s_engine, &b) == PD_OK);
+    eng_row_sampler_t *rs = eng_row_sampler_create(s_vocab);
+    REQUIRE(rs);
+    int n_same = 0, n_sampled = 0;
+    for (int r = 0; r < SMP_ROWS; r++) {
+        eng_sample_result_t w;
+        REQUIRE(eng_row_sample(rs, &rows[r], logits + (size_t)r * s_vocab, &w) == PD_OK);
+        n_same += got[r].token == w.token;
+        n_sampled += rows[r].p.temperature > 0.0f;
+        CHECK_EQ_INT(got[r].token, w.token);
+        CHECK(fabsf(got[r].logprob - w.logprob) <= 2e-6f);
+        CHECK_EQ_INT(got[r].n_top, w.n_top);
+        for (int i = 0; i < w.n_top && i < got[r].n_top; i++) {
+            CHECK_EQ_INT(got[r].top[i].token, w.top[i].token);
+            CHECK(fabsf(got[r].top[i].logprob - w.top[i].logprob) <= 2e-6f);
+        }
+    }
+    fprintf(stderr, "     %d of %d rows (%d sampled, the rest greedy) sampled by the %s backend as by the host\n",
+            n_same, SMP_ROWS, n_sampled, eng_backend_name(s_engine));
+    b.logits = NULL, b.samples = again; /* samples only */
+    REQUIRE(eng_forward(s_engine, &b) == PD_OK);
+    for (int r = 0; r < SMP_ROWS; r++) CHECK_EQ_INT(again[r].token, got[r].token);
+    /* refused: nowhere to put the rows, a draw outside [0, 1), a penalty token twice or outside the vocabulary */
+    b.samples = NULL;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    b.samples = again, b.sampling = NULL;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    b.sampling = rows;
+    rows[5].u = 1.0;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    rows[5].u = 0.5, pen[5][7].token = pen[5][3].token;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    pen[5][7].token = s_vocab;
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
+    pen[5][7].token = 2007; /* and a good batch still runs after the refusals (the marks were cleared) */
+    for (int i = 0; i < 24; i++)
+        for (int j = 0; j < i; j++) REQUIRE(pen[5][i].token != pen[5][j].token);
+    CHECK_EQ_INT(eng_forward(s_engine, &b), PD_OK);
+    eng_row_sampler_destroy(&rs);
+    for (int i = 0; i < SMP_SEQS; i++) eng_kv_seq_release(&seqs[i], eng_kv_pool(s_engine)), eng_kv_seq_fini(&seqs[i]);
+    free(logits);
+}
+
 static void test_bad_batches(void) {
     eng_kv_seq_t seq = {0};
     REQUIRE(eng_kv_seq_reserve(&seq, eng_kv_pool(s_engine), 16, 16) == PD_OK);
@@ -384,6 +476,7 @@ int main(void) {
     s_vocab = eng_config(s_engine)->vocab_size;
     PD_TEST_RUN(test_bad_batches);
     PD_TEST_RUN(test_chunks_without_logits);
+    PD_TEST_RUN(test_sampling_rows);
     PD_TEST_RUN(test_batch_invariance);
     PD_TEST_RUN(test_golden_logits_and_greedy);
     eng_destroy(&s_engine);

@@ -918,6 +918,71 @@ static void test_timing(void) {
     }
 }
 
+/* A row request built from a sampler (eng_sampler_penalties, eng_sampler_peek_draws) and sampled statelessly
+ * (eng_row_sample) gives exactly what the sampler itself gives, with a verification row's earlier drafts counted as
+ * generated: the reference is a second sampler with the same history that was given those drafts and has made as
+ * many draws. Parameter mixes cover every filter and penalty; drafts repeat and overlap the prompt. */
+static void test_row_requests(void) {
+    enum { N_CASES = 300, MAX_DRAFTS = 5 };
+    static float x[T_VOCAB];
+    static eng_pen_t pen[T_VOCAB];
+    eng_row_sampler_t *rs = eng_row_sampler_create(T_VOCAB);
+    REQUIRE(rs);
+    const float temps[] = {0.0f, 0.5f, 1.0f, 1.3f}, top_ps[] = {1.0f, 0.9f, 0.5f}, min_ps[] = {0.0f, 0.05f},
+                reps[] = {1.0f, 1.2f, 0.8f}, pres[] = {0.0f, 0.5f, -0.5f}, freqs[] = {0.0f, 0.3f};
+    const int32_t top_ks[] = {0, 1, 5, 50};
+    int n_rows = 0, n_penalised = 0;
+    for (int c = 0; c < N_CASES; c++) {
+        eng_sampling_t p = eng_sampling_default();
+        p.temperature = temps[t_randint(4)], p.top_k = top_ks[t_randint(4)], p.top_p = top_ps[t_randint(3)];
+        p.min_p = min_ps[t_randint(2)], p.repetition_penalty = reps[t_randint(3)];
+        p.presence_penalty = pres[t_randint(3)], p.frequency_penalty = freqs[t_randint(2)];
+        p.n_logprobs = t_randint(2) ? 5 : 0, p.seed = (uint64_t)c, p.has_seed = true;
+        eng_sampler_t *a = eng_sampler_create(&p, T_VOCAB), *b = eng_sampler_create(&p, T_VOCAB);
+        REQUIRE(a && b);
+        int32_t prompt[64], drafts[MAX_DRAFTS];
+        for (int i = 0; i < 64; i++) prompt[i] = t_randint(300); /* small id range: repeats and overlaps */
+        eng_sampler_add_prompt(a, prompt, 64), eng_sampler_add_prompt(b, prompt, 64);
+        for (int i = 0, n = t_randint(12); i < n; i++) {
+            const int32_t t = t_randint(300);
+            eng_sampler_add_generated(a, t), eng_sampler_add_generated(b, t);
+            eng_sampler_skip_draw(a), eng_sampler_skip_draw(b);
+        }
+        const int32_t k = t_randint(MAX_DRAFTS + 1);
+        for (int32_t j = 0; j < k; j++) drafts[j] = t_randint(300);
+        double u[MAX_DRAFTS + 1];
+        eng_sampler_peek_draws(a, u, k + 1);
+        for (int32_t j = 0; j <= k; j++) {
+            t_fill_normal(x, T_VOCAB, 3.0);
+            for (int i = 0; i < 300; i += 7) x[i] += 8.0f; /* make the penalised ids matter */
+            eng_row_sampling_t row = {.p = p, .u = u[j], .pen = pen};
+            row.n_pen = eng_sampler_penalties(a, drafts, j, pen);
+            n_penalised += row.n_pen > 0;
+            eng_sample_result_t got, want;
+            REQUIRE(eng_row_sample(rs, &row, x, &got) == PD_OK);
+            REQUIRE(eng_sampler_sample(b, x, &want) == PD_OK);
+            CHECK_EQ_INT(got.token, want.token);
+            CHECK(memcmp(&got.logprob, &want.logprob, sizeof got.logprob) == 0);
+            CHECK_EQ_INT(got.n_top, want.n_top);
+            for (int32_t i = 0; i < want.n_top; i++)
+                CHECK(got.top[i].token == want.top[i].token && got.top[i].logprob == want.top[i].logprob);
+            if (j < k) eng_sampler_add_generated(b, drafts[j]); /* as if draft j was accepted */
+            n_rows++;
+        }
+        eng_sampler_destroy(&a), eng_sampler_destroy(&b);
+    }
+    CHECK(n_penalised > n_rows / 4);
+    /* bad requests */
+    eng_row_sampling_t row = {.p = eng_sampling_default(), .u = 1.0};
+    eng_sample_result_t r;
+    CHECK_EQ_INT(eng_row_sample(rs, &row, x, &r), PD_EINVAL); /* u must be in [0, 1) */
+    row.u = 0.5, row.p.repetition_penalty = 1.5f, row.n_pen = 1, row.pen = &(eng_pen_t){T_VOCAB, 1};
+    CHECK_EQ_INT(eng_row_sample(rs, &row, x, &r), PD_EINVAL); /* penalty token outside the vocabulary */
+    row.p.top_p = 0.0f, row.n_pen = 0;
+    CHECK_EQ_INT(eng_row_sample(rs, &row, x, &r), PD_EINVAL);
+    eng_row_sampler_destroy(&rs);
+}
+
 int main(void) {
     PD_TEST_RUN(test_validate);
     PD_TEST_RUN(test_create_destroy);
@@ -934,6 +999,7 @@ int main(void) {
     PD_TEST_RUN(test_penalties_greedy_flip);
     PD_TEST_RUN(test_logprobs);
     PD_TEST_RUN(test_extremes);
+    PD_TEST_RUN(test_row_requests);
     PD_TEST_RUN(test_timing);
     return pd_test_finish();
 }
