@@ -13,10 +13,11 @@
 
 #include "eng_cuda_sample.cuh"
 
-#define S_NT      1024
-#define S_NW      (S_NT / 32)
-#define S_ID_BITS 18
-#define S_BUCKETS 256
+#define S_NT       1024
+#define S_NW       (S_NT / 32)
+#define S_ID_BITS  18
+#define S_BUCKETS  256
+#define S_CAND_CAP 4096 /* candidates kept in shared memory; more (a flat distribution): selections over the row */
 
 #define S_KEY_NEG_INF 0x007FFFFFu /* s_order_key(-INFINITY) */
 #define S_KEY_POS_INF 0xFF800000u /* s_order_key(+INFINITY) */
@@ -31,8 +32,9 @@ typedef struct {
     int32_t sel_b;
     uint32_t sel_c;
     double sel_m;
-    int32_t n_top;
+    int32_t n_top, n_cand;
     uint64_t top_rank[ENG_MAX_LOGPROBS];
+    uint64_t cand[S_CAND_CAP]; /* ranks of the tokens that can still matter, in id order */
 } s_shared_t;
 
 /* eng_sample.c's s_order_key: unsigned, ordered like the floats, -0 equal to +0. */
@@ -143,6 +145,42 @@ __device__ void s_pick_bucket(s_shared_t *sh, int mode, uint32_t k, double targe
     }
 }
 
+/* Number of i in [0, n) with pred(i); every thread gets it. */
+template <class P> __device__ int32_t s_count(const P &pred, int32_t n, s_shared_t *sh) {
+    uint32_t c = 0;
+    for (int32_t i = threadIdx.x; i < n; i += S_NT) c += pred(i) ? 1u : 0u;
+    for (int o = 16; o; o >>= 1) c += __shfl_xor_sync(~0u, c, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) sh->red_u[threadIdx.x >> 5] = c;
+    __syncthreads();
+    c = sh->red_u[threadIdx.x & 31];
+    for (int o = 16; o; o >>= 1) c += __shfl_xor_sync(~0u, c, o);
+    return (int32_t)c;
+}
+
+/* sh->cand[0..n) = rank(i) of the i in [0, vocab) with pred(i), in id order (a block-wide scan per 1024 tokens, so
+ * the list and every sum over it are the same run to run). The caller made sure they fit. */
+template <class P, class R> __device__ void s_compact(const P &pred, const R &rank, int32_t vocab, s_shared_t *sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int32_t base = 0;
+    for (int32_t i0 = 0; i0 < vocab; i0 += S_NT) {
+        const int32_t i = i0 + threadIdx.x;
+        const bool is_in = i < vocab && pred(i);
+        const unsigned m = __ballot_sync(~0u, is_in);
+        __syncthreads(); /* red_u is free */
+        if (lane == 0) sh->red_u[warp] = __popc(m);
+        __syncthreads();
+        int32_t before = 0, total = 0;
+        for (int w = 0; w < S_NW; w++) {
+            const int32_t c = (int32_t)sh->red_u[w];
+            before += w < warp ? c : 0, total += c;
+        }
+        if (is_in) sh->cand[base + before + __popc(m & ((1u << lane) - 1u))] = rank(i);
+        base += total;
+    }
+    __syncthreads();
+}
+
 /* The smallest R such that the kept tokens with rank <= R pass the cut (mode, k or target), or the largest kept
  * rank when none does. rank_of(i, &rank, &w) says whether token i is kept and gives its rank and mass; ranks are
  * below 2^(top_shift + 8). */
@@ -208,7 +246,28 @@ __global__ void __launch_bounds__(S_NT)
             m = 1.0f;
             return true;
         };
-        const uint64_t R = s_select(raw_rank, vocab, S_COUNT, (uint32_t)n_top, 0.0, 48, &sh);
+        /* the logits within d of the max, d doubling until there are n_top of them: the top n are among them */
+        float d = 1.0f;
+        int32_t n_in = 0;
+        for (; d <= 256.0f; d *= 2.0f) {
+            const float lo = x_max - d;
+            n_in = s_count([&](int32_t i) { return x[i] >= lo; }, vocab, &sh);
+            if (n_in >= n_top) break;
+        }
+        uint64_t R;
+        if (n_in >= n_top && n_in <= S_CAND_CAP) {
+            const float lo = x_max - d;
+            s_compact([&](int32_t i) { return x[i] >= lo; },
+                      [&](int32_t i) { return (uint64_t)(~s_order_key(x[i])) << S_ID_BITS | (uint64_t)i; }, vocab, &sh);
+            auto cand_rank = [&](int32_t j, uint64_t &r, float &m) {
+                r = sh.cand[j];
+                m = 1.0f;
+                return true;
+            };
+            R = s_select(cand_rank, n_in, S_COUNT, (uint32_t)n_top, 0.0, 48, &sh);
+        } else {
+            R = s_select(raw_rank, vocab, S_COUNT, (uint32_t)n_top, 0.0, 48, &sh);
+        }
         if (tid == 0) sh.n_top = 0;
         __syncthreads();
         for (int32_t i = tid; i < vocab; i += S_NT) {
@@ -270,29 +329,56 @@ __global__ void __launch_bounds__(S_NT)
         const float p_max = px[arg];
         __syncthreads();
         double mass_part = 0.0;
-        uint32_t n_pos = 0;
         for (int32_t i = tid; i < vocab; i += S_NT) {
             const float wi = s_exp_neg(__fdiv_rn(__fsub_rn(px[i], p_max), q.temperature));
             w[i] = wi;
             mass_part += (double)wi;
-            n_pos += wi > 0.0f;
         }
         double m = s_sum(mass_part, &sh);
-        /* n_pos only matters against top_k: a sum of counts, exact */
-        n_pos = (uint32_t)s_sum((double)n_pos, &sh);
+
+        /* the candidates: eng_sample.c's s_floor, a weight below which no token can be kept by the first filter or
+         * reached by the draw. In shared memory when they fit (real distributions: a few hundred), else the
+         * selections below run over the whole row. */
+        float w_floor = 0.0f;
+        if (q.top_k > 0 && q.top_k < vocab) {
+            for (uint32_t e = 4; e < 127; e += 4) { /* the largest 2^-4j with at least top_k weights above */
+                const float f = __uint_as_float((127u - e) << 23);
+                if (s_count([&](int32_t i) { return w[i] >= f; }, vocab, &sh) >= q.top_k) {
+                    w_floor = f;
+                    break;
+                }
+            }
+        } else if (q.top_p >= 1.0f && q.min_p > 0.0f) {
+            w_floor = q.min_p;
+        } else {
+            const double frac = q.top_p < 1.0f ? (double)q.top_p : q.u;
+            if (frac >= 0.0 && frac < 1.0 - 1e-6) w_floor = (float)(0.5 * (1.0 - frac) * m / vocab);
+        }
+        const float cand_min = w_floor > 0.0f ? w_floor : FLT_TRUE_MIN;
+        auto w_rank = [&](int32_t i) {
+            return (uint64_t)(0x3F800000u - __float_as_uint(w[i])) << S_ID_BITS | (uint64_t)i;
+        };
+        const int32_t n_cand = s_count([&](int32_t i) { return w[i] >= cand_min; }, vocab, &sh);
+        const bool is_listed = n_cand <= S_CAND_CAP;
+        if (is_listed) s_compact([&](int32_t i) { return w[i] >= cand_min; }, w_rank, vocab, &sh);
 
         /* step 4: the kept set is always a prefix of the ranking: rank <= R and w >= w_min */
         uint64_t R = ~0ull;
-        float w_min = FLT_TRUE_MIN;
+        float w_min = cand_min;
         auto kept_rank = [&](int32_t i, uint64_t &r, float &wi) {
-            wi = w[i];
-            if (!(wi >= w_min)) return false;
-            r = (uint64_t)(0x3F800000u - __float_as_uint(wi)) << S_ID_BITS | (uint64_t)i;
-            return r <= R;
+            if (is_listed) {
+                r = sh.cand[i];
+                wi = __uint_as_float(0x3F800000u - (uint32_t)(r >> S_ID_BITS));
+            } else {
+                wi = w[i];
+                r = (uint64_t)(0x3F800000u - __float_as_uint(wi)) << S_ID_BITS | (uint64_t)i;
+            }
+            return wi >= w_min && r <= R;
         };
+        const int32_t n_scan = is_listed ? n_cand : vocab;
         auto kept_mass = [&]() {
             double s = 0.0;
-            for (int32_t i = tid; i < vocab; i += S_NT) {
+            for (int32_t i = tid; i < n_scan; i += S_NT) {
                 uint64_t r;
                 float wi;
                 if (kept_rank(i, r, wi)) s += (double)wi;
@@ -300,19 +386,19 @@ __global__ void __launch_bounds__(S_NT)
             return s_sum(s, &sh);
         };
         if (q.top_k > 0 && q.top_k < vocab) {
-            if ((uint32_t)q.top_k < n_pos) R = s_select(kept_rank, vocab, S_COUNT, (uint32_t)q.top_k, 0.0, 40, &sh);
+            if (q.top_k < n_cand) R = s_select(kept_rank, n_scan, S_COUNT, (uint32_t)q.top_k, 0.0, 40, &sh);
             m = kept_mass();
         }
         if (q.top_p < 1.0f) {
-            R = s_select(kept_rank, vocab, S_MASS_GE, 0, (double)q.top_p * m, 40, &sh);
+            R = s_select(kept_rank, n_scan, S_MASS_GE, 0, (double)q.top_p * m, 40, &sh);
             m = kept_mass();
         }
         if (q.min_p > 0.0f) {
-            w_min = q.min_p;
+            w_min = q.min_p > cand_min ? q.min_p : cand_min;
             m = kept_mass();
         }
         /* step 5: the first token of the ranking whose cumulative mass exceeds u * m */
-        R = s_select(kept_rank, vocab, S_MASS_GT, 0, q.u * m, 40, &sh);
+        R = s_select(kept_rank, n_scan, S_MASS_GT, 0, q.u * m, 40, &sh);
         token = (int32_t)(R & ((1u << S_ID_BITS) - 1));
     }
     if (tid == 0) {
