@@ -26,6 +26,7 @@ enum { S_COUNT, S_MASS_GE, S_MASS_GT }; /* eng_sample.c's s_cut modes */
 
 typedef struct {
     uint32_t count[S_BUCKETS];
+    unsigned long long mass_units[S_BUCKETS]; /* a bucket's mass, exactly, in units of 2^(its s_unit_exp) */
     double mass[S_BUCKETS];
     double red_d[S_NW];
     uint32_t red_u[S_NW];
@@ -181,29 +182,60 @@ template <class P, class R> __device__ void s_compact(const P &pred, const R &ra
     __syncthreads();
 }
 
+/* Weights are counted into a bucket's mass exactly, as integers: every weight of a top-level bucket (2^22 rank keys,
+ * half a binade of float bit patterns) lies in [2^e, 2^(e + 2)) for the bucket's e, so w / 2^(e - 23) is an integer
+ * below 2^25 and 2^18 of them sum below 2^43. Floating-point atomics would add in whatever order the threads come,
+ * so the same row could cut differently from run to run; integers do not care. e of top-level bucket b: the
+ * exponent of the smallest weight its keys allow (no weight is below 2^-126: eng_sample.h's e^-87 floor). */
+__device__ __forceinline__ int s_unit_exp(int b) {
+    const int64_t bits_min = (int64_t)0x3F800000 - (((int64_t)b + 1) << 22) + 1;
+    return (int)((bits_min < 0x00800000 ? 0x00800000 : bits_min) >> 23) - 127;
+}
+
 /* The smallest R such that the kept tokens with rank <= R pass the cut (mode, k or target), or the largest kept
- * rank when none does. rank_of(i, &rank, &w) says whether token i is kept and gives its rank and mass; ranks are
- * below 2^(top_shift + 8). */
+ * rank when none does. rank_of(i, &rank, &w) says whether token i is kept and gives its rank and weight; ranks are
+ * below 2^(top_shift + 8), and the mass modes take weight ranks (top_shift 40: key bits 22..29 at the top level).
+ * Each warp adds its lanes' tokens per bucket first (__match_any_sync, __reduce_add_sync), so a flat distribution,
+ * which puts most tokens in one bucket, does not serialise on one shared-memory address. */
 template <class F>
 __device__ uint64_t s_select(const F &rank_of, int32_t vocab, int mode, uint32_t k, double target, int top_shift,
                              s_shared_t *sh) {
     uint64_t prefix = 0, mask = 0;
     uint32_t acc_c = 0;
     double acc_m = 0.0;
+    int e_fixed = 0; /* below the top level, every token lies in one top-level bucket: its unit exponent */
+    const int32_t n_iter = (vocab + S_NT - 1) / S_NT * S_NT;
+    const int lane = threadIdx.x & 31;
     for (int shift = top_shift; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < S_BUCKETS; b += S_NT) sh->count[b] = 0, sh->mass[b] = 0.0;
+        const bool is_top = shift == top_shift;
+        for (int b = threadIdx.x; b < S_BUCKETS; b += S_NT) sh->count[b] = 0, sh->mass_units[b] = 0;
         __syncthreads();
-        for (int32_t i = threadIdx.x; i < vocab; i += S_NT) {
-            uint64_t r;
-            float w;
-            if (!rank_of(i, r, w) || (r & mask) != prefix) continue;
-            const int b = (int)((r >> shift) & (S_BUCKETS - 1));
-            atomicAdd(&sh->count[b], 1u);
-            if (mode != S_COUNT) atomicAdd(&sh->mass[b], (double)w);
+        for (int32_t i = threadIdx.x; i < n_iter; i += S_NT) { /* whole warps, for the warp-wide intrinsics */
+            uint64_t r = 0;
+            float w = 0.0f;
+            const bool is_in = i < vocab && rank_of(i, r, w) && (r & mask) == prefix;
+            const int b = is_in ? (int)((r >> shift) & (S_BUCKETS - 1)) : -1;
+            const unsigned peers = __match_any_sync(~0u, b);
+            uint32_t units = 0;
+            if (mode != S_COUNT && is_in) {
+                const uint32_t wb = __float_as_uint(w);
+                const int e = (int)(wb >> 23) - 127, e_low = is_top ? s_unit_exp(b) : e_fixed;
+                units = ((wb & 0x7FFFFFu) | 0x800000u) << (e - e_low);
+            }
+            if (mode != S_COUNT) units = __reduce_add_sync(peers, units);
+            if (is_in && lane == __ffs(peers) - 1) {
+                atomicAdd(&sh->count[b], (uint32_t)__popc(peers));
+                if (mode != S_COUNT) atomicAdd(&sh->mass_units[b], (unsigned long long)units);
+            }
         }
+        __syncthreads();
+        for (int b = threadIdx.x; b < S_BUCKETS; b += S_NT)
+            sh->mass[b] =
+                mode == S_COUNT ? 0.0 : ldexp((double)sh->mass_units[b], (is_top ? s_unit_exp(b) : e_fixed) - 23);
         __syncthreads();
         s_pick_bucket(sh, mode, k, target, acc_c, acc_m);
         __syncthreads();
+        if (is_top) e_fixed = s_unit_exp(sh->sel_b);
         prefix |= (uint64_t)sh->sel_b << shift, mask |= (uint64_t)(S_BUCKETS - 1) << shift;
         acc_c = sh->sel_c, acc_m = sh->sel_m;
     }
