@@ -348,7 +348,7 @@ __global__ void __cluster_dims__(S_CS, 1, 1) __launch_bounds__(S_NT)
         /* the candidate lists are per block: they fit when the fullest block's does */
         uint32_t n_own = 0;
         S_FOR_OWN(i) n_own += x[i] >= lo;
-        const bool is_listed = n_in >= n_top && s_reduce_u(S_OP_MAX, n_own, c) <= S_CAND_CAP;
+        const bool is_listed = n_in >= n_top && s_reduce_u(S_OP_MAX, s_block_u(S_OP_ADD, n_own, &sh), c) <= S_CAND_CAP;
         if (is_listed) {
             const int32_t n_list = s_compact([&](int32_t i) { return x[i] >= lo; }, raw_rank, own, &sh);
             R = s_select(
@@ -462,7 +462,8 @@ __global__ void __cluster_dims__(S_CS, 1, 1) __launch_bounds__(S_NT)
         uint32_t n_own = 0;
         S_FOR_OWN(i) n_own += is_cand(i);
         const int32_t n_cand = (int32_t)s_reduce_u(S_OP_ADD, n_own, c);
-        const bool is_listed = s_reduce_u(S_OP_MAX, n_own, c) <= S_CAND_CAP;
+        /* the lists are per block: they fit when the fullest block's does */
+        const bool is_listed = s_reduce_u(S_OP_MAX, s_block_u(S_OP_ADD, n_own, &sh), c) <= S_CAND_CAP;
         s_range_t rg = own;
         if (is_listed) {
             const int32_t n_list = s_compact(
