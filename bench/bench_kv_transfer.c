@@ -11,7 +11,6 @@
  * layers; "tail" is DONE minus the last layer's ready time (best of --reps).
  * KV layout: Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks = 128 KiB per token).
  * KVT_COPY_THREADS=1 puts the receiver's copies back on its poll thread (kvt_receiver_params_t.copy_threads).
- * KVT_SOCKET_COPY_PARALLEL=0|1 forces kvt_receiver_params_t.is_socket_copy_parallel off or on.
  * Usage: kv_transfer [--sizes-mib 16,128,512] [--transports ipc,tcp,shm] [--layer-ms 10] [--only-kvt 1]
  *                    [--reps 3] [--conns 1]. */
 #define _GNU_SOURCE
@@ -31,7 +30,6 @@
 #define MIB (1024.0 * 1024.0)
 
 static int g_copy_threads = 2;
-static int g_socket_copy_parallel = -1; /* KVT_SOCKET_COPY_PARALLEL=0|1; -1: the receiver's default */
 
 static double s_now(void) {
     return (double)pd_now_us() / 1e6;
@@ -224,7 +222,6 @@ static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use
         rp.max_message_bytes = 1ull << 30;
         rp.is_shm_enabled = use_shm;
         rp.copy_threads = g_copy_threads;
-        if (g_socket_copy_parallel >= 0) rp.is_socket_copy_parallel = g_socket_copy_parallel != 0;
         void *ctx = s_ctx(n_conns);
         char err[256];
         kvt_receiver_t *r = kvt_receiver_create(ctx, &rp, err, sizeof err);
@@ -302,8 +299,6 @@ int main(int argc, char **argv) {
     int only_kvt = 0, reps = 3, n_conns = 1;
     const char *ct = getenv("KVT_COPY_THREADS"); /* the receiver's copy_threads (default: the library's, 2) */
     if (ct && *ct) g_copy_threads = atoi(ct);
-    const char *sp = getenv("KVT_SOCKET_COPY_PARALLEL"); /* is_socket_copy_parallel (default: >= 8 cores) */
-    if (sp && *sp) g_socket_copy_parallel = atoi(sp);
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--sizes-mib"))
             sizes = argv[i + 1];

@@ -178,12 +178,10 @@ typedef struct {
     int32_t heartbeat_ivl_ms;   /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
     bool is_shm_enabled;        /* map a same-host sender's shared pool when it offers one (default true) */
     /* 2 (default): a shared-pool frame pair's V copy runs on a helper thread beside its K copy (one core moves
-     * about half of memcpy's bandwidth with the checksum); 1: inline. */
+     * about half of memcpy's bandwidth with the checksum); 1: inline. Socket frames stay on the poll thread:
+     * there ZeroMQ's I/O thread already runs beside it; a third thread made tcp slower on two cores and made no
+     * difference on the 16-core GPU host (bench/RESULTS.md, kv_transfer, session 6). */
     int32_t copy_threads;
-    /* Socket (tcp, ipc) frame pairs on the helper too (copy_threads 2). Default: on hosts with at least 8 online
-     * cores; there ZeroMQ's I/O thread, the poll thread and the helper each get a core. On two cores the third
-     * thread made tcp slower (bench/RESULTS.md, kv_transfer). */
-    bool is_socket_copy_parallel;
     uint64_t copy_parallel_min_bytes; /* ... for frames of at least this many bytes (default 1 MiB: below it the
                                          hand-off costs about what it saves) */
 } kvt_receiver_params_t;

@@ -7,7 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 #include <zmq.h>
 
 #include "kvt_int.h"
@@ -97,7 +96,6 @@ kvt_receiver_params_t kvt_receiver_params_default(void) {
     p.heartbeat_ivl_ms = 1000;
     p.copy_threads = 2;
     p.copy_parallel_min_bytes = 1u << 20;
-    p.is_socket_copy_parallel = sysconf(_SC_NPROCESSORS_ONLN) >= 8;
     p.is_shm_enabled = true;
     return p;
 }
@@ -497,10 +495,9 @@ static void s_copier_destroy(kvt_copier_t **cp) {
 static bool s_put_pair(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_t f, uint32_t ly, uint32_t b,
                        uint32_t n, char *why, size_t cap) {
     kvt_copier_t *c = r->copier;
-    /* V on the copy thread, K here: always for the shared pool, where the copies are the whole cost; for socket
-     * payloads only where cores are plenty (ZeroMQ's I/O thread needs one too) */
-    if (c && (in->shm || r->p.is_socket_copy_parallel) &&
-        (uint64_t)n * in->wire_chunk >= r->p.copy_parallel_min_bytes) {
+    /* V on the copy thread, K here: for the shared pool only, where the copies are the whole cost; socket payloads
+     * already keep ZeroMQ's I/O thread busy, and a third thread on two cores made tcp slower */
+    if (c && in->shm && (uint64_t)n * in->wire_chunk >= r->p.copy_parallel_min_bytes) {
         pthread_mutex_lock(&c->mu);
         c->t = t, c->in = in, c->f = f + 1, c->ly = ly, c->b = b, c->n = n, c->is_done = false, c->is_posted = true;
         pthread_cond_broadcast(&c->cv);

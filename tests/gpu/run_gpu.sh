@@ -12,7 +12,7 @@
 #   tests/gpu/run_gpu.sh ab SHAPE      decode under each setting in AB_ENVS (default: ENG_CUDA_GEMV=0 / 4, each twice)
 #   tests/gpu/run_gpu.sh cluster       pdctl up --backend cuda: router -> prefill -> decode on the GPU
 #   tests/gpu/run_gpu.sh spec          bench/run_spec_bench.sh --backend cuda (PDSERVE_MODELS: the default model's folder)
-#   tests/gpu/run_gpu.sh host          bench/kv_transfer on the host CPU (issue 3), socket copies on 2 threads vs 1
+#   tests/gpu/run_gpu.sh host          bench/kv_transfer on the host CPU (issue 3), three runs
 #   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 # The default model (94 MB) is over the device tool's 64 MiB per-call limit. The golden, cluster-with-SmolLM2 and
@@ -128,13 +128,10 @@ while [ $# -gt 0 ]; do
             --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -24 | tee -a "$OUT/spec.log"
         ;;
     host)
-        # issue 3 on this machine's host CPU: the KV hand-off; socket frame pairs copied on two threads (the
-        # default on >= 8 cores) against one, interleaved, three runs each
+        # issue 3 on this machine's host CPU: the KV hand-off, three runs (run-to-run spread on this host is large)
         for run in 1 2 3; do
-            for sp in 1 0; do
-                echo "== kv_transfer run $run KVT_SOCKET_COPY_PARALLEL=$sp"
-                KVT_SOCKET_COPY_PARALLEL=$sp ./build-gpu/bench/kv_transfer --transports ${HOST_TRANSPORTS:-tcp,ipc,shm}
-            done
+            echo "== kv_transfer run $run"
+            ./build-gpu/bench/kv_transfer --transports "${HOST_TRANSPORTS:-tcp,ipc,shm}"
         done 2>&1 | tee -a "$OUT/host.log"
         ;;
     hf)
