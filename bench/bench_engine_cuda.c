@@ -1,7 +1,7 @@
 /* bench_engine_cuda.c: the CUDA backend against the GPU's own limits, measured in the same run.
  *   limits:  device-to-device copy bandwidth (bytes read + written), and a plain cuBLAS bf16 GEMM (8192^3).
  *   decode:  B sequences with a ctx-token prompt, then `new` steps of one token each, every row sampled (temperature
- *            0.7, top-p 0.9, as a service step does): "gpu" samples on the GPU (only tokens come back), "host"
+ *            0.7 unless --temperature says otherwise (0: greedy), top-p 0.9, as a service step does): "gpu" samples on the GPU (only tokens come back), "host"
  *            copies the logits rows out and samples them on the host (eng_row_sample, one thread: the decode service
  *            before GPU sampling); tok/s, step time, and the step as a fraction of the bandwidth limit:
  *            (weight bytes + KV bytes read) / step time / copy bandwidth.
@@ -10,7 +10,7 @@
  *            is applied to one row per prompt) plus causal attention 2 x 2 x layers x q_dim x len^2 / 2.
  * Input tokens are fixed, not the sampled ones: the step's cost does not depend on them.
  * Usage: engine_cuda --model PATH [--gpu N] [--ctx 512] [--new 128] [--decode-batches 1,8,32,64,128]
- *                    [--sampling gpu,host] [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192] */
+ *                    [--sampling gpu,host] [--temperature 0.7] [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192] */
 #define _POSIX_C_SOURCE 200809L
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -28,6 +28,7 @@ typedef struct {
     int gpu, ctx, n_new, prefill_len, max_batch_tokens;
     int decode_b[16], n_decode_b, prefill_b[8], n_prefill_b;
     bool is_gpu_sampling, is_host_sampling;
+    float temperature; /* of every decode row (0: greedy); top-p 0.9 */
 } opts_t;
 
 static int s_parse_list(const char *s, int *out, int cap) {
@@ -192,7 +193,8 @@ int main(int argc, char **argv) {
                 .prefill_len = 4096,
                 .max_batch_tokens = 8192,
                 .is_gpu_sampling = true,
-                .is_host_sampling = true};
+                .is_host_sampling = true,
+                .temperature = 0.7f};
     o.n_decode_b = s_parse_list("1,8,32,64,128", o.decode_b, 16);
     o.n_prefill_b = s_parse_list("1,8", o.prefill_b, 8);
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -213,6 +215,8 @@ int main(int argc, char **argv) {
             o.n_decode_b = s_parse_list(v, o.decode_b, 16);
         else if (!strcmp(f, "--prefill-batches"))
             o.n_prefill_b = s_parse_list(v, o.prefill_b, 8);
+        else if (!strcmp(f, "--temperature"))
+            o.temperature = (float)atof(v);
         else if (!strcmp(f, "--sampling"))
             o.is_gpu_sampling = strstr(v, "gpu") != NULL, o.is_host_sampling = strstr(v, "host") != NULL;
         else {
@@ -286,7 +290,7 @@ int main(int argc, char **argv) {
     r.host = eng_row_sampler_create(c->vocab_size);
     for (int i = 0; i < 256; i++) {
         r.rows[i].p = eng_sampling_default();
-        r.rows[i].p.temperature = 0.7f, r.rows[i].p.top_p = 0.9f, r.rows[i].u = (i + 0.5) / 256.0;
+        r.rows[i].p.temperature = o.temperature, r.rows[i].p.top_p = 0.9f, r.rows[i].u = (i + 0.5) / 256.0;
     }
     eng_kv_pool_t *pool = eng_kv_pool(e);
 
