@@ -659,30 +659,6 @@ static int32_t s_draft_catchup(dc_sched_t *s, dc_plan_t *plan, int32_t i, int32_
     return n_in == need ? k : 0;
 }
 
-/* spec_shape_steps: the largest step shape not above n_tokens (dc_sched.h). */
-static int32_t s_step_shape(int32_t n_tokens) {
-    return n_tokens <= 16 ? n_tokens : n_tokens <= 64 ? n_tokens & ~3 : n_tokens & ~7;
-}
-
-/* Drops drafts from the allocation until the step has a shape of s_step_shape (or no drafts), taking each from the
- * row whose last draft is least likely to be accepted (its acceptance rate to the power of its drafts). */
-static void s_shape_drafts(dc_sched_t *s, int32_t n_rows, int32_t n_tokens) {
-    int32_t n_drafts = 0;
-    for (int32_t i = 0; i < n_rows; i++) n_drafts += s->sp_k[i];
-    int32_t drop = n_tokens + n_drafts - s_step_shape(n_tokens + n_drafts);
-    if (drop > n_drafts) drop = n_drafts;
-    for (; drop > 0; drop--) {
-        int32_t worst = -1;
-        float worst_p = 2.0f;
-        for (int32_t i = 0; i < n_rows; i++) {
-            if (s->sp_k[i] <= 0) continue;
-            const float p = powf(s->sp_acc[i], (float)s->sp_k[i]);
-            if (p < worst_p) worst_p = p, worst = i;
-        }
-        s->sp_k[worst]--;
-    }
-}
-
 /* Speculation for the decode rows of a planned step: candidates per row, adaptive k over the batch
  * (dc_spec_allocate), blocks for the drafted positions (never preempting anyone for a draft: a row gets fewer
  * drafts instead), then the n-gram drafts go into the plan; a draft model's are the executor's to add. */
@@ -711,7 +687,6 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
         dc_spec_allocate(is_explore ? &s->cost_calibrated : &s->cost, is_draft, n, s->sp_acc, s->sp_avail,
                          is_draft ? s->sp_extra : NULL, plan->n_tokens_total, s->p.spec_max_step_drafts, s->sp_k);
     }
-    if (s->p.spec_shape_steps) s_shape_drafts(s, n, plan->n_tokens_total);
     int32_t bs = s->p.block_size;
     for (int32_t i = 0; i < n; i++) {
         s_slot_t *sl = &s->slots[plan->slots[i]];

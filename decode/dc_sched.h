@@ -79,11 +79,6 @@ typedef struct {
     int32_t spec_max_step_drafts; /* most draft tokens in one step, all sequences together (default 64) */
     bool spec_fixed_k;            /* true: every row drafts as much as it can (up to spec_k), no cost model (for
                                      tests and comparisons); false (default): adaptive k */
-    bool spec_shape_steps;        /* drop drafts so that a step's token count is one of few shapes: any up to 16,
-                                     a multiple of 4 up to 64, of 8 above. For engines that capture a CUDA graph per
-                                     batch shape: drafts otherwise make nearly every step a new shape, and each new
-                                     shape is launched directly and then captured (H100, SmolLM2: 145 graphs for
-                                     2495 steps, n-gram chat at 32 sequences 0.58x of no speculation). Default false */
     eng_kv_pool_t *draft_pool;    /* DC_SPEC_DRAFT: the draft model's block pool (borrowed) */
     int32_t draft_block_size;     /* its tokens per block */
     int32_t draft_catchup_tokens; /* most tokens the draft model may catch up on per step (prompts it has not

@@ -677,7 +677,6 @@ dc_service_t *dc_service_create(const dc_service_params_t *p, char *err, size_t 
     sp.prefill_chunk_tokens = p->prefill_chunk_tokens;
     sp.spec = p->spec;
     sp.spec_fixed_k = p->spec_fixed_k;
-    sp.spec_shape_steps = strcmp(eng_backend_name(p->eng), "cuda") == 0; /* its CUDA graphs are per batch shape */
     if (p->spec_k > 0) sp.spec_k = p->spec_k;
     if (p->ngram_min > 0) sp.ngram_min = p->ngram_min;
     if (p->ngram_max > 0) sp.ngram_max = p->ngram_max;

@@ -184,10 +184,9 @@ static void s_record(const dc_event_t *ev, int n) {
     }
 }
 
-/* Variants of the harness: spec_shape_steps on, and the engine sampling the rows (dc_plan_batch without logits, as
- * dc_exec does) instead of dc_sched_update sampling logits; s_max_shaped_step: the largest step seen with them. */
-static bool s_is_shaped, s_is_engine_sampling;
-static int32_t s_max_shaped_step;
+/* A variant of the harness: the engine samples the rows (dc_plan_batch without logits, as dc_exec does) instead of
+ * dc_sched_update sampling logits. */
+static bool s_is_engine_sampling;
 
 static dc_sched_t *s_sched(dc_spec_mode_t spec) {
     dc_sched_params_t p = dc_sched_params_default();
@@ -205,7 +204,6 @@ static dc_sched_t *s_sched(dc_spec_mode_t spec) {
     p.spec_k = 4;
     p.ngram_min = 1;
     p.ngram_max = 3;
-    p.spec_shape_steps = s_is_shaped;
     if (spec == DC_SPEC_DRAFT) {
         p.draft_pool = eng_kv_pool(s_draft_engine);
         p.draft_block_size = eng_kv_layout(s_draft_engine)->block_size;
@@ -234,12 +232,6 @@ static int s_run(dc_sched_t *s, eng_drafter_t *d) {
         s_record(ev, n);
         if (plan.n_seqs == 0) break;
         if (d) dc_exec_draft(d, &plan);
-        if (s_is_shaped) { /* a step with drafts has one of the shapes dc_sched.h lists */
-            int32_t n_drafts = 0, t = plan.n_tokens_total;
-            for (int32_t i = 0; i < plan.n_decode_rows; i++) n_drafts += plan.n_draft[i];
-            if (n_drafts > 0) CHECK(t <= 16 || (t <= 64 && t % 4 == 0) || t % 8 == 0);
-            if (n_drafts > 0 && t > s_max_shaped_step) s_max_shaped_step = t;
-        }
         float *logits = s_is_engine_sampling ? NULL : s_logits;
         eng_batch_t b = dc_plan_batch(&plan, logits);
         if (eng_forward(s_engine, &b) != PD_OK) break;
@@ -350,15 +342,12 @@ static void s_lossless(bool is_sampled) {
         s_decode(DC_SPEC_NGRAM, is_sampled, false, &st);
         s_check_same(ref, "ngram, alone");
     }
-    /* as the decode service runs on CUDA: rows sampled by the engine, steps shaped for its graphs */
-    s_is_shaped = s_is_engine_sampling = true, s_max_shaped_step = 0;
+    /* as the decode service runs: the rows sampled by the engine (on the GPU with CUDA), from row requests */
+    s_is_engine_sampling = true;
     s_decode(DC_SPEC_NGRAM, is_sampled, true, &st);
-    s_is_shaped = s_is_engine_sampling = false;
-    s_check_same(ref, "ngram, engine sampling, shaped steps");
-    fprintf(stderr, "ngram, shaped steps: %llu drafts, %llu accepted, largest step %d tokens\n",
-            (unsigned long long)st.n_draft_tokens, (unsigned long long)st.n_accepted_tokens, s_max_shaped_step);
+    s_is_engine_sampling = false;
+    s_check_same(ref, "ngram, engine sampling");
     CHECK(st.n_accepted_tokens > 0);
-    CHECK(s_max_shaped_step > 16); /* the rule had steps to shape */
 
     s_decode(DC_SPEC_DRAFT, is_sampled, true, &st);
     s_check_same(ref, is_sampled ? "draft model, sampled, batch" : "draft model, greedy, batch");
