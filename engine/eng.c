@@ -83,6 +83,7 @@ eng_t *eng_create(const eng_params_t *p, char *err, size_t err_cap) {
         goto fail;
     }
     e->kv_pool = eng_kv_pool_create(e->kv_layout.n_blocks);
+    if (e->ops->has_pad_block) e->kv_layout.n_blocks++; /* the backend's scratch block, never in the pool */
     e->be = e->ops->create(e->model, &e->kv_layout, &e->params, err, err_cap);
     if (!e->be) goto fail;
     e->pen_mark = pd_xcalloc(((size_t)c->vocab_size + 7) / 8, 1);
@@ -164,8 +165,9 @@ static pd_status s_validate(const eng_t *e, const eng_batch_t *b) {
         int32_t used = eng_kv_blocks_for(pos + n, e->kv_layout.block_size);
         for (int32_t k = 0; k < used; k++) {
             int32_t id = b->block_tables[i][k];
-            if (id < 0 || id >= e->kv_layout.n_blocks) {
-                LOG_E("engine: sequence %d: block id %d out of range (pool of %d)", i, id, e->kv_layout.n_blocks);
+            if (id < 0 || id >= eng_kv_pool_n_blocks(e->kv_pool)) {
+                LOG_E("engine: sequence %d: block id %d out of range (pool of %d)", i, id,
+                      eng_kv_pool_n_blocks(e->kv_pool));
                 return PD_EINVAL;
             }
         }
@@ -266,8 +268,8 @@ void *eng_kv_host_base(eng_t *e) {
 static pd_status s_kv_sync(eng_t *e, const int32_t *blocks, int32_t n, bool is_to_host) {
     if (n < 0) return PD_EINVAL;
     for (int32_t i = 0; i < n; i++)
-        if (blocks[i] < 0 || blocks[i] >= e->kv_layout.n_blocks) {
-            LOG_E("engine: KV sync of block id %d outside the pool of %d", blocks[i], e->kv_layout.n_blocks);
+        if (blocks[i] < 0 || blocks[i] >= eng_kv_pool_n_blocks(e->kv_pool)) {
+            LOG_E("engine: KV sync of block id %d outside the pool of %d", blocks[i], eng_kv_pool_n_blocks(e->kv_pool));
             return PD_EINVAL;
         }
     if (!e->ops->kv_sync || n == 0) return PD_OK;
@@ -286,14 +288,14 @@ pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t n_blocks) {
 }
 
 pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
-    if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= e->kv_layout.n_blocks ||
+    if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= eng_kv_pool_n_blocks(e->kv_pool) ||
         (kind != ENG_KV_K && kind != ENG_KV_V))
         return PD_EINVAL;
     return e->ops->kv_read(e->be, layer, kind, block, dst);
 }
 
 pd_status eng_kv_write_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src) {
-    if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= e->kv_layout.n_blocks ||
+    if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= eng_kv_pool_n_blocks(e->kv_pool) ||
         (kind != ENG_KV_K && kind != ENG_KV_V))
         return PD_EINVAL;
     return e->ops->kv_write(e->be, layer, kind, block, src);

@@ -47,6 +47,8 @@ const eng_model_t *eng_model(const eng_t *e);
 const eng_tok_t *eng_tokenizer(const eng_t *e);
 /* NULL when the model has no chat template we recognise (chat requests are then refused). */
 const eng_chat_t *eng_chat(const eng_t *e);
+/* The KV layout; its n_blocks may exceed the pool's by a backend scratch block (CUDA: eng_kv_pool_n_blocks is the
+ * number schedulers can use). */
 const eng_kv_layout_t *eng_kv_layout(const eng_t *e);
 eng_kv_pool_t *eng_kv_pool(eng_t *e);
 const char *eng_backend_name(const eng_t *e);

@@ -24,7 +24,9 @@ typedef struct {
     void *(*kv_host_base)(eng_backend_t *be);
     /* Copies whole blocks between the pool and its host mirror; NULL when the pool is the host memory itself. */
     pd_status (*kv_sync)(eng_backend_t *be, const int32_t *blocks, int32_t n_blocks, bool is_to_host);
-    bool is_sampling; /* forward samples b->sampling itself, next to the logits */
+    bool is_sampling;   /* forward samples b->sampling itself, next to the logits */
+    bool has_pad_block; /* the layout's last block is the backend's scratch (padding tokens write their K/V there):
+                           the facade's pool, and so every scheduler, has one block less */
 } eng_backend_ops_t;
 
 extern const eng_backend_ops_t eng_backend_cpu;

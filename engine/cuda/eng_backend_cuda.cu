@@ -88,6 +88,9 @@ struct eng_backend {
     eng_pen_t *smp_pen_h, *smp_pen_d;
     int64_t smp_pen_cap;
     float *smp_work; /* (S_LOGIT_ROWS, vocab) */
+    /* padding to graph buckets (s_forward): the KV layout's last block takes the pad tokens' K/V; -1: no padding
+     * (ENG_CUDA_PAD=0) */
+    int32_t pad_block;
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
@@ -410,6 +413,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
+        const char *pad = getenv("ENG_CUDA_PAD");
+        be->pad_block = pad && *pad == '0' ? -1 : kv->n_blocks - 1; /* eng_backend.h: has_pad_block */
         const char *step_times = getenv("ENG_CUDA_STEP_TIMES");
         be->is_step_times = step_times && *step_times && *step_times != '0' &&
                             cudaEventCreate(&be->step_ev[0]) == cudaSuccess &&
@@ -456,7 +461,7 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
  * to out. is_sample: each slice is sampled (never while capturing: the requests change every step). */
 static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_cuda_att_t *attp, const int32_t *d_tok,
                            const int32_t *d_rows, int32_t n_logits, bool is_capture, bool is_logits, bool is_sample,
-                           float *out) {
+                           float *out, int32_t n_out) {
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t dim = c->dim, hd = c->head_dim, q_dim = (int64_t)c->n_heads * hd,
                   kv_dim = (int64_t)c->n_kv_heads * hd, T = tkp->n_tokens;
@@ -537,10 +542,11 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             S_LAUNCHED("sampling");
         }
         if (r0 + nr >= n_logits) s_prof_mark(be, P_HEAD, false);
-        if (is_capture) break; /* the caller copies after the launch */
-        if (is_logits) {
+        if (is_capture) break;         /* the caller copies after the launch */
+        if (is_logits && r0 < n_out) { /* the caller's rows only (pad rows come last) */
             S_CUDA(cudaStreamSynchronize(be->st), "forward");
-            memcpy(out + (size_t)r0 * c->vocab_size, be->logits_h, row_bytes * nr);
+            memcpy(out + (size_t)r0 * c->vocab_size, be->logits_h,
+                   row_bytes * (size_t)(n_out - r0 < nr ? n_out - r0 : nr));
         }
     }
     if (!is_capture && !is_logits) S_CUDA(cudaStreamSynchronize(be->st), "forward");
@@ -579,7 +585,7 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             LOG_E("cuda backend: begin capture: %s", cudaGetErrorString(e));
             return NULL;
         }
-        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, true, is_logits, false, NULL);
+        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, true, is_logits, false, NULL, 0);
         e = cudaStreamEndCapture(be->st, &graph);
         if (st != PD_OK || e != cudaSuccess) {
             LOG_E("cuda backend: capture failed: %s", cudaGetErrorString(e));
@@ -598,8 +604,13 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
     return g;
 }
 
+/* Graph buckets of token and tile counts: exact up to 8, then multiples of 8. */
+static int64_t s_bucket(int64_t n) {
+    return n <= 8 ? n : (n + 7) / 8 * 8;
+}
+
 /* The batch's sampling requests into the pinned buffers, then up to the GPU (on the stream, before the forward). */
-static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits, int32_t n_rows) {
     if (be->m->cfg.vocab_size > ENG_CUDA_SAMPLE_MAX_VOCAB) {
         LOG_E("cuda backend: sampling on the GPU takes vocabularies up to %d tokens", ENG_CUDA_SAMPLE_MAX_VOCAB);
         return PD_EINVAL;
@@ -626,7 +637,9 @@ static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_
         if (rs->n_pen > 0) memcpy(be->smp_pen_h + off, rs->pen, sizeof(eng_pen_t) * (size_t)rs->n_pen);
         off += rs->n_pen;
     }
-    S_CUDA(cudaMemcpyAsync(be->smp_req_d, be->smp_req_h, sizeof(eng_cuda_sample_req_t) * (size_t)n_logits,
+    for (int32_t r = n_logits; r < n_rows; r++) /* pad rows: greedy, nothing read back */
+        be->smp_req_h[r] = (eng_cuda_sample_req_t){0.0, 0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 0, 0, 0};
+    S_CUDA(cudaMemcpyAsync(be->smp_req_d, be->smp_req_h, sizeof(eng_cuda_sample_req_t) * (size_t)n_rows,
                            cudaMemcpyHostToDevice, be->st),
            "sampling requests");
     if (off > 0)
@@ -673,16 +686,29 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
         else
             n_tiles += (b->n_tokens[s] + tile_tokens - 1) / tile_tokens;
     }
-    const size_t need = (size_t)(3 * T + n_logits + 2 * (n_tiles + n_tc_tiles) + n_table);
-    if (need > be->meta_cap || T > be->max_tokens) {
+    if ((size_t)(3 * T + n_logits + 2 * (n_tiles + n_tc_tiles) + n_table) > be->meta_cap || T > be->max_tokens) {
         LOG_E("cuda backend: batch of %lld tokens, %lld table entries exceeds the scratch", (long long)T,
               (long long)n_table);
         return PD_EINVAL;
     }
+    /* CUDA graphs are per shape (s_graph_get), and continuous batching and speculative drafts move the token and
+     * tile counts step by step: a batch of CUDA-core tiles is padded to a bucket of each, so that nearby batches
+     * share a graph. Pad tokens are token 0 at position 0 of the scratch block; they get no attention tile (their
+     * rows carry garbage through the layers, which is harmless: every other op is row-local and nothing reads
+     * them), and get logits rows when every real token does (decode: so the logits count is bucketed too). Pad
+     * tiles are empty. */
+    const int64_t n_real = T, n_real_logits = n_logits;
+    if (be->pad_block >= 0 && be->is_graphs && n_tc_tiles == 0) {
+        const int64_t T_b = s_bucket(T), n_logits_b = n_logits == T ? T_b : n_logits, tiles_b = s_bucket(n_tiles);
+        if (T_b <= S_GRAPH_MAX_TOKENS && T_b <= be->max_tokens && n_logits_b <= S_GRAPH_MAX_ROWS &&
+            (size_t)(3 * T_b + n_logits_b + 2 * tiles_b + n_table + 1) <= be->meta_cap)
+            T = T_b, n_logits = (int32_t)n_logits_b, n_tiles = tiles_b;
+    }
+    const size_t need = (size_t)(3 * T + n_logits + 2 * (n_tiles + n_tc_tiles) + n_table + (T > n_real));
     int32_t *tok = be->meta_h, *tok_pos = tok + T, *tok_table = tok_pos + T, *rows = tok_table + T;
     eng_cuda_tile_t *tiles = (eng_cuda_tile_t *)(rows + n_logits), *tc_tiles = tiles + n_tiles;
     int32_t *tables = (int32_t *)(tc_tiles + n_tc_tiles);
-    memcpy(tok, b->tokens, sizeof(int32_t) * (size_t)T);
+    memcpy(tok, b->tokens, sizeof(int32_t) * (size_t)n_real);
     int64_t t = 0, off = 0, n_rows = 0, ti = 0, tci = 0;
     for (int32_t s = 0; s < b->n_seqs; s++) {
         memcpy(tables + off, b->block_tables[s], sizeof(int32_t) * (size_t)b->n_blocks[s]);
@@ -699,6 +725,12 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
         }
         off += b->n_blocks[s];
     }
+    for (; t < T; t++) { /* pad tokens */
+        tok[t] = 0, tok_pos[t] = 0, tok_table[t] = (int32_t)off;
+        if (n_logits > n_real_logits) rows[n_rows++] = (int32_t)t;
+    }
+    if (T > n_real) tables[off] = be->pad_block;
+    for (; ti < n_tiles; ti++) tiles[ti].t0 = 0, tiles[ti].n = 0; /* pad tiles */
     PD_ASSERT(n_rows == n_logits);
     S_CUDA(cudaMemcpyAsync(be->meta_d, be->meta_h, sizeof(int32_t) * need, cudaMemcpyHostToDevice, be->st),
            "copy the batch");
@@ -726,7 +758,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
 
     s_graph_t *g = NULL;
     const bool is_logits = b->logits != NULL, is_sample = b->sampling != NULL && n_logits > 0;
-    if (is_sample && s_sample_upload(be, b, n_logits) != PD_OK) return PD_EBACKEND;
+    if (is_sample && s_sample_upload(be, b, (int32_t)n_real_logits, n_logits) != PD_OK) return PD_EBACKEND;
     if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs) {
         pd_status gst;
         g = s_graph_get(be, T, n_tiles, n_logits, is_logits, &tk, &att, d_tok, d_rows, &gst);
@@ -734,9 +766,10 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     }
     if (!g) {
         be->n_direct++;
-        if (s_enqueue(be, &tk, &att, d_tok, d_rows, n_logits, false, is_logits, is_sample, b->logits) != PD_OK)
+        if (s_enqueue(be, &tk, &att, d_tok, d_rows, n_logits, false, is_logits, is_sample, b->logits,
+                      (int32_t)n_real_logits) != PD_OK)
             return PD_EBACKEND;
-        if (is_sample && s_sample_collect(be, b, n_logits) != PD_OK) return PD_EBACKEND;
+        if (is_sample && s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
     } else {
         be->n_graph_launches++;
         if (be->is_step_times) cudaEventRecord(be->step_ev[0], be->st);
@@ -746,11 +779,11 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
             eng_cuda_sample(be->logits, be->smp_work, n_logits, c->vocab_size, be->smp_req_d, be->smp_pen_d,
                             be->smp_out_d, be->st);
             S_CUDA(cudaGetLastError(), "sampling");
-            if (s_sample_collect(be, b, n_logits) != PD_OK) return PD_EBACKEND;
+            if (s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
         } else {
             S_CUDA(cudaStreamSynchronize(be->st), "forward");
         }
-        if (is_logits) memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * n_logits);
+        if (is_logits) memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * (size_t)n_real_logits);
         if (be->is_step_times) { /* the whole call (tables, copy up, launch, logits out) against the graph alone */
             float gpu_ms = 0;
             cudaEventElapsedTime(&gpu_ms, be->step_ev[0], be->step_ev[1]);
@@ -805,5 +838,5 @@ static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind
 }
 
 extern "C" const eng_backend_ops_t eng_backend_cuda = {
-    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync, true,
+    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync, true, true,
 };

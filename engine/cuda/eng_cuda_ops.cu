@@ -131,6 +131,7 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     __shared__ int32_t row_pos[ENG_CUDA_ATT_ROWS];
 
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
+    if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
     const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G;
     const int32_t q_dim = a.n_heads * HD, kv_dim = a.n_kv_heads * HD;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

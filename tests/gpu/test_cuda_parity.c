@@ -175,9 +175,11 @@ static void s_check_model(const char *path) {
     uint16_t *h16 = pd_xmalloc(chunk_elems * 2), *back = pd_xmalloc(chunk_elems * 2);
     float *h32 = pd_xmalloc(chunk_elems * 4);
     for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_bf16((float)((i * 2654435761u) % 1000) / 500.0f - 1);
-    CHECK_EQ_INT(eng_kv_write_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, kl->n_blocks - 1, h16), PD_OK);
-    CHECK_EQ_INT(eng_kv_read_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, kl->n_blocks - 1, back), PD_OK);
+    const int32_t last = eng_kv_pool_n_blocks(eng_kv_pool(gpu.e)) - 1; /* the layout has the backend's pad block too */
+    CHECK_EQ_INT(eng_kv_write_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, last, h16), PD_OK);
+    CHECK_EQ_INT(eng_kv_read_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, last, back), PD_OK);
     CHECK(memcmp(h16, back, chunk_elems * 2) == 0);
+    CHECK_EQ_INT(eng_kv_write_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, last + 1, h16), PD_EINVAL); /* not the pool's */
 
     const int s = 4; /* the 300-token prompt: 19 blocks */
     eng_kv_seq_release(&cpu.seqs[s], eng_kv_pool(cpu.e));
