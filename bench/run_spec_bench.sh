@@ -3,7 +3,7 @@
 # that quote a long prompt; chat.jsonl: answers that do not) at several concurrencies. For each spec mode
 # it starts one cluster (pdctl up), then for each workload and concurrency C runs
 # `pdctl bench --prompts W.jsonl --concurrency C --requests R` (closed loop: C requests in flight, greedy,
-# ignore_eos, 128 tokens each; R = max(8, 2C), at most --max-requests) with the router's /metrics scraped before and after, and appends one
+# ignore_eos, 128 tokens each; R = max(8, P * C) with P = --requests-per-conc (default 2), at most --max-requests) with the router's /metrics scraped before and after, and appends one
 # JSON line per run (bench/spec_report.py result) to the results file. Ends with a markdown table: output
 # tokens/s and its ratio to spec=off at the same workload and concurrency, ITL p50, acceptance rate and
 # tokens per verification step. It measures; it does not judge (no thresholds, exit 0 unless it cannot run).
@@ -17,6 +17,8 @@
 #   --spec-k K          draft tokens per step (--decode.spec_k; default: the service's)
 #   --threads T         compute threads for the whole cluster (default 2, env PD_BENCH_THREADS)
 #   --backend B         cpu (default) or cuda: the workers' engine (pdctl up --backend; a -DPDSERVE_CUDA=ON build)
+#   --requests-per-conc P  R = max(8, P * C) (default 2; on a GPU, where a cell lasts a fraction of a second, a
+#                       larger P measures steady state instead of the first steps' CUDA graph captures)
 #   --max-requests N    cap on R per run (default 32, 0 = none). Why: on 2 cores one prefill thread
 #                       takes ~7-8 s per 1.3k-token RAG prompt, so R = 64 at C = 32 would cost ~8 min per
 #                       spec mode alone and the default run would not fit in 20 min
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
     --backend) BACKEND=$2; shift 2 ;;
     --kv-mem) KV_MEM=$2; shift 2 ;;
     --max-requests) MAX_REQ=$2; shift 2 ;;
+    --requests-per-conc) REQ_PER_CONC=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     *) echo "run_spec_bench: unknown option $1" >&2; usage ;;
     esac
@@ -157,7 +160,7 @@ for spec in $SPECS; do
     start_cluster "$spec" || continue
     for w in $WORKLOADS; do
         for c in $CONCS; do
-            r=$((2 * c > 8 ? 2 * c : 8))
+            r=$((${REQ_PER_CONC:-2} * c > 8 ? ${REQ_PER_CONC:-2} * c : 8))
             [ "$MAX_REQ" -gt 0 ] && [ "$r" -gt "$MAX_REQ" ] && r=$MAX_REQ
             tag="$spec-$w-c$c"
             t0=$(date +%s)
