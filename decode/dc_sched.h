@@ -1,7 +1,8 @@
 /* dc_sched.h: the decode service's scheduler. It owns every decoding request's state (block table,
  * sampler, stop strings, detokenizer, limits) and decides each step: which sequences run, at which
  * positions, with which blocks. It never computes: the executor turns a dc_plan_t into an eng_batch_t,
- * runs eng_forward, and hands the logits back to dc_sched_update. Pure C: no ZeroMQ, no threads, no clock
+ * runs eng_forward, and hands the logits (or the rows the engine sampled from the plan's requests) back to
+ * dc_sched_update. Pure C: no ZeroMQ, no threads, no clock
  * (callers pass "now"), so tests drive time and steps themselves.
  *
  * Life of a request:
