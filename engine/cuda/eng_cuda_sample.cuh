@@ -1,4 +1,4 @@
-/* eng_cuda_sample.cuh: sampling on the GPU, one thread block per logits row (private to engine/cuda/).
+/* eng_cuda_sample.cuh: sampling on the GPU, one cluster of thread blocks per logits row (private to engine/cuda/).
  * The kernel does what eng_sampler_sample does (eng_sample.h: the order of operations, the exp, the ranking with
  * ties to the lower id, the draw by inverse CDF) with the same float operations in the same order, so on the same
  * logits it picks the same token; only masses are summed in another order (double precision, so a decision can
