@@ -506,7 +506,7 @@ static void s_plan_sampling(dc_plan_t *plan) {
     int64_t need = 0;
     for (int32_t i = 0, t = 0; i < plan->n_seqs; t += plan->n_tokens[i++])
         for (int32_t j = 0; j < plan->n_tokens[i]; j++)
-            if (plan->want_logits[t + j]) need += eng_sampler_n_seen(plan->samplers[i]) + j;
+            if (plan->want_logits[t + j]) need += eng_sampler_penalties_max(plan->samplers[i], j);
     if (need > plan->smp_pen_cap) {
         plan->smp_pen_cap = need * 2;
         free(plan->smp_pen);

@@ -200,20 +200,16 @@ static pd_status s_validate_sampling(eng_t *e, const eng_batch_t *b, int32_t n_l
             LOG_E("engine: sampling row %d: draw %g (must be in [0, 1)) or %d penalty entries", r, q->u, q->n_pen);
             return PD_EINVAL;
         }
-        int32_t j = 0;
-        bool is_ok = true;
-        for (; j < q->n_pen && is_ok; j++) {
-            const int32_t t = q->pen[j].token;
-            is_ok = t >= 0 && t < n_vocab && q->pen[j].count >= 0 && !(e->pen_mark[t >> 3] & (1u << (t & 7)));
-            if (is_ok) e->pen_mark[t >> 3] |= (uint8_t)(1u << (t & 7));
+        int32_t n_marked = 0; /* entries [0, n_marked) are valid, distinct and marked */
+        for (; n_marked < q->n_pen; n_marked++) {
+            const int32_t t = q->pen[n_marked].token;
+            if (t < 0 || t >= n_vocab || q->pen[n_marked].count < 0 || (e->pen_mark[t >> 3] & (1u << (t & 7)))) break;
+            e->pen_mark[t >> 3] |= (uint8_t)(1u << (t & 7));
         }
-        for (int32_t i = 0; i < j; i++) { /* unmark what was marked (the failing entry was not) */
-            const int32_t t = q->pen[i].token;
-            if (is_ok || i < j - 1) e->pen_mark[t >> 3] &= (uint8_t) ~(1u << (t & 7));
-        }
-        if (!is_ok) {
+        for (int32_t i = 0; i < n_marked; i++) e->pen_mark[q->pen[i].token >> 3] = 0; /* every set bit is this row's */
+        if (n_marked < q->n_pen) {
             LOG_E("engine: sampling row %d: penalty entry %d (token %d, count %d) outside the vocabulary or repeated",
-                  r, j - 1, q->pen[j - 1].token, q->pen[j - 1].count);
+                  r, n_marked, q->pen[n_marked].token, q->pen[n_marked].count);
             return PD_EINVAL;
         }
     }

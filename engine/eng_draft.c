@@ -25,7 +25,7 @@ int32_t eng_draft_ngram(const int32_t *hist, int32_t n_hist, int32_t n_min, int3
 
 struct eng_drafter {
     eng_t *e;
-    int32_t vocab, max_rows, max_tokens;
+    int32_t max_rows, max_tokens;
     /* one draft forward's batch: (max_rows) rows, (max_tokens) tokens */
     int32_t *row_of; /* the call's row of each batch row */
     int32_t *n_tok, *pos, *n_blocks, *tokens;
@@ -59,7 +59,6 @@ eng_drafter_t *eng_drafter_create(eng_t *draft, const eng_t *target, int32_t max
     }
     eng_drafter_t *d = pd_xcalloc(1, sizeof *d);
     d->e = draft;
-    d->vocab = dv;
     d->max_rows = max_rows;
     d->max_tokens = max_tokens;
     size_t nr = (size_t)max_rows;

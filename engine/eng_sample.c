@@ -411,6 +411,10 @@ static float s_floor(const eng_sampling_t *p, const float *w, int32_t n_vocab, d
 
 /* ---- the sampler ---- */
 
+static bool s_has_penalties(const eng_sampling_t *p) {
+    return p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+}
+
 eng_sampler_t *eng_sampler_create(const eng_sampling_t *p, int32_t vocab_size) {
     char err[128];
     if (!p) {
@@ -430,7 +434,7 @@ eng_sampler_t *eng_sampler_create(const eng_sampling_t *p, int32_t vocab_size) {
     if (!s) goto fail;
     s->p = *p;
     s->vocab_size = vocab_size;
-    s->has_penalties = p->repetition_penalty != 1.0f || p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+    s->has_penalties = s_has_penalties(p);
     s->counts = calloc(n_vocab, sizeof *s->counts);
     s->prompt_bits = calloc((n_vocab + 7) / 8, 1);
     s->seen = malloc(n_vocab * sizeof *s->seen);
@@ -607,8 +611,8 @@ void eng_sampler_peek_draws(const eng_sampler_t *s, double *u, int32_t n) {
     for (int32_t i = 0; i < n; i++) u[i] = s_rng_uniform(st);
 }
 
-int32_t eng_sampler_n_seen(const eng_sampler_t *s) {
-    return s->n_seen;
+int32_t eng_sampler_penalties_max(const eng_sampler_t *s, int32_t n_extra) {
+    return s->has_penalties ? s->n_seen + n_extra : 0;
 }
 
 int32_t eng_sampler_penalties(const eng_sampler_t *s, const int32_t *extra, int32_t n_extra, eng_pen_t *out) {
@@ -663,8 +667,7 @@ pd_status eng_row_sample(eng_row_sampler_t *rs, const eng_row_sampling_t *row, c
     for (int32_t j = 0; j < row->n_pen; j++)
         if (row->pen[j].token < 0 || row->pen[j].token >= s->vocab_size || row->pen[j].count < 0) return PD_EINVAL;
     s->p = row->p;
-    s->has_penalties =
-        row->p.repetition_penalty != 1.0f || row->p.presence_penalty != 0.0f || row->p.frequency_penalty != 0.0f;
+    s->has_penalties = s_has_penalties(&row->p);
     /* the list as the sampler's own state: every token seen (repetition), counts for the generated ones */
     const int32_t n_pen = s->has_penalties ? row->n_pen : 0;
     s->n_seen = 0;

@@ -123,9 +123,9 @@ const eng_sampling_t *eng_sampler_params(const eng_sampler_t *s);
 /* The next n uniform draws eng_sampler_sample would make (none are consumed); n <= 0 is a no-op. */
 void eng_sampler_peek_draws(const eng_sampler_t *s, double *u, int32_t n);
 /* The penalty state after registering extra[0..n_extra) as generated on top of what s holds (without changing
- * s): at most eng_sampler_n_seen(s) + n_extra entries into out. 0 when s has no penalty set. */
+ * s): at most eng_sampler_penalties_max(s, n_extra) entries into out. 0 when s has no penalty set. */
 int32_t eng_sampler_penalties(const eng_sampler_t *s, const int32_t *extra, int32_t n_extra, eng_pen_t *out);
-int32_t eng_sampler_n_seen(const eng_sampler_t *s);
+int32_t eng_sampler_penalties_max(const eng_sampler_t *s, int32_t n_extra);
 
 /* Scratch for eng_row_sample (about 32 bytes per vocabulary entry), one per thread that samples rows. */
 typedef struct eng_row_sampler eng_row_sampler_t;

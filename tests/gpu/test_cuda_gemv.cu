@@ -13,14 +13,7 @@ extern "C" {
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                                  \
-    do {                                                                                                          \
-        cudaError_t e_ = (call);                                                                                  \
-        if (e_ != cudaSuccess) {                                                                                  \
-            fprintf(stderr, "test_cuda_gemv: %s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                                              \
-        }                                                                                                         \
-    } while (0)
+#include "cuda_check.h"
 
 static int g_n_checks;
 

@@ -11,14 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                                    \
-    do {                                                                                                            \
-        cudaError_t e_ = (call);                                                                                    \
-        if (e_ != cudaSuccess) {                                                                                    \
-            fprintf(stderr, "test_cuda_sample: %s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                                                \
-        }                                                                                                           \
-    } while (0)
+#include "cuda_check.h"
 
 static uint64_t g_state = 0x9e3779b97f4a7c15ull;
 static uint64_t s_next(void) {
