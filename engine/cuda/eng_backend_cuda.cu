@@ -457,8 +457,9 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
 }
 
 /* Everything a forward runs after its tables are on the GPU, on be->st. is_logits: the logits rows go to the pinned
- * buffer, a slice at a time; when capturing (one slice) they stay there, else each slice is synchronised and copied
- * to out. is_sample: each slice is sampled (never while capturing: the requests change every step). */
+ * buffer, a slice at a time; when capturing (one slice) they stay there, else each slice is synchronised and its
+ * rows among the caller's first n_out copied to out. is_sample: those rows of each slice are sampled (never while
+ * capturing: the requests change every step). */
 static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_cuda_att_t *attp, const int32_t *d_tok,
                            const int32_t *d_rows, int32_t n_logits, bool is_capture, bool is_logits, bool is_sample,
                            float *out, int32_t n_out) {
@@ -536,9 +537,9 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             return PD_EBACKEND;
         if (is_logits)
             S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
-        if (is_sample) {
-            eng_cuda_sample(be->logits, be->smp_work, nr, c->vocab_size, be->smp_req_d + r0, be->smp_pen_d,
-                            be->smp_out_d + r0, be->st);
+        if (is_sample && r0 < n_out) { /* the caller's rows only (pad rows come last) */
+            eng_cuda_sample(be->logits, be->smp_work, n_out - r0 < nr ? n_out - r0 : nr, c->vocab_size,
+                            be->smp_req_d + r0, be->smp_pen_d, be->smp_out_d + r0, be->st);
             S_LAUNCHED("sampling");
         }
         if (r0 + nr >= n_logits) s_prof_mark(be, P_HEAD, false);
@@ -610,7 +611,7 @@ static int64_t s_bucket(int64_t n) {
 }
 
 /* The batch's sampling requests into the pinned buffers, then up to the GPU (on the stream, before the forward). */
-static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits, int32_t n_rows) {
+static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
     if (be->m->cfg.vocab_size > ENG_CUDA_SAMPLE_MAX_VOCAB) {
         LOG_E("cuda backend: sampling on the GPU takes vocabularies up to %d tokens", ENG_CUDA_SAMPLE_MAX_VOCAB);
         return PD_EINVAL;
@@ -637,9 +638,7 @@ static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_
         if (rs->n_pen > 0) memcpy(be->smp_pen_h + off, rs->pen, sizeof(eng_pen_t) * (size_t)rs->n_pen);
         off += rs->n_pen;
     }
-    for (int32_t r = n_logits; r < n_rows; r++) /* pad rows: greedy, nothing read back */
-        be->smp_req_h[r] = (eng_cuda_sample_req_t){0.0, 0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 0, 0, 0};
-    S_CUDA(cudaMemcpyAsync(be->smp_req_d, be->smp_req_h, sizeof(eng_cuda_sample_req_t) * (size_t)n_rows,
+    S_CUDA(cudaMemcpyAsync(be->smp_req_d, be->smp_req_h, sizeof(eng_cuda_sample_req_t) * (size_t)n_logits,
                            cudaMemcpyHostToDevice, be->st),
            "sampling requests");
     if (off > 0)
@@ -758,7 +757,10 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
 
     s_graph_t *g = NULL;
     const bool is_logits = b->logits != NULL, is_sample = b->sampling != NULL && n_logits > 0;
-    if (is_sample && s_sample_upload(be, b, (int32_t)n_real_logits, n_logits) != PD_OK) return PD_EBACKEND;
+    if (is_sample) { /* the caller's rows only: pad rows are never sampled */
+        const pd_status st = s_sample_upload(be, b, (int32_t)n_real_logits);
+        if (st != PD_OK) return st;
+    }
     if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs) {
         pd_status gst;
         g = s_graph_get(be, T, n_tiles, n_logits, is_logits, &tk, &att, d_tok, d_rows, &gst);
@@ -776,8 +778,8 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
         S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
         if (be->is_step_times) cudaEventRecord(be->step_ev[1], be->st);
         if (is_sample) {
-            eng_cuda_sample(be->logits, be->smp_work, n_logits, c->vocab_size, be->smp_req_d, be->smp_pen_d,
-                            be->smp_out_d, be->st);
+            eng_cuda_sample(be->logits, be->smp_work, (int32_t)n_real_logits, c->vocab_size, be->smp_req_d,
+                            be->smp_pen_d, be->smp_out_d, be->st);
             S_CUDA(cudaGetLastError(), "sampling");
             if (s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
         } else {
