@@ -93,12 +93,15 @@ struct eng_backend {
     int32_t pad_block;
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
+    int32_t *split_count;      /* ... merged by their last block (eng_cuda_att_t); NULL: by the combine kernel */
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
     bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
+    bool is_dec_mma; /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
+    bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
     cudaEvent_t step_ev[2];
@@ -184,7 +187,7 @@ static void s_destroy(eng_backend_t **pbe) {
     s_free_dev(be->blas_ws);
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
-    s_free_dev(be->part_acc), s_free_dev(be->part_ml);
+    s_free_dev(be->part_acc), s_free_dev(be->part_ml), s_free_dev(be->split_count);
     if (be->mirror) cudaFreeHost(be->mirror);
     if (be->sync_ids) cudaFreeHost(be->sync_ids);
     if (be->layers) {
@@ -403,15 +406,29 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
         goto fail;
     }
+    { /* split tiles: at most S_SPLIT_MAX_TOKENS, and their bucket's padding (s_bucket: under 8 more) */
+        const char *merge = getenv("ENG_CUDA_SPLIT_MERGE");
+        const size_t n_count = (size_t)(S_SPLIT_MAX_TOKENS + 8) * (size_t)c->n_kv_heads;
+        if (!(merge && *merge == '0') &&
+            (s_alloc((void **)&be->split_count, sizeof(int32_t) * n_count, "scratch") != PD_OK ||
+             cudaMemset(be->split_count, 0, sizeof(int32_t) * n_count) != cudaSuccess)) {
+            snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
+            goto fail;
+        }
+    }
     {
         const char *prof = getenv("ENG_CUDA_PROFILE"), *graphs = getenv("ENG_CUDA_GRAPHS");
         be->is_prof = prof && *prof && *prof != '0';
         const char *tc = getenv("ENG_CUDA_TC");
         be->is_tc = !(tc && *tc == '0');
+        const char *dec_mma = getenv("ENG_CUDA_DEC_MMA");
+        be->is_dec_mma = !(dec_mma && *dec_mma == '0') && eng_cuda_dec_usable(c->head_dim, c->n_heads, c->n_kv_heads);
         const char *gemv = getenv("ENG_CUDA_GEMV");
         be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
+        const char *fuse_norm = getenv("ENG_CUDA_FUSE_NORM");
+        be->is_fused_norm = !(fuse_norm && *fuse_norm == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         const char *pad = getenv("ENG_CUDA_PAD");
         be->pad_block = pad && *pad == '0' ? -1 : kv->n_blocks - 1; /* eng_backend.h: has_pad_block */
@@ -471,6 +488,8 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     const int32_t *d_pos = tk.tok_pos;
     /* batches the matrix-vector kernel takes: RoPE + KV store and SwiGLU ride in its epilogue (ENG_CUDA_FUSE=0: off) */
     const bool is_fused = T <= be->gemv_max_tok && T <= S_FUSE_MAX_TOK && be->is_fused;
+    /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off) */
+    const bool is_fused_norm = is_fused && be->is_fused_norm;
     s_prof_mark(be, P_EMBED, true);
     eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
     eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
@@ -478,14 +497,25 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     s_prof_mark(be, P_EMBED, false);
     for (int32_t l = 0; l < c->n_layers; l++) {
         const s_layer_t *w = &be->layers[l];
-        s_prof_mark(be, P_NORM, true);
-        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
-        S_LAUNCHED("attention norm");
-        s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
+        /* attention norm and Q/K/V: one kernel where the fused one takes the batch (the norm phase is then inside
+         * qkv's time), else the norm into xb and the product of xb */
         const eng_cuda_qkv_dst_t qkv_dst = {be->q, be->kv_pool, w->bqkv, l, c->n_heads, c->n_kv_heads, (int32_t)hd};
-        const bool is_qkv_fused = is_fused && eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st);
-        if (!is_qkv_fused && s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK)
-            return PD_EBACKEND;
+        const eng_cuda_norm_t attn_in = {be->x, w->attn_norm, c->rms_eps};
+        bool is_qkv_fused = false;
+        if (is_fused_norm) {
+            s_prof_mark(be, P_QKV, true);
+            is_qkv_fused = eng_cuda_gemv_qkv_norm(&qkv_dst, &tk, &attn_in, w->wqkv, (int32_t)dim, be->st);
+            if (!is_qkv_fused) s_prof_mark(be, P_QKV, false); /* refused: nothing launched */
+        }
+        if (!is_qkv_fused) {
+            s_prof_mark(be, P_NORM, true);
+            eng_cuda_rmsnorm(be->xb, be->x, NULL, w->attn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+            S_LAUNCHED("attention norm");
+            s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
+            is_qkv_fused = is_fused && eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st);
+            if (!is_qkv_fused && s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK)
+                return PD_EBACKEND;
+        }
         S_LAUNCHED("Q/K/V");
         s_prof_mark(be, P_QKV, false);
         if (!is_qkv_fused) {
@@ -500,15 +530,27 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
         s_prof_mark(be, P_ATTN, false), s_prof_mark(be, P_WO, true);
         if (s_gemm(be, be->x, be->att, w->wo, T, dim, q_dim, true) != PD_OK) return PD_EBACKEND;
-        s_prof_mark(be, P_WO, false), s_prof_mark(be, P_NORM, true);
-        eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
-        S_LAUNCHED("ffn norm");
-        s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
-        const bool is_gu_fused = is_fused && eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T,
-                                                                  c->hidden_dim, (int32_t)dim, be->st);
-        if (!is_gu_fused &&
-            s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
-            return PD_EBACKEND;
+        s_prof_mark(be, P_WO, false);
+        /* ffn norm and gate/up: likewise */
+        const eng_cuda_norm_t ffn_in = {be->x, w->ffn_norm, c->rms_eps};
+        bool is_gu_fused = false;
+        if (is_fused_norm) {
+            s_prof_mark(be, P_GATE_UP, true);
+            is_gu_fused = eng_cuda_gemv_swiglu_norm(be->h, &ffn_in, w->w_gate_up, (int32_t)T, c->hidden_dim,
+                                                    (int32_t)dim, be->st);
+            if (!is_gu_fused) s_prof_mark(be, P_GATE_UP, false); /* refused: nothing launched */
+        }
+        if (!is_gu_fused) {
+            s_prof_mark(be, P_NORM, true);
+            eng_cuda_rmsnorm(be->xb, be->x, NULL, w->ffn_norm, (int32_t)T, (int32_t)dim, c->rms_eps, be->st);
+            S_LAUNCHED("ffn norm");
+            s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
+            is_gu_fused = is_fused && eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T, c->hidden_dim,
+                                                           (int32_t)dim, be->st);
+            if (!is_gu_fused &&
+                s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
+                return PD_EBACKEND;
+        }
         S_LAUNCHED("gate/up");
         s_prof_mark(be, P_GATE_UP, false);
         if (!is_gu_fused) {
@@ -668,7 +710,8 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     const uint64_t t_start = be->is_prof || be->is_step_times ? pd_now_us() : 0;
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
-    const int32_t tile_tokens = (int32_t)(ENG_CUDA_ATT_ROWS / G);
+    const int32_t tile_tokens =
+        be->is_dec_mma ? eng_cuda_dec_tile_tokens(c->n_heads, c->n_kv_heads) : (int32_t)(ENG_CUDA_ATT_ROWS / G);
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
     int64_t T = 0, n_table = 0, n_tiles = 0, n_tc_tiles = 0, max_len = 0;
@@ -742,9 +785,23 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     /* Too few (tile, KV head) pairs to fill the GPU (small decode batches): split every sequence's keys into
      * ranges, at least 64 keys each, for about four blocks per multiprocessor. Sized from the longest sequence
      * rounded up to 256 tokens, so that a captured graph serves 256 decode steps before the key changes. */
-    eng_cuda_att_t att = {be->att, be->q,        be->kv_pool,   d_tiles,           (int32_t)n_tiles,
-                          0,       c->n_heads,   c->n_kv_heads, (int32_t)hd,       0,
-                          1,       be->part_acc, be->part_ml,   d_tiles + n_tiles, (int32_t)n_tc_tiles};
+    eng_cuda_att_t att = {be->att,
+                          be->q,
+                          be->kv_pool,
+                          d_tiles,
+                          (int32_t)n_tiles,
+                          0,
+                          c->n_heads,
+                          c->n_kv_heads,
+                          (int32_t)hd,
+                          0,
+                          1,
+                          be->part_acc,
+                          be->part_ml,
+                          d_tiles + n_tiles,
+                          (int32_t)n_tc_tiles,
+                          be->is_dec_mma,
+                          be->split_count};
     const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
     if (pairs > 0 && pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
         const int64_t want = (4 * be->n_sm + pairs - 1) / pairs;

@@ -27,14 +27,47 @@ static __device__ __forceinline__ void s_bf16x8(uint4 v, float f[8]) {
     f[6] = __uint_as_float(v.w << 16), f[7] = __uint_as_float(v.w & 0xffff0000u);
 }
 
+/* Where x comes from: bf16 rows (n_tok, k) as they are, or (NORM) the f32 residual rows, normalised chunk by chunk
+ * in the kernel as eng_cuda_rmsnorm would have written them: bf16(x * scale * w) in k_rmsnorm's operation order. */
+template <int NT, bool NORM> struct s_x_t {
+    const uint4 *b;      /* bf16 x (NT, k) in 16-byte chunks */
+    const float4 *f, *w; /* NORM: f32 x (NT, k) and the norm weight (k), 4 floats a load */
+    float scale[NT];     /* NORM: each token's 1 / rms (s_norm_scales) */
+};
+
+/* x chunk c (8 values) of token t as f32. NORM: the f32 values and the weights wn of chunk c are scaled and rounded
+ * to bf16 (two at a time, round to nearest even like __float2bfloat16; no FMA contraction: products only) and used
+ * at bf16 precision, exactly what the unfused product would read from eng_cuda_rmsnorm's output. */
+template <int NT, bool NORM>
+static __device__ __forceinline__ void s_x_chunk(const s_x_t<NT, NORM> &x, const float (&wn)[8], int t, int64_t kc,
+                                                 int64_t c, float xf[8]) {
+    if constexpr (NORM) {
+        const float4 a = __ldg(x.f + (t * kc + c) * 2), b = __ldg(x.f + (t * kc + c) * 2 + 1);
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            const __nv_bfloat162 h =
+                __floats2bfloat162_rn(v[j] * x.scale[t] * wn[j], v[j + 1] * x.scale[t] * wn[j + 1]);
+            xf[j] = __low2float(h), xf[j + 1] = __high2float(h);
+        }
+    } else {
+        s_bf16x8(__ldg(x.b + t * kc + c), xf);
+    }
+}
+
 /* acc[r][t] += w chunk of row r . x chunk c of token t; each x chunk is converted once and reused for R rows. */
-template <int NT, int R>
-static __device__ __forceinline__ void s_fma_chunk(float (&acc)[R][NT], const uint4 (&wv)[R], const uint4 *x,
+template <int NT, int R, bool NORM>
+static __device__ __forceinline__ void s_fma_chunk(float (&acc)[R][NT], const uint4 (&wv)[R], const s_x_t<NT, NORM> &x,
                                                    int64_t kc, int64_t c) {
+    float wn[8]; /* NORM: the norm weight's chunk c, shared by the NT tokens */
+    if constexpr (NORM) {
+        const float4 a = __ldg(x.w + 2 * c), b = __ldg(x.w + 2 * c + 1);
+        wn[0] = a.x, wn[1] = a.y, wn[2] = a.z, wn[3] = a.w, wn[4] = b.x, wn[5] = b.y, wn[6] = b.z, wn[7] = b.w;
+    }
 #pragma unroll
     for (int t = 0; t < NT; t++) {
         float xf[8];
-        s_bf16x8(__ldg(x + t * kc + c), xf);
+        s_x_chunk<NT, NORM>(x, wn, t, kc, c, xf);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             float wf[8];
@@ -45,10 +78,55 @@ static __device__ __forceinline__ void s_fma_chunk(float (&acc)[R][NT], const ui
     }
 }
 
+/* The R rows' chunk c, one streaming load each. */
+template <int R>
+static __device__ __forceinline__ void s_ld_rows(uint4 (&wv)[R], const uint4 *const (&wr)[R], int64_t c) {
+#pragma unroll
+    for (int r = 0; r < R; r++) wv[r] = s_ld_stream(wr[r] + c);
+}
+
+/* NORM: each token's scale = 1 / rms of its f32 row, once per block: every thread sums the squares of a strided
+ * share of the rows (the tokens' loads interleaved), the warps' totals meet in shared memory and every thread
+ * adds them in the same order, so all warps use one scale. Every thread of the block must call it (a barrier).
+ * The summation order differs from k_rmsnorm's, so the scale may differ from the separate kernel's in the last ulp
+ * or two (and through it, rarely, a bf16 x by one ulp): the fused product matches the unfused one to within
+ * rounding, not bit for bit. */
+template <int NT>
+static __device__ __forceinline__ void s_norm_scales(const eng_cuda_norm_t &xn, int32_t k, float (&scale)[NT]) {
+    __shared__ float part[NT][GEMV_WARPS];
+    const float4 *x = (const float4 *)xn.x;
+    const int32_t k4 = k / 4;
+    float ss[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) ss[t] = 0.0f;
+#pragma unroll 4
+    for (int32_t i = threadIdx.x; i < k4; i += GEMV_WARPS * 32)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float4 v = __ldg(x + (int64_t)t * k4 + i);
+            ss[t] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss[t]))));
+        }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+        if ((threadIdx.x & 31) == 0) part[t][threadIdx.x >> 5] = ss[t];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < GEMV_WARPS; i++) s += part[t][i];
+        scale[t] = rsqrtf(s / (float)k + xn.eps); /* as k_rmsnorm */
+    }
+}
+
 /* One warp computes R consecutive output rows for all NT tokens. Lanes stride along k in 16-byte chunks, so each
  * row load of the warp is 512 contiguous bytes; per iteration a lane has R * GEMV_U independent 16-byte loads in
  * flight (R * GEMV_U * 512 bytes per warp), which with several warps per SM covers HBM latency. x (NT * k * 2
- * bytes) is re-read by every warp from L1/L2, R rows per load. */
+ * bytes) is re-read by every warp from L1/L2, R rows per load; NORM: the f32 rows and the norm weight instead
+ * ((NT + 1) * k * 4 bytes), normalised as they are read, after the block's s_norm_scales. */
 /* What happens to the totals: stored (or added) as they are, or, for pairs of adjacent rows, fused with the kernel
  * that would otherwise follow (one launch less per layer at batch 1, where a launch costs as much as a small
  * matrix's weights): SwiGLU of an interleaved gate/up pair, or RoPE of a Q/K pair and the store of K and V into the
@@ -92,14 +170,17 @@ static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64
     }
 }
 
-template <int NT, int R, int MODE>
+template <int NT, int R, int MODE, bool NORM>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    k_gemv(const s_epilogue_t e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k) {
+    k_gemv(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
+           int32_t n_out, int32_t k) {
     const int lane = threadIdx.x & 31;
     const int64_t row0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
-    if (row0 >= n_out) return; /* the whole warp: no shuffle partner is left behind */
-    const int64_t kc = k / 8;  /* 16-byte chunks per row */
-    const uint4 *xv = (const uint4 *)x;
+    /* the whole warp: no shuffle partner is left behind (NORM: after the block's norm, which needs every warp) */
+    if (!NORM && row0 >= n_out) return;
+    const int64_t kc = k / 8; /* 16-byte chunks per row */
+    s_x_t<NT, NORM> xs;
+    xs.b = (const uint4 *)x;
     const uint4 *wr[R];
 #pragma unroll
     for (int r = 0; r < R; r++) { /* rows past n_out load the last row (in bounds) and are never stored */
@@ -113,20 +194,42 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
         for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
 
     int64_t c = lane; /* the loop bound is the same for every lane: no divergence before the shuffles */
+    uint4 wv[GEMV_U][R];
+    bool is_loaded = false; /* NORM: wv already holds the first step's chunks */
+    if constexpr (NORM) {
+        /* The first step's weights (the first iteration's, or the rest's when a row has fewer than 32 * GEMV_U
+         * chunks) are requested before the norm, whose L1/L2 reads then overlap their HBM latency. */
+        if (row0 < n_out) {
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++)
+                if (c + 32 * u < kc) s_ld_rows<R>(wv[u], wr, c + 32 * u);
+        }
+        s_norm_scales<NT>(xn, k, xs.scale);
+        if (row0 >= n_out) return;
+        xs.f = (const float4 *)xn.x, xs.w = (const float4 *)xn.w;
+        is_loaded = true;
+    }
     for (; c - lane + 32 * GEMV_U <= kc; c += 32 * GEMV_U) {
-        uint4 wv[GEMV_U][R];
+        if (!is_loaded) {
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) s_ld_rows<R>(wv[u], wr, c + 32 * u);
+        }
+        is_loaded = false;
+#pragma unroll
+        for (int u = 0; u < GEMV_U; u++) s_fma_chunk<NT, R, NORM>(acc, wv[u], xs, kc, c + 32 * u);
+    }
+    if constexpr (NORM) { /* the rest (up to GEMV_U chunks a lane), all requested at once */
 #pragma unroll
         for (int u = 0; u < GEMV_U; u++)
+            if (!is_loaded && c + 32 * u < kc) s_ld_rows<R>(wv[u], wr, c + 32 * u);
 #pragma unroll
-            for (int r = 0; r < R; r++) wv[u][r] = s_ld_stream(wr[r] + c + 32 * u);
-#pragma unroll
-        for (int u = 0; u < GEMV_U; u++) s_fma_chunk<NT, R>(acc, wv[u], xv, kc, c + 32 * u);
-    }
-    for (; c < kc; c += 32) { /* the rest: fewer than 32 * GEMV_U chunks */
-        uint4 wv[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) wv[r] = s_ld_stream(wr[r] + c);
-        s_fma_chunk<NT, R>(acc, wv, xv, kc, c);
+        for (int u = 0; u < GEMV_U; u++)
+            if (c + 32 * u < kc) s_fma_chunk<NT, R, NORM>(acc, wv[u], xs, kc, c + 32 * u);
+    } else {
+        for (; c < kc; c += 32) { /* the rest: fewer than 32 * GEMV_U chunks */
+            s_ld_rows<R>(wv[0], wr, c);
+            s_fma_chunk<NT, R, NORM>(acc, wv[0], xs, kc, c);
+        }
     }
 
     /* Butterfly sums leave every lane with every total; lane i stores total i (register indices stay static). */
@@ -153,50 +256,91 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 
 /* Fewer rows per warp at 1..2 tokens keeps more warps in flight for small n_out; more at 3..8 reuses each x load
  * for 4 rows, keeping L1 traffic and instruction count per weight byte down. */
-template <int NT, int MODE>
-static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k,
-                     cudaStream_t st) {
+template <int NT, int MODE, bool NORM>
+static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn, const __nv_bfloat16 *w,
+                     int32_t n_out, int32_t k, cudaStream_t st) {
     constexpr int R = NT <= 2 ? 2 : 4;
     const unsigned n_blocks = (unsigned)((n_out + GEMV_WARPS * R - 1) / (GEMV_WARPS * R));
-    k_gemv<NT, R, MODE><<<n_blocks, GEMV_WARPS * 32, 0, st>>>(e, x, w, n_out, k);
+    k_gemv<NT, R, MODE, NORM><<<n_blocks, GEMV_WARPS * 32, 0, st>>>(e, x, xn, w, n_out, k);
 }
 
+/* x: bf16 rows; or xn (not NULL): f32 rows normalised in the kernel, up to ENG_CUDA_GEMV_NORM_MAX_TOK of them. */
 template <int MODE>
-static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
-                   int32_t k, cudaStream_t st) {
+static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w,
+                   int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
-    if (((uintptr_t)x | (uintptr_t)w) % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
+    if ((uintptr_t)w % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
+    if (xn) {
+        if (n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK || ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
+        if (n_tok == 1)
+            s_launch<1, MODE, true>(e, NULL, *xn, w, n_out, k, st);
+        else
+            s_launch<2, MODE, true>(e, NULL, *xn, w, n_out, k, st);
+        return true;
+    }
+    if ((uintptr_t)x % 16 != 0) return false;
+    const eng_cuda_norm_t none = {};
     switch (n_tok) {
-    case 1: s_launch<1, MODE>(e, x, w, n_out, k, st); break;
-    case 2: s_launch<2, MODE>(e, x, w, n_out, k, st); break;
-    case 3: s_launch<3, MODE>(e, x, w, n_out, k, st); break;
-    case 4: s_launch<4, MODE>(e, x, w, n_out, k, st); break;
-    case 5: s_launch<5, MODE>(e, x, w, n_out, k, st); break;
-    case 6: s_launch<6, MODE>(e, x, w, n_out, k, st); break;
-    case 7: s_launch<7, MODE>(e, x, w, n_out, k, st); break;
-    default: s_launch<8, MODE>(e, x, w, n_out, k, st); break;
+    case 1: s_launch<1, MODE, false>(e, x, none, w, n_out, k, st); break;
+    case 2: s_launch<2, MODE, false>(e, x, none, w, n_out, k, st); break;
+    case 3: s_launch<3, MODE, false>(e, x, none, w, n_out, k, st); break;
+    case 4: s_launch<4, MODE, false>(e, x, none, w, n_out, k, st); break;
+    case 5: s_launch<5, MODE, false>(e, x, none, w, n_out, k, st); break;
+    case 6: s_launch<6, MODE, false>(e, x, none, w, n_out, k, st); break;
+    case 7: s_launch<7, MODE, false>(e, x, none, w, n_out, k, st); break;
+    default: s_launch<8, MODE, false>(e, x, none, w, n_out, k, st); break;
     }
     return true;
 }
 
-bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
-                   bool is_accumulate, cudaStream_t st) {
+static bool s_gemv_plain(float *y, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w,
+                         int32_t n_tok, int32_t n_out, int32_t k, bool is_accumulate, cudaStream_t st) {
     s_epilogue_t e = {};
     e.y = y, e.is_accumulate = is_accumulate;
-    return s_gemv<S_PLAIN>(e, x, w, n_tok, n_out, k, st);
+    return s_gemv<S_PLAIN>(e, x, xn, w, n_tok, n_out, k, st);
+}
+
+static bool s_gemv_swiglu(__nv_bfloat16 *h, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
+                          const __nv_bfloat16 *w_gate_up, int32_t n_tok, int32_t hidden, int32_t k, cudaStream_t st) {
+    s_epilogue_t e = {};
+    e.h = h;
+    return s_gemv<S_SWIGLU>(e, x, xn, w_gate_up, n_tok, 2 * hidden, k, st);
+}
+
+static bool s_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const __nv_bfloat16 *x,
+                       const eng_cuda_norm_t *xn, const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st) {
+    if (d->head_dim % 2 != 0) return false;
+    s_epilogue_t e = {};
+    e.qkv = *d, e.tk = *tk;
+    return s_gemv<S_QKV>(e, x, xn, wqkv, tk->n_tokens, (d->n_heads + 2 * d->n_kv_heads) * d->head_dim, k, st);
+}
+
+bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
+                   bool is_accumulate, cudaStream_t st) {
+    return s_gemv_plain(y, x, NULL, w, n_tok, n_out, k, is_accumulate, st);
 }
 
 bool eng_cuda_gemv_swiglu(__nv_bfloat16 *h, const __nv_bfloat16 *x, const __nv_bfloat16 *w_gate_up, int32_t n_tok,
                           int32_t hidden, int32_t k, cudaStream_t st) {
-    s_epilogue_t e = {};
-    e.h = h;
-    return s_gemv<S_SWIGLU>(e, x, w_gate_up, n_tok, 2 * hidden, k, st);
+    return s_gemv_swiglu(h, x, NULL, w_gate_up, n_tok, hidden, k, st);
 }
 
 bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const __nv_bfloat16 *x,
                        const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st) {
-    if (d->head_dim % 2 != 0) return false;
-    s_epilogue_t e = {};
-    e.qkv = *d, e.tk = *tk;
-    return s_gemv<S_QKV>(e, x, wqkv, tk->n_tokens, (d->n_heads + 2 * d->n_kv_heads) * d->head_dim, k, st);
+    return s_gemv_qkv(d, tk, x, NULL, wqkv, k, st);
+}
+
+bool eng_cuda_gemv_norm(float *y, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
+                        int32_t k, bool is_accumulate, cudaStream_t st) {
+    return s_gemv_plain(y, NULL, xn, w, n_tok, n_out, k, is_accumulate, st);
+}
+
+bool eng_cuda_gemv_swiglu_norm(__nv_bfloat16 *h, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w_gate_up,
+                               int32_t n_tok, int32_t hidden, int32_t k, cudaStream_t st) {
+    return s_gemv_swiglu(h, NULL, xn, w_gate_up, n_tok, hidden, k, st);
+}
+
+bool eng_cuda_gemv_qkv_norm(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const eng_cuda_norm_t *xn,
+                            const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st) {
+    return s_gemv_qkv(d, tk, NULL, xn, wqkv, k, st);
 }

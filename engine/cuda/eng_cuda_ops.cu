@@ -278,11 +278,13 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     }
     if (a->n_tiles == 0) return cudaSuccess;
     cudaError_t err = cudaErrorInvalidValue;
-    if (a->head_dim == 64)
+    if (a->is_dec_mma)
+        err = eng_cuda_attention_dec(a, tk, st);
+    else if (a->head_dim == 64)
         err = s_attention<64>(a, tk, st);
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);
-    if (err == cudaSuccess && a->split_keys) { /* merge the key splits' partials */
+    if (err == cudaSuccess && a->split_keys && !(a->is_dec_mma && a->split_count)) { /* merge the splits */
         k_attention_combine<<<dim3((unsigned)a->n_tiles, (unsigned)a->n_heads), a->head_dim, 0, st>>>(*a, *tk,
                                                                                                       a->head_dim);
         err = cudaGetLastError();

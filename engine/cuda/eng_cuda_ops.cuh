@@ -57,11 +57,30 @@ typedef struct {
     float *part_acc, *part_ml;       /* split scratch: (n_splits, T, q_dim) and (n_splits, T, n_heads, 2) */
     const eng_cuda_tile_t *tc_tiles; /* (n_tc_tiles) device: tensor-core tiles of ENG_CUDA_TC_ROWS tokens (prefill) */
     int32_t n_tc_tiles;
+    /* true: the CUDA-core tiles go to the tensor-core decode kernel (eng_cuda_attn_decode.cu) instead, which takes
+     * tiles of at most ENG_CUDA_DEC_ROWS query rows (eng_cuda_dec_tile_tokens tokens); see eng_cuda_dec_usable */
+    bool is_dec_mma;
+    /* With is_dec_mma and key splits: (n_tiles * n_kv_heads) zeroed counters; the last split block of each (tile, KV
+     * head) to finish merges the splits itself and resets its counter, so no combine kernel runs. NULL: the
+     * combine kernel merges. */
+    int32_t *split_count;
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* The tensor-core tiles of a (eng_cuda_attn_mma.cu); eng_cuda_attention calls it. */
 cudaError_t eng_cuda_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 
+/* Decode and short chunks on tensor cores (eng_cuda_attn_decode.cu): one m16 tile of query rows (tokens x the G
+ * query heads of one KV head) per block, keys shared out over the block's warps. Usable for head_dim 64 or 128
+ * and G <= ENG_CUDA_DEC_ROWS; a tile then holds ENG_CUDA_DEC_ROWS / G tokens. */
+#define ENG_CUDA_DEC_ROWS 16
+static inline bool eng_cuda_dec_usable(int32_t head_dim, int32_t n_heads, int32_t n_kv_heads) {
+    return (head_dim == 64 || head_dim == 128) && n_kv_heads > 0 && n_heads % n_kv_heads == 0 &&
+           n_heads / n_kv_heads <= ENG_CUDA_DEC_ROWS;
+}
+static inline int32_t eng_cuda_dec_tile_tokens(int32_t n_heads, int32_t n_kv_heads) {
+    return ENG_CUDA_DEC_ROWS / (n_heads / n_kv_heads);
+}
+cudaError_t eng_cuda_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* Element offset of (layer, K or V, block, slot) in the pool (eng_kv_layout.h: chunks of block_size x kv_dim). */
 static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, int32_t layer, int32_t kind,
                                                    int32_t block, int32_t slot, int32_t kv_dim) {
@@ -92,6 +111,26 @@ bool eng_cuda_gemv_swiglu(__nv_bfloat16 *h, const __nv_bfloat16 *x, const __nv_b
                           int32_t hidden, int32_t k, cudaStream_t st);
 bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const __nv_bfloat16 *x,
                        const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st);
+/* _norm: the same three with the RMSNorm that produces x folded into the kernel (one launch less per norm): x is
+ * formed from the f32 residual rows as eng_cuda_rmsnorm(x, xn->x, NULL, xn->w, n_tok, k, xn->eps) would write
+ * it, each token's 1 / rms computed in every block. Its summation order differs from eng_cuda_rmsnorm's, so the
+ * scale may differ in the last ulp and, rarely, an element of x by one bf16 ulp: equal to the unfused sequence to
+ * within rounding, not bit for bit. The outputs (y, h, q, the pool) must not overlap xn->x. Refuses, besides
+ * eng_cuda_gemv's shapes, n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK (each block re-reads its tokens' rows, a cost that
+ * grows with n_tok while the launch saved does not) and xn->x or xn->w not 16-byte aligned; the caller then runs
+ * eng_cuda_rmsnorm and the unfused call. */
+#define ENG_CUDA_GEMV_NORM_MAX_TOK 2
+typedef struct {
+    const float *x; /* (n_tok, k) f32 residual rows */
+    const float *w; /* (k) norm weight */
+    float eps;
+} eng_cuda_norm_t;
+bool eng_cuda_gemv_norm(float *y, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
+                        int32_t k, bool is_accumulate, cudaStream_t st);
+bool eng_cuda_gemv_swiglu_norm(__nv_bfloat16 *h, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w_gate_up,
+                               int32_t n_tok, int32_t hidden, int32_t k, cudaStream_t st);
+bool eng_cuda_gemv_qkv_norm(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk, const eng_cuda_norm_t *xn,
+                            const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st);
 /* h = bf16(silu(gate) * up) for gu (T, 2 hidden) f32 with gate and up interleaved (column 2j gate j, 2j + 1 up j). */
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
 /* Copies every chunk (n_chunks_per_block = layers x 2) of the n listed blocks from src to dst, two pools of one

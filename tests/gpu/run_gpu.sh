@@ -6,9 +6,12 @@
 #   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
 #   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
-#   tests/gpu/run_gpu.sh kernels       test_cuda_gemv: the matrix-vector kernel vs a double reference, then its
-#                                      weight bandwidth next to cuBLAS and a device copy; test_cuda_sample: the GPU
-#                                      sampler vs the host's on hard logits, then its time
+#   tests/gpu/run_gpu.sh kernels       test_cuda_attn: paged attention (CUDA-core and tensor-core decode kernels,
+#                                      with and without key splits) vs a double reference, then their time and KV
+#                                      bandwidth on 8B decode batches next to a device copy; test_cuda_gemv: the
+#                                      matrix-vector kernel vs a double reference, then its weight bandwidth next to
+#                                      cuBLAS and a device copy; test_cuda_sample: the GPU sampler vs the host's on
+#                                      hard logits, then its time
 #   tests/gpu/run_gpu.sh ab SHAPE      decode under each setting in AB_ENVS (default: ENG_CUDA_GEMV=0 / 4, each twice)
 #   tests/gpu/run_gpu.sh cluster       pdctl up --backend cuda: router -> prefill -> decode on the GPU
 #   tests/gpu/run_gpu.sh spec          bench/run_spec_bench.sh --backend cuda (PDSERVE_MODELS: the default model's folder)
@@ -54,7 +57,7 @@ while [ $# -gt 0 ]; do
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
             cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null &&
                 cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda \
-                test_cuda_gemv test_cuda_sample \
+                test_cuda_gemv test_cuda_sample test_cuda_attn \
                 pdctl pd-router pd-prefill pd-decode kv_transfer 2>&1 |
                 grep -E "error|warning|Error" || true
             ls -la build-gpu/tests/test_cuda_parity build-gpu/bench/engine_cuda
@@ -88,7 +91,11 @@ while [ $# -gt 0 ]; do
         done 2>&1 | tee -a "$OUT/profile_$shape.log"
         ;;
     kernels)
-        { ./build-gpu/tests/test_cuda_sample; ./build-gpu/tests/test_cuda_gemv; } 2>&1 | tee -a "$OUT/kernels.log"
+        {
+            ./build-gpu/tests/test_cuda_attn
+            ./build-gpu/tests/test_cuda_sample
+            ./build-gpu/tests/test_cuda_gemv
+        } 2>&1 | tee -a "$OUT/kernels.log"
         ;;
     ab)
         # decode steps under each setting of AB_ENVS in turn (default: cuBLAS for every product, then the own matrix-vector kernel up to 4 rows,

@@ -1,6 +1,7 @@
 /* test_cuda_gemv.cu: eng_cuda_gemv against a double-precision host reference on decode shapes (Llama-3.1-8B,
  * Llama-3.2-1B and odd sizes that hit the remainder loop and the row clamp), overwrite and accumulate, plus the
- * shapes it must refuse. Then, not asserted, its weight bandwidth next to cuBLAS and a device-to-device copy on the
+ * shapes it must refuse; the same for the variants that normalise their input (eng_cuda_gemv_norm, _swiglu_norm,
+ * _qkv_norm) on the Llama-3.1-8B and SmolLM2-135M layers. Then, not asserted, its weight bandwidth next to cuBLAS and a device-to-device copy on the
  * 8B shapes, with weights cycling through more memory than L2 holds so the timings measure HBM. */
 #include "eng_cuda_ops.cuh"
 extern "C" {
@@ -148,6 +149,380 @@ static void s_check_refusals(cudaStream_t st) {
     CK(cudaFree(dy));
 }
 
+/* ---- the normalising variants (eng_cuda_gemv_norm, _swiglu_norm, _qkv_norm) ----
+ * The kernel forms x = bf16(x_f32 * scale * w_norm) itself. The host mirrors it: scale in double, rounded to float,
+ * then (x * scale) * w in float and rounded to bf16 as k_rmsnorm does. The kernel's own scale is a float sum of
+ * squares in another order and rsqrtf: about k / 128 + 10 roundings (2^-24 each, halved by the square root) and
+ * rsqrtf's 2 ulp, under 5e-6 relative for k <= 16384; S_SCALE_REL allows twice that. Every step of
+ * forming x is monotonic in the scale, so the kernel's bf16 x[i] lies between bf16(x * lo * w) and bf16(x * hi * w)
+ * formed with the scale's extremes; amb[i] is the larger distance of those from the host's x[i] (0 for almost every
+ * element, else one bf16 ulp: a flipped rounding). A product's tolerance is then the unnormalised check's 1e-5 of
+ * the sum of |terms| (f32 accumulation) plus sum amb[i] |w[i]| (the flips, at most). */
+#define S_SCALE_REL 1e-5
+#define S_EPS       1e-5f
+#define S_NT        ENG_CUDA_GEMV_NORM_MAX_TOK
+
+static float s_bf16_round(float f) {
+    return eng_bf16_to_f32(eng_f32_to_bf16(f));
+}
+
+/* One token: x as the kernel forms it (xq) and how far each element may be off (amb). */
+static void s_norm_ref(const float *x, const float *wn, int32_t k, float *xq, double *amb) {
+    double ss = 0.0;
+    for (int32_t i = 0; i < k; i++) ss += (double)x[i] * (double)x[i];
+    const double scale_d = 1.0 / sqrt(ss / k + (double)S_EPS);
+    const float scale = (float)scale_d, lo = (float)(scale_d * (1.0 - S_SCALE_REL)),
+                hi = (float)(scale_d * (1.0 + S_SCALE_REL));
+    for (int32_t i = 0; i < k; i++) {
+        xq[i] = s_bf16_round(x[i] * scale * wn[i]);
+        const float a = s_bf16_round(x[i] * lo * wn[i]), b = s_bf16_round(x[i] * hi * wn[i]);
+        amb[i] = fmax(fabs((double)a - xq[i]), fabs((double)b - xq[i]));
+    }
+}
+
+/* One weight shape: S_NT residual rows, a norm weight, the weights, and per token and row the product of the
+ * host's x with its tolerance. */
+typedef struct {
+    int32_t n_out, k;
+    float *x, *wn, *xq; /* host: residual rows (S_NT, k), norm weight (k), x as formed (S_NT, k) */
+    double *ref, *tol;  /* (S_NT, n_out): sum xq w, and how far the kernel's may be from it */
+    float *dx, *dwn;    /* device copies of x, wn */
+    __nv_bfloat16 *dw;  /* device weights (n_out, k) */
+} s_norm_case_t;
+
+static void s_norm_case_init(s_norm_case_t *nc, int32_t n_out, int32_t k) {
+    const size_t nx = (size_t)S_NT * k, nw = (size_t)n_out * k, ny = (size_t)S_NT * n_out;
+    nc->n_out = n_out, nc->k = k;
+    nc->x = (float *)malloc(nx * 4), nc->wn = (float *)malloc((size_t)k * 4), nc->xq = (float *)malloc(nx * 4);
+    nc->ref = (double *)malloc(ny * 8), nc->tol = (double *)malloc(ny * 8);
+    uint16_t *wb = (uint16_t *)malloc(nw * 2);
+    float *wf = (float *)malloc(nw * 4);
+    double *amb = (double *)malloc(nx * 8);
+    int32_t *amb_at = (int32_t *)malloc((size_t)k * 4);
+    if (!nc->x || !nc->wn || !nc->xq || !nc->ref || !nc->tol || !wb || !wf || !amb || !amb_at)
+        s_fail("host allocation");
+    for (size_t i = 0; i < nx; i++) nc->x[i] = s_rand() * (i % 61 == 0 ? 16.0f : 2.0f); /* a few outliers */
+    for (int32_t i = 0; i < k; i++) nc->wn[i] = 0.75f + 0.5f * s_rand();
+    for (size_t i = 0; i < nw; i++) wb[i] = eng_f32_to_bf16(s_rand() * 0.0625f), wf[i] = eng_bf16_to_f32(wb[i]);
+    for (int t = 0; t < S_NT; t++) {
+        const float *xq = nc->xq + (size_t)t * k;
+        const double *am = amb + (size_t)t * k;
+        s_norm_ref(nc->x + (size_t)t * k, nc->wn, k, nc->xq + (size_t)t * k, amb + (size_t)t * k);
+        int32_t n_amb = 0;
+        for (int32_t i = 0; i < k; i++)
+            if (am[i] > 0.0) amb_at[n_amb++] = i;
+        for (int32_t o = 0; o < n_out; o++) {
+            const float *wr = wf + (size_t)o * k;
+            double s = 0.0, a = 0.0, flips = 0.0;
+            for (int32_t i = 0; i < k; i++) {
+                const double p = (double)xq[i] * (double)wr[i];
+                s += p, a += fabs(p);
+            }
+            for (int32_t j = 0; j < n_amb; j++) flips += am[amb_at[j]] * fabs((double)wr[amb_at[j]]);
+            nc->ref[(size_t)t * n_out + o] = s, nc->tol[(size_t)t * n_out + o] = 1e-5 * a + flips;
+        }
+    }
+    CK(cudaMalloc(&nc->dx, nx * 4));
+    CK(cudaMalloc(&nc->dwn, (size_t)k * 4));
+    CK(cudaMalloc(&nc->dw, nw * 2));
+    CK(cudaMemcpy(nc->dx, nc->x, nx * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(nc->dwn, nc->wn, (size_t)k * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(nc->dw, wb, nw * 2, cudaMemcpyHostToDevice));
+    free(wb), free(wf), free(amb), free(amb_at);
+}
+
+static void s_norm_case_fini(s_norm_case_t *nc) {
+    CK(cudaFree(nc->dx));
+    CK(cudaFree(nc->dwn));
+    CK(cudaFree(nc->dw));
+    free(nc->x), free(nc->wn), free(nc->xq), free(nc->ref), free(nc->tol);
+}
+
+/* y [+]= norm(x) . w^T against the reference, and (printed) how many totals equal bit for bit those of eng_cuda_gemv
+ * on the host's x: all of a token's, unless the kernel's scale flipped the rounding of some element of x. */
+static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
+    s_norm_case_t nc;
+    s_norm_case_init(&nc, n_out, k);
+    const size_t nx = (size_t)S_NT * k, ny = (size_t)S_NT * n_out;
+    float *y0 = (float *)malloc(ny * 4), *y = (float *)malloc(ny * 4), *yu = (float *)malloc(ny * 4);
+    uint16_t *xqb = (uint16_t *)malloc(nx * 2);
+    if (!y0 || !y || !yu || !xqb) s_fail("host allocation");
+    for (size_t i = 0; i < ny; i++) y0[i] = 4.0f * s_rand();
+    for (size_t i = 0; i < nx; i++) xqb[i] = eng_f32_to_bf16(nc.xq[i]); /* exact: xq holds bf16 values */
+    float *dy, *dyu;
+    __nv_bfloat16 *dxq;
+    CK(cudaMalloc(&dy, ny * 4));
+    CK(cudaMalloc(&dyu, ny * 4));
+    CK(cudaMalloc(&dxq, nx * 2));
+    CK(cudaMemcpy(dxq, xqb, nx * 2, cudaMemcpyHostToDevice));
+    const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
+    for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
+        double worst = 0.0; /* error / tolerance */
+        long n_same = 0, n_all = 0;
+        for (int is_acc = 0; is_acc < 2; is_acc++) {
+            if (is_acc) {
+                CK(cudaMemcpy(dy, y0, ny * 4, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(dyu, y0, ny * 4, cudaMemcpyHostToDevice));
+            } else {
+                CK(cudaMemset(dy, 0xff, ny * 4));
+                CK(cudaMemset(dyu, 0xff, ny * 4));
+            }
+            if (!eng_cuda_gemv_norm(dy, &xn, nc.dw, n_tok, n_out, k, is_acc != 0, st) ||
+                !eng_cuda_gemv(dyu, dxq, nc.dw, n_tok, n_out, k, is_acc != 0, st))
+                s_fail("refused a valid shape");
+            CK(cudaGetLastError());
+            CK(cudaStreamSynchronize(st));
+            CK(cudaMemcpy(y, dy, ny * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(yu, dyu, ny * 4, cudaMemcpyDeviceToHost));
+            for (int t = 0; t < S_NT; t++)
+                for (int32_t o = 0; o < n_out; o++) {
+                    const size_t i = (size_t)t * n_out + o;
+                    if (t >= n_tok) {
+                        if (!(is_acc ? y[i] == y0[i] : isnan(y[i]))) s_fail("normalising product wrote past n_tok");
+                        continue;
+                    }
+                    const double want = nc.ref[i] + (is_acc ? (double)y0[i] : 0.0);
+                    const double tol = nc.tol[i] + (is_acc ? 1e-5 * fabs(y0[i]) : 0.0), err = fabs(y[i] - want);
+                    if (!(err <= tol)) {
+                        fprintf(stderr, "norm n_tok=%d n_out=%d k=%d acc=%d: y[%d][%d] = %.9g, want %.9g (tol %.3g)\n",
+                                n_tok, n_out, k, is_acc, t, o, y[i], want, tol);
+                        s_fail("normalising product off");
+                    }
+                    if (err / tol > worst) worst = err / tol;
+                    n_same += memcmp(&y[i], &yu[i], 4) == 0, n_all++;
+                }
+            g_n_checks++;
+        }
+        printf(
+            "norm   n_tok=%d n_out=%5d k=%5d: ok (max err %.2f of tol; %ld of %ld as eng_cuda_gemv on the host's x)\n",
+            n_tok, n_out, k, worst, n_same, n_all);
+    }
+    CK(cudaFree(dy));
+    CK(cudaFree(dyu));
+    CK(cudaFree(dxq));
+    free(y0), free(y), free(yu), free(xqb);
+    s_norm_case_fini(&nc);
+}
+
+/* h = bf16(silu(gate) * up) from the normalising kernel. With |gate - g|, |up - u| within their tolerances tg, tu:
+ * |silu(gate) up - silu(g) u| <= (|silu(g)| + 1.1 tg) tu + 1.1 |u| tg (|silu'| < 1.1), plus the kernel's float
+ * silu and product (a few ulp: 2e-6 relative) and the bf16 rounding of h (2^-8 relative). */
+static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
+    s_norm_case_t nc;
+    s_norm_case_init(&nc, 2 * hidden, k);
+    const size_t nh = (size_t)S_NT * hidden;
+    uint16_t *h = (uint16_t *)malloc(nh * 2);
+    if (!h) s_fail("host allocation");
+    __nv_bfloat16 *dh;
+    CK(cudaMalloc(&dh, nh * 2));
+    const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
+    for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
+        double worst = 0.0;
+        CK(cudaMemset(dh, 0xff, nh * 2));
+        if (!eng_cuda_gemv_swiglu_norm(dh, &xn, nc.dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
+        CK(cudaGetLastError());
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(h, dh, nh * 2, cudaMemcpyDeviceToHost));
+        for (int t = 0; t < S_NT; t++)
+            for (int32_t j = 0; j < hidden; j++) {
+                const uint16_t v = h[(size_t)t * hidden + j];
+                if (t >= n_tok) {
+                    if (v != 0xffffu) s_fail("normalising SwiGLU wrote past n_tok");
+                    continue;
+                }
+                const size_t g_at = (size_t)t * 2 * hidden + 2 * (size_t)j;
+                const double g = nc.ref[g_at], u = nc.ref[g_at + 1], tg = nc.tol[g_at], tu = nc.tol[g_at + 1];
+                const double silu = g / (1.0 + exp(-g)), want = silu * u;
+                const double dh_max = (fabs(silu) + 1.1 * tg) * tu + 1.1 * fabs(u) * tg;
+                const double tol = dh_max + 0x1p-8 * (fabs(want) + dh_max) + 2e-6 * fabs(want) + 1e-30;
+                const double err = fabs((double)eng_bf16_to_f32(v) - want);
+                if (!(err <= tol)) {
+                    fprintf(stderr, "swiglu norm n_tok=%d hidden=%d k=%d: h[%d][%d] = %.6g, want %.6g (tol %.3g)\n",
+                            n_tok, hidden, k, t, j, eng_bf16_to_f32(v), want, tol);
+                    s_fail("normalising SwiGLU off");
+                }
+                if (err / tol > worst) worst = err / tol;
+            }
+        g_n_checks++;
+        printf("swiglu n_tok=%d hidden=%5d k=%5d: ok (max err %.2f of tol)\n", n_tok, hidden, k, worst);
+    }
+    CK(cudaFree(dh));
+    free(h);
+    s_norm_case_fini(&nc);
+}
+
+/* The fused Q/K/V projection: Q (f32) and K, V in a small pool (layer 1 of 2), each token in its own block (of its
+ * own sequence) at slot 5 + t; every other pool element must stay as it was. The RoPE'd pair y0 = a0 c - a1 s,
+ * y1 = a0 s + a1 c carries |c| t0 + |s| t1 of the products' tolerances (plus a float bias add and rotation: 1e-6
+ * relative); K and V add the bf16 rounding of the pool (2^-8 relative). */
+static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, int32_t k, bool has_bias,
+                             cudaStream_t st) {
+    const int32_t q_dim = n_heads * hd, kv_dim = n_kv_heads * hd, n_out = q_dim + 2 * kv_dim;
+    const int32_t layer = 1, n_layers = 2, block_size = 16, n_blocks = 2 * S_NT + 2, n_tables = 2 * S_NT;
+    s_norm_case_t nc;
+    s_norm_case_init(&nc, n_out, k);
+    int32_t pos[S_NT], tok_table[S_NT], tables[2 * S_NT], block[S_NT], slot[S_NT];
+    for (int32_t i = 0; i < n_tables; i++) tables[i] = n_blocks - 1 - i;
+    for (int t = 0; t < S_NT; t++) { /* position block_size + 5 + t: the second block of its table */
+        tok_table[t] = 2 * t, pos[t] = block_size + 5 + t;
+        block[t] = tables[2 * t + 1], slot[t] = 5 + t;
+    }
+    float *bias = (float *)malloc((size_t)n_out * 4), *cs = (float *)malloc((size_t)S_NT * hd * 4);
+    float *q = (float *)malloc((size_t)S_NT * q_dim * 4);
+    const size_t n_pool = (size_t)n_layers * 2 * n_blocks * block_size * kv_dim;
+    uint16_t *pool = (uint16_t *)malloc(n_pool * 2);
+    bool *is_written = (bool *)calloc(n_pool, 1);
+    if (!bias || !cs || !q || !pool || !is_written) s_fail("host allocation");
+    for (int32_t o = 0; o < n_out; o++) bias[o] = has_bias ? 0.5f * s_rand() : 0.0f;
+    for (int t = 0; t < S_NT; t++)
+        for (int32_t i = 0; i < hd / 2; i++) {
+            const double a = (double)pos[t] * pow(500000.0, -2.0 * i / hd);
+            cs[t * hd + 2 * i] = (float)cos(a), cs[t * hd + 2 * i + 1] = (float)sin(a);
+        }
+    float *dq, *dbias, *dcs;
+    __nv_bfloat16 *dpool;
+    int32_t *dpos, *dtt, *dtables;
+    CK(cudaMalloc(&dq, (size_t)S_NT * q_dim * 4));
+    CK(cudaMalloc(&dbias, (size_t)n_out * 4));
+    CK(cudaMalloc(&dcs, (size_t)S_NT * hd * 4));
+    CK(cudaMalloc(&dpool, n_pool * 2));
+    CK(cudaMalloc(&dpos, sizeof pos));
+    CK(cudaMalloc(&dtt, sizeof tok_table));
+    CK(cudaMalloc(&dtables, sizeof tables));
+    CK(cudaMemcpy(dbias, bias, (size_t)n_out * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dcs, cs, (size_t)S_NT * hd * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dpos, pos, sizeof pos, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dtt, tok_table, sizeof tok_table, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dtables, tables, sizeof tables, cudaMemcpyHostToDevice));
+    eng_cuda_tokens_t tk = {0, dpos, dtt, dtables, dcs, block_size, n_blocks};
+    const eng_cuda_qkv_dst_t d = {dq, dpool, has_bias ? dbias : NULL, layer, n_heads, n_kv_heads, hd};
+    const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
+    for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
+        double worst = 0.0;
+        CK(cudaMemset(dq, 0xff, (size_t)S_NT * q_dim * 4));
+        CK(cudaMemset(dpool, 0xff, n_pool * 2));
+        tk.n_tokens = n_tok;
+        if (!eng_cuda_gemv_qkv_norm(&d, &tk, &xn, nc.dw, k, st)) s_fail("refused a valid shape");
+        CK(cudaGetLastError());
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(q, dq, (size_t)S_NT * q_dim * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(pool, dpool, n_pool * 2, cudaMemcpyDeviceToHost));
+        memset(is_written, 0, n_pool);
+        for (int t = 0; t < S_NT; t++) {
+            if (t >= n_tok) {
+                for (int32_t e = 0; e < q_dim; e++)
+                    if (!isnan(q[(size_t)t * q_dim + e])) s_fail("normalising Q/K/V wrote Q past n_tok");
+                continue;
+            }
+            const size_t k_at = (((size_t)(layer * 2 + 0) * n_blocks + block[t]) * block_size + slot[t]) * kv_dim;
+            const size_t v_at = (((size_t)(layer * 2 + 1) * n_blocks + block[t]) * block_size + slot[t]) * kv_dim;
+            for (int32_t o = 0; o < n_out; o += 2) {
+                const size_t r = (size_t)t * n_out + o;
+                const double a0 = nc.ref[r] + bias[o], a1 = nc.ref[r + 1] + bias[o + 1];
+                const double t0 = nc.tol[r] + 1e-6 * fabs(a0), t1 = nc.tol[r + 1] + 1e-6 * fabs(a1);
+                double want[2], tol[2], got[2];
+                if (o < q_dim + kv_dim) { /* Q or K: rotated */
+                    const int32_t i = (o % hd) / 2;
+                    const double c = cs[t * hd + 2 * i], s = cs[t * hd + 2 * i + 1];
+                    want[0] = a0 * c - a1 * s, want[1] = a0 * s + a1 * c;
+                    tol[0] = fabs(c) * t0 + fabs(s) * t1 + 1e-6 * (fabs(a0 * c) + fabs(a1 * s));
+                    tol[1] = fabs(s) * t0 + fabs(c) * t1 + 1e-6 * (fabs(a0 * s) + fabs(a1 * c));
+                } else {
+                    want[0] = a0, want[1] = a1, tol[0] = t0, tol[1] = t1;
+                }
+                for (int j = 0; j < 2; j++) {
+                    if (o < q_dim) {
+                        got[j] = q[(size_t)t * q_dim + o + j];
+                    } else {
+                        const size_t at = o < q_dim + kv_dim ? k_at + (o - q_dim) : v_at + (o - q_dim - kv_dim);
+                        got[j] = eng_bf16_to_f32(pool[at + j]), is_written[at + j] = true;
+                        tol[j] += 0x1p-8 * (fabs(want[j]) + tol[j]) + 1e-30;
+                    }
+                    const double err = fabs(got[j] - want[j]);
+                    if (!(err <= tol[j])) {
+                        fprintf(stderr,
+                                "qkv norm n_tok=%d heads %d/%d x %d k=%d: row %d of token %d = %.9g, want %.9g "
+                                "(tol %.3g)\n",
+                                n_tok, n_heads, n_kv_heads, hd, k, o + j, t, got[j], want[j], tol[j]);
+                        s_fail("normalising Q/K/V off");
+                    }
+                    if (err / tol[j] > worst) worst = err / tol[j];
+                }
+            }
+        }
+        for (size_t i = 0; i < n_pool; i++)
+            if (!is_written[i] && pool[i] != 0xffffu) s_fail("normalising Q/K/V wrote outside its tokens' slots");
+        g_n_checks++;
+        printf("qkv    n_tok=%d heads %2d/%d x %3d k=%5d%s: ok (max err %.2f of tol)\n", n_tok, n_heads, n_kv_heads, hd,
+               k, has_bias ? " bias" : "", worst);
+    }
+    CK(cudaFree(dq));
+    CK(cudaFree(dbias));
+    CK(cudaFree(dcs));
+    CK(cudaFree(dpool));
+    CK(cudaFree(dpos));
+    CK(cudaFree(dtt));
+    CK(cudaFree(dtables));
+    free(bias), free(cs), free(q), free(pool), free(is_written);
+    s_norm_case_fini(&nc);
+}
+
+/* What the normalising variants must refuse: false, y left alone. */
+static void s_check_norm_refusals(cudaStream_t st) {
+    const int32_t n = 64;
+    float *dx, *dwn, *dy, y[64];
+    __nv_bfloat16 *dw;
+    CK(cudaMalloc(&dx, (S_NT + 1) * 64 * 4));
+    CK(cudaMalloc(&dwn, 64 * 4));
+    CK(cudaMalloc(&dw, 64 * 64 * 2));
+    CK(cudaMalloc(&dy, (S_NT + 1) * 64 * 4));
+    CK(cudaMemset(dx, 0, (S_NT + 1) * 64 * 4));
+    CK(cudaMemset(dwn, 0, 64 * 4));
+    CK(cudaMemset(dw, 0, 64 * 64 * 2));
+    struct {
+        const char *what;
+        const float *x, *wn;
+        int32_t n_tok, k;
+    } cases[] = {
+        {"n_tok above ENG_CUDA_GEMV_NORM_MAX_TOK", dx, dwn, S_NT + 1, 16},
+        {"k = 12", dx, dwn, 1, 12},
+        {"misaligned residual", dx + 1, dwn, 1, 16},
+        {"misaligned norm weight", dx, dwn + 1, 1, 16},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const eng_cuda_norm_t xn = {cases[c].x, cases[c].wn, S_EPS};
+        CK(cudaMemset(dy, 0x7f, n * 4));
+        CK(cudaDeviceSynchronize());
+        if (eng_cuda_gemv_norm(dy, &xn, dw, cases[c].n_tok, 4, cases[c].k, false, st) ||
+            eng_cuda_gemv_swiglu_norm((__nv_bfloat16 *)dy, &xn, dw, cases[c].n_tok, 2, cases[c].k, st)) {
+            fprintf(stderr, "accepted %s\n", cases[c].what);
+            s_fail("normalising product accepted a shape it must refuse");
+        }
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(y, dy, n * 4, cudaMemcpyDeviceToHost));
+        for (int32_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, &y[i], 4);
+            if (u != 0x7f7f7f7fu) s_fail("touched y on a refused shape");
+        }
+        printf("norm refuses %s: ok\n", cases[c].what);
+        g_n_checks++;
+    }
+    /* Q/K/V: the batch and head_dim checks come before any device pointer is used */
+    const eng_cuda_norm_t xn = {dx, dwn, S_EPS};
+    eng_cuda_tokens_t tk = {S_NT + 1, NULL, NULL, NULL, NULL, 16, 1};
+    eng_cuda_qkv_dst_t d = {NULL, NULL, NULL, 0, 1, 1, 8};
+    if (eng_cuda_gemv_qkv_norm(&d, &tk, &xn, dw, 16, st)) s_fail("normalising Q/K/V accepted too many tokens");
+    tk.n_tokens = 1, d.head_dim = 7;
+    if (eng_cuda_gemv_qkv_norm(&d, &tk, &xn, dw, 16, st)) s_fail("normalising Q/K/V accepted an odd head_dim");
+    printf("norm qkv refuses n_tok above ENG_CUDA_GEMV_NORM_MAX_TOK, odd head_dim: ok\n");
+    g_n_checks++;
+    CK(cudaFree(dx));
+    CK(cudaFree(dwn));
+    CK(cudaFree(dw));
+    CK(cudaFree(dy));
+}
+
 /* ---- timing (printed, not asserted) ---- */
 
 #define BENCH_ITERS 20
@@ -236,6 +611,18 @@ int main(void) {
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         s_check_shape(n_toks, (int)(sizeof n_toks / sizeof n_toks[0]), shapes[s][0], shapes[s][1], st);
     s_check_refusals(st);
+    /* normalising variants: plain on the 8B Q/K/V and SmolLM2-135M shapes and odd ones (a rest after the main
+     * loop; 3 rows, so that warps past n_out still join the block's norm), SwiGLU on the 8B and SmolLM2 MLPs and 5
+     * pairs, the Q/K/V projection of Llama-3.1-8B (32/8 heads of 128) and SmolLM2-135M (9/3 of 64, with a bias) */
+    const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}};
+    for (size_t s = 0; s < sizeof norm_shapes / sizeof norm_shapes[0]; s++)
+        s_check_norm_plain(norm_shapes[s][0], norm_shapes[s][1], st);
+    s_check_norm_swiglu(14336, 4096, st);
+    s_check_norm_swiglu(1536, 576, st);
+    s_check_norm_swiglu(5, 1032, st);
+    s_check_norm_qkv(32, 8, 128, 4096, false, st);
+    s_check_norm_qkv(9, 3, 64, 576, true, st);
+    s_check_norm_refusals(st);
     printf("test_cuda_gemv: %d checks, all passed\n", g_n_checks);
     fflush(stdout);
     s_bench(st);

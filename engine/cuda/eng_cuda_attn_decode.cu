@@ -1,0 +1,252 @@
+/* eng_cuda_attn_decode.cu: attention for decode rows and short chunks (speculative verification) on tensor cores,
+ * over the paged bf16 KV pool (contract in eng_cuda_ops.cuh).
+ *
+ * Decode attention is a stream of K/V bytes: each key is read once and serves the G query heads that share its KV
+ * head. The CUDA-core kernel (eng_cuda_ops.cu) alternated "load 32 keys, wait, compute", so an SM had little in
+ * flight; here keys come through a three-stage cp.async pipeline of 64 keys, two blocks per SM, so the next two
+ * stages load while one is computed.
+ *
+ * One thread block per (tile, KV head, key split). A tile's query rows (its tokens x the G heads, at most 16) form
+ * one m16 tile: row r is token r / G, head g * G + r % G. Every warp holds the whole Q tile in registers and takes a
+ * quarter of each stage (16 keys): S = Q K^T and O += P V by mma.sync, with the flash-attention online softmax per
+ * warp; at the end the four warps' (max, sum, O) are merged through shared memory. Padding rows (past the tile's
+ * rows) repeat the last row and are never stored.
+ *
+ * Precision as in the prefill kernel (eng_cuda_attn_mma.cu): Q and P enter as hi + lo bf16 pairs, K and V are exact,
+ * sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with
+ * their maxima in natural-log units, as k_attention_combine expects. */
+#include "eng_cuda_mma.cuh"
+#include "eng_cuda_ops.cuh"
+
+#include <math.h>
+
+#define D_KEYS   64 /* keys per stage: 16 per warp */
+#define D_STAGES 3
+#define D_WARPS  4
+
+template <int HD> static constexpr __host__ __device__ size_t s_dec_smem(void) {
+    return (size_t)D_STAGES * 2u * D_KEYS * (HD + 8) * sizeof(__nv_bfloat16);
+}
+
+/* The split blocks of one (tile, KV head) count themselves in; the last to finish merges every split's partials for
+ * the tile's rows, with k_attention_combine's arithmetic in its order (so the result does not depend on which
+ * block is last), and resets the counter for the next launch. The fences publish each block's partials before its
+ * count (the threadFenceReduction pattern); the merge reads them through L2. */
+template <int HD>
+static __device__ void s_merge_if_last(const eng_cuda_att_t &a, const eng_cuda_tokens_t &tk, eng_cuda_tile_t tile,
+                                       int32_t g, int32_t pos_max) {
+    __shared__ bool is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int32_t *count = a.split_count + (int64_t)blockIdx.x * a.n_kv_heads + g;
+        is_last = atomicAdd(count, 1) == pos_max / a.split_keys; /* blocks z = 0 .. pos_max / split_keys run */
+        if (is_last) *count = 0;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int32_t G = a.n_heads / a.n_kv_heads, q_dim = a.n_heads * HD;
+    for (int32_t i = threadIdx.x; i < tile.n * G * HD; i += blockDim.x) {
+        const int32_t r = i / HD, d = i % HD;
+        const int64_t t = tile.t0 + r / G, h = g * G + r % G;
+        const int32_t n = tk.tok_pos[t] / a.split_keys + 1;
+        float mx = -INFINITY;
+        for (int32_t z = 0; z < n; z++)
+            mx = fmaxf(mx, __ldcg(&a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]));
+        float sum = 0.0f, acc = 0.0f;
+        for (int32_t z = 0; z < n; z++) {
+            const int64_t slot = (int64_t)z * tk.n_tokens + t;
+            const float w = expf(__ldcg(&a.part_ml[(slot * a.n_heads + h) * 2]) - mx);
+            sum += w * __ldcg(&a.part_ml[(slot * a.n_heads + h) * 2 + 1]);
+            acc += w * __ldcg(&a.part_acc[slot * q_dim + h * HD + d]);
+        }
+        a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
+    }
+}
+
+template <int HD>
+static __global__ void __launch_bounds__(D_WARPS * 32, 2)
+    k_attention_dec(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
+    constexpr int LD = HD + 8, STAGE = 2 * D_KEYS * LD;
+    static_assert(D_WARPS * 16 == D_KEYS, "each warp takes 16 keys of a stage");
+    static_assert((size_t)D_WARPS * 16 * (HD + 2) * sizeof(float) <= s_dec_smem<HD>(), "the merge fits the stages");
+    extern __shared__ __align__(128) unsigned char dec_smem[];
+    __nv_bfloat16 *stages = (__nv_bfloat16 *)dec_smem;
+    const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+
+    const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
+    if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
+    const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G, q_dim = a.n_heads * HD;
+    const int32_t *table = tk.tables + tk.tok_table[tile.t0];
+    const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1];
+    const int32_t k_begin = a.split_keys ? (int32_t)blockIdx.z * a.split_keys : 0;
+    const int32_t k_last = a.split_keys ? min(pos_max, k_begin + a.split_keys - 1) : pos_max;
+    if (k_begin > pos_max) return; /* a split past this tile's keys: the combine reads none of it */
+    const int32_t n_it = (k_last - k_begin) / D_KEYS + 1;
+
+#pragma unroll
+    for (int s = 0; s < D_STAGES - 1; s++) { /* the pipeline's head; empty groups keep the group count uniform */
+        if (s < n_it)
+            s_load_keys<HD, D_KEYS>(stages + s * STAGE, a, tk, table, k_begin + s * D_KEYS, k_last, g);
+        else
+            asm volatile("cp.async.commit_group;\n" ::);
+    }
+
+    /* this lane's two rows (gq, gq + 8): their query rows and last visible key (clamped to the split) */
+    const int32_t rr0 = min(gq, n_rows - 1), rr1 = min(gq + 8, n_rows - 1);
+    const int32_t pos0 = min(tk.tok_pos[tile.t0 + rr0 / G], k_last), pos1 = min(tk.tok_pos[tile.t0 + rr1 / G], k_last);
+    uint32_t q_hi[HD / 16][4], q_lo[HD / 16][4];
+    {
+        const float qs = rsqrtf((float)HD) * 1.44269504088896341f;
+        const float *q_r0 = a.q + (int64_t)(tile.t0 + rr0 / G) * q_dim + (g * G + rr0 % G) * HD;
+        const float *q_r1 = a.q + (int64_t)(tile.t0 + rr1 / G) * q_dim + (g * G + rr1 % G) * HD;
+#pragma unroll
+        for (int d = 0; d < HD / 16; d++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int col = d * 16 + half * 8 + 2 * tq;
+                const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
+                s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
+                s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
+            }
+        }
+    }
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* running max (log2 units) and partial sums */
+
+    for (int32_t it = 0; it < n_it; it++) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(D_STAGES - 2)); /* this lane's copies of stage `it` landed */
+        __syncthreads(); /* ... everyone's; and stage it - 1 is consumed, so it can be refilled */
+        const int32_t nxt = it + D_STAGES - 1;
+        if (nxt < n_it)
+            s_load_keys<HD, D_KEYS>(stages + (nxt % D_STAGES) * STAGE, a, tk, table, k_begin + nxt * D_KEYS, k_last, g);
+        else
+            asm volatile("cp.async.commit_group;\n" ::);
+
+        const int32_t kw = k_begin + it * D_KEYS + warp * 16; /* this warp's first key */
+        if (kw > k_last) continue;                            /* past every row's keys (warp-uniform) */
+        const __nv_bfloat16 *k_s = stages + (it % D_STAGES) * STAGE + warp * 16 * LD, *v_s = k_s + D_KEYS * LD;
+
+        float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}; /* S = Q K^T: 16 rows x 16 keys */
+#pragma unroll
+        for (int d = 0; d < HD / 16; d++) {
+            uint32_t b[4];
+            s_ldsm_x4(b, k_s + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
+            s_mma(s[0], q_lo[d], b[0], b[1]);
+            s_mma(s[0], q_hi[d], b[0], b[1]);
+            s_mma(s[1], q_lo[d], b[2], b[3]);
+            s_mma(s[1], q_hi[d], b[2], b[3]);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int32_t key = kw + 8 * j + 2 * tq + e;
+                if (key > pos0) s[j][e] = -INFINITY;
+                if (key > pos1) s[j][2 + e] = -INFINITY;
+            }
+        float mx0 = fmaxf(m0, fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
+        float mx1 = fmaxf(m1, fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
+#pragma unroll
+        for (int x = 1; x <= 2; x <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+        }
+        /* a row can have seen no key yet (a warp's keys all past it, or a split's start): then its max stays -inf
+         * and every weight is 0, so the reference point is taken as 0 rather than -inf - -inf */
+        const float ref0 = mx0 == -INFINITY ? 0.0f : mx0, ref1 = mx1 == -INFINITY ? 0.0f : mx1;
+        const float c0 = exp2f(m0 - ref0), c1 = exp2f(m1 - ref1);
+        m0 = mx0, m1 = mx1, l0 *= c0, l1 *= c1;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
+
+        uint32_t p_hi[4], p_lo[4]; /* P's A fragment: the two score n-tiles */
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const float p00 = exp2f(s[j][0] - ref0), p01 = exp2f(s[j][1] - ref0);
+            const float p10 = exp2f(s[j][2] - ref1), p11 = exp2f(s[j][3] - ref1);
+            l0 += p00 + p01, l1 += p10 + p11;
+            s_split(p00, p01, &p_hi[2 * j], &p_lo[2 * j]);
+            s_split(p10, p11, &p_hi[2 * j + 1], &p_lo[2 * j + 1]);
+        }
+#pragma unroll
+        for (int np = 0; np < HD / 16; np++) {
+            uint32_t b[4];
+            s_ldsm_x4_trans(b, v_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + ((lane >> 4) & 1) * 8);
+            s_mma(o[2 * np], p_lo, b[0], b[1]);
+            s_mma(o[2 * np], p_hi, b[0], b[1]);
+            s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
+            s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
+        }
+    }
+
+    /* merge the warps: each leaves its (max, sum) per row and its unnormalised O in shared memory */
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::); /* only empty groups are left, but the stages get reused */
+    __syncthreads();
+    float *o_s = (float *)dec_smem;        /* (D_WARPS, 16, HD) */
+    float *ml_s = o_s + D_WARPS * 16 * HD; /* (D_WARPS, 16, 2) */
+    float *ow = o_s + warp * 16 * HD;
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        *(float2 *)(ow + gq * HD + n * 8 + 2 * tq) = make_float2(o[n][0], o[n][1]);
+        *(float2 *)(ow + (gq + 8) * HD + n * 8 + 2 * tq) = make_float2(o[n][2], o[n][3]);
+    }
+    if (tq == 0) {
+        ml_s[(warp * 16 + gq) * 2] = m0, ml_s[(warp * 16 + gq) * 2 + 1] = l0;
+        ml_s[(warp * 16 + gq + 8) * 2] = m1, ml_s[(warp * 16 + gq + 8) * 2 + 1] = l1;
+    }
+    __syncthreads();
+    for (int32_t i = threadIdx.x; i < n_rows * HD; i += blockDim.x) {
+        const int32_t r = i / HD, d = i % HD;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < D_WARPS; w++) mx = fmaxf(mx, ml_s[(w * 16 + r) * 2]);
+        if (mx == -INFINITY) continue; /* a split that starts after this row's position: no partial */
+        float sum = 0.0f, acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < D_WARPS; w++) {
+            const float wt = exp2f(ml_s[(w * 16 + r) * 2] - mx); /* a warp that saw no key: exp2(-inf) = 0 */
+            sum += wt * ml_s[(w * 16 + r) * 2 + 1];
+            acc += wt * o_s[(w * 16 + r) * HD + d];
+        }
+        const int64_t t = tile.t0 + r / G, h = g * G + r % G;
+        if (a.split_keys) { /* k_attention_combine's inputs */
+            const int64_t slot = (int64_t)blockIdx.z * tk.n_tokens + t;
+            a.part_acc[slot * q_dim + h * HD + d] = acc;
+            if (d == 0) /* natural-log units for k_attention_combine */
+                a.part_ml[(slot * a.n_heads + h) * 2] = mx * 0.69314718055994531f,
+                                                   a.part_ml[(slot * a.n_heads + h) * 2 + 1] = sum;
+        } else {
+            a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
+        }
+    }
+    if (a.split_keys && a.split_count) s_merge_if_last<HD>(a, tk, tile, g, pos_max);
+}
+
+template <int HD>
+static cudaError_t s_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
+    static bool is_configured = false; /* the engine thread is the only caller */
+    if (!is_configured) {
+        const cudaError_t err = cudaFuncSetAttribute(k_attention_dec<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     (int)s_dec_smem<HD>());
+        if (err != cudaSuccess) return err;
+        is_configured = true;
+    }
+    const dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
+    k_attention_dec<HD><<<grid, D_WARPS * 32, s_dec_smem<HD>(), st>>>(*a, *tk);
+    return cudaGetLastError();
+}
+
+cudaError_t eng_cuda_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
+    if (!eng_cuda_dec_usable(a->head_dim, a->n_heads, a->n_kv_heads)) return cudaErrorInvalidValue;
+    return a->head_dim == 64 ? s_attention_dec<64>(a, tk, st) : s_attention_dec<128>(a, tk, st);
+}

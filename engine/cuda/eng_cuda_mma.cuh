@@ -1,0 +1,75 @@
+/* eng_cuda_mma.cuh: the tensor-core building blocks the attention kernels share (private to engine/cuda/):
+ * mma.sync m16n8k16 on bf16 with f32 accumulation, ldmatrix, cp.async and hi + lo bf16 splitting.
+ *
+ * Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 * gq + tq. A (16 x 16): reg 0 = (row gq, cols 2tq, 2tq + 1),
+ * reg 1 = row gq + 8, reg 2 = cols + 8, reg 3 = both. B (16 x 8): reg 0 = (rows 2tq, 2tq + 1, col gq), reg 1 =
+ * rows + 8. C (16 x 8, f32): c0, c1 = (row gq, cols 2tq, 2tq + 1), c2, c3 = row gq + 8. */
+#ifndef ENG_CUDA_MMA_CUH
+#define ENG_CUDA_MMA_CUH
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "eng_cuda_ops.cuh"
+
+static __device__ __forceinline__ void s_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ void s_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const __nv_bfloat16 *p) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* 16 bytes global -> shared, asynchronously; n_src 0 writes zeros (keys past the sequence's end). */
+static __device__ __forceinline__ void s_cp_async16(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int n_src) {
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(n_src));
+}
+
+static __device__ __forceinline__ uint32_t s_pack(float lo_col, float hi_col) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo_col, hi_col); /* .x (low half) = the lower column */
+    return *(uint32_t *)&v;
+}
+
+/* x as hi + lo bf16 pairs: hi = bf16(x), lo = bf16(x - hi). */
+static __device__ __forceinline__ void s_split(float x0, float x1, uint32_t *hi, uint32_t *lo) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    *hi = *(uint32_t *)&h;
+    *lo = s_pack(x0 - __bfloat162float(h.x), x1 - __bfloat162float(h.y));
+}
+
+/* KEYS keys of KV head g from k0 on (of the sequence whose block table is `table`) into one shared-memory stage: K
+ * then V, (KEYS, HD + 8) bf16 each (the 8 padding elements put the 8 rows of each ldmatrix on distinct banks). Keys
+ * past pos_max are zeros. One cp.async group. */
+template <int HD, int KEYS>
+static __device__ __forceinline__ void s_load_keys(__nv_bfloat16 *stage, const eng_cuda_att_t &a,
+                                                   const eng_cuda_tokens_t &tk, const int32_t *table, int32_t k0,
+                                                   int32_t pos_max, int32_t g) {
+    constexpr int LD = HD + 8, VEC = HD / 8;
+    const int32_t kv_dim = a.n_kv_heads * HD;
+    for (int32_t i = threadIdx.x; i < KEYS * VEC; i += blockDim.x) {
+        const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
+        const bool is_valid = j <= pos_max;
+        const int32_t block = is_valid ? table[j / tk.block_size] : 0, slot = j % tk.block_size;
+        const size_t k_off = is_valid ? s_kv_slot(tk, a.layer, 0, block, slot, kv_dim) + g * HD + vec * 8 : 0;
+        const size_t v_off = is_valid ? s_kv_slot(tk, a.layer, 1, block, slot, kv_dim) + g * HD + vec * 8 : 0;
+        s_cp_async16(stage + key * LD + vec * 8, a.kv_pool + k_off, is_valid ? 16 : 0);
+        s_cp_async16(stage + KEYS * LD + key * LD + vec * 8, a.kv_pool + v_off, is_valid ? 16 : 0);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+#endif
