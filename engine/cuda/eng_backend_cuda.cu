@@ -93,7 +93,6 @@ struct eng_backend {
     int32_t pad_block;
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
-    int32_t *split_count;      /* ... merged by their last block (eng_cuda_att_t); NULL: by the combine kernel */
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
@@ -187,7 +186,7 @@ static void s_destroy(eng_backend_t **pbe) {
     s_free_dev(be->blas_ws);
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
-    s_free_dev(be->part_acc), s_free_dev(be->part_ml), s_free_dev(be->split_count);
+    s_free_dev(be->part_acc), s_free_dev(be->part_ml);
     if (be->mirror) cudaFreeHost(be->mirror);
     if (be->sync_ids) cudaFreeHost(be->sync_ids);
     if (be->layers) {
@@ -405,16 +404,6 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         s_alloc((void **)&be->part_ml, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * c->n_heads * 2, "scratch")) {
         snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
         goto fail;
-    }
-    { /* split tiles: at most S_SPLIT_MAX_TOKENS, and their bucket's padding (s_bucket: under 8 more) */
-        const char *merge = getenv("ENG_CUDA_SPLIT_MERGE");
-        const size_t n_count = (size_t)(S_SPLIT_MAX_TOKENS + 8) * (size_t)c->n_kv_heads;
-        if (!(merge && *merge == '0') &&
-            (s_alloc((void **)&be->split_count, sizeof(int32_t) * n_count, "scratch") != PD_OK ||
-             cudaMemset(be->split_count, 0, sizeof(int32_t) * n_count) != cudaSuccess)) {
-            snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
-            goto fail;
-        }
     }
     {
         const char *prof = getenv("ENG_CUDA_PROFILE"), *graphs = getenv("ENG_CUDA_GRAPHS");
@@ -785,23 +774,12 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     /* Too few (tile, KV head) pairs to fill the GPU (small decode batches): split every sequence's keys into
      * ranges, at least 64 keys each, for about four blocks per multiprocessor. Sized from the longest sequence
      * rounded up to 256 tokens, so that a captured graph serves 256 decode steps before the key changes. */
-    eng_cuda_att_t att = {be->att,
-                          be->q,
-                          be->kv_pool,
-                          d_tiles,
-                          (int32_t)n_tiles,
-                          0,
-                          c->n_heads,
-                          c->n_kv_heads,
-                          (int32_t)hd,
-                          0,
-                          1,
-                          be->part_acc,
-                          be->part_ml,
-                          d_tiles + n_tiles,
-                          (int32_t)n_tc_tiles,
-                          be->is_dec_mma,
-                          be->split_count};
+    eng_cuda_att_t att = {};
+    att.att = be->att, att.q = be->q, att.kv_pool = be->kv_pool;
+    att.tiles = d_tiles, att.n_tiles = (int32_t)n_tiles, att.is_dec_mma = be->is_dec_mma;
+    att.tc_tiles = d_tiles + n_tiles, att.n_tc_tiles = (int32_t)n_tc_tiles;
+    att.n_heads = c->n_heads, att.n_kv_heads = c->n_kv_heads, att.head_dim = (int32_t)hd;
+    att.split_keys = 0, att.n_splits = 1, att.part_acc = be->part_acc, att.part_ml = be->part_ml;
     const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
     if (pairs > 0 && pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
         const int64_t want = (4 * be->n_sm + pairs - 1) / pairs;

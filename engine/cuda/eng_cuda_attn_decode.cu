@@ -28,43 +28,6 @@ template <int HD> static constexpr __host__ __device__ size_t s_dec_smem(void) {
     return (size_t)D_STAGES * 2u * D_KEYS * (HD + 8) * sizeof(__nv_bfloat16);
 }
 
-/* The split blocks of one (tile, KV head) count themselves in; the last to finish merges every split's partials for
- * the tile's rows, with k_attention_combine's arithmetic in its order (so the result does not depend on which
- * block is last), and resets the counter for the next launch. The fences publish each block's partials before its
- * count (the threadFenceReduction pattern); the merge reads them through L2. */
-template <int HD>
-static __device__ void s_merge_if_last(const eng_cuda_att_t &a, const eng_cuda_tokens_t &tk, eng_cuda_tile_t tile,
-                                       int32_t g, int32_t pos_max) {
-    __shared__ bool is_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int32_t *count = a.split_count + (int64_t)blockIdx.x * a.n_kv_heads + g;
-        is_last = atomicAdd(count, 1) == pos_max / a.split_keys; /* blocks z = 0 .. pos_max / split_keys run */
-        if (is_last) *count = 0;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int32_t G = a.n_heads / a.n_kv_heads, q_dim = a.n_heads * HD;
-    for (int32_t i = threadIdx.x; i < tile.n * G * HD; i += blockDim.x) {
-        const int32_t r = i / HD, d = i % HD;
-        const int64_t t = tile.t0 + r / G, h = g * G + r % G;
-        const int32_t n = tk.tok_pos[t] / a.split_keys + 1;
-        float mx = -INFINITY;
-        for (int32_t z = 0; z < n; z++)
-            mx = fmaxf(mx, __ldcg(&a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]));
-        float sum = 0.0f, acc = 0.0f;
-        for (int32_t z = 0; z < n; z++) {
-            const int64_t slot = (int64_t)z * tk.n_tokens + t;
-            const float w = expf(__ldcg(&a.part_ml[(slot * a.n_heads + h) * 2]) - mx);
-            sum += w * __ldcg(&a.part_ml[(slot * a.n_heads + h) * 2 + 1]);
-            acc += w * __ldcg(&a.part_acc[slot * q_dim + h * HD + d]);
-        }
-        a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
-    }
-}
-
 template <int HD>
 static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     k_attention_dec(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
@@ -229,7 +192,6 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
             a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
         }
     }
-    if (a.split_keys && a.split_count) s_merge_if_last<HD>(a, tk, tile, g, pos_max);
 }
 
 template <int HD>

@@ -60,10 +60,6 @@ typedef struct {
     /* true: the CUDA-core tiles go to the tensor-core decode kernel (eng_cuda_attn_decode.cu) instead, which takes
      * tiles of at most ENG_CUDA_DEC_ROWS query rows (eng_cuda_dec_tile_tokens tokens); see eng_cuda_dec_usable */
     bool is_dec_mma;
-    /* With is_dec_mma and key splits: (n_tiles * n_kv_heads) zeroed counters; the last split block of each (tile, KV
-     * head) to finish merges the splits itself and resets its counter, so no combine kernel runs. NULL: the
-     * combine kernel merges. */
-    int32_t *split_count;
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* The tensor-core tiles of a (eng_cuda_attn_mma.cu); eng_cuda_attention calls it. */

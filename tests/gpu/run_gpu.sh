@@ -106,7 +106,7 @@ while [ $# -gt 0 ]; do
             for env in ${AB_ENVS:-ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4 ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4}; do
                 echo "== $shape $env"
                 env ${env//,/ } ./build-gpu/bench/engine_cuda --model "$m" --decode-batches "${AB_BATCHES:-1,4,8}" \
-                    --prefill-batches 0 2>&1 | grep -E "^decode +[0-9]"
+                    --prefill-batches 0 --sampling gpu 2>&1 | grep -E "^decode +[0-9]"
             done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     cluster)
