@@ -641,6 +641,16 @@ static int64_t s_bucket(int64_t n) {
     return n <= 8 ? n : (n + 7) / 8 * 8;
 }
 
+/* How many key splits the attention of `pairs` (tile, KV head) pairs wants: about one wave of resident blocks.
+ * The CUDA-core kernel (4 blocks per multiprocessor) rounds up; the tensor-core decode kernel (2 per
+ * multiprocessor) rounds down and splits only below half a wave, because each split costs it a pipeline fill
+ * and a merge: on the H100 (test_cuda_attn, 8B, 640 keys) batch 32 took 43 us unsplit against 56 us in 3 splits,
+ * batch 64 82 against 97 us in 2, while batch 8 took 20 us in 4 splits against 34 us unsplit. */
+static int64_t s_att_splits(int64_t pairs, int n_sm, bool is_dec_mma) {
+    if (pairs <= 0) return 1;
+    return is_dec_mma ? 2 * (int64_t)n_sm / pairs : (4 * (int64_t)n_sm + pairs - 1) / pairs;
+}
+
 /* The batch's sampling requests into the pinned buffers, then up to the GPU (on the stream, before the forward). */
 static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
     if (be->m->cfg.vocab_size > ENG_CUDA_SAMPLE_MAX_VOCAB) {
@@ -772,8 +782,8 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
         be->kv.block_size, be->kv.n_blocks};
 
     /* Too few (tile, KV head) pairs to fill the GPU (small decode batches): split every sequence's keys into
-     * ranges, at least 64 keys each, for about four blocks per multiprocessor. Sized from the longest sequence
-     * rounded up to 256 tokens, so that a captured graph serves 256 decode steps before the key changes. */
+     * ranges (s_att_splits), at least 64 keys each. Sized from the longest sequence rounded up to 256 tokens, so
+     * that a captured graph serves 256 decode steps before the key changes. */
     eng_cuda_att_t att = {};
     att.att = be->att, att.q = be->q, att.kv_pool = be->kv_pool;
     att.tiles = d_tiles, att.n_tiles = (int32_t)n_tiles, att.is_dec_mma = be->is_dec_mma;
@@ -781,9 +791,9 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     att.n_heads = c->n_heads, att.n_kv_heads = c->n_kv_heads, att.head_dim = (int32_t)hd;
     att.split_keys = 0, att.n_splits = 1, att.part_acc = be->part_acc, att.part_ml = be->part_ml;
     const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
-    if (pairs > 0 && pairs < 4 * be->n_sm && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
-        const int64_t want = (4 * be->n_sm + pairs - 1) / pairs;
-        int64_t keys = ((len + want - 1) / want + 31) / 32 * 32;
+    const int64_t want = s_att_splits(pairs, be->n_sm, be->is_dec_mma), align = be->is_dec_mma ? 64 : 32;
+    if (want > 1 && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
+        int64_t keys = ((len + want - 1) / want + align - 1) / align * align;
         if (keys < 64) keys = 64;
         if ((len + keys - 1) / keys > S_MAX_SPLITS) keys = ((len + S_MAX_SPLITS - 1) / S_MAX_SPLITS + 31) / 32 * 32;
         if ((len + keys - 1) / keys > 1)

@@ -309,16 +309,16 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
 #define BENCH_MAX_SPLITS 32  /* S_MAX_SPLITS of eng_backend_cuda.cu */
 #define BENCH_SPLIT_TOK  128 /* S_SPLIT_MAX_TOKENS */
 
-/* s_forward's key splits (eng_backend_cuda.cu): too few (tile, KV head) pairs to fill the GPU split every
- * sequence's keys into ranges of at least 64 for about four blocks per multiprocessor, sized from the longest
- * sequence rounded up to 256. */
-static void s_splits(int64_t n_tiles, int32_t n_kv_heads, int64_t max_len, int64_t T, int n_sm, int32_t *split_keys,
-                     int32_t *n_splits) {
+/* s_forward's key splits (eng_backend_cuda.cu, s_att_splits): about one wave of resident blocks, rounded up for
+ * the old kernel (4 blocks per multiprocessor), down for the decode kernel (2), ranges of at least 64 keys (a
+ * multiple of 32, of 64 for dec), sized from the longest sequence rounded up to 256. */
+static void s_splits(int64_t n_tiles, int32_t n_kv_heads, int64_t max_len, int64_t T, int n_sm, bool is_dec,
+                     int32_t *split_keys, int32_t *n_splits) {
     *split_keys = 0, *n_splits = 1;
-    const int64_t pairs = n_tiles * n_kv_heads, len = (max_len + 255) / 256 * 256;
-    if (pairs > 0 && pairs < 4 * n_sm && T <= BENCH_SPLIT_TOK && max_len > 64) {
-        const int64_t want = (4 * n_sm + pairs - 1) / pairs;
-        int64_t keys = ((len + want - 1) / want + 31) / 32 * 32;
+    const int64_t pairs = n_tiles * n_kv_heads, len = (max_len + 255) / 256 * 256, align = is_dec ? 64 : 32;
+    const int64_t want = pairs <= 0 ? 1 : is_dec ? 2 * (int64_t)n_sm / pairs : (4 * (int64_t)n_sm + pairs - 1) / pairs;
+    if (want > 1 && T <= BENCH_SPLIT_TOK && max_len > 64) {
+        int64_t keys = ((len + want - 1) / want + align - 1) / align * align;
         if (keys < 64) keys = 64;
         if ((len + keys - 1) / keys > BENCH_MAX_SPLITS)
             keys = ((len + BENCH_MAX_SPLITS - 1) / BENCH_MAX_SPLITS + 31) / 32 * 32;
@@ -415,8 +415,9 @@ static void s_bench(cudaStream_t st) {
     const bool is_dec_ok = eng_cuda_dec_usable(hd, nh, nkv);
     for (size_t bi = 0; bi < sizeof Bs / sizeof Bs[0]; bi++) {
         const int32_t B = Bs[bi], R = n_blocks / (B * per_seq);
-        int32_t split_keys, n_splits;
-        s_splits(B, nkv, BENCH_KEYS, B, n_sm, &split_keys, &n_splits);
+        int32_t split_keys[2], n_splits[2];
+        s_splits(B, nkv, BENCH_KEYS, B, n_sm, false, &split_keys[0], &n_splits[0]);
+        s_splits(B, nkv, BENCH_KEYS, B, n_sm, true, &split_keys[1], &n_splits[1]);
         const double kv_bytes = (double)B * BENCH_KEYS * kv_dim * 2.0 * 2.0;
         double us[2] = {0.0, 0.0};
         for (int is_dec = 0; is_dec < 2; is_dec++) {
@@ -428,26 +429,30 @@ static void s_bench(cudaStream_t st) {
             eng_cuda_att_t a;
             memset(&a, 0, sizeof a);
             a.att = d_att, a.q = d_q, a.kv_pool = (const __nv_bfloat16 *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
-            a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.split_keys = split_keys, a.n_splits = n_splits;
+            a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.split_keys = split_keys[is_dec],
+            a.n_splits = n_splits[is_dec];
             a.part_acc = d_part_acc, a.part_ml = d_part_ml, a.tc_tiles = NULL, a.n_tc_tiles = 0;
             a.is_dec_mma = is_dec != 0;
             us[is_dec] = s_time_us(&a, &tk, d_perm, per_seq, R, e0, e1, st);
         }
         const double gbs = kv_bytes / (us[0] * 1e-6) / 1e9;
-        char split[32];
-        if (split_keys)
-            snprintf(split, sizeof split, "%2d splits of %3d keys", n_splits, split_keys);
-        else
-            snprintf(split, sizeof split, "no split");
-        printf("B=%3d, %-20s: old %7.1f us %5.0f GB/s (%3.0f%% of copy)", B, split, us[0], gbs, 100.0 * gbs / copy_gbs);
+        char split[2][32];
+        for (int i = 0; i < 2; i++) {
+            if (split_keys[i])
+                snprintf(split[i], sizeof split[i], "%d x %d keys", n_splits[i], split_keys[i]);
+            else
+                snprintf(split[i], sizeof split[i], "no split");
+        }
+        printf("B=%3d: old (%s) %7.1f us %5.0f GB/s (%3.0f%% of copy)", B, split[0], us[0], gbs,
+               100.0 * gbs / copy_gbs);
         if (is_dec_ok) {
             const double dgbs = kv_bytes / (us[1] * 1e-6) / 1e9;
-            printf(", dec %7.1f us %5.0f GB/s (%3.0f%%), dec %.2fx the old speed", us[1], dgbs, 100.0 * dgbs / copy_gbs,
-                   us[0] / us[1]);
+            printf(", dec (%s) %7.1f us %5.0f GB/s (%3.0f%%), dec %.2fx the old speed", split[1], us[1], dgbs,
+                   100.0 * dgbs / copy_gbs, us[0] / us[1]);
         }
         printf("\n");
         if (!is_dec_ok) continue;
-        /* the decode kernel under other split counts than s_forward's rule (which was tuned for the old kernel) */
+        /* the decode kernel under other split counts than s_forward's rule */
         printf("        dec by splits:");
         const int n_try[] = {1, 2, 3, 4, 6, 8, 10};
         for (size_t ni = 0; ni < sizeof n_try / sizeof n_try[0]; ni++) {
