@@ -130,6 +130,15 @@ static int32_t s_argmax(const float *v, int32_t n) {
     return best;
 }
 
+/* Top logit minus the runner-up. */
+static float s_top2_margin(const float *v, int32_t n) {
+    const int32_t best = s_argmax(v, n);
+    float second = -INFINITY;
+    for (int32_t i = 0; i < n; i++)
+        if (i != best && v[i] > second) second = v[i];
+    return v[best] - second;
+}
+
 static float s_max_abs_diff(const float *a, const float *b, int32_t n) {
     float m = 0;
     for (int32_t i = 0; i < n; i++) {
@@ -293,7 +302,23 @@ static void test_batch_invariance(void) {
                 mismatches++;
             }
             next_tok[s] = s_argmax(row, s_vocab);
-            if (n_gen[s] < N_STEPS) CHECK_EQ_INT(next_tok[s], ref_tok[s][n_gen[s]]);
+            if (n_gen[s] < N_STEPS) {
+                /* CUDA: the batched argmax may differ only where the reference's top two are within the noise
+                 * (as in the golden test); the sequence goes on with the reference's token either way, so its
+                 * later rows stay comparable (on the CPU the two are equal, bit for bit) */
+                const int32_t want_tok = ref_tok[s][n_gen[s]];
+                if (next_tok[s] != want_tok && s_is_cuda) {
+                    const float margin = s_top2_margin(want, s_vocab);
+                    CHECK_MSG(margin < CUDA_NEAR_TIE_MARGIN,
+                              "sequence %d step %d: batched argmax %d, alone %d at a reference margin of %g", s,
+                              n_gen[s], next_tok[s], want_tok, margin);
+                    fprintf(stderr, "  sequence %d step %d: argmax differs at a near tie (reference margin %.3g)\n", s,
+                            n_gen[s], margin);
+                } else {
+                    CHECK_EQ_INT(next_tok[s], want_tok);
+                }
+                next_tok[s] = want_tok;
+            }
             n_gen[s]++;
         }
     }
