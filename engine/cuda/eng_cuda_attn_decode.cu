@@ -12,10 +12,8 @@
  * warp; at the end the four warps' (max, sum, O) are merged through shared memory. Padding rows (past the tile's
  * rows) repeat the last row and are never stored.
  *
- * Precision: Q enters as three bf16 terms (hi + mid + lo, f32's 24 bits: a sink's score is a small sum of large
- * terms, and hi + lo, as in the prefill kernel, measurably moved SmolLM2's logits) and P as hi + lo; K and V are
- * exact, sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Decode is bound by reading
- * K and V, so the extra products cost nothing measurable. Split partials are stored with
+ * Precision as in the prefill kernel (eng_cuda_attn_mma.cu): Q and P enter as hi + lo bf16 pairs, K and V are exact,
+ * sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with
  * their maxima in natural-log units, as k_attention_combine expects. */
 #include "eng_cuda_mma.cuh"
 #include "eng_cuda_ops.cuh"
@@ -61,7 +59,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     /* this lane's two rows (gq, gq + 8): their query rows and last visible key (clamped to the split) */
     const int32_t rr0 = min(gq, n_rows - 1), rr1 = min(gq + 8, n_rows - 1);
     const int32_t pos0 = min(tk.tok_pos[tile.t0 + rr0 / G], k_last), pos1 = min(tk.tok_pos[tile.t0 + rr1 / G], k_last);
-    uint32_t q_hi[HD / 16][4], q_mid[HD / 16][4], q_lo[HD / 16][4];
+    uint32_t q_hi[HD / 16][4], q_lo[HD / 16][4];
     {
         const float qs = rsqrtf((float)HD) * 1.44269504088896341f;
         const float *q_r0 = a.q + (int64_t)(tile.t0 + rr0 / G) * q_dim + (g * G + rr0 % G) * HD;
@@ -72,8 +70,8 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
             for (int half = 0; half < 2; half++) {
                 const int col = d * 16 + half * 8 + 2 * tq;
                 const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
-                s_split3(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_mid[d][2 * half], &q_lo[d][2 * half]);
-                s_split3(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_mid[d][2 * half + 1], &q_lo[d][2 * half + 1]);
+                s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
+                s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
             }
         }
     }
@@ -102,10 +100,8 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
             uint32_t b[4];
             s_ldsm_x4(b, k_s + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
             s_mma(s[0], q_lo[d], b[0], b[1]);
-            s_mma(s[0], q_mid[d], b[0], b[1]);
             s_mma(s[0], q_hi[d], b[0], b[1]);
             s_mma(s[1], q_lo[d], b[2], b[3]);
-            s_mma(s[1], q_mid[d], b[2], b[3]);
             s_mma(s[1], q_hi[d], b[2], b[3]);
         }
 #pragma unroll

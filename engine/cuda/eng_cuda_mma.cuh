@@ -51,15 +51,6 @@ static __device__ __forceinline__ void s_split(float x0, float x1, uint32_t *hi,
     *lo = s_pack(x0 - __bfloat162float(h.x), x1 - __bfloat162float(h.y));
 }
 
-/* x as three bf16 terms, hi + mid + lo: 24 significant bits, f32's own precision. For queries in decode, where a
- * sink's score is a small sum of large terms (SmolLM2: hi + lo alone put the golden prompts' logits up to 1.5x
- * further from HF's than the f32 kernel did). */
-static __device__ __forceinline__ void s_split3(float x0, float x1, uint32_t *hi, uint32_t *mid, uint32_t *lo) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-    *hi = *(uint32_t *)&h;
-    s_split(x0 - __bfloat162float(h.x), x1 - __bfloat162float(h.y), mid, lo);
-}
-
 /* KEYS keys of KV head g from k0 on (of the sequence whose block table is `table`) into one shared-memory stage: K
  * then V, (KEYS, HD + 8) bf16 each (the 8 padding elements put the 8 rows of each ldmatrix on distinct banks). Keys
  * past pos_max are zeros. One cp.async group. */
