@@ -23,10 +23,14 @@
  * 0.5 logits (observed: 0.006-0.03). Alone vs batched: not bit for bit, because batch size picks the kernels. Rows
  * of batches of 1-4 go through the f32 CUDA-core matrix-vector kernel, larger batches through cuBLAS's tensor-core
  * GEMMs, whose f32 accumulation rounds differently; SmolLM2's attention sinks amplify it: 1.84e-2 (L2) worst over
- * this test's 16 sequences x 9 steps, 8.8e-3 with cuBLAS for every row (ENG_CUDA_GEMV=0), H100, 2026-11-23. */
+ * this test's 16 sequences x 9 steps, 8.8e-3 with cuBLAS for every row (ENG_CUDA_GEMV=0), H100, 2026-11-23. The
+ * amplification makes the worst row swing with any rounding change: with the tensor-core decode attention it is
+ * 4.05e-2 (one row; 5.3e-2 with its queries in three bf16 terms instead of two), while that kernel's outputs are
+ * within 1 bf16 ulp of the CUDA-core kernel's on every attention call of this test (22410 calls, worst rel L2
+ * 1.7e-3, median 7e-6; H100, 2026-11-24). Hence the same 6e-2 as against HF; a real error is over 30%. */
 #define CUDA_REL_TOL         6e-2f
 #define CUDA_NEAR_TIE_MARGIN 0.5f
-#define CUDA_BATCH_REL_TOL   2.5e-2f
+#define CUDA_BATCH_REL_TOL   6e-2f
 static bool s_is_cuda;
 
 typedef struct {
