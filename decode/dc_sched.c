@@ -62,6 +62,9 @@ struct dc_sched {
     dc_spec_acc_t acc_all;                /* acceptance over all sequences, slow decay: new sequences' prior */
     bool has_cost;
     int64_t n_spec_plans;
+    dc_spec_guard_t guard; /* what steps with and without drafts delivered (dc_spec.h) */
+    /* the last updated step's decode rows, draft tokens and accepted drafts, for dc_sched_spec_observe */
+    int64_t step_rows, step_drafts, step_accepted;
     /* plan-time scratch for speculation, (max_batch_seqs) and (max_batch_seqs, DC_MAX_TOKENS_PER_SEQ) */
     float *sp_acc, *sp_extra;
     int32_t *sp_avail, *sp_k, *sp_drafts;
@@ -681,11 +684,17 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
             left -= s->sp_k[i];
         }
     } else {
-        /* one step in DC_SPEC_EXPLORE drafts as the startup calibration would: once the refitted model says drafts
-         * do not pay, the steps stop varying and it could never learn that they pay again (load, acceptance) */
-        const bool is_explore = ++s->n_spec_plans % DC_SPEC_EXPLORE == 0;
-        dc_spec_allocate(is_explore ? &s->cost_calibrated : &s->cost, is_draft, n, s->sp_acc, s->sp_avail,
-                         is_draft ? s->sp_extra : NULL, plan->n_tokens_total, s->p.spec_max_step_drafts, s->sp_k);
+        /* probes (DC_SPEC_EXPLORE): one step drafts as the startup calibration would, whatever the refitted model
+         * and the guard say (once they say drafts do not pay, the steps stop varying and neither could learn that
+         * drafts pay again); another has no drafts, so the guard's comparison stays current */
+        const int64_t phase = ++s->n_spec_plans % (2 * DC_SPEC_EXPLORE);
+        const bool is_explore = phase == 0, is_probe_off = phase == DC_SPEC_EXPLORE;
+        if (is_probe_off || (!is_explore && !dc_spec_guard_allows(&s->guard, n))) {
+            for (int32_t i = 0; i < n; i++) s->sp_k[i] = 0;
+        } else {
+            dc_spec_allocate(is_explore ? &s->cost_calibrated : &s->cost, is_draft, n, s->sp_acc, s->sp_avail,
+                             is_draft ? s->sp_extra : NULL, plan->n_tokens_total, s->p.spec_max_step_drafts, s->sp_k);
+        }
     }
     int32_t bs = s->p.block_size;
     for (int32_t i = 0; i < n; i++) {
@@ -837,6 +846,7 @@ int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_
     for (int32_t i = 0; i < plan->n_decode_rows; i++) max_events += plan->n_draft[i];
     if ((!logits && !plan->is_sampled) || !events || cap < max_events) return PD_EINVAL;
     if (plan->is_sampled) logits = NULL; /* the engine sampled: plan->samples */
+    const uint64_t rows0 = s->n_decode_rows, drafts0 = s->n_draft_tokens, accepted0 = s->n_accepted_tokens;
     int n_ev = 0;
     int32_t row = 0, t = 0;
     for (int32_t i = 0; i < plan->n_seqs; i++) {
@@ -858,6 +868,8 @@ int dc_sched_update(dc_sched_t *s, dc_plan_t *plan, const float *logits, uint64_
         PD_ASSERT(row > first_row);
         (void)s_sample_emit(s, sl, plan, logits, row - 1, now_us, &events[n_ev++]);
     }
+    s->step_rows = (int64_t)(s->n_decode_rows - rows0), s->step_drafts = (int64_t)(s->n_draft_tokens - drafts0);
+    s->step_accepted = (int64_t)(s->n_accepted_tokens - accepted0);
     plan->is_in_flight = false;
     return n_ev;
 }
@@ -902,4 +914,7 @@ void dc_sched_spec_set_cost(dc_sched_t *s, const dc_spec_cost_t *c) {
 
 void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us) {
     if (s->has_cost) dc_spec_cost_observe(&s->cost, n_tokens, verify_us);
+    if (s->p.spec != DC_SPEC_OFF && s->step_rows > 0)
+        dc_spec_guard_observe(&s->guard, (int32_t)s->step_rows, (int32_t)s->step_drafts,
+                              (int32_t)(s->step_rows + s->step_accepted), verify_us);
 }

@@ -111,3 +111,30 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
     }
     return total;
 }
+
+/* Guard sums decay by GUARD_DECAY per step of their bucket and kind (~20 steps count); a verdict needs
+ * GUARD_MIN_STEPS of each kind. */
+#define GUARD_DECAY     0.95
+#define GUARD_MIN_STEPS 4.0
+
+static int s_guard_bucket(int32_t n_rows) {
+    int b = 0;
+    while (b < DC_SPEC_GUARD_BUCKETS - 1 && n_rows >= (2 << b)) b++;
+    return b;
+}
+
+void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts, int32_t n_emitted, double step_us) {
+    if (n_rows <= 0 || n_emitted < 0 || !(step_us > 0)) return;
+    dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
+    const int kind = n_drafts > 0;
+    b->us[kind] = GUARD_DECAY * b->us[kind] + step_us;
+    b->tokens[kind] = GUARD_DECAY * b->tokens[kind] + n_emitted;
+    b->w[kind] = GUARD_DECAY * b->w[kind] + 1;
+}
+
+bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows) {
+    if (n_rows <= 0) return true;
+    const dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
+    if (b->w[0] < GUARD_MIN_STEPS || b->w[1] < GUARD_MIN_STEPS || !(b->us[0] > 0) || !(b->us[1] > 0)) return true;
+    return b->tokens[1] / b->us[1] >= b->tokens[0] / b->us[0];
+}

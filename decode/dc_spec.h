@@ -61,7 +61,10 @@ typedef struct {
     double w, s_n, s_nn, s_y, s_ny;       /* decayed sums over observed steps (n tokens, y us) */
 } dc_spec_cost_t;
 
-#define DC_SPEC_EXPLORE 16 /* dc_sched: every 16th speculative step allocates drafts under the startup calibration */
+/* dc_sched: every DC_SPEC_EXPLORE-th speculative step is a probe, alternately one that drafts under the startup
+ * calibration (so that a model or guard that says drafts do not pay can learn that they pay again) and one without
+ * drafts (so that the guard's comparison stays current while drafting pays). */
+#define DC_SPEC_EXPLORE 16
 
 /* Feeds one measured step: n_tokens verified in verify_us (forward and the host's work on its logits). A step is
  * counted as at most 3x its prediction (a one-off, such as a CUDA graph captured for a new batch shape, moves the
@@ -78,5 +81,27 @@ void dc_spec_cost_observe(dc_spec_cost_t *c, int32_t n_tokens, double verify_us)
 int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t n_rows, const float *acc,
                          const int32_t *avail, const float *first_extra_us, int32_t n_step_tokens, int32_t max_total,
                          int32_t *k);
+
+/* The measured backstop of adaptive k. The cost model is a line in the step's token count; on the GPU a step's
+ * cost also moves with things it does not see (graph buckets, a sampling row and attention tile per draft), and
+ * there it kept drafting where drafts lost 7-9% (chat at concurrency 32). The guard compares what the steps
+ * actually delivered: tokens emitted per microsecond in steps with drafts against steps without, for batches of
+ * about the same size (row counts in power-of-two buckets), over the last few dozen steps of each kind, and
+ * disallows drafts in a bucket where they deliver less. Plain struct, zero-initialised = no measurements (drafts
+ * allowed). */
+#define DC_SPEC_GUARD_BUCKETS 8 /* rows 1, 2-3, 4-7, ..., 128 and more */
+typedef struct {
+    double us[2], tokens[2], w[2]; /* decayed sums per kind (0: no drafts, 1: drafts): step time, emitted, steps */
+} dc_spec_guard_bucket_t;
+typedef struct {
+    dc_spec_guard_bucket_t b[DC_SPEC_GUARD_BUCKETS];
+} dc_spec_guard_t;
+
+/* One pure-decode step of n_rows rows that had n_drafts draft tokens in all and emitted n_emitted tokens (rows
+ * plus accepted drafts, fewer where a row finished) in step_us. */
+void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts, int32_t n_emitted, double step_us);
+/* false when both kinds have at least a few steps in n_rows' bucket and drafted steps emitted fewer tokens per
+ * microsecond. */
+bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
 
 #endif

@@ -7,6 +7,7 @@
  * The integration tests use a truncated draft (deploy/make_draft.py). */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "dc_exec.h"
 #include "eng_draft.h"
@@ -143,6 +144,35 @@ static void test_cost_refit(void) {
     dc_spec_cost_t d = {.base_us = 1000, .per_token_us = 10, .scale = 1};
     for (int i = 0; i < 20; i++) dc_spec_cost_observe(&d, 1 + i % 6, 2000 - 100.0 * (i % 6));
     CHECK(d.per_token_us >= 0 && d.base_us >= 0);
+}
+
+/* The guard: drafts are disallowed only in a row-count bucket where both kinds of steps have been seen and the
+ * drafted ones delivered fewer tokens per microsecond; it follows a change in either direction. */
+static void test_guard(void) {
+    dc_spec_guard_t g = {0};
+    CHECK(dc_spec_guard_allows(&g, 32)); /* nothing measured */
+    /* batch of 32: steps without drafts emit 32 tokens in 2000 us; with drafts, 37 in 2500 us (14.8 vs 16 per ms) */
+    for (int i = 0; i < 3; i++) dc_spec_guard_observe(&g, 32, 0, 32, 2000), dc_spec_guard_observe(&g, 33, 20, 37, 2500);
+    CHECK(dc_spec_guard_allows(&g, 32)); /* three steps of each: too few for a verdict */
+    for (int i = 0; i < 10; i++)
+        dc_spec_guard_observe(&g, 40, 0, 40, 2200), dc_spec_guard_observe(&g, 36, 20, 41, 2800);
+    CHECK(!dc_spec_guard_allows(&g, 32));
+    CHECK(!dc_spec_guard_allows(&g, 63)); /* the same bucket (32-63) */
+    CHECK(dc_spec_guard_allows(&g, 16) && dc_spec_guard_allows(&g, 64) && dc_spec_guard_allows(&g, 1));
+    /* the drafts start paying (acceptance rose): 50 tokens in 2400 us against 40 in 2200 */
+    int n_steps = 0;
+    while (!dc_spec_guard_allows(&g, 32) && n_steps < 200) dc_spec_guard_observe(&g, 40, 30, 50, 2400), n_steps++;
+    CHECK(dc_spec_guard_allows(&g, 32));
+    CHECK(n_steps > 1 && n_steps < 40); /* a few dozen steps of memory, not all of history */
+    /* batch 1, drafts paying from the start: 1.8 tokens in 1100 us against 1 in 1000 */
+    for (int i = 0; i < 20; i++) dc_spec_guard_observe(&g, 1, 4, 2, 1100), dc_spec_guard_observe(&g, 1, 0, 1, 1000);
+    CHECK(dc_spec_guard_allows(&g, 1));
+    /* garbage in changes nothing */
+    dc_spec_guard_t h = g;
+    dc_spec_guard_observe(&h, 0, 4, 2, 1000), dc_spec_guard_observe(&h, 8, 4, 2, 0),
+        dc_spec_guard_observe(&h, 8, 4, -1, 5);
+    CHECK(memcmp(&h, &g, sizeof g) == 0);
+    CHECK(dc_spec_guard_allows(&g, 0));
 }
 
 /* ---- the real model ---- */
@@ -485,6 +515,7 @@ int main(void) {
     PD_TEST_RUN(test_acceptance);
     PD_TEST_RUN(test_allocate);
     PD_TEST_RUN(test_cost_refit);
+    PD_TEST_RUN(test_guard);
     eng_params_t p = eng_params_default();
     p.model_path = pd_test_model_path();
     p.n_threads = 2;
