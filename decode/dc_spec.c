@@ -112,10 +112,10 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
     return total;
 }
 
-/* Guard sums decay by GUARD_DECAY per step of their bucket and kind (~20 steps count); a verdict needs
- * GUARD_MIN_STEPS of each kind. */
-#define GUARD_DECAY     0.95
-#define GUARD_MIN_STEPS 4.0
+/* A verdict needs GUARD_MIN_STEPS steps of each kind in the bucket. Medians, not means: drafted steps take new shapes
+ * often, and a CUDA graph's capture makes one step tens of times its usual length (with decayed means a few
+ * captures decided the verdict on the H100: RAG at batch 1 lost its 1.2-1.3x). */
+#define GUARD_MIN_STEPS 5
 
 static int s_guard_bucket(int32_t n_rows) {
     int b = 0;
@@ -124,17 +124,27 @@ static int s_guard_bucket(int32_t n_rows) {
 }
 
 void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts, int32_t n_emitted, double step_us) {
-    if (n_rows <= 0 || n_emitted < 0 || !(step_us > 0)) return;
+    if (n_rows <= 0 || n_emitted <= 0 || !(step_us > 0)) return;
     dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
     const int kind = n_drafts > 0;
-    b->us[kind] = GUARD_DECAY * b->us[kind] + step_us;
-    b->tokens[kind] = GUARD_DECAY * b->tokens[kind] + n_emitted;
-    b->w[kind] = GUARD_DECAY * b->w[kind] + 1;
+    b->us_per_token[kind][b->next[kind]] = step_us / n_emitted;
+    b->next[kind] = (b->next[kind] + 1) % DC_SPEC_GUARD_STEPS;
+    if (b->n[kind] < DC_SPEC_GUARD_STEPS) b->n[kind]++;
+}
+
+static double s_median(const double *v, int n) {
+    double t[DC_SPEC_GUARD_STEPS];
+    for (int i = 0; i < n; i++) { /* insertion sort: n <= 16 */
+        int j = i;
+        for (; j > 0 && t[j - 1] > v[i]; j--) t[j] = t[j - 1];
+        t[j] = v[i];
+    }
+    return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
 }
 
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows) {
     if (n_rows <= 0) return true;
     const dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
-    if (b->w[0] < GUARD_MIN_STEPS || b->w[1] < GUARD_MIN_STEPS || !(b->us[0] > 0) || !(b->us[1] > 0)) return true;
-    return b->tokens[1] / b->us[1] >= b->tokens[0] / b->us[0];
+    if (b->n[0] < GUARD_MIN_STEPS || b->n[1] < GUARD_MIN_STEPS) return true;
+    return s_median(b->us_per_token[1], b->n[1]) <= s_median(b->us_per_token[0], b->n[0]);
 }

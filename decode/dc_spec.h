@@ -85,13 +85,15 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
 /* The measured backstop of adaptive k. The cost model is a line in the step's token count; on the GPU a step's
  * cost also moves with things it does not see (graph buckets, a sampling row and attention tile per draft), and
  * there it kept drafting where drafts lost 7-9% (chat at concurrency 32). The guard compares what the steps
- * actually delivered: tokens emitted per microsecond in steps with drafts against steps without, for batches of
- * about the same size (row counts in power-of-two buckets), over the last few dozen steps of each kind, and
+ * actually delivered: the median time per emitted token of the last DC_SPEC_GUARD_STEPS steps with drafts against
+ * that of the last steps without, for batches of about the same size (row counts in power-of-two buckets), and
  * disallows drafts in a bucket where they deliver less. Plain struct, zero-initialised = no measurements (drafts
  * allowed). */
 #define DC_SPEC_GUARD_BUCKETS 8 /* rows 1, 2-3, 4-7, ..., 128 and more */
+#define DC_SPEC_GUARD_STEPS   16
 typedef struct {
-    double us[2], tokens[2], w[2]; /* decayed sums per kind (0: no drafts, 1: drafts): step time, emitted, steps */
+    double us_per_token[2][DC_SPEC_GUARD_STEPS]; /* per kind (0: no drafts, 1: drafts), a ring of recent steps */
+    int32_t n[2], next[2];
 } dc_spec_guard_bucket_t;
 typedef struct {
     dc_spec_guard_bucket_t b[DC_SPEC_GUARD_BUCKETS];
@@ -100,8 +102,8 @@ typedef struct {
 /* One pure-decode step of n_rows rows that had n_drafts draft tokens in all and emitted n_emitted tokens (rows
  * plus accepted drafts, fewer where a row finished) in step_us. */
 void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts, int32_t n_emitted, double step_us);
-/* false when both kinds have at least a few steps in n_rows' bucket and drafted steps emitted fewer tokens per
- * microsecond. */
+/* false when both kinds have at least a few steps in n_rows' bucket and drafted steps took longer per emitted token
+ * (medians). */
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
 
 #endif
