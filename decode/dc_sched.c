@@ -63,6 +63,7 @@ struct dc_sched {
     bool has_cost;
     int64_t n_spec_plans;
     dc_spec_guard_t guard; /* what steps with and without drafts delivered (dc_spec.h) */
+    bool is_guard_off;     /* DC_SPEC_GUARD=0: adaptive k under the cost model alone, probes as before the guard */
     /* the last updated step's decode rows, draft tokens and accepted drafts, for dc_sched_spec_observe */
     int64_t step_rows, step_drafts, step_accepted;
     /* plan-time scratch for speculation, (max_batch_seqs) and (max_batch_seqs, DC_MAX_TOKENS_PER_SEQ) */
@@ -129,6 +130,8 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
         return NULL;
     }
     dc_sched_t *s = pd_xcalloc(1, sizeof *s);
+    const char *guard = getenv("DC_SPEC_GUARD"); /* 0: no measured guard (for A/B measurements) */
+    s->is_guard_off = guard && *guard == '0';
     s->p = *p;
     if (s->p.watermark_blocks < 0) {
         int32_t n = eng_kv_pool_n_blocks(p->pool) / 25;
@@ -688,8 +691,9 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
          * and the guard say (once they say drafts do not pay, the steps stop varying and neither could learn that
          * drafts pay again); another has no drafts, so the guard's comparison stays current */
         const int64_t phase = ++s->n_spec_plans % (2 * DC_SPEC_EXPLORE);
-        const bool is_explore = phase == 0, is_probe_off = phase == DC_SPEC_EXPLORE;
-        if (is_probe_off || (!is_explore && !dc_spec_guard_allows(&s->guard, n))) {
+        const bool is_explore = phase % DC_SPEC_EXPLORE == 0 && (phase == 0 || s->is_guard_off);
+        const bool is_probe_off = phase == DC_SPEC_EXPLORE && !s->is_guard_off;
+        if (is_probe_off || (!is_explore && !s->is_guard_off && !dc_spec_guard_allows(&s->guard, n))) {
             for (int32_t i = 0; i < n; i++) s->sp_k[i] = 0;
         } else {
             dc_spec_allocate(is_explore ? &s->cost_calibrated : &s->cost, is_draft, n, s->sp_acc, s->sp_avail,
