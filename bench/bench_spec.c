@@ -116,6 +116,7 @@ static result_t s_run(eng_t *e, eng_t *draft, eng_drafter_t *drafter, dc_spec_mo
     uint64_t dec_tokens = 0, dec_steps = 0, dec_rows = 0;
     dc_sched_stats_t st0 = {0}, st1;
     bool is_decoding = false;
+    double prev_done = -1; /* when the previous step was updated */
     for (;;) {
         int n = dc_sched_plan(s, 0, &plan, ev, (int)(sizeof ev / sizeof *ev));
         if (n < 0 || plan.n_seqs == 0) break;
@@ -130,8 +131,11 @@ static result_t s_run(eng_t *e, eng_t *draft, eng_drafter_t *drafter, dc_spec_mo
         int32_t n_rows = plan.n_decode_rows, n_tokens = plan.n_tokens_total;
         n = dc_sched_update(s, &plan, logits, 0, ev, (int)(sizeof ev / sizeof *ev));
         if (n < 0) PD_FATAL("update failed");
-        /* as dc_exec does: decode steps only, the forward plus the update (sampling, verification) */
-        if (mode != DC_SPEC_OFF && is_pure) dc_sched_spec_observe(s, n_tokens, (s_now() - t1) * 1e6);
+        /* as dc_exec does: decode steps only, the forward plus the update (sampling, verification); the guard
+         * the whole cycle since the previous update */
+        const double t3 = s_now(), cycle_us = prev_done > 0 ? (t3 - prev_done) * 1e6 : -1.0;
+        prev_done = t3;
+        if (mode != DC_SPEC_OFF && is_pure) dc_sched_spec_observe(s, n_tokens, (t3 - t1) * 1e6, cycle_us);
         if (is_pure) {
             dec_time += t2 - t0;
             dec_steps++;

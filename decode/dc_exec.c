@@ -22,6 +22,7 @@ struct dc_exec {
     int cap_events;
     bool is_in_handler; /* inside a step's event callbacks: a kick then would re-enter planning */
     uint64_t step_start_us;
+    uint64_t prev_done_us; /* when the previous step's rows were updated (for the guard's step cycle) */
     uint64_t last_fail_log_us;
     dc_exec_stats_t st;
     /* transferred KV not yet copied from the host mirror to the pool (dc_exec_kv_arrived), and the rows of the
@@ -37,6 +38,8 @@ static void s_emit(dc_exec_t *x, int n) {
     x->is_in_handler = false;
 }
 
+#define S_MAX_STEP_GAP_US 5000 /* a step planned longer than this after the previous one's update followed idle time */
+
 /* The step finished with status: events for its rows. */
 static void s_finish_step(dc_exec_t *x, pd_status result) {
     int n;
@@ -49,8 +52,16 @@ static void s_finish_step(dc_exec_t *x, pd_status result) {
         const int32_t n_tokens = x->plan.n_tokens_total;
         const bool is_pure_decode = x->plan.n_decode_rows == x->plan.n_seqs;
         n = dc_sched_update(x->p.sched, &x->plan, NULL, t0, x->events, x->cap_events);
+        /* speculation's guard takes the whole cycle since the previous step was updated: the events, the next
+         * plan (n-gram lookups included) and the launch are per-step costs that drafting saves or adds; a step
+         * that followed an idle gap has no such cycle */
+        const uint64_t t1 = pd_now_us();
+        const double cycle_us = x->prev_done_us && x->step_start_us - x->prev_done_us < S_MAX_STEP_GAP_US
+                                    ? (double)(t1 - x->prev_done_us)
+                                    : -1.0;
+        x->prev_done_us = t1;
         if (is_pure_decode)
-            dc_sched_spec_observe(x->p.sched, n_tokens, (double)(x->job_verify_us + (pd_now_us() - t0)));
+            dc_sched_spec_observe(x->p.sched, n_tokens, (double)(x->job_verify_us + (t1 - t0)), cycle_us);
     } else {
         x->st.n_failed_steps++;
         uint64_t now = pd_now_us();

@@ -916,9 +916,9 @@ void dc_sched_spec_set_cost(dc_sched_t *s, const dc_spec_cost_t *c) {
     s->has_cost = true;
 }
 
-void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us) {
+void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us, double cycle_us) {
     if (s->has_cost) dc_spec_cost_observe(&s->cost, n_tokens, verify_us);
-    if (s->p.spec != DC_SPEC_OFF && s->step_rows > 0)
+    if (s->p.spec != DC_SPEC_OFF && s->step_rows > 0 && cycle_us > 0)
         dc_spec_guard_observe(&s->guard, (int32_t)s->step_rows, (int32_t)s->step_drafts,
-                              (int32_t)(s->step_rows + s->step_accepted), verify_us);
+                              (int32_t)(s->step_rows + s->step_accepted), cycle_us);
 }

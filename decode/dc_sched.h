@@ -290,9 +290,10 @@ typedef struct {
 } dc_sched_stats_t;
 
 /* Speculation's cost model (dc_spec.h), set by the executor after calibrating the engine; until then drafts
- * are not proposed. dc_sched_spec_observe feeds each step's measured verify time. */
+ * are not proposed. dc_sched_spec_observe feeds each step's measured verify time (the cost model's) and its whole
+ * cycle since the previous step's update (the guard's; negative: none, the step followed idle time). */
 void dc_sched_spec_set_cost(dc_sched_t *s, const dc_spec_cost_t *c);
-void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us);
+void dc_sched_spec_observe(dc_sched_t *s, int32_t n_tokens, double verify_us, double cycle_us);
 
 void dc_sched_stats(const dc_sched_t *s, dc_sched_stats_t *out);
 
