@@ -87,7 +87,8 @@ struct eng_backend {
     eng_cuda_sample_out_t *smp_out_h, *smp_out_d;
     eng_pen_t *smp_pen_h, *smp_pen_d;
     int64_t smp_pen_cap;
-    float *smp_work; /* (S_LOGIT_ROWS, vocab) */
+    float *smp_work; /* (S_LOGIT_ROWS, vocab), allocated by the first sampling forward: a prefill worker never
+                      * samples on the GPU, and at a 128k vocabulary this is 131 MB */
     /* padding to graph buckets (s_forward): the KV layout's last block takes the pad tokens' K/V; -1: no padding
      * (ENG_CUDA_PAD=0) */
     int32_t pad_block;
@@ -381,7 +382,6 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         s_alloc((void **)&be->meta_d, sizeof(int32_t) * be->meta_cap, "scratch") ||
         cudaMallocHost(&be->meta_h, sizeof(int32_t) * be->meta_cap) != cudaSuccess ||
         cudaMallocHost(&be->logits_h, sizeof(float) * S_LOGIT_ROWS * c->vocab_size) != cudaSuccess ||
-        s_alloc((void **)&be->smp_work, sizeof(float) * S_LOGIT_ROWS * c->vocab_size, "scratch") ||
         s_alloc((void **)&be->smp_req_d, sizeof(eng_cuda_sample_req_t) * T, "scratch") ||
         s_alloc((void **)&be->smp_out_d, sizeof(eng_cuda_sample_out_t) * T, "scratch") ||
         cudaMallocHost(&be->smp_req_h, sizeof(eng_cuda_sample_req_t) * T) != cudaSuccess ||
@@ -657,6 +657,9 @@ static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_
         LOG_E("cuda backend: sampling on the GPU takes vocabularies up to %d tokens", ENG_CUDA_SAMPLE_MAX_VOCAB);
         return PD_EINVAL;
     }
+    if (!be->smp_work && s_alloc((void **)&be->smp_work, sizeof(float) * S_LOGIT_ROWS * be->m->cfg.vocab_size,
+                                 "sampling scratch") != PD_OK)
+        return PD_EBACKEND;
     int64_t n_pen = 0;
     for (int32_t r = 0; r < n_logits; r++) n_pen += b->sampling[r].n_pen;
     if (n_pen > be->smp_pen_cap) { /* the previous forward was waited for: nothing reads the old buffers */
