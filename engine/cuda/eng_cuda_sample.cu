@@ -47,6 +47,7 @@ typedef struct {
     uint32_t sel_c;
     double sel_m;
     int32_t n_top;
+    uint64_t found; /* s_select's early stop: the rank of the one token left, ~0 in blocks that do not own it */
     uint64_t top_rank[ENG_MAX_LOGPROBS]; /* this block's tokens among the top logprobs */
     uint64_t cand[S_CAND_CAP];           /* ranks of this block's tokens that can still matter, in id order */
 } s_shared_t;
@@ -294,6 +295,30 @@ __device__ uint64_t s_select(const F &rank_of, s_range_t rg, int mode, uint32_t 
         if (is_top) e_fixed = s_unit_exp(sh->sel_b);
         prefix |= (uint64_t)sh->sel_b << shift, mask |= (uint64_t)(S_BUCKETS - 1) << shift;
         acc_c = sh->sel_c, acc_m = sh->sel_m;
+        if (shift > 0 && sh->all_count[sh->sel_b] == 1) {
+            /* One token left under the prefix: the levels below could only pick its buckets (the first and only
+             * nonempty one, passing or not), so its rank is the answer. One pass finds it instead of a histogram
+             * pass per remaining level (flat rows, where candidates do not fit in shared memory, spent most of
+             * their time there). */
+            if (threadIdx.x == 0) sh->found = ~0ull;
+            __syncthreads();
+            for (int32_t base = rg.first; base < rg.end; base += rg.step) {
+                const int32_t i = base + (int32_t)threadIdx.x;
+                uint64_t r = 0;
+                float w = 0.0f;
+                if (i < rg.end && rank_of(i, r, w) && (r & mask) == prefix)
+                    sh->found = r; /* one thread, cluster-wide */
+            }
+            __syncthreads();
+            c.cl.sync(); /* every block's search is done; nobody reads this level's histograms any more */
+            uint64_t found = ~0ull;
+            for (unsigned r = 0; r < S_CS; r++) {
+                const uint64_t f = c.cl.map_shared_rank(sh, r)->found;
+                found = f < found ? f : found;
+            }
+            c.cl.sync(); /* nobody reads `found` any more (the next selection resets it) */
+            return found;
+        }
         c.cl.sync(); /* nobody reads this level's histograms any more */
     }
     return prefix;
