@@ -64,16 +64,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
         const float qs = rsqrtf((float)HD) * 1.44269504088896341f;
         const float *q_r0 = a.q + (int64_t)(tile.t0 + rr0 / G) * q_dim + (g * G + rr0 % G) * HD;
         const float *q_r1 = a.q + (int64_t)(tile.t0 + rr1 / G) * q_dim + (g * G + rr1 % G) * HD;
-#pragma unroll
-        for (int d = 0; d < HD / 16; d++) {
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int col = d * 16 + half * 8 + 2 * tq;
-                const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
-                s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
-                s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
-            }
-        }
+        s_load_q<HD>(q_r0, q_r1, tq, qs, q_hi, q_lo);
     }
 
     float o[HD / 8][4];
@@ -95,15 +86,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
         const __nv_bfloat16 *k_s = stages + (it % D_STAGES) * STAGE + warp * 16 * LD, *v_s = k_s + D_KEYS * LD;
 
         float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}; /* S = Q K^T: 16 rows x 16 keys */
-#pragma unroll
-        for (int d = 0; d < HD / 16; d++) {
-            uint32_t b[4];
-            s_ldsm_x4(b, k_s + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
-            s_mma(s[0], q_lo[d], b[0], b[1]);
-            s_mma(s[0], q_hi[d], b[0], b[1]);
-            s_mma(s[1], q_lo[d], b[2], b[3]);
-            s_mma(s[1], q_hi[d], b[2], b[3]);
-        }
+        s_qk16<HD>(s[0], s[1], q_hi, q_lo, k_s, lane);
 #pragma unroll
         for (int j = 0; j < 2; j++)
 #pragma unroll
@@ -136,15 +119,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
             s_split(p00, p01, &p_hi[2 * j], &p_lo[2 * j]);
             s_split(p10, p11, &p_hi[2 * j + 1], &p_lo[2 * j + 1]);
         }
-#pragma unroll
-        for (int np = 0; np < HD / 16; np++) {
-            uint32_t b[4];
-            s_ldsm_x4_trans(b, v_s + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + ((lane >> 4) & 1) * 8);
-            s_mma(o[2 * np], p_lo, b[0], b[1]);
-            s_mma(o[2 * np], p_hi, b[0], b[1]);
-            s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
-            s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
-        }
+        s_pv16<HD>(o, p_hi, p_lo, v_s, lane);
     }
 
     /* merge the warps: each leaves its (max, sum) per row and its unnormalised O in shared memory */

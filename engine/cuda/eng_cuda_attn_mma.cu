@@ -47,16 +47,7 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
         const float qs = rsqrtf((float)HD) * 1.44269504088896341f;
         const float *q_r0 = a.q + (int64_t)(tile.t0 + min(r0, tile.n - 1)) * q_dim + h * HD;
         const float *q_r1 = a.q + (int64_t)(tile.t0 + min(r1, tile.n - 1)) * q_dim + h * HD;
-#pragma unroll
-        for (int d = 0; d < HD / 16; d++) {
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int col = d * 16 + half * 8 + 2 * tq;
-                const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
-                s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
-                s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
-            }
-        }
+        s_load_q<HD>(q_r0, q_r1, tq, qs, q_hi, q_lo);
     }
 
     float o[HD / 8][4];
@@ -75,23 +66,13 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
         __syncthreads();
         const __nv_bfloat16 *k_s = stages + (it & 1) * STAGE, *v_s = k_s + S_KEYS * LD;
         if (is_warp_active && k0 <= warp_pos_max) {
-            /* S = Q K^T: 8 key n-tiles of 8, each ldmatrix.x4 gives two n-tiles' B fragments for one d step */
+            /* S = Q K^T: 8 key n-tiles of 8, 16 keys at a time (each score still sums its d steps in order) */
             float s[S_KEYS / 8][4];
 #pragma unroll
             for (int j = 0; j < S_KEYS / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-            for (int d = 0; d < HD / 16; d++) {
-#pragma unroll
-                for (int np = 0; np < S_KEYS / 16; np++) {
-                    uint32_t b[4];
-                    s_ldsm_x4(b, k_s + (np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 +
-                                     ((lane >> 3) & 1) * 8);
-                    s_mma(s[2 * np], q_lo[d], b[0], b[1]);
-                    s_mma(s[2 * np], q_hi[d], b[0], b[1]);
-                    s_mma(s[2 * np + 1], q_lo[d], b[2], b[3]);
-                    s_mma(s[2 * np + 1], q_hi[d], b[2], b[3]);
-                }
-            }
+            for (int np = 0; np < S_KEYS / 16; np++)
+                s_qk16<HD>(s[2 * np], s[2 * np + 1], q_hi, q_lo, k_s + np * 16 * LD, lane);
             if (k0 + S_KEYS - 1 > warp_pos_min) { /* the causal edge crosses this tile */
 #pragma unroll
                 for (int j = 0; j < S_KEYS / 8; j++) {
@@ -134,16 +115,7 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
                     s_split(p00, p01, &p_hi[2 * jj], &p_lo[2 * jj]);
                     s_split(p10, p11, &p_hi[2 * jj + 1], &p_lo[2 * jj + 1]);
                 }
-#pragma unroll
-                for (int np = 0; np < HD / 16; np++) {
-                    uint32_t b[4];
-                    s_ldsm_x4_trans(b, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 +
-                                           ((lane >> 4) & 1) * 8);
-                    s_mma(o[2 * np], p_lo, b[0], b[1]);
-                    s_mma(o[2 * np], p_hi, b[0], b[1]);
-                    s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
-                    s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
-                }
+                s_pv16<HD>(o, p_hi, p_lo, v_s + kk * 16 * LD, lane);
             }
         }
         __syncthreads(); /* this stage is consumed before the next iteration's loads overwrite it */

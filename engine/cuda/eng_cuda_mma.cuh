@@ -51,6 +51,58 @@ static __device__ __forceinline__ void s_split(float x0, float x1, uint32_t *hi,
     *lo = s_pack(x0 - __bfloat162float(h.x), x1 - __bfloat162float(h.y));
 }
 
+/* This lane's two query rows (f32, rows gq and gq + 8 of an m16 tile; tq = lane % 4) as A fragments over HD
+ * dims, scaled by qs and split hi + lo. */
+template <int HD>
+static __device__ __forceinline__ void s_load_q(const float *q_r0, const float *q_r1, int tq, float qs,
+                                                uint32_t (&q_hi)[HD / 16][4], uint32_t (&q_lo)[HD / 16][4]) {
+#pragma unroll
+    for (int d = 0; d < HD / 16; d++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int col = d * 16 + half * 8 + 2 * tq;
+            const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
+            s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
+            s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
+        }
+    }
+}
+
+/* Scores of 16 keys: s0 (keys 0-7) and s1 (keys 8-15) += Q K^T, K the 16 rows at k_rows of a stage ((HD + 8)
+ * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments. */
+template <int HD>
+static __device__ __forceinline__ void s_qk16(float s0[4], float s1[4], const uint32_t (&q_hi)[HD / 16][4],
+                                              const uint32_t (&q_lo)[HD / 16][4], const __nv_bfloat16 *k_rows,
+                                              int lane) {
+    constexpr int LD = HD + 8;
+#pragma unroll
+    for (int d = 0; d < HD / 16; d++) {
+        uint32_t b[4];
+        s_ldsm_x4(b, k_rows + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
+        s_mma(s0, q_lo[d], b[0], b[1]);
+        s_mma(s0, q_hi[d], b[0], b[1]);
+        s_mma(s1, q_lo[d], b[2], b[3]);
+        s_mma(s1, q_hi[d], b[2], b[3]);
+    }
+}
+
+/* O += P V over 16 keys: P's A fragment (hi + lo) from two score n-tiles, V the 16 rows at v_rows of a stage,
+ * its B fragments by ldmatrix.trans. */
+template <int HD>
+static __device__ __forceinline__ void s_pv16(float (&o)[HD / 8][4], const uint32_t p_hi[4], const uint32_t p_lo[4],
+                                              const __nv_bfloat16 *v_rows, int lane) {
+    constexpr int LD = HD + 8;
+#pragma unroll
+    for (int np = 0; np < HD / 16; np++) {
+        uint32_t b[4];
+        s_ldsm_x4_trans(b, v_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + ((lane >> 4) & 1) * 8);
+        s_mma(o[2 * np], p_lo, b[0], b[1]);
+        s_mma(o[2 * np], p_hi, b[0], b[1]);
+        s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
+        s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
+    }
+}
+
 /* KEYS keys of KV head g from k0 on (of the sequence whose block table is `table`) into one shared-memory stage: K
  * then V, (KEYS, HD + 8) bf16 each (the 8 padding elements put the 8 rows of each ldmatrix on distinct banks). Keys
  * past pos_max are zeros. One cp.async group. */

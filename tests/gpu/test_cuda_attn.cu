@@ -399,15 +399,7 @@ static void s_bench(cudaStream_t st) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    float ms;
-
-    CK(cudaMemcpyAsync(d_dst, d_pool, copy_bytes, cudaMemcpyDeviceToDevice, st));
-    CK(cudaEventRecord(e0, st));
-    for (int i = 0; i < 5; i++) CK(cudaMemcpyAsync(d_dst, d_pool, copy_bytes, cudaMemcpyDeviceToDevice, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    const double copy_gbs = 2.0 * (double)copy_bytes * 5 / (ms * 1e-3) / 1e9;
+    const double copy_gbs = cuda_copy_gbs(d_dst, d_pool, copy_bytes, st);
     printf("attention timing, llama-3.1-8b (hd=128 heads=32/8), %d keys per sequence, %d SMs; copy D2D 1 GiB: %.0f "
            "GB/s (read + written)\n",
            BENCH_KEYS, n_sm, copy_gbs);
@@ -419,20 +411,19 @@ static void s_bench(cudaStream_t st) {
         s_splits(B, nkv, BENCH_KEYS, B, n_sm, false, &split_keys[0], &n_splits[0]);
         s_splits(B, nkv, BENCH_KEYS, B, n_sm, true, &split_keys[1], &n_splits[1]);
         const double kv_bytes = (double)B * BENCH_KEYS * kv_dim * 2.0 * 2.0;
+        /* B decode rows, one tile each; every run below sets the kernel and the splits */
+        eng_cuda_tokens_t tk;
+        memset(&tk, 0, sizeof tk);
+        tk.n_tokens = B, tk.tok_pos = d_pos, tk.tok_table = d_tok_table, tk.rope_cs = NULL;
+        tk.block_size = BLOCK_SIZE, tk.n_blocks = n_blocks;
+        eng_cuda_att_t a;
+        memset(&a, 0, sizeof a);
+        a.att = d_att, a.q = d_q, a.kv_pool = (const __nv_bfloat16 *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
+        a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.part_acc = d_part_acc, a.part_ml = d_part_ml;
         double us[2] = {0.0, 0.0};
         for (int is_dec = 0; is_dec < 2; is_dec++) {
             if (is_dec && !is_dec_ok) continue;
-            eng_cuda_tokens_t tk;
-            memset(&tk, 0, sizeof tk);
-            tk.n_tokens = B, tk.tok_pos = d_pos, tk.tok_table = d_tok_table, tk.rope_cs = NULL;
-            tk.block_size = BLOCK_SIZE, tk.n_blocks = n_blocks;
-            eng_cuda_att_t a;
-            memset(&a, 0, sizeof a);
-            a.att = d_att, a.q = d_q, a.kv_pool = (const __nv_bfloat16 *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
-            a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.split_keys = split_keys[is_dec],
-            a.n_splits = n_splits[is_dec];
-            a.part_acc = d_part_acc, a.part_ml = d_part_ml, a.tc_tiles = NULL, a.n_tc_tiles = 0;
-            a.is_dec_mma = is_dec != 0;
+            a.is_dec_mma = is_dec != 0, a.split_keys = split_keys[is_dec], a.n_splits = n_splits[is_dec];
             us[is_dec] = s_time_us(&a, &tk, d_perm, per_seq, R, e0, e1, st);
         }
         const double gbs = kv_bytes / (us[0] * 1e-6) / 1e9;
@@ -455,16 +446,8 @@ static void s_bench(cudaStream_t st) {
         /* the decode kernel under other split counts than s_forward's rule */
         printf("        dec by splits:");
         const int n_try[] = {1, 2, 3, 4, 6, 8, 10};
+        a.is_dec_mma = true;
         for (size_t ni = 0; ni < sizeof n_try / sizeof n_try[0]; ni++) {
-            eng_cuda_tokens_t tk;
-            memset(&tk, 0, sizeof tk);
-            tk.n_tokens = B, tk.tok_pos = d_pos, tk.tok_table = d_tok_table, tk.rope_cs = NULL;
-            tk.block_size = BLOCK_SIZE, tk.n_blocks = n_blocks;
-            eng_cuda_att_t a;
-            memset(&a, 0, sizeof a);
-            a.att = d_att, a.q = d_q, a.kv_pool = (const __nv_bfloat16 *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
-            a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.is_dec_mma = true;
-            a.part_acc = d_part_acc, a.part_ml = d_part_ml;
             const int32_t n = n_try[ni], keys = n == 1 ? 0 : (BENCH_KEYS + n - 1) / n;
             a.split_keys = keys, a.n_splits = n == 1 ? 1 : (BENCH_KEYS + keys - 1) / keys;
             const double t = s_time_us(&a, &tk, d_perm, per_seq, R, e0, e1, st);

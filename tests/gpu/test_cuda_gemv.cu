@@ -34,6 +34,17 @@ static void s_fill(uint16_t *b, float *f, size_t n) {
     for (size_t i = 0; i < n; i++) b[i] = eng_f32_to_bf16(s_rand()), f[i] = eng_bf16_to_f32(b[i]);
 }
 
+/* After a refused call: y (n floats, filled with 0x7f bytes before it) must be as it was. */
+static void s_expect_untouched(const float *dy, float *y, int32_t n, cudaStream_t st) {
+    CK(cudaStreamSynchronize(st));
+    CK(cudaMemcpy(y, dy, (size_t)n * 4, cudaMemcpyDeviceToHost));
+    for (int32_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &y[i], 4);
+        if (u != 0x7f7f7f7fu) s_fail("touched y on a refused shape");
+    }
+}
+
 /* One (n_out, k): x for ENG_CUDA_GEMV_MAX_TOK tokens and the reference for all of them once; each n_tok uses
  * the first n_tok rows (row t of y depends only on row t of x). */
 static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_t k, cudaStream_t st) {
@@ -134,13 +145,7 @@ static void s_check_refusals(cudaStream_t st) {
             fprintf(stderr, "accepted %s\n", cases[c].what);
             s_fail("accepted a shape it must refuse");
         }
-        CK(cudaStreamSynchronize(st));
-        CK(cudaMemcpy(y, dy, n * 4, cudaMemcpyDeviceToHost));
-        for (int32_t i = 0; i < n; i++) {
-            uint32_t u;
-            memcpy(&u, &y[i], 4);
-            if (u != 0x7f7f7f7fu) s_fail("touched y on a refused shape");
-        }
+        s_expect_untouched(dy, y, n, st);
         printf("refuses %s: ok\n", cases[c].what);
         g_n_checks++;
     }
@@ -498,13 +503,7 @@ static void s_check_norm_refusals(cudaStream_t st) {
             fprintf(stderr, "accepted %s\n", cases[c].what);
             s_fail("normalising product accepted a shape it must refuse");
         }
-        CK(cudaStreamSynchronize(st));
-        CK(cudaMemcpy(y, dy, n * 4, cudaMemcpyDeviceToHost));
-        for (int32_t i = 0; i < n; i++) {
-            uint32_t u;
-            memcpy(&u, &y[i], 4);
-            if (u != 0x7f7f7f7fu) s_fail("touched y on a refused shape");
-        }
+        s_expect_untouched(dy, y, n, st);
         printf("norm refuses %s: ok\n", cases[c].what);
         g_n_checks++;
     }
@@ -547,14 +546,7 @@ static void s_bench(cudaStream_t st) {
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
     float ms;
-
-    CK(cudaMemcpyAsync(dst, wbuf, copy_bytes, cudaMemcpyDeviceToDevice, st));
-    CK(cudaEventRecord(e0, st));
-    for (int i = 0; i < 5; i++) CK(cudaMemcpyAsync(dst, wbuf, copy_bytes, cudaMemcpyDeviceToDevice, st));
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    const double copy_gbs = 2.0 * (double)copy_bytes * 5 / (ms * 1e-3) / 1e9;
+    const double copy_gbs = cuda_copy_gbs(dst, wbuf, copy_bytes, st);
     printf("copy D2D 1 GiB: %.0f GB/s (read + written)\n", copy_gbs);
 
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
