@@ -73,7 +73,7 @@ eng_t *eng_create(const eng_params_t *p, char *err, size_t err_cap) {
                                      .n_blocks = p->kv_n_blocks,
                                      /* the CPU reference keeps f32; the GPU halves KV bytes (decode reads them
                                       * every step); kvtransfer converts between the two on receipt */
-                                     .dtype = p->backend == ENG_BACKEND_CUDA ? ENG_KV_BF16 : ENG_KV_F32};
+                                     .dtype = p->backend == ENG_BACKEND_CUDA ? ENG_KV_F16 : ENG_KV_F32};
     if (e->kv_layout.n_blocks == 0) {
         size_t per_block = eng_kv_token_bytes(&e->kv_layout) * (size_t)p->kv_block_size;
         e->kv_layout.n_blocks = (int32_t)(p->kv_mem_bytes / per_block);

@@ -2,10 +2,11 @@
  * CPU backend reads), with Q/K/V and gate/up fused into one matrix each so a layer is four GEMMs (cuBLAS, bf16 in,
  * f32 accumulate; at 1..4 rows our own matrix-vector kernel, eng_cuda_gemv.cu). The residual stream stays f32 on
  * the GPU and the residual adds ride in the products (beta = 1).
- * The KV pool is bf16 on the GPU in the eng_kv_layout.h layout, with an optional pinned host mirror for kvtransfer.
+ * The KV pool is f16 on the GPU (eng_cuda_kv_t, eng_cuda_ops.cuh says why) in the eng_kv_layout.h layout, with an optional pinned host mirror for kvtransfer.
  * A forward copies the batch's small tables up once, runs every layer on one stream (replaying a CUDA graph per
  * batch shape for small batches) and copies back only the logits asked for. Prefill chunks of >= 32 tokens take the
- * tensor-core attention (eng_cuda_attn_mma.cu), decode rows and short chunks the CUDA-core one (eng_cuda_ops.cu).
+ * tensor-core attention (eng_cuda_attn_mma.cu), decode rows and short chunks the tensor-core decode kernel
+ * (eng_cuda_attn_decode.cu; ENG_CUDA_DEC_MMA=0: the CUDA-core one in eng_cuda_ops.cu).
  * A batch with sampling requests is sampled on the GPU (eng_cuda_sample.cu): only token ids and logprobs come back.
  *
  * Not yet here (issue 6): KV copied to the host layer by layer during the forward. */
@@ -73,7 +74,7 @@ struct eng_backend {
     __nv_bfloat16 *embd, *output; /* output == embd when tied */
     float *out_norm;
     s_layer_t *layers;
-    __nv_bfloat16 *kv_pool;
+    eng_cuda_kv_t *kv_pool;
     /* scratch, sized for max_tokens */
     float *x, *qkv, *q, *gu, *rope_cs, *logits;
     __nv_bfloat16 *xb, *att, *h;
@@ -99,6 +100,7 @@ struct eng_backend {
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
     bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     bool is_dec_mma; /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
+    int32_t mma_terms;    /* prefill attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
     bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
@@ -329,8 +331,8 @@ fail:
 static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
                                size_t err_cap) {
     const eng_model_config_t *c = &m->cfg;
-    if (kv->dtype != ENG_KV_BF16) {
-        snprintf(err, err_cap, "cuda backend: KV dtype must be bf16");
+    if (kv->dtype != ENG_KV_F16) {
+        snprintf(err, err_cap, "cuda backend: KV dtype must be f16");
         return NULL;
     }
     if (c->head_dim != 64 && c->head_dim != 128) {
@@ -412,6 +414,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_tc = !(tc && *tc == '0');
         const char *dec_mma = getenv("ENG_CUDA_DEC_MMA");
         be->is_dec_mma = !(dec_mma && *dec_mma == '0') && eng_cuda_dec_usable(c->head_dim, c->n_heads, c->n_kv_heads);
+        const char *terms = getenv("ENG_CUDA_ATTN_TERMS");
+        be->mma_terms = terms && *terms == '2' ? 2 : 1;
         const char *gemv = getenv("ENG_CUDA_GEMV");
         be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
         const char *fuse = getenv("ENG_CUDA_FUSE");
@@ -790,6 +794,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     eng_cuda_att_t att = {};
     att.att = be->att, att.q = be->q, att.kv_pool = be->kv_pool;
     att.tiles = d_tiles, att.n_tiles = (int32_t)n_tiles, att.is_dec_mma = be->is_dec_mma;
+    att.mma_terms = be->mma_terms;
     att.tc_tiles = d_tiles + n_tiles, att.n_tc_tiles = (int32_t)n_tc_tiles;
     att.n_heads = c->n_heads, att.n_kv_heads = c->n_kv_heads, att.head_dim = (int32_t)hd;
     att.split_keys = 0, att.n_splits = 1, att.part_acc = be->part_acc, att.part_ml = be->part_ml;

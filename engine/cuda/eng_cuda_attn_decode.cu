@@ -1,5 +1,5 @@
 /* eng_cuda_attn_decode.cu: attention for decode rows and short chunks (speculative verification) on tensor cores,
- * over the paged bf16 KV pool (contract in eng_cuda_ops.cuh).
+ * over the paged f16 KV pool (contract in eng_cuda_ops.cuh).
  *
  * Decode attention is a stream of K/V bytes: each key is read once and serves the G query heads that share its KV
  * head. The CUDA-core kernel (eng_cuda_ops.cu) alternated "load 32 keys, wait, compute", so an SM had little in
@@ -12,8 +12,8 @@
  * warp; at the end the four warps' (max, sum, O) are merged through shared memory. Padding rows (past the tile's
  * rows) repeat the last row and are never stored.
  *
- * Precision as in the prefill kernel (eng_cuda_attn_mma.cu): Q and P enter as hi + lo bf16 pairs, K and V are exact,
- * sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with
+ * Precision: Q and P enter as hi + lo f16 pairs (the prefill kernel's mma_terms = 2; this kernel streams bytes, so
+ * the second MMA per product costs nothing measurable), K and V as stored, sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with
  * their maxima in natural-log units, as k_attention_combine expects. */
 #include "eng_cuda_mma.cuh"
 #include "eng_cuda_ops.cuh"
@@ -25,7 +25,7 @@
 #define D_WARPS  4
 
 template <int HD> static constexpr __host__ __device__ size_t s_dec_smem(void) {
-    return (size_t)D_STAGES * 2u * D_KEYS * (HD + 8) * sizeof(__nv_bfloat16);
+    return (size_t)D_STAGES * 2u * D_KEYS * (HD + 8) * sizeof(eng_cuda_kv_t);
 }
 
 template <int HD>
@@ -35,7 +35,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     static_assert(D_WARPS * 16 == D_KEYS, "each warp takes 16 keys of a stage");
     static_assert((size_t)D_WARPS * 16 * (HD + 2) * sizeof(float) <= s_dec_smem<HD>(), "the merge fits the stages");
     extern __shared__ __align__(128) unsigned char dec_smem[];
-    __nv_bfloat16 *stages = (__nv_bfloat16 *)dec_smem;
+    eng_cuda_kv_t *stages = (eng_cuda_kv_t *)dec_smem;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
@@ -83,7 +83,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
 
         const int32_t kw = k_begin + it * D_KEYS + warp * 16; /* this warp's first key */
         if (kw > k_last) continue;                            /* past every row's keys (warp-uniform) */
-        const __nv_bfloat16 *k_s = stages + (it % D_STAGES) * STAGE + warp * 16 * LD, *v_s = k_s + D_KEYS * LD;
+        const eng_cuda_kv_t *k_s = stages + (it % D_STAGES) * STAGE + warp * 16 * LD, *v_s = k_s + D_KEYS * LD;
 
         float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}; /* S = Q K^T: 16 rows x 16 keys */
         s_qk16<HD>(s[0], s[1], q_hi, q_lo, k_s, lane);

@@ -1,29 +1,34 @@
 /* eng_cuda_attn_mma.cu: causal attention for prefill chunks on tensor cores, flash-attention 2 style with the
- * operands in registers (mma.sync m16n8k16, bf16 in, f32 accumulate), over the paged bf16 KV pool.
+ * operands in registers (mma.sync m16n8k16, f16 in, f32 accumulate), over the paged f16 KV pool.
  *
- * One thread block per (tile of up to 64 consecutive tokens of one sequence, query head); 4 warps of 16 query rows.
- * Keys come 64 at a time from the paged cache into shared memory with cp.async, two stages, so the next tile's
- * loads overlap this tile's math. Each warp keeps its Q fragments, its 16 x 64 scores, the probabilities and its
+ * One thread block per (tile of up to ENG_CUDA_TC_ROWS = 128 consecutive tokens of one sequence, query head); 8
+ * warps of 16 query rows. Keys come 64 at a time from the paged cache into shared memory with cp.async, two stages,
+ * so the next tile's loads overlap this tile's math. Every key stage serves 128 rows: with 64-token tiles (4 warps)
+ * the K/V traffic from L2 into shared memory was twice as large and bounded the kernel. Each warp keeps its Q fragments, its 16 x 64 scores, the probabilities and its
  * 16 x HD output accumulator in registers: the scores' accumulator layout is the A-operand layout of the P.V
  * product, so P never touches shared memory (the WMMA kernel this replaced stored S, P and O there).
  *
- * Precision: Q and P go in as two bf16 terms each, hi + lo (16 significant bits, near the f32 of the CUDA-core
- * path). A real model's attention sinks make scores of tens, where bf16's 8 bits alone moved attention weights by
- * tens of percent (SmolLM2: batched vs alone 16% apart). K and V are bf16 in the pool, so they are exact. The
- * scale 1/sqrt(head_dim) and log2(e) are folded into Q so the softmax runs on exp2. */
+ * Precision: Q and P go in as one f16 term each (mma_terms = 1, the default: 11 significant bits, 2^-12 relative
+ * rounding), or as two, hi + lo (mma_terms = 2, ENG_CUDA_ATTN_TERMS=2: 22 bits, near f32, at twice the MMAs). A
+ * real model's attention sinks make scores of tens, where bf16's 8 bits moved attention weights by tens of percent
+ * (SmolLM2: batched vs alone 16% apart); one f16 term errs 8x less, about as much as the f16 rounding of the stored
+ * keys themselves. K and V enter as stored. The scale 1/sqrt(head_dim) and log2(e) are folded into Q so the
+ * softmax runs on exp2. */
 #include "eng_cuda_mma.cuh"
 #include "eng_cuda_ops.cuh"
 
 #include <math.h>
 
-#define S_KEYS 64 /* keys per shared-memory stage */
+#define S_KEYS    64                           /* keys per shared-memory stage */
+#define S_THREADS (ENG_CUDA_TC_ROWS / 16 * 32) /* a warp per 16 rows */
 
 /* Fragment layouts: eng_cuda_mma.cuh. */
-template <int HD>
-static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
+template <int HD, int NT>
+static __global__ void __launch_bounds__(S_THREADS)
+    k_attention_mma(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
     constexpr int LD = HD + 8, STAGE = 2 * S_KEYS * LD;
     extern __shared__ __align__(128) unsigned char mma_smem[];
-    __nv_bfloat16 *stages = (__nv_bfloat16 *)mma_smem;
+    eng_cuda_kv_t *stages = (eng_cuda_kv_t *)mma_smem;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
     /* the longest tiles (last in a sequence) first, so the short ones fill the tail of the grid */
@@ -41,7 +46,8 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
 
     s_load_keys<HD, S_KEYS>(stages, a, tk, table, 0, pos_max, g);
 
-    /* Q fragments straight from global memory (f32), scaled, split hi + lo; padding rows repeat the last row */
+    /* Q fragments straight from global memory (f32), scaled, split hi + lo (NT = 1 uses hi alone); padding rows
+     * repeat the last row */
     uint32_t q_hi[HD / 16][4], q_lo[HD / 16][4];
     {
         const float qs = rsqrtf((float)HD) * 1.44269504088896341f;
@@ -64,7 +70,7 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
             asm volatile("cp.async.wait_group 0;\n" ::);
         }
         __syncthreads();
-        const __nv_bfloat16 *k_s = stages + (it & 1) * STAGE, *v_s = k_s + S_KEYS * LD;
+        const eng_cuda_kv_t *k_s = stages + (it & 1) * STAGE, *v_s = k_s + S_KEYS * LD;
         if (is_warp_active && k0 <= warp_pos_max) {
             /* S = Q K^T: 8 key n-tiles of 8, 16 keys at a time (each score still sums its d steps in order) */
             float s[S_KEYS / 8][4];
@@ -72,7 +78,7 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
             for (int j = 0; j < S_KEYS / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
             for (int np = 0; np < S_KEYS / 16; np++)
-                s_qk16<HD>(s[2 * np], s[2 * np + 1], q_hi, q_lo, k_s + np * 16 * LD, lane);
+                s_qk16<HD, NT>(s[2 * np], s[2 * np + 1], q_hi, q_lo, k_s + np * 16 * LD, lane);
             if (k0 + S_KEYS - 1 > warp_pos_min) { /* the causal edge crosses this tile */
 #pragma unroll
                 for (int j = 0; j < S_KEYS / 8; j++) {
@@ -115,7 +121,7 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
                     s_split(p00, p01, &p_hi[2 * jj], &p_lo[2 * jj]);
                     s_split(p10, p11, &p_hi[2 * jj + 1], &p_lo[2 * jj + 1]);
                 }
-                s_pv16<HD>(o, p_hi, p_lo, v_s + kk * 16 * LD, lane);
+                s_pv16<HD, NT>(o, p_hi, p_lo, v_s + kk * 16 * LD, lane);
             }
         }
         __syncthreads(); /* this stage is consumed before the next iteration's loads overwrite it */
@@ -138,24 +144,24 @@ static __global__ void __launch_bounds__(128) k_attention_mma(const eng_cuda_att
     }
 }
 
-template <int HD>
+template <int HD, int NT>
 static cudaError_t s_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
-    constexpr size_t SMEM = 2u * 2u * S_KEYS * (HD + 8) * sizeof(__nv_bfloat16);
+    constexpr size_t SMEM = 2u * 2u * S_KEYS * (HD + 8) * sizeof(eng_cuda_kv_t);
     static bool is_configured = false; /* the engine thread is the only caller */
     if (!is_configured) {
         cudaError_t err =
-            cudaFuncSetAttribute(k_attention_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM);
+            cudaFuncSetAttribute(k_attention_mma<HD, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM);
         if (err != cudaSuccess) return err;
         is_configured = true;
     }
-    k_attention_mma<HD><<<dim3((unsigned)a->n_tc_tiles, (unsigned)a->n_heads), 128, SMEM, st>>>(*a, *tk);
+    k_attention_mma<HD, NT><<<dim3((unsigned)a->n_tc_tiles, (unsigned)a->n_heads), S_THREADS, SMEM, st>>>(*a, *tk);
     return cudaGetLastError();
 }
 
 cudaError_t eng_cuda_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     switch (a->head_dim) {
-    case 64: return s_attention_mma<64>(a, tk, st);
-    case 128: return s_attention_mma<128>(a, tk, st);
+    case 64: return a->mma_terms == 2 ? s_attention_mma<64, 2>(a, tk, st) : s_attention_mma<64, 1>(a, tk, st);
+    case 128: return a->mma_terms == 2 ? s_attention_mma<128, 2>(a, tk, st) : s_attention_mma<128, 1>(a, tk, st);
     default: return cudaErrorInvalidValue;
     }
 }

@@ -160,12 +160,12 @@ static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64
             if (o < q_dim) {
                 d.q[t * q_dim + o] = y0, d.q[t * q_dim + o + 1] = y1;
             } else {
-                __nv_bfloat16 *k_dst = d.kv_pool + s_kv_slot(tk, d.layer, 0, block, slot, kv_dim) + (o - q_dim);
-                k_dst[0] = __float2bfloat16(y0), k_dst[1] = __float2bfloat16(y1);
+                eng_cuda_kv_t *k_dst = d.kv_pool + s_kv_slot(tk, d.layer, 0, block, slot, kv_dim) + (o - q_dim);
+                k_dst[0] = s_kv_from_f32(y0), k_dst[1] = s_kv_from_f32(y1);
             }
         } else {
-            __nv_bfloat16 *v_dst = d.kv_pool + s_kv_slot(tk, d.layer, 1, block, slot, kv_dim) + (o - q_dim - kv_dim);
-            v_dst[0] = __float2bfloat16(a0), v_dst[1] = __float2bfloat16(a1);
+            eng_cuda_kv_t *v_dst = d.kv_pool + s_kv_slot(tk, d.layer, 1, block, slot, kv_dim) + (o - q_dim - kv_dim);
+            v_dst[0] = s_kv_from_f32(a0), v_dst[1] = s_kv_from_f32(a1);
         }
     }
 }

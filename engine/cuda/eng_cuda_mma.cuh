@@ -1,5 +1,6 @@
 /* eng_cuda_mma.cuh: the tensor-core building blocks the attention kernels share (private to engine/cuda/):
- * mma.sync m16n8k16 on bf16 with f32 accumulation, ldmatrix, cp.async and hi + lo bf16 splitting.
+ * mma.sync m16n8k16 on f16 (the KV pool's eng_cuda_kv_t) with f32 accumulation, ldmatrix, cp.async and hi + lo f16
+ * splitting.
  *
  * Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 * gq + tq. A (16 x 16): reg 0 = (row gq, cols 2tq, 2tq + 1),
  * reg 1 = row gq + 8, reg 2 = cols + 8, reg 3 = both. B (16 x 8): reg 0 = (rows 2tq, 2tq + 1, col gq), reg 1 =
@@ -7,26 +8,26 @@
 #ifndef ENG_CUDA_MMA_CUH
 #define ENG_CUDA_MMA_CUH
 
-#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "eng_cuda_ops.cuh"
 
 static __device__ __forceinline__ void s_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-static __device__ __forceinline__ void s_ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
+static __device__ __forceinline__ void s_ldsm_x4(uint32_t r[4], const eng_cuda_kv_t *p) {
     const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 }
 
-static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const __nv_bfloat16 *p) {
+static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const eng_cuda_kv_t *p) {
     const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -34,25 +35,31 @@ static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const __nv
 }
 
 /* 16 bytes global -> shared, asynchronously; n_src 0 writes zeros (keys past the sequence's end). */
-static __device__ __forceinline__ void s_cp_async16(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int n_src) {
+static __device__ __forceinline__ void s_cp_async16(eng_cuda_kv_t *dst, const eng_cuda_kv_t *src, int n_src) {
     const uint32_t addr = (uint32_t)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(n_src));
 }
 
 static __device__ __forceinline__ uint32_t s_pack(float lo_col, float hi_col) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo_col, hi_col); /* .x (low half) = the lower column */
+    __half2 v = __floats2half2_rn(lo_col, hi_col); /* .x (low half) = the lower column */
     return *(uint32_t *)&v;
 }
 
-/* x as hi + lo bf16 pairs: hi = bf16(x), lo = bf16(x - hi). */
+static __device__ __forceinline__ float s_sat(float x) {
+    return fminf(fmaxf(x, -65504.0f), 65504.0f);
+}
+
+/* x as hi + lo f16 pairs: hi = f16(x), lo = f16(x - hi): 22 significant bits, about f32's 24 (a lo under f16's
+ * normal range, 6e-5, keeps an absolute error of 3e-8). |x| must be finite and under 65504. */
 static __device__ __forceinline__ void s_split(float x0, float x1, uint32_t *hi, uint32_t *lo) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+    __half2 h = __floats2half2_rn(x0, x1);
     *hi = *(uint32_t *)&h;
-    *lo = s_pack(x0 - __bfloat162float(h.x), x1 - __bfloat162float(h.y));
+    *lo = s_pack(x0 - __half2float(h.x), x1 - __half2float(h.y));
 }
 
 /* This lane's two query rows (f32, rows gq and gq + 8 of an m16 tile; tq = lane % 4) as A fragments over HD
- * dims, scaled by qs and split hi + lo. */
+ * dims, scaled by qs and split hi + lo (saturated to f16's range first: a query that large is broken anyway, and
+ * an infinity would turn every score of its row into NaN). */
 template <int HD>
 static __device__ __forceinline__ void s_load_q(const float *q_r0, const float *q_r1, int tq, float qs,
                                                 uint32_t (&q_hi)[HD / 16][4], uint32_t (&q_lo)[HD / 16][4]) {
@@ -62,52 +69,53 @@ static __device__ __forceinline__ void s_load_q(const float *q_r0, const float *
         for (int half = 0; half < 2; half++) {
             const int col = d * 16 + half * 8 + 2 * tq;
             const float2 v0 = *(const float2 *)(q_r0 + col), v1 = *(const float2 *)(q_r1 + col);
-            s_split(v0.x * qs, v0.y * qs, &q_hi[d][2 * half], &q_lo[d][2 * half]);
-            s_split(v1.x * qs, v1.y * qs, &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
+            s_split(s_sat(v0.x * qs), s_sat(v0.y * qs), &q_hi[d][2 * half], &q_lo[d][2 * half]);
+            s_split(s_sat(v1.x * qs), s_sat(v1.y * qs), &q_hi[d][2 * half + 1], &q_lo[d][2 * half + 1]);
         }
     }
 }
 
 /* Scores of 16 keys: s0 (keys 0-7) and s1 (keys 8-15) += Q K^T, K the 16 rows at k_rows of a stage ((HD + 8)
- * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments. */
-template <int HD>
+ * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments. NT = 2: Q as hi + lo (two MMAs
+ * per product), NT = 1: hi alone. */
+template <int HD, int NT = 2>
 static __device__ __forceinline__ void s_qk16(float s0[4], float s1[4], const uint32_t (&q_hi)[HD / 16][4],
-                                              const uint32_t (&q_lo)[HD / 16][4], const __nv_bfloat16 *k_rows,
+                                              const uint32_t (&q_lo)[HD / 16][4], const eng_cuda_kv_t *k_rows,
                                               int lane) {
     constexpr int LD = HD + 8;
 #pragma unroll
     for (int d = 0; d < HD / 16; d++) {
         uint32_t b[4];
         s_ldsm_x4(b, k_rows + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
-        s_mma(s0, q_lo[d], b[0], b[1]);
+        if (NT == 2) s_mma(s0, q_lo[d], b[0], b[1]);
         s_mma(s0, q_hi[d], b[0], b[1]);
-        s_mma(s1, q_lo[d], b[2], b[3]);
+        if (NT == 2) s_mma(s1, q_lo[d], b[2], b[3]);
         s_mma(s1, q_hi[d], b[2], b[3]);
     }
 }
 
-/* O += P V over 16 keys: P's A fragment (hi + lo) from two score n-tiles, V the 16 rows at v_rows of a stage,
- * its B fragments by ldmatrix.trans. */
-template <int HD>
+/* O += P V over 16 keys: P's A fragment (hi + lo, or NT = 1: hi alone) from two score n-tiles, V the 16 rows at
+ * v_rows of a stage, its B fragments by ldmatrix.trans. */
+template <int HD, int NT = 2>
 static __device__ __forceinline__ void s_pv16(float (&o)[HD / 8][4], const uint32_t p_hi[4], const uint32_t p_lo[4],
-                                              const __nv_bfloat16 *v_rows, int lane) {
+                                              const eng_cuda_kv_t *v_rows, int lane) {
     constexpr int LD = HD + 8;
 #pragma unroll
     for (int np = 0; np < HD / 16; np++) {
         uint32_t b[4];
         s_ldsm_x4_trans(b, v_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + ((lane >> 4) & 1) * 8);
-        s_mma(o[2 * np], p_lo, b[0], b[1]);
+        if (NT == 2) s_mma(o[2 * np], p_lo, b[0], b[1]);
         s_mma(o[2 * np], p_hi, b[0], b[1]);
-        s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
+        if (NT == 2) s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
         s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
     }
 }
 
 /* KEYS keys of KV head g from k0 on (of the sequence whose block table is `table`) into one shared-memory stage: K
- * then V, (KEYS, HD + 8) bf16 each (the 8 padding elements put the 8 rows of each ldmatrix on distinct banks). Keys
+ * then V, (KEYS, HD + 8) f16 each (the 8 padding elements put the 8 rows of each ldmatrix on distinct banks). Keys
  * past pos_max are zeros. One cp.async group. */
 template <int HD, int KEYS>
-static __device__ __forceinline__ void s_load_keys(__nv_bfloat16 *stage, const eng_cuda_att_t &a,
+static __device__ __forceinline__ void s_load_keys(eng_cuda_kv_t *stage, const eng_cuda_att_t &a,
                                                    const eng_cuda_tokens_t &tk, const int32_t *table, int32_t k0,
                                                    int32_t pos_max, int32_t g) {
     constexpr int LD = HD + 8, VEC = HD / 8;

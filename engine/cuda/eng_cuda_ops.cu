@@ -74,7 +74,7 @@ void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, in
 }
 
 /* One block per token: rotate the (adjacent) pairs of every Q and K head, store K and V in the token's slot. */
-static __global__ void k_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
+static __global__ void k_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
                                     const eng_cuda_tokens_t tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                                     int32_t head_dim) {
     const int64_t t = blockIdx.x;
@@ -83,8 +83,8 @@ static __global__ void k_rope_store(float *q, __nv_bfloat16 *kv_pool, const floa
     const float *cs = tk.rope_cs + t * head_dim;
     const int32_t pos = tk.tok_pos[t];
     const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
-    __nv_bfloat16 *k_dst = kv_pool + s_kv_slot(tk, layer, 0, block, slot, kv_dim);
-    __nv_bfloat16 *v_dst = kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim);
+    eng_cuda_kv_t *k_dst = kv_pool + s_kv_slot(tk, layer, 0, block, slot, kv_dim);
+    eng_cuda_kv_t *v_dst = kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim);
     for (int32_t p = threadIdx.x; p < (n_heads + n_kv_heads) * half; p += blockDim.x) {
         const int32_t i = p % half, e = 2 * (p / half) * half + 2 * i; /* element of the pair in [q | k] */
         float x0 = row[e], x1 = row[e + 1];
@@ -94,17 +94,17 @@ static __global__ void k_rope_store(float *q, __nv_bfloat16 *kv_pool, const floa
         if (e < q_dim) {
             q[t * q_dim + e] = y0, q[t * q_dim + e + 1] = y1;
         } else {
-            k_dst[e - q_dim] = __float2bfloat16(y0), k_dst[e - q_dim + 1] = __float2bfloat16(y1);
+            k_dst[e - q_dim] = s_kv_from_f32(y0), k_dst[e - q_dim + 1] = s_kv_from_f32(y1);
         }
     }
     for (int32_t i = threadIdx.x; i < kv_dim; i += blockDim.x) {
         float v = row[q_dim + kv_dim + i];
         if (bias) v += bias[q_dim + kv_dim + i];
-        v_dst[i] = __float2bfloat16(v);
+        v_dst[i] = s_kv_from_f32(v);
     }
 }
 
-void eng_cuda_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
+void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st) {
     k_rope_store<<<tk->n_tokens, 256, 0, st>>>(q, kv_pool, qkv, bias, *tk, layer, n_heads, n_kv_heads, head_dim);
@@ -171,10 +171,10 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
                     *(const uint4 *)(a.kv_pool + s_kv_slot(tk, a.layer, 0, block, slot, kv_dim) + g * HD + vec * 8);
                 const uint4 vr =
                     *(const uint4 *)(a.kv_pool + s_kv_slot(tk, a.layer, 1, block, slot, kv_dim) + g * HD + vec * 8);
-                const __nv_bfloat162 *kb = (const __nv_bfloat162 *)&kr, *vb = (const __nv_bfloat162 *)&vr;
+                const __half2 *kb = (const __half2 *)&kr, *vb = (const __half2 *)&vr;
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const float2 kk = __bfloat1622float2(kb[e]), vv = __bfloat1622float2(vb[e]);
+                    const float2 kk = __half22float2(kb[e]), vv = __half22float2(vb[e]);
                     kf[2 * e] = kk.x, kf[2 * e + 1] = kk.y, vf[2 * e] = vv.x, vf[2 * e + 1] = vv.y;
                 }
             } else {

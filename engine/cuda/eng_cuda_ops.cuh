@@ -1,13 +1,25 @@
 /* eng_cuda_ops.cuh: the CUDA backend's kernels behind eng_cuda_* launchers (private to engine/cuda/).
- * Layouts: the residual stream is f32 (T, dim); everything that feeds a GEMM is bf16; the KV pool is bf16 in
- * the eng_kv_layout.h layout, so a block's chunk copies out as is. A "token" is one new token of the batch;
+ * Layouts: the residual stream is f32 (T, dim); everything that feeds a GEMM is bf16; the KV pool is f16
+ * (eng_cuda_kv_t) in the eng_kv_layout.h layout, so a block's chunk copies out as is. A "token" is one new token of the batch;
  * per token the launchers get its position and its sequence's block table (flattened, offset per sequence). */
 #ifndef ENG_CUDA_OPS_CUH
 #define ENG_CUDA_OPS_CUH
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+/* The KV pool's element (ENG_KV_F16 in eng_kv_layout.h terms). f16 rather than the weights' bf16: the attention
+ * kernels feed keys and values to the tensor cores as they are stored, with queries and probabilities in the same
+ * type, and f16's 11 significant bits (bf16: 8) are what lets one f16 term carry Q and P in the prefill kernel
+ * where bf16 needed two (a real model's attention sinks make scores of tens, eng_cuda_attn_mma.cu). K and V after
+ * RoPE stay far inside f16's range (+-65504), as llama.cpp's default f16 KV cache relies on; stores saturate
+ * instead of overflowing to infinity all the same. */
+typedef __half eng_cuda_kv_t;
+static __device__ __forceinline__ eng_cuda_kv_t s_kv_from_f32(float x) {
+    return __float2half_rn(fminf(fmaxf(x, -65504.0f), 65504.0f));
+}
 
 /* What the kernels need to find a token's sequence, position and KV blocks. All device pointers. */
 typedef struct {
@@ -28,9 +40,9 @@ typedef struct {
 #define ENG_CUDA_ATT_WARPS 4
 #define ENG_CUDA_ATT_RPW   8 /* query rows per warp */
 #define ENG_CUDA_ATT_ROWS  (ENG_CUDA_ATT_WARPS * ENG_CUDA_ATT_RPW)
-#define ENG_CUDA_ATT_KEYS  32 /* keys per shared-memory tile: one per lane */
-#define ENG_CUDA_TC_ROWS   64 /* tokens per tensor-core attention tile (16 per warp, 4 warps) */
-#define ENG_CUDA_TC_MIN    32 /* a sequence with at least this many new tokens takes the tensor-core path */
+#define ENG_CUDA_ATT_KEYS  32  /* keys per shared-memory tile: one per lane */
+#define ENG_CUDA_TC_ROWS   128 /* tokens per tensor-core attention tile (16 per warp, 8 warps) */
+#define ENG_CUDA_TC_MIN    32  /* a sequence with at least this many new tokens takes the tensor-core path */
 
 /* x[t] = embd[tokens[t]] as f32. */
 void eng_cuda_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t n_tokens, int32_t dim,
@@ -42,15 +54,15 @@ void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, con
 void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, int32_t head_dim, double theta,
                          cudaStream_t st);
 /* From the fused projection qkv (T, q_dim + 2 kv_dim) f32 (+ bias when not NULL): RoPE'd Q into q (T, q_dim) f32,
- * RoPE'd K and V into the token's slot of layer `layer` of the bf16 KV pool. */
-void eng_cuda_rope_store(float *q, __nv_bfloat16 *kv_pool, const float *qkv, const float *bias,
+ * RoPE'd K and V into the token's slot of layer `layer` of the KV pool. */
+void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st);
 /* Causal attention over the paged cache for every token of the batch. */
 typedef struct {
     __nv_bfloat16 *att;           /* out: (T, n_heads * head_dim) */
     const float *q;               /* (T, n_heads * head_dim), RoPE applied */
-    const __nv_bfloat16 *kv_pool; /* the whole pool */
+    const eng_cuda_kv_t *kv_pool; /* the whole pool */
     const eng_cuda_tile_t *tiles; /* (n_tiles) device: CUDA-core tiles (decode, short chunks) */
     int32_t n_tiles, layer, n_heads, n_kv_heads, head_dim;
     int32_t split_keys, n_splits;    /* 0, 1: each (tile, KV head) in one block; else keys per split block */
@@ -60,6 +72,7 @@ typedef struct {
     /* true: the CUDA-core tiles go to the tensor-core decode kernel (eng_cuda_attn_decode.cu) instead, which takes
      * tiles of at most ENG_CUDA_DEC_ROWS query rows (eng_cuda_dec_tile_tokens tokens); see eng_cuda_dec_usable */
     bool is_dec_mma;
+    int32_t mma_terms; /* prefill tiles: Q and P as 1 f16 term, or 2 (hi + lo; eng_cuda_attn_mma.cu) */
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* The tensor-core tiles of a (eng_cuda_attn_mma.cu); eng_cuda_attention calls it. */
@@ -99,7 +112,7 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
  * Same refusals as eng_cuda_gemv (false: nothing launched; the caller runs the product and the next kernel). */
 typedef struct {
     float *q;               /* (n_tok, n_heads * head_dim) */
-    __nv_bfloat16 *kv_pool; /* the whole pool */
+    eng_cuda_kv_t *kv_pool; /* the whole pool */
     const float *bias;      /* (q_dim + 2 kv_dim) or NULL */
     int32_t layer, n_heads, n_kv_heads, head_dim;
 } eng_cuda_qkv_dst_t;

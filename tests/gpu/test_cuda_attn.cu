@@ -1,8 +1,10 @@
-/* test_cuda_attn.cu: eng_cuda_attention's CUDA-core tiles (decode rows and short chunks over the paged bf16 KV
- * cache) against a double-precision host reference, through both kernels behind them: k_attention (is_dec_mma
- * false, tiles of ENG_CUDA_ATT_ROWS / G tokens) and the tensor-core decode kernel (is_dec_mma true, tiles of
- * eng_cuda_dec_tile_tokens), each without key splits and with splits of 64 and 96 keys (partials merged by the
- * combine kernel). Head layouts of SmolLM2 (64 x 9/3), Llama-3.2-1B (64 x 32/8), Llama-3.1-8B (128 x 32/8), G = 1
+/* test_cuda_attn.cu: eng_cuda_attention over the paged f16 KV cache against a double-precision host reference,
+ * through every kernel behind it: k_attention (is_dec_mma false, tiles of ENG_CUDA_ATT_ROWS / G tokens), the
+ * tensor-core decode kernel (is_dec_mma true, tiles of eng_cuda_dec_tile_tokens), each for every sequence of the
+ * batch, and then the batch as a forward splits it: chunks of >= ENG_CUDA_TC_MIN tokens in tiles of
+ * ENG_CUDA_TC_ROWS to the tensor-core prefill kernel (Q and P as one f16 term, and as two), the rest to the decode
+ * kernel. Each without key splits and with splits of 64 and 96 keys (partials merged by the combine kernel, which
+ * must leave the prefill tiles' rows alone). Head layouts of SmolLM2 (64 x 9/3), Llama-3.2-1B (64 x 32/8), Llama-3.1-8B (128 x 32/8), G = 1
  * (128 x 8/8) and G = 16 (64 x 16/1); queries flat (scale 1), peaked (scale 8) and aimed at a sink key that takes
  * most of the weight. Batches are built like s_forward builds them: shuffled block tables, tiles of consecutive
  * tokens of one sequence, empty pad tiles. Then, not asserted, both kernels' time and KV bandwidth on 8B decode
@@ -41,9 +43,9 @@ static float s_rand(void) { /* uniform in [-1, 1) */
     return (float)s_next() * (2.0f / 16777216.0f) - 1.0f;
 }
 
-/* Fills n bf16 values in [-1, 1], returning their exact f32 values in f. */
+/* Fills n f16 values in [-1, 1], returning their exact f32 values in f. */
 static void s_fill(uint16_t *b, float *f, size_t n) {
-    for (size_t i = 0; i < n; i++) b[i] = eng_f32_to_bf16(s_rand()), f[i] = eng_bf16_to_f32(b[i]);
+    for (size_t i = 0; i < n; i++) b[i] = eng_f32_to_f16(s_rand()), f[i] = eng_f16_to_f32(b[i]);
 }
 
 /* s_kv_slot on the host: element offset of (layer, K or V, block, slot) in the pool. */
@@ -60,9 +62,11 @@ typedef struct {
 /* The batch: (new tokens, position of the first), in batch order. Decode rows see 1, 15, 16, 17, 100, 640 and
  * 1000 keys (one key, both sides of block edges, long contexts); chunks of 2..5 tokens at the end of a context
  * (one from position 0, one across a block edge, one ending at 1000 keys) and one of 17 tokens, still a CUDA-core
- * chunk (< ENG_CUDA_TC_MIN), that takes several tiles at every G. */
-static const int32_t k_seqs[][2] = {{1, 639},  {2, 0},  {1, 0},  {5, 995}, {1, 14},  {3, 14}, {1, 999},
-                                    {17, 300}, {1, 16}, {4, 60}, {1, 15},  {5, 200}, {1, 99}};
+ * chunk (< ENG_CUDA_TC_MIN), that takes several tiles at every G. Prefill chunks (>= ENG_CUDA_TC_MIN): 40 tokens
+ * from position 0 (one partial tile), 150 from 500 (a full tile and a partial one, starting mid-block) and 32
+ * ending at 1000 keys. */
+static const int32_t k_seqs[][2] = {{1, 639},  {2, 0},  {1, 0},     {5, 995}, {1, 14}, {40, 0},  {3, 14},   {1, 999},
+                                    {17, 300}, {1, 16}, {150, 500}, {4, 60},  {1, 15}, {5, 200}, {32, 968}, {1, 99}};
 #define N_SEQS ((int32_t)(sizeof k_seqs / sizeof k_seqs[0]))
 
 enum { Q_FLAT, Q_PEAKED, Q_SINK, Q_N };
@@ -159,7 +163,7 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
     for (int32_t s = 0; s < N_SEQS; s++) {
         const int32_t p = k_seqs[s][1] * 2 / 3;
         const size_t at = s_slot(n_blocks, LAYER, 0, tables[seq_off[s] + p / BLOCK_SIZE], p % BLOCK_SIZE, kv_dim);
-        for (int32_t i = 0; i < kv_dim; i++) pool_f[at + i] = w[i], pool_b[at + i] = eng_f32_to_bf16(w[i]);
+        for (int32_t i = 0; i < kv_dim; i++) pool_f[at + i] = w[i], pool_b[at + i] = eng_f32_to_f16(w[i]);
     }
 
     const int32_t max_splits = (max_pos + 1 + 63) / 64;
@@ -168,12 +172,16 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
     double *ref = (double *)malloc(sizeof(double) * n_att), *qtol = (double *)malloc(sizeof(double) * n_att);
     uint16_t *att = (uint16_t *)malloc(2 * n_att);
     eng_cuda_tile_t *tiles = (eng_cuda_tile_t *)malloc(sizeof(eng_cuda_tile_t) * (size_t)(T + N_PAD_TILES));
-    if (!q || !ref || !qtol || !att || !tiles) s_fail("host allocation");
-    __nv_bfloat16 *d_pool, *d_att;
+    eng_cuda_tile_t *tc_tiles = (eng_cuda_tile_t *)malloc(sizeof(eng_cuda_tile_t) * (size_t)T);
+    bool *tok_is_tc = (bool *)malloc((size_t)T);
+    if (!q || !ref || !qtol || !att || !tiles || !tc_tiles || !tok_is_tc) s_fail("host allocation");
+    eng_cuda_kv_t *d_pool;
+    __nv_bfloat16 *d_att;
     int32_t *d_tables, *d_tok_pos, *d_tok_table;
     float *d_q, *d_part_acc, *d_part_ml;
-    eng_cuda_tile_t *d_tiles;
+    eng_cuda_tile_t *d_tiles, *d_tc_tiles;
     CK(cudaMalloc(&d_pool, n_pool * 2));
+    CK(cudaMalloc(&d_tc_tiles, sizeof(eng_cuda_tile_t) * (size_t)T));
     CK(cudaMalloc(&d_att, n_att * 2));
     CK(cudaMalloc(&d_tables, sizeof(int32_t) * n_table));
     CK(cudaMalloc(&d_tok_pos, sizeof(int32_t) * T));
@@ -209,22 +217,33 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 }
         s_reference(ref, qtol, q, pool_f, tok_pos, tok_table, tables, T, sh, n_blocks, max_pos);
         CK(cudaMemcpyAsync(d_q, q, sizeof(float) * n_att, cudaMemcpyHostToDevice, st));
-        for (int is_dec = 0; is_dec < 2; is_dec++) {
-            if (is_dec && !eng_cuda_dec_usable(hd, nh, nkv)) {
+        /* kernels: 0 k_attention for all, 1 the decode kernel for all, 2 and 3 as a forward splits the batch:
+         * prefill chunks to the tensor-core prefill kernel (mma_terms 1, then 2), the rest to the decode kernel */
+        static const char *const k_kern_names[4] = {"old", "dec", "tc1", "tc2"};
+        const bool is_dec_usable = eng_cuda_dec_usable(hd, nh, nkv);
+        for (int kern = 0; kern < 4; kern++) {
+            const bool is_dec = kern == 1 || (kern >= 2 && is_dec_usable), is_tc = kern >= 2;
+            if (kern == 1 && !is_dec_usable) {
                 printf("%-13s hd=%3d heads=%2d/%d q=%-6s dec: not usable for this shape, skipped\n", sh->name, hd, nh,
                        nkv, k_q_names[mode]);
                 continue;
             }
-            /* tiles like s_forward: each sequence's tokens in runs of at most tile_tokens, then the pad tiles */
+            /* tiles like s_forward: each sequence's tokens in runs of at most its kernel's tile, then the pad tiles */
             const int32_t per = is_dec ? eng_cuda_dec_tile_tokens(nh, nkv) : ENG_CUDA_ATT_ROWS / G;
-            int32_t n_tiles = 0;
-            for (int32_t s = 0; s < N_SEQS; s++)
-                for (int32_t i = 0; i < k_seqs[s][0]; i += per) {
-                    tiles[n_tiles].t0 = seq_t0[s] + i;
-                    tiles[n_tiles++].n = k_seqs[s][0] - i < per ? k_seqs[s][0] - i : per;
+            int32_t n_tiles = 0, n_tc = 0;
+            for (int32_t s = 0; s < N_SEQS; s++) {
+                const bool is_tc_seq = is_tc && k_seqs[s][0] >= ENG_CUDA_TC_MIN;
+                const int32_t run = is_tc_seq ? ENG_CUDA_TC_ROWS : per;
+                for (int32_t i = 0; i < k_seqs[s][0]; i += run) {
+                    eng_cuda_tile_t *tl = is_tc_seq ? &tc_tiles[n_tc++] : &tiles[n_tiles++];
+                    tl->t0 = seq_t0[s] + i, tl->n = k_seqs[s][0] - i < run ? k_seqs[s][0] - i : run;
                 }
+                for (int32_t i = 0; i < k_seqs[s][0]; i++) tok_is_tc[seq_t0[s] + i] = is_tc_seq;
+            }
             for (int32_t i = 0; i < N_PAD_TILES; i++) tiles[n_tiles].t0 = 0, tiles[n_tiles++].n = 0;
             CK(cudaMemcpyAsync(d_tiles, tiles, sizeof(eng_cuda_tile_t) * n_tiles, cudaMemcpyHostToDevice, st));
+            if (n_tc)
+                CK(cudaMemcpyAsync(d_tc_tiles, tc_tiles, sizeof(eng_cuda_tile_t) * n_tc, cudaMemcpyHostToDevice, st));
             /* no split, then splits of 64 and 96 keys merged by the combine kernel */
             const int32_t splits[] = {0, 64, 96};
             for (int run = 0; run < 3; run++) {
@@ -233,13 +252,14 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 const char *merge = !sk ? "-" : "combine";
                 char name[160];
                 snprintf(name, sizeof name, "%s hd=%d heads=%d/%d q=%s %s split=%d merge=%s", sh->name, hd, nh, nkv,
-                         k_q_names[mode], is_dec ? "dec" : "old", sk, merge);
+                         k_q_names[mode], k_kern_names[kern], sk, merge);
                 eng_cuda_att_t a;
                 memset(&a, 0, sizeof a);
                 a.att = d_att, a.q = d_q, a.kv_pool = d_pool, a.tiles = d_tiles, a.n_tiles = n_tiles;
                 a.layer = LAYER, a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd;
                 a.split_keys = sk, a.n_splits = n_splits, a.part_acc = d_part_acc, a.part_ml = d_part_ml;
-                a.tc_tiles = NULL, a.n_tc_tiles = 0, a.is_dec_mma = is_dec != 0;
+                a.tc_tiles = n_tc ? d_tc_tiles : NULL, a.n_tc_tiles = n_tc, a.is_dec_mma = is_dec;
+                a.mma_terms = kern == 3 ? 2 : 1;
                 /* NaN everywhere (output and partials), so an output or a partial the combine reads that no block
                  * wrote shows */
                 CK(cudaMemsetAsync(d_att, 0xff, n_att * 2, st));
@@ -253,23 +273,24 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 CK(cudaStreamSynchronize(st));
                 CK(cudaGetLastError());
                 CK(cudaMemcpy(att, d_att, n_att * 2, cudaMemcpyDeviceToHost));
-                /* Tolerance |got - ref| <= 4e-3 + 8e-3 |ref| (+ qtol for dec). The output is rounded to bf16: up
-                 * to 2^-8 = 3.9e-3 relative, hence the relative term (twice that). The tensor-core kernel also
-                 * rounds the probabilities to bf16 for its P.V MMA (2^-9 relative each, the normaliser summed from
-                 * the unrounded ones): that moves the output by at most 2^-9 max|v| = 2e-3 even if every term errs
-                 * the same way; hence the absolute term. And it rounds Q to bf16 for Q.K: on peaked scores that
-                 * alone moves outputs past the two terms (host emulation: up to 1.4x them at scale 8), so dec adds
-                 * qtol, the 3-sigma first-order bound of that rounding (s_reference; emulated, the worst error
-                 * stayed under 0.35 of the total). f32 accumulation over <= 1000 keys adds ~1e-5. k_attention
-                 * (f32 throughout) lands within the bf16 output rounding. */
+                /* Tolerance |got - ref| <= 4e-3 + 8e-3 |ref| (+ a share of qtol). The output is rounded to bf16: up
+                 * to 2^-8 = 3.9e-3 relative, hence the relative term (twice that). The tensor-core kernels round
+                 * the probabilities to f16 for their P.V MMA (hi + lo: far less; one term: 2^-12 relative each, the
+                 * normaliser summed from the unrounded ones), which moves the output by at most 2^-12 max|v| = 2.4e-4
+                 * even if every term errs the same way; hence part of the absolute term. The decode kernel adds
+                 * qtol, the 3-sigma first-order bound of rounding Q to bf16 (s_reference; kept from its bf16 days,
+                 * it only loosens), and the prefill kernel with one term qtol / 8: it rounds Q to f16, 2^-11
+                 * relative instead of 2^-8 (emulated for bf16, the worst error stayed under 0.35 of the bound). f32
+                 * accumulation over <= 1000 keys adds ~1e-5. k_attention (f32 throughout) lands within the bf16
+                 * output rounding. */
                 double worst = 0.0, worst_frac = 0.0;
                 for (int32_t t = 0; t < T; t++)
                     for (int32_t h = 0; h < nh; h++)
                         for (int32_t i = 0; i < hd; i++) {
                             const size_t k = (size_t)t * q_dim + (size_t)h * hd + i;
                             const double got = eng_bf16_to_f32(att[k]), want = ref[k];
-                            const double err = fabs(got - want),
-                                         tol = 4e-3 + 8e-3 * fabs(want) + (is_dec ? qtol[k] : 0.0);
+                            const double q_share = tok_is_tc[t] ? (kern == 2 ? 0.125 : 0.0) : is_dec ? 1.0 : 0.0;
+                            const double err = fabs(got - want), tol = 4e-3 + 8e-3 * fabs(want) + q_share * qtol[k];
                             if (!(err <= tol)) {
                                 fprintf(stderr, "%s: token %d (position %d) head %d dim %d: %.6g, want %.6g\n", name, t,
                                         tok_pos[t], h, i, got, want);
@@ -279,9 +300,9 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                             if (err / tol > worst_frac) worst_frac = err / tol;
                         }
                 g_n_checks += (long long)n_att;
-                printf("%-13s hd=%3d heads=%2d/%d q=%-6s %s split=%2d (%2d x, merge %-7s, %2d tiles): max err %.2e "
-                       "(%.2f of tol), %zu checks\n",
-                       sh->name, hd, nh, nkv, k_q_names[mode], is_dec ? "dec" : "old", sk, n_splits, merge, n_tiles,
+                printf("%-13s hd=%3d heads=%2d/%d q=%-6s %s split=%2d (%2d x, merge %-7s, %2d + %d tc tiles): max err "
+                       "%.2e (%.2f of tol), %zu checks\n",
+                       sh->name, hd, nh, nkv, k_q_names[mode], k_kern_names[kern], sk, n_splits, merge, n_tiles, n_tc,
                        worst, worst_frac, n_att);
             }
         }
@@ -295,6 +316,8 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
     CK(cudaFree(d_part_acc));
     CK(cudaFree(d_part_ml));
     CK(cudaFree(d_tiles));
+    CK(cudaFree(d_tc_tiles));
+    free(tc_tiles), free(tok_is_tc);
     free(perm), free(tables), free(tok_pos), free(tok_table), free(seq_t0), free(seq_off);
     free(pool_b), free(pool_f), free(w), free(q), free(ref), free(qtol), free(att), free(tiles);
 }
@@ -379,7 +402,7 @@ static void s_bench(cudaStream_t st) {
     CK(cudaMalloc(&d_tok_table, sizeof(int32_t) * BENCH_MAX_B));
     CK(cudaMalloc(&d_perm, sizeof(int32_t) * n_blocks));
     CK(cudaMalloc(&d_tiles, sizeof(eng_cuda_tile_t) * BENCH_MAX_B));
-    CK(cudaMemset(d_pool, 0x3c, pool_bytes)); /* bf16 0x3c3c ~ 0.0115: finite, nonzero */
+    CK(cudaMemset(d_pool, 0x3c, pool_bytes)); /* f16 0x3c3c ~ 1.06: finite, nonzero */
     CK(cudaMemset(d_q, 0x3c, sizeof(float) * BENCH_MAX_B * q_dim));
     int32_t *perm = (int32_t *)malloc(sizeof(int32_t) * n_blocks), pos[BENCH_MAX_B], tab[BENCH_MAX_B];
     eng_cuda_tile_t tiles[BENCH_MAX_B];
@@ -418,7 +441,7 @@ static void s_bench(cudaStream_t st) {
         tk.block_size = BLOCK_SIZE, tk.n_blocks = n_blocks;
         eng_cuda_att_t a;
         memset(&a, 0, sizeof a);
-        a.att = d_att, a.q = d_q, a.kv_pool = (const __nv_bfloat16 *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
+        a.att = d_att, a.q = d_q, a.kv_pool = (const eng_cuda_kv_t *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
         a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.part_acc = d_part_acc, a.part_ml = d_part_ml;
         double us[2] = {0.0, 0.0};
         for (int is_dec = 0; is_dec < 2; is_dec++) {

@@ -6,7 +6,7 @@
  *   - the same six in one batch, prompts in chunks of 13 (40 for two of them), against themselves alone on CUDA: within
  *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
- *     to bf16 and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
+ *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
  *     disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
  *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool.
  * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
@@ -169,12 +169,12 @@ static void s_check_model(const char *path) {
     CHECK_MSG(worst_batch <= CUDA_BATCH_REL_TOL, "%s: batched vs alone on CUDA differ by %g", path, worst_batch);
     s_release(&gpu);
 
-    /* 3. KV chunks: round trip, then CPU prefill -> bf16 -> CUDA decode against CUDA prefill -> CUDA decode */
+    /* 3. KV chunks: round trip, then CPU prefill -> f16 -> CUDA decode against CUDA prefill -> CUDA decode */
     const eng_kv_layout_t *kl = eng_kv_layout(gpu.e), *kc = eng_kv_layout(cpu.e);
     const size_t chunk_elems = eng_kv_chunk_elems(kl);
     uint16_t *h16 = pd_xmalloc(chunk_elems * 2), *back = pd_xmalloc(chunk_elems * 2);
     float *h32 = pd_xmalloc(chunk_elems * 4);
-    for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_bf16((float)((i * 2654435761u) % 1000) / 500.0f - 1);
+    for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_f16((float)((i * 2654435761u) % 1000) / 500.0f - 1);
     const int32_t last = eng_kv_pool_n_blocks(eng_kv_pool(gpu.e)) - 1; /* the layout has the backend's pad block too */
     CHECK_EQ_INT(eng_kv_write_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, last, h16), PD_OK);
     CHECK_EQ_INT(eng_kv_read_chunk(gpu.e, kl->n_layers - 1, ENG_KV_V, last, back), PD_OK);
@@ -191,7 +191,7 @@ static void s_check_model(const char *path) {
         for (int kind = 0; kind < 2; kind++)
             for (int32_t bi = 0; bi < n_blocks; bi++) {
                 REQUIRE(eng_kv_read_chunk(cpu.e, l, (eng_kv_kind_t)kind, cpu.seqs[s].blocks[bi], h32) == PD_OK);
-                for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_bf16(h32[i]);
+                for (size_t i = 0; i < chunk_elems; i++) h16[i] = eng_f32_to_f16(h32[i]);
                 REQUIRE(eng_kv_write_chunk(gpu.e, l, (eng_kv_kind_t)kind, gpu.seqs[s].blocks[bi], h16) == PD_OK);
             }
     const int32_t next = forced[s][0];
@@ -200,7 +200,7 @@ static void s_check_model(const char *path) {
     float r_import = pd_test_rel_l2(lg, own, V);
     CHECK_MSG(r_import <= CUDA_REL_TOL, "%s: decode on imported CPU KV differs by %g", path, r_import);
 
-    /* 4. the host mirror the services' kvtransfer uses (kv_host_mirror): CPU KV as bf16 written into the mirror,
+    /* 4. the host mirror the services' kvtransfer uses (kv_host_mirror): CPU KV as f16 written into the mirror,
      * eng_kv_from_host, the same decode step; then a CUDA prefill's eng_kv_to_host equals its chunks read back */
     p.kv_host_mirror = true;
     side_t mir = {0};
@@ -216,7 +216,7 @@ static void s_check_model(const char *path) {
                 REQUIRE(eng_kv_read_chunk(cpu.e, l, (eng_kv_kind_t)kind, cpu.seqs[s].blocks[bi], h32) == PD_OK);
                 uint16_t *dst =
                     (uint16_t *)(mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, mir.seqs[s].blocks[bi]));
-                for (size_t i = 0; i < chunk_elems; i++) dst[i] = eng_f32_to_bf16(h32[i]);
+                for (size_t i = 0; i < chunk_elems; i++) dst[i] = eng_f32_to_f16(h32[i]);
             }
     CHECK_EQ_INT(eng_kv_from_host(mir.e, mir.seqs[s].blocks, n_blocks), PD_OK);
     s_forward_one(&mir, s, &next, 1, s_lens[s], lg);
