@@ -30,6 +30,10 @@ extern "C" {
 #define S_SPLIT_MAX_TOKENS 128 /* ... for batches of at most this many tokens: bounds the partials' scratch */
 #define S_GEMV_MAX_TOK     4   /* default ENG_CUDA_GEMV: own matrix-vector kernel up to this many rows (measured) */
 #define S_FUSE_MAX_TOK     2   /* ... with RoPE / SwiGLU in its epilogue up to this many (at 4 rows 1B lost 3%) */
+/* Batches of at least this many tokens (prefill) take the gate/up products in bf16 instead of f32: half the bytes
+ * that GEMM writes and SwiGLU reads (the f32 pair was 940 MB per layer at 8B x 8192 tokens), for one more bf16
+ * rounding of each input of SwiGLU, whose output is bf16 anyway (ENG_CUDA_GU_BF16=0: f32 always). */
+#define S_GU_BF16_MIN_TOK  512
 
 /* ENG_CUDA_PROFILE=1: per-phase GPU times from events around each kernel, summed over forwards and logged at
  * destroy (events do not synchronise, so the forward's own timing barely moves). */
@@ -103,6 +107,7 @@ struct eng_backend {
     int32_t mma_terms;    /* prefill attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
+    bool is_gu_bf16;      /* prefill-sized batches take gate/up in bf16 (S_GU_BF16_MIN_TOK; ENG_CUDA_GU_BF16=0: not) */
     bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
@@ -420,6 +425,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
+        const char *gu_bf16 = getenv("ENG_CUDA_GU_BF16");
+        be->is_gu_bf16 = !(gu_bf16 && *gu_bf16 == '0');
         const char *fuse_norm = getenv("ENG_CUDA_FUSE_NORM");
         be->is_fused_norm = !(fuse_norm && *fuse_norm == '0');
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
@@ -446,24 +453,30 @@ fail:
     return NULL;
 }
 
-/* Y (n_tok, n_out) [+]= X (n_tok, k) . W (n_out, k)^T: bf16 operands, f32 accumulate and output. */
-static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int64_t n_tok,
-                        int64_t n_out, int64_t k, bool is_accumulate) {
-    if (n_tok <= be->gemv_max_tok &&
-        eng_cuda_gemv(y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st)) {
+/* Y (n_tok, n_out) [+]= X (n_tok, k) . W (n_out, k)^T: bf16 operands, f32 accumulate and output (y_type
+ * CUDA_R_16BF: rounded to bf16 on output; cuBLAS only). */
+static pd_status s_gemm_as(eng_backend_t *be, void *y, cudaDataType_t y_type, const __nv_bfloat16 *x,
+                           const __nv_bfloat16 *w, int64_t n_tok, int64_t n_out, int64_t k, bool is_accumulate) {
+    if (y_type == CUDA_R_32F && n_tok <= be->gemv_max_tok &&
+        eng_cuda_gemv((float *)y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st)) {
         S_LAUNCHED("matrix-vector product");
         return PD_OK;
     }
     const float alpha = 1.0f, beta = is_accumulate ? 1.0f : 0.0f;
     cublasStatus_t s =
         cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)k, &alpha, w, CUDA_R_16BF, (int)k,
-                     x, CUDA_R_16BF, (int)k, &beta, y, CUDA_R_32F, (int)n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                     x, CUDA_R_16BF, (int)k, &beta, y, y_type, (int)n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS) {
         LOG_E("cuda backend: cublasGemmEx (%lld x %lld x %lld): status %d", (long long)n_tok, (long long)n_out,
               (long long)k, (int)s);
         return PD_EBACKEND;
     }
     return PD_OK;
+}
+
+static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int64_t n_tok,
+                        int64_t n_out, int64_t k, bool is_accumulate) {
+    return s_gemm_as(be, y, CUDA_R_32F, x, w, n_tok, n_out, k, is_accumulate);
 }
 
 /* Everything a forward runs after its tables are on the GPU, on be->st. is_logits: the logits rows go to the pinned
@@ -483,6 +496,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     const bool is_fused = T <= be->gemv_max_tok && T <= S_FUSE_MAX_TOK && be->is_fused;
     /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off) */
     const bool is_fused_norm = is_fused && be->is_fused_norm;
+    const bool is_gu_bf16 = T >= S_GU_BF16_MIN_TOK && c->hidden_dim % 4 == 0 && be->is_gu_bf16;
     s_prof_mark(be, P_EMBED, true);
     eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
     eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
@@ -540,15 +554,18 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_GATE_UP, true);
             is_gu_fused = is_fused && eng_cuda_gemv_swiglu(be->h, be->xb, w->w_gate_up, (int32_t)T, c->hidden_dim,
                                                            (int32_t)dim, be->st);
-            if (!is_gu_fused &&
-                s_gemm(be, be->gu, be->xb, w->w_gate_up, T, 2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
+            if (!is_gu_fused && s_gemm_as(be, be->gu, is_gu_bf16 ? CUDA_R_16BF : CUDA_R_32F, be->xb, w->w_gate_up, T,
+                                          2 * (int64_t)c->hidden_dim, dim, false) != PD_OK)
                 return PD_EBACKEND;
         }
         S_LAUNCHED("gate/up");
         s_prof_mark(be, P_GATE_UP, false);
         if (!is_gu_fused) {
             s_prof_mark(be, P_SWIGLU, true);
-            eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
+            if (is_gu_bf16)
+                eng_cuda_swiglu_bf16(be->h, (const __nv_bfloat16 *)be->gu, (int32_t)T, c->hidden_dim, be->st);
+            else
+                eng_cuda_swiglu(be->h, be->gu, (int32_t)T, c->hidden_dim, be->st);
             S_LAUNCHED("swiglu");
             s_prof_mark(be, P_SWIGLU, false);
         }

@@ -113,23 +113,35 @@ static __device__ __forceinline__ void s_pv16(float (&o)[HD / 8][4], const uint3
 
 /* KEYS keys of KV head g from k0 on (of the sequence whose block table is `table`) into one shared-memory stage: K
  * then V, (KEYS, HD + 8) f16 each (the 8 padding elements put the 8 rows of each ldmatrix on distinct banks). Keys
- * past pos_max are zeros. One cp.async group. */
+ * past pos_max are zeros. One cp.async group. Each thread copies one 16-byte column of every (blockDim.x / (HD / 8))-th
+ * key, tracking block and slot incrementally: one division per call, not one per copy (address arithmetic was
+ * about half the prefill kernel's instructions). */
 template <int HD, int KEYS>
 static __device__ __forceinline__ void s_load_keys(eng_cuda_kv_t *stage, const eng_cuda_att_t &a,
                                                    const eng_cuda_tokens_t &tk, const int32_t *table, int32_t k0,
                                                    int32_t pos_max, int32_t g) {
     constexpr int LD = HD + 8, VEC = HD / 8;
-    const int32_t kv_dim = a.n_kv_heads * HD;
-    for (int32_t i = threadIdx.x; i < KEYS * VEC; i += blockDim.x) {
-        const int32_t key = i / VEC, vec = i % VEC, j = k0 + key;
-        const bool is_valid = j <= pos_max;
-        const int32_t block = is_valid ? table[j / tk.block_size] : 0, slot = j % tk.block_size;
-        const size_t k_off = is_valid ? s_kv_slot(tk, a.layer, 0, block, slot, kv_dim) + g * HD + vec * 8 : 0;
-        const size_t v_off = is_valid ? s_kv_slot(tk, a.layer, 1, block, slot, kv_dim) + g * HD + vec * 8 : 0;
-        s_cp_async16(stage + key * LD + vec * 8, a.kv_pool + k_off, is_valid ? 16 : 0);
-        s_cp_async16(stage + KEYS * LD + key * LD + vec * 8, a.kv_pool + v_off, is_valid ? 16 : 0);
+    const int32_t vec = threadIdx.x % VEC, step = blockDim.x / VEC, bs = tk.block_size;
+    const size_t kv_dim = (size_t)a.n_kv_heads * HD, chunk = (size_t)bs * kv_dim;
+    const eng_cuda_kv_t *k_base = a.kv_pool + (size_t)a.layer * 2u * tk.n_blocks * chunk + g * HD + vec * 8;
+    const eng_cuda_kv_t *v_base = k_base + (size_t)tk.n_blocks * chunk;
+    int32_t key = threadIdx.x / VEC, bi = (k0 + key) / bs, slot = (k0 + key) - bi * bs;
+    for (; key < KEYS; key += step) {
+        const bool is_valid = k0 + key <= pos_max;
+        const size_t off = is_valid ? (size_t)table[bi] * chunk + (size_t)slot * kv_dim : 0;
+        s_cp_async16(stage + key * LD + vec * 8, k_base + off, is_valid ? 16 : 0);
+        s_cp_async16(stage + KEYS * LD + key * LD + vec * 8, v_base + off, is_valid ? 16 : 0);
+        for (slot += step; slot >= bs; slot -= bs) bi++;
     }
     asm volatile("cp.async.commit_group;\n" ::);
+}
+
+/* 2^x by the SFU alone (ex2.approx.ftz: exp2f adds range handling for results under f32's normal range, which only
+ * ever meet softmax weights that are 0 to f32 anyway). */
+static __device__ __forceinline__ float s_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 #endif

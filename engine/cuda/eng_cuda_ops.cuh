@@ -142,6 +142,8 @@ bool eng_cuda_gemv_qkv_norm(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t
                             const __nv_bfloat16 *wqkv, int32_t k, cudaStream_t st);
 /* h = bf16(silu(gate) * up) for gu (T, 2 hidden) f32 with gate and up interleaved (column 2j gate j, 2j + 1 up j). */
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
+/* The same from gu in bf16 (prefill: half the bytes); hidden % 4 == 0, h and gu 16-byte aligned. */
+void eng_cuda_swiglu_bf16(__nv_bfloat16 *h, const __nv_bfloat16 *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st);
 /* Copies every chunk (n_chunks_per_block = layers x 2) of the n listed blocks from src to dst, two pools of one
  * layout (device pointers; mapped host memory included); chunk_bytes a multiple of 16. */
 void eng_cuda_kv_copy(void *dst, const void *src, const int32_t *blocks, int32_t n, int32_t n_chunks_per_block,
