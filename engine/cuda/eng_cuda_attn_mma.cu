@@ -23,11 +23,28 @@
 #define S_KEYS    64                           /* keys per shared-memory stage */
 #define S_THREADS (ENG_CUDA_TC_ROWS / 16 * 32) /* a warp per 16 rows */
 
+/* Stage it of the two-stage ring, ready to read: loads stage it + 1 into the other half (when there is one), waits
+ * for stage it's copies and for every thread's (so also for the previous stage's readers before its refill). */
+template <int HD>
+static __device__ __forceinline__ const eng_cuda_kv_t *
+s_stage_ready(eng_cuda_kv_t *stages, const eng_cuda_att_t &a, const eng_cuda_tokens_t &tk, const int32_t *table,
+              int32_t it, int32_t n_key_tiles, int32_t pos_max, int32_t g) {
+    constexpr int STAGE = 2 * S_KEYS * (HD + 8);
+    if (it + 1 < n_key_tiles) {
+        s_load_keys<HD, S_KEYS>(stages + ((it + 1) & 1) * STAGE, a, tk, table, (it + 1) * S_KEYS, pos_max, g);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads();
+    return stages + (it & 1) * STAGE;
+}
+
 /* Fragment layouts: eng_cuda_mma.cuh. */
 template <int HD>
 static __global__ void __launch_bounds__(S_THREADS)
     k_attention_mma(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
-    constexpr int LD = HD + 8, STAGE = 2 * S_KEYS * LD;
+    constexpr int LD = HD + 8;
     extern __shared__ __align__(128) unsigned char mma_smem[];
     eng_cuda_kv_t *stages = (eng_cuda_kv_t *)mma_smem;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
@@ -63,14 +80,8 @@ static __global__ void __launch_bounds__(S_THREADS)
 
     for (int32_t it = 0; it < n_key_tiles; it++) {
         const int32_t k0 = it * S_KEYS;
-        if (it + 1 < n_key_tiles) {
-            s_load_keys<HD, S_KEYS>(stages + ((it + 1) & 1) * STAGE, a, tk, table, k0 + S_KEYS, pos_max, g);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
-        __syncthreads();
-        const eng_cuda_kv_t *k_s = stages + (it & 1) * STAGE, *v_s = k_s + S_KEYS * LD;
+        const eng_cuda_kv_t *k_s = s_stage_ready<HD>(stages, a, tk, table, it, n_key_tiles, pos_max, g),
+                            *v_s = k_s + S_KEYS * LD;
         if (is_warp_active && k0 <= warp_pos_max) {
             /* S = Q K^T: 8 key n-tiles of 8, 16 keys at a time (each score still sums its d steps in order) */
             float s[S_KEYS / 8][4];
@@ -150,7 +161,7 @@ static __global__ void __launch_bounds__(S_THREADS)
  * barriers overlap the other's MMAs. It is latency-bound (8 warps per SM, ~255 registers each). */
 template <int HD>
 static __global__ void __launch_bounds__(128, 2) k_attention_fa(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
-    constexpr int LD = HD + 8, STAGE = 2 * S_KEYS * LD, ROWS = ENG_CUDA_TC_ROWS, RPW = ROWS / 4;
+    constexpr int LD = HD + 8, ROWS = ENG_CUDA_TC_ROWS, RPW = ROWS / 4;
     extern __shared__ __align__(128) unsigned char fa_smem[];
     eng_cuda_kv_t *q_s = (eng_cuda_kv_t *)fa_smem, *stages = q_s + ROWS * LD;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
@@ -187,14 +198,8 @@ static __global__ void __launch_bounds__(128, 2) k_attention_fa(const eng_cuda_a
 
     for (int32_t it = 0; it < n_key_tiles; it++) {
         const int32_t k0 = it * S_KEYS;
-        if (it + 1 < n_key_tiles) {
-            s_load_keys<HD, S_KEYS>(stages + ((it + 1) & 1) * STAGE, a, tk, table, k0 + S_KEYS, pos_max, g);
-            asm volatile("cp.async.wait_group 1;\n" ::);
-        } else {
-            asm volatile("cp.async.wait_group 0;\n" ::);
-        }
-        __syncthreads();
-        const eng_cuda_kv_t *k_s = stages + (it & 1) * STAGE, *v_s = k_s + S_KEYS * LD;
+        const eng_cuda_kv_t *k_s = s_stage_ready<HD>(stages, a, tk, table, it, n_key_tiles, pos_max, g),
+                            *v_s = k_s + S_KEYS * LD;
         if (is_warp_active && k0 <= warp_pos_max) {
             /* S = Q K^T: per 16 dims, both tiles' A fragments, then each 16-key B fragment feeds both */
             float s[2][S_KEYS / 8][4];

@@ -31,6 +31,20 @@ void eng_cuda_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, 
 
 /* ---- RMSNorm: one block per row, the sum of squares reduced in f32 ---- */
 
+/* The sum of v over the block (every thread gets it); part: 32 floats of shared memory. */
+static __device__ __forceinline__ float s_block_sum(float v, float *part) {
+    v = s_warp_sum(v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float w = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        w = s_warp_sum(w);
+        if (threadIdx.x == 0) part[0] = w;
+    }
+    __syncthreads();
+    return part[0];
+}
+
 static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
                                  float eps) {
     __shared__ float part[32];
@@ -38,16 +52,7 @@ static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t
     const float *xr = x + src * dim;
     float ss = 0.0f;
     for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = s_warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-        v = s_warp_sum(v);
-        if (threadIdx.x == 0) part[0] = v;
-    }
-    __syncthreads();
-    const float scale = rsqrtf(part[0] / (float)dim + eps);
+    const float scale = rsqrtf(s_block_sum(ss, part) / (float)dim + eps);
     for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) y[r * dim + i] = __float2bfloat16(xr[i] * scale * w[i]);
 }
 
@@ -64,16 +69,7 @@ static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_
         const float4 v = xr[i];
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
-    ss = s_warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-        v = s_warp_sum(v);
-        if (threadIdx.x == 0) part[0] = v;
-    }
-    __syncthreads();
-    const float scale = rsqrtf(part[0] / (float)dim + eps);
+    const float scale = rsqrtf(s_block_sum(ss, part) / (float)dim + eps);
     uint2 *yr = (uint2 *)(y + r * dim);
     for (int32_t i = threadIdx.x; i < n4; i += blockDim.x) {
         const float4 v = xr[i], g = w4[i];
