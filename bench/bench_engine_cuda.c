@@ -8,9 +8,13 @@
  *   prefill: B prompts of len tokens in forwards of up to max_batch_tokens; tok/s and TFLOP/s over the GEMM
  *            peak, counting 2 x matrix parameters x tokens (the embedding table is a lookup; the output head
  *            is applied to one row per prompt) plus causal attention 2 x 2 x layers x q_dim x len^2 / 2.
+ *            --kv-to-host: as a prefill worker does, the engine keeps a pinned host mirror of the KV pool and each
+ *            forward's KV goes there (eng_batch_t.kv_to_host, then eng_kv_to_host per prompt), inside the time
+ *            (ENG_CUDA_KV_STREAM=0: copied after the forward instead of layer by layer during it).
  * Input tokens are fixed, not the sampled ones: the step's cost does not depend on them.
  * Usage: engine_cuda --model PATH [--gpu N] [--ctx 512] [--new 128] [--decode-batches 1,8,32,64,128]
- *                    [--sampling gpu,host] [--temperature 0.7] [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192] */
+ *                    [--sampling gpu,host] [--temperature 0.7] [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192]
+ *                    [--kv-to-host] */
 #define _POSIX_C_SOURCE 200809L
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -27,7 +31,7 @@ typedef struct {
     const char *model;
     int gpu, ctx, n_new, prefill_len, max_batch_tokens;
     int decode_b[16], n_decode_b, prefill_b[8], n_prefill_b;
-    bool is_gpu_sampling, is_host_sampling;
+    bool is_gpu_sampling, is_host_sampling, is_kv_to_host;
     float temperature; /* of every decode row (0: greedy); top-p 0.9 */
 } opts_t;
 
@@ -135,6 +139,7 @@ typedef struct {
     eng_sample_result_t *samples;
     eng_row_sampler_t *host;
     bool is_decode_on_host, is_decode_on_gpu;
+    bool is_kv_to_host; /* each forward's KV to the host mirror (--kv-to-host) */
 } run_t;
 
 /* One eng_forward of m sequences of sequences seqs[0..m) (n_tokens[i] tokens at pos[i], tokens in order), logits
@@ -153,10 +158,16 @@ static void s_forward(run_t *r, const eng_kv_seq_t *seqs, int m, const int32_t *
                      .want_logits = NULL,
                      .logits = r->logits};
     if (r->is_decode_on_gpu) b.logits = NULL, b.sampling = r->rows, b.samples = r->samples;
+    b.kv_to_host = r->is_kv_to_host;
     if (eng_forward(r->e, &b) != PD_OK) {
         fprintf(stderr, "%s forward failed\n", what);
         exit(1);
     }
+    for (int i = 0; r->is_kv_to_host && i < m; i++)
+        if (eng_kv_to_host(r->e, seqs[i].blocks, pos[i], n_tokens[i]) != PD_OK) {
+            fprintf(stderr, "%s: KV of sequence %d not copied to the host\n", what, i);
+            exit(1);
+        }
     for (int i = 0; r->is_decode_on_host && i < m; i++)
         if (eng_row_sample(r->host, &r->rows[i], r->logits + (size_t)i * r->vocab, &r->samples[i]) != PD_OK) {
             fprintf(stderr, "%s: row %d not sampled\n", what, i);
@@ -197,8 +208,13 @@ int main(int argc, char **argv) {
                 .temperature = 0.7f};
     o.n_decode_b = s_parse_list("1,8,32,64,128", o.decode_b, 16);
     o.n_prefill_b = s_parse_list("1,8", o.prefill_b, 8);
-    for (int i = 1; i + 1 < argc; i += 2) {
-        const char *f = argv[i], *v = argv[i + 1];
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
+        if (!strcmp(f, "--kv-to-host")) { /* the one flag without a value */
+            o.is_kv_to_host = true;
+            continue;
+        }
+        i++;
         if (!strcmp(f, "--model"))
             o.model = v;
         else if (!strcmp(f, "--gpu"))
@@ -243,25 +259,25 @@ int main(int argc, char **argv) {
     for (int i = 0; i < o.n_prefill_b; i++) max_pb = o.prefill_b[i] > max_pb ? o.prefill_b[i] : max_pb;
     eng_params_t p = eng_params_default();
     p.model_path = o.model, p.backend = ENG_BACKEND_CUDA, p.gpu = o.gpu;
-    p.max_batch_tokens = o.max_batch_tokens, p.max_batch_seqs = 256;
+    p.max_batch_tokens = o.max_batch_tokens, p.max_batch_seqs = 256, p.kv_host_mirror = o.is_kv_to_host;
     /* KV for the largest decode batch or prefill batch, whichever needs more */
     uint64_t kv_tokens = (uint64_t)max_b * (uint64_t)(o.ctx + o.n_new + 16);
     if ((uint64_t)max_pb * (uint64_t)(o.prefill_len + 16) > kv_tokens)
         kv_tokens = (uint64_t)max_pb * (uint64_t)(o.prefill_len + 16);
     char err[512];
     uint64_t t_load = pd_now_us();
-    /* KV bytes per token from the model file alone (the CUDA pool is bf16), to size the pool before the engine */
+    /* KV bytes per token from the model file alone (the CUDA pool is f16), to size the pool before the engine */
     eng_model_t *mf = eng_model_load(o.model, err, sizeof err);
     if (!mf) {
         fprintf(stderr, "%s: %s\n", o.model, err);
         return 1;
     }
-    const eng_kv_layout_t bf16_kv = {.n_layers = mf->cfg.n_layers,
-                                     .n_kv_heads = mf->cfg.n_kv_heads,
-                                     .head_dim = mf->cfg.head_dim,
-                                     .block_size = p.kv_block_size,
-                                     .dtype = ENG_KV_BF16};
-    const size_t kv_token_bytes = eng_kv_token_bytes(&bf16_kv);
+    const eng_kv_layout_t f16_kv = {.n_layers = mf->cfg.n_layers,
+                                    .n_kv_heads = mf->cfg.n_kv_heads,
+                                    .head_dim = mf->cfg.head_dim,
+                                    .block_size = p.kv_block_size,
+                                    .dtype = ENG_KV_F16};
+    const size_t kv_token_bytes = eng_kv_token_bytes(&f16_kv);
     eng_model_destroy(&mf);
     p.kv_n_blocks = (int32_t)((kv_tokens + (uint64_t)p.kv_block_size - 1) / (uint64_t)p.kv_block_size + 2 * max_b);
     eng_t *e = eng_create(&p, err, sizeof err);
@@ -270,7 +286,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (eng_kv_token_bytes(eng_kv_layout(e)) != kv_token_bytes) {
-        fprintf(stderr, "engine KV layout differs from the bf16 one this bench sized the pool for\n");
+        fprintf(stderr, "engine KV layout differs from the f16 one this bench sized the pool for\n");
         return 1;
     }
     const eng_model_config_t *c = eng_config(e);
@@ -326,6 +342,12 @@ int main(int argc, char **argv) {
     }
     r.is_decode_on_gpu = r.is_decode_on_host = false;
 
+    r.is_kv_to_host = o.is_kv_to_host; /* prefill only: decode steps leave their KV on the GPU */
+    if (o.is_kv_to_host) {
+        const char *stream = getenv("ENG_CUDA_KV_STREAM");
+        printf("\nprefill times include each forward's KV to the host mirror, %s\n",
+               stream && *stream == '0' ? "copied after the forward" : "streamed layer by layer");
+    }
     printf("\n%-8s %6s %10s %10s %12s %12s %12s\n", "prefill", "batch", "tok/s", "ms", "TFLOP/s", "of peak",
            "matmul only");
     for (int bi = 0; bi < o.n_prefill_b; bi++) {

@@ -75,6 +75,11 @@ typedef struct {
      * same logits (eng_sample.h). samples[r].token is -1 when row r's logits are not finite. NULL: no sampling. */
     const eng_row_sampling_t *sampling;
     eng_sample_result_t *samples;
+    /* The KV this batch writes will be read from the host (eng_kv_to_host right after, as a prefill worker hands it
+     * to kvtransfer): a backend with a host mirror may copy it there during the forward, layer by layer (CUDA: on a
+     * side stream, each layer's blocks once its K/V are stored, overlapping the next layers), so that
+     * eng_kv_to_host only waits for the last layer's copy. An optimisation only: results are the same without. */
+    bool kv_to_host;
 } eng_batch_t;
 
 /* PD_OK; PD_EINVAL (with a log line) for a malformed batch: bad token id, too many tokens or

@@ -9,7 +9,8 @@
  * (eng_cuda_attn_decode.cu; ENG_CUDA_DEC_MMA=0: the CUDA-core one in eng_cuda_ops.cu).
  * A batch with sampling requests is sampled on the GPU (eng_cuda_sample.cu): only token ids and logprobs come back.
  *
- * Not yet here (issue 6): KV copied to the host layer by layer during the forward. */
+ * With a host mirror (kvtransfer's source), a forward marked eng_batch_t.kv_to_host copies each layer's new K/V there
+ * on a side stream while the next layers compute. Not yet here (issue 6): CUDA IPC between workers on one GPU. */
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -102,7 +103,15 @@ struct eng_backend {
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
-    bool is_tc;                     /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
+    /* KV streamed to the mirror during a forward (eng_batch_t.kv_to_host; ENG_CUDA_KV_STREAM=0: never): after each
+     * layer's K/V store, kv_st copies that layer's chunks of the blocks the batch writes, by the copy engine, one
+     * cudaMemcpyAsync per run of consecutive block ids and kind. kv_runs holds the last streamed forward's runs
+     * (first block, count), n_kv_runs = 0 when the last forward streamed nothing. */
+    cudaStream_t kv_st;
+    cudaEvent_t kv_stored, kv_done; /* main stream: a layer's K/V stored; kv_st: the streamed copies done */
+    int32_t *kv_runs, n_kv_runs;
+    bool is_kv_stream, is_kv_streamed; /* ... the last forward completed with its KV streamed (kv_runs) */
+    bool is_tc;      /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     bool is_dec_mma; /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
     int32_t mma_terms;    /* prefill attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
@@ -195,6 +204,10 @@ static void s_destroy(eng_backend_t **pbe) {
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
     s_free_dev(be->part_acc), s_free_dev(be->part_ml);
+    if (be->kv_st) cudaStreamSynchronize(be->kv_st), cudaStreamDestroy(be->kv_st);
+    if (be->kv_stored) cudaEventDestroy(be->kv_stored);
+    if (be->kv_done) cudaEventDestroy(be->kv_done);
+    free(be->kv_runs);
     if (be->mirror) cudaFreeHost(be->mirror);
     if (be->sync_ids) cudaFreeHost(be->sync_ids);
     if (be->layers) {
@@ -407,6 +420,17 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
                  eng_kv_pool_bytes(kv));
         goto fail;
     }
+    if (be->mirror) {
+        const char *kv_stream = getenv("ENG_CUDA_KV_STREAM");
+        be->is_kv_stream = !(kv_stream && *kv_stream == '0');
+        be->kv_runs = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)kv->n_blocks);
+        if (!be->kv_runs || cudaStreamCreateWithFlags(&be->kv_st, cudaStreamNonBlocking) != cudaSuccess ||
+            cudaEventCreateWithFlags(&be->kv_stored, cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&be->kv_done, cudaEventDisableTiming) != cudaSuccess) {
+            snprintf(err, err_cap, "cuda backend: cannot create the KV copy stream");
+            goto fail;
+        }
+    }
     if (s_alloc((void **)&be->part_acc, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * q_dim, "scratch") ||
         s_alloc((void **)&be->part_ml, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * c->n_heads * 2, "scratch")) {
         snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
@@ -479,6 +503,53 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
     return s_gemm_as(be, y, CUDA_R_32F, x, w, n_tok, n_out, k, is_accumulate);
 }
 
+/* The runs of consecutive block ids among the blocks b writes (positions [pos, pos + n_tokens) of each sequence) into
+ * be->kv_runs; false (nothing to stream) when there are more than S_KV_STREAM_MAX_RUNS: each costs two copy calls
+ * per layer, and a pool that fragmented is better served by one kernel after the forward (eng_kv_to_host). */
+#define S_KV_STREAM_MAX_RUNS 64
+static int s_cmp_i32(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+static bool s_kv_stream_plan(eng_backend_t *be, const eng_batch_t *b) {
+    const int32_t bs = be->kv.block_size;
+    int32_t n = 0, *ids = be->sync_ids; /* host scratch here: nothing reads it until the next eng_kv_to_host */
+    for (int32_t s = 0; s < b->n_seqs; s++)
+        for (int32_t i = b->pos[s] / bs; i <= (b->pos[s] + b->n_tokens[s] - 1) / bs; i++) {
+            if (n == be->kv.n_blocks) return false;
+            ids[n++] = b->block_tables[s][i];
+        }
+    qsort(ids, (size_t)n, sizeof *ids, s_cmp_i32);
+    int32_t n_runs = 0;
+    for (int32_t i = 0; i < n; i++) {
+        int32_t *last = n_runs > 0 ? be->kv_runs + 2 * (n_runs - 1) : NULL;
+        if (last && ids[i] <= last[0] + last[1]) { /* extends the run, or repeats a block of it */
+            if (ids[i] == last[0] + last[1]) last[1]++;
+            continue;
+        }
+        if (n_runs == S_KV_STREAM_MAX_RUNS) return false;
+        be->kv_runs[2 * n_runs] = ids[i], be->kv_runs[2 * n_runs + 1] = 1, n_runs++;
+    }
+    be->n_kv_runs = n_runs;
+    return n_runs > 0;
+}
+
+/* Layer l's K/V are stored (enqueued on be->st): kv_st copies its chunks of the streamed runs to the mirror. */
+static pd_status s_kv_stream_layer(eng_backend_t *be, int32_t l) {
+    S_CUDA(cudaEventRecord(be->kv_stored, be->st), "KV stream");
+    S_CUDA(cudaStreamWaitEvent(be->kv_st, be->kv_stored, 0), "KV stream");
+    const size_t chunk = eng_kv_chunk_bytes(&be->kv);
+    for (int32_t r = 0; r < be->n_kv_runs; r++)
+        for (int kind = 0; kind < 2; kind++) {
+            const size_t off = eng_kv_chunk_offset(&be->kv, l, (eng_kv_kind_t)kind, be->kv_runs[2 * r]);
+            S_CUDA(cudaMemcpyAsync(be->mirror + off, (const uint8_t *)be->kv_pool + off,
+                                   chunk * (size_t)be->kv_runs[2 * r + 1], cudaMemcpyDeviceToHost, be->kv_st),
+                   "KV stream");
+        }
+    if (l == be->m->cfg.n_layers - 1) S_CUDA(cudaEventRecord(be->kv_done, be->kv_st), "KV stream");
+    return PD_OK;
+}
+
 /* Everything a forward runs after its tables are on the GPU, on be->st. is_logits: the logits rows go to the pinned
  * buffer, a slice at a time; when capturing (one slice) they stay there, else each slice is synchronised and its
  * rows among the caller's first n_out copied to out. is_sample: those rows of each slice are sampled (never while
@@ -532,6 +603,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             S_LAUNCHED("rope + KV store");
             s_prof_mark(be, P_ROPE, false);
         }
+        if (be->n_kv_runs > 0 && !is_capture && s_kv_stream_layer(be, l) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_ATTN, true);
         att.layer = l;
         S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
@@ -736,6 +808,11 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     const int32_t tile_tokens =
         be->is_dec_mma ? eng_cuda_dec_tile_tokens(c->n_heads, c->n_kv_heads) : (int32_t)(ENG_CUDA_ATT_ROWS / G);
 
+    /* KV to the mirror during the forward: the previous streamed forward's copies end before this one's stores */
+    be->is_kv_streamed = false, be->n_kv_runs = 0;
+    if (be->kv_st) S_CUDA(cudaStreamWaitEvent(be->st, be->kv_done, 0), "KV stream");
+    if (b->kv_to_host && be->is_kv_stream && be->mirror) (void)s_kv_stream_plan(be, b); /* sets n_kv_runs */
+
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
     int64_t T = 0, n_table = 0, n_tiles = 0, n_tc_tiles = 0, max_len = 0;
     for (int32_t s = 0; s < b->n_seqs; s++) {
@@ -831,7 +908,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
         const pd_status st = s_sample_upload(be, b, (int32_t)n_real_logits);
         if (st != PD_OK) return st;
     }
-    if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs) {
+    if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs && be->n_kv_runs == 0) {
         pd_status gst;
         g = s_graph_get(be, T, n_tiles, n_logits, is_logits, &tk, &att, d_tok, d_rows, &gst);
         if (gst != PD_OK) return gst;
@@ -872,6 +949,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     }
     if (be->is_prof)
         s_prof_collect(be, (double)(be->t_launched - t_start) / 1e3, (double)(pd_now_us() - t_start) / 1e3);
+    be->is_kv_streamed = be->n_kv_runs > 0;
     return PD_OK;
 }
 
@@ -879,11 +957,24 @@ static void *s_kv_host_base(eng_backend_t *be) {
     return be->mirror;
 }
 
+/* Every one of the n blocks is in a run the last forward streamed. */
+static bool s_kv_streamed_covers(const eng_backend_t *be, const int32_t *blocks, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        bool is_in = false;
+        for (int32_t r = 0; r < be->n_kv_runs && !is_in; r++)
+            is_in = blocks[i] >= be->kv_runs[2 * r] && blocks[i] < be->kv_runs[2 * r] + be->kv_runs[2 * r + 1];
+        if (!is_in) return false;
+    }
+    return true;
+}
+
 static pd_status s_kv_sync(eng_backend_t *be, const int32_t *blocks, int32_t n, bool is_to_host) {
     if (!be->mirror) {
         LOG_E("cuda backend: KV sync without a host mirror (eng_params.kv_host_mirror)");
         return PD_EINVAL;
     }
+    S_CUDA(cudaEventSynchronize(be->kv_done), "KV stream"); /* no streamed copy in flight from here on */
+    if (is_to_host && be->is_kv_streamed && s_kv_streamed_covers(be, blocks, n)) return PD_OK;
     memcpy(be->sync_ids, blocks, sizeof(int32_t) * (size_t)n); /* the last kernel reading it was waited for */
     eng_cuda_kv_copy(is_to_host ? (void *)be->mirror_d : (void *)be->kv_pool,
                      is_to_host ? (const void *)be->kv_pool : (const void *)be->mirror_d, be->sync_ids_d, n,

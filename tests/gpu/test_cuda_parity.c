@@ -8,7 +8,8 @@
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
  *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
  *     disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
- *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool.
+ *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool, also when the
+ *     forward streamed its KV there layer by layer (eng_batch_t.kv_to_host, over a poisoned mirror).
  * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
 #define _POSIX_C_SOURCE 200809L /* strdup, strtok_r */
 #include <math.h>
@@ -51,7 +52,8 @@ static int32_t s_argmax(const float *v, int32_t n, float *margin) {
 }
 
 /* One sequence alone: tokens [pos, pos + n) in one forward, logits of the last. */
-static void s_forward_one(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits) {
+static void s_forward_kv(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits,
+                         bool kv_to_host) {
     REQUIRE(eng_kv_seq_reserve(&sd->seqs[s], eng_kv_pool(sd->e), eng_kv_layout(sd->e)->block_size, pos + n) == PD_OK);
     const int32_t *table = sd->seqs[s].blocks;
     eng_batch_t b = {.n_seqs = 1,
@@ -60,8 +62,32 @@ static void s_forward_one(side_t *sd, int s, const int32_t *toks, int32_t n, int
                      .block_tables = &table,
                      .n_blocks = &sd->seqs[s].n_blocks,
                      .tokens = toks,
-                     .logits = logits};
+                     .logits = logits,
+                     .kv_to_host = kv_to_host};
     REQUIRE(eng_forward(sd->e, &b) == PD_OK);
+}
+
+static void s_forward_one(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits) {
+    s_forward_kv(sd, s, toks, n, pos, logits, false);
+}
+
+/* Chunks of the mirror that differ from the pool, over the blocks holding positions [0, n_tokens) of seq. */
+static int s_mirror_diff(side_t *sd, const eng_kv_seq_t *seq, int32_t n_tokens, uint16_t *back) {
+    const eng_kv_layout_t *km = eng_kv_layout(sd->e);
+    const uint8_t *mbase = eng_kv_host_base(sd->e);
+    int n_diff = 0;
+    for (int32_t l = 0; l < km->n_layers; l++)
+        for (int kind = 0; kind < 2; kind++)
+            for (int32_t bi = 0; bi < (n_tokens + km->block_size - 1) / km->block_size; bi++) {
+                const int32_t blk = seq->blocks[bi];
+                if (eng_kv_read_chunk(sd->e, l, (eng_kv_kind_t)kind, blk, back) != PD_OK) {
+                    n_diff++;
+                    continue;
+                }
+                n_diff += memcmp(back, mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, blk),
+                                 eng_kv_chunk_bytes(km)) != 0;
+            }
+    return n_diff;
 }
 
 static void s_make_prompt(int32_t *dst, int n, uint32_t seed, int32_t vocab) {
@@ -225,16 +251,28 @@ static void s_check_model(const char *path) {
     const int s2 = 3; /* a CUDA prefill of 100 tokens, then to the mirror */
     s_forward_one(&mir, s2, prompts[s2], s_lens[s2], 0, lg);
     CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s2].blocks, 0, s_lens[s2]), PD_OK);
-    int n_diff = 0;
-    for (int32_t l = 0; l < km->n_layers; l++)
-        for (int kind = 0; kind < 2; kind++)
-            for (int32_t bi = 0; bi < (s_lens[s2] + km->block_size - 1) / km->block_size; bi++) {
-                const int32_t blk = mir.seqs[s2].blocks[bi];
-                REQUIRE(eng_kv_read_chunk(mir.e, l, (eng_kv_kind_t)kind, blk, back) == PD_OK);
-                n_diff +=
-                    memcmp(back, mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, blk), chunk_elems * 2) != 0;
-            }
+    int n_diff = s_mirror_diff(&mir, &mir.seqs[s2], s_lens[s2], back);
     CHECK_MSG(n_diff == 0, "%s: %d chunks of the mirror differ from the pool after eng_kv_to_host", path, n_diff);
+
+    /* 5. the same with the KV streamed to the mirror during the forward (eng_batch_t.kv_to_host): the 300-token
+     * prompt again, in chunks of 200 and 100 (the second rewrites the block the first ended in), over a mirror
+     * poisoned first, so only copies make it equal; then eng_kv_to_host of a sequence the last forward did not
+     * write (sequence s2's, poisoned with the rest), which must copy it instead of taking the streamed blocks for it */
+    const int s3 = 4;
+    eng_kv_seq_release(&mir.seqs[s3], eng_kv_pool(mir.e));
+    REQUIRE(eng_kv_seq_reserve(&mir.seqs[s3], eng_kv_pool(mir.e), km->block_size, s_lens[s3]) == PD_OK);
+    memset(mbase, 0xff, eng_kv_pool_bytes(km));
+    s_forward_kv(&mir, s3, prompts[s3], 200, 0, lg, true);
+    CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s3].blocks, 0, 200), PD_OK);
+    const int n_diff_a = s_mirror_diff(&mir, &mir.seqs[s3], 200, back);
+    s_forward_kv(&mir, s3, prompts[s3] + 200, s_lens[s3] - 200, 200, lg, true);
+    CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s3].blocks, 200, s_lens[s3] - 200), PD_OK);
+    const int n_diff_b = s_mirror_diff(&mir, &mir.seqs[s3], s_lens[s3], back);
+    CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s2].blocks, 0, s_lens[s2]), PD_OK);
+    const int n_diff_c = s_mirror_diff(&mir, &mir.seqs[s2], s_lens[s2], back);
+    CHECK_MSG(n_diff_a == 0 && n_diff_b == 0 && n_diff_c == 0,
+              "%s: streamed KV: %d / %d chunks of the mirror differ after the chunks, %d after a sequence not streamed",
+              path, n_diff_a, n_diff_b, n_diff_c);
     s_release(&mir);
     for (int i = 0; i < N_SEQS; i++) eng_kv_seq_fini(&mir.seqs[i]);
     eng_destroy(&mir.e);
