@@ -17,6 +17,9 @@
 #   tests/gpu/run_gpu.sh spec          bench/run_spec_bench.sh --backend cuda (PDSERVE_MODELS: the default model's folder)
 #   tests/gpu/run_gpu.sh host          bench/kv_transfer on the host CPU (issue 3), three runs
 #   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
+#   tests/gpu/run_gpu.sh kvstream SHAPE prefill with each forward's KV to the host mirror (engine_cuda --kv-to-host),
+#                                      streamed layer by layer and copied after the forward (ENG_CUDA_KV_STREAM=0), twice
+#   tests/gpu/run_gpu.sh ncu SHAPE B   decode at batch B under Nsight Compute: GPU time per kernel (ncu_kernels.py)
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 # The default model (94 MB) is over the device tool's 64 MiB per-call limit. The golden, cluster-with-SmolLM2 and
 # spec stages get it in three parts over three back-to-back calls (the machine stays warm only 30 s):
@@ -142,6 +145,23 @@ while [ $# -gt 0 ]; do
             echo "== kv_transfer run $run"
             ./build-gpu/bench/kv_transfer --transports "${HOST_TRANSPORTS:-tcp,ipc,shm}"
         done 2>&1 | tee -a "$OUT/host.log"
+        ;;
+    kvstream)
+        shape=$1
+        shift
+        m=$(s_model "$shape" --shape "$shape") && for v in 1 0 1 0; do
+            echo "== $shape ENG_CUDA_KV_STREAM=$v"
+            ENG_CUDA_KV_STREAM=$v ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 0 --kv-to-host 2>&1 |
+                grep -E "^prefill +[0-9]"
+        done 2>&1 | tee -a "$OUT/kvstream_$shape.log"
+        ;;
+    ncu)
+        # graphs off so each kernel is a launch; skip the 512-token prompts' prefill and the first decode steps
+        shape=$1 batch=$2
+        shift 2
+        m=$(s_model "$shape" --shape "$shape") && ENG_CUDA_GRAPHS=0 python3 tests/gpu/ncu_kernels.py --skip 1500 \
+            --count 400 -- ./build-gpu/bench/engine_cuda --model "$m" --decode-batches "$batch" --new 16 \
+            --prefill-batches 0 --temperature 0 2>&1 | tee -a "$OUT/ncu_${shape}_b$batch.log"
         ;;
     hf)
         shape=$1
