@@ -104,11 +104,16 @@ void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, in
     k_rope_table<<<n_tokens, 64, 0, st>>>(cs, tok_pos, head_dim, theta);
 }
 
-/* One block per token: rotate the (adjacent) pairs of every Q and K head, store K and V in the token's slot. */
-static __global__ void k_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
+/* Blocks (token, slice): rotate the (adjacent) pairs of every Q and K head, store K and V in the token's slot; the
+ * S_ROPE_SLICES blocks of a token share its pairs and V elements (one block per token left a decode batch's few
+ * blocks walking ten dependent load rounds each). */
+#define S_ROPE_SLICES 4
+static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__restrict__ kv_pool,
+                                    const float *__restrict__ qkv, const float *__restrict__ bias,
                                     const eng_cuda_tokens_t tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                                     int32_t head_dim) {
     const int64_t t = blockIdx.x;
+    const int32_t first = (int32_t)(blockIdx.y * blockDim.x + threadIdx.x), step = (int32_t)(gridDim.y * blockDim.x);
     const int32_t q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
     const float *row = qkv + t * (int64_t)(q_dim + 2 * kv_dim);
     const float *cs = tk.rope_cs + t * head_dim;
@@ -116,7 +121,7 @@ static __global__ void k_rope_store(float *q, eng_cuda_kv_t *kv_pool, const floa
     const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
     eng_cuda_kv_t *k_dst = kv_pool + s_kv_slot(tk, layer, 0, block, slot, kv_dim);
     eng_cuda_kv_t *v_dst = kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim);
-    for (int32_t p = threadIdx.x; p < (n_heads + n_kv_heads) * half; p += blockDim.x) {
+    for (int32_t p = first; p < (n_heads + n_kv_heads) * half; p += step) {
         const int32_t i = p % half, e = 2 * (p / half) * half + 2 * i; /* element of the pair in [q | k] */
         float x0 = row[e], x1 = row[e + 1];
         if (bias) x0 += bias[e], x1 += bias[e + 1];
@@ -128,7 +133,7 @@ static __global__ void k_rope_store(float *q, eng_cuda_kv_t *kv_pool, const floa
             k_dst[e - q_dim] = s_kv_from_f32(y0), k_dst[e - q_dim + 1] = s_kv_from_f32(y1);
         }
     }
-    for (int32_t i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+    for (int32_t i = first; i < kv_dim; i += step) {
         float v = row[q_dim + kv_dim + i];
         if (bias) v += bias[q_dim + kv_dim + i];
         v_dst[i] = s_kv_from_f32(v);
@@ -138,7 +143,8 @@ static __global__ void k_rope_store(float *q, eng_cuda_kv_t *kv_pool, const floa
 void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st) {
-    k_rope_store<<<tk->n_tokens, 256, 0, st>>>(q, kv_pool, qkv, bias, *tk, layer, n_heads, n_kv_heads, head_dim);
+    k_rope_store<<<dim3((unsigned)tk->n_tokens, S_ROPE_SLICES), 128, 0, st>>>(q, kv_pool, qkv, bias, *tk, layer,
+                                                                              n_heads, n_kv_heads, head_dim);
 }
 
 /* ---- attention over the paged cache ----
@@ -325,19 +331,29 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
 
 /* ---- SwiGLU ---- */
 
-static __global__ void k_swiglu(__nv_bfloat16 *h, const float *gu, int64_t n, int32_t hidden) {
+/* Output i of the flat (T, hidden) h reads gu pair i (row t's pairs start at 2 t hidden: no index division), two
+ * pairs per 16-byte load (k_swiglu1: one, for an odd total). */
+static __global__ void k_swiglu1(__nv_bfloat16 *h, const float2 *gu, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t t = i / hidden, j = i % hidden;
-        const float g = gu[t * 2 * hidden + 2 * j], u = gu[t * 2 * hidden + 2 * j + 1];
-        h[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+        const float2 p = gu[i];
+        h[i] = __float2bfloat16(p.x / (1.0f + expf(-p.x)) * p.y);
+    }
+}
+static __global__ void k_swiglu(__nv_bfloat162 *h, const float4 *gu, int64_t n2) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
+        const float4 p = gu[i]; /* (gate, up) of outputs 2i and 2i + 1 */
+        h[i] = __floats2bfloat162_rn(p.x / (1.0f + expf(-p.x)) * p.y, p.z / (1.0f + expf(-p.z)) * p.w);
     }
 }
 
 void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_t hidden, cudaStream_t st) {
-    const int64_t n = (int64_t)n_tokens * hidden;
-    int64_t blocks = (n + 255) / 256;
+    const int64_t n = (int64_t)n_tokens * hidden, n_per = n % 2 ? n : n / 2;
+    int64_t blocks = (n_per + 255) / 256;
     if (blocks > 65535) blocks = 65535;
-    k_swiglu<<<(unsigned)blocks, 256, 0, st>>>(h, gu, n, hidden);
+    if (n % 2)
+        k_swiglu1<<<(unsigned)blocks, 256, 0, st>>>(h, (const float2 *)gu, n);
+    else
+        k_swiglu<<<(unsigned)blocks, 256, 0, st>>>((__nv_bfloat162 *)h, (const float4 *)gu, n / 2);
 }
 
 /* Output i of the flat (T, hidden) h reads gu pair i: row t's pairs start at 2 t hidden, so no index division. Four

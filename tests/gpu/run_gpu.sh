@@ -67,11 +67,13 @@ while [ $# -gt 0 ]; do
         } 2>&1 | tee -a "$OUT/build.log"
         ;;
     parity)
-        # three head layouts: SmolLM2's (9/3 heads of 64), Llama-3.2-1B's (32/8 of 64), Llama-3.1-8B's (32/8 of 128)
+        # four head layouts: SmolLM2's (9/3 heads of 64), Llama-3.2-1B's (32/8 of 64), Llama-3.1-8B's (32/8 of 128)
+        # and a 13B-like one (40/8 of 128: 5 query heads per KV head, 3-token decode tiles; dim 5120)
         m1=$(s_model smolshape --shape custom --dim 576 --layers 4 --heads 9 --kv-heads 3 --ffn 1536 --vocab 49152) &&
             m2=$(s_model l1b2 --shape llama-3.2-1b --layers 2) &&
             m3=$(s_model l8b2 --shape llama-3.1-8b --layers 2) &&
-            PD_PARITY_MODELS="$m1:$m2:$m3" ./build-gpu/tests/test_cuda_parity 2>&1 | tee -a "$OUT/parity.log"
+            m4=$(s_model g5 --shape custom --dim 5120 --layers 2 --heads 40 --kv-heads 8 --ffn 13824 --vocab 32000) &&
+            PD_PARITY_MODELS="$m1:$m2:$m3:$m4" ./build-gpu/tests/test_cuda_parity 2>&1 | tee -a "$OUT/parity.log"
         ;;
     golden)
         PD_TEST_BACKEND=cuda ./build-gpu/tests/test_eng_forward 2>&1 | tee -a "$OUT/golden.log"
