@@ -113,7 +113,7 @@ struct eng_backend {
     bool is_kv_stream, is_kv_streamed; /* ... the last forward completed with its KV streamed (kv_runs) */
     bool is_tc;      /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     bool is_dec_mma; /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
-    int32_t mma_terms;    /* tensor-core attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
+    int32_t mma_terms;    /* prefill attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
     bool is_gu_bf16;      /* prefill-sized batches take gate/up in bf16 (S_GU_BF16_MIN_TOK; ENG_CUDA_GU_BF16=0: not) */

@@ -12,9 +12,8 @@
  * warp; at the end the four warps' (max, sum, O) are merged through shared memory. Padding rows (past the tile's
  * rows) repeat the last row and are never stored.
  *
- * Precision as in the prefill kernels (eng_cuda_att_t.mma_terms): Q and P as one f16 term each by default, or as hi
- * + lo f16 pairs (ENG_CUDA_ATTN_TERMS=2: 212 registers against 156 at head_dim 128, and 0.5-1.2% slower decode at
- * 8B batch 64-128 on the H100), K and V as stored, sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with
+ * Precision: Q and P enter as hi + lo f16 pairs (the prefill kernel's mma_terms = 2; this kernel streams bytes, so
+ * the second MMA per product costs nothing measurable), K and V as stored, sums in f32, the softmax in exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with
  * their maxima in natural-log units, as k_attention_combine expects. */
 #include "eng_cuda_mma.cuh"
 #include "eng_cuda_ops.cuh"
@@ -29,7 +28,7 @@ template <int HD> static constexpr __host__ __device__ size_t s_dec_smem(void) {
     return (size_t)D_STAGES * 2u * D_KEYS * (HD + 8) * sizeof(eng_cuda_kv_t);
 }
 
-template <int HD, int NT>
+template <int HD>
 static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     k_attention_dec(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
     constexpr int LD = HD + 8, STAGE = 2 * D_KEYS * LD;
@@ -87,7 +86,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
         const eng_cuda_kv_t *k_s = stages + (it % D_STAGES) * STAGE + warp * 16 * LD, *v_s = k_s + D_KEYS * LD;
 
         float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}; /* S = Q K^T: 16 rows x 16 keys */
-        s_qk16<HD, NT>(s[0], s[1], q_hi, q_lo, k_s, lane);
+        s_qk16<HD>(s[0], s[1], q_hi, q_lo, k_s, lane);
 #pragma unroll
         for (int j = 0; j < 2; j++)
 #pragma unroll
@@ -120,7 +119,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
             s_split(p00, p01, &p_hi[2 * j], &p_lo[2 * j]);
             s_split(p10, p11, &p_hi[2 * j + 1], &p_lo[2 * j + 1]);
         }
-        s_pv16<HD, NT>(o, p_hi, p_lo, v_s, lane);
+        s_pv16<HD>(o, p_hi, p_lo, v_s, lane);
     }
 
     /* merge the warps: each leaves its (max, sum) per row and its unnormalised O in shared memory */
@@ -170,23 +169,21 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     }
 }
 
-template <int HD, int NT>
+template <int HD>
 static cudaError_t s_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     static bool is_configured = false; /* the engine thread is the only caller */
     if (!is_configured) {
-        const cudaError_t err = cudaFuncSetAttribute(
-            k_attention_dec<HD, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s_dec_smem<HD>());
+        const cudaError_t err = cudaFuncSetAttribute(k_attention_dec<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     (int)s_dec_smem<HD>());
         if (err != cudaSuccess) return err;
         is_configured = true;
     }
     const dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
-    k_attention_dec<HD, NT><<<grid, D_WARPS * 32, s_dec_smem<HD>(), st>>>(*a, *tk);
+    k_attention_dec<HD><<<grid, D_WARPS * 32, s_dec_smem<HD>(), st>>>(*a, *tk);
     return cudaGetLastError();
 }
 
 cudaError_t eng_cuda_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     if (!eng_cuda_dec_usable(a->head_dim, a->n_heads, a->n_kv_heads)) return cudaErrorInvalidValue;
-    if (a->mma_terms == 2)
-        return a->head_dim == 64 ? s_attention_dec<64, 2>(a, tk, st) : s_attention_dec<128, 2>(a, tk, st);
-    return a->head_dim == 64 ? s_attention_dec<64, 1>(a, tk, st) : s_attention_dec<128, 1>(a, tk, st);
+    return a->head_dim == 64 ? s_attention_dec<64>(a, tk, st) : s_attention_dec<128>(a, tk, st);
 }

@@ -72,7 +72,7 @@ typedef struct {
     /* true: the CUDA-core tiles go to the tensor-core decode kernel (eng_cuda_attn_decode.cu) instead, which takes
      * tiles of at most ENG_CUDA_DEC_ROWS query rows (eng_cuda_dec_tile_tokens tokens); see eng_cuda_dec_usable */
     bool is_dec_mma;
-    int32_t mma_terms; /* tensor-core kernels: Q and P as 1 f16 term, or 2 (hi + lo; eng_cuda_attn_mma.cu) */
+    int32_t mma_terms; /* prefill tiles: Q and P as 1 f16 term, or 2 (hi + lo; eng_cuda_attn_mma.cu) */
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* The tensor-core tiles of a (eng_cuda_attn_mma.cu); eng_cuda_attention calls it. */
