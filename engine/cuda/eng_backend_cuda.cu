@@ -2,7 +2,8 @@
  * CPU backend reads), with Q/K/V and gate/up fused into one matrix each so a layer is four GEMMs (cuBLAS, bf16 in,
  * f32 accumulate; at 1..4 rows our own matrix-vector kernel, eng_cuda_gemv.cu). The residual stream stays f32 on
  * the GPU and the residual adds ride in the products (beta = 1).
- * The KV pool is f16 on the GPU (eng_cuda_kv_t, eng_cuda_ops.cuh says why) in the eng_kv_layout.h layout, with an optional pinned host mirror for kvtransfer.
+ * The KV pool is f16 on the GPU (eng_cuda_kv_t, eng_cuda_ops.cuh says why) in the eng_kv_layout.h layout, with an
+ * optional pinned host mirror for kvtransfer.
  * A forward copies the batch's small tables up once, runs every layer on one stream (replaying a CUDA graph per
  * batch shape for small batches) and copies back only the logits asked for. Prefill chunks of >= 32 tokens take the
  * tensor-core attention (eng_cuda_attn_mma.cu), decode rows and short chunks the tensor-core decode kernel

@@ -76,9 +76,8 @@ static __device__ __forceinline__ void s_load_q(const float *q_r0, const float *
 }
 
 /* Scores of 16 keys: s0 (keys 0-7) and s1 (keys 8-15) += Q K^T, K the 16 rows at k_rows of a stage ((HD + 8)
- * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments. NT = 2: Q as hi + lo (two MMAs
- * per product), NT = 1: hi alone. */
-template <int HD, int NT = 2>
+ * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments; Q as hi + lo, two MMAs a product. */
+template <int HD>
 static __device__ __forceinline__ void s_qk16(float s0[4], float s1[4], const uint32_t (&q_hi)[HD / 16][4],
                                               const uint32_t (&q_lo)[HD / 16][4], const eng_cuda_kv_t *k_rows,
                                               int lane) {
@@ -87,16 +86,16 @@ static __device__ __forceinline__ void s_qk16(float s0[4], float s1[4], const ui
     for (int d = 0; d < HD / 16; d++) {
         uint32_t b[4];
         s_ldsm_x4(b, k_rows + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
-        if (NT == 2) s_mma(s0, q_lo[d], b[0], b[1]);
+        s_mma(s0, q_lo[d], b[0], b[1]);
         s_mma(s0, q_hi[d], b[0], b[1]);
-        if (NT == 2) s_mma(s1, q_lo[d], b[2], b[3]);
+        s_mma(s1, q_lo[d], b[2], b[3]);
         s_mma(s1, q_hi[d], b[2], b[3]);
     }
 }
 
-/* O += P V over 16 keys: P's A fragment (hi + lo, or NT = 1: hi alone) from two score n-tiles, V the 16 rows at
+/* O += P V over 16 keys: P's A fragment (hi + lo) from two score n-tiles, V the 16 rows at
  * v_rows of a stage, its B fragments by ldmatrix.trans. */
-template <int HD, int NT = 2>
+template <int HD>
 static __device__ __forceinline__ void s_pv16(float (&o)[HD / 8][4], const uint32_t p_hi[4], const uint32_t p_lo[4],
                                               const eng_cuda_kv_t *v_rows, int lane) {
     constexpr int LD = HD + 8;
@@ -104,9 +103,9 @@ static __device__ __forceinline__ void s_pv16(float (&o)[HD / 8][4], const uint3
     for (int np = 0; np < HD / 16; np++) {
         uint32_t b[4];
         s_ldsm_x4_trans(b, v_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + ((lane >> 4) & 1) * 8);
-        if (NT == 2) s_mma(o[2 * np], p_lo, b[0], b[1]);
+        s_mma(o[2 * np], p_lo, b[0], b[1]);
         s_mma(o[2 * np], p_hi, b[0], b[1]);
-        if (NT == 2) s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
+        s_mma(o[2 * np + 1], p_lo, b[2], b[3]);
         s_mma(o[2 * np + 1], p_hi, b[2], b[3]);
     }
 }

@@ -1,7 +1,7 @@
-/* eng_cuda_ops.cuh: the CUDA backend's kernels behind eng_cuda_* launchers (private to engine/cuda/).
- * Layouts: the residual stream is f32 (T, dim); everything that feeds a GEMM is bf16; the KV pool is f16
- * (eng_cuda_kv_t) in the eng_kv_layout.h layout, so a block's chunk copies out as is. A "token" is one new token of the batch;
- * per token the launchers get its position and its sequence's block table (flattened, offset per sequence). */
+/* eng_cuda_ops.cuh: the CUDA backend's kernels behind eng_cuda_* launchers (private to engine/cuda/). Layouts: the
+ * residual stream is f32 (T, dim); everything that feeds a GEMM is bf16; the KV pool is f16 (eng_cuda_kv_t) in the
+ * eng_kv_layout.h layout, so a block's chunk copies out as is. A "token" is one new token of the batch; per token the
+ * launchers get its position and its sequence's block table (flattened, offset per sequence). */
 #ifndef ENG_CUDA_OPS_CUH
 #define ENG_CUDA_OPS_CUH
 

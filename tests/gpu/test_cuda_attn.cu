@@ -1,14 +1,14 @@
 /* test_cuda_attn.cu: eng_cuda_attention over the paged f16 KV cache against a double-precision host reference,
  * through every kernel behind it: k_attention (is_dec_mma false, tiles of ENG_CUDA_ATT_ROWS / G tokens), the
  * tensor-core decode kernel (is_dec_mma true, tiles of eng_cuda_dec_tile_tokens), each for every sequence of the
- * batch, and then the batch as a forward splits it: chunks of >= ENG_CUDA_TC_MIN tokens in tiles of
- * ENG_CUDA_TC_ROWS to the tensor-core prefill kernel (Q and P as one f16 term, and as two), the rest to the decode
- * kernel. Each without key splits and with splits of 64 and 96 keys (partials merged by the combine kernel, which
- * must leave the prefill tiles' rows alone). Head layouts of SmolLM2 (64 x 9/3), Llama-3.2-1B (64 x 32/8), Llama-3.1-8B (128 x 32/8), G = 1
- * (128 x 8/8) and G = 16 (64 x 16/1); queries flat (scale 1), peaked (scale 8) and aimed at a sink key that takes
- * most of the weight. Batches are built like s_forward builds them: shuffled block tables, tiles of consecutive
- * tokens of one sequence, empty pad tiles. Then, not asserted, both kernels' time and KV bandwidth on 8B decode
- * batches of 1..128 sequences of 640 keys next to a device-to-device copy, with the pool cycling through more
+ * batch, and then the batch as a forward splits it: chunks of >= ENG_CUDA_TC_MIN tokens in tiles of ENG_CUDA_TC_ROWS
+ * to the tensor-core prefill kernel (Q and P as one f16 term, and as two), the rest to the decode kernel. Each
+ * without key splits and with splits of 64 and 96 keys (partials merged by the combine kernel, which must leave the
+ * prefill tiles' rows alone). Head layouts of SmolLM2 (64 x 9/3), Llama-3.2-1B (64 x 32/8), Llama-3.1-8B (128 x
+ * 32/8), G = 1 (128 x 8/8) and G = 16 (64 x 16/1); queries flat (scale 1), peaked (scale 8) and aimed at a sink key
+ * that takes most of the weight. Batches are built like s_forward builds them: shuffled block tables, tiles of
+ * consecutive tokens of one sequence, empty pad tiles. Then, not asserted, both kernels' time and KV bandwidth on 8B
+ * decode batches of 1..128 sequences of 640 keys next to a device-to-device copy, with the pool cycling through more
  * memory than L2 holds so the timings measure HBM. */
 #include "eng_cuda_ops.cuh"
 extern "C" {

@@ -6,8 +6,8 @@
  *   - the same six in one batch, prompts in chunks of 13 (40 for two of them), against themselves alone on CUDA: within
  *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
- *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it would (the
- *     disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
+ *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it
+ *     would (the disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
  *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool, also when the
  *     forward streamed its KV there layer by layer (eng_batch_t.kv_to_host, over a poisoned mirror).
  * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
