@@ -4,7 +4,7 @@
 #   tests/gpu/run_gpu.sh build         configure + build with -DPDSERVE_CUDA=ON (sm_90a) into build-gpu/
 #   tests/gpu/run_gpu.sh parity        CPU vs CUDA on random-weight models of three head layouts
 #   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
-#   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16)
+#   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16), greedy
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
 #   tests/gpu/run_gpu.sh kernels       test_cuda_attn: paged attention (CUDA-core and tensor-core decode kernels,
 #                                      with and without key splits) vs a double reference, then their time and KV
@@ -81,9 +81,11 @@ while [ $# -gt 0 ]; do
     bench)
         shape=$1
         shift
-        # ENG_CUDA_STEP_TIMES: per graph-launched batch size, the forward's wall time against the graph's GPU time
-        m=$(s_model "$shape" --shape "$shape") && ENG_CUDA_STEP_TIMES=1 ./build-gpu/bench/engine_cuda --model "$m" 2>&1 |
-            tee -a "$OUT/bench_$shape.log"
+        # as bench/RESULTS.md's engine_cuda tables: greedy rows sampled on the GPU (BENCH_ARGS replaces those flags,
+        # e.g. "--sampling gpu,host --temperature 0.7"); ENG_CUDA_STEP_TIMES: per graph-launched batch size, the
+        # forward's wall time against the graph's GPU time
+        m=$(s_model "$shape" --shape "$shape") && ENG_CUDA_STEP_TIMES=1 ./build-gpu/bench/engine_cuda --model "$m" \
+            ${BENCH_ARGS:---sampling gpu --temperature 0} 2>&1 | tee -a "$OUT/bench_$shape.log"
         ;;
     profile)
         # per-phase GPU times (ENG_CUDA_PROFILE) of decode at batch 1 and 64 and of one 4096-token prefill
