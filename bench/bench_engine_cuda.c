@@ -9,7 +9,7 @@
  *            peak, counting 2 x matrix parameters x tokens (the embedding table is a lookup; the output head
  *            is applied to one row per prompt) plus causal attention 2 x 2 x layers x q_dim x len^2 / 2.
  *            --kv-to-host: as a prefill worker does, the engine keeps a pinned host mirror of the KV pool and each
- *            forward's KV goes there (eng_batch_t.kv_to_host, then eng_kv_to_host per prompt), inside the time
+ *            forward's KV goes there (eng_batch_t.is_kv_to_host, then eng_kv_to_host per prompt), inside the time
  *            (ENG_CUDA_KV_STREAM=0: copied after the forward instead of layer by layer during it).
  * Input tokens are fixed, not the sampled ones: the step's cost does not depend on them.
  * Usage: engine_cuda --model PATH [--gpu N] [--ctx 512] [--new 128] [--decode-batches 1,8,32,64,128]
@@ -158,7 +158,7 @@ static void s_forward(run_t *r, const eng_kv_seq_t *seqs, int m, const int32_t *
                      .want_logits = NULL,
                      .logits = r->logits};
     if (r->is_decode_on_gpu) b.logits = NULL, b.sampling = r->rows, b.samples = r->samples;
-    b.kv_to_host = r->is_kv_to_host;
+    b.is_kv_to_host = r->is_kv_to_host;
     if (eng_forward(r->e, &b) != PD_OK) {
         fprintf(stderr, "%s forward failed\n", what);
         exit(1);

@@ -79,7 +79,7 @@ typedef struct {
      * to kvtransfer): a backend with a host mirror may copy it there during the forward, layer by layer (CUDA: on a
      * side stream, each layer's blocks once its K/V are stored, overlapping the next layers), so that
      * eng_kv_to_host only waits for the last layer's copy. An optimisation only: results are the same without. */
-    bool kv_to_host;
+    bool is_kv_to_host;
 } eng_batch_t;
 
 /* PD_OK; PD_EINVAL (with a log line) for a malformed batch: bad token id, too many tokens or

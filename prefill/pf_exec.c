@@ -489,7 +489,7 @@ static void s_kick(pf_exec_t *x) {
         x->logits = pd_xrealloc(x->logits, (size_t)x->logits_rows * (size_t)x->vocab_size * sizeof(float));
     }
     pf_plan_batch(pl, x->logits, &x->batch);
-    x->batch.kv_to_host = true; /* s_job copies it to the host mirror: the backend may do so during the forward */
+    x->batch.is_kv_to_host = true; /* s_job copies it to the host mirror: the backend may do so during the forward */
     for (int32_t k = 0; k < pl->n_seqs; k++) {
         s_req_t *r = s_req_find(x, pl->req_ids[k]);
         if (r) r->is_in_step = true;

@@ -10,8 +10,8 @@
  * (eng_cuda_attn_decode.cu; ENG_CUDA_DEC_MMA=0: the CUDA-core one in eng_cuda_ops.cu).
  * A batch with sampling requests is sampled on the GPU (eng_cuda_sample.cu): only token ids and logprobs come back.
  *
- * With a host mirror (kvtransfer's source), a forward marked eng_batch_t.kv_to_host copies each layer's new K/V there
- * on a side stream while the next layers compute. Not yet here (issue 6): CUDA IPC between workers on one GPU. */
+ * With a host mirror (kvtransfer's source), a forward marked eng_batch_t.is_kv_to_host copies each layer's new K/V
+ * there on a side stream while the next layers compute. Not yet here (issue 6): CUDA IPC between workers on one GPU. */
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -104,7 +104,7 @@ struct eng_backend {
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
-    /* KV streamed to the mirror during a forward (eng_batch_t.kv_to_host; ENG_CUDA_KV_STREAM=0: never): after each
+    /* KV streamed to the mirror during a forward (eng_batch_t.is_kv_to_host; ENG_CUDA_KV_STREAM=0: never): after each
      * layer's K/V store, kv_st copies that layer's chunks of the blocks the batch writes, by the copy engine, one
      * cudaMemcpyAsync per run of consecutive block ids and kind. kv_runs holds the last streamed forward's runs
      * (first block, count), n_kv_runs = 0 when the last forward streamed nothing. */
@@ -812,7 +812,7 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     /* KV to the mirror during the forward: the previous streamed forward's copies end before this one's stores */
     be->is_kv_streamed = false, be->n_kv_runs = 0;
     if (be->kv_st) S_CUDA(cudaStreamWaitEvent(be->st, be->kv_done, 0), "KV stream");
-    if (b->kv_to_host && be->is_kv_stream && be->mirror) (void)s_kv_stream_plan(be, b); /* sets n_kv_runs */
+    if (b->is_kv_to_host && be->is_kv_stream && be->mirror) (void)s_kv_stream_plan(be, b); /* sets n_kv_runs */
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
     int64_t T = 0, n_table = 0, n_tiles = 0, n_tc_tiles = 0, max_len = 0;

@@ -9,7 +9,7 @@
  *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it
  *     would (the disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
  *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool, also when the
- *     forward streamed its KV there layer by layer (eng_batch_t.kv_to_host, over a poisoned mirror).
+ *     forward streamed its KV there layer by layer (eng_batch_t.is_kv_to_host, over a poisoned mirror).
  * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
 #define _POSIX_C_SOURCE 200809L /* strdup, strtok_r */
 #include <math.h>
@@ -53,7 +53,7 @@ static int32_t s_argmax(const float *v, int32_t n, float *margin) {
 
 /* One sequence alone: tokens [pos, pos + n) in one forward, logits of the last. */
 static void s_forward_kv(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits,
-                         bool kv_to_host) {
+                         bool is_kv_to_host) {
     REQUIRE(eng_kv_seq_reserve(&sd->seqs[s], eng_kv_pool(sd->e), eng_kv_layout(sd->e)->block_size, pos + n) == PD_OK);
     const int32_t *table = sd->seqs[s].blocks;
     eng_batch_t b = {.n_seqs = 1,
@@ -63,7 +63,7 @@ static void s_forward_kv(side_t *sd, int s, const int32_t *toks, int32_t n, int3
                      .n_blocks = &sd->seqs[s].n_blocks,
                      .tokens = toks,
                      .logits = logits,
-                     .kv_to_host = kv_to_host};
+                     .is_kv_to_host = is_kv_to_host};
     REQUIRE(eng_forward(sd->e, &b) == PD_OK);
 }
 
@@ -254,7 +254,7 @@ static void s_check_model(const char *path) {
     int n_diff = s_mirror_diff(&mir, &mir.seqs[s2], s_lens[s2], back);
     CHECK_MSG(n_diff == 0, "%s: %d chunks of the mirror differ from the pool after eng_kv_to_host", path, n_diff);
 
-    /* 5. the same with the KV streamed to the mirror during the forward (eng_batch_t.kv_to_host): the 300-token
+    /* 5. the same with the KV streamed to the mirror during the forward (eng_batch_t.is_kv_to_host): the 300-token
      * prompt again, in chunks of 200 and 100 (the second rewrites the block the first ended in), over a mirror
      * poisoned first, so only copies make it equal; then eng_kv_to_host of a sequence the last forward did not
      * write (sequence s2's, poisoned with the rest), which must copy it instead of taking the streamed blocks for it */
