@@ -215,8 +215,7 @@ static __global__ void __launch_bounds__(128, 2) k_attention_fa(const eng_cuda_a
 #pragma unroll
                 for (int np = 0; np < S_KEYS / 16; np++) {
                     uint32_t b[4];
-                    s_ldsm_x4(b, k_s + (np * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 +
-                                     ((lane >> 3) & 1) * 8);
+                    s_ldsm_k16<LD>(b, k_s + np * 16 * LD, d * 16, lane);
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
                         s_mma(s[mt][2 * np], qa[mt], b[0], b[1]);
@@ -268,8 +267,7 @@ static __global__ void __launch_bounds__(128, 2) k_attention_fa(const eng_cuda_a
 #pragma unroll
                 for (int np = 0; np < HD / 16; np++) {
                     uint32_t b[4];
-                    s_ldsm_x4_trans(b, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 +
-                                           ((lane >> 4) & 1) * 8);
+                    s_ldsm_v16<LD>(b, v_s + kk * 16 * LD, np * 16, lane);
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
                         s_mma(o[mt][2 * np], pa[mt], b[0], b[1]);

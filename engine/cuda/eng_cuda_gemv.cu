@@ -145,7 +145,7 @@ template <int MODE>
 static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64_t t, int64_t o, int32_t n_out,
                                                     float a0, float a1) {
     if constexpr (MODE == S_SWIGLU) {
-        e.h[t * (n_out / 2) + o / 2] = __float2bfloat16(a0 / (1.0f + expf(-a0)) * a1);
+        e.h[t * (n_out / 2) + o / 2] = __float2bfloat16(s_silu_mul(a0, a1));
     } else {
         const eng_cuda_qkv_dst_t &d = e.qkv;
         const eng_cuda_tokens_t &tk = e.tk;

@@ -34,6 +34,20 @@ static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const eng_
                  : "r"(addr));
 }
 
+/* The B fragments of 16 keys (K rows at k_rows, LD elements apart) over dims [d0, d0 + 16): b[0], b[1] for keys 0-7,
+ * b[2], b[3] for keys 8-15 (S = Q K^T). */
+template <int LD>
+static __device__ __forceinline__ void s_ldsm_k16(uint32_t b[4], const eng_cuda_kv_t *k_rows, int d0, int lane) {
+    s_ldsm_x4(b, k_rows + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d0 + ((lane >> 3) & 1) * 8);
+}
+
+/* The B fragments of 16 keys' V rows (at v_rows) over output dims [n0, n0 + 16), transposed: b[0], b[1] for dims
+ * n0..n0 + 7, b[2], b[3] for the next 8 (O += P V). */
+template <int LD>
+static __device__ __forceinline__ void s_ldsm_v16(uint32_t b[4], const eng_cuda_kv_t *v_rows, int n0, int lane) {
+    s_ldsm_x4_trans(b, v_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + n0 + ((lane >> 4) & 1) * 8);
+}
+
 /* 16 bytes global -> shared, asynchronously; n_src 0 writes zeros (keys past the sequence's end). */
 static __device__ __forceinline__ void s_cp_async16(eng_cuda_kv_t *dst, const eng_cuda_kv_t *src, int n_src) {
     const uint32_t addr = (uint32_t)__cvta_generic_to_shared(dst);
@@ -85,7 +99,7 @@ static __device__ __forceinline__ void s_qk16(float s0[4], float s1[4], const ui
 #pragma unroll
     for (int d = 0; d < HD / 16; d++) {
         uint32_t b[4];
-        s_ldsm_x4(b, k_rows + ((lane & 7) + ((lane >> 4) & 1) * 8) * LD + d * 16 + ((lane >> 3) & 1) * 8);
+        s_ldsm_k16<LD>(b, k_rows, d * 16, lane);
         s_mma(s0, q_lo[d], b[0], b[1]);
         s_mma(s0, q_hi[d], b[0], b[1]);
         s_mma(s1, q_lo[d], b[2], b[3]);
@@ -102,7 +116,7 @@ static __device__ __forceinline__ void s_pv16(float (&o)[HD / 8][4], const uint3
 #pragma unroll
     for (int np = 0; np < HD / 16; np++) {
         uint32_t b[4];
-        s_ldsm_x4_trans(b, v_rows + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + np * 16 + ((lane >> 4) & 1) * 8);
+        s_ldsm_v16<LD>(b, v_rows, np * 16, lane);
         s_mma(o[2 * np], p_lo, b[0], b[1]);
         s_mma(o[2 * np], p_hi, b[0], b[1]);
         s_mma(o[2 * np + 1], p_lo, b[2], b[3]);

@@ -336,13 +336,13 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
 static __global__ void k_swiglu1(__nv_bfloat16 *h, const float2 *gu, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float2 p = gu[i];
-        h[i] = __float2bfloat16(p.x / (1.0f + expf(-p.x)) * p.y);
+        h[i] = __float2bfloat16(s_silu_mul(p.x, p.y));
     }
 }
 static __global__ void k_swiglu(__nv_bfloat162 *h, const float4 *gu, int64_t n2) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
         const float4 p = gu[i]; /* (gate, up) of outputs 2i and 2i + 1 */
-        h[i] = __floats2bfloat162_rn(p.x / (1.0f + expf(-p.x)) * p.y, p.z / (1.0f + expf(-p.z)) * p.w);
+        h[i] = __floats2bfloat162_rn(s_silu_mul(p.x, p.y), s_silu_mul(p.z, p.w));
     }
 }
 
@@ -366,7 +366,7 @@ static __global__ void k_swiglu_bf16(uint2 *h, const uint4 *gu, int64_t n4) {
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const float2 p = __bfloat1622float2(*(const __nv_bfloat162 *)&pairs[k]);
-            o[k] = p.x / (1.0f + expf(-p.x)) * p.y;
+            o[k] = s_silu_mul(p.x, p.y);
         }
         __nv_bfloat162 lo = __floats2bfloat162_rn(o[0], o[1]), hi = __floats2bfloat162_rn(o[2], o[3]);
         h[i] = make_uint2(*(uint32_t *)&lo, *(uint32_t *)&hi);

@@ -17,6 +17,11 @@
  * RoPE stay far inside f16's range (+-65504), as llama.cpp's default f16 KV cache relies on; stores saturate
  * instead of overflowing to infinity all the same. */
 typedef __half eng_cuda_kv_t;
+/* SwiGLU of one gate/up pair: silu(g) * u, the one expression every SwiGLU path (kernels, matrix-vector epilogue)
+ * evaluates, so that they round alike. */
+static __device__ __forceinline__ float s_silu_mul(float g, float u) {
+    return g / (1.0f + expf(-g)) * u;
+}
 static __device__ __forceinline__ eng_cuda_kv_t s_kv_from_f32(float x) {
     return __float2half_rn(fminf(fmaxf(x, -65504.0f), 65504.0f));
 }
