@@ -809,9 +809,10 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     const int32_t tile_tokens =
         be->is_dec_mma ? eng_cuda_dec_tile_tokens(c->n_heads, c->n_kv_heads) : (int32_t)(ENG_CUDA_ATT_ROWS / G);
 
-    /* KV to the mirror during the forward: the previous streamed forward's copies end before this one's stores */
+    /* KV to the mirror during the forward: a previous streamed forward's copies end before this one's stores (only
+     * then: a decode worker's mirror never streams, and its steps skip the wait) */
+    if (be->n_kv_runs > 0) S_CUDA(cudaStreamWaitEvent(be->st, be->kv_done, 0), "KV stream");
     be->is_kv_streamed = false, be->n_kv_runs = 0;
-    if (be->kv_st) S_CUDA(cudaStreamWaitEvent(be->st, be->kv_done, 0), "KV stream");
     if (b->is_kv_to_host && be->is_kv_stream && be->mirror) (void)s_kv_stream_plan(be, b); /* sets n_kv_runs */
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
