@@ -226,6 +226,9 @@ static void s_req_end(dc_service_t *s, s_req_t *r, pd_status reason, const char 
         s_send_chunk(s, r, &ev);
         r->is_abandoned = true;
         s->n_live--, s->n_abandoned++;
+        /* the receiver lets go now (its FAILED event releases r), rather than when the transfer times out: the
+         * prefill worker may be dead, or streaming a prompt whose answer nobody waits for */
+        (void)kvt_receiver_cancel(s->kvt, r->req_id);
         s_check_drained(s);
         return;
     }

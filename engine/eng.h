@@ -80,6 +80,13 @@ typedef struct {
      * side stream, each layer's blocks once its K/V are stored, overlapping the next layers), so that
      * eng_kv_to_host only waits for the last layer's copy. An optimisation only: results are the same without. */
     bool is_kv_to_host;
+    /* Progress for a reader on another thread (a prefill worker sending the KV while the forward runs), or NULL: the
+     * backend stores here, with release ordering (__atomic_store_n), how many leading layers of this batch's K/V are
+     * final in host memory (eng_kv_host_base): the CPU backend as it stores each layer's K/V; CUDA with a host mirror
+     * and is_kv_to_host as each layer's copy lands (from a CUDA callback thread: read it with __atomic_load_n,
+     * acquire). Monotonic, never ahead of the memory; a backend may report less than it could, and reports nothing
+     * more once eng_forward has returned an error. eng_kv_to_host remains the end of the story. */
+    int32_t *kv_host_layers;
 } eng_batch_t;
 
 /* PD_OK; PD_EINVAL (with a log line) for a malformed batch: bad token id, too many tokens or

@@ -193,6 +193,11 @@ kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *
 /* Releases every block of every unfinished transfer through the store. */
 void kvt_receiver_destroy(kvt_receiver_t **r);
 int kvt_receiver_poll(kvt_receiver_t *r, int timeout_ms, kvt_event_t *events, int cap);
+/* The decode side gave request_id up: every live transfer of it ends now, here and at its sender (which gets DONE with
+ * PD_ECLOSED), its blocks released through the store at once and a FAILED event (PD_ECLOSED) at the next poll, so
+ * that neither side waits for a timeout (a streamed transfer may be live long before its commit; a dead sender
+ * never commits). Returns how many transfers it ended. */
+int kvt_receiver_cancel(kvt_receiver_t *r, uint64_t request_id);
 void *kvt_receiver_socket(kvt_receiver_t *r);
 /* The endpoint actually bound (resolves tcp port 0 / wildcard ports). */
 const char *kvt_receiver_endpoint(const kvt_receiver_t *r);

@@ -852,6 +852,16 @@ int kvt_receiver_poll(kvt_receiver_t *r, int timeout_ms, kvt_event_t *events, in
     return n;
 }
 
+int kvt_receiver_cancel(kvt_receiver_t *r, uint64_t request_id) {
+    int n = 0;
+    for (int32_t i = 0; i < r->p.max_transfers; i++)
+        if (r->tx[i].in_use && r->tx[i].request_id == request_id) {
+            s_fail(r, &r->tx[i], PD_ECLOSED, "cancelled by the receiver", true);
+            n++;
+        }
+    return n;
+}
+
 void *kvt_receiver_socket(kvt_receiver_t *r) {
     return r->sock;
 }

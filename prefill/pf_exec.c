@@ -21,19 +21,27 @@ typedef struct s_peer s_peer_t;
 
 typedef enum { R_FREE = 0, R_SCHED, R_SENDING } s_rstate_t;
 
-/* What the executor knows of a request beside pf_sched's view: where its KV goes and how it ends. */
+/* What the executor knows of a request beside pf_sched's view: where its KV goes and how it ends.
+ * The transfer starts with the step that runs the prompt's final chunk (streamed: layers go out as the forward
+ * stores them, pf_sched_pin keeps the blocks) or, when streaming is off, once the prompt is done. It ends at
+ * RELEASED; the blocks go back once both the transfer is over and pf_sched holds the request as SENDING. */
 typedef struct {
     uint64_t req_id;
-    s_rstate_t state;  /* R_SCHED: pf_sched QUEUED / PREFILLING; R_SENDING: a transfer is live */
-    bool is_in_step;   /* part of the running plan */
-    bool is_cancelled; /* the router gave it up: never reported */
-    bool is_reported;  /* on_fail was called */
-    bool is_done;      /* R_SENDING: DONE arrived (done_status) */
+    s_rstate_t state;      /* R_SCHED: pf_sched QUEUED / PREFILLING; R_SENDING: pf_sched SENDING */
+    bool is_in_step;       /* part of the running plan */
+    bool is_cancelled;     /* the router gave it up: never reported */
+    bool is_reported;      /* on_fail was called */
+    bool has_transfer;     /* started and not yet RELEASED (peer, transfer_id) */
+    bool is_pinned;        /* its transfer started while the final chunk ran (pf_sched_pin) */
+    bool is_transfer_over; /* RELEASED arrived, or the start failed: nothing references the blocks */
+    bool is_done;          /* DONE arrived (done_status), or the transfer ended otherwise */
     pd_status done_status;
-    uint64_t deadline_us; /* 0 = none */
-    s_peer_t *peer;       /* R_SENDING */
-    uint64_t transfer_id; /* R_SENDING, unique per peer */
-    int32_t next_free;    /* free-slot stack */
+    int32_t n_layers_ready; /* streamed: layers marked ready so far */
+    uint64_t kv_ready_us;   /* when the loop saw the whole KV ready (every layer stored, or the step done) */
+    uint64_t deadline_us;   /* 0 = none */
+    s_peer_t *peer;         /* has_transfer */
+    uint64_t transfer_id;   /* has_transfer, unique per peer */
+    int32_t next_free;      /* free-slot stack */
     char decode_id[PB_MAX_ID_BYTES + 1];
     char endpoint[PB_MAX_ENDPOINT_BYTES + 1];
 } s_req_t;
@@ -61,6 +69,13 @@ struct pf_exec {
     float *logits; /* (logits_rows, vocab_size), grown when a plan needs more rows */
     int32_t logits_rows;
     pf_event_t *events; /* (max_step_seqs) */
+    /* Layers of the running step's K/V in host memory: written by the engine (its thread or a CUDA callback
+     * thread, eng_batch_t.kv_host_layers), read here on the tick; kv_layers_marked is what streams were told. */
+    int32_t kv_host_layers;
+    int32_t kv_layers_marked;
+    int32_t n_layers;
+    uint64_t n_streamed, n_layers_early;
+    uint64_t n_tails, tail_us_sum, tail_us_max; /* KV ready -> DONE(PD_OK), per delivered transfer */
 
     /* requests: slots, a free stack and an open-addressing index req_id -> slot + 1 (0 = empty) */
     s_req_t *reqs;
@@ -81,6 +96,7 @@ pf_exec_params_t pf_exec_params_default(void) {
     p.sched = pf_sched_params_default();
     p.kv_conns = 1;
     p.idle_sender_ms = 60000;
+    p.is_kv_stream = true;
     return p;
 }
 
@@ -173,6 +189,29 @@ static void s_on_peer(pd_loop_t *l, void *ud);
 static void s_kick(pf_exec_t *x);
 
 static void s_tick_update(pf_exec_t *x);
+static void s_transfer_over(pf_exec_t *x, s_req_t *r);
+static void s_stream_progress(pf_exec_t *x);
+
+/* r's transfer is over and pf_sched holds r as SENDING: its blocks go back and r is forgotten. */
+static void s_finish(pf_exec_t *x, s_req_t *r) {
+    if (pf_sched_sent(x->sched, r->req_id, r->is_done ? r->done_status : PD_EIO) != PD_OK)
+        LOG_E("req=%016llx not SENDING in the scheduler", (unsigned long long)r->req_id);
+    s_req_free(x, r);
+}
+
+/* RELEASED, or the sender closed: nothing references r's blocks any more. While r's step still runs, s_step_done
+ * finishes it. */
+static void s_transfer_over(pf_exec_t *x, s_req_t *r) {
+    if (r->has_transfer) {
+        r->has_transfer = false;
+        x->n_transfers--;
+        if (--r->peer->n_live == 0) r->peer->idle_since_us = pd_now_us();
+    }
+    r->peer = NULL;
+    r->is_transfer_over = true;
+    if (!r->is_done) r->is_done = true, r->done_status = PD_EIO;
+    if (r->state == R_SENDING) s_finish(x, r);
+}
 
 static s_peer_t *s_peer_get(pf_exec_t *x, const char *endpoint, char *err, size_t err_cap) {
     for (int32_t i = 0; i < x->n_peers; i++)
@@ -215,7 +254,7 @@ static void s_peer_drop(pf_exec_t *x, s_peer_t *p, pd_status why) {
     if (why != PD_OK) LOG_W("kv sender to %s unusable (%s): dropping it", p->endpoint, pd_strerror(why));
     for (int32_t i = 0; i < x->n_slots; i++) {
         s_req_t *r = &x->reqs[i];
-        if (r->state != R_SENDING || r->peer != p || r->is_done) continue;
+        if (!r->has_transfer || r->peer != p || r->is_done) continue;
         if (is_refused)
             s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_INCOMPATIBLE, "%s", kerr);
         else
@@ -229,11 +268,7 @@ static void s_peer_drop(pf_exec_t *x, s_peer_t *p, pd_status why) {
     kvt_sender_destroy(&p->kvt);
     for (int32_t i = 0; i < x->n_slots; i++) {
         s_req_t *r = &x->reqs[i];
-        if (r->state != R_SENDING || r->peer != p) continue;
-        if (pf_sched_sent(x->sched, r->req_id, r->is_done ? r->done_status : PD_EIO) != PD_OK)
-            LOG_E("req=%016llx not SENDING in the scheduler", (unsigned long long)r->req_id);
-        x->n_transfers--;
-        s_req_free(x, r);
+        if (r->has_transfer && r->peer == p) s_transfer_over(x, r);
     }
     for (int32_t i = 0; i < x->n_peers; i++)
         if (x->peers[i] == p) x->peers[i] = x->peers[--x->n_peers];
@@ -259,7 +294,7 @@ static void s_fail_transfer(pf_exec_t *x, s_req_t *r, const kvt_event_t *ev) {
 
 static void s_on_kvt_event(pf_exec_t *x, s_peer_t *p, const kvt_event_t *ev) {
     s_req_t *r = s_req_find(x, ev->request_id);
-    if (!r || r->state != R_SENDING || r->peer != p || r->transfer_id != ev->transfer_id) {
+    if (!r || !r->has_transfer || r->peer != p || r->transfer_id != ev->transfer_id) {
         LOG_W("req=%016llx kv event %d for transfer %llu nobody waits for", (unsigned long long)ev->request_id,
               (int)ev->kind, (unsigned long long)ev->transfer_id);
         return;
@@ -267,13 +302,15 @@ static void s_on_kvt_event(pf_exec_t *x, s_peer_t *p, const kvt_event_t *ev) {
     if (ev->kind == KVT_EV_DONE) {
         r->is_done = true;
         r->done_status = ev->status;
-        if (ev->status != PD_OK) s_fail_transfer(x, r, ev);
+        if (ev->status != PD_OK) {
+            s_fail_transfer(x, r, ev);
+        } else if (r->kv_ready_us) {
+            uint64_t tail = pd_now_us() - r->kv_ready_us;
+            x->n_tails++, x->tail_us_sum += tail;
+            if (tail > x->tail_us_max) x->tail_us_max = tail;
+        }
     } else if (ev->kind == KVT_EV_RELEASED) {
-        if (pf_sched_sent(x->sched, r->req_id, r->is_done ? r->done_status : PD_EIO) != PD_OK)
-            LOG_E("req=%016llx not SENDING in the scheduler", (unsigned long long)r->req_id);
-        if (--p->n_live == 0) p->idle_since_us = pd_now_us();
-        x->n_transfers--;
-        s_req_free(x, r);
+        s_transfer_over(x, r);
     }
 }
 
@@ -313,6 +350,7 @@ static void s_on_peer(pd_loop_t *l, void *ud) {
 static void s_on_tick(pd_loop_t *l, void *ud) {
     (void)l;
     pf_exec_t *x = ud;
+    s_stream_progress(x);
     s_poll_peers(x);
     s_tick_update(x);
     s_kick(x);
@@ -365,23 +403,17 @@ static int64_t s_pack_first(const eng_sample_result_t *f, uint8_t *buf, size_t c
     return pb_pack(&tl.base, buf, cap);
 }
 
-/* READY: start the transfer to the request's decode worker and commit it with the first token at once (the
- * whole prompt is computed). On any failure here the blocks go back now: no frame references them yet. */
-static void s_send_kv(pf_exec_t *x, s_req_t *r, const pf_event_t *ev) {
+/* Starts r's transfer of positions [0, n_tokens) in block_ids to its decode worker: the receiver reserves blocks
+ * now, payload flows as layers are marked ready (or at the commit). On failure r is reported and its transfer is
+ * over before it began (no frame references the blocks). */
+static pd_status s_transfer_start(pf_exec_t *x, s_req_t *r, int32_t n_tokens, const int32_t *block_ids) {
     char err[256] = "";
-    uint8_t info[S_INFO_MAX_BYTES];
     uint64_t now = pd_now_us();
     pd_status st = PD_OK;
-    int64_t n_info = s_pack_first(&ev->first, info, sizeof info);
     s_peer_t *p = NULL;
     if (r->deadline_us && now >= r->deadline_us) {
         s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_DEADLINE_EXCEEDED, "deadline passed before the KV transfer");
         st = PD_ETIMEDOUT;
-        goto fail;
-    }
-    if (n_info < 0) {
-        s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_INTERNAL, "first token info does not fit");
-        st = PD_ERANGE;
         goto fail;
     }
     p = s_peer_get(x, r->endpoint, err, sizeof err);
@@ -394,8 +426,8 @@ static void s_send_kv(pf_exec_t *x, s_req_t *r, const pf_event_t *ev) {
     kvt_transfer_t t = {.request_id = r->req_id,
                         .transfer_id = ++p->next_transfer_id,
                         .epoch = 1,
-                        .n_tokens = ev->n_tokens,
-                        .block_ids = ev->block_ids,
+                        .n_tokens = n_tokens,
+                        .block_ids = block_ids,
                         .timeout_ms = left_ms > INT32_MAX ? INT32_MAX : (int32_t)left_ms};
     st = kvt_sender_start(p->kvt, &t);
     if (st != PD_OK) {
@@ -409,25 +441,74 @@ static void s_send_kv(pf_exec_t *x, s_req_t *r, const pf_event_t *ev) {
                    pd_strerror(st));
         goto fail;
     }
-    r->state = R_SENDING;
+    r->has_transfer = true;
     r->peer = p;
     r->transfer_id = t.transfer_id;
     p->n_live++;
     x->n_transfers++;
-    st = kvt_sender_commit_info(p->kvt, t.transfer_id, ev->first.token, info, (size_t)n_info);
-    if (st != PD_OK) {
-        /* started: the blocks are the transfer's until RELEASED */
+    return PD_OK;
+fail:
+    r->is_transfer_over = true, r->is_done = true, r->done_status = st;
+    if (p && st == PD_EPROTO) s_peer_drop(x, p, PD_EPROTO); /* refused: a later request reconnects */
+    return st;
+}
+
+/* READY: the prompt is computed and its first token sampled. Commit the transfer (started now unless it streamed
+ * during the step) with that token, or, if it is already over, give the blocks back. */
+static void s_on_ready(pf_exec_t *x, s_req_t *r, const pf_event_t *ev) {
+    r->state = R_SENDING;
+    if (!r->kv_ready_us) r->kv_ready_us = pd_now_us();
+    if (!r->has_transfer && !r->is_transfer_over) (void)s_transfer_start(x, r, ev->n_tokens, ev->block_ids);
+    if (!r->has_transfer) {
+        s_finish(x, r);
+        return;
+    }
+    if (r->is_done) return; /* failed during the step: RELEASED follows */
+    uint8_t info[S_INFO_MAX_BYTES];
+    int64_t n_info = s_pack_first(&ev->first, info, sizeof info);
+    pd_status st = n_info < 0
+                       ? PD_ERANGE
+                       : kvt_sender_commit_info(r->peer->kvt, r->transfer_id, ev->first.token, info, (size_t)n_info);
+    if (st == PD_OK) return;
+    if (n_info < 0)
+        s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_INTERNAL, "first token info does not fit");
+    else
         s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_INTERNAL, "KV commit to %s refused: %s", r->decode_id,
                pd_strerror(st));
-        if (kvt_sender_cancel(p->kvt, t.transfer_id) != PD_OK)
-            LOG_E("req=%016llx cancel", (unsigned long long)r->req_id);
+    if (kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK) /* the blocks are the transfer's until RELEASED */
+        LOG_E("req=%016llx cancel", (unsigned long long)r->req_id);
+}
+
+/* A request of the finished step ended without READY (failed or cancelled): pinned, pf_sched holds it as SENDING
+ * until its transfer is over; otherwise pf_sched has freed it. */
+static void s_end_in_step(pf_exec_t *x, s_req_t *r) {
+    if (!r->is_pinned) {
+        s_req_free(x, r);
+        return;
     }
-    return;
-fail:
-    if (pf_sched_sent(x->sched, r->req_id, st) != PD_OK)
-        LOG_E("req=%016llx not SENDING in the scheduler", (unsigned long long)r->req_id);
-    s_req_free(x, r);
-    if (p && st == PD_EPROTO) s_peer_drop(x, p, PD_EPROTO); /* refused: a later request reconnects */
+    r->state = R_SENDING;
+    if (!r->has_transfer)
+        s_finish(x, r);
+    else if (!r->is_done && kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK)
+        LOG_E("req=%016llx cancel", (unsigned long long)r->req_id);
+}
+
+/* The running step's forward has stored more layers: streamed transfers may send them. */
+static void s_stream_progress(pf_exec_t *x) {
+    if (!x->plan) return;
+    int32_t n = __atomic_load_n(&x->kv_host_layers, __ATOMIC_ACQUIRE);
+    if (n <= x->kv_layers_marked) return;
+    x->kv_layers_marked = n;
+    const pf_plan_t *pl = x->plan;
+    for (int32_t k = 0; k < pl->n_seqs; k++) {
+        if (!pl->is_final[k]) continue;
+        s_req_t *r = s_req_find(x, pl->req_ids[k]);
+        if (!r || !r->is_pinned || !r->has_transfer || r->is_done) continue;
+        if (kvt_sender_layers_ready(r->peer->kvt, r->transfer_id, n) != PD_OK) continue; /* ended: events follow */
+        x->n_layers_early += (uint64_t)(n - r->n_layers_ready);
+        r->n_layers_ready = n;
+        if (n == x->n_layers) r->kv_ready_us = pd_now_us();
+    }
 }
 
 /* ---- steps ---- */
@@ -441,17 +522,17 @@ static void s_step_done(pf_exec_t *x, const pf_plan_t *pl, pd_status res) {
         s_req_t *r = s_req_find(x, pl->req_ids[k]);
         if (!r) continue;
         r->is_in_step = false;
-        if (r->is_cancelled) s_req_free(x, r); /* pf_sched_update freed it, without an event */
+        if (r->is_cancelled) s_end_in_step(x, r); /* pf_sched_update ended it, without an event */
     }
     for (int i = 0; i < n; i++) {
         const pf_event_t *ev = &x->events[i];
         s_req_t *r = s_req_find(x, ev->req_id);
         PD_ASSERT(r != NULL);
         if (ev->kind == PF_EV_READY) {
-            s_send_kv(x, r, ev);
+            s_on_ready(x, r, ev);
         } else {
             s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_INTERNAL, "prefill step failed: %s", pd_strerror(ev->status));
-            s_req_free(x, r);
+            s_end_in_step(x, r);
         }
     }
     s_poll_peers(x); /* reservations out now, not at the next tick */
@@ -490,9 +571,23 @@ static void s_kick(pf_exec_t *x) {
     }
     pf_plan_batch(pl, x->logits, &x->batch);
     x->batch.is_kv_to_host = true; /* s_job copies it to the host mirror: the backend may do so during the forward */
+    x->kv_host_layers = x->kv_layers_marked = 0;
+    x->batch.kv_host_layers = x->p.is_kv_stream ? &x->kv_host_layers : NULL;
     for (int32_t k = 0; k < pl->n_seqs; k++) {
         s_req_t *r = s_req_find(x, pl->req_ids[k]);
-        if (r) r->is_in_step = true;
+        if (!r) continue;
+        r->is_in_step = true;
+        /* the final chunk: its transfer starts now (the decode worker reserves before the work is done) and its
+         * layers go out as the forward stores them */
+        if (!x->p.is_kv_stream || !pl->is_final[k] || r->is_cancelled) continue;
+        if (s_transfer_start(x, r, pl->pos[k] + pl->n_tokens[k], pl->block_tables[k]) != PD_OK) continue;
+        if (pf_sched_pin(x->sched, r->req_id) != PD_OK) PD_ASSERT(!"pf_sched refused to pin a final chunk");
+        r->is_pinned = true;
+        x->n_streamed++;
+    }
+    if (x->n_transfers > 0) {
+        s_poll_peers(x); /* reservations out before the forward */
+        s_tick_update(x);
     }
     pd_status st = eng_async_submit_fn(x->async, s_job, x);
     if (st == PD_OK) {
@@ -538,6 +633,7 @@ pf_exec_t *pf_exec_create(const pf_exec_params_t *p, char *err, size_t err_cap) 
     x->p.worker_id = x->worker_id;
     pf_sched_params_from_engine(&x->p.sched, p->eng);
     x->vocab_size = eng_config(p->eng)->vocab_size;
+    x->n_layers = eng_config(p->eng)->n_layers;
     x->sched = pf_sched_create(&x->p.sched);
     if (!x->sched) {
         snprintf(err, err_cap, "prefill exec: bad scheduler params (see log)");
@@ -574,6 +670,11 @@ fail:
 void pf_exec_destroy(pf_exec_t **xp) {
     if (!xp || !*xp) return;
     pf_exec_t *x = *xp;
+    if (x->n_tails > 0)
+        LOG_I("kv hand-off: %llu delivered (%llu streamed, %llu layers sent during their step); KV ready -> "
+              "committed: mean %.2f ms, max %.2f ms",
+              (unsigned long long)x->n_tails, (unsigned long long)x->n_streamed, (unsigned long long)x->n_layers_early,
+              (double)x->tail_us_sum / (double)x->n_tails / 1e3, (double)x->tail_us_max / 1e3);
     if (x->async) {
         pd_loop_remove_fd(x->p.loop, eng_async_fd(x->async));
         eng_async_destroy(&x->async); /* waits for a running step: its blocks are being written */
@@ -625,11 +726,11 @@ void pf_exec_cancel(pf_exec_t *x, uint64_t req_id) {
     r->is_cancelled = true;
     if (pf_sched_cancel(x->sched, req_id, &is_sending) != PD_OK)
         LOG_E("req=%016llx unknown to the scheduler", (unsigned long long)req_id);
-    if (r->state == R_SENDING) {
+    if (r->has_transfer) {
         /* the blocks stay pinned until RELEASED */
         if (!r->is_done && kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK)
             LOG_E("req=%016llx kv cancel refused", (unsigned long long)req_id);
-    } else if (!r->is_in_step) {
+    } else if (r->state == R_SCHED && !r->is_in_step) {
         s_req_free(x, r); /* freed by pf_sched_cancel already */
     }
     LOG_I("req=%016llx cancelled", (unsigned long long)req_id);
@@ -662,4 +763,7 @@ void pf_exec_stats(const pf_exec_t *x, pf_exec_stats_t *out) {
         out->kv_bytes_sent += st.payload_bytes;
     }
     out->n_failed = x->n_failed;
+    out->n_streamed = x->n_streamed;
+    out->n_layers_early = x->n_layers_early;
+    out->n_kv_tails = x->n_tails, out->kv_tail_us_sum = x->tail_us_sum, out->kv_tail_us_max = x->tail_us_max;
 }

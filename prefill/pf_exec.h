@@ -5,9 +5,10 @@
  * reported once through the on_fail callback (the service turns it into RequestFailed); success is silent
  * (the decode worker streams the tokens).
  *
- * Request life here: submitted (pf_sched QUEUED / PREFILLING) -> READY: transfer started and committed with
- * the first token (packed pdserve.v1.TokenLogprob as commit info) -> DONE -> RELEASED: blocks back to the
- * pool. Every path out (cancel, deadline, failed step, failed transfer, lost connection, destroy) frees the
+ * Request life here: submitted (pf_sched QUEUED / PREFILLING) -> the step with the prompt's final chunk:
+ * transfer started (the decode worker reserves its blocks) and each layer sent as the forward stores it (streamed;
+ * is_kv_stream) -> READY: committed with the first token (packed pdserve.v1.TokenLogprob as commit info) -> DONE
+ * -> RELEASED: blocks back to the pool. Every path out (cancel, deadline, failed step, failed transfer, lost connection, destroy) frees the
  * request's blocks exactly once and calls on_fail at most once.
  *
  * Thread: one thread (the loop's) calls everything and runs every callback; nothing here blocks it, except
@@ -43,6 +44,8 @@ typedef struct {
     int32_t kv_conns;              /* connections per decode peer (1..KVT_MAX_CONNS, default 1) */
     kvt_fingerprint_t fingerprint; /* this worker's (pf_exec_fingerprint) */
     int32_t idle_sender_ms;        /* a sender without transfers this long is closed (default 60000) */
+    bool is_kv_stream; /* start a prompt's transfer with its final chunk's step and send each layer's KV as the
+                          forward stores it (default true); false: start it once the prompt is done */
     pf_exec_fail_fn on_fail;
     void *ud;
 } pf_exec_params_t;
@@ -88,11 +91,16 @@ bool pf_exec_is_idle(const pf_exec_t *x);
 
 typedef struct {
     pf_sched_stats_t sched;
-    int32_t n_requests;     /* held in any state */
-    int32_t n_senders;      /* open decode connections */
-    int32_t n_transfers;    /* started, not yet released */
-    uint64_t kv_bytes_sent; /* payload bytes over every sender, closed ones included */
-    uint64_t n_failed;      /* on_fail calls */
+    int32_t n_requests;      /* held in any state */
+    int32_t n_senders;       /* open decode connections */
+    int32_t n_transfers;     /* started, not yet released */
+    uint64_t kv_bytes_sent;  /* payload bytes over every sender, closed ones included */
+    uint64_t n_failed;       /* on_fail calls */
+    uint64_t n_streamed;     /* transfers started with their final chunk's step */
+    uint64_t n_layers_early; /* layers of streamed transfers marked ready before their step ended */
+    /* Delivered transfers' tail: from the moment the loop saw their whole KV ready (the forward's last layer stored,
+     * seen on the 1 ms tick; else the step's end) to the decode worker's commit (DONE). */
+    uint64_t n_kv_tails, kv_tail_us_sum, kv_tail_us_max;
 } pf_exec_stats_t;
 
 void pf_exec_stats(const pf_exec_t *x, pf_exec_stats_t *out);

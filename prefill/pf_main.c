@@ -24,6 +24,7 @@ typedef struct {
     /* prefill */
     char *router, *id;
     int64_t step_tokens, chunk_tokens, max_queued, kv_conns;
+    bool kv_stream;
 } pf_config_t;
 
 /* One option of section sec filling field key of pf_config_t. */
@@ -55,6 +56,8 @@ static const pd_opt_t s_opts[] = {
     S_OPT("prefill", max_queued, PD_OPT_INT64, "256", 1, 65536,
           "queued prompts; more are refused (ERR_RESOURCE_EXHAUSTED)"),
     S_OPT("prefill", kv_conns, PD_OPT_INT64, "1", 1, 8, "connections per decode worker for KV"),
+    S_OPT("prefill", kv_stream, PD_OPT_BOOL, "true", 0, 0,
+          "send each layer's KV while the prompt's last step computes the next (false: after the prompt)"),
 };
 #undef S_OPT
 
@@ -169,6 +172,7 @@ int main(int argc, char **argv) {
     sp.max_step_seqs = (int32_t)cfg.max_batch_seqs;
     sp.max_queued = (int32_t)cfg.max_queued;
     sp.kv_conns = (int32_t)cfg.kv_conns;
+    sp.is_kv_stream = cfg.kv_stream;
     sp.on_registered = s_on_registered, sp.ud = &m;
     m.svc = pf_service_create(&sp, err, sizeof err);
     if (!m.svc) {

@@ -16,6 +16,7 @@ typedef struct {
     s_state_t state;
     bool is_cancelled; /* SENDING or in the running step: free at pf_sched_sent / pf_sched_update */
     bool is_in_step;   /* part of the outstanding plan */
+    bool is_pinned;    /* a transfer reads the blocks: every end goes through SENDING (pf_sched_pin) */
     int32_t *tokens;   /* (n_prompt) owned copy */
     int32_t n_prompt;
     int32_t n_done; /* prompt tokens whose KV is written */
@@ -345,6 +346,35 @@ static pd_status s_sample_first(pf_sched_t *s, s_req_t *r, const float *row, eng
     return st;
 }
 
+/* PREFILLING slot i leaves the FIFO for SENDING: its blocks stay until pf_sched_sent. */
+static void s_to_sending(pf_sched_t *s, int32_t i) {
+    s_req_t *r = &s->reqs[i];
+    s_fifo_remove(s, i);
+    s->st.queued_tokens -= r->n_prompt - r->n_done; /* SENDING holds no queued tokens */
+    r->state = S_SENDING;
+    s->n_prefilling--, s->n_sending++;
+}
+
+/* Ends PREFILLING slot i after its step: freed, or SENDING when a transfer may still read its blocks. */
+static void s_end_in_step(pf_sched_t *s, int32_t i) {
+    if (s->reqs[i].is_pinned)
+        s_to_sending(s, i);
+    else
+        s_req_free(s, i);
+}
+
+pd_status pf_sched_pin(pf_sched_t *s, uint64_t req_id) {
+    int32_t i = s_find(s, req_id);
+    if (i < 0 || !s->is_step_out || !s->reqs[i].is_in_step) return PD_EINVAL;
+    for (int32_t k = 0; k < s->plan.n_seqs; k++)
+        if (s->slot_of[k] == i) {
+            if (!s->is_final[k]) return PD_EINVAL;
+            s->reqs[i].is_pinned = true;
+            return PD_OK;
+        }
+    return PD_EINVAL;
+}
+
 int pf_sched_update(pf_sched_t *s, const pf_plan_t *plan, pd_status step_status, const float *logits,
                     pf_event_t *events, int cap) {
     if (plan != &s->plan) return PD_EINVAL;
@@ -358,13 +388,13 @@ int pf_sched_update(pf_sched_t *s, const pf_plan_t *plan, pd_status step_status,
         const float *lg = plan->is_final[k] ? logits + (size_t)row++ * (size_t)s->p.vocab_size : NULL;
         r->is_in_step = false;
         if (r->is_cancelled) {
-            s_req_free(s, i);
+            s_end_in_step(s, i);
             continue;
         }
         if (step_status != PD_OK) {
             s_event(events, &n_ev, PF_EV_FAILED, r->req_id, step_status);
             s->st.n_failed++;
-            s_req_free(s, i);
+            s_end_in_step(s, i);
             continue;
         }
         r->n_done += plan->n_tokens[k];
@@ -377,12 +407,10 @@ int pf_sched_update(pf_sched_t *s, const pf_plan_t *plan, pd_status step_status,
             LOG_E("req=%016llx first token: %s (bad logits?)", (unsigned long long)r->req_id, pd_strerror(st));
             s_event(events, &n_ev, PF_EV_FAILED, r->req_id, PD_EBACKEND);
             s->st.n_failed++;
-            s_req_free(s, i);
+            s_end_in_step(s, i);
             continue;
         }
-        s_fifo_remove(s, i);
-        r->state = S_SENDING;
-        s->n_prefilling--, s->n_sending++;
+        s_to_sending(s, i);
         s->st.n_ready++;
         pf_event_t *e = s_event(events, &n_ev, PF_EV_READY, r->req_id, PD_OK);
         e->n_tokens = r->n_prompt;
@@ -409,7 +437,7 @@ pd_status pf_sched_cancel(pf_sched_t *s, uint64_t req_id, bool *is_sending) {
     if (is_sending) *is_sending = false;
     if (i < 0) return PD_EINVAL;
     s_req_t *r = &s->reqs[i];
-    if (r->state == S_SENDING && is_sending) *is_sending = true;
+    if ((r->state == S_SENDING || r->is_pinned) && is_sending) *is_sending = true;
     if (r->is_cancelled) return PD_OK;
     s->st.n_cancelled++;
     if (r->state == S_SENDING || r->is_in_step)

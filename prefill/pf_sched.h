@@ -116,7 +116,8 @@ void pf_plan_batch(const pf_plan_t *plan, float *logits, eng_batch_t *out);
 typedef enum {
     PF_EV_READY = 1,  /* the prompt is prefilled and its first token sampled: hand the KV to decode
                          (kvt_sender_start with block_ids), then call pf_sched_sent on RELEASED */
-    PF_EV_FAILED = 2, /* the request ended with status (its blocks are already freed); tell the client */
+    PF_EV_FAILED = 2, /* the request ended with status (its blocks are already freed, unless pinned: then it is
+                         SENDING until pf_sched_sent); tell the client */
 } pf_event_kind_t;
 
 typedef struct {
@@ -136,7 +137,7 @@ typedef struct {
  * its row of logits (its own seeded sampler, prompt registered for penalties) and a READY event (state
  * SENDING); on failure every request of the plan ends with a FAILED event carrying step_status and its
  * blocks freed (logits unused, may be NULL). Requests cancelled during the step are freed here, without
- * an event. Writes at most cap events; cap must be >= plan->n_seqs.
+ * an event. Pinned requests (pf_sched_pin) keep their blocks: SENDING whichever way they end. Writes at most cap events; cap must be >= plan->n_seqs.
  * Returns the number of events, PD_EINVAL if plan is not the outstanding plan, PD_ERANGE if cap is too
  * small (nothing changed). */
 PD_NODISCARD int pf_sched_update(pf_sched_t *s, const pf_plan_t *plan, pd_status step_status, const float *logits,
@@ -147,11 +148,18 @@ PD_NODISCARD int pf_sched_update(pf_sched_t *s, const pf_plan_t *plan, pd_status
  * in stats). PD_OK; PD_EINVAL if req_id is not SENDING. */
 PD_NODISCARD pd_status pf_sched_sent(pf_sched_t *s, uint64_t req_id, pd_status status);
 
+/* A transfer reads req_id's blocks from now on, while its final chunk still runs (the executor streams the KV
+ * layer by layer): until pf_sched_sent, no path frees them. The request's end is then always SENDING: READY as
+ * usual; a failed step gives its FAILED event but leaves the request SENDING with its blocks; a cancel in the
+ * step moves it to SENDING at pf_sched_update (no event). Each way pf_sched_sent frees the blocks once the
+ * transfer is released. PD_OK; PD_EINVAL unless req_id is in the outstanding plan with its final chunk. */
+PD_NODISCARD pd_status pf_sched_pin(pf_sched_t *s, uint64_t req_id);
+
 /* Cancels req_id in any state. QUEUED, or PREFILLING between steps: freed now (blocks back in the pool).
- * In the running step: freed by pf_sched_update. SENDING: marked cancelled and *is_sending set: the
- * caller cancels the transfer (kvt_sender_cancel), and the blocks are freed at pf_sched_sent, because the
- * transfer may still read them. Cancelling twice is PD_OK. PD_EINVAL for an unknown req_id.
- * is_sending may be NULL. */
+ * In the running step: freed by pf_sched_update (pinned: SENDING then, and *is_sending set). SENDING: marked
+ * cancelled and *is_sending set: the caller cancels the transfer (kvt_sender_cancel), and the blocks are freed
+ * at pf_sched_sent, because the transfer may still read them. Cancelling twice is PD_OK. PD_EINVAL for an
+ * unknown req_id. is_sending may be NULL. */
 PD_NODISCARD pd_status pf_sched_cancel(pf_sched_t *s, uint64_t req_id, bool *is_sending);
 
 /* For heartbeats and /metrics. */

@@ -52,6 +52,7 @@ pf_service_params_t pf_service_params_default(void) {
     p.max_step_seqs = 256;
     p.max_queued = 256;
     p.kv_conns = 1;
+    p.is_kv_stream = true;
     p.heartbeat_ivl_ms = 250;
     p.drain_timeout_ms = 30000;
     return p;
@@ -416,6 +417,7 @@ pf_service_t *pf_service_create(const pf_service_params_t *p, char *err, size_t 
     xp.sched.max_queued = p->max_queued;
     xp.worker_id = s->id;
     xp.kv_conns = p->kv_conns;
+    xp.is_kv_stream = p->is_kv_stream;
     xp.fingerprint = s->fp;
     xp.on_fail = s_on_exec_fail, xp.ud = s;
     s->exec = pf_exec_create(&xp, err, err_cap);

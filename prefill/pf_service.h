@@ -30,6 +30,7 @@ typedef struct {
     int32_t max_step_seqs;       /* prompts per step (default 256; at most the engine's max_batch_seqs) */
     int32_t max_queued;          /* queued prompts; one more is ERR_RESOURCE_EXHAUSTED (default 256) */
     int32_t kv_conns;            /* connections per decode worker (default 1) */
+    bool is_kv_stream;           /* KV layers sent as the prompt's last step stores them (default true) */
     int32_t heartbeat_ivl_ms;    /* until the router's WorkerRegistered names one (default 250) */
     int64_t drain_timeout_ms;    /* pf_service_drain: in-flight work may finish this long (default 30000) */
     /* Called on the loop thread each time the router accepts a registration that was not in force. */

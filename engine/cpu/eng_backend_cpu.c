@@ -194,6 +194,7 @@ static void s_layer(eng_backend_t *be, const eng_batch_t *b, int32_t l, int64_t 
         memcpy(s_kv_slot(be, l, ENG_KV_K, table[pos / bs], pos % bs), be->k + t * kv_dim, sizeof(float) * kv_dim);
         memcpy(s_kv_slot(be, l, ENG_KV_V, table[pos / bs], pos % bs), be->v + t * kv_dim, sizeof(float) * kv_dim);
     }
+    if (b->kv_host_layers) __atomic_store_n(b->kv_host_layers, l + 1, __ATOMIC_RELEASE); /* the pool is host memory */
 
     /* attention over the paged cache, one (token, head) pair per item */
     s_attend_job_t job = {be, b, l};

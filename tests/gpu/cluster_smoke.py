@@ -10,22 +10,13 @@ import sys
 import time
 import urllib.request
 
+from cluster_http import wait_healthy
+
 model, port, pdctl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 base = f"http://127.0.0.1:{port}"
 prompt = " ".join(f"item {i} is {i * 7 % 13};" for i in range(40)) + " so item 41 is"
 
-deadline = time.time() + 180
-while True:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2) as r:
-            if r.status == 200:
-                break
-    except OSError:
-        pass
-    if time.time() > deadline:
-        print("cluster not healthy after 180 s")
-        sys.exit(1)
-    time.sleep(0.5)
+wait_healthy(base, 180)
 
 body = json.dumps({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}).encode()
 req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})

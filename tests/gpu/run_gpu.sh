@@ -19,6 +19,8 @@
 #   tests/gpu/run_gpu.sh hf SHAPE      bench/hf_peer.py, the HF transformers peer, same shapes
 #   tests/gpu/run_gpu.sh kvstream SHAPE prefill with each forward's KV to the host mirror (engine_cuda --kv-to-host),
 #                                      streamed layer by layer and copied after the forward (ENG_CUDA_KV_STREAM=0), twice
+#   tests/gpu/run_gpu.sh kvtail SHAPE  pdctl up with SHAPE: 4096-token prompts, the prefill worker's KV-ready -> decode
+#                                      commit time, KV streamed per layer and sent after the step (kv_tail.py)
 #   tests/gpu/run_gpu.sh ncu SHAPE B   decode at batch B under Nsight Compute: GPU time per kernel (ncu_kernels.py)
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 # The default model (94 MB) is over the device tool's 64 MiB per-call limit. The golden, cluster-with-SmolLM2 and
@@ -158,6 +160,25 @@ while [ $# -gt 0 ]; do
             ENG_CUDA_KV_STREAM=$v ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 0 --kv-to-host 2>&1 |
                 grep -E "^prefill +[0-9]"
         done 2>&1 | tee -a "$OUT/kvstream_$shape.log"
+        ;;
+    kvtail)
+        # issue 3 at service level: pdctl up (1 prefill + 1 decode worker on this GPU) with the random SHAPE model,
+        # KVTAIL_REQ (default 8) prompts of KVTAIL_TOKENS (default 4096) token ids, one step each; the prefill
+        # worker's KV streamed as each layer is stored (prefill.kv_stream=true) and then sent after the step (false);
+        # its exit line "kv hand-off" gives the KV-ready -> decode-commit time
+        shape=$1
+        shift
+        m=$(s_model "$shape" --shape "$shape") && for ks in true false; do
+            echo "== $shape prefill.kv_stream=$ks"
+            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18081 --prefill.kv_stream=$ks \
+                --engine.kv_mem=3GiB --engine.max_batch_tokens=4096 --prefill.step_tokens=4096 \
+                --prefill.chunk_tokens=4096 --ready-timeout 600 >"$OUT/kvtail_${shape}_$ks.log" 2>&1 &
+            up=$!
+            python3 tests/gpu/kv_tail.py 18081 "${KVTAIL_TOKENS:-4096}" "${KVTAIL_REQ:-8}" 128000
+            kill -INT $up
+            wait $up
+            grep -E "kv hand-off|error|ERROR| E " "$OUT/kvtail_${shape}_$ks.log" | tail -5
+        done 2>&1 | tee -a "$OUT/kvtail_$shape.log"
         ;;
     ncu)
         # graphs off so each kernel is a launch; skip the 512-token prompts' prefill and the first decode steps

@@ -493,8 +493,6 @@ static void test_refusals_and_cancel(void) {
     REQUIRE(svc);
     CHECK(s_run_until(loop, c_registered, svc, 5000));
     dc_service_stats_t st;
-    dc_service_stats(svc, &st);
-    int32_t total = st.sched.n_total_blocks;
 
     int32_t bad[2] = {5, s_vocab};
     uint64_t id = 20;
@@ -532,10 +530,10 @@ static void test_refusals_and_cancel(void) {
     CHECK(s_run_until(loop, c_finished, &x, 5000));
     CHECK_MSG(s_rq(x)->finish == PDSERVE__V1__FINISH_REASON__FINISH_CANCELLED, "x: %s", s_rq(x)->error_msg);
     dc_service_stats(svc, &st);
-    CHECK_EQ_INT(st.n_abandoned, 1); /* the chunk went out; the blocks wait for the receiver */
-    CHECK_EQ_INT(st.sched.n_free_blocks, total - 3);
-    CHECK(kvt_sender_cancel(pf.snd, pf.transfer_id) == PD_OK);
+    CHECK_EQ_INT(st.n_abandoned, 1); /* the chunk went out; the blocks wait for the receiver's FAILED event */
+    /* the receiver let go at once and told the prefill side, which never committed: no timeout on either side */
     CHECK(s_run_until(loop, c_pf_released, &pf, 5000));
+    CHECK_EQ_INT(pf.done_status, PD_ECLOSED);
     CHECK(s_run_until(loop, c_idle, svc, 5000)); /* the receiver's FAILED frees the abandoned request's blocks */
     s_pf_stop(&pf, loop, timer);
     s_check_idle(svc);

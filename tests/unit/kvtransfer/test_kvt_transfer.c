@@ -228,7 +228,11 @@ static void test_sender_timeout_receiver_gone(void) {
     env_fini(&e);
 }
 
-static void test_cancel_from_sender(void) {
+/* A cancel from either side mid-stream: transfer 1 (two layers sent) ends with DONE(PD_ECLOSED) and RELEASED on the
+ * sender and FAILED(PD_ECLOSED) on the receiver, whose blocks come back at once (not at a timeout); transfer 2 of
+ * the same connection lands intact. From the receiver: the decode worker gave the request up (client gone, prefill
+ * worker lost). */
+static void s_cancel_mid_stream(bool is_from_receiver) {
     env_t e;
     REQUIRE(env_init(&e, s_opts()));
     uint64_t ids[2] = {1, 2};
@@ -237,7 +241,15 @@ static void test_cancel_from_sender(void) {
     CHECK_EQ_INT(kvt_sender_layers_ready(e.s, 1, 2), PD_OK);
     for (int i = 0; i < 100 && !(e.rec[1].reserved && e.rec[2].reserved); i++) env_step(&e, true, true);
     for (int i = 0; i < 10; i++) env_step(&e, true, true);
-    CHECK_EQ_INT(kvt_sender_cancel(e.s, 1), PD_OK);
+    if (is_from_receiver) {
+        int32_t held = e.rs.n_reserved;
+        CHECK_EQ_INT(kvt_receiver_cancel(e.r, 0xabc000 + 1), 1);
+        CHECK_EQ_INT(kvt_receiver_cancel(e.r, 0xabc000 + 1), 0); /* over already */
+        CHECK_EQ_INT(kvt_receiver_cancel(e.r, 0xabcfff), 0);     /* unknown */
+        CHECK(e.rs.n_reserved < held);                           /* released now */
+    } else {
+        CHECK_EQ_INT(kvt_sender_cancel(e.s, 1), PD_OK);
+    }
     CHECK_EQ_INT(kvt_sender_commit(e.s, 2, 102), PD_OK);
     CHECK(env_run_until_released(&e, ids, 2, 3000));
     uint64_t end = pd_now_us() + 2000000;
@@ -246,6 +258,14 @@ static void test_cancel_from_sender(void) {
     CHECK(e.rec[1].failed && e.rec[1].failed_st == PD_ECLOSED);
     CHECK(s_verify(&e, 2));
     env_fini(&e);
+}
+
+static void test_cancel_from_sender(void) {
+    s_cancel_mid_stream(false);
+}
+
+static void test_cancel_from_receiver(void) {
+    s_cancel_mid_stream(true);
 }
 
 /* A store that accounts per request sees each reservation and release with the request it is for. */
@@ -513,6 +533,7 @@ int main(void) {
     PD_TEST_RUN(test_receiver_timeout);
     PD_TEST_RUN(test_sender_timeout_receiver_gone);
     PD_TEST_RUN(test_cancel_from_sender);
+    PD_TEST_RUN(test_cancel_from_receiver);
     PD_TEST_RUN(test_store_by_request);
     return pd_test_finish();
 }

@@ -437,6 +437,71 @@ static void test_cancel_and_deadlines(void) {
     CHECK(s_pool_full(s_engine));
 }
 
+/* Pinned (a transfer streams the KV while the final chunk runs): a failed step, a cancel in the step and READY all
+ * leave the request SENDING with its blocks until pf_sched_sent; only a final chunk in the running step pins. */
+static void test_pinned(void) {
+    int32_t prompt[24];
+    s_make_prompt(prompt, 24, 9);
+    pf_sched_params_t p = s_params(s_engine, 16, 16);
+    pf_sched_t *s = pf_sched_create(&p);
+    REQUIRE(s);
+    eng_sampling_t greedy = s_greedy();
+    pf_event_t ev[MAX_EVENTS];
+    const pf_plan_t *pl;
+    eng_batch_t b;
+    pf_sched_stats_t st;
+    bool is_sending = false;
+
+    /* 24 tokens in steps of 16: two chunks, the second final */
+    CHECK_EQ_INT(pf_sched_submit(s, 1, prompt, 24, &greedy, 0), PD_OK);
+    CHECK_EQ_INT(pf_sched_pin(s, 1), PD_EINVAL); /* no step out */
+    CHECK_EQ_INT(pf_sched_plan(s, 0, &pl), PD_OK);
+    CHECK_EQ_INT(pf_sched_pin(s, 1), PD_EINVAL); /* not its final chunk */
+    pf_plan_batch(pl, s_logits, &b);
+    CHECK_EQ_INT(pf_sched_update(s, pl, eng_forward(s_engine, &b), s_logits, ev, MAX_EVENTS), 0);
+
+    /* the final chunk fails while pinned: FAILED, but the blocks stay until pf_sched_sent */
+    CHECK_EQ_INT(pf_sched_plan(s, 0, &pl), PD_OK);
+    CHECK_EQ_INT(pf_sched_pin(s, 1), PD_OK);
+    CHECK_EQ_INT(pf_sched_pin(s, 99), PD_EINVAL);
+    CHECK_EQ_INT(pf_sched_update(s, pl, PD_EBACKEND, NULL, ev, MAX_EVENTS), 1);
+    CHECK(ev[0].kind == PF_EV_FAILED && ev[0].req_id == 1 && ev[0].status == PD_EBACKEND);
+    CHECK(!s_pool_full(s_engine));
+    pf_sched_stats(s, &st);
+    CHECK_EQ_INT(st.n_sending, 1);
+    CHECK_EQ_INT(st.n_prefilling, 0);
+    CHECK_EQ_INT(st.queued_tokens, 0);
+    CHECK_EQ_INT(pf_sched_sent(s, 1, PD_ECLOSED), PD_OK);
+    CHECK(s_pool_full(s_engine));
+
+    /* cancelled in the step while pinned: no event, SENDING until pf_sched_sent */
+    CHECK_EQ_INT(pf_sched_submit(s, 2, prompt, 8, &greedy, 0), PD_OK);
+    CHECK_EQ_INT(pf_sched_plan(s, 0, &pl), PD_OK);
+    CHECK_EQ_INT(pf_sched_pin(s, 2), PD_OK);
+    CHECK_EQ_INT(pf_sched_cancel(s, 2, &is_sending), PD_OK);
+    CHECK(is_sending);
+    pf_plan_batch(pl, s_logits, &b);
+    CHECK_EQ_INT(pf_sched_update(s, pl, eng_forward(s_engine, &b), s_logits, ev, MAX_EVENTS), 0);
+    CHECK(!s_pool_full(s_engine));
+    CHECK_EQ_INT(pf_sched_sent(s, 2, PD_ECLOSED), PD_OK);
+    CHECK(s_pool_full(s_engine));
+
+    /* pinned and READY: as unpinned */
+    CHECK_EQ_INT(pf_sched_submit(s, 3, prompt, 8, &greedy, 0), PD_OK);
+    CHECK_EQ_INT(pf_sched_plan(s, 0, &pl), PD_OK);
+    CHECK_EQ_INT(pf_sched_pin(s, 3), PD_OK);
+    pf_plan_batch(pl, s_logits, &b);
+    CHECK_EQ_INT(pf_sched_update(s, pl, eng_forward(s_engine, &b), s_logits, ev, MAX_EVENTS), 1);
+    CHECK(ev[0].kind == PF_EV_READY && ev[0].req_id == 3);
+    CHECK_EQ_INT(pf_sched_sent(s, 3, PD_OK), PD_OK);
+    CHECK(s_pool_full(s_engine));
+    pf_sched_stats(s, &st);
+    CHECK_EQ_INT(st.n_queued + st.n_prefilling + st.n_sending, 0);
+    CHECK_EQ_INT(st.n_sent_ok, 1);
+    CHECK_EQ_INT(st.n_sent_failed, 2);
+    pf_sched_destroy(&s);
+}
+
 int main(void) {
     pd_log_init("test", PD_LOG_ERROR);
     eng_params_t p = eng_params_default();
@@ -453,6 +518,7 @@ int main(void) {
     s_logits = pd_xmalloc(sizeof(float) * (size_t)s_vocab * STEP_TOKENS);
     PD_TEST_RUN(test_refusals_and_backpressure);
     PD_TEST_RUN(test_cancel_and_deadlines);
+    PD_TEST_RUN(test_pinned);
     PD_TEST_RUN(test_short_behind_long);
     PD_TEST_RUN(test_waits_for_blocks);
     PD_TEST_RUN(test_golden_batched_chunked);

@@ -483,6 +483,61 @@ static void test_kv_path(void) {
     fx_fini(&f);
 }
 
+/* A prompt run in one long step streams: its transfer starts with the step and layers are marked ready while the
+ * forward runs; what lands is still the reference. Cancelled in the middle of such a step, it ends with nothing
+ * committed and every block back on both sides. With is_kv_stream off, the transfer starts after the step. */
+static void test_kv_stream(void) {
+    static int32_t a[200];
+    s_make_prompt(a, 200, 8);
+    const eng_kv_layout_t *l = eng_kv_layout(s_eng);
+    for (int is_stream = 1; is_stream >= 0; is_stream--) {
+        fx_t f;
+        memset(&f, 0, sizeof f);
+        pf_service_params_t sp = fx_params(&f);
+        sp.step_tokens = sp.chunk_tokens = 256; /* one step: long enough on the CPU for layers to stream */
+        sp.is_kv_stream = is_stream;
+        REQUIRE(fx_init(&f, 32, &sp));
+        REQUIRE(fx_register(&f));
+        req_t q = {.id = 0x5a, .prompt = a, .n = 200, .logprobs = 2};
+        fx_prefill(&f, &q);
+        CHECK(fx_run_until(&f, &f.n_commits, 1, 120000));
+        CHECK(fx_run_idle(&f, 30000));
+        const commit_rec_t *cr = fx_commit_of(&f, q.id);
+        CHECK(cr != NULL);
+        if (cr) s_check_reference(&f, cr, &q);
+        pf_service_stats_t st;
+        pf_service_stats(f.svc, &st);
+        CHECK_EQ_INT(st.exec.n_streamed, is_stream ? 1 : 0);
+        if (is_stream)
+            CHECK_MSG(st.exec.n_layers_early > 0, "no layer was marked ready during the step");
+        else
+            CHECK_EQ_INT(st.exec.n_layers_early, 0);
+        CHECK_EQ_INT(st.exec.kv_bytes_sent, (uint64_t)eng_kv_blocks_for(200, l->block_size) * 2u *
+                                                (uint64_t)l->n_layers * eng_kv_chunk_bytes(l));
+        CHECK_EQ_INT(st.exec.sched.n_sent_ok, 1);
+        CHECK_EQ_INT(st.exec.n_kv_tails, 1);
+
+        /* cancelled while its step runs, with its transfer live */
+        req_t q2 = {.id = 0x5b, .prompt = a, .n = 200};
+        fx_prefill(&f, &q2);
+        uint64_t end = pd_now_us() + 60000000u;
+        do {
+            fx_once(&f, 1);
+            pf_service_stats(f.svc, &st);
+        } while (!(st.exec.sched.n_prefilling == 1 && st.exec.n_transfers == (is_stream ? 1 : 0)) && pd_now_us() < end);
+        CHECK_EQ_INT(st.exec.sched.n_prefilling, 1);
+        fx_cancel(&f, q2.id);
+        CHECK(fx_run_idle(&f, 30000));
+        fx_run_for(&f, 300); /* the receiver learns of the cancel and frees its reservation */
+        CHECK_EQ_INT(f.n_commits, 1);
+        CHECK_EQ_INT(f.n_fails, 0);
+        CHECK_EQ_INT(f.store.n_reserved, cr ? cr->n_blocks : 0); /* only the committed request's */
+        pf_service_stats(f.svc, &st);
+        CHECK_EQ_INT(st.exec.sched.n_cancelled, 1);
+        fx_fini(&f);
+    }
+}
+
 static void test_refusals(void) {
     fx_t f;
     int32_t p[40], bad[3] = {1, 70000, 2};
@@ -760,6 +815,7 @@ int main(void) {
     PD_TEST_RUN(test_register_heartbeat);
     PD_TEST_RUN(test_register_refused);
     PD_TEST_RUN(test_kv_path);
+    PD_TEST_RUN(test_kv_stream);
     PD_TEST_RUN(test_refusals);
     PD_TEST_RUN(test_queue_full);
     PD_TEST_RUN(test_decode_full);
