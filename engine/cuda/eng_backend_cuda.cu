@@ -69,6 +69,12 @@ typedef struct {
     __nv_bfloat16 *w_down;       /* (dim, hidden_dim) */
 } s_layer_t;
 
+/* One eng_batch_t.kv_host_layers store, made by a kv_st callback. */
+typedef struct {
+    int32_t *dst;
+    int32_t n_layers;
+} s_kv_note_t;
+
 struct eng_backend {
     const eng_model_t *m;
     eng_kv_layout_t kv;
@@ -112,6 +118,10 @@ struct eng_backend {
     cudaEvent_t kv_stored, kv_done; /* main stream: a layer's K/V stored; kv_st: the streamed copies done */
     int32_t *kv_runs, n_kv_runs;
     bool is_kv_stream, is_kv_streamed; /* ... the last forward completed with its KV streamed (kv_runs) */
+    /* eng_batch_t.kv_host_layers while streaming: after layer l's copies, a kv_st callback stores l + 1 there from
+     * kv_notes[l]; the forward drains kv_st before it returns, so no store lands after eng_forward */
+    s_kv_note_t *kv_notes; /* (n_layers) */
+    bool is_kv_noting;
     bool is_tc;      /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
     bool is_dec_mma; /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
     int32_t mma_terms;    /* prefill attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
@@ -208,7 +218,7 @@ static void s_destroy(eng_backend_t **pbe) {
     if (be->kv_st) cudaStreamSynchronize(be->kv_st), cudaStreamDestroy(be->kv_st);
     if (be->kv_stored) cudaEventDestroy(be->kv_stored);
     if (be->kv_done) cudaEventDestroy(be->kv_done);
-    free(be->kv_runs);
+    free(be->kv_runs), free(be->kv_notes);
     if (be->mirror) cudaFreeHost(be->mirror);
     if (be->sync_ids) cudaFreeHost(be->sync_ids);
     if (be->layers) {
@@ -425,7 +435,9 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         const char *kv_stream = getenv("ENG_CUDA_KV_STREAM");
         be->is_kv_stream = !(kv_stream && *kv_stream == '0');
         be->kv_runs = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)kv->n_blocks);
-        if (!be->kv_runs || cudaStreamCreateWithFlags(&be->kv_st, cudaStreamNonBlocking) != cudaSuccess ||
+        be->kv_notes = (s_kv_note_t *)calloc((size_t)kv->n_layers, sizeof *be->kv_notes);
+        if (!be->kv_runs || !be->kv_notes ||
+            cudaStreamCreateWithFlags(&be->kv_st, cudaStreamNonBlocking) != cudaSuccess ||
             cudaEventCreateWithFlags(&be->kv_stored, cudaEventDisableTiming) != cudaSuccess ||
             cudaEventCreateWithFlags(&be->kv_done, cudaEventDisableTiming) != cudaSuccess) {
             snprintf(err, err_cap, "cuda backend: cannot create the KV copy stream");
@@ -454,6 +466,11 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_gu_bf16 = !(gu_bf16 && *gu_bf16 == '0');
         const char *fuse_norm = getenv("ENG_CUDA_FUSE_NORM");
         be->is_fused_norm = !(fuse_norm && *fuse_norm == '0');
+        /* our kernels start while the one before drains (PDL, eng_cuda_ops.cuh; sm_90 on); ENG_CUDA_PDL=0: not */
+        const char *pdl = getenv("ENG_CUDA_PDL");
+        int cc_major = 0;
+        cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, be->gpu);
+        eng_cuda_pdl_set(!(pdl && *pdl == '0') && cc_major >= 9);
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         const char *pad = getenv("ENG_CUDA_PAD");
         be->pad_block = pad && *pad == '0' ? -1 : kv->n_blocks - 1; /* eng_backend.h: has_pad_block */
@@ -469,8 +486,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
     {
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
-        LOG_I("cuda backend: GPU %d, weights bf16 uploaded; %.1f of %.1f GiB free", be->gpu, free_b / 1073741824.0,
-              total_b / 1073741824.0);
+        LOG_I("cuda backend: GPU %d, weights bf16 uploaded; %.1f of %.1f GiB free; PDL %s", be->gpu,
+              free_b / 1073741824.0, total_b / 1073741824.0, eng_cuda_pdl_is_on() ? "on" : "off");
     }
     return be;
 fail:
@@ -536,6 +553,12 @@ static bool s_kv_stream_plan(eng_backend_t *be, const eng_batch_t *b) {
 }
 
 /* Layer l's K/V are stored (enqueued on be->st): kv_st copies its chunks of the streamed runs to the mirror. */
+/* On a CUDA callback thread, in kv_st order: that many layers are in the mirror. */
+static void CUDART_CB s_kv_note(void *ud) {
+    const s_kv_note_t *note = (const s_kv_note_t *)ud;
+    __atomic_store_n(note->dst, note->n_layers, __ATOMIC_RELEASE);
+}
+
 static pd_status s_kv_stream_layer(eng_backend_t *be, int32_t l) {
     S_CUDA(cudaEventRecord(be->kv_stored, be->st), "KV stream");
     S_CUDA(cudaStreamWaitEvent(be->kv_st, be->kv_stored, 0), "KV stream");
@@ -547,6 +570,7 @@ static pd_status s_kv_stream_layer(eng_backend_t *be, int32_t l) {
                                    chunk * (size_t)be->kv_runs[2 * r + 1], cudaMemcpyDeviceToHost, be->kv_st),
                    "KV stream");
         }
+    if (be->is_kv_noting) S_CUDA(cudaLaunchHostFunc(be->kv_st, s_kv_note, &be->kv_notes[l]), "KV stream");
     if (l == be->m->cfg.n_layers - 1) S_CUDA(cudaEventRecord(be->kv_done, be->kv_st), "KV stream");
     return PD_OK;
 }
@@ -802,7 +826,24 @@ static pd_status s_sample_collect(eng_backend_t *be, const eng_batch_t *b, int32
     return PD_OK;
 }
 
+static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits);
+
+/* s_forward_run, and then no eng_batch_t.kv_host_layers store may follow (the caller reuses its counter for the next
+ * step): the copy stream's callbacks run out here. A prefill worker waits for these copies right after anyway. */
 static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+    pd_status st = s_forward_run(be, b, n_logits);
+    if (be->is_kv_noting) {
+        be->is_kv_noting = false;
+        cudaError_t e = cudaStreamSynchronize(be->kv_st);
+        if (e != cudaSuccess) {
+            LOG_E("cuda backend: KV copy stream: %s", cudaGetErrorString(e));
+            if (st == PD_OK) st = PD_EBACKEND;
+        }
+    }
+    return st;
+}
+
+static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
     const uint64_t t_start = be->is_prof || be->is_step_times ? pd_now_us() : 0;
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
@@ -814,6 +855,9 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
     if (be->n_kv_runs > 0) S_CUDA(cudaStreamWaitEvent(be->st, be->kv_done, 0), "KV stream");
     be->is_kv_streamed = false, be->n_kv_runs = 0;
     if (b->is_kv_to_host && be->is_kv_stream && be->mirror) (void)s_kv_stream_plan(be, b); /* sets n_kv_runs */
+    be->is_kv_noting = be->n_kv_runs > 0 && b->kv_host_layers;
+    for (int32_t l = 0; be->is_kv_noting && l < c->n_layers; l++)
+        be->kv_notes[l].dst = b->kv_host_layers, be->kv_notes[l].n_layers = l + 1;
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
     int64_t T = 0, n_table = 0, n_tiles = 0, n_tc_tiles = 0, max_len = 0;

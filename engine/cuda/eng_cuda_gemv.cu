@@ -85,6 +85,18 @@ static __device__ __forceinline__ void s_ld_rows(uint4 (&wv)[R], const uint4 *co
     for (int r = 0; r < R; r++) wv[r] = s_ld_stream(wr[r] + c);
 }
 
+/* A warp's first step of its R rows (the first 32 * GEMV_U chunks of each, contiguous) towards L2: lane r < R sends
+ * one bulk request for row row0 + r (clamped like the loads), which holds no registers (sm_90; elsewhere nothing). */
+template <int R>
+static __device__ __forceinline__ void s_prefetch_first_step(const __nv_bfloat16 *w, int64_t row0, int32_t n_out,
+                                                             int32_t k, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const int64_t kc = k / 8, row = row0 + lane < n_out ? row0 + lane : n_out - 1;
+    const uint32_t n_bytes = (uint32_t)(kc < 32 * GEMV_U ? kc : 32 * GEMV_U) * 16u;
+    if (lane < R) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w + row * k), "r"(n_bytes));
+#endif
+}
+
 /* NORM: each token's scale = 1 / rms of its f32 row, once per block: every thread sums the squares of a strided
  * share of the rows (the tokens' loads interleaved), the warps' totals meet in shared memory and every thread
  * adds them in the same order, so all warps use one scale. Every thread of the block must call it (a barrier).
@@ -196,14 +208,23 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     int64_t c = lane; /* the loop bound is the same for every lane: no divergence before the shuffles */
     uint4 wv[GEMV_U][R];
     bool is_loaded = false; /* NORM: wv already holds the first step's chunks */
+    /* The first step's weights (the first iteration's, or the rest's when a row has fewer than 32 * GEMV_U chunks)
+     * are requested before anything that depends on earlier kernels, so that with PDL their HBM latency overlaps
+     * the previous kernel's drain (eng_cuda_ops.cuh). NORM: into registers, where the norm's L1/L2 reads overlap
+     * them too. Else into L2 only: held in registers across the loop's first iteration they cost ptxas 20-60
+     * registers more per thread (fewer blocks per SM). */
     if constexpr (NORM) {
-        /* The first step's weights (the first iteration's, or the rest's when a row has fewer than 32 * GEMV_U
-         * chunks) are requested before the norm, whose L1/L2 reads then overlap their HBM latency. */
         if (row0 < n_out) {
 #pragma unroll
             for (int u = 0; u < GEMV_U; u++)
                 if (c + 32 * u < kc) s_ld_rows<R>(wv[u], wr, c + 32 * u);
         }
+    } else {
+        s_prefetch_first_step<R>(w, row0, n_out, k, lane);
+    }
+    s_pdl_wait(); /* x (or the residual rows), the outputs and the QKV epilogue's tables are earlier kernels' */
+    s_pdl_launch_dependents();
+    if constexpr (NORM) {
         s_norm_scales<NT>(xn, k, xs.scale);
         if (row0 >= n_out) return;
         xs.f = (const float4 *)xn.x, xs.w = (const float4 *)xn.w;
@@ -261,7 +282,7 @@ static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cu
                      int32_t n_out, int32_t k, cudaStream_t st) {
     constexpr int R = NT <= 2 ? 2 : 4;
     const unsigned n_blocks = (unsigned)((n_out + GEMV_WARPS * R - 1) / (GEMV_WARPS * R));
-    k_gemv<NT, R, MODE, NORM><<<n_blocks, GEMV_WARPS * 32, 0, st>>>(e, x, xn, w, n_out, k);
+    eng_cuda_launch(k_gemv<NT, R, MODE, NORM>, n_blocks, GEMV_WARPS * 32, 0, st, e, x, xn, w, n_out, k);
 }
 
 /* x: bf16 rows; or xn (not NULL): f32 rows normalised in the kernel, up to ENG_CUDA_GEMV_NORM_MAX_TOK of them. */

@@ -4,6 +4,19 @@
 
 #include <math.h>
 
+#include <atomic>
+
+/* eng_cuda_pdl_set: one switch for every backend of the process, like the environment it comes from */
+static std::atomic<bool> s_is_pdl{true};
+
+void eng_cuda_pdl_set(bool is_on) {
+    s_is_pdl.store(is_on, std::memory_order_relaxed);
+}
+
+bool eng_cuda_pdl_is_on(void) {
+    return s_is_pdl.load(std::memory_order_relaxed);
+}
+
 static __device__ __forceinline__ float s_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -19,6 +32,8 @@ static __device__ __forceinline__ float s_warp_max(float v) {
 /* ---- embedding ---- */
 
 static __global__ void k_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t dim) {
+    s_pdl_wait(); /* x, which earlier kernels read, is written (PDL: eng_cuda_ops.cuh) */
+    s_pdl_launch_dependents();
     const int64_t t = blockIdx.x;
     const __nv_bfloat16 *row = embd + (int64_t)tokens[t] * dim;
     for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) x[t * dim + i] = __bfloat162float(row[i]);
@@ -26,7 +41,7 @@ static __global__ void k_embed(float *x, const __nv_bfloat16 *embd, const int32_
 
 void eng_cuda_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t n_tokens, int32_t dim,
                     cudaStream_t st) {
-    k_embed<<<n_tokens, 256, 0, st>>>(x, embd, tokens, dim);
+    eng_cuda_launch(k_embed, n_tokens, 256, 0, st, x, embd, tokens, dim);
 }
 
 /* ---- RMSNorm: one block per row, the sum of squares reduced in f32 ---- */
@@ -48,6 +63,8 @@ static __device__ __forceinline__ float s_block_sum(float v, float *part) {
 static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
                                  float eps) {
     __shared__ float part[32];
+    s_pdl_wait(); /* x is earlier kernels' */
+    s_pdl_launch_dependents();
     const int64_t r = blockIdx.x, src = rows ? rows[r] : r;
     const float *xr = x + src * dim;
     float ss = 0.0f;
@@ -61,6 +78,8 @@ static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t
 static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
                                   float eps) {
     __shared__ float part[32];
+    s_pdl_wait(); /* x is earlier kernels' */
+    s_pdl_launch_dependents();
     const int64_t r = blockIdx.x, src = rows ? rows[r] : r;
     const float4 *xr = (const float4 *)(x + src * dim), *w4 = (const float4 *)w;
     const int32_t n4 = dim / 4;
@@ -82,14 +101,16 @@ static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_
 void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t n_rows,
                       int32_t dim, float eps, cudaStream_t st) {
     if (dim % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0)
-        k_rmsnorm4<<<n_rows, dim >= 4096 ? 256 : 128, 0, st>>>(y, x, rows, w, dim, eps);
+        eng_cuda_launch(k_rmsnorm4, n_rows, dim >= 4096 ? 256 : 128, 0, st, y, x, rows, w, dim, eps);
     else
-        k_rmsnorm<<<n_rows, dim >= 2048 ? 512 : 256, 0, st>>>(y, x, rows, w, dim, eps);
+        eng_cuda_launch(k_rmsnorm, n_rows, dim >= 2048 ? 512 : 256, 0, st, y, x, rows, w, dim, eps);
 }
 
 /* ---- RoPE ---- */
 
 static __global__ void k_rope_table(float *cs, const int32_t *tok_pos, int32_t head_dim, double theta) {
+    s_pdl_wait(); /* cs, which earlier kernels read, is written */
+    s_pdl_launch_dependents();
     const int64_t t = blockIdx.x;
     for (int32_t i = threadIdx.x; i < head_dim / 2; i += blockDim.x) {
         double freq = pow(theta, -2.0 * (double)i / (double)head_dim), s, c;
@@ -101,7 +122,7 @@ static __global__ void k_rope_table(float *cs, const int32_t *tok_pos, int32_t h
 
 void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, int32_t head_dim, double theta,
                          cudaStream_t st) {
-    k_rope_table<<<n_tokens, 64, 0, st>>>(cs, tok_pos, head_dim, theta);
+    eng_cuda_launch(k_rope_table, n_tokens, 64, 0, st, cs, tok_pos, head_dim, theta);
 }
 
 /* Blocks (token, slice): rotate the (adjacent) pairs of every Q and K head, store K and V in the token's slot; the
@@ -112,6 +133,8 @@ static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__rest
                                     const float *__restrict__ qkv, const float *__restrict__ bias,
                                     const eng_cuda_tokens_t tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                                     int32_t head_dim) {
+    s_pdl_wait(); /* qkv is earlier kernels' */
+    s_pdl_launch_dependents();
     const int64_t t = blockIdx.x;
     const int32_t first = (int32_t)(blockIdx.y * blockDim.x + threadIdx.x), step = (int32_t)(gridDim.y * blockDim.x);
     const int32_t q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
@@ -143,8 +166,8 @@ static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__rest
 void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st) {
-    k_rope_store<<<dim3((unsigned)tk->n_tokens, S_ROPE_SLICES), 128, 0, st>>>(q, kv_pool, qkv, bias, *tk, layer,
-                                                                              n_heads, n_kv_heads, head_dim);
+    eng_cuda_launch(k_rope_store, dim3((unsigned)tk->n_tokens, S_ROPE_SLICES), 128, 0, st, q, kv_pool, qkv, bias, *tk,
+                    layer, n_heads, n_kv_heads, head_dim);
 }
 
 /* ---- attention over the paged cache ----
@@ -167,6 +190,8 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     float *v_s = k_s + ENG_CUDA_ATT_KEYS * (HD + 1); /* (KEYS, HD) */
     __shared__ int32_t row_pos[ENG_CUDA_ATT_ROWS];
 
+    s_pdl_wait(); /* Q and this layer's new K/V are earlier kernels' */
+    s_pdl_launch_dependents();
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
     const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G;
@@ -276,6 +301,8 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
 /* Merges the key splits of the CUDA-core tiles: block (tile, head), one thread per dim, the tile's tokens in turn.
  * Only those tiles: tokens of tensor-core tiles in the same batch have no partials. */
 static __global__ void k_attention_combine(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, int32_t head_dim) {
+    s_pdl_wait(); /* the partials are earlier kernels' */
+    s_pdl_launch_dependents();
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     const int64_t h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
     for (int64_t t = tile.t0; t < tile.t0 + tile.n; t++) {
@@ -304,7 +331,7 @@ static cudaError_t s_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
         is_configured = true;
     }
     dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
-    k_attention<HD><<<grid, ENG_CUDA_ATT_WARPS * 32, smem, st>>>(*a, *tk);
+    eng_cuda_launch(k_attention<HD>, grid, ENG_CUDA_ATT_WARPS * 32, smem, st, *a, *tk);
     return cudaGetLastError();
 }
 
@@ -322,8 +349,8 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);
     if (err == cudaSuccess && a->split_keys) { /* merge the key splits' partials */
-        k_attention_combine<<<dim3((unsigned)a->n_tiles, (unsigned)a->n_heads), a->head_dim, 0, st>>>(*a, *tk,
-                                                                                                      a->head_dim);
+        eng_cuda_launch(k_attention_combine, dim3((unsigned)a->n_tiles, (unsigned)a->n_heads), a->head_dim, 0, st, *a,
+                        *tk, a->head_dim);
         err = cudaGetLastError();
     }
     return err;
@@ -334,12 +361,16 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
 /* Output i of the flat (T, hidden) h reads gu pair i (row t's pairs start at 2 t hidden: no index division), two
  * pairs per 16-byte load (k_swiglu1: one, for an odd total). */
 static __global__ void k_swiglu1(__nv_bfloat16 *h, const float2 *gu, int64_t n) {
+    s_pdl_wait(); /* gu is earlier kernels' */
+    s_pdl_launch_dependents();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float2 p = gu[i];
         h[i] = __float2bfloat16(s_silu_mul(p.x, p.y));
     }
 }
 static __global__ void k_swiglu(__nv_bfloat162 *h, const float4 *gu, int64_t n2) {
+    s_pdl_wait(); /* gu is earlier kernels' */
+    s_pdl_launch_dependents();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
         const float4 p = gu[i]; /* (gate, up) of outputs 2i and 2i + 1 */
         h[i] = __floats2bfloat162_rn(s_silu_mul(p.x, p.y), s_silu_mul(p.z, p.w));
@@ -351,14 +382,16 @@ void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_
     int64_t blocks = (n_per + 255) / 256;
     if (blocks > 65535) blocks = 65535;
     if (n % 2)
-        k_swiglu1<<<(unsigned)blocks, 256, 0, st>>>(h, (const float2 *)gu, n);
+        eng_cuda_launch(k_swiglu1, (unsigned)blocks, 256, 0, st, h, (const float2 *)gu, n);
     else
-        k_swiglu<<<(unsigned)blocks, 256, 0, st>>>((__nv_bfloat162 *)h, (const float4 *)gu, n / 2);
+        eng_cuda_launch(k_swiglu, (unsigned)blocks, 256, 0, st, (__nv_bfloat162 *)h, (const float4 *)gu, n / 2);
 }
 
 /* Output i of the flat (T, hidden) h reads gu pair i: row t's pairs start at 2 t hidden, so no index division. Four
  * outputs per step (a 16-byte load of four pairs, an 8-byte store); n % 4 == 0. */
 static __global__ void k_swiglu_bf16(uint2 *h, const uint4 *gu, int64_t n4) {
+    s_pdl_wait(); /* gu is earlier kernels' */
+    s_pdl_launch_dependents();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
         const uint4 v = gu[i];
         const uint32_t pairs[4] = {v.x, v.y, v.z, v.w};
@@ -378,7 +411,7 @@ void eng_cuda_swiglu_bf16(__nv_bfloat16 *h, const __nv_bfloat16 *gu, int32_t n_t
     const int64_t n4 = (int64_t)n_tokens * hidden / 4;
     int64_t blocks = (n4 + 255) / 256;
     if (blocks > 65535) blocks = 65535;
-    k_swiglu_bf16<<<(unsigned)blocks, 256, 0, st>>>((uint2 *)h, (const uint4 *)gu, n4);
+    eng_cuda_launch(k_swiglu_bf16, (unsigned)blocks, 256, 0, st, (uint2 *)h, (const uint4 *)gu, n4);
 }
 
 /* ---- KV blocks between the pool and its host mirror ----

@@ -17,6 +17,7 @@
 
 #include <cooperative_groups.h>
 
+#include "eng_cuda_ops.cuh"
 #include "eng_cuda_sample.cuh"
 
 namespace cg = cooperative_groups;
@@ -328,6 +329,8 @@ __global__ void __cluster_dims__(S_CS, 1, 1) __launch_bounds__(S_NT)
     k_sample(const float *logits, float *work, int32_t vocab, const eng_cuda_sample_req_t *reqs, const eng_pen_t *pen,
              eng_cuda_sample_out_t *outs) {
     __shared__ s_shared_t sh;
+    s_pdl_wait(); /* the logits are earlier kernels' (PDL: eng_cuda_ops.cuh) */
+    s_pdl_launch_dependents();
     const s_ctx_t c = {cg::this_cluster(), (int32_t)(blockIdx.x % S_CS) * S_NT, &sh};
     const bool is_lead = blockIdx.x % S_CS == 0 && threadIdx.x == 0; /* writes the row's result */
     const int32_t row = (int32_t)(blockIdx.x / S_CS);
@@ -547,5 +550,5 @@ __global__ void __cluster_dims__(S_CS, 1, 1) __launch_bounds__(S_NT)
 
 void eng_cuda_sample(const float *logits, float *work, int32_t n_rows, int32_t vocab, const eng_cuda_sample_req_t *reqs,
                      const eng_pen_t *pen, eng_cuda_sample_out_t *out, cudaStream_t st) {
-    if (n_rows > 0) k_sample<<<n_rows * S_CS, S_NT, 0, st>>>(logits, work, vocab, reqs, pen, out);
+    if (n_rows > 0) eng_cuda_launch(k_sample, n_rows * S_CS, S_NT, 0, st, logits, work, vocab, reqs, pen, out);
 }
