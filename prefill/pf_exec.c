@@ -15,7 +15,8 @@
 #define S_TICK_MS        1 /* sender polling while transfers are live: release and timers need it */
 #define S_HOUSEKEEP_MS   1000
 #define S_KVT_EVENTS     64
-#define S_INFO_MAX_BYTES 512 /* a packed TokenLogprob with ENG_MAX_LOGPROBS alternatives is ~300 bytes */
+#define S_INFO_MAX_BYTES 512  /* a packed TokenLogprob with ENG_MAX_LOGPROBS alternatives is ~300 bytes */
+#define S_RECENT_TAILS   1024 /* KV tails kept for the exit line's percentiles */
 
 typedef struct s_peer s_peer_t;
 
@@ -76,6 +77,7 @@ struct pf_exec {
     int32_t n_layers;
     uint64_t n_streamed, n_layers_early;
     uint64_t n_tails, tail_us_sum, tail_us_max; /* KV ready -> DONE(PD_OK), per delivered transfer */
+    uint32_t recent_tails_us[S_RECENT_TAILS];   /* the last ones, for the median at exit */
 
     /* requests: slots, a free stack and an open-addressing index req_id -> slot + 1 (0 = empty) */
     s_req_t *reqs;
@@ -306,6 +308,7 @@ static void s_on_kvt_event(pf_exec_t *x, s_peer_t *p, const kvt_event_t *ev) {
             s_fail_transfer(x, r, ev);
         } else if (r->kv_ready_us) {
             uint64_t tail = pd_now_us() - r->kv_ready_us;
+            x->recent_tails_us[x->n_tails % S_RECENT_TAILS] = tail > UINT32_MAX ? UINT32_MAX : (uint32_t)tail;
             x->n_tails++, x->tail_us_sum += tail;
             if (tail > x->tail_us_max) x->tail_us_max = tail;
         }
@@ -667,14 +670,23 @@ fail:
     return NULL;
 }
 
+static int s_cmp_u32(const void *a, const void *b) {
+    const uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
 void pf_exec_destroy(pf_exec_t **xp) {
     if (!xp || !*xp) return;
     pf_exec_t *x = *xp;
-    if (x->n_tails > 0)
+    if (x->n_tails > 0) {
+        int32_t n = x->n_tails < S_RECENT_TAILS ? (int32_t)x->n_tails : S_RECENT_TAILS;
+        qsort(x->recent_tails_us, (size_t)n, sizeof *x->recent_tails_us, s_cmp_u32);
         LOG_I("kv hand-off: %llu delivered (%llu streamed, %llu layers sent during their step); KV ready -> "
-              "committed: mean %.2f ms, max %.2f ms",
+              "committed: mean %.2f ms, max %.2f ms; of the last %d: median %.2f ms, 90%% under %.2f ms",
               (unsigned long long)x->n_tails, (unsigned long long)x->n_streamed, (unsigned long long)x->n_layers_early,
-              (double)x->tail_us_sum / (double)x->n_tails / 1e3, (double)x->tail_us_max / 1e3);
+              (double)x->tail_us_sum / (double)x->n_tails / 1e3, (double)x->tail_us_max / 1e3, n,
+              x->recent_tails_us[n / 2] / 1e3, x->recent_tails_us[(n * 9) / 10 < n ? (n * 9) / 10 : n - 1] / 1e3);
+    }
     if (x->async) {
         pd_loop_remove_fd(x->p.loop, eng_async_fd(x->async));
         eng_async_destroy(&x->async); /* waits for a running step: its blocks are being written */
