@@ -9,10 +9,13 @@
  *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it
  *     would (the disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
  *     services use (eng_kv_from_host), and eng_kv_to_host leaves the mirror equal to the pool, also when the
- *     forward streamed its KV there layer by layer (eng_batch_t.is_kv_to_host, over a poisoned mirror).
+ *     forward streamed its KV there layer by layer (eng_batch_t.is_kv_to_host, over a poisoned mirror), and the
+ *     progress it reports meanwhile (eng_batch_t.kv_host_layers) never runs ahead of the copies: a second thread
+ *     snapshots each layer of the mirror the moment it is reported, and every snapshot equals the final KV.
  * Prints the worst errors per model. Label gpu: run by tests/gpu/run_gpu.sh on the lent GPU machine. */
 #define _POSIX_C_SOURCE 200809L /* strdup, strtok_r */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +68,35 @@ static void s_forward_kv(side_t *sd, int s, const int32_t *toks, int32_t n, int3
                      .logits = logits,
                      .is_kv_to_host = is_kv_to_host};
     REQUIRE(eng_forward(sd->e, &b) == PD_OK);
+}
+
+/* eng_batch_t.kv_host_layers, watched from another thread while the forward runs: the chunks of blocks[0, n_blocks)
+ * of each layer are copied out of the mirror as soon as the layer is reported (snap: layers x 2 x n_blocks chunks). */
+typedef struct {
+    int32_t progress; /* the batch's kv_host_layers */
+    int is_done;
+    int32_t n_seen, n_reports;
+    const eng_kv_layout_t *km;
+    const uint8_t *mirror;
+    const int32_t *blocks;
+    int32_t n_blocks;
+    uint8_t *snap;
+} s_watch_t;
+
+static void *s_watch(void *arg) {
+    s_watch_t *w = arg;
+    const size_t cb = eng_kv_chunk_bytes(w->km);
+    for (;;) {
+        int is_last = __atomic_load_n(&w->is_done, __ATOMIC_ACQUIRE);
+        int32_t n = __atomic_load_n(&w->progress, __ATOMIC_ACQUIRE);
+        if (n > w->n_seen) w->n_reports++;
+        for (; w->n_seen < n; w->n_seen++)
+            for (int kind = 0; kind < 2; kind++)
+                for (int32_t i = 0; i < w->n_blocks; i++)
+                    memcpy(w->snap + (((size_t)w->n_seen * 2 + (size_t)kind) * (size_t)w->n_blocks + (size_t)i) * cb,
+                           w->mirror + eng_kv_chunk_offset(w->km, w->n_seen, (eng_kv_kind_t)kind, w->blocks[i]), cb);
+        if (is_last) return NULL;
+    }
 }
 
 static void s_forward_one(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits) {
@@ -262,9 +294,41 @@ static void s_check_model(const char *path) {
     eng_kv_seq_release(&mir.seqs[s3], eng_kv_pool(mir.e));
     REQUIRE(eng_kv_seq_reserve(&mir.seqs[s3], eng_kv_pool(mir.e), km->block_size, s_lens[s3]) == PD_OK);
     memset(mbase, 0xff, eng_kv_pool_bytes(km));
-    s_forward_kv(&mir, s3, prompts[s3], 200, 0, lg, true);
+    s_watch_t w = {
+        .km = km, .mirror = mbase, .blocks = mir.seqs[s3].blocks, .n_blocks = eng_kv_blocks_for(200, km->block_size)};
+    w.snap = malloc((size_t)km->n_layers * 2u * (size_t)w.n_blocks * eng_kv_chunk_bytes(km));
+    pthread_t watcher;
+    REQUIRE(w.snap && pthread_create(&watcher, NULL, s_watch, &w) == 0);
+    {
+        const int32_t n = 200, pos = 0, *table = mir.seqs[s3].blocks;
+        eng_batch_t b = {.n_seqs = 1,
+                         .n_tokens = &n,
+                         .pos = &pos,
+                         .block_tables = &table,
+                         .n_blocks = &mir.seqs[s3].n_blocks,
+                         .tokens = prompts[s3],
+                         .logits = lg,
+                         .is_kv_to_host = true,
+                         .kv_host_layers = &w.progress};
+        CHECK_EQ_INT(eng_forward(mir.e, &b), PD_OK);
+    }
+    __atomic_store_n(&w.is_done, 1, __ATOMIC_RELEASE); /* the forward has returned: no report may follow */
+    pthread_join(watcher, NULL);
     CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s3].blocks, 0, 200), PD_OK);
     const int n_diff_a = s_mirror_diff(&mir, &mir.seqs[s3], 200, back);
+    int n_early = 0;
+    for (int32_t l = 0; l < w.n_seen; l++)
+        for (int kind = 0; kind < 2; kind++)
+            for (int32_t i = 0; i < w.n_blocks; i++)
+                n_early += memcmp(w.snap + (((size_t)l * 2 + (size_t)kind) * (size_t)w.n_blocks + (size_t)i) *
+                                               eng_kv_chunk_bytes(km),
+                                  mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, w.blocks[i]),
+                                  eng_kv_chunk_bytes(km)) != 0;
+    CHECK_EQ_INT(w.n_seen, km->n_layers); /* every layer reported by the time eng_forward returned */
+    CHECK_MSG(n_early == 0, "%s: %d chunks were reported in the mirror before their copy landed", path, n_early);
+    fprintf(stderr, "  %s: streamed KV progress: %d layers in %d reports seen while the forward ran\n", path, w.n_seen,
+            w.n_reports);
+    free(w.snap);
     s_forward_kv(&mir, s3, prompts[s3] + 200, s_lens[s3] - 200, 200, lg, true);
     CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s3].blocks, 200, s_lens[s3] - 200), PD_OK);
     const int n_diff_b = s_mirror_diff(&mir, &mir.seqs[s3], s_lens[s3], back);
