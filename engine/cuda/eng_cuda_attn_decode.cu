@@ -188,37 +188,21 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     __syncthreads();
     if (!is_last) return;
     __threadfence(); /* ... and the other blocks' partials visible here */
-    /* Few outputs, many splits: the latency is the L2 round trips, so each is taken once for everything. First every
-     * (row, split)'s max and sum into shared memory (the stages are free now), then each row's normalised weight per
-     * split, then every output's weighted sum with its loads in flight together. */
-    const int32_t n_z = pos_max / a.split_keys + 1;
-    float *ml = (float *)dec_smem; /* (n_rows, n_z, 2), then the weights (n_rows, n_z) in place of the maxima */
-    for (int32_t i = threadIdx.x; i < n_rows * n_z; i += blockDim.x) {
-        const int32_t r = i / n_z, z = i % n_z;
-        const int64_t t = tile.t0 + r / G, h = g * G + r % G;
-        const bool has = z <= tk.tok_pos[t] / a.split_keys; /* a split past the row's position has no partial */
-        const int64_t at = (((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2;
-        ml[2 * i] = has ? __ldcg(&a.part_ml[at]) : -INFINITY;
-        ml[2 * i + 1] = has ? __ldcg(&a.part_ml[at + 1]) : 0.0f;
-    }
-    __syncthreads();
-    if (threadIdx.x < n_rows) {
-        float *mr = ml + 2 * threadIdx.x * n_z, mx = -INFINITY, sum = 0.0f;
-        for (int32_t z = 0; z < n_z; z++) mx = fmaxf(mx, mr[2 * z]);
-        for (int32_t z = 0; z < n_z; z++) sum += exp2f(mr[2 * z] - mx) * mr[2 * z + 1];
-        for (int32_t z = 0; z < n_z; z++) mr[2 * z] = exp2f(mr[2 * z] - mx) / sum; /* split z's weight */
-    }
-    __syncthreads();
     for (int32_t i = threadIdx.x; i < n_rows * HD; i += blockDim.x) {
         const int32_t r = i / HD, d = i % HD;
         const int64_t t = tile.t0 + r / G, h = g * G + r % G;
-        const float *wr = ml + 2 * r * n_z;
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int32_t z = 0; z < n_z; z++)
-            if (wr[2 * z] > 0.0f)
-                acc += wr[2 * z] * __ldcg(&a.part_acc[((int64_t)z * tk.n_tokens + t) * q_dim + h * HD + d]);
-        a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc);
+        const int32_t n = tk.tok_pos[t] / a.split_keys + 1; /* the splits that hold keys of this row */
+        float mx = -INFINITY;
+        for (int32_t z = 0; z < n; z++)
+            mx = fmaxf(mx, __ldcg(&a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]));
+        float sum = 0.0f, acc = 0.0f;
+        for (int32_t z = 0; z < n; z++) {
+            const int64_t slot = (int64_t)z * tk.n_tokens + t;
+            const float wt = exp2f(__ldcg(&a.part_ml[(slot * a.n_heads + h) * 2]) - mx);
+            sum += wt * __ldcg(&a.part_ml[(slot * a.n_heads + h) * 2 + 1]);
+            acc += wt * __ldcg(&a.part_acc[slot * q_dim + h * HD + d]);
+        }
+        a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
     }
 }
 
