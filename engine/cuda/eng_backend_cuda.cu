@@ -107,8 +107,6 @@ struct eng_backend {
     int32_t pad_block;
     int n_sm;
     float *part_acc, *part_ml; /* attention split partials */
-    int32_t *split_count;      /* the decode attention's split arrivals, (2 * S_SPLIT_MAX_TOKENS, n_kv_heads): tiles
-                                  with their bucket padding */
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
@@ -216,7 +214,7 @@ static void s_destroy(eng_backend_t **pbe) {
     s_free_dev(be->blas_ws);
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
-    s_free_dev(be->part_acc), s_free_dev(be->part_ml), s_free_dev(be->split_count);
+    s_free_dev(be->part_acc), s_free_dev(be->part_ml);
     if (be->kv_st) cudaStreamSynchronize(be->kv_st), cudaStreamDestroy(be->kv_st);
     if (be->kv_stored) cudaEventDestroy(be->kv_stored);
     if (be->kv_done) cudaEventDestroy(be->kv_done);
@@ -447,9 +445,7 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         }
     }
     if (s_alloc((void **)&be->part_acc, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * q_dim, "scratch") ||
-        s_alloc((void **)&be->part_ml, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * c->n_heads * 2, "scratch") ||
-        s_alloc((void **)&be->split_count, sizeof(int32_t) * 2 * S_SPLIT_MAX_TOKENS * c->n_kv_heads, "scratch") ||
-        cudaMemset(be->split_count, 0, sizeof(int32_t) * 2 * S_SPLIT_MAX_TOKENS * c->n_kv_heads) != cudaSuccess) {
+        s_alloc((void **)&be->part_ml, sizeof(float) * S_MAX_SPLITS * S_SPLIT_MAX_TOKENS * c->n_heads * 2, "scratch")) {
         snprintf(err, err_cap, "cuda backend: cannot allocate attention scratch");
         goto fail;
     }
@@ -942,7 +938,6 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     att.tc_tiles = d_tiles + n_tiles, att.n_tc_tiles = (int32_t)n_tc_tiles;
     att.n_heads = c->n_heads, att.n_kv_heads = c->n_kv_heads, att.head_dim = (int32_t)hd;
     att.split_keys = 0, att.n_splits = 1, att.part_acc = be->part_acc, att.part_ml = be->part_ml;
-    att.split_count = be->split_count;
     const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
     const int64_t want = s_att_splits(pairs, be->n_sm, be->is_dec_mma), align = be->is_dec_mma ? 64 : 32;
     if (want > 1 && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {

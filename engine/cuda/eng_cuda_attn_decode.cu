@@ -15,12 +15,8 @@
  * Precision: Q and P enter as hi + lo f16 pairs whatever eng_cuda_att_t.mma_terms says: with one term (156 registers
  * instead of 212, about 1% faster at 8B batch 64-128) SmolLM2's batched-vs-alone check rose to 6.85e-2 against its
  * 6e-2 tolerance, where the prefill kernels pass at one term. K and V enter as stored, sums in f32, the softmax in
- * exp2 with log2(e) / sqrt(head_dim) folded into Q.
- *
- * Key splits merge in the kernel itself: each split block stores its partials, and the last block of a (tile, KV
- * head) to arrive (an atomic counter, eng_cuda_att_t.split_count) merges them all into the output, so no combine
- * kernel runs after it. At batch 1 that second launch, with the drain before it, cost about as much as the
- * attention (ncu: 6.8 us next to 9.0 us per layer for the 8B shape). */
+ * exp2 with log2(e) / sqrt(head_dim) folded into Q. Split partials are stored with their maxima in natural-log units,
+ * as k_attention_combine expects. */
 #include "eng_cuda_mma.cuh"
 #include "eng_cuda_ops.cuh"
 
@@ -165,44 +161,15 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
             acc += wt * o_s[(w * 16 + r) * HD + d];
         }
         const int64_t t = tile.t0 + r / G, h = g * G + r % G;
-        if (a.split_keys) { /* this split's partials, max in log2 units */
+        if (a.split_keys) { /* k_attention_combine's inputs */
             const int64_t slot = (int64_t)blockIdx.z * tk.n_tokens + t;
             a.part_acc[slot * q_dim + h * HD + d] = acc;
-            if (d == 0) a.part_ml[(slot * a.n_heads + h) * 2] = mx, a.part_ml[(slot * a.n_heads + h) * 2 + 1] = sum;
+            if (d == 0) /* natural-log units for k_attention_combine */
+                a.part_ml[(slot * a.n_heads + h) * 2] = mx * 0.69314718055994531f,
+                                                   a.part_ml[(slot * a.n_heads + h) * 2 + 1] = sum;
         } else {
             a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
         }
-    }
-    if (!a.split_keys) return;
-
-    /* The last of this (tile, KV head)'s split blocks to get here merges every split's partials. The blocks that run
-     * are the splits that start at or before the tile's last position (the others returned above). */
-    __shared__ bool is_last;
-    __threadfence(); /* this block's partials, visible device-wide before its arrival counts */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int32_t *count = a.split_count + (int64_t)blockIdx.x * gridDim.y + blockIdx.y;
-        is_last = atomicAdd(count, 1) == pos_max / a.split_keys;
-        if (is_last) *count = 0; /* every other block has arrived: ready for the next launch (graphs replay it) */
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence(); /* ... and the other blocks' partials visible here */
-    for (int32_t i = threadIdx.x; i < n_rows * HD; i += blockDim.x) {
-        const int32_t r = i / HD, d = i % HD;
-        const int64_t t = tile.t0 + r / G, h = g * G + r % G;
-        const int32_t n = tk.tok_pos[t] / a.split_keys + 1; /* the splits that hold keys of this row */
-        float mx = -INFINITY;
-        for (int32_t z = 0; z < n; z++)
-            mx = fmaxf(mx, __ldcg(&a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]));
-        float sum = 0.0f, acc = 0.0f;
-        for (int32_t z = 0; z < n; z++) {
-            const int64_t slot = (int64_t)z * tk.n_tokens + t;
-            const float wt = exp2f(__ldcg(&a.part_ml[(slot * a.n_heads + h) * 2]) - mx);
-            sum += wt * __ldcg(&a.part_ml[(slot * a.n_heads + h) * 2 + 1]);
-            acc += wt * __ldcg(&a.part_acc[slot * q_dim + h * HD + d]);
-        }
-        a.att[t * q_dim + h * HD + d] = __float2bfloat16(acc / sum);
     }
 }
 

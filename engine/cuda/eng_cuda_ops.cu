@@ -348,8 +348,7 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
         err = s_attention<64>(a, tk, st);
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);
-    if (err == cudaSuccess && a->split_keys && !a->is_dec_mma) { /* merge the key splits' partials (the decode
-                                                                    kernel merges its own) */
+    if (err == cudaSuccess && a->split_keys) { /* merge the key splits' partials */
         eng_cuda_launch(k_attention_combine, dim3((unsigned)a->n_tiles, (unsigned)a->n_heads), a->head_dim, 0, st, *a,
                         *tk, a->head_dim);
         err = cudaGetLastError();

@@ -109,11 +109,8 @@ typedef struct {
     const eng_cuda_kv_t *kv_pool; /* the whole pool */
     const eng_cuda_tile_t *tiles; /* (n_tiles) device: CUDA-core tiles (decode, short chunks) */
     int32_t n_tiles, layer, n_heads, n_kv_heads, head_dim;
-    int32_t split_keys, n_splits; /* 0, 1: each (tile, KV head) in one block; else keys per split block */
-    float *part_acc, *part_ml;    /* split scratch: (n_splits, T, q_dim) and (n_splits, T, n_heads, 2) */
-    /* is_dec_mma with splits: one arrival counter per (tile, KV head), (n_tiles, n_kv_heads), all 0 between launches
-     * (the last split block to arrive merges the partials and sets it back to 0) */
-    int32_t *split_count;
+    int32_t split_keys, n_splits;    /* 0, 1: each (tile, KV head) in one block; else keys per split block */
+    float *part_acc, *part_ml;       /* split scratch: (n_splits, T, q_dim) and (n_splits, T, n_heads, 2) */
     const eng_cuda_tile_t *tc_tiles; /* (n_tc_tiles) device: tensor-core tiles of ENG_CUDA_TC_ROWS tokens (prefill) */
     int32_t n_tc_tiles;
     /* true: the CUDA-core tiles go to the tensor-core decode kernel (eng_cuda_attn_decode.cu) instead, which takes

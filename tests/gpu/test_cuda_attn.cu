@@ -180,10 +180,6 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
     int32_t *d_tables, *d_tok_pos, *d_tok_table;
     float *d_q, *d_part_acc, *d_part_ml;
     eng_cuda_tile_t *d_tiles, *d_tc_tiles;
-    int32_t *d_split_count; /* the decode kernel's arrivals per (tile, KV head): 0 before and after every launch */
-    const size_t n_counts = (size_t)(T + N_PAD_TILES) * (size_t)nkv;
-    CK(cudaMalloc(&d_split_count, sizeof(int32_t) * n_counts));
-    CK(cudaMemset(d_split_count, 0, sizeof(int32_t) * n_counts));
     CK(cudaMalloc(&d_pool, n_pool * 2));
     CK(cudaMalloc(&d_tc_tiles, sizeof(eng_cuda_tile_t) * (size_t)T));
     CK(cudaMalloc(&d_att, n_att * 2));
@@ -253,7 +249,7 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
             for (int run = 0; run < 3; run++) {
                 const int32_t sk = splits[run];
                 const int32_t n_splits = sk ? (max_pos + sk) / sk : 1;
-                const char *merge = !sk ? "-" : is_dec ? "fused" : "combine";
+                const char *merge = !sk ? "-" : "combine";
                 char name[160];
                 snprintf(name, sizeof name, "%s hd=%d heads=%d/%d q=%s %s split=%d merge=%s", sh->name, hd, nh, nkv,
                          k_q_names[mode], k_kern_names[kern], sk, merge);
@@ -262,7 +258,6 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 a.att = d_att, a.q = d_q, a.kv_pool = d_pool, a.tiles = d_tiles, a.n_tiles = n_tiles;
                 a.layer = LAYER, a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd;
                 a.split_keys = sk, a.n_splits = n_splits, a.part_acc = d_part_acc, a.part_ml = d_part_ml;
-                a.split_count = d_split_count;
                 a.tc_tiles = n_tc ? d_tc_tiles : NULL, a.n_tc_tiles = n_tc, a.is_dec_mma = is_dec;
                 a.mma_terms = kern == 3 ? 2 : 1;
                 /* NaN everywhere (output and partials), so an output or a partial the combine reads that no block
@@ -305,16 +300,6 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                             if (err / tol > worst_frac) worst_frac = err / tol;
                         }
                 g_n_checks += (long long)n_att;
-                { /* the last block of each (tile, KV head) set its counter back for the next launch */
-                    int32_t counts[4096];
-                    if (n_counts > sizeof counts / sizeof counts[0]) s_fail("too many tiles for the counter check");
-                    CK(cudaMemcpy(counts, d_split_count, sizeof(int32_t) * n_counts, cudaMemcpyDeviceToHost));
-                    for (size_t i = 0; i < n_counts; i++)
-                        if (counts[i] != 0) {
-                            fprintf(stderr, "%s: split counter %zu left at %d\n", name, i, counts[i]);
-                            s_fail(name);
-                        }
-                }
                 printf("%-13s hd=%3d heads=%2d/%d q=%-6s %s split=%2d (%2d x, merge %-7s, %2d + %d tc tiles): max err "
                        "%.2e (%.2f of tol), %zu checks\n",
                        sh->name, hd, nh, nkv, k_q_names[mode], k_kern_names[kern], sk, n_splits, merge, n_tiles, n_tc,
@@ -330,7 +315,6 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
     CK(cudaFree(d_q));
     CK(cudaFree(d_part_acc));
     CK(cudaFree(d_part_ml));
-    CK(cudaFree(d_split_count));
     CK(cudaFree(d_tiles));
     CK(cudaFree(d_tc_tiles));
     free(tc_tiles), free(tok_is_tc);
@@ -406,10 +390,8 @@ static void s_bench(cudaStream_t st) {
     char *d_pool, *d_dst;
     __nv_bfloat16 *d_att;
     float *d_q, *d_part_acc, *d_part_ml;
-    int32_t *d_pos, *d_tok_table, *d_perm, *d_split_count;
+    int32_t *d_pos, *d_tok_table, *d_perm;
     eng_cuda_tile_t *d_tiles;
-    CK(cudaMalloc(&d_split_count, sizeof(int32_t) * BENCH_MAX_B * nkv));
-    CK(cudaMemset(d_split_count, 0, sizeof(int32_t) * BENCH_MAX_B * nkv));
     CK(cudaMalloc(&d_pool, pool_bytes));
     CK(cudaMalloc(&d_dst, copy_bytes));
     CK(cudaMalloc(&d_att, sizeof(__nv_bfloat16) * BENCH_MAX_B * q_dim));
@@ -461,7 +443,6 @@ static void s_bench(cudaStream_t st) {
         memset(&a, 0, sizeof a);
         a.att = d_att, a.q = d_q, a.kv_pool = (const eng_cuda_kv_t *)d_pool, a.tiles = d_tiles, a.n_tiles = B;
         a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd, a.part_acc = d_part_acc, a.part_ml = d_part_ml;
-        a.split_count = d_split_count;
         double us[2] = {0.0, 0.0};
         for (int is_dec = 0; is_dec < 2; is_dec++) {
             if (is_dec && !is_dec_ok) continue;
@@ -509,7 +490,6 @@ static void s_bench(cudaStream_t st) {
     CK(cudaFree(d_tok_table));
     CK(cudaFree(d_perm));
     CK(cudaFree(d_tiles));
-    CK(cudaFree(d_split_count));
     free(perm);
 }
 
