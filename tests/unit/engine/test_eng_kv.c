@@ -15,8 +15,14 @@ static void test_alloc_release(void) {
     for (int i = 0; i < 5; i++) CHECK_EQ_INT(eng_kv_pool_refcount(p, a[i]), 1);
     for (int i = 0; i < 5; i++)
         for (int j = 0; j < i; j++) CHECK(a[i] != a[j]);
+    for (int i = 1; i < 5; i++) CHECK_EQ_INT(a[i], a[i - 1] + 1); /* a fresh pool hands out ascending runs */
     CHECK_EQ_INT(eng_kv_pool_release(p, a, 5), PD_OK);
     CHECK_EQ_INT(eng_kv_pool_n_free(p), 8);
+    /* ... and so does it after a release: the blocks come back in the order they were listed (kvtransfer sends a
+     * run of ascending ids as one frame) */
+    CHECK_EQ_INT(eng_kv_pool_alloc(p, 5, b), PD_OK);
+    for (int i = 0; i < 5; i++) CHECK_EQ_INT(b[i], a[i]);
+    CHECK_EQ_INT(eng_kv_pool_release(p, b, 5), PD_OK);
     CHECK_EQ_INT(eng_kv_pool_alloc(p, -1, a), PD_EINVAL);
     CHECK_EQ_INT(eng_kv_pool_alloc(p, 0, a), PD_OK);
     eng_kv_pool_destroy(&p);
