@@ -8,8 +8,8 @@
  * Request life here: submitted (pf_sched QUEUED / PREFILLING) -> the step with the prompt's final chunk:
  * transfer started (the decode worker reserves its blocks) and each layer sent as the forward stores it (streamed;
  * is_kv_stream) -> READY: committed with the first token (packed pdserve.v1.TokenLogprob as commit info) -> DONE
- * -> RELEASED: blocks back to the pool. Every path out (cancel, deadline, failed step, failed transfer, lost connection, destroy) frees the
- * request's blocks exactly once and calls on_fail at most once.
+ * -> RELEASED: blocks back to the pool. Every path out (cancel, deadline, failed step, failed transfer, lost
+ * connection, destroy) frees the request's blocks exactly once and calls on_fail at most once.
  *
  * Thread: one thread (the loop's) calls everything and runs every callback; nothing here blocks it, except
  * pf_exec_destroy (waits for a running step and for ZeroMQ to drop in-flight KV frames). */

@@ -137,7 +137,8 @@ typedef struct {
  * its row of logits (its own seeded sampler, prompt registered for penalties) and a READY event (state
  * SENDING); on failure every request of the plan ends with a FAILED event carrying step_status and its
  * blocks freed (logits unused, may be NULL). Requests cancelled during the step are freed here, without
- * an event. Pinned requests (pf_sched_pin) keep their blocks: SENDING whichever way they end. Writes at most cap events; cap must be >= plan->n_seqs.
+ * an event. Pinned requests (pf_sched_pin) keep their blocks: SENDING whichever way they end. Writes at most
+ * cap events; cap must be >= plan->n_seqs.
  * Returns the number of events, PD_EINVAL if plan is not the outstanding plan, PD_ERANGE if cap is too
  * small (nothing changed). */
 PD_NODISCARD int pf_sched_update(pf_sched_t *s, const pf_plan_t *plan, pd_status step_status, const float *logits,
