@@ -171,6 +171,9 @@ static void s_slot_free(dc_sched_t *s, s_slot_t *sl) {
 void dc_sched_destroy(dc_sched_t **sp) {
     if (!sp || !*sp) return;
     dc_sched_t *s = *sp;
+    char guard[1024];
+    if (s->p.spec != DC_SPEC_OFF && !s->is_guard_off && dc_spec_guard_describe(&s->guard, guard, sizeof guard) > 0)
+        LOG_I("speculation guard at exit: %s", guard);
     for (int32_t i = 0; i < s->p.max_seqs; i++) {
         if (s->slots[i].state != S_FREE) s_slot_free(s, &s->slots[i]);
         eng_kv_seq_fini(&s->slots[i].kv);

@@ -2,6 +2,7 @@
 #include "dc_spec.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 const char *dc_spec_mode_name(dc_spec_mode_t m) {
@@ -140,6 +141,33 @@ static double s_median(const double *v, int n) {
         t[j] = v[i];
     }
     return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
+    size_t at = 0;
+    int n = 0;
+    if (cap > 0) buf[0] = '\0';
+    for (int b = 0; b < DC_SPEC_GUARD_BUCKETS; b++) {
+        const dc_spec_guard_bucket_t *k = &g->b[b];
+        if (k->n[0] + k->n[1] == 0) continue;
+        const int32_t lo = b == 0 ? 1 : 1 << b, hi = (2 << b) - 1;
+        char drafted[32] = "-", plain[32] = "-", range[24];
+        if (k->n[1] > 0) snprintf(drafted, sizeof drafted, "%.2f", s_median(k->us_per_token[1], k->n[1]));
+        if (k->n[0] > 0) snprintf(plain, sizeof plain, "%.2f", s_median(k->us_per_token[0], k->n[0]));
+        if (b == DC_SPEC_GUARD_BUCKETS - 1)
+            snprintf(range, sizeof range, "%d+", lo);
+        else if (lo == hi)
+            snprintf(range, sizeof range, "%d", lo);
+        else
+            snprintf(range, sizeof range, "%d-%d", lo, hi);
+        if (at >= cap) break;
+        int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s us/token (%d) vs none %s (%d): %s",
+                         n ? "; " : "", range, drafted, k->n[1], plain, k->n[0],
+                         dc_spec_guard_allows(g, lo) ? "on" : "off");
+        if (w > 0) at += (size_t)w;
+        n++;
+    }
+    return n;
 }
 
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows) {

@@ -159,6 +159,13 @@ static void test_guard(void) {
         dc_spec_guard_observe(&g, 40, 0, 40, 2200), dc_spec_guard_observe(&g, 36, 20, 41, 2800);
     CHECK(!dc_spec_guard_allows(&g, 32));
     CHECK(!dc_spec_guard_allows(&g, 63)); /* the same bucket (32-63) */
+    char line[512];
+    CHECK_EQ_INT(dc_spec_guard_describe(&g, line, sizeof line), 1);
+    /* medians: drafted steps 2800 / 41 and 2500 / 37 us per token (10 and 3 of them), plain 2200 / 40 and 2000 / 32 */
+    CHECK_MSG(strcmp(line, "rows 32-63: drafts 68.29 us/token (13) vs none 55.00 (13): off") == 0, "%s", line);
+    char tiny[8];
+    CHECK_EQ_INT(dc_spec_guard_describe(&g, tiny, sizeof tiny), 1); /* cut to fit, NUL-terminated */
+    CHECK(strlen(tiny) == sizeof tiny - 1);
     CHECK(dc_spec_guard_allows(&g, 16) && dc_spec_guard_allows(&g, 64) && dc_spec_guard_allows(&g, 1));
     /* the drafts start paying (acceptance rose): 50 tokens in 2400 us against 40 in 2200 */
     int n_steps = 0;
