@@ -552,13 +552,14 @@ static bool s_kv_stream_plan(eng_backend_t *be, const eng_batch_t *b) {
     return n_runs > 0;
 }
 
-/* Layer l's K/V are stored (enqueued on be->st): kv_st copies its chunks of the streamed runs to the mirror. */
 /* On a CUDA callback thread, in kv_st order: that many layers are in the mirror. */
 static void CUDART_CB s_kv_note(void *ud) {
     const s_kv_note_t *note = (const s_kv_note_t *)ud;
     __atomic_store_n(note->dst, note->n_layers, __ATOMIC_RELEASE);
 }
 
+/* Layer l's K/V are stored (enqueued on be->st): kv_st copies its chunks of the streamed runs to the mirror (and,
+ * is_kv_noting, then reports the layer). */
 static pd_status s_kv_stream_layer(eng_backend_t *be, int32_t l) {
     S_CUDA(cudaEventRecord(be->kv_stored, be->st), "KV stream");
     S_CUDA(cudaStreamWaitEvent(be->kv_st, be->kv_stored, 0), "KV stream");

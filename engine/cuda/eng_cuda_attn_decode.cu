@@ -40,8 +40,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     eng_cuda_kv_t *stages = (eng_cuda_kv_t *)dec_smem;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
-    s_pdl_wait(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
     const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G, q_dim = a.n_heads * HD;

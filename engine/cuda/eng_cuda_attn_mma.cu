@@ -49,8 +49,7 @@ static __global__ void __launch_bounds__(S_THREADS)
     eng_cuda_kv_t *stages = (eng_cuda_kv_t *)mma_smem;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
-    s_pdl_wait(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
     /* the longest tiles (last in a sequence) first, so the short ones fill the tail of the grid */
     const eng_cuda_tile_t tile = a.tc_tiles[gridDim.x - 1 - blockIdx.x];
     const int32_t h = blockIdx.y, g = h / (a.n_heads / a.n_kv_heads), q_dim = a.n_heads * HD;
@@ -168,8 +167,7 @@ static __global__ void __launch_bounds__(128, 2) k_attention_fa(const eng_cuda_a
     eng_cuda_kv_t *q_s = (eng_cuda_kv_t *)fa_smem, *stages = q_s + ROWS * LD;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
-    s_pdl_wait(); /* as k_attention_mma */
-    s_pdl_launch_dependents();
+    s_pdl_begin();                                                       /* as k_attention_mma */
     const eng_cuda_tile_t tile = a.tc_tiles[gridDim.x - 1 - blockIdx.x]; /* longest first, as above */
     const int32_t h = blockIdx.y, g = h / (a.n_heads / a.n_kv_heads), q_dim = a.n_heads * HD;
     const int32_t *table = tk.tables + tk.tok_table[tile.t0];

@@ -222,8 +222,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     } else {
         s_prefetch_first_step<R>(w, row0, n_out, k, lane);
     }
-    s_pdl_wait(); /* x (or the residual rows), the outputs and the QKV epilogue's tables are earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* x (or the residual rows), the outputs and the QKV epilogue's tables are earlier kernels' */
     if constexpr (NORM) {
         s_norm_scales<NT>(xn, k, xs.scale);
         if (row0 >= n_out) return;

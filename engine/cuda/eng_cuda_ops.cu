@@ -32,8 +32,7 @@ static __device__ __forceinline__ float s_warp_max(float v) {
 /* ---- embedding ---- */
 
 static __global__ void k_embed(float *x, const __nv_bfloat16 *embd, const int32_t *tokens, int32_t dim) {
-    s_pdl_wait(); /* x, which earlier kernels read, is written (PDL: eng_cuda_ops.cuh) */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* x, which earlier kernels read, is written (PDL: eng_cuda_ops.cuh) */
     const int64_t t = blockIdx.x;
     const __nv_bfloat16 *row = embd + (int64_t)tokens[t] * dim;
     for (int32_t i = threadIdx.x; i < dim; i += blockDim.x) x[t * dim + i] = __bfloat162float(row[i]);
@@ -63,8 +62,7 @@ static __device__ __forceinline__ float s_block_sum(float v, float *part) {
 static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
                                  float eps) {
     __shared__ float part[32];
-    s_pdl_wait(); /* x is earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* x is earlier kernels' */
     const int64_t r = blockIdx.x, src = rows ? rows[r] : r;
     const float *xr = x + src * dim;
     float ss = 0.0f;
@@ -78,8 +76,7 @@ static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t
 static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
                                   float eps) {
     __shared__ float part[32];
-    s_pdl_wait(); /* x is earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* x is earlier kernels' */
     const int64_t r = blockIdx.x, src = rows ? rows[r] : r;
     const float4 *xr = (const float4 *)(x + src * dim), *w4 = (const float4 *)w;
     const int32_t n4 = dim / 4;
@@ -109,8 +106,7 @@ void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, con
 /* ---- RoPE ---- */
 
 static __global__ void k_rope_table(float *cs, const int32_t *tok_pos, int32_t head_dim, double theta) {
-    s_pdl_wait(); /* cs, which earlier kernels read, is written */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* cs, which earlier kernels read, is written */
     const int64_t t = blockIdx.x;
     for (int32_t i = threadIdx.x; i < head_dim / 2; i += blockDim.x) {
         double freq = pow(theta, -2.0 * (double)i / (double)head_dim), s, c;
@@ -133,8 +129,7 @@ static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__rest
                                     const float *__restrict__ qkv, const float *__restrict__ bias,
                                     const eng_cuda_tokens_t tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                                     int32_t head_dim) {
-    s_pdl_wait(); /* qkv is earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* qkv is earlier kernels' */
     const int64_t t = blockIdx.x;
     const int32_t first = (int32_t)(blockIdx.y * blockDim.x + threadIdx.x), step = (int32_t)(gridDim.y * blockDim.x);
     const int32_t q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
@@ -190,8 +185,7 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     float *v_s = k_s + ENG_CUDA_ATT_KEYS * (HD + 1); /* (KEYS, HD) */
     __shared__ int32_t row_pos[ENG_CUDA_ATT_ROWS];
 
-    s_pdl_wait(); /* Q and this layer's new K/V are earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' */
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
     const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G;
@@ -301,8 +295,7 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
 /* Merges the key splits of the CUDA-core tiles: block (tile, head), one thread per dim, the tile's tokens in turn.
  * Only those tiles: tokens of tensor-core tiles in the same batch have no partials. */
 static __global__ void k_attention_combine(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, int32_t head_dim) {
-    s_pdl_wait(); /* the partials are earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* the partials are earlier kernels' */
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     const int64_t h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
     for (int64_t t = tile.t0; t < tile.t0 + tile.n; t++) {
@@ -361,16 +354,14 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
 /* Output i of the flat (T, hidden) h reads gu pair i (row t's pairs start at 2 t hidden: no index division), two
  * pairs per 16-byte load (k_swiglu1: one, for an odd total). */
 static __global__ void k_swiglu1(__nv_bfloat16 *h, const float2 *gu, int64_t n) {
-    s_pdl_wait(); /* gu is earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* gu is earlier kernels' */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float2 p = gu[i];
         h[i] = __float2bfloat16(s_silu_mul(p.x, p.y));
     }
 }
 static __global__ void k_swiglu(__nv_bfloat162 *h, const float4 *gu, int64_t n2) {
-    s_pdl_wait(); /* gu is earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* gu is earlier kernels' */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
         const float4 p = gu[i]; /* (gate, up) of outputs 2i and 2i + 1 */
         h[i] = __floats2bfloat162_rn(s_silu_mul(p.x, p.y), s_silu_mul(p.z, p.w));
@@ -390,8 +381,7 @@ void eng_cuda_swiglu(__nv_bfloat16 *h, const float *gu, int32_t n_tokens, int32_
 /* Output i of the flat (T, hidden) h reads gu pair i: row t's pairs start at 2 t hidden, so no index division. Four
  * outputs per step (a 16-byte load of four pairs, an 8-byte store); n % 4 == 0. */
 static __global__ void k_swiglu_bf16(uint2 *h, const uint4 *gu, int64_t n4) {
-    s_pdl_wait(); /* gu is earlier kernels' */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* gu is earlier kernels' */
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
         const uint4 v = gu[i];
         const uint32_t pairs[4] = {v.x, v.y, v.z, v.w};

@@ -29,20 +29,16 @@ static __device__ __forceinline__ eng_cuda_kv_t s_kv_from_f32(float x) {
 /* Programmatic dependent launch (PDL, sm_90): a kernel launched by eng_cuda_launch may start while the kernel
  * before it on the stream drains (in a captured graph: a programmatic edge), so that its blocks are resident (and
  * the matrix-vector kernel's first weight loads in flight) when that one ends. Every kernel launched so follows
- * one rule: before s_pdl_wait it reads only what no earlier work of the stream writes (weights and tables
- * written at load) and writes no global memory; every other read and every write comes after. s_pdl_wait
+ * one rule: before s_pdl_begin it reads only what no earlier work of the stream writes (weights and tables
+ * written at load) and writes no global memory; every other read and every write comes after. s_pdl_begin
  * returns once the previous grid has completed with its writes visible (all earlier work then has: each kernel
  * completes only after its own wait); without PDL it returns at once. A block may return before it only if it
- * does nothing that depends on earlier work. s_pdl_launch_dependents lets the next kernel be scheduled once every
- * block of this one has called it (or exited); it publishes nothing. Called right after the wait, so that at most
- * one kernel waits ahead (not a chain of them, each holding SM slots). */
-static __device__ __forceinline__ void s_pdl_wait(void) {
+ * does nothing that depends on earlier work. Right after the wait, s_pdl_begin lets the next kernel be scheduled
+ * once every block of this one has got there (or exited; it publishes nothing): at most one kernel waits ahead,
+ * not a chain of them, each holding SM slots. */
+static __device__ __forceinline__ void s_pdl_begin(void) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-static __device__ __forceinline__ void s_pdl_launch_dependents(void) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
@@ -51,7 +47,7 @@ static __device__ __forceinline__ void s_pdl_launch_dependents(void) {
 void eng_cuda_pdl_set(bool is_on);
 bool eng_cuda_pdl_is_on(void);
 /* kernel<<<grid, block, smem_bytes, st>>>(args...), with the PDL launch attribute when eng_cuda_pdl_is_on(). For
- * kernels that call s_pdl_wait (and s_pdl_launch_dependents) only. A failed launch is reported by
+ * kernels that call s_pdl_begin only. A failed launch is reported by
  * cudaGetLastError, as a <<<>>> launch's is. */
 template <typename... Params, typename... Args>
 static inline void eng_cuda_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t st,

@@ -329,8 +329,7 @@ __global__ void __cluster_dims__(S_CS, 1, 1) __launch_bounds__(S_NT)
     k_sample(const float *logits, float *work, int32_t vocab, const eng_cuda_sample_req_t *reqs, const eng_pen_t *pen,
              eng_cuda_sample_out_t *outs) {
     __shared__ s_shared_t sh;
-    s_pdl_wait(); /* the logits are earlier kernels' (PDL: eng_cuda_ops.cuh) */
-    s_pdl_launch_dependents();
+    s_pdl_begin(); /* the logits are earlier kernels' (PDL: eng_cuda_ops.cuh) */
     const s_ctx_t c = {cg::this_cluster(), (int32_t)(blockIdx.x % S_CS) * S_NT, &sh};
     const bool is_lead = blockIdx.x % S_CS == 0 && threadIdx.x == 0; /* writes the row's result */
     const int32_t row = (int32_t)(blockIdx.x / S_CS);
