@@ -456,6 +456,12 @@ fail:
     return st;
 }
 
+/* Stops r's live transfer unless it is over on the wire already; its blocks stay the transfer's until RELEASED. */
+static void s_transfer_cancel(s_req_t *r) {
+    if (r->has_transfer && !r->is_done && kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK)
+        LOG_E("req=%016llx kv cancel refused", (unsigned long long)r->req_id);
+}
+
 /* READY: the prompt is computed and its first token sampled. Commit the transfer (started now unless it streamed
  * during the step) with that token, or, if it is already over, give the blocks back. */
 static void s_on_ready(pf_exec_t *x, s_req_t *r, const pf_event_t *ev) {
@@ -478,8 +484,7 @@ static void s_on_ready(pf_exec_t *x, s_req_t *r, const pf_event_t *ev) {
     else
         s_fail(x, r, PDSERVE__V1__ERROR_CODE__ERR_INTERNAL, "KV commit to %s refused: %s", r->decode_id,
                pd_strerror(st));
-    if (kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK) /* the blocks are the transfer's until RELEASED */
-        LOG_E("req=%016llx cancel", (unsigned long long)r->req_id);
+    s_transfer_cancel(r);
 }
 
 /* A request of the finished step ended without READY (failed or cancelled): pinned, pf_sched holds it as SENDING
@@ -490,10 +495,10 @@ static void s_end_in_step(pf_exec_t *x, s_req_t *r) {
         return;
     }
     r->state = R_SENDING;
-    if (!r->has_transfer)
+    if (r->has_transfer)
+        s_transfer_cancel(r);
+    else
         s_finish(x, r);
-    else if (!r->is_done && kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK)
-        LOG_E("req=%016llx cancel", (unsigned long long)r->req_id);
 }
 
 /* The running step's forward has stored more layers: streamed transfers may send them. */
@@ -739,9 +744,7 @@ void pf_exec_cancel(pf_exec_t *x, uint64_t req_id) {
     if (pf_sched_cancel(x->sched, req_id, &is_sending) != PD_OK)
         LOG_E("req=%016llx unknown to the scheduler", (unsigned long long)req_id);
     if (r->has_transfer) {
-        /* the blocks stay pinned until RELEASED */
-        if (!r->is_done && kvt_sender_cancel(r->peer->kvt, r->transfer_id) != PD_OK)
-            LOG_E("req=%016llx kv cancel refused", (unsigned long long)req_id);
+        s_transfer_cancel(r);
     } else if (r->state == R_SCHED && !r->is_in_step) {
         s_req_free(x, r); /* freed by pf_sched_cancel already */
     }
