@@ -54,9 +54,10 @@ static int32_t s_argmax(const float *v, int32_t n, float *margin) {
     return best;
 }
 
-/* One sequence alone: tokens [pos, pos + n) in one forward, logits of the last. */
+/* One sequence alone: tokens [pos, pos + n) in one forward, logits of the last; is_kv_to_host and kv_host_layers
+ * (NULL: none) as in eng_batch_t. */
 static void s_forward_kv(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits,
-                         bool is_kv_to_host) {
+                         bool is_kv_to_host, int32_t *kv_host_layers) {
     REQUIRE(eng_kv_seq_reserve(&sd->seqs[s], eng_kv_pool(sd->e), eng_kv_layout(sd->e)->block_size, pos + n) == PD_OK);
     const int32_t *table = sd->seqs[s].blocks;
     eng_batch_t b = {.n_seqs = 1,
@@ -66,7 +67,8 @@ static void s_forward_kv(side_t *sd, int s, const int32_t *toks, int32_t n, int3
                      .n_blocks = &sd->seqs[s].n_blocks,
                      .tokens = toks,
                      .logits = logits,
-                     .is_kv_to_host = is_kv_to_host};
+                     .is_kv_to_host = is_kv_to_host,
+                     .kv_host_layers = kv_host_layers};
     REQUIRE(eng_forward(sd->e, &b) == PD_OK);
 }
 
@@ -100,7 +102,7 @@ static void *s_watch(void *arg) {
 }
 
 static void s_forward_one(side_t *sd, int s, const int32_t *toks, int32_t n, int32_t pos, float *logits) {
-    s_forward_kv(sd, s, toks, n, pos, logits, false);
+    s_forward_kv(sd, s, toks, n, pos, logits, false, NULL);
 }
 
 /* Chunks of the mirror that differ from the pool, over the blocks holding positions [0, n_tokens) of seq. */
@@ -299,19 +301,7 @@ static void s_check_model(const char *path) {
     w.snap = malloc((size_t)km->n_layers * 2u * (size_t)w.n_blocks * eng_kv_chunk_bytes(km));
     pthread_t watcher;
     REQUIRE(w.snap && pthread_create(&watcher, NULL, s_watch, &w) == 0);
-    {
-        const int32_t n = 200, pos = 0, *table = mir.seqs[s3].blocks;
-        eng_batch_t b = {.n_seqs = 1,
-                         .n_tokens = &n,
-                         .pos = &pos,
-                         .block_tables = &table,
-                         .n_blocks = &mir.seqs[s3].n_blocks,
-                         .tokens = prompts[s3],
-                         .logits = lg,
-                         .is_kv_to_host = true,
-                         .kv_host_layers = &w.progress};
-        CHECK_EQ_INT(eng_forward(mir.e, &b), PD_OK);
-    }
+    s_forward_kv(&mir, s3, prompts[s3], 200, 0, lg, true, &w.progress); /* reserved already: no new blocks */
     __atomic_store_n(&w.is_done, 1, __ATOMIC_RELEASE); /* the forward has returned: no report may follow */
     pthread_join(watcher, NULL);
     CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s3].blocks, 0, 200), PD_OK);
@@ -329,7 +319,7 @@ static void s_check_model(const char *path) {
     fprintf(stderr, "  %s: streamed KV progress: %d layers in %d reports seen while the forward ran\n", path, w.n_seen,
             w.n_reports);
     free(w.snap);
-    s_forward_kv(&mir, s3, prompts[s3] + 200, s_lens[s3] - 200, 200, lg, true);
+    s_forward_kv(&mir, s3, prompts[s3] + 200, s_lens[s3] - 200, 200, lg, true, NULL);
     CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s3].blocks, 200, s_lens[s3] - 200), PD_OK);
     const int n_diff_b = s_mirror_diff(&mir, &mir.seqs[s3], s_lens[s3], back);
     CHECK_EQ_INT(eng_kv_to_host(mir.e, mir.seqs[s2].blocks, 0, s_lens[s2]), PD_OK);
