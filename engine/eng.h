@@ -33,6 +33,13 @@ typedef struct {
     int32_t max_batch_tokens; /* most new tokens in one eng_forward (sizes scratch; default 2048) */
     int32_t max_batch_seqs;   /* most sequences in one eng_forward (default 256) */
     bool kv_host_mirror;      /* CUDA: keep a pinned host copy of the KV pool for kvtransfer (eng_kv_to_host) */
+    /* Optional placement of the KV pool's host memory (CPU: the pool; CUDA: the host mirror, which the backend then
+     * pins with cudaHostRegister), e.g. a shared-memory object that a kvtransfer receiver on the same host maps
+     * (pd-prefill). kv_host_alloc returns bytes of zeroed, page-aligned memory, or NULL to let the backend allocate
+     * its own; kv_host_free gets back what it returned (at eng_destroy). NULL (default): the backend's own. */
+    void *(*kv_host_alloc)(void *ctx, size_t bytes);
+    void (*kv_host_free)(void *ctx, void *p, size_t bytes);
+    void *kv_host_ctx;
 } eng_params_t;
 
 eng_params_t eng_params_default(void);

@@ -212,6 +212,21 @@ void *kvt_shm_pool_create(size_t bytes, char *name, size_t name_cap);
 /* Unmaps the pool and removes its name; receivers that mapped it keep their mapping until they drop the
  * peer. Accepts NULL. */
 void kvt_shm_pool_destroy(void *base, size_t bytes, const char *name);
+/* Removes the pools that processes which no longer exist left behind (killed before kvt_shm_pool_destroy: each
+ * holds its whole size of RAM until removed). Call at startup of a process that creates pools. Returns how many it
+ * removed. Names whose process is alive, or cannot be told (another user's), are left alone. */
+int kvt_shm_sweep_stale(void);
+
+/* One pool as an allocator with the signatures of eng_params_t.kv_host_alloc / kv_host_free (ctx = this struct), so an
+ * engine puts its KV pool (or host mirror) straight into shared memory. One allocation per struct. */
+typedef struct {
+    char name[96]; /* the pool's name once allocated: kvt_sender_params_t.pool_shm_name */
+    void *base;
+    size_t bytes;
+    char err[160]; /* why kvt_shm_alloc returned NULL */
+} kvt_shm_alloc_t;
+void *kvt_shm_alloc(void *ctx, size_t bytes);
+void kvt_shm_free(void *ctx, void *p, size_t bytes);
 
 /* Counters for tests and /metrics. */
 typedef struct {

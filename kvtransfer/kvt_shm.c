@@ -2,7 +2,9 @@
  * shared-memory object, and the receiver's read-only mapping of it. Moves no bytes itself; the receiver
  * copies (kvt_receiver.c) and ZeroMQ still carries every header, credit and reply. */
 #define _GNU_SOURCE /* getrandom */
+#include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -29,13 +31,18 @@ void *kvt_shm_pool_create(size_t bytes, char *name, size_t name_cap) {
         snprintf(name, name_cap, "shm_open: %s", strerror(errno));
         return NULL;
     }
+    /* the pages are taken now, not at first touch: a /dev/shm smaller than the pool (a container's 64 MiB default)
+     * fails here with ENOSPC instead of raising SIGBUS in the middle of a forward */
     void *p = MAP_FAILED;
-    if (ftruncate(fd, (off_t)bytes) == 0) p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    int saved = errno;
+    int rc = posix_fallocate(fd, 0, (off_t)bytes);
+    if (rc == 0) {
+        p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) rc = errno;
+    }
     close(fd);
     if (p == MAP_FAILED) {
         shm_unlink(name);
-        snprintf(name, name_cap, "shm pool of %zu bytes: %s", bytes, strerror(saved));
+        snprintf(name, name_cap, "shm pool of %zu bytes: %s", bytes, strerror(rc));
         return NULL;
     }
     return p;
@@ -44,6 +51,50 @@ void *kvt_shm_pool_create(size_t bytes, char *name, size_t name_cap) {
 void kvt_shm_pool_destroy(void *base, size_t bytes, const char *name) {
     if (base) munmap(base, bytes);
     if (name && name[0] == '/') shm_unlink(name);
+}
+
+void *kvt_shm_alloc(void *ctx, size_t bytes) {
+    kvt_shm_alloc_t *a = ctx;
+    if (a->base) {
+        snprintf(a->err, sizeof a->err, "this shm allocator already holds a pool");
+        return NULL;
+    }
+    a->base = kvt_shm_pool_create(bytes, a->name, sizeof a->name);
+    if (!a->base) {
+        snprintf(a->err, sizeof a->err, "%s", a->name); /* the reason */
+        a->name[0] = '\0';
+        return NULL;
+    }
+    a->bytes = bytes;
+    return a->base;
+}
+
+void kvt_shm_free(void *ctx, void *p, size_t bytes) {
+    kvt_shm_alloc_t *a = ctx;
+    if (!p || p != a->base) return;
+    kvt_shm_pool_destroy(p, bytes, a->name);
+    a->base = NULL, a->bytes = 0, a->name[0] = '\0';
+}
+
+/* Our names are "/pdkv-PID-NONCE" (kvt_shm_pool_create); the object lives in /dev/shm on Linux. */
+int kvt_shm_sweep_stale(void) {
+    DIR *d = opendir("/dev/shm");
+    if (!d) return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int pid = 0, end = 0;
+        unsigned long long nonce = 0;
+        if (sscanf(e->d_name, "pdkv-%d-%16llx%n", &pid, &nonce, &end) != 2 || e->d_name[end] != '\0' || pid <= 0)
+            continue;
+        /* EPERM: alive under another user; only ESRCH says nobody has that pid */
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        char path[300];
+        snprintf(path, sizeof path, "/%s", e->d_name);
+        if (shm_unlink(path) == 0) n++;
+    }
+    closedir(d);
+    return n;
 }
 
 pd_status kvt_shm_map(const char *name, uint64_t bytes, const void **base) {

@@ -88,7 +88,7 @@ struct pf_exec {
     s_peer_t **peers;
     int32_t n_peers, cap_peers;
     int64_t tick_id, housekeep_id;
-    uint64_t kv_bytes_retired; /* payload bytes of closed senders */
+    uint64_t kv_bytes_retired, kv_shm_bytes_retired; /* payload bytes of closed senders (all; through shared memory) */
     uint64_t n_failed;
     kvt_event_t kvt_ev[S_KVT_EVENTS];
 };
@@ -224,6 +224,7 @@ static s_peer_t *s_peer_get(pf_exec_t *x, const char *endpoint, char *err, size_
     sp.fingerprint = x->p.fingerprint;
     sp.layout = *eng_kv_layout(x->p.eng);
     sp.pool_base = eng_kv_host_base(x->p.eng);
+    sp.pool_shm_name = x->p.kv_pool_shm_name;
     sp.n_conns = x->p.kv_conns;
     sp.max_transfers = x->p.sched.max_active; /* every SENDING request may go to one peer */
     kvt_sender_t *kvt = kvt_sender_create(x->p.zmq_ctx, &sp, err, err_cap);
@@ -265,7 +266,7 @@ static void s_peer_drop(pf_exec_t *x, s_peer_t *p, pd_status why) {
     }
     kvt_stats_t st;
     kvt_sender_stats(p->kvt, &st);
-    x->kv_bytes_retired += st.payload_bytes;
+    x->kv_bytes_retired += st.payload_bytes, x->kv_shm_bytes_retired += st.shm_payload_bytes;
     pd_loop_remove_socket(x->p.loop, kvt_sender_socket(p->kvt));
     kvt_sender_destroy(&p->kvt);
     for (int32_t i = 0; i < x->n_slots; i++) {
@@ -686,11 +687,16 @@ void pf_exec_destroy(pf_exec_t **xp) {
     if (x->n_tails > 0) {
         int32_t n = x->n_tails < S_RECENT_TAILS ? (int32_t)x->n_tails : S_RECENT_TAILS;
         qsort(x->recent_tails_us, (size_t)n, sizeof *x->recent_tails_us, s_cmp_u32);
-        LOG_I("kv hand-off: %llu delivered (%llu streamed, %llu layers sent during their step); KV ready -> "
-              "committed: mean %.2f ms, max %.2f ms; of the last %d: median %.2f ms, 90%% under %.2f ms",
-              (unsigned long long)x->n_tails, (unsigned long long)x->n_streamed, (unsigned long long)x->n_layers_early,
-              (double)x->tail_us_sum / (double)x->n_tails / 1e3, (double)x->tail_us_max / 1e3, n,
-              x->recent_tails_us[n / 2] / 1e3, x->recent_tails_us[(n * 9) / 10 < n ? (n * 9) / 10 : n - 1] / 1e3);
+        pf_exec_stats_t st;
+        pf_exec_stats(x, &st);
+        LOG_I(
+            "kv hand-off: %llu delivered (%llu streamed, %llu layers sent during their step, %.0f of %.0f MiB through "
+            "shared memory); KV ready -> committed: mean %.2f ms, max %.2f ms; of the last %d: median %.2f ms, 90%% "
+            "under %.2f ms",
+            (unsigned long long)x->n_tails, (unsigned long long)x->n_streamed, (unsigned long long)x->n_layers_early,
+            (double)st.kv_bytes_shm / (1 << 20), (double)st.kv_bytes_sent / (1 << 20),
+            (double)x->tail_us_sum / (double)x->n_tails / 1e3, (double)x->tail_us_max / 1e3, n,
+            x->recent_tails_us[n / 2] / 1e3, x->recent_tails_us[(n * 9) / 10 < n ? (n * 9) / 10 : n - 1] / 1e3);
     }
     if (x->async) {
         pd_loop_remove_fd(x->p.loop, eng_async_fd(x->async));
@@ -771,11 +777,11 @@ void pf_exec_stats(const pf_exec_t *x, pf_exec_stats_t *out) {
     out->n_requests = x->n_reqs;
     out->n_senders = x->n_peers;
     out->n_transfers = x->n_transfers;
-    out->kv_bytes_sent = x->kv_bytes_retired;
+    out->kv_bytes_sent = x->kv_bytes_retired, out->kv_bytes_shm = x->kv_shm_bytes_retired;
     for (int32_t i = 0; i < x->n_peers; i++) {
         kvt_stats_t st;
         kvt_sender_stats(x->peers[i]->kvt, &st);
-        out->kv_bytes_sent += st.payload_bytes;
+        out->kv_bytes_sent += st.payload_bytes, out->kv_bytes_shm += st.shm_payload_bytes;
     }
     out->n_failed = x->n_failed;
     out->n_streamed = x->n_streamed;

@@ -46,6 +46,9 @@ typedef struct {
     int32_t idle_sender_ms;        /* a sender without transfers this long is closed (default 60000) */
     bool is_kv_stream; /* start a prompt's transfer with its final chunk's step and send each layer's KV as the
                           forward stores it (default true); false: start it once the prompt is done */
+    /* The shared-memory object that holds eng_kv_host_base (kvt_shm_alloc as the engine's kv_host_alloc), offered to
+     * decode workers on this host so they copy the KV straight from it (borrowed; NULL: sockets carry the KV) */
+    const char *kv_pool_shm_name;
     pf_exec_fail_fn on_fail;
     void *ud;
 } pf_exec_params_t;
@@ -95,6 +98,7 @@ typedef struct {
     int32_t n_senders;       /* open decode connections */
     int32_t n_transfers;     /* started, not yet released */
     uint64_t kv_bytes_sent;  /* payload bytes over every sender, closed ones included */
+    uint64_t kv_bytes_shm;   /* of kv_bytes_sent, those a same-host receiver copied from the shared pool */
     uint64_t n_failed;       /* on_fail calls */
     uint64_t n_streamed;     /* transfers started with their final chunk's step */
     uint64_t n_layers_early; /* layers of streamed transfers marked ready before their step ended */

@@ -10,6 +10,7 @@
 #include <zmq.h>
 
 #include "eng.h"
+#include "kvt.h"
 #include "pb.h"
 #include "pd_config.h"
 #include "pd_log.h"
@@ -24,7 +25,7 @@ typedef struct {
     /* prefill */
     char *router, *id;
     int64_t step_tokens, chunk_tokens, max_queued, kv_conns;
-    bool kv_stream;
+    bool kv_stream, kv_shm;
 } pf_config_t;
 
 /* One option of section sec filling field key of pf_config_t. */
@@ -58,6 +59,8 @@ static const pd_opt_t s_opts[] = {
     S_OPT("prefill", kv_conns, PD_OPT_INT64, "1", 1, 8, "connections per decode worker for KV"),
     S_OPT("prefill", kv_stream, PD_OPT_BOOL, "true", 0, 0,
           "send each layer's KV while the prompt's last step computes the next (false: after the prompt)"),
+    S_OPT("prefill", kv_shm, PD_OPT_BOOL, "true", 0, 0,
+          "KV pool (cuda: its host copy) in shared memory: a decode worker on this host copies from it directly"),
 };
 #undef S_OPT
 
@@ -109,8 +112,16 @@ static int s_check(const pf_config_t *c) {
     return 0;
 }
 
-static eng_t *s_engine_create(const pf_config_t *c, char *err, size_t err_cap) {
+/* With prefill.kv_shm the engine's host KV memory is a shared-memory object (kvt_shm_alloc): same-host decode
+ * workers map it and copy from it, and ZeroMQ carries only headers and credits (bench/RESULTS.md, kv_transfer).
+ * Without room in /dev/shm the engine keeps its own memory and sockets carry the KV. */
+static eng_t *s_engine_create(const pf_config_t *c, kvt_shm_alloc_t *shm, char *err, size_t err_cap) {
     eng_params_t ep = eng_params_default();
+    if (c->kv_shm) {
+        int n_swept = kvt_shm_sweep_stale();
+        if (n_swept > 0) LOG_I("removed %d KV pool(s) in /dev/shm left by workers that died", n_swept);
+        ep.kv_host_alloc = kvt_shm_alloc, ep.kv_host_free = kvt_shm_free, ep.kv_host_ctx = shm;
+    }
     ep.model_path = c->model;
     ep.backend = (eng_backend_kind_t)c->backend;
     ep.gpu = (int32_t)c->gpu;
@@ -131,6 +142,7 @@ int main(int argc, char **argv) {
     pd_loop_t *loop = NULL;
     void *zctx = NULL;
     s_main_t m = {.cfg = &cfg};
+    kvt_shm_alloc_t shm = {0}; /* outlives the engine, which frees the pool through it */
 
     pd_log_init("pd-prefill", PD_LOG_INFO);
     if (pd_config_parse_args(&s_spec, argc, argv, &cfg, &args, err, sizeof err) != PD_OK) {
@@ -152,11 +164,17 @@ int main(int argc, char **argv) {
     LOG_I("pd-prefill %s, config %s", PD_VERSION, json ? json : "?");
     free(json);
 
-    eng = s_engine_create(&cfg, err, sizeof err);
+    eng = s_engine_create(&cfg, &shm, err, sizeof err);
     if (!eng) {
         LOG_E("engine: %s", err);
         goto fail;
     }
+    bool is_shm = shm.base && shm.base == eng_kv_host_base(eng);
+    if (is_shm)
+        LOG_I("KV pool in shared memory %s (%.0f MiB): decode workers on this host copy from it", shm.name,
+              (double)shm.bytes / (1 << 20));
+    else if (cfg.kv_shm)
+        LOG_W("KV pool not in shared memory (%s): the KV goes over sockets", shm.err[0] ? shm.err : "not placed");
     loop = pd_loop_create();
     zctx = zmq_ctx_new();
     if (!loop || !zctx) {
@@ -173,6 +191,7 @@ int main(int argc, char **argv) {
     sp.max_queued = (int32_t)cfg.max_queued;
     sp.kv_conns = (int32_t)cfg.kv_conns;
     sp.is_kv_stream = cfg.kv_stream;
+    sp.kv_pool_shm_name = is_shm ? shm.name : NULL;
     sp.on_registered = s_on_registered, sp.ud = &m;
     m.svc = pf_service_create(&sp, err, sizeof err);
     if (!m.svc) {

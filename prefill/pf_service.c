@@ -418,6 +418,7 @@ pf_service_t *pf_service_create(const pf_service_params_t *p, char *err, size_t 
     xp.worker_id = s->id;
     xp.kv_conns = p->kv_conns;
     xp.is_kv_stream = p->is_kv_stream;
+    xp.kv_pool_shm_name = p->kv_pool_shm_name;
     xp.fingerprint = s->fp;
     xp.on_fail = s_on_exec_fail, xp.ud = s;
     s->exec = pf_exec_create(&xp, err, err_cap);

@@ -19,20 +19,21 @@
 typedef struct pf_service pf_service_t;
 
 typedef struct {
-    eng_t *eng;                  /* borrowed, outlives the service */
-    pd_loop_t *loop;             /* borrowed: sockets, timers */
-    void *zmq_ctx;               /* borrowed */
-    const char *router_endpoint; /* the router's control socket (default "tcp://127.0.0.1:5550") */
-    const char *worker_id;       /* routing id, WorkerRegister.worker_id: 1..PB_MAX_ID_BYTES printable ASCII, no
+    eng_t *eng;                   /* borrowed, outlives the service */
+    pd_loop_t *loop;              /* borrowed: sockets, timers */
+    void *zmq_ctx;                /* borrowed */
+    const char *router_endpoint;  /* the router's control socket (default "tcp://127.0.0.1:5550") */
+    const char *worker_id;        /* routing id, WorkerRegister.worker_id: 1..PB_MAX_ID_BYTES printable ASCII, no
                                     spaces (default "prefill-0") */
-    int32_t step_tokens;         /* tokens per step (default 2048; lowered to the engine's max_batch_tokens) */
-    int32_t chunk_tokens;        /* a prompt's share of a step before the next prompt's (default 512) */
-    int32_t max_step_seqs;       /* prompts per step (default 256; at most the engine's max_batch_seqs) */
-    int32_t max_queued;          /* queued prompts; one more is ERR_RESOURCE_EXHAUSTED (default 256) */
-    int32_t kv_conns;            /* connections per decode worker (default 1) */
-    bool is_kv_stream;           /* KV layers sent as the prompt's last step stores them (default true) */
-    int32_t heartbeat_ivl_ms;    /* until the router's WorkerRegistered names one (default 250) */
-    int64_t drain_timeout_ms;    /* pf_service_drain: in-flight work may finish this long (default 30000) */
+    int32_t step_tokens;          /* tokens per step (default 2048; lowered to the engine's max_batch_tokens) */
+    int32_t chunk_tokens;         /* a prompt's share of a step before the next prompt's (default 512) */
+    int32_t max_step_seqs;        /* prompts per step (default 256; at most the engine's max_batch_seqs) */
+    int32_t max_queued;           /* queued prompts; one more is ERR_RESOURCE_EXHAUSTED (default 256) */
+    int32_t kv_conns;             /* connections per decode worker (default 1) */
+    bool is_kv_stream;            /* KV layers sent as the prompt's last step stores them (default true) */
+    const char *kv_pool_shm_name; /* pf_exec_params_t.kv_pool_shm_name (default NULL) */
+    int32_t heartbeat_ivl_ms;     /* until the router's WorkerRegistered names one (default 250) */
+    int64_t drain_timeout_ms;     /* pf_service_drain: in-flight work may finish this long (default 30000) */
     /* Called on the loop thread each time the router accepts a registration that was not in force. */
     void (*on_registered)(void *ud);
     void *ud;

@@ -16,6 +16,9 @@ struct eng_backend {
     const eng_model_t *m;
     eng_kv_layout_t kv;
     float *kv_pool; /* eng_kv_pool_bytes(&kv) bytes, layout of eng_kv_layout.h */
+    /* set when kv_pool came from eng_params_t.kv_host_alloc (else it is calloc's) */
+    void (*kv_pool_free)(void *ctx, void *p, size_t bytes);
+    void *kv_pool_ctx;
     int32_t max_tokens;
     int32_t max_ctx; /* longest sequence attention scratch allows */
     int n_threads;
@@ -39,7 +42,10 @@ struct eng_backend {
 static void s_destroy(eng_backend_t **pbe) {
     if (!pbe || !*pbe) return;
     eng_backend_t *be = *pbe;
-    free(be->kv_pool);
+    if (be->kv_pool_free)
+        be->kv_pool_free(be->kv_pool_ctx, be->kv_pool, eng_kv_pool_bytes(&be->kv));
+    else
+        free(be->kv_pool);
     free(be->x), free(be->xb), free(be->q), free(be->k), free(be->v), free(be->att), free(be->tmp);
     free(be->hg), free(be->hu), free(be->rope_cs), free(be->tok_seq), free(be->tok_pos), free(be->out_x);
     for (int i = 0; be->mm_scratch && i < be->n_threads; i++) free(be->mm_scratch[i]);
@@ -75,7 +81,11 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
     be->max_tokens = p->max_batch_tokens;
     be->max_ctx = c->ctx_len;
     size_t pool_bytes = eng_kv_pool_bytes(kv);
-    be->kv_pool = calloc(1, pool_bytes);
+    be->kv_pool = p->kv_host_alloc ? p->kv_host_alloc(p->kv_host_ctx, pool_bytes) : NULL;
+    if (be->kv_pool)
+        be->kv_pool_free = p->kv_host_free, be->kv_pool_ctx = p->kv_host_ctx;
+    else
+        be->kv_pool = calloc(1, pool_bytes);
     if (!be->kv_pool) {
         snprintf(err, err_cap, "cpu backend: cannot allocate KV pool of %zu bytes", pool_bytes);
         s_destroy(&be);

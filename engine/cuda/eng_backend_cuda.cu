@@ -109,6 +109,9 @@ struct eng_backend {
     float *part_acc, *part_ml; /* attention split partials */
     /* host mirror of the KV pool for kvtransfer (eng_params.kv_host_mirror): mapped pinned memory */
     uint8_t *mirror, *mirror_d;
+    /* set when the mirror came from eng_params_t.kv_host_alloc and is pinned by cudaHostRegister (else cudaHostAlloc) */
+    void (*mirror_free)(void *ctx, void *p, size_t bytes);
+    void *mirror_ctx;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
     /* KV streamed to the mirror during a forward (eng_batch_t.is_kv_to_host; ENG_CUDA_KV_STREAM=0: never): after each
      * layer's K/V store, kv_st copies that layer's chunks of the blocks the batch writes, by the copy engine, one
@@ -219,7 +222,12 @@ static void s_destroy(eng_backend_t **pbe) {
     if (be->kv_stored) cudaEventDestroy(be->kv_stored);
     if (be->kv_done) cudaEventDestroy(be->kv_done);
     free(be->kv_runs), free(be->kv_notes);
-    if (be->mirror) cudaFreeHost(be->mirror);
+    if (be->mirror && be->mirror_free) {
+        cudaHostUnregister(be->mirror);
+        be->mirror_free(be->mirror_ctx, be->mirror, eng_kv_pool_bytes(&be->kv));
+    } else if (be->mirror) {
+        cudaFreeHost(be->mirror);
+    }
     if (be->sync_ids) cudaFreeHost(be->sync_ids);
     if (be->layers) {
         for (int32_t l = 0; l < be->m->cfg.n_layers; l++) {
@@ -357,6 +365,23 @@ fail:
     return st;
 }
 
+/* The host mirror in the caller's memory (eng_params_t.kv_host_alloc: pd-prefill's shared-memory pool), pinned and
+ * mapped in place so the streamed copies run at the copy engine's speed. Leaves be->mirror NULL (the caller then
+ * allocates the usual pinned memory) when there is no such memory or CUDA cannot pin it. */
+static void s_mirror_place(eng_backend_t *be, const eng_params_t *p) {
+    size_t bytes = eng_kv_pool_bytes(&be->kv);
+    void *mem = p->kv_host_alloc ? p->kv_host_alloc(p->kv_host_ctx, bytes) : NULL;
+    if (!mem) return;
+    cudaError_t e = cudaHostRegister(mem, bytes, cudaHostRegisterMapped);
+    if (e != cudaSuccess) {
+        LOG_W("cuda backend: cannot pin the caller's KV mirror memory (%s); using its own", cudaGetErrorString(e));
+        (void)cudaGetLastError();
+        p->kv_host_free(p->kv_host_ctx, mem, bytes);
+        return;
+    }
+    be->mirror = (uint8_t *)mem, be->mirror_free = p->kv_host_free, be->mirror_ctx = p->kv_host_ctx;
+}
+
 static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
                                size_t err_cap) {
     const eng_model_config_t *c = &m->cfg;
@@ -421,15 +446,19 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         goto fail;
     }
     cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->gpu);
-    if (p->kv_host_mirror &&
-        (cudaHostAlloc((void **)&be->mirror, eng_kv_pool_bytes(kv), cudaHostAllocMapped) != cudaSuccess ||
-         cudaHostGetDevicePointer((void **)&be->mirror_d, be->mirror, 0) != cudaSuccess ||
-         cudaHostAlloc((void **)&be->sync_ids, sizeof(int32_t) * (size_t)kv->n_blocks, cudaHostAllocMapped) !=
-             cudaSuccess ||
-         cudaHostGetDevicePointer((void **)&be->sync_ids_d, be->sync_ids, 0) != cudaSuccess)) {
-        snprintf(err, err_cap, "cuda backend: cannot allocate a pinned host mirror of the KV pool (%zu bytes)",
-                 eng_kv_pool_bytes(kv));
-        goto fail;
+    if (p->kv_host_mirror) {
+        s_mirror_place(be, p);
+        bool is_ok = be->mirror ||
+                     cudaHostAlloc((void **)&be->mirror, eng_kv_pool_bytes(kv), cudaHostAllocMapped) == cudaSuccess;
+        is_ok = is_ok && cudaHostGetDevicePointer((void **)&be->mirror_d, be->mirror, 0) == cudaSuccess &&
+                cudaHostAlloc((void **)&be->sync_ids, sizeof(int32_t) * (size_t)kv->n_blocks, cudaHostAllocMapped) ==
+                    cudaSuccess &&
+                cudaHostGetDevicePointer((void **)&be->sync_ids_d, be->sync_ids, 0) == cudaSuccess;
+        if (!is_ok) {
+            snprintf(err, err_cap, "cuda backend: cannot allocate a pinned host mirror of the KV pool (%zu bytes)",
+                     eng_kv_pool_bytes(kv));
+            goto fail;
+        }
     }
     if (be->mirror) {
         const char *kv_stream = getenv("ENG_CUDA_KV_STREAM");

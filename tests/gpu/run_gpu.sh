@@ -164,23 +164,24 @@ while [ $# -gt 0 ]; do
     kvtail)
         # issue 3 at service level: pdctl up (1 prefill + 1 decode worker on this GPU) with the random SHAPE model,
         # KVTAIL_REQ (default 16) prompts of KVTAIL_TOKENS (default 4096) token ids, one step each; the prefill
-        # worker's KV streamed as each layer is stored (prefill.kv_stream=true) over 1 and 4 connections, then sent
-        # after the step (false) (KVTAIL_CFGS: stream,conns pairs); its exit line "kv hand-off" gives the KV-ready ->
-        # decode-commit time
+        # worker's KV streamed as each layer is stored (prefill.kv_stream=true) through its shared-memory pool
+        # (prefill.kv_shm=true) and over one tcp connection, then sent after the step (KVTAIL_CFGS: stream,conns,shm
+        # triples); its exit line "kv hand-off" gives the KV-ready -> decode-commit time
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && for cfg in ${KVTAIL_CFGS:-true,1 true,4 false,1}; do
-            ks=${cfg%,*} conns=${cfg#*,}
-            echo "== $shape prefill.kv_stream=$ks prefill.kv_conns=$conns"
+        m=$(s_model "$shape" --shape "$shape") && for cfg in ${KVTAIL_CFGS:-true,1,true true,1,false false,1,true}; do
+            IFS=, read -r ks conns shm <<<"$cfg"
+            tag="${shape}_${ks}_${conns}_${shm}"
+            echo "== $shape prefill.kv_stream=$ks prefill.kv_conns=$conns prefill.kv_shm=$shm"
             ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18081 --prefill.kv_stream=$ks \
-                --prefill.kv_conns=$conns --engine.kv_mem=3GiB --engine.max_batch_tokens=4096 \
+                --prefill.kv_conns=$conns --prefill.kv_shm=$shm --engine.kv_mem=3GiB --engine.max_batch_tokens=4096 \
                 --prefill.step_tokens=4096 --prefill.chunk_tokens=4096 --ready-timeout 600 \
-                >"$OUT/kvtail_${shape}_${ks}_$conns.log" 2>&1 &
+                >"$OUT/kvtail_$tag.log" 2>&1 &
             up=$!
             python3 tests/gpu/kv_tail.py 18081 "${KVTAIL_TOKENS:-4096}" "${KVTAIL_REQ:-16}" 128000 | tail -1
             kill -INT $up
             wait $up
-            grep -E "kv hand-off|error|ERROR| E " "$OUT/kvtail_${shape}_${ks}_$conns.log" | tail -5
+            grep -E "kv hand-off|shared memory|error|ERROR| E " "$OUT/kvtail_$tag.log" | tail -6
         done 2>&1 | tee -a "$OUT/kvtail_$shape.log"
         ;;
     ncu)

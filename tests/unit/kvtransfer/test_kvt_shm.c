@@ -4,6 +4,10 @@
 #define _POSIX_C_SOURCE 200809L
 #include "kvt_test_env.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
 /* Three transfers (1, 13 and 40 tokens) committed at once; each must arrive exactly. */
 static void s_three(env_opts_t o, uint64_t stride) {
     env_t e;
@@ -196,7 +200,43 @@ static void test_parallel_copy(void) {
     g_copy_parallel_min = 1u << 20;
 }
 
+static bool s_shm_exists(const char *name) {
+    int fd = shm_open(name, O_RDONLY, 0);
+    if (fd >= 0) close(fd);
+    return fd >= 0;
+}
+
+/* A pool whose creator died without destroying it (kill -9) is removed by the next sweep; a live process's stays. */
+static void test_shm_sweep_stale(void) {
+    char live[128], dead[128] = "";
+    void *mine = kvt_shm_pool_create(1 << 16, live, sizeof live);
+    REQUIRE(mine != NULL);
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        char name[128];
+        void *p = kvt_shm_pool_create(1 << 16, name, sizeof name);
+        ssize_t n = write(fds[1], name, strlen(name) + 1);
+        _exit(p && n > 0 ? 0 : 1); /* no destroy: the object outlives its creator */
+    }
+    close(fds[1]);
+    ssize_t n = read(fds[0], dead, sizeof dead - 1);
+    close(fds[0]);
+    int status = 0;
+    REQUIRE(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0 && n > 0);
+    CHECK(s_shm_exists(dead));
+    CHECK(kvt_shm_sweep_stale() >= 1);
+    CHECK_MSG(!s_shm_exists(dead), "%s survived the sweep", dead);
+    CHECK_MSG(s_shm_exists(live), "the live process's %s was swept", live);
+    kvt_shm_pool_destroy(mine, 1 << 16, live);
+    CHECK(!s_shm_exists(live));
+    if (s_shm_exists(dead)) shm_unlink(dead);
+}
+
 int main(void) {
+    PD_TEST_RUN(test_shm_sweep_stale);
     PD_TEST_RUN(test_runs_sockets);
     PD_TEST_RUN(test_shm_roundtrip);
     PD_TEST_RUN(test_shm_fallback);

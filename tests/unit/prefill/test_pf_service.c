@@ -27,6 +27,7 @@
 #define MAX_PROMPT 256
 
 static eng_t *s_eng;
+static kvt_shm_alloc_t s_shm; /* the engine's KV pool, in shared memory */
 
 typedef struct {
     uint64_t req_id;
@@ -485,17 +486,22 @@ static void test_kv_path(void) {
 
 /* A prompt run in one long step streams: its transfer starts with the step and layers are marked ready while the
  * forward runs; what lands is still the reference. Cancelled in the middle of such a step, it ends with nothing
- * committed and every block back on both sides. With is_kv_stream off, the transfer starts after the step. */
+ * committed and every block back on both sides. With is_kv_stream off, the transfer starts after the step. Run
+ * three ways: streamed through the shared pool (the receiver copies from the engine's own KV memory, which
+ * main() put in shared memory), streamed over sockets, and unstreamed over sockets. */
 static void test_kv_stream(void) {
     static int32_t a[200];
     s_make_prompt(a, 200, 8);
     const eng_kv_layout_t *l = eng_kv_layout(s_eng);
-    for (int is_stream = 1; is_stream >= 0; is_stream--) {
+    REQUIRE(s_shm.base && s_shm.base == eng_kv_host_base(s_eng)); /* the engine took kv_host_alloc's memory */
+    for (int run = 0; run < 3; run++) {
+        bool is_stream = run < 2, is_shm = run == 0;
         fx_t f;
         memset(&f, 0, sizeof f);
         pf_service_params_t sp = fx_params(&f);
         sp.step_tokens = sp.chunk_tokens = 256; /* one step: long enough on the CPU for layers to stream */
         sp.is_kv_stream = is_stream;
+        sp.kv_pool_shm_name = is_shm ? s_shm.name : NULL;
         REQUIRE(fx_init(&f, 32, &sp));
         REQUIRE(fx_register(&f));
         req_t q = {.id = 0x5a, .prompt = a, .n = 200, .logprobs = 2};
@@ -516,6 +522,11 @@ static void test_kv_stream(void) {
                                                 (uint64_t)l->n_layers * eng_kv_chunk_bytes(l));
         CHECK_EQ_INT(st.exec.sched.n_sent_ok, 1);
         CHECK_EQ_INT(st.exec.n_kv_tails, 1);
+        kvt_stats_t rs;
+        kvt_receiver_stats(f.rx, &rs);
+        CHECK_EQ_INT(rs.shm_payload_bytes, is_shm ? rs.payload_bytes : 0);
+        CHECK_EQ_INT(st.exec.kv_bytes_shm, rs.shm_payload_bytes);
+        CHECK(rs.payload_bytes > 0);
 
         /* cancelled while its step runs, with its transfer live */
         req_t q2 = {.id = 0x5b, .prompt = a, .n = 200};
@@ -807,6 +818,7 @@ int main(void) {
     ep.model_path = pd_test_model_path();
     ep.n_threads = 2;
     ep.kv_n_blocks = 64;
+    ep.kv_host_alloc = kvt_shm_alloc, ep.kv_host_free = kvt_shm_free, ep.kv_host_ctx = &s_shm;
     s_eng = eng_create(&ep, err, sizeof err);
     if (!s_eng) {
         fprintf(stderr, "engine: %s\n", err);
