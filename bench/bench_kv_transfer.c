@@ -10,7 +10,7 @@
  * layer l marked ready at (l + 1) * layer_ms, as prefill would, the sender blocking in its poll between
  * layers; "tail" is DONE minus the last layer's ready time (best of --reps).
  * KV layout: Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks = 128 KiB per token).
- * KVT_COPY_THREADS=1 puts the receiver's copies back on its poll thread (kvt_receiver_params_t.copy_threads).
+ * KVT_COPY_THREADS=N sets the receiver's copy team (kvt_receiver_params_t.copy_threads; 1: its poll thread alone).
  * Usage: kv_transfer [--sizes-mib 16,128,512] [--transports ipc,tcp,shm] [--layer-ms 10] [--only-kvt 1]
  *                    [--reps 3] [--conns 1]. */
 #define _GNU_SOURCE
@@ -29,7 +29,7 @@
 
 #define MIB (1024.0 * 1024.0)
 
-static int g_copy_threads = 2;
+static int g_copy_threads = 0; /* 0: the library's default */
 
 static double s_now(void) {
     return (double)pd_now_us() / 1e6;
@@ -221,7 +221,7 @@ static s_kvt_result_t s_kvt_run(const char *endpoint, int32_t n_tokens, bool use
         rp.store = (kvt_store_t){.ctx = &st, .reserve = s_reserve, .release = s_release, .chunk = s_chunk};
         rp.max_message_bytes = 1ull << 30;
         rp.is_shm_enabled = use_shm;
-        rp.copy_threads = g_copy_threads;
+        if (g_copy_threads > 0) rp.copy_threads = g_copy_threads;
         void *ctx = s_ctx(n_conns);
         char err[256];
         kvt_receiver_t *r = kvt_receiver_create(ctx, &rp, err, sizeof err);
@@ -297,7 +297,7 @@ int main(int argc, char **argv) {
     const char *sizes = "16,128,512", *transports = "ipc,tcp,shm";
     double layer_ms = 10;
     int only_kvt = 0, reps = 3, n_conns = 1;
-    const char *ct = getenv("KVT_COPY_THREADS"); /* the receiver's copy_threads (default: the library's, 2) */
+    const char *ct = getenv("KVT_COPY_THREADS"); /* the receiver's copy_threads (default: the library's) */
     if (ct && *ct) g_copy_threads = atoi(ct);
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--sizes-mib"))

@@ -155,7 +155,7 @@ typedef struct {
     /* Return blocks of a transfer that failed or was cancelled. */
     void (*release)(void *ctx, const int32_t *ids, int32_t n_blocks);
     /* Host address of one (layer, K or V, block) chunk, in the receiver's layout and dtype. Called from the
-     * receiver's copy thread too (copy_threads 2) while the poll thread waits for it: a pure address lookup. */
+     * receiver's copy helpers too (copy_threads > 1) while the poll thread waits for them: a pure address lookup. */
     void *(*chunk)(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t block_id);
     /* Optional, used instead of reserve / release when set: the same, naming the request (and its token
      * count) the blocks are for, so a decode scheduler can account blocks per request. */
@@ -177,10 +177,11 @@ typedef struct {
     int32_t linger_ms;          /* ZMQ_LINGER on close (default 0) */
     int32_t heartbeat_ivl_ms;   /* ZMTP heartbeat interval; a silent peer is dropped after 3x (default 1000) */
     bool is_shm_enabled;        /* map a same-host sender's shared pool when it offers one (default true) */
-    /* 2 (default): a shared-pool frame pair's V copy runs on a helper thread beside its K copy (one core moves
-     * about half of memcpy's bandwidth with the checksum); 1: inline. Socket frames stay on the poll thread:
-     * there ZeroMQ's I/O thread already runs beside it; a third thread made tcp slower on two cores and made no
-     * difference on the 16-core GPU host (bench/RESULTS.md, kv_transfer, session 6). */
+    /* Threads that copy a message's shared-pool frames, the poll thread included, each taking the next frame (one core
+     * moves about half of memcpy's bandwidth with the checksum). Default 4 on hosts of 8 cores or more, else 2; 1: the
+     * poll thread alone. Socket frames stay on the poll thread: there ZeroMQ's I/O thread already runs beside it; a
+     * third thread made tcp slower on two cores and made no difference on the 16-core GPU host (bench/RESULTS.md,
+     * kv_transfer, session 6). */
     int32_t copy_threads;
     uint64_t copy_parallel_min_bytes; /* ... for frames of at least this many bytes (default 1 MiB: below it the
                                          hand-off costs about what it saves) */

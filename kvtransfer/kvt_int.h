@@ -84,6 +84,21 @@ void kvt_convert(void *dst, eng_kv_dtype_t dst_dt, const void *src, eng_kv_dtype
 void kvt_copy_stream(void *dst, const void *src, size_t n);
 void kvt_copy_fence(void);
 
+/* ---- the receiver's copy team (kvt_team.c) ---- */
+
+/* One item of a job: false + reason in why on failure. scratch: the running thread's own (scratch_bytes). */
+typedef bool (*kvt_team_fn)(void *ctx, size_t i, uint8_t *scratch, char *why, size_t cap);
+typedef struct kvt_team kvt_team_t;
+/* n_helpers threads that join the thread calling kvt_team_run; NULL if none could start. */
+kvt_team_t *kvt_team_create(int n_helpers, size_t scratch_bytes);
+void kvt_team_destroy(kvt_team_t **t);
+/* Threads that run a job: the helpers and the caller (1 for NULL). */
+int kvt_team_size(const kvt_team_t *t);
+/* fn(ctx, i, ...) for every i in [0, n), dealt one at a time to the caller (with its scratch) and the helpers; returns
+ * once every started item is done (their non-temporal stores fenced). After a failure no more items start: false with
+ * the first failure's reason in why. One job at a time (the receiver's poll thread). */
+bool kvt_team_run(kvt_team_t *t, kvt_team_fn fn, void *ctx, size_t n, uint8_t *scratch, char *why, size_t cap);
+
 /* ---- entry points for tests and the fuzzer ---- */
 
 /* Processes one multipart message as if it arrived from the peer with routing id peer_id: frames[0] is the

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "kvt_int.h"
@@ -44,24 +45,12 @@ typedef struct {
     int32_t *ids; /* COMMITTED: owned, freed on the poll after delivery */
 } kvt_rev_t;
 
-/* The helper that copies a pair's V frame while the poll thread copies its K frame (s_put_pair). A job is
- * posted and waited for within one s_put_pair, so nothing else in the receiver runs beside it. */
 typedef struct kvt_data_in kvt_data_in_t;
+
+/* Blocks [b, b + n) of layer ly: one K and one V frame of a message. */
 typedef struct {
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool is_posted, is_done, is_stopping;
-    /* the job: s_put_frame's arguments and its result */
-    struct kvt_receiver *r;
-    kvt_rtx_t *t;
-    kvt_data_in_t *in;
-    size_t f;
     uint32_t ly, b, n;
-    bool ok;
-    char why[160]; /* as the poll thread's reason buffers */
-    uint8_t *scratch;
-} kvt_copier_t;
+} kvt_pair_t;
 
 struct kvt_receiver {
     void *sock;
@@ -82,7 +71,9 @@ struct kvt_receiver {
     kvt_stats_t st;
     uint64_t log_next_us; /* rate limit for protocol-error lines */
     uint64_t log_suppressed;
-    kvt_copier_t *copier; /* copy_threads 2 */
+    kvt_team_t *team;  /* helpers of copy_threads > 1 */
+    kvt_pair_t *pairs; /* of the message in hand (pairs_cap) */
+    size_t pairs_cap;
 };
 
 kvt_receiver_params_t kvt_receiver_params_default(void) {
@@ -94,7 +85,8 @@ kvt_receiver_params_t kvt_receiver_params_default(void) {
     p.default_timeout_ms = 30000;
     p.linger_ms = 0;
     p.heartbeat_ivl_ms = 1000;
-    p.copy_threads = 2;
+    long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+    p.copy_threads = n_cpu >= 8 ? 4 : 2;
     p.copy_parallel_min_bytes = 1u << 20;
     p.is_shm_enabled = true;
     return p;
@@ -446,79 +438,40 @@ static bool s_put_frame(kvt_receiver_t *r, kvt_rtx_t *t, const kvt_data_in_t *in
     return true;
 }
 
-static void *s_copier_main(void *arg) {
-    kvt_copier_t *c = arg;
-    pthread_mutex_lock(&c->mu);
-    for (;;) {
-        while (!c->is_posted && !c->is_stopping) pthread_cond_wait(&c->cv, &c->mu);
-        if (c->is_stopping) break;
-        c->is_posted = false;
-        pthread_mutex_unlock(&c->mu);
-        bool ok = s_put_frame(c->r, c->t, c->in, c->scratch, c->f, c->ly, 1, c->b, c->n, c->why, sizeof c->why);
-        pthread_mutex_lock(&c->mu);
-        c->ok = ok, c->is_done = true;
-        pthread_cond_broadcast(&c->cv);
-    }
-    pthread_mutex_unlock(&c->mu);
-    return NULL;
+/* The copy team's view of one message: item i is frame i, pair i / 2's K (even) or V (odd). */
+typedef struct {
+    kvt_receiver_t *r;
+    kvt_rtx_t *t;
+    const kvt_data_in_t *in;
+    const kvt_pair_t *pairs;
+} kvt_team_job_t;
+
+static bool s_team_frame(void *ctx, size_t i, uint8_t *scratch, char *why, size_t cap) {
+    const kvt_team_job_t *j = ctx;
+    const kvt_pair_t *p = &j->pairs[i / 2];
+    return s_put_frame(j->r, j->t, j->in, scratch, i, p->ly, (int)(i % 2), p->b, p->n, why, cap);
 }
 
-static kvt_copier_t *s_copier_create(kvt_receiver_t *r, size_t scratch_bytes) {
-    kvt_copier_t *c = pd_xcalloc(1, sizeof *c);
-    c->r = r;
-    c->scratch = pd_xmalloc(scratch_bytes);
-    pthread_mutex_init(&c->mu, NULL);
-    pthread_cond_init(&c->cv, NULL);
-    if (pthread_create(&c->thread, NULL, s_copier_main, c) != 0) {
-        LOG_W("kvt receiver: no copy thread (%s); copying on the poll thread", strerror(errno));
-        pthread_cond_destroy(&c->cv), pthread_mutex_destroy(&c->mu);
-        free(c->scratch), free(c);
-        return NULL;
+/* The message's (layer, block run) pairs in frame order, into r->pairs; returns how many. */
+static size_t s_pairs(kvt_receiver_t *r, const Pdserve__V1__KvData *d) {
+    size_t n_runs = d->n_frame_blocks > 0 ? d->n_frame_blocks : d->n_blocks, n = (size_t)d->n_layers * n_runs;
+    if (n > r->pairs_cap) {
+        free(r->pairs);
+        r->pairs = pd_xmalloc(n * sizeof *r->pairs);
+        r->pairs_cap = n;
     }
-    return c;
-}
-
-static void s_copier_destroy(kvt_copier_t **cp) {
-    kvt_copier_t *c = *cp;
-    if (!c) return;
-    pthread_mutex_lock(&c->mu);
-    c->is_stopping = true;
-    pthread_cond_broadcast(&c->cv);
-    pthread_mutex_unlock(&c->mu);
-    pthread_join(c->thread, NULL);
-    pthread_cond_destroy(&c->cv), pthread_mutex_destroy(&c->mu);
-    free(c->scratch), free(c);
-    *cp = NULL;
-}
-
-/* The K and V frames (f, f + 1) of blocks [b, b + n) of layer ly. */
-static bool s_put_pair(kvt_receiver_t *r, kvt_rtx_t *t, kvt_data_in_t *in, size_t f, uint32_t ly, uint32_t b,
-                       uint32_t n, char *why, size_t cap) {
-    kvt_copier_t *c = r->copier;
-    /* V on the copy thread, K here: for the shared pool only, where the copies are the whole cost; socket payloads
-     * already keep ZeroMQ's I/O thread busy, and a third thread on two cores made tcp slower */
-    if (c && in->shm && (uint64_t)n * in->wire_chunk >= r->p.copy_parallel_min_bytes) {
-        pthread_mutex_lock(&c->mu);
-        c->t = t, c->in = in, c->f = f + 1, c->ly = ly, c->b = b, c->n = n, c->is_done = false, c->is_posted = true;
-        pthread_cond_broadcast(&c->cv);
-        pthread_mutex_unlock(&c->mu);
-        bool ok_k = s_put_frame(r, t, in, r->scratch, f, ly, 0, b, n, why, cap);
-        pthread_mutex_lock(&c->mu);
-        while (!c->is_done) pthread_cond_wait(&c->cv, &c->mu);
-        pthread_mutex_unlock(&c->mu);
-        if (!ok_k) return false;
-        if (!c->ok) {
-            snprintf(why, cap, "%s", c->why);
-            return false;
-        }
-    } else if (!s_put_frame(r, t, in, r->scratch, f, ly, 0, b, n, why, cap) ||
-               !s_put_frame(r, t, in, r->scratch, f + 1, ly, 1, b, n, why, cap)) {
-        return false;
+    size_t k = 0;
+    uint32_t last_layer = d->first_layer + d->n_layers, last_block = d->first_block + d->n_blocks;
+    if (d->n_frame_blocks > 0) { /* for each layer, for each run: K, V */
+        for (uint32_t ly = d->first_layer; ly < last_layer; ly++)
+            for (size_t i = 0, b = d->first_block; i < d->n_frame_blocks; b += d->frame_blocks[i++])
+                r->pairs[k++] = (kvt_pair_t){.ly = ly, .b = (uint32_t)b, .n = d->frame_blocks[i]};
+    } else { /* for each block, for each layer: K, V */
+        for (uint32_t b = d->first_block; b < last_block; b++)
+            for (uint32_t ly = d->first_layer; ly < last_layer; ly++)
+                r->pairs[k++] = (kvt_pair_t){.ly = ly, .b = b, .n = 1};
     }
-    in->total += 2u * (uint64_t)n * in->wire_chunk;
-    for (uint32_t i = 0; i < n; i++) t->got[(size_t)ly * (size_t)t->n_blocks + b + i] = 1;
-    t->n_got += (int32_t)n;
-    return true;
+    return k;
 }
 
 /* The primary connection of peer's group, which owns the group's transfers (peer itself if it has none). */
@@ -557,22 +510,27 @@ static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData
         in.shm = r->peers[peer].shm;
         in.shm_bytes = r->peers[peer].shm_bytes;
     }
+    const size_t n_pairs = s_pairs(r, d);
+    uint32_t widest = 0;
+    for (size_t i = 0; i < n_pairs; i++) widest = r->pairs[i].n > widest ? r->pairs[i].n : widest;
+    kvt_team_job_t job = {.r = r, .t = t, .in = &in, .pairs = r->pairs};
     bool ok = true;
-    size_t f = 0;
-    uint32_t last_layer = d->first_layer + d->n_layers, last_block = d->first_block + d->n_blocks;
-    if (d->n_frame_blocks > 0) { /* for each layer, for each run: K, V */
-        for (uint32_t ly = d->first_layer; ok && ly < last_layer; ly++)
-            for (size_t i = 0, b = d->first_block; ok && i < d->n_frame_blocks; b += d->frame_blocks[i++], f += 2)
-                ok = s_put_pair(r, t, &in, f, ly, (uint32_t)b, d->frame_blocks[i], why, sizeof why);
-    } else { /* for each block, for each layer: K, V */
-        for (uint32_t b = d->first_block; ok && b < last_block; b++)
-            for (uint32_t ly = d->first_layer; ok && ly < last_layer; ly++, f += 2)
-                ok = s_put_pair(r, t, &in, f, ly, b, 1, why, sizeof why);
-    }
+    /* shared-pool frames through the copy team, where the copies are the whole cost; socket payloads stay here: ZeroMQ's
+     * I/O thread already runs beside this one, and a third thread on two cores made tcp slower */
+    if (r->team && in.shm && (uint64_t)widest * in.wire_chunk >= r->p.copy_parallel_min_bytes)
+        ok = kvt_team_run(r->team, s_team_frame, &job, 2 * n_pairs, r->scratch, why, sizeof why);
+    else
+        for (size_t i = 0; ok && i < 2 * n_pairs; i++) ok = s_team_frame(&job, i, r->scratch, why, sizeof why);
     kvt_copy_fence();
     if (!ok) {
         s_fail(r, t, PD_EPROTO, why, true);
         return;
+    }
+    for (size_t i = 0; i < n_pairs; i++) {
+        const kvt_pair_t *p = &r->pairs[i];
+        for (uint32_t k = 0; k < p->n; k++) t->got[(size_t)p->ly * (size_t)t->n_blocks + p->b + k] = 1;
+        t->n_got += (int32_t)p->n;
+        in.total += 2u * (uint64_t)p->n * in.wire_chunk;
     }
     t->next_seq[ci]++;
     t->n_msgs++;
@@ -761,7 +719,7 @@ kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *
     r->ev = pd_xcalloc((size_t)r->ev_cap, sizeof *r->ev);
     r->held_ids = pd_xcalloc((size_t)r->ev_cap, sizeof *r->held_ids);
     r->scratch = pd_xmalloc(eng_kv_chunk_elems(l) * 4u);
-    if (p->copy_threads >= 2) r->copier = s_copier_create(r, eng_kv_chunk_elems(l) * 4u);
+    if (p->copy_threads >= 2) r->team = kvt_team_create(p->copy_threads - 1, eng_kv_chunk_elems(l) * 4u);
     r->sock = zmq_socket(zmq_ctx, ZMQ_ROUTER);
     if (!r->sock) {
         snprintf(err, err_cap, "zmq_socket(ROUTER): %s", zmq_strerror(errno));
@@ -814,7 +772,8 @@ void kvt_receiver_reset(kvt_receiver_t *r) {
 void kvt_receiver_destroy(kvt_receiver_t **rp) {
     if (!rp || !*rp) return;
     kvt_receiver_t *r = *rp;
-    s_copier_destroy(&r->copier);
+    kvt_team_destroy(&r->team);
+    free(r->pairs);
     s_drop_all(r);
     if (r->sock) zmq_close(r->sock);
     free(r->held_ids);

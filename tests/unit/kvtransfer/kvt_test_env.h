@@ -105,6 +105,7 @@ typedef struct {
 
 static int g_ipc_n;
 static uint64_t g_copy_parallel_min = 1u << 20; /* the receiver's copy_parallel_min_bytes */
+static int32_t g_copy_threads = 2;              /* the receiver's copy_threads */
 
 typedef struct {
     eng_kv_dtype_t sdt, rdt;
@@ -159,7 +160,8 @@ static bool env_open_receiver(env_t *e, env_opts_t o) {
         rp.store = (kvt_store_t){
             .ctx = &e->rs, .chunk = kts_chunk, .reserve_for = ts_reserve_for, .release_for = ts_release_for};
     rp.credit_bytes = o.credit_bytes;
-    rp.copy_parallel_min_bytes = g_copy_parallel_min; /* 0: every frame pair through the copy thread */
+    rp.copy_parallel_min_bytes = g_copy_parallel_min; /* 0: every shared-pool message through the copy team */
+    rp.copy_threads = g_copy_threads;
     rp.max_message_bytes = 1 << 20;
     rp.is_shm_enabled = !o.shm_refused;
     e->r = kvt_receiver_create(e->zctx, &rp, err, sizeof err);

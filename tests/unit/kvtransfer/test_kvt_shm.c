@@ -175,28 +175,33 @@ static void test_shm_receiver_gone(void) {
     env_fini(&e);
 }
 
-/* Every shared-pool frame pair split over the receiver's two copy threads (K here, V on the helper): round trips
- * stay exact (and over sockets, which keep one thread), and a bad checksum in a V frame (the helper's) fails
+/* Every shared-pool message's frames dealt over the receiver's copy team (2 and 4 threads; whole runs and single
+ * blocks): round trips stay exact (and over sockets, which keep one thread), and a bad checksum in a V frame fails
  * only its transfer. */
 static void test_parallel_copy(void) {
     g_copy_parallel_min = 0;
-    env_opts_t o = s_opts();
-    s_three(o, 1);
-    o.shm = true;
-    s_three(o, 1);
-    env_t e;
-    g_block_stride = 1;
-    REQUIRE(env_init(&e, o));
-    uint64_t ids[3] = {1, 2, 3};
-    for (int i = 0; i < 3; i++) CHECK_EQ_INT(s_start(&e, ids[i], 1, 20, 0), PD_OK);
-    CHECK_EQ_INT(kvt_sender_test_corrupt_frame(e.s, 2, 1), PD_OK);
-    for (int i = 0; i < 3; i++) CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
-    CHECK(env_run_until_released(&e, ids, 3, 5000));
-    CHECK_EQ_INT(e.rec[2].done_st, PD_EPROTO);
-    CHECK_MSG(strstr(e.rec[2].err, "V: checksum") != NULL, "%s", e.rec[2].err);
-    CHECK(s_verify(&e, 1) && s_verify(&e, 3));
-    env_fini(&e);
-    g_block_stride = 3;
+    for (int32_t threads = 2; threads <= 4; threads += 2) {
+        g_copy_threads = threads;
+        env_opts_t o = s_opts();
+        s_three(o, 1);
+        o.shm = true;
+        s_three(o, 1);
+        s_three(o, 3);
+        env_t e;
+        g_block_stride = 1;
+        REQUIRE(env_init(&e, o));
+        uint64_t ids[3] = {1, 2, 3};
+        for (int i = 0; i < 3; i++) CHECK_EQ_INT(s_start(&e, ids[i], 1, 20, 0), PD_OK);
+        CHECK_EQ_INT(kvt_sender_test_corrupt_frame(e.s, 2, 1), PD_OK);
+        for (int i = 0; i < 3; i++) CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+        CHECK(env_run_until_released(&e, ids, 3, 5000));
+        CHECK_EQ_INT(e.rec[2].done_st, PD_EPROTO);
+        CHECK_MSG(strstr(e.rec[2].err, "V: checksum") != NULL, "%s", e.rec[2].err);
+        CHECK(s_verify(&e, 1) && s_verify(&e, 3));
+        env_fini(&e);
+        g_block_stride = 3;
+    }
+    g_copy_threads = 2;
     g_copy_parallel_min = 1u << 20;
 }
 
