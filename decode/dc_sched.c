@@ -693,8 +693,9 @@ static void s_plan_spec(dc_sched_t *s, dc_plan_t *plan) {
         /* probes (DC_SPEC_EXPLORE): one step drafts as the startup calibration would, whatever the refitted model
          * and the guard say (once they say drafts do not pay, the steps stop varying and neither could learn that
          * drafts pay again); another has no drafts, so the guard's comparison stays current */
-        const int64_t phase = ++s->n_spec_plans % (2 * DC_SPEC_EXPLORE);
-        const bool is_explore = phase % DC_SPEC_EXPLORE == 0 && (phase == 0 || s->is_guard_off);
+        const int64_t plan_no = ++s->n_spec_plans, phase = plan_no % (2 * DC_SPEC_EXPLORE);
+        const bool is_explore =
+            s->is_guard_off ? phase % DC_SPEC_EXPLORE == 0 : dc_spec_guard_probe_due(&s->guard, n, plan_no);
         const bool is_probe_off = phase == DC_SPEC_EXPLORE && !s->is_guard_off;
         if (is_probe_off || (!is_explore && !s->is_guard_off && !dc_spec_guard_allows(&s->guard, n))) {
             for (int32_t i = 0; i < n; i++) s->sp_k[i] = 0;

@@ -161,13 +161,33 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
         else
             snprintf(range, sizeof range, "%d-%d", lo, hi);
         if (at >= cap) break;
-        int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s us/token (%d) vs none %s (%d): %s",
-                         n ? "; " : "", range, drafted, k->n[1], plain, k->n[0],
-                         dc_spec_guard_allows(g, lo) ? "on" : "off");
+        const bool is_on = dc_spec_guard_allows(g, lo);
+        char probes[48] = "";
+        if (!is_on && k->n_backoff > 0)
+            snprintf(probes, sizeof probes, " (probes every %d steps)",
+                     (2 * DC_SPEC_EXPLORE)
+                         << (k->n_backoff - 1 < DC_SPEC_GUARD_MAX_BACKOFF ? k->n_backoff - 1
+                                                                          : DC_SPEC_GUARD_MAX_BACKOFF));
+        int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s us/token (%d) vs none %s (%d): %s%s",
+                         n ? "; " : "", range, drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
         if (w > 0) at += (size_t)w;
         n++;
     }
     return n;
+}
+
+bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan) {
+    const int64_t period = 2 * DC_SPEC_EXPLORE;
+    dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows > 0 ? n_rows : 1)];
+    if (dc_spec_guard_allows(g, n_rows)) {
+        b->n_backoff = 0, b->next_probe = 0;
+        return plan % period == 0;
+    }
+    if (plan < b->next_probe) return false;
+    b->next_probe =
+        plan + (period << (b->n_backoff < DC_SPEC_GUARD_MAX_BACKOFF ? b->n_backoff : DC_SPEC_GUARD_MAX_BACKOFF));
+    b->n_backoff++;
+    return true;
 }
 
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows) {

@@ -94,6 +94,10 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
 typedef struct {
     double us_per_token[2][DC_SPEC_GUARD_STEPS]; /* per kind (0: no drafts, 1: drafts), a ring of recent steps */
     int32_t n[2], next[2];
+    /* dc_spec_guard_probe_due while drafts are disallowed here: the plan number of the next drafted probe, and how
+     * many probes in a row found them disallowed */
+    int64_t next_probe;
+    int32_t n_backoff;
 } dc_spec_guard_bucket_t;
 typedef struct {
     dc_spec_guard_bucket_t b[DC_SPEC_GUARD_BUCKETS];
@@ -105,6 +109,14 @@ void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts,
 /* false when both kinds have at least a few steps in n_rows' bucket and drafted steps took longer per emitted token
  * (medians). */
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
+/* Whether plan number plan (counting the scheduler's speculative plans, from 1) of n_rows rows is a drafted probe:
+ * one step that drafts under the startup calibration whatever the refitted model and the guard say, so that both can
+ * learn that drafts pay again. Where the guard allows drafts: every 2 * DC_SPEC_EXPLORE-th plan. Where it does not,
+ * probes back off: the first comes at once, then after 2, 4, ... up to 16 times that interval, as each probe costs
+ * what drafting loses there (on the H100 a drafted step at 32 rows of chat took 56% longer per emitted token, and the
+ * probes alone made n-gram speculation 2-4% slower than none). Back to the short interval once drafts are allowed. */
+bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan);
+#define DC_SPEC_GUARD_MAX_BACKOFF 4 /* longest probe interval: 2 * DC_SPEC_EXPLORE << this */
 /* One line on what the guard holds, for the decode worker's exit log: per row-count bucket with measurements, the
  * median us per emitted token with drafts and without (steps counted) and the verdict, e.g.
  * "rows 16-31: drafts 9.80 us/token (16) vs none 9.10 (16): off". Writes at most cap bytes (NUL included); returns

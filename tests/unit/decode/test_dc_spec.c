@@ -149,6 +149,42 @@ static void test_cost_refit(void) {
 /* The guard: drafts are disallowed only in a row-count bucket where both kinds of steps have been seen and the
  * drafted ones took longer per emitted token (medians of the recent steps); it follows a change in either direction
  * and shrugs off a few outliers. */
+/* Drafted probes: every 2 * DC_SPEC_EXPLORE-th plan where drafts are allowed; where the guard disallows them, the
+ * first at once and then ever further apart (each costs what drafting loses there), back to the short interval once
+ * drafts are allowed again. Buckets keep their own schedules. */
+static void test_guard_probes(void) {
+    dc_spec_guard_t g = {0};
+    const int64_t period = 2 * DC_SPEC_EXPLORE, longest = period << DC_SPEC_GUARD_MAX_BACKOFF;
+    int n_due = 0;
+    for (int64_t plan = 1; plan <= 40 * period; plan++) n_due += dc_spec_guard_probe_due(&g, 32, plan);
+    CHECK_EQ_INT(n_due, 40); /* allowed (nothing measured): every period-th plan */
+    for (int i = 0; i < DC_SPEC_GUARD_STEPS; i++)
+        dc_spec_guard_observe(&g, 40, 0, 40, 2000), dc_spec_guard_observe(&g, 40, 30, 50, 4000);
+    REQUIRE(!dc_spec_guard_allows(&g, 32));
+    int64_t due[16], n = 0, plan = 40 * period;
+    for (int64_t end = plan + 6 * longest; ++plan <= end;)
+        if (dc_spec_guard_probe_due(&g, 32, plan) && n < 16) due[n++] = plan;
+    CHECK_MSG(n >= 8 && n <= 11, "%d probes in %lld plans", (int)n, (long long)(6 * longest));
+    CHECK_EQ_INT(due[0], 40 * period + 1); /* the first at once */
+    for (int i = 1; i < n; i++) {
+        const int64_t gap = due[i] - due[i - 1],
+                      want = period << (i - 1 < DC_SPEC_GUARD_MAX_BACKOFF ? i - 1 : DC_SPEC_GUARD_MAX_BACKOFF);
+        CHECK_MSG(gap == want, "probe %d after %lld plans, want %lld", i, (long long)gap, (long long)want);
+    }
+    char line[256];
+    dc_spec_guard_describe(&g, line, sizeof line);
+    CHECK_MSG(strstr(line, "off (probes every 512 steps)") != NULL, "%s", line);
+    /* another bucket is unaffected */
+    CHECK(dc_spec_guard_probe_due(&g, 4, period * 1000));
+    CHECK(!dc_spec_guard_probe_due(&g, 4, period * 1000 + 1));
+    /* drafts pay again: the short interval, from the next plan */
+    for (int i = 0; i < DC_SPEC_GUARD_STEPS; i++) dc_spec_guard_observe(&g, 40, 30, 80, 2000);
+    REQUIRE(dc_spec_guard_allows(&g, 32));
+    n_due = 0;
+    for (int64_t end = plan + 10 * period; ++plan <= end;) n_due += dc_spec_guard_probe_due(&g, 32, plan);
+    CHECK_EQ_INT(n_due, 10);
+}
+
 static void test_guard(void) {
     dc_spec_guard_t g = {0};
     CHECK(dc_spec_guard_allows(&g, 32)); /* nothing measured */
@@ -527,6 +563,7 @@ int main(void) {
     PD_TEST_RUN(test_allocate);
     PD_TEST_RUN(test_cost_refit);
     PD_TEST_RUN(test_guard);
+    PD_TEST_RUN(test_guard_probes);
     eng_params_t p = eng_params_default();
     p.model_path = pd_test_model_path();
     p.n_threads = 2;
