@@ -257,6 +257,10 @@ pd_status eng_forward(eng_t *e, const eng_batch_t *b) {
     return PD_OK;
 }
 
+uint64_t eng_n_one_time(const eng_t *e) {
+    return e->ops->n_one_time ? e->ops->n_one_time(e->be) : 0;
+}
+
 void *eng_kv_host_base(eng_t *e) {
     return e->ops->kv_host_base ? e->ops->kv_host_base(e->be) : NULL;
 }

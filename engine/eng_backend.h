@@ -27,6 +27,8 @@ typedef struct {
     bool is_sampling;   /* forward samples b->sampling itself, next to the logits */
     bool has_pad_block; /* the layout's last block is the backend's scratch (padding tokens write their K/V there):
                            the facade's pool, and so every scheduler, has one block less */
+    /* Forwards so far that paid a one-time cost (CUDA: captured a graph); NULL: never. */
+    uint64_t (*n_one_time)(const eng_backend_t *be);
 } eng_backend_ops_t;
 
 extern const eng_backend_ops_t eng_backend_cpu;

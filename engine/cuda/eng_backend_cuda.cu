@@ -1076,6 +1076,10 @@ static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind
     return PD_OK;
 }
 
+static uint64_t s_n_one_time(const eng_backend_t *be) {
+    return (uint64_t)be->n_captures;
+}
+
 extern "C" const eng_backend_ops_t eng_backend_cuda = {
-    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync, true, true,
+    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync, true, true, s_n_one_time,
 };

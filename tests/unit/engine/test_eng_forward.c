@@ -356,6 +356,32 @@ static void test_chunks_without_logits(void) {
     free(whole), free(chunked);
 }
 
+/* eng_n_one_time counts forwards that paid a one-time cost: none on the CPU; on CUDA one decode shape run three times
+ * is launched directly, then captured (the one), then replayed. */
+static void test_one_time(void) {
+    int32_t prompt[20];
+    s_make_prompt(prompt, 20, 7u);
+    float *logits = pd_xmalloc(sizeof(float) * (size_t)s_vocab);
+    eng_kv_seq_t seq = {0};
+    CHECK_EQ_INT(s_run_seq(&seq, prompt, 20, 0, 20, NULL, logits), PD_OK);
+    uint64_t n[4];
+    n[0] = eng_n_one_time(s_engine);
+    for (int i = 1; i <= 3; i++) {
+        CHECK_EQ_INT(s_run_seq(&seq, prompt + 5, 1, 20, 1, NULL, logits), PD_OK); /* the same step again */
+        n[i] = eng_n_one_time(s_engine);
+    }
+    if (s_is_cuda) {
+        CHECK_MSG(n[1] == n[0] && n[2] == n[0] + 1 && n[3] == n[2], "one-time forwards %llu -> %llu, %llu, %llu",
+                  (unsigned long long)n[0], (unsigned long long)n[1], (unsigned long long)n[2],
+                  (unsigned long long)n[3]);
+    } else {
+        CHECK_EQ_INT(n[3], 0);
+    }
+    eng_kv_seq_release(&seq, eng_kv_pool(s_engine));
+    eng_kv_seq_fini(&seq);
+    free(logits);
+}
+
 /* Sampling in the engine (eng_batch_t.sampling) on real model logits: one forward returns logits and samples for
  * 48 rows, each with its own parameters, penalty list and draw; every sample must be what the host's eng_row_sample
  * picks on the returned logits. On the CPU backend that is the same code; on CUDA it is the GPU kernel against the
@@ -505,6 +531,7 @@ int main(void) {
     s_vocab = eng_config(s_engine)->vocab_size;
     PD_TEST_RUN(test_bad_batches);
     PD_TEST_RUN(test_chunks_without_logits);
+    PD_TEST_RUN(test_one_time);
     PD_TEST_RUN(test_sampling_rows);
     PD_TEST_RUN(test_batch_invariance);
     PD_TEST_RUN(test_golden_logits_and_greedy);
