@@ -46,7 +46,10 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 
 /* A captured forward. Every pointer it uses is fixed at create (scratch, the batch tables' device buffer); what
  * varies between batches of one key lives in that buffer, copied up before each launch. */
-#define S_MAX_GRAPHS       64
+/* Speculative verification makes many shapes (token, tile and logits-row counts step by step): at 64 slots n-gram
+ * drafting on the H100 captured 129 graphs in a run where plain decode captured 44, so shapes were evicted and
+ * captured again. */
+#define S_MAX_GRAPHS       256
 #define S_GRAPH_MAX_ROWS   256 /* logits rows: one output-head slice */
 #define S_GRAPH_MAX_TOKENS 512
 typedef struct {
@@ -139,6 +142,7 @@ struct eng_backend {
     uint64_t graph_clock;
     int64_t n_captures, n_graph_launches, n_direct; /* forwards: graphs captured, replayed; launched directly */
     int64_t n_first_sightings;                      /* of n_direct, graph-eligible shapes seen for the first time */
+    int64_t n_evicted;                              /* captured graphs dropped for a new shape (least recently used) */
     void *blas_ws;
     /* profiling (ENG_CUDA_PROFILE) */
     bool is_prof;
@@ -201,9 +205,9 @@ static void s_destroy(eng_backend_t **pbe) {
     if (be->st) cudaStreamSynchronize(be->st);
     s_prof_report(be);
     if (be->n_graph_launches + be->n_direct > 0)
-        LOG_I("cuda backend: %lld forwards: %lld from %lld captured graphs, %lld launched directly",
+        LOG_I("cuda backend: %lld forwards: %lld from %lld captured graphs (%lld evicted), %lld launched directly",
               (long long)(be->n_graph_launches + be->n_direct), (long long)be->n_graph_launches,
-              (long long)be->n_captures, (long long)be->n_direct);
+              (long long)be->n_captures, (long long)be->n_evicted, (long long)be->n_direct);
     for (int i = 0; i < S_MAX_GRAPHS; i++) {
         const s_graph_t *g = &be->graphs[i];
         if (be->is_step_times && g->T && g->n_timed)
@@ -752,7 +756,7 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
     }
     if (!g) { /* first sighting: remember the key only */
         g = lru;
-        if (g->is_captured) cudaGraphExecDestroy(g->exec), g->is_captured = false;
+        if (g->is_captured) cudaGraphExecDestroy(g->exec), g->is_captured = false, be->n_evicted++;
         g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits,
         g->is_logits = is_logits;
         g->split_keys = att->split_keys, g->n_splits = att->n_splits, g->last_used = ++be->graph_clock;
