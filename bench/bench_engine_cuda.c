@@ -11,10 +11,12 @@
  *            --kv-to-host: as a prefill worker does, the engine keeps a pinned host mirror of the KV pool and each
  *            forward's KV goes there (eng_batch_t.is_kv_to_host, then eng_kv_to_host per prompt), inside the time
  *            (ENG_CUDA_KV_STREAM=0: copied after the forward instead of layer by layer during it).
+ *            --verify-tokens K: each decode step forwards K tokens per sequence, every one with a logits row and a
+ *            sample (as a speculative verification of K - 1 drafts); positions still advance by one per step.
  * Input tokens are fixed, not the sampled ones: the step's cost does not depend on them.
  * Usage: engine_cuda --model PATH [--gpu N] [--ctx 512] [--new 128] [--decode-batches 1,8,32,64,128]
  *                    [--sampling gpu,host] [--temperature 0.7] [--prefill-len 4096] [--prefill-batches 1,8] [--max-batch-tokens 8192]
- *                    [--kv-to-host] */
+ *                    [--kv-to-host] [--verify-tokens 1] */
 #define _POSIX_C_SOURCE 200809L
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -30,6 +32,7 @@
 typedef struct {
     const char *model;
     int gpu, ctx, n_new, prefill_len, max_batch_tokens;
+    int verify_tokens; /* tokens per sequence per decode step, every one sampled (speculative verification); 1 */
     int decode_b[16], n_decode_b, prefill_b[8], n_prefill_b;
     bool is_gpu_sampling, is_host_sampling, is_kv_to_host;
     float temperature; /* of every decode row (0: greedy); top-p 0.9 */
@@ -139,7 +142,8 @@ typedef struct {
     eng_sample_result_t *samples;
     eng_row_sampler_t *host;
     bool is_decode_on_host, is_decode_on_gpu;
-    bool is_kv_to_host; /* each forward's KV to the host mirror (--kv-to-host) */
+    bool is_kv_to_host;      /* each forward's KV to the host mirror (--kv-to-host) */
+    const uint8_t *want_all; /* verification steps: every token a logits row (NULL: each sequence's last) */
 } run_t;
 
 /* One eng_forward of m sequences of sequences seqs[0..m) (n_tokens[i] tokens at pos[i], tokens in order), logits
@@ -155,7 +159,7 @@ static void s_forward(run_t *r, const eng_kv_seq_t *seqs, int m, const int32_t *
                      .block_tables = tables,
                      .n_blocks = nb,
                      .tokens = tokens,
-                     .want_logits = NULL,
+                     .want_logits = r->want_all,
                      .logits = r->logits};
     if (r->is_decode_on_gpu) b.logits = NULL, b.sampling = r->rows, b.samples = r->samples;
     b.is_kv_to_host = r->is_kv_to_host;
@@ -168,7 +172,7 @@ static void s_forward(run_t *r, const eng_kv_seq_t *seqs, int m, const int32_t *
             fprintf(stderr, "%s: KV of sequence %d not copied to the host\n", what, i);
             exit(1);
         }
-    for (int i = 0; r->is_decode_on_host && i < m; i++)
+    for (int i = 0, n_rows = eng_batch_n_logits(&b); r->is_decode_on_host && i < n_rows; i++)
         if (eng_row_sample(r->host, &r->rows[i], r->logits + (size_t)i * r->vocab, &r->samples[i]) != PD_OK) {
             fprintf(stderr, "%s: row %d not sampled\n", what, i);
             exit(1);
@@ -203,6 +207,7 @@ int main(int argc, char **argv) {
                 .n_new = 128,
                 .prefill_len = 4096,
                 .max_batch_tokens = 8192,
+                .verify_tokens = 1,
                 .is_gpu_sampling = true,
                 .is_host_sampling = true,
                 .temperature = 0.7f};
@@ -231,6 +236,8 @@ int main(int argc, char **argv) {
             o.n_decode_b = s_parse_list(v, o.decode_b, 16);
         else if (!strcmp(f, "--prefill-batches"))
             o.n_prefill_b = s_parse_list(v, o.prefill_b, 8);
+        else if (!strcmp(f, "--verify-tokens"))
+            o.verify_tokens = atoi(v);
         else if (!strcmp(f, "--temperature"))
             o.temperature = (float)atof(v);
         else if (!strcmp(f, "--sampling"))
@@ -313,31 +320,44 @@ int main(int argc, char **argv) {
     printf("\n%-8s %6s %10s %10s %12s %10s %9s\n", "decode", "batch", "tok/s", "step ms", "GB/step", "of copy bw",
            "sampling");
     for (int run = 0; run < o.n_decode_b * 2; run++) {
-        const int B = o.decode_b[run / 2];
+        const int B = o.decode_b[run / 2], K = o.verify_tokens;
         const bool is_gpu = run % 2 == 0;
         if ((is_gpu && !o.is_gpu_sampling) || (!is_gpu && !o.is_host_sampling)) continue;
+        if (B * K > 256) {
+            fprintf(stderr, "batch %d x %d verified tokens: more than 256 rows\n", B, K);
+            continue;
+        }
         r.is_decode_on_gpu = r.is_decode_on_host = false; /* the prompts: logits only */
         for (int s = 0; s < B; s++)
-            if (eng_kv_seq_reserve(&r.seqs[s], pool, p.kv_block_size, o.ctx + o.n_new + 2) != PD_OK) {
+            if (eng_kv_seq_reserve(&r.seqs[s], pool, p.kv_block_size, o.ctx + o.n_new + 2 + K) != PD_OK) {
                 fprintf(stderr, "KV pool too small for batch %d\n", B);
                 return 1;
             }
         (void)s_prefill(&r, 0, B, o.ctx, o.max_batch_tokens);
         r.is_decode_on_gpu = is_gpu, r.is_decode_on_host = !is_gpu;
+        static uint8_t want_all[256];
+        memset(want_all, 1, sizeof want_all);
+        r.want_all = K > 1 ? want_all : NULL;
         int32_t nt[256], pos[256], toks[256];
-        for (int s = 0; s < B; s++) nt[s] = 1;
+        for (int s = 0; s < B; s++) nt[s] = K;
         uint64_t t0 = 0;
         for (int step = -2; step < o.n_new; step++) { /* two warm-up steps */
             if (step == 0) t0 = pd_now_us();
-            for (int s = 0; s < B; s++) pos[s] = o.ctx + 2 + step, toks[s] = (step * 131 + s * 17 + 1000) % r.vocab;
+            for (int s = 0; s < B; s++) {
+                pos[s] = o.ctx + 2 + step;
+                for (int k = 0; k < K; k++) toks[s * K + k] = (step * 131 + s * 17 + k * 7 + 1000) % r.vocab;
+            }
             s_forward(&r, r.seqs, B, nt, pos, toks, "decode");
         }
+        r.want_all = NULL;
         const double step_s = (double)(pd_now_us() - t0) / 1e6 / o.n_new;
         /* KV read per step: every sequence's context, mid-run */
         const double kv_read = (double)B * (o.ctx + 2 + o.n_new / 2) * (double)kv_token_bytes;
         const double bytes = (double)w_bytes + kv_read;
-        printf("%-8s %6d %10.1f %10.3f %12.3f %9.1f%% %9s\n", "decode", B, B / step_s, step_s * 1e3, bytes / 1e9,
+        printf("%-8s %6d %10.1f %10.3f %12.3f %9.1f%% %9s", "decode", B, B / step_s, step_s * 1e3, bytes / 1e9,
                100.0 * bytes / step_s / bw, r.is_decode_on_gpu ? "gpu" : "host");
+        if (K > 1) printf(" (steps of %d tokens per sequence, all sampled: tok/s counts steps x batch)", K);
+        printf("\n");
         for (int s = 0; s < B; s++) eng_kv_seq_release(&r.seqs[s], pool);
     }
     r.is_decode_on_gpu = r.is_decode_on_host = false;
