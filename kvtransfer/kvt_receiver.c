@@ -3,7 +3,6 @@
  * credit, and hands the blocks over on commit. Trusts nothing from the wire; a bad message ends only the
  * transfer it names. Does not schedule: what to do with committed blocks is the caller's business. */
 #include <errno.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
