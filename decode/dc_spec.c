@@ -129,7 +129,6 @@ void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts,
     dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
     const int kind = n_drafts > 0;
     b->us_per_token[kind][b->next[kind]] = step_us / n_emitted;
-    if (kind) b->gain[b->next[1]] = (double)n_emitted / n_rows;
     b->next[kind] = (b->next[kind] + 1) % DC_SPEC_GUARD_STEPS;
     if (b->n[kind] < DC_SPEC_GUARD_STEPS) b->n[kind]++;
 }
@@ -144,12 +143,6 @@ static double s_median(const double *v, int n) {
     return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
 }
 
-static double s_mean_gain(const dc_spec_guard_bucket_t *b) {
-    double sum = 0;
-    for (int i = 0; i < b->n[1]; i++) sum += b->gain[i];
-    return b->n[1] > 0 ? sum / b->n[1] : 0;
-}
-
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
     size_t at = 0;
     int n = 0;
@@ -158,10 +151,8 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
         const dc_spec_guard_bucket_t *k = &g->b[b];
         if (k->n[0] + k->n[1] == 0) continue;
         const int32_t lo = b == 0 ? 1 : 1 << b, hi = (2 << b) - 1;
-        char drafted[64] = "-", plain[32] = "-", range[24];
-        if (k->n[1] > 0)
-            snprintf(drafted, sizeof drafted, "%.2f us/token at %.2f tokens/row", s_median(k->us_per_token[1], k->n[1]),
-                     s_mean_gain(k));
+        char drafted[32] = "-", plain[32] = "-", range[24];
+        if (k->n[1] > 0) snprintf(drafted, sizeof drafted, "%.2f", s_median(k->us_per_token[1], k->n[1]));
         if (k->n[0] > 0) snprintf(plain, sizeof plain, "%.2f", s_median(k->us_per_token[0], k->n[0]));
         if (b == DC_SPEC_GUARD_BUCKETS - 1)
             snprintf(range, sizeof range, "%d+", lo);
@@ -177,7 +168,7 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
                      (2 * DC_SPEC_EXPLORE)
                          << (k->n_backoff - 1 < DC_SPEC_GUARD_MAX_BACKOFF ? k->n_backoff - 1
                                                                           : DC_SPEC_GUARD_MAX_BACKOFF));
-        int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s (%d) vs none %s (%d): %s%s",
+        int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s us/token (%d) vs none %s (%d): %s%s",
                          n ? "; " : "", range, drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
         if (w > 0) at += (size_t)w;
         n++;
@@ -202,7 +193,6 @@ bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan) {
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows) {
     if (n_rows <= 0) return true;
     const dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
-    if (b->n[1] >= GUARD_MIN_STEPS && s_mean_gain(b) < DC_SPEC_GUARD_MIN_GAIN) return false;
     if (b->n[0] < GUARD_MIN_STEPS || b->n[1] < GUARD_MIN_STEPS) return true;
     return s_median(b->us_per_token[1], b->n[1]) <= s_median(b->us_per_token[0], b->n[0]);
 }

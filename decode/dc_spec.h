@@ -87,17 +87,12 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
  * there it kept drafting where drafts lost 7-9% (chat at concurrency 32). The guard compares what the steps
  * actually delivered: the median time per emitted token of the last DC_SPEC_GUARD_STEPS steps with drafts against
  * that of the last steps without, for batches of about the same size (row counts in power-of-two buckets), and
- * disallows drafts in a bucket where they deliver less. It also disallows them where drafted steps emit under
- * DC_SPEC_GUARD_MIN_GAIN tokens per row on average: there any cost the steps do not show outweighs the gain (on the
- * H100, n-gram chat at concurrency 32 added 1% tokens per step, measured 8-17% cheaper per token than plain steps,
- * and still delivered 8-10% fewer tokens per second). Plain struct, zero-initialised = no measurements (drafts
+ * disallows drafts in a bucket where they deliver less. Plain struct, zero-initialised = no measurements (drafts
  * allowed). */
-#define DC_SPEC_GUARD_BUCKETS  8 /* rows 1, 2-3, 4-7, ..., 128 and more */
-#define DC_SPEC_GUARD_STEPS    16
-#define DC_SPEC_GUARD_MIN_GAIN 1.05
+#define DC_SPEC_GUARD_BUCKETS 8 /* rows 1, 2-3, 4-7, ..., 128 and more */
+#define DC_SPEC_GUARD_STEPS   16
 typedef struct {
     double us_per_token[2][DC_SPEC_GUARD_STEPS]; /* per kind (0: no drafts, 1: drafts), a ring of recent steps */
-    double gain[DC_SPEC_GUARD_STEPS];            /* drafted steps (same ring as kind 1): tokens emitted per row */
     int32_t n[2], next[2];
     /* dc_spec_guard_probe_due while drafts are disallowed here: the plan number of the next drafted probe, and how
      * many probes in a row found them disallowed */
@@ -112,7 +107,7 @@ typedef struct {
  * plus accepted drafts, fewer where a row finished) in step_us. */
 void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts, int32_t n_emitted, double step_us);
 /* false when both kinds have at least a few steps in n_rows' bucket and drafted steps took longer per emitted token
- * (medians), or when drafted steps have a few and emitted under DC_SPEC_GUARD_MIN_GAIN tokens per row (mean). */
+ * (medians). */
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
 /* Whether plan number plan (counting the scheduler's speculative plans, from 1) of n_rows rows is a drafted probe:
  * one step that drafts under the startup calibration whatever the refitted model and the guard say, so that both can
@@ -123,8 +118,8 @@ bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
 bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan);
 #define DC_SPEC_GUARD_MAX_BACKOFF 4 /* longest probe interval: 2 * DC_SPEC_EXPLORE << this */
 /* One line on what the guard holds, for the decode worker's exit log: per row-count bucket with measurements, the
- * median us per emitted token with drafts (and their mean tokens per row) and without (steps counted) and the verdict,
- * e.g. "rows 16-31: drafts 9.80 us/token at 1.20 tokens/row (16) vs none 9.10 (16): off". Writes at most cap bytes (NUL included); returns
+ * median us per emitted token with drafts and without (steps counted) and the verdict, e.g.
+ * "rows 16-31: drafts 9.80 us/token (16) vs none 9.10 (16): off". Writes at most cap bytes (NUL included); returns
  * the buckets described. */
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap);
 
