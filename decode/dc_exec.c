@@ -18,7 +18,7 @@ struct dc_exec {
     eng_drafter_t *draft; /* DC_SPEC_DRAFT only */
     /* written by the engine thread during a step, read by the loop after collecting it */
     uint64_t job_draft_us, job_verify_us;
-    bool is_job_one_time; /* the forward captured a CUDA graph (eng_n_one_time): not what its shape costs later */
+    bool is_job_one_time; /* the forward paid a one-time cost (eng_n_one_time): not what its shape costs later */
     dc_event_t *events;
     int cap_events;
     bool is_in_handler; /* inside a step's event callbacks: a kick then would re-enter planning */
@@ -61,8 +61,9 @@ static void s_finish_step(dc_exec_t *x, pd_status result) {
                                     ? (double)(t1 - x->prev_done_us)
                                     : -1.0;
         x->prev_done_us = t1;
-        /* a capture costs tens of steps once: on the H100, where drafted shapes come back rarely (probes), such steps
-         * made up most of the guard's drafted samples at batch 1 and kept drafts off where they pay */
+        /* a shape's first launch or its graph's capture costs up to tens of steps once: on the H100, where drafted
+         * shapes come back rarely (probes), such steps made up most of the guard's drafted samples and kept drafts off
+         * where they pay */
         if (is_pure_decode && !x->is_job_one_time)
             dc_sched_spec_observe(x->p.sched, n_tokens, (double)(x->job_verify_us + (t1 - t0)), cycle_us);
     } else {

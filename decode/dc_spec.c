@@ -143,6 +143,12 @@ static double s_median(const double *v, int n) {
     return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
 }
 
+/* Plans between drafted probes after n_backoff probes that found drafts disallowed (dc_spec_guard_probe_due). */
+static int64_t s_probe_interval(int32_t n_backoff) {
+    return (int64_t)(2 * DC_SPEC_EXPLORE)
+           << (n_backoff < DC_SPEC_GUARD_MAX_BACKOFF ? n_backoff : DC_SPEC_GUARD_MAX_BACKOFF);
+}
+
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
     size_t at = 0;
     int n = 0;
@@ -163,11 +169,9 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
         if (at >= cap) break;
         const bool is_on = dc_spec_guard_allows(g, lo);
         char probes[48] = "";
-        if (!is_on && k->n_backoff > 0)
-            snprintf(probes, sizeof probes, " (probes every %d steps)",
-                     (2 * DC_SPEC_EXPLORE)
-                         << (k->n_backoff - 1 < DC_SPEC_GUARD_MAX_BACKOFF ? k->n_backoff - 1
-                                                                          : DC_SPEC_GUARD_MAX_BACKOFF));
+        if (!is_on && k->n_backoff > 0) /* the interval the last probe set */
+            snprintf(probes, sizeof probes, " (probes every %lld steps)",
+                     (long long)s_probe_interval(k->n_backoff - 1));
         int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s us/token (%d) vs none %s (%d): %s%s",
                          n ? "; " : "", range, drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
         if (w > 0) at += (size_t)w;
@@ -177,15 +181,13 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
 }
 
 bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan) {
-    const int64_t period = 2 * DC_SPEC_EXPLORE;
     dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows > 0 ? n_rows : 1)];
     if (dc_spec_guard_allows(g, n_rows)) {
         b->n_backoff = 0, b->next_probe = 0;
-        return plan % period == 0;
+        return plan % s_probe_interval(0) == 0;
     }
     if (plan < b->next_probe) return false;
-    b->next_probe =
-        plan + (period << (b->n_backoff < DC_SPEC_GUARD_MAX_BACKOFF ? b->n_backoff : DC_SPEC_GUARD_MAX_BACKOFF));
+    b->next_probe = plan + s_probe_interval(b->n_backoff);
     b->n_backoff++;
     return true;
 }

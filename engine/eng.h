@@ -104,8 +104,9 @@ typedef struct {
 PD_NODISCARD pd_status eng_forward(eng_t *e, const eng_batch_t *b);
 
 /* How many forwards so far paid a one-time cost that later forwards of their shape do not (CUDA: the first forward
- * of a shape, launched directly, and the second, which captures its CUDA graph: tens of times a replay), so that a caller timing steps to make decisions (speculation's guard) can leave
- * them out. 0 on the CPU. Thread: the one that owns e. */
+ * of a shape, launched directly, and the second, which captures its CUDA graph: tens of times a replay), so that a
+ * caller timing steps to make decisions (speculation's guard) can leave them out. 0 on the CPU. Thread: the one that
+ * owns e. */
 uint64_t eng_n_one_time(const eng_t *e);
 
 /* Rows of logits a batch produces. */

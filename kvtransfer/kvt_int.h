@@ -92,8 +92,6 @@ typedef struct kvt_team kvt_team_t;
 /* n_helpers threads that join the thread calling kvt_team_run; NULL if none could start. */
 kvt_team_t *kvt_team_create(int n_helpers, size_t scratch_bytes);
 void kvt_team_destroy(kvt_team_t **t);
-/* Threads that run a job: the helpers and the caller (1 for NULL). */
-int kvt_team_size(const kvt_team_t *t);
 /* fn(ctx, i, ...) for every i in [0, n), dealt one at a time to the caller (with its scratch) and the helpers; returns
  * once every started item is done (their non-temporal stores fenced). After a failure no more items start: false with
  * the first failure's reason in why. One job at a time (the receiver's poll thread). */

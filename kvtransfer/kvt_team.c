@@ -101,10 +101,6 @@ void kvt_team_destroy(kvt_team_t **tp) {
     *tp = NULL;
 }
 
-int kvt_team_size(const kvt_team_t *t) {
-    return t ? t->n_helpers + 1 : 1;
-}
-
 bool kvt_team_run(kvt_team_t *t, kvt_team_fn fn, void *ctx, size_t n, uint8_t *scratch, char *why, size_t cap) {
     pthread_mutex_lock(&t->mu);
     t->fn = fn, t->ctx = ctx, t->n = n, t->next = 0, t->is_failed = false, t->why[0] = '\0';

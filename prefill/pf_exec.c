@@ -693,7 +693,7 @@ void pf_exec_destroy(pf_exec_t **xp) {
         int32_t n = x->n_tails < S_RECENT_TAILS ? (int32_t)x->n_tails : S_RECENT_TAILS, p90 = (n * 9) / 10;
         /* split: KV ready -> commit is the rest of the step (logits, first token), commit -> DONE the hand-off
          * still open once the first token is known */
-        static uint32_t after[S_RECENT_TAILS];
+        uint32_t after[S_RECENT_TAILS];
         for (int32_t i = 0; i < n; i++) after[i] = x->recent_tails_us[i] - x->recent_waits_us[i];
         qsort(x->recent_tails_us, (size_t)n, sizeof *x->recent_tails_us, s_cmp_u32);
         qsort(x->recent_waits_us, (size_t)n, sizeof *x->recent_waits_us, s_cmp_u32);

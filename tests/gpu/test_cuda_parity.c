@@ -85,6 +85,11 @@ typedef struct {
     uint8_t *snap;
 } s_watch_t;
 
+/* Where the snapshot keeps layer l's chunk of kind for blocks[i]. */
+static uint8_t *s_snap_chunk(const s_watch_t *w, int32_t l, int kind, int32_t i) {
+    return w->snap + (((size_t)l * 2 + (size_t)kind) * (size_t)w->n_blocks + (size_t)i) * eng_kv_chunk_bytes(w->km);
+}
+
 static void *s_watch(void *arg) {
     s_watch_t *w = arg;
     const size_t cb = eng_kv_chunk_bytes(w->km);
@@ -95,7 +100,7 @@ static void *s_watch(void *arg) {
         for (; w->n_seen < n; w->n_seen++)
             for (int kind = 0; kind < 2; kind++)
                 for (int32_t i = 0; i < w->n_blocks; i++)
-                    memcpy(w->snap + (((size_t)w->n_seen * 2 + (size_t)kind) * (size_t)w->n_blocks + (size_t)i) * cb,
+                    memcpy(s_snap_chunk(w, w->n_seen, kind, i),
                            w->mirror + eng_kv_chunk_offset(w->km, w->n_seen, (eng_kv_kind_t)kind, w->blocks[i]), cb);
         if (is_last) return NULL;
     }
@@ -310,8 +315,7 @@ static void s_check_model(const char *path) {
     for (int32_t l = 0; l < w.n_seen; l++)
         for (int kind = 0; kind < 2; kind++)
             for (int32_t i = 0; i < w.n_blocks; i++)
-                n_early += memcmp(w.snap + (((size_t)l * 2 + (size_t)kind) * (size_t)w.n_blocks + (size_t)i) *
-                                               eng_kv_chunk_bytes(km),
+                n_early += memcmp(s_snap_chunk(&w, l, kind, i),
                                   mbase + eng_kv_chunk_offset(km, l, (eng_kv_kind_t)kind, w.blocks[i]),
                                   eng_kv_chunk_bytes(km)) != 0;
     CHECK_EQ_INT(w.n_seen, km->n_layers); /* every layer reported by the time eng_forward returned */
