@@ -23,6 +23,7 @@ typedef struct {
     /* decode */
     char *router, *id, *kv_bind;
     int64_t max_batch, max_seqs, prefill_chunk_tokens;
+    bool kv_cuda_ipc;
     /* speculative decoding */
     int spec;
     char *draft_model;
@@ -62,6 +63,8 @@ static const pd_opt_t s_opts[] = {
      .help = "requests held at once (waiting for KV, prefilling, decoding)"},
     {.section = "decode", .key = "prefill_chunk_tokens", .type = PD_OPT_INT64, F(prefill_chunk_tokens), .min = 0,
      .def = "256", .max = 1 << 20, .help = "local prefill tokens per step (prefill_locally requests; 0 = refused)"},
+    {.section = "decode", .key = "kv_cuda_ipc", .type = PD_OPT_BOOL, F(kv_cuda_ipc), .def = "true",
+     .help = "cuda: copy KV device to device from prefill workers on the same GPU (else through host memory)"},
     {.section = "decode", .key = "spec", .type = PD_OPT_ENUM, F(spec), .def = "off", .choices = s_spec_modes,
      .help = "speculative decoding: n-gram prompt lookup or a draft model (decode.draft_model)"},
     {.section = "decode", .key = "spec_k", .type = PD_OPT_INT64, F(spec_k), .def = "5", .min = 1,
@@ -206,6 +209,7 @@ int main(int argc, char **argv) {
     sp.max_batch = (int32_t)cfg.max_batch;
     sp.max_seqs = (int32_t)cfg.max_seqs;
     sp.prefill_chunk_tokens = (int32_t)cfg.prefill_chunk_tokens;
+    sp.is_kv_device = cfg.kv_cuda_ipc;
     sp.spec = (dc_spec_mode_t)cfg.spec;
     sp.spec_k = (int32_t)cfg.spec_k, sp.ngram_min = (int32_t)cfg.ngram_min, sp.ngram_max = (int32_t)cfg.ngram_max;
     sp.spec_max_step_drafts = (int32_t)cfg.spec_max_step_drafts;

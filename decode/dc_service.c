@@ -70,7 +70,8 @@ dc_service_params_t dc_service_params_default(void) {
                                  .max_seqs = 256,
                                  .prefill_chunk_tokens = 256,
                                  .heartbeat_ivl_ms = 250,
-                                 .drain_timeout_ms = 30000};
+                                 .drain_timeout_ms = 30000,
+                                 .is_kv_device = true};
 }
 
 /* Rate-limited warning: one line per second, with the count of those skipped. */
@@ -290,6 +291,29 @@ static void *s_kv_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t bl
     return s->kv_base + eng_kv_chunk_offset(s->layout, layer, kind, block);
 }
 
+/* The same-GPU path: the engine maps a prefill worker's device pool and copies from it on this (the loop) thread while
+ * a step may run on the engine thread; the blocks it writes are reserved for the transfer, so no step reads them. */
+static void *s_kv_peer_open(void *ctx, const void *handle, size_t len, const eng_kv_layout_t *src) {
+    dc_service_t *s = ctx;
+    char why[160] = "";
+    void *peer = eng_kv_peer_open(s->p.eng, handle, len, src, why, sizeof why);
+    if (peer)
+        LOG_I("KV from a prefill worker on this GPU: copied device to device");
+    else
+        LOG_I("KV from a prefill worker whose GPU pool cannot be mapped here (%s): through host memory", why);
+    return peer;
+}
+
+static pd_status s_kv_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+    dc_service_t *s = ctx;
+    return eng_kv_peer_copy(s->p.eng, peer, src, dst, n);
+}
+
+static void s_kv_peer_close(void *ctx, void *peer) {
+    dc_service_t *s = ctx;
+    eng_kv_peer_close(s->p.eng, peer);
+}
+
 static void s_on_committed(dc_service_t *s, const kvt_event_t *kev) {
     s_req_t *r = s_req_find(s, kev->request_id);
     if (!r) {
@@ -306,7 +330,7 @@ static void s_on_committed(dc_service_t *s, const kvt_event_t *kev) {
     pd_status st = dc_msg_first_token(kev->first_token_info, kev->first_token_info_len, kev->first_token, s->vocab_size,
                                       &first, why, sizeof why);
     dc_event_t ev;
-    if (st == PD_OK) dc_exec_kv_arrived(s->exec, r->req_id); /* into the pool before its first step (GPU) */
+    if (st == PD_OK && !kev->is_on_device) dc_exec_kv_arrived(s->exec, r->req_id); /* host copy into the GPU pool */
     if (st == PD_OK && dc_sched_admit(s->sched, r->req_id, &first, pd_now_us(), &ev) != PD_OK) {
         st = PD_EPROTO;
         snprintf(why, sizeof why, "first token %d outside the vocabulary", kev->first_token);
@@ -534,10 +558,11 @@ static void s_log_stats(dc_service_t *s, uint64_t now) {
     if (st.exec.n_steps == s->last_stats_steps && st.n_requests_held == 0) return; /* idle: nothing to say */
     s->last_stats_steps = st.exec.n_steps;
     LOG_I("held %d (waiting %d, prefilling %d, running %d), KV blocks free %d/%d, steps %llu, tokens %llu, "
-          "requests %llu (refused %llu), KV received %.1f MiB",
+          "requests %llu (refused %llu), KV received %.1f MiB (%.1f device to device)",
           st.n_requests_held, st.sched.n_waiting, st.sched.n_prefilling, st.sched.n_running, st.sched.n_free_blocks,
           st.sched.n_total_blocks, (unsigned long long)st.exec.n_steps, (unsigned long long)st.sched.n_tokens_generated,
-          (unsigned long long)st.n_requests, (unsigned long long)st.n_refused, (double)st.kv.payload_bytes / (1 << 20));
+          (unsigned long long)st.n_requests, (unsigned long long)st.n_refused, (double)st.kv.payload_bytes / (1 << 20),
+          (double)st.kv.device_payload_bytes / (1 << 20));
 }
 
 static void s_on_tick(pd_loop_t *l, void *ud) {
@@ -706,6 +731,11 @@ dc_service_t *dc_service_create(const dc_service_params_t *p, char *err, size_t 
     kp.layout = *s->layout;
     kp.store =
         (kvt_store_t){.ctx = s, .chunk = s_kv_chunk, .reserve_for = s_kv_reserve_for, .release_for = s_kv_release_for};
+    if (p->is_kv_device) {
+        kp.store.peer_open = s_kv_peer_open;
+        kp.store.peer_copy = s_kv_peer_copy;
+        kp.store.peer_close = s_kv_peer_close;
+    }
     kp.max_transfers = p->max_seqs;
     s->kvt = kvt_receiver_create(p->zmq_ctx, &kp, err, err_cap);
     if (!s->kvt) goto fail;

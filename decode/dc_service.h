@@ -43,6 +43,9 @@ typedef struct {
     int32_t prefill_chunk_tokens; /* local-prefill tokens per step (default 256; 0 = local prefill refused) */
     int32_t heartbeat_ivl_ms;     /* until the router's WorkerRegistered names one (default 250) */
     int64_t drain_timeout_ms;     /* dc_service_drain: held requests may finish this long (default 30000) */
+    bool is_kv_device;            /* copy KV device to device from prefill workers whose GPU pool the engine can map
+                                     (eng_kv_peer_open: CUDA IPC, same GPU), instead of through host memory
+                                     (default true) */
     /* speculative decoding (dc_spec.h); spec_k etc. as in dc_sched_params_t (0 = that default) */
     dc_spec_mode_t spec; /* DC_SPEC_OFF (default) */
     int32_t spec_k, ngram_min, ngram_max, spec_max_step_drafts, draft_catchup_tokens;

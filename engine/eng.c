@@ -287,6 +287,33 @@ pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t n_blocks) {
     return s_kv_sync(e, table, n_blocks, false);
 }
 
+size_t eng_kv_export(eng_t *e, void *handle, size_t cap) {
+    return e->ops->kv_export ? e->ops->kv_export(e->be, handle, cap) : 0;
+}
+
+void *eng_kv_peer_open(eng_t *e, const void *handle, size_t len, const eng_kv_layout_t *kv, char *err, size_t err_cap) {
+    if (!e->ops->kv_peer_open) {
+        snprintf(err, err_cap, "the %s backend has no device pool to copy into", e->ops->name);
+        return NULL;
+    }
+    return e->ops->kv_peer_open(e->be, handle, len, kv, err, err_cap);
+}
+
+pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+    if (!peer || !e->ops->kv_peer_copy || n < 0) return PD_EINVAL;
+    for (int32_t i = 0; i < n; i++)
+        if (dst[i] < 0 || dst[i] >= eng_kv_pool_n_blocks(e->kv_pool)) {
+            LOG_E("engine: peer KV copy into block id %d outside the pool of %d", dst[i],
+                  eng_kv_pool_n_blocks(e->kv_pool));
+            return PD_EINVAL;
+        }
+    return n == 0 ? PD_OK : e->ops->kv_peer_copy(e->be, peer, src, dst, n);
+}
+
+void eng_kv_peer_close(eng_t *e, void *peer) {
+    if (peer && e->ops->kv_peer_close) e->ops->kv_peer_close(e->be, peer);
+}
+
 pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
     if (layer < 0 || layer >= e->kv_layout.n_layers || block < 0 || block >= eng_kv_pool_n_blocks(e->kv_pool) ||
         (kind != ENG_KV_K && kind != ENG_KV_V))

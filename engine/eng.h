@@ -126,6 +126,22 @@ void *eng_kv_host_base(eng_t *e);
 PD_NODISCARD pd_status eng_kv_to_host(eng_t *e, const int32_t *table, int32_t pos, int32_t n_tokens);
 PD_NODISCARD pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t n_blocks);
 
+/* Same-GPU KV hand-off between two processes (CUDA IPC): a prefill worker exports its pool, a decode worker on a GPU
+ * that can reach it opens it and copies a request's blocks device to device, with no host memory in the way.
+ * eng_kv_export writes an opaque handle (at most cap bytes) and returns its length; 0 when the backend keeps its pool
+ * in host memory (CPU) or cannot export it. eng_kv_peer_open maps another process's exported pool (kv: its layout,
+ * which must match this pool's but for n_blocks) and returns a token, or NULL with the reason in err: another backend,
+ * a GPU this one cannot reach, or a handle of this same process. eng_kv_peer_copy copies every layer's K and V of the
+ * peer's blocks src[i] into this pool's dst[i], i < n, and returns once the copy is complete: PD_EINVAL for a block
+ * outside either pool, PD_EBACKEND on a device error. eng_kv_peer_close unmaps (NULL: nothing).
+ * Thread: unlike the rest of eng_t, the three peer calls may run on one other thread (a decode service's loop) while
+ * eng_forward runs, on their own stream, as long as no running forward uses the dst blocks. The exporting process must
+ * keep the src blocks unchanged until the copy returns. */
+size_t eng_kv_export(eng_t *e, void *handle, size_t cap);
+void *eng_kv_peer_open(eng_t *e, const void *handle, size_t len, const eng_kv_layout_t *kv, char *err, size_t err_cap);
+PD_NODISCARD pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n);
+void eng_kv_peer_close(eng_t *e, void *peer);
+
 /* KV block export/import in the pool's layout and dtype (eng_kv_layout.h): one (layer, kind, block)
  * chunk of eng_kv_chunk_bytes. For hand-off between workers and for tests. */
 PD_NODISCARD pd_status eng_kv_read_chunk(eng_t *e, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst);

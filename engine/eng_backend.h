@@ -29,6 +29,12 @@ typedef struct {
                            the facade's pool, and so every scheduler, has one block less */
     /* Forwards so far that paid a one-time cost (CUDA: captured a graph); NULL: never. */
     uint64_t (*n_one_time)(const eng_backend_t *be);
+    /* Same-GPU hand-off between processes (eng_kv_export, eng_kv_peer_*); NULL: not supported. */
+    size_t (*kv_export)(eng_backend_t *be, void *handle, size_t cap);
+    void *(*kv_peer_open)(eng_backend_t *be, const void *handle, size_t len, const eng_kv_layout_t *kv, char *err,
+                          size_t err_cap);
+    pd_status (*kv_peer_copy)(eng_backend_t *be, void *peer, const int32_t *src, const int32_t *dst, int32_t n);
+    void (*kv_peer_close)(eng_backend_t *be, void *peer);
 } eng_backend_ops_t;
 
 extern const eng_backend_ops_t eng_backend_cpu;

@@ -61,6 +61,8 @@ typedef struct {
     int32_t n_blocks;    /* COMMITTED: block ids in block_ids (owned by the receiver object until the next
                             poll; copy them) */
     const int32_t *block_ids;
+    bool is_on_device; /* COMMITTED: the blocks were copied device to device (a sender on the same GPU), so they are
+                          already in the receiver's device pool and its host copy of them is stale */
     /* COMMITTED: the sender's kvt_sender_commit_info bytes (first_token_info_len of them, 0 when none), owned by
      * the receiver object until the next poll */
     const uint8_t *first_token_info;
@@ -98,9 +100,18 @@ typedef struct {
      * a transfer's payload messages are dealt round robin over all of them (reserve, commit and cancel use
      * the first), so one large transfer uses several TCP streams. The shared-pool path uses the first only. */
     int32_t n_conns;
+    /* Optional same-GPU path: the pool's device memory exported for other processes (eng_kv_export: a CUDA IPC
+     * handle), opaque to kvtransfer, device_handle_len <= KVT_MAX_DEVICE_HANDLE_BYTES, in the same layout as
+     * pool_base. A receiver that can map it copies each transfer device to device at commit (ZeroMQ carries
+     * control only, and nothing is checksummed: the bytes stay in GPU memory); others get the shared-pool or socket
+     * path. A transfer of more than KVT_MAX_DEVICE_BLOCKS blocks takes the other path. NULL (default): none. */
+    const void *device_handle;
+    size_t device_handle_len;
 } kvt_sender_params_t;
 
-#define KVT_MAX_CONNS 8
+#define KVT_MAX_CONNS               8
+#define KVT_MAX_DEVICE_HANDLE_BYTES 256
+#define KVT_MAX_DEVICE_BLOCKS       4096 /* its block ids ride in the reserve message (at most ~20 KiB) */
 
 kvt_sender_params_t kvt_sender_params_default(void);
 
@@ -161,6 +172,17 @@ typedef struct {
      * count) the blocks are for, so a decode scheduler can account blocks per request. */
     pd_status (*reserve_for)(void *ctx, uint64_t request_id, int32_t n_tokens, int32_t n_blocks, int32_t *ids);
     void (*release_for)(void *ctx, uint64_t request_id, const int32_t *ids, int32_t n_blocks);
+    /* Optional same-GPU path (all three or none). peer_open maps a sender's exported device pool (its
+     * kvt_sender_params_t.device_handle; src_layout: that pool's layout, dtype equal to the receiver's) and returns a
+     * token, or NULL when this store cannot reach it (another GPU, no GPU, the same process): that sender then uses
+     * the other paths. peer_copy copies every layer's K and V of the sender's src_blocks into dst_blocks (reserved
+     * here, in the store's device pool) and returns once the copy is complete; != PD_OK fails the transfer.
+     * peer_close unmaps (the sender reconnected or was dropped, or the receiver is destroyed). All on the poll
+     * thread. */
+    void *(*peer_open)(void *ctx, const void *handle, size_t handle_len, const eng_kv_layout_t *src_layout);
+    pd_status (*peer_copy)(void *ctx, void *peer, const int32_t *src_blocks, const int32_t *dst_blocks,
+                           int32_t n_blocks);
+    void (*peer_close)(void *ctx, void *peer);
 } kvt_store_t;
 
 typedef struct kvt_receiver kvt_receiver_t;
@@ -234,10 +256,12 @@ typedef struct {
     uint64_t transfers_started, transfers_done, transfers_failed;
     uint64_t payload_bytes, frames_dropped_stale;
     int32_t active_transfers;
-    int32_t reserved_blocks;    /* blocks currently held for unfinished transfers */
-    uint64_t shm_payload_bytes; /* of payload_bytes, those copied through the shared pool */
-    int32_t shm_peers;          /* receiver: peers whose pool is mapped; sender: 1 while the peer maps ours */
-    uint64_t striped_msgs;      /* payload messages sent / received on a connection other than a sender's first */
+    int32_t reserved_blocks;       /* blocks currently held for unfinished transfers */
+    uint64_t shm_payload_bytes;    /* of payload_bytes, those copied through the shared pool */
+    int32_t shm_peers;             /* receiver: peers whose pool is mapped; sender: 1 while the peer maps ours */
+    uint64_t striped_msgs;         /* payload messages sent / received on a connection other than a sender's first */
+    uint64_t device_payload_bytes; /* of payload_bytes, those copied device to device (counted as if they were sent) */
+    int32_t device_peers;          /* receiver: peers whose device pool is mapped; sender: 1 while the peer maps ours */
 } kvt_stats_t;
 
 void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out);

@@ -21,6 +21,8 @@ typedef struct {
     char name[64];    /* sender_id from the hello, for logs */
     const void *shm;  /* the sender's pool, mapped read-only (NULL: sockets only) */
     uint64_t shm_bytes;
+    void *dev; /* the sender's device pool, mapped by store.peer_open (NULL: none) */
+    int32_t dev_n_blocks;
     uint64_t group;      /* KvHello.conn_group: 0, or the sender's connections share it */
     uint32_t conn_index; /* within the group; 0 = the primary, which owns the group's transfers */
 } kvt_peer_t;
@@ -34,6 +36,7 @@ typedef struct {
     uint32_t n_msgs;                  /* KvData messages accepted, all connections */
     int32_t n_tokens, n_blocks;
     int32_t *block_ids; /* (n_blocks) reserved from the store, owned until commit or release */
+    int32_t *src_ids;   /* (n_blocks) the sender's, when the blocks are copied device to device at commit; else NULL */
     uint8_t *got;       /* (n_layers * n_blocks) 1 once that block-layer's K and V were written */
     int32_t n_got;
     uint64_t deadline_us;
@@ -169,6 +172,7 @@ static void s_tx_free(kvt_receiver_t *r, kvt_rtx_t *t, bool release_blocks) {
     r->peers[t->peer].n_active--;
     free(t->block_ids);
     free(t->got);
+    free(t->src_ids);
     memset(t, 0, sizeof *t);
 }
 
@@ -200,6 +204,11 @@ static kvt_rtx_t *s_live(kvt_receiver_t *r, int32_t peer, uint64_t transfer_id, 
 /* ---- messages ---- */
 
 static void s_peer_unmap(kvt_receiver_t *r, kvt_peer_t *pe) {
+    if (pe->dev) {
+        r->p.store.peer_close(r->p.store.ctx, pe->dev);
+        pe->dev = NULL;
+        r->st.device_peers--;
+    }
     if (!pe->shm) return;
     kvt_shm_unmap(pe->shm, pe->shm_bytes);
     pe->shm = NULL;
@@ -240,6 +249,18 @@ static void s_on_hello(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvHel
         r->st.shm_peers++;
         rep.shm_mapped = true;
     }
+    if (st == PD_OK && r->p.store.peer_open && m->device_handle.len > 0 &&
+        m->device_handle.len <= KVT_MAX_DEVICE_HANDLE_BYTES && m->device_n_blocks > 0 &&
+        theirs.kv_dtype == r->p.layout.dtype) {
+        eng_kv_layout_t src = r->p.layout; /* the fingerprint check made all but the pool's size equal */
+        src.n_blocks = (int32_t)(m->device_n_blocks > INT32_MAX ? INT32_MAX : m->device_n_blocks);
+        pe->dev = r->p.store.peer_open(r->p.store.ctx, m->device_handle.data, m->device_handle.len, &src);
+        if (pe->dev) {
+            pe->dev_n_blocks = src.n_blocks;
+            r->st.device_peers++;
+            rep.device_mapped = true;
+        }
+    }
     if (st != PD_OK) {
         e.code = PDSERVE__V1__ERROR_CODE__ERR_INCOMPATIBLE;
         e.message = why;
@@ -254,7 +275,8 @@ static void s_on_hello(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvHel
     s_send(r, peer, &env);
 }
 
-static pd_status s_check_reserve(const kvt_receiver_t *r, const Pdserve__V1__KvReserve *m, char *why, size_t cap) {
+static pd_status s_check_reserve(const kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvReserve *m, char *why,
+                                 size_t cap) {
     const eng_kv_layout_t *l = &r->p.layout;
     uint64_t want = ((uint64_t)m->n_tokens + (uint64_t)l->block_size - 1) / (uint64_t)l->block_size;
     if (m->n_tokens == 0 || m->n_blocks != want) {
@@ -266,6 +288,18 @@ static pd_status s_check_reserve(const kvt_receiver_t *r, const Pdserve__V1__KvR
         snprintf(why, cap, "reserve: n_blocks %u exceeds the pool (%d)", m->n_blocks, l->n_blocks);
         return PD_EINVAL;
     }
+    if (m->n_device_blocks == 0) return PD_OK;
+    if (!r->peers[peer].dev || m->n_device_blocks != m->n_blocks) {
+        snprintf(why, cap, "reserve: %zu device blocks for %u blocks (device pool %s)", m->n_device_blocks, m->n_blocks,
+                 r->peers[peer].dev ? "mapped" : "not mapped");
+        return PD_EPROTO;
+    }
+    for (size_t i = 0; i < m->n_device_blocks; i++)
+        if (m->device_blocks[i] >= (uint32_t)r->peers[peer].dev_n_blocks) {
+            snprintf(why, cap, "reserve: device block %u outside the sender's pool (%d)", m->device_blocks[i],
+                     r->peers[peer].dev_n_blocks);
+            return PD_EPROTO;
+        }
     return PD_OK;
 }
 
@@ -277,7 +311,7 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
     }
     if (old) s_fail(r, old, PD_ECLOSED, "superseded by a newer epoch", false);
     char why[160] = "";
-    pd_status st = s_check_reserve(r, m, why, sizeof why);
+    pd_status st = s_check_reserve(r, peer, m, why, sizeof why);
     kvt_rtx_t *t = NULL;
     for (int32_t i = 0; st == PD_OK && i < r->p.max_transfers && !t; i++)
         if (!r->tx[i].in_use) t = &r->tx[i];
@@ -285,12 +319,14 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
         snprintf(why, sizeof why, "reserve: %d transfers in progress", r->p.max_transfers);
         st = PD_EAGAIN;
     }
-    int32_t *ids = NULL;
+    int32_t *ids = NULL, *src_ids = NULL;
     uint8_t *got = NULL;
     if (st == PD_OK) {
         ids = malloc(m->n_blocks * sizeof *ids);
         got = calloc((size_t)m->n_blocks * (size_t)r->p.layout.n_layers, 1);
-        if (!ids || !got) {
+        if (m->n_device_blocks > 0 && (src_ids = malloc(m->n_blocks * sizeof *src_ids)) != NULL)
+            for (uint32_t i = 0; i < m->n_blocks; i++) src_ids[i] = (int32_t)m->device_blocks[i];
+        if (!ids || !got || (m->n_device_blocks > 0 && !src_ids)) {
             snprintf(why, sizeof why, "reserve: out of memory");
             st = PD_ENOMEM;
         }
@@ -307,6 +343,7 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
     if (st != PD_OK) {
         free(ids);
         free(got);
+        free(src_ids);
         s_send_error(r, peer, PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE_REPLY, m->transfer_id, m->epoch, st, why);
         return;
     }
@@ -321,6 +358,7 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
     t->n_blocks = (int32_t)m->n_blocks;
     t->block_ids = ids;
     t->got = got;
+    t->src_ids = src_ids;
     t->deadline_us = pd_now_us() + timeout_ms * 1000u;
     r->peers[peer].n_active++;
     r->st.active_transfers++;
@@ -494,6 +532,10 @@ static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData
     kvt_data_in_t in = {.d = d, .frames = frames, .sizes = sizes};
     char why[160];
     uint32_t ci = r->peers[conn].group ? r->peers[conn].conn_index : 0;
+    if (t->src_ids) {
+        s_fail(r, t, PD_EPROTO, "data: for a transfer that is copied device to device", true);
+        return;
+    }
     if (d->seq != t->next_seq[ci]) {
         snprintf(why, sizeof why, "data: seq %u, expected %u (gap or repeat; connection %u)", d->seq, t->next_seq[ci],
                  ci);
@@ -549,7 +591,7 @@ static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData
 static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCommit *m) {
     kvt_rtx_t *t = s_live(r, peer, m->transfer_id, m->epoch);
     if (!t) return;
-    int32_t want = r->p.layout.n_layers * t->n_blocks;
+    int32_t want = t->src_ids ? 0 : r->p.layout.n_layers * t->n_blocks;
     char why[160];
     size_t info_len = m->first_token_info.len;
     if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0 || info_len > KVT_MAX_COMMIT_INFO_BYTES) {
@@ -568,6 +610,18 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     }
     t->block_ids = ids;
     if (info_len > 0) memcpy((uint8_t *)ids + ids_bytes, m->first_token_info.data, info_len);
+    if (t->src_ids) { /* the KV is all in the sender's device pool now: copy it before saying DONE */
+        pd_status st = r->p.store.peer_copy(r->p.store.ctx, r->peers[peer].dev, t->src_ids, t->block_ids, t->n_blocks);
+        if (st != PD_OK) {
+            snprintf(why, sizeof why, "commit: device-to-device copy of %d blocks failed (%s)", t->n_blocks,
+                     pd_strerror(st));
+            s_fail(r, t, PD_EIO, why, true);
+            return;
+        }
+        uint64_t bytes = (uint64_t)t->n_blocks * (uint64_t)r->p.layout.n_layers * 2u * eng_kv_chunk_bytes(&r->p.layout);
+        r->st.payload_bytes += bytes;
+        r->st.device_payload_bytes += bytes;
+    }
     s_send_error(r, peer, PDSERVE__V1__KV_ENVELOPE__BODY_DONE, t->transfer_id, t->epoch, PD_OK, NULL);
     kvt_rev_t *e = s_ev_push(r, KVT_EV_COMMITTED, t, PD_OK, NULL);
     e->ids = t->block_ids; /* ownership of the blocks and of this array moves to the event */
@@ -575,6 +629,7 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     e->ev.n_tokens = t->n_tokens;
     e->ev.n_blocks = t->n_blocks;
     e->ev.block_ids = e->ids;
+    e->ev.is_on_device = t->src_ids != NULL;
     e->ev.first_token_info = info_len > 0 ? (const uint8_t *)ids + ids_bytes : NULL;
     e->ev.first_token_info_len = info_len;
     t->block_ids = NULL;
@@ -707,7 +762,9 @@ kvt_receiver_t *kvt_receiver_create(void *zmq_ctx, const kvt_receiver_params_t *
         l->n_blocks <= 0 || l->dtype > ENG_KV_BF16 || p->max_transfers <= 0 || p->max_transfers > 65536 ||
         p->default_timeout_ms <= 0 || p->linger_ms < 0 ||
         p->max_message_bytes < 2 * eng_kv_chunk_bytes(l) + KVT_MAX_ENVELOPE_BYTES ||
-        p->max_message_bytes > (uint64_t)INT64_MAX) {
+        p->max_message_bytes > (uint64_t)INT64_MAX ||
+        !(p->store.peer_open ? p->store.peer_copy && p->store.peer_close
+                             : !p->store.peer_copy && !p->store.peer_close)) {
         snprintf(err, err_cap, "kvt receiver: bad params (store, layout, limits, max_message_bytes)");
         return NULL;
     }

@@ -39,6 +39,7 @@ typedef struct {
     int32_t *block_ids; /* (n_blocks) the sender's blocks, owned */
     int32_t n_layers_ready;
     bool has_commit, is_blocked;
+    bool is_device;       /* its blocks go device to device (the reserve names them; no KvData) */
     int32_t corrupt_next; /* test hook: 1 + the frame of the next data message whose checksum is spoiled; 0 none */
     int32_t first_token;
     uint8_t *commit_info; /* (commit_info_len) owned; handed over with the commit */
@@ -65,8 +66,10 @@ struct kvt_sender {
     uint64_t conn_group;        /* random, non-zero with several connections */
     kvt_sender_params_t p;
     char endpoint[256], sender_id[64], error[256], shm_name[256];
-    kvt_hs_t hs;                            /* the primary's handshake (== conn[0].hs) */
-    bool use_runs, use_shm, use_groups;     /* what the receiver answered in its hello reply */
+    kvt_hs_t hs;                        /* the primary's handshake (== conn[0].hs) */
+    bool use_runs, use_shm, use_groups; /* what the receiver answered in its hello reply */
+    bool use_device;
+    uint8_t device_handle[KVT_MAX_DEVICE_HANDLE_BYTES];
     uint64_t window_bytes, in_flight_bytes; /* credit of this connection */
     uint64_t peer_max_msg_bytes;
     uint64_t conn_heard_us; /* last message from the receiver, any transfer */
@@ -164,8 +167,9 @@ kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, cha
     if (kvt_endpoint_check(p->endpoint, err, err_cap) != PD_OK) return NULL;
     if (!zmq_ctx || !p->pool_base || l->n_layers <= 0 || l->n_kv_heads <= 0 || l->head_dim <= 0 || l->block_size <= 0 ||
         l->n_blocks <= 0 || l->dtype > ENG_KV_BF16 || p->max_transfers <= 0 || p->max_transfers > 65536 ||
-        p->reply_timeout_ms <= 0 || p->handshake_timeout_ms <= 0 || p->linger_ms < 0 || p->n_conns > KVT_MAX_CONNS) {
-        snprintf(err, err_cap, "kvt sender: bad params (zmq_ctx, pool_base, layout, limits)");
+        p->reply_timeout_ms <= 0 || p->handshake_timeout_ms <= 0 || p->linger_ms < 0 || p->n_conns > KVT_MAX_CONNS ||
+        p->device_handle_len > KVT_MAX_DEVICE_HANDLE_BYTES || (p->device_handle_len > 0 && !p->device_handle)) {
+        snprintf(err, err_cap, "kvt sender: bad params (zmq_ctx, pool_base, layout, limits, device_handle)");
         return NULL;
     }
     if (2 * eng_kv_chunk_bytes(l) > KVT_MAX_MSG_PAYLOAD_BYTES) {
@@ -183,6 +187,8 @@ kvt_sender_t *kvt_sender_create(void *zmq_ctx, const kvt_sender_params_t *p, cha
         kvt_copy_str(s->shm_name, sizeof s->shm_name, p->pool_shm_name);
         s->p.pool_shm_name = s->shm_name;
     }
+    if (p->device_handle_len > 0) memcpy(s->device_handle, p->device_handle, p->device_handle_len);
+    s->p.device_handle = p->device_handle_len > 0 ? s->device_handle : NULL;
     s->tx = pd_xcalloc((size_t)p->max_transfers, sizeof *s->tx);
     s->ev_cap = 3 * p->max_transfers + 8;
     s->ev = pd_xcalloc((size_t)s->ev_cap, sizeof *s->ev);
@@ -342,6 +348,7 @@ static void s_on_hello_reply(kvt_sender_t *s, int32_t c, const Pdserve__V1__KvHe
     s->peer_max_msg_bytes = m->max_message_bytes;
     s->use_runs = m->frame_runs;
     s->use_shm = m->shm_mapped && s->p.pool_shm_name;
+    s->use_device = m->device_mapped && s->p.device_handle;
     s->use_groups = m->conn_groups && s->n_conns > 1 && !s->use_shm; /* the shared pool needs no striping */
 }
 
@@ -366,6 +373,7 @@ static void s_on_reserve_reply(kvt_sender_t *s, const Pdserve__V1__KvReserveRepl
         return;
     }
     t->state = TX_STREAMING;
+    if (t->is_device) t->cur_layer = s->p.layout.n_layers; /* nothing to stream: the receiver copies at commit */
     t->last_heard_us = pd_now_us();
     s_ev_push(s, KVT_EV_RESERVED, t, PD_OK, NULL);
 }
@@ -396,6 +404,11 @@ static void s_on_done(kvt_sender_t *s, const Pdserve__V1__KvDone *m) {
     char why[160] = "";
     if (code != PDSERVE__V1__ERROR_CODE__ERR_NONE)
         snprintf(why, sizeof why, "receiver: %s", m->error->message ? m->error->message : "");
+    if (code == PDSERVE__V1__ERROR_CODE__ERR_NONE && t->is_device) {
+        uint64_t bytes = (uint64_t)t->n_blocks * (uint64_t)s->p.layout.n_layers * 2u * eng_kv_chunk_bytes(&s->p.layout);
+        s->st.payload_bytes += bytes;
+        s->st.device_payload_bytes += bytes;
+    }
     s_end(s, t, kvt_status_from_code(code), why, false);
 }
 
@@ -471,6 +484,11 @@ static void s_send_hello(kvt_sender_t *s, int32_t c, uint64_t now) {
         h.shm_name = s->shm_name;
         h.shm_bytes = eng_kv_pool_bytes(&s->p.layout);
     }
+    if (s->p.device_handle && c == 0) {
+        h.device_handle.data = s->device_handle;
+        h.device_handle.len = s->p.device_handle_len;
+        h.device_n_blocks = (uint32_t)s->p.layout.n_blocks;
+    }
     h.conn_group = s->conn_group;
     h.conn_index = (uint32_t)c;
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
@@ -492,6 +510,11 @@ static pd_status s_send_reserve(kvt_sender_t *s, kvt_stx_t *t, uint64_t now) {
     m.n_blocks = (uint32_t)t->n_blocks;
     m.timeout_ms = t->deadline_us ? (uint32_t)((t->deadline_us > now ? t->deadline_us - now : 1000) / 1000u) : 0;
     if (t->deadline_us && m.timeout_ms == 0) m.timeout_ms = 1;
+    t->is_device = s->use_device && t->n_blocks <= KVT_MAX_DEVICE_BLOCKS;
+    if (t->is_device) { /* ids are non-negative: the same bits as uint32 */
+        m.n_device_blocks = (size_t)t->n_blocks;
+        m.device_blocks = (uint32_t *)t->block_ids;
+    }
     Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
     env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE;
     env.reserve = &m;
@@ -768,4 +791,5 @@ void kvt_sender_stats(const kvt_sender_t *s, kvt_stats_t *out) {
         if (s->tx[i].state != TX_FREE && s->tx[i].state != TX_ENDED) out->active_transfers++;
     out->reserved_blocks = 0;
     out->shm_peers = s->hs == HS_OK && s->use_shm ? 1 : 0;
+    out->device_peers = s->hs == HS_OK && s->use_device ? 1 : 0;
 }

@@ -91,6 +91,9 @@ struct pf_exec {
     int32_t n_peers, cap_peers;
     int64_t tick_id, housekeep_id;
     uint64_t kv_bytes_retired, kv_shm_bytes_retired; /* payload bytes of closed senders (all; through shared memory) */
+    uint64_t kv_device_bytes_retired;                /* ... device to device */
+    uint8_t device_handle[KVT_MAX_DEVICE_HANDLE_BYTES]; /* eng_kv_export's, offered to every decode peer */
+    size_t device_handle_len;                           /* 0: none */
     uint64_t n_failed;
     kvt_event_t kvt_ev[S_KVT_EVENTS];
 };
@@ -101,6 +104,7 @@ pf_exec_params_t pf_exec_params_default(void) {
     p.kv_conns = 1;
     p.idle_sender_ms = 60000;
     p.is_kv_stream = true;
+    p.is_kv_device = true;
     return p;
 }
 
@@ -227,6 +231,8 @@ static s_peer_t *s_peer_get(pf_exec_t *x, const char *endpoint, char *err, size_
     sp.layout = *eng_kv_layout(x->p.eng);
     sp.pool_base = eng_kv_host_base(x->p.eng);
     sp.pool_shm_name = x->p.kv_pool_shm_name;
+    sp.device_handle = x->device_handle_len > 0 ? x->device_handle : NULL;
+    sp.device_handle_len = x->device_handle_len;
     sp.n_conns = x->p.kv_conns;
     sp.max_transfers = x->p.sched.max_active; /* every SENDING request may go to one peer */
     kvt_sender_t *kvt = kvt_sender_create(x->p.zmq_ctx, &sp, err, err_cap);
@@ -269,6 +275,7 @@ static void s_peer_drop(pf_exec_t *x, s_peer_t *p, pd_status why) {
     kvt_stats_t st;
     kvt_sender_stats(p->kvt, &st);
     x->kv_bytes_retired += st.payload_bytes, x->kv_shm_bytes_retired += st.shm_payload_bytes;
+    x->kv_device_bytes_retired += st.device_payload_bytes;
     pd_loop_remove_socket(x->p.loop, kvt_sender_socket(p->kvt));
     kvt_sender_destroy(&p->kvt);
     for (int32_t i = 0; i < x->n_slots; i++) {
@@ -648,6 +655,7 @@ pf_exec_t *pf_exec_create(const pf_exec_params_t *p, char *err, size_t err_cap) 
     pf_sched_params_from_engine(&x->p.sched, p->eng);
     x->vocab_size = eng_config(p->eng)->vocab_size;
     x->n_layers = eng_config(p->eng)->n_layers;
+    if (p->is_kv_device) x->device_handle_len = eng_kv_export(p->eng, x->device_handle, sizeof x->device_handle);
     x->sched = pf_sched_create(&x->p.sched);
     if (!x->sched) {
         snprintf(err, err_cap, "prefill exec: bad scheduler params (see log)");
@@ -701,14 +709,15 @@ void pf_exec_destroy(pf_exec_t **xp) {
         pf_exec_stats_t st;
         pf_exec_stats(x, &st);
         LOG_I("kv hand-off: %llu delivered (%llu streamed, %llu layers sent during their step, %.0f of %.0f MiB "
-              "through shared memory); KV ready -> committed: mean %.2f ms, max %.2f ms; of the last %d: median %.2f "
+              "through shared memory, %.0f device to device); KV ready -> committed: mean %.2f ms, max %.2f ms; of the "
+              "last %d: median %.2f "
               "ms, 90%% under %.2f ms; of that, until the step's end (commit sent): median %.2f ms, 90%% %.2f ms, "
               "then to DONE: median %.2f ms, 90%% %.2f ms",
               (unsigned long long)x->n_tails, (unsigned long long)x->n_streamed, (unsigned long long)x->n_layers_early,
               (double)st.kv_bytes_shm / (1 << 20), (double)st.kv_bytes_sent / (1 << 20),
-              (double)x->tail_us_sum / (double)x->n_tails / 1e3, (double)x->tail_us_max / 1e3, n,
-              x->recent_tails_us[n / 2] / 1e3, x->recent_tails_us[p90] / 1e3, x->recent_waits_us[n / 2] / 1e3,
-              x->recent_waits_us[p90] / 1e3, after[n / 2] / 1e3, after[p90] / 1e3);
+              (double)st.kv_bytes_device / (1 << 20), (double)x->tail_us_sum / (double)x->n_tails / 1e3,
+              (double)x->tail_us_max / 1e3, n, x->recent_tails_us[n / 2] / 1e3, x->recent_tails_us[p90] / 1e3,
+              x->recent_waits_us[n / 2] / 1e3, x->recent_waits_us[p90] / 1e3, after[n / 2] / 1e3, after[p90] / 1e3);
     }
     if (x->async) {
         pd_loop_remove_fd(x->p.loop, eng_async_fd(x->async));
@@ -790,10 +799,12 @@ void pf_exec_stats(const pf_exec_t *x, pf_exec_stats_t *out) {
     out->n_senders = x->n_peers;
     out->n_transfers = x->n_transfers;
     out->kv_bytes_sent = x->kv_bytes_retired, out->kv_bytes_shm = x->kv_shm_bytes_retired;
+    out->kv_bytes_device = x->kv_device_bytes_retired;
     for (int32_t i = 0; i < x->n_peers; i++) {
         kvt_stats_t st;
         kvt_sender_stats(x->peers[i]->kvt, &st);
         out->kv_bytes_sent += st.payload_bytes, out->kv_bytes_shm += st.shm_payload_bytes;
+        out->kv_bytes_device += st.device_payload_bytes;
     }
     out->n_failed = x->n_failed;
     out->n_streamed = x->n_streamed;

@@ -49,6 +49,9 @@ typedef struct {
     /* The shared-memory object that holds eng_kv_host_base (kvt_shm_alloc as the engine's kv_host_alloc), offered to
      * decode workers on this host so they copy the KV straight from it (borrowed; NULL: sockets carry the KV) */
     const char *kv_pool_shm_name;
+    /* Offer decode workers on the same GPU the pool's device memory (eng_kv_export: CUDA IPC), so they copy the KV
+     * device to device at commit (default true; nothing to offer on the CPU backend) */
+    bool is_kv_device;
     pf_exec_fail_fn on_fail;
     void *ud;
 } pf_exec_params_t;
@@ -94,14 +97,15 @@ bool pf_exec_is_idle(const pf_exec_t *x);
 
 typedef struct {
     pf_sched_stats_t sched;
-    int32_t n_requests;      /* held in any state */
-    int32_t n_senders;       /* open decode connections */
-    int32_t n_transfers;     /* started, not yet released */
-    uint64_t kv_bytes_sent;  /* payload bytes over every sender, closed ones included */
-    uint64_t kv_bytes_shm;   /* of kv_bytes_sent, those a same-host receiver copied from the shared pool */
-    uint64_t n_failed;       /* on_fail calls */
-    uint64_t n_streamed;     /* transfers started with their final chunk's step */
-    uint64_t n_layers_early; /* layers of streamed transfers marked ready before their step ended */
+    int32_t n_requests;       /* held in any state */
+    int32_t n_senders;        /* open decode connections */
+    int32_t n_transfers;      /* started, not yet released */
+    uint64_t kv_bytes_sent;   /* payload bytes over every sender, closed ones included */
+    uint64_t kv_bytes_shm;    /* of kv_bytes_sent, those a same-host receiver copied from the shared pool */
+    uint64_t kv_bytes_device; /* ... and those a receiver on the same GPU copied device to device */
+    uint64_t n_failed;        /* on_fail calls */
+    uint64_t n_streamed;      /* transfers started with their final chunk's step */
+    uint64_t n_layers_early;  /* layers of streamed transfers marked ready before their step ended */
     /* Delivered transfers' tail: from the moment the loop saw their whole KV ready (the forward's last layer stored,
      * seen on the 1 ms tick; else the step's end) to the decode worker's commit (DONE). */
     uint64_t n_kv_tails, kv_tail_us_sum, kv_tail_us_max;

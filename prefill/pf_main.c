@@ -25,7 +25,7 @@ typedef struct {
     /* prefill */
     char *router, *id;
     int64_t step_tokens, chunk_tokens, max_queued, kv_conns;
-    bool kv_stream, kv_shm;
+    bool kv_stream, kv_shm, kv_cuda_ipc;
 } pf_config_t;
 
 /* One option of section sec filling field key of pf_config_t. */
@@ -61,6 +61,8 @@ static const pd_opt_t s_opts[] = {
           "send each layer's KV while the prompt's last step computes the next (false: after the prompt)"),
     S_OPT("prefill", kv_shm, PD_OPT_BOOL, "true", 0, 0,
           "KV pool (cuda: its host copy) in shared memory: a decode worker on this host copies from it directly"),
+    S_OPT("prefill", kv_cuda_ipc, PD_OPT_BOOL, "true", 0, 0,
+          "cuda: offer the GPU's KV pool to decode workers that can map it (same GPU): they copy device to device"),
 };
 #undef S_OPT
 
@@ -191,6 +193,7 @@ int main(int argc, char **argv) {
     sp.max_queued = (int32_t)cfg.max_queued;
     sp.kv_conns = (int32_t)cfg.kv_conns;
     sp.is_kv_stream = cfg.kv_stream;
+    sp.is_kv_device = cfg.kv_cuda_ipc;
     sp.kv_pool_shm_name = is_shm ? shm.name : NULL;
     sp.on_registered = s_on_registered, sp.ud = &m;
     m.svc = pf_service_create(&sp, err, sizeof err);

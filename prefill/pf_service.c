@@ -53,6 +53,7 @@ pf_service_params_t pf_service_params_default(void) {
     p.max_queued = 256;
     p.kv_conns = 1;
     p.is_kv_stream = true;
+    p.is_kv_device = true;
     p.heartbeat_ivl_ms = 250;
     p.drain_timeout_ms = 30000;
     return p;
@@ -419,6 +420,7 @@ pf_service_t *pf_service_create(const pf_service_params_t *p, char *err, size_t 
     xp.kv_conns = p->kv_conns;
     xp.is_kv_stream = p->is_kv_stream;
     xp.kv_pool_shm_name = p->kv_pool_shm_name;
+    xp.is_kv_device = p->is_kv_device;
     xp.fingerprint = s->fp;
     xp.on_fail = s_on_exec_fail, xp.ud = s;
     s->exec = pf_exec_create(&xp, err, err_cap);

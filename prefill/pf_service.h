@@ -32,6 +32,7 @@ typedef struct {
     int32_t kv_conns;             /* connections per decode worker (default 1) */
     bool is_kv_stream;            /* KV layers sent as the prompt's last step stores them (default true) */
     const char *kv_pool_shm_name; /* pf_exec_params_t.kv_pool_shm_name (default NULL) */
+    bool is_kv_device;            /* pf_exec_params_t.is_kv_device (default true) */
     int32_t heartbeat_ivl_ms;     /* until the router's WorkerRegistered names one (default 250) */
     int64_t drain_timeout_ms;     /* pf_service_drain: in-flight work may finish this long (default 30000) */
     /* Called on the loop thread each time the router accepts a registration that was not in force. */

@@ -116,6 +116,10 @@ struct eng_backend {
     void (*mirror_free)(void *ctx, void *p, size_t bytes);
     void *mirror_ctx;
     int32_t *sync_ids, *sync_ids_d; /* the block list of one eng_kv_to_host / eng_kv_from_host (mapped) */
+    /* same-GPU hand-off from another process's pool (eng_kv_peer_*), on the one thread that calls those: created with
+     * the first peer; (source, destination) block id pairs, mapped */
+    cudaStream_t peer_st;
+    int32_t *peer_ids, *peer_ids_d;
     /* KV streamed to the mirror during a forward (eng_batch_t.is_kv_to_host; ENG_CUDA_KV_STREAM=0: never): after each
      * layer's K/V store, kv_st copies that layer's chunks of the blocks the batch writes, by the copy engine, one
      * cudaMemcpyAsync per run of consecutive block ids and kind. kv_runs holds the last streamed forward's runs
@@ -234,6 +238,8 @@ static void s_destroy(eng_backend_t **pbe) {
         cudaFreeHost(be->mirror);
     }
     if (be->sync_ids) cudaFreeHost(be->sync_ids);
+    if (be->peer_st) cudaStreamSynchronize(be->peer_st), cudaStreamDestroy(be->peer_st);
+    if (be->peer_ids) cudaFreeHost(be->peer_ids);
     if (be->layers) {
         for (int32_t l = 0; l < be->m->cfg.n_layers; l++) {
             s_layer_t *w = &be->layers[l];
@@ -1082,6 +1088,86 @@ static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind
     return PD_OK;
 }
 
+/* ---- same-GPU KV hand-off between processes (CUDA IPC) ---- */
+
+typedef struct {
+    void *base; /* the other process's pool, mapped into this one */
+    eng_kv_layout_t kv;
+} s_peer_t;
+
+static size_t s_kv_export(eng_backend_t *be, void *handle, size_t cap) {
+    cudaIpcMemHandle_t h;
+    if (cap < sizeof h || cudaSetDevice(be->gpu) != cudaSuccess) return 0;
+    cudaError_t e = cudaIpcGetMemHandle(&h, be->kv_pool); /* kv_pool is the start of its own cudaMalloc */
+    if (e != cudaSuccess) {
+        LOG_W("cuda backend: cannot export the KV pool (cudaIpcGetMemHandle: %s)", cudaGetErrorString(e));
+        return 0;
+    }
+    memcpy(handle, &h, sizeof h);
+    return sizeof h;
+}
+
+static void *s_kv_peer_open(eng_backend_t *be, const void *handle, size_t len, const eng_kv_layout_t *kv, char *err,
+                            size_t err_cap) {
+    cudaIpcMemHandle_t h;
+    if (len != sizeof h || kv->dtype != be->kv.dtype || eng_kv_chunk_bytes(kv) != eng_kv_chunk_bytes(&be->kv) ||
+        kv->n_layers != be->kv.n_layers || kv->n_blocks <= 0) {
+        snprintf(err, err_cap, "not a CUDA IPC handle of a pool in this layout and dtype");
+        return NULL;
+    }
+    if (cudaSetDevice(be->gpu) != cudaSuccess) return NULL;
+    if (!be->peer_st && (cudaStreamCreateWithFlags(&be->peer_st, cudaStreamNonBlocking) != cudaSuccess ||
+                         cudaHostAlloc((void **)&be->peer_ids, sizeof(int32_t) * 2 * (size_t)be->kv.n_blocks,
+                                       cudaHostAllocMapped) != cudaSuccess ||
+                         cudaHostGetDevicePointer((void **)&be->peer_ids_d, be->peer_ids, 0) != cudaSuccess)) {
+        snprintf(err, err_cap, "cannot create the copy stream: %s", cudaGetErrorString(cudaGetLastError()));
+        return NULL;
+    }
+    memcpy(&h, handle, sizeof h);
+    void *base = NULL;
+    /* fails for a pool of this very process, or of a GPU this one cannot reach: the caller uses another path */
+    cudaError_t e = cudaIpcOpenMemHandle(&base, h, cudaIpcMemLazyEnablePeerAccess);
+    if (e != cudaSuccess) {
+        snprintf(err, err_cap, "cudaIpcOpenMemHandle: %s", cudaGetErrorString(e));
+        cudaGetLastError();
+        return NULL;
+    }
+    s_peer_t *p = (s_peer_t *)calloc(1, sizeof *p);
+    if (!p) {
+        cudaIpcCloseMemHandle(base);
+        snprintf(err, err_cap, "out of memory");
+        return NULL;
+    }
+    p->base = base, p->kv = *kv;
+    return p;
+}
+
+static pd_status s_kv_peer_copy(eng_backend_t *be, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+    const s_peer_t *p = (const s_peer_t *)peer;
+    for (int32_t i = 0; i < n; i++)
+        if (src[i] < 0 || src[i] >= p->kv.n_blocks) {
+            LOG_E("cuda backend: peer KV block %d outside the peer's pool of %d", src[i], p->kv.n_blocks);
+            return PD_EINVAL;
+        }
+    S_CUDA(cudaSetDevice(be->gpu), "peer KV copy");
+    S_CUDA(cudaStreamSynchronize(be->peer_st), "peer KV copy"); /* the last copy's kernel no longer reads the ids */
+    memcpy(be->peer_ids, src, sizeof(int32_t) * (size_t)n);
+    memcpy(be->peer_ids + n, dst, sizeof(int32_t) * (size_t)n);
+    eng_cuda_kv_copy_pairs(be->kv_pool, p->base, be->peer_ids_d, n, be->kv.n_layers * 2, be->kv.n_blocks,
+                           p->kv.n_blocks, eng_kv_chunk_bytes(&be->kv), be->peer_st);
+    S_CUDA(cudaGetLastError(), "peer KV copy");
+    S_CUDA(cudaStreamSynchronize(be->peer_st), "peer KV copy");
+    return PD_OK;
+}
+
+static void s_kv_peer_close(eng_backend_t *be, void *peer) {
+    s_peer_t *p = (s_peer_t *)peer;
+    if (!p) return;
+    cudaSetDevice(be->gpu);
+    cudaIpcCloseMemHandle(p->base);
+    free(p);
+}
+
 /* A graph-eligible shape's first forward (launched directly, its key remembered) and its second (captured): both are
  * paid once per shape while it stays among the S_MAX_GRAPHS most recently used, and a replay costs far less. */
 static uint64_t s_n_one_time(const eng_backend_t *be) {
@@ -1089,5 +1175,6 @@ static uint64_t s_n_one_time(const eng_backend_t *be) {
 }
 
 extern "C" const eng_backend_ops_t eng_backend_cuda = {
-    "cuda", s_create, s_destroy, s_forward, s_kv_read, s_kv_write, s_kv_host_base, s_kv_sync, true, true, s_n_one_time,
+    "cuda", s_create, s_destroy,    s_forward,   s_kv_read,      s_kv_write,     s_kv_host_base,  s_kv_sync,
+    true,   true,     s_n_one_time, s_kv_export, s_kv_peer_open, s_kv_peer_copy, s_kv_peer_close,
 };

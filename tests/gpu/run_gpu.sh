@@ -119,19 +119,25 @@ while [ $# -gt 0 ]; do
             done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     cluster)
-        # pdctl up --backend cuda (1 prefill + 1 decode worker sharing the GPU, KV through the host mirror and
-        # kvtransfer): a greedy completion of a 200-token prompt against pdctl generate --backend cuda
+        # pdctl up --backend cuda (1 prefill + 1 decode worker sharing the GPU): a greedy completion of a 200-token
+        # prompt against pdctl generate --backend cuda, twice: KV copied device to device (CUDA IPC, the default), then
+        # through the host mirrors and kvtransfer (prefill.kv_cuda_ipc=false); the decode worker's stats line says
+        # how many MiB came device to device
         m=${PDSERVE_MODEL:-$(s_model smolshape --shape custom --dim 576 --layers 4 --heads 9 --kv-heads 3 --ffn 1536 \
             --vocab 49152)}
-        {
-            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18080 >"$OUT/cluster_up.log" 2>&1 &
+        for ipc in true false; do
+            echo "== cluster prefill.kv_cuda_ipc=$ipc"
+            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18080 --prefill.kv_cuda_ipc=$ipc \
+                >"$OUT/cluster_up_$ipc.log" 2>&1 &
             up=$!
             python3 tests/gpu/cluster_smoke.py "$m" 18080 ./build-gpu/deploy/pdctl
             echo "cluster smoke rc=$?"
+            sleep 11 # a decode stats line (every 10 s while busy) after the request
             kill -INT $up
             wait $up
-            tail -5 "$OUT/cluster_up.log"
-        } 2>&1 | tee -a "$OUT/cluster.log"
+            grep -E "device to device|GPU pool" "$OUT/cluster_up_$ipc.log" | tail -3
+            tail -3 "$OUT/cluster_up_$ipc.log"
+        done 2>&1 | tee -a "$OUT/cluster.log"
         ;;
     spec)
         # issue 5 on the GPU: bench/run_spec_bench.sh with --backend cuda (needs the default model: PDSERVE_MODEL
@@ -166,24 +172,26 @@ while [ $# -gt 0 ]; do
     kvtail)
         # issue 3 at service level: pdctl up (1 prefill + 1 decode worker on this GPU) with the random SHAPE model,
         # KVTAIL_REQ (default 16) prompts of KVTAIL_TOKENS (default 4096) token ids, one step each; the prefill
-        # worker's KV streamed as each layer is stored (prefill.kv_stream=true) through its shared-memory pool
-        # (prefill.kv_shm=true) and over one tcp connection, then sent after the step (KVTAIL_CFGS: stream,conns,shm
-        # triples); its exit line "kv hand-off" gives the KV-ready -> decode-commit time
+        # worker's KV copied device to device (prefill.kv_cuda_ipc=true: at commit), streamed as each layer is stored
+        # (prefill.kv_stream=true) through its shared-memory pool (prefill.kv_shm=true), and over one tcp connection
+        # (KVTAIL_CFGS: stream,conns,shm,ipc); its exit line "kv hand-off" gives the KV-ready -> decode-commit time
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && for cfg in ${KVTAIL_CFGS:-true,1,true true,1,false false,1,true}; do
-            IFS=, read -r ks conns shm <<<"$cfg"
-            tag="${shape}_${ks}_${conns}_${shm}"
-            echo "== $shape prefill.kv_stream=$ks prefill.kv_conns=$conns prefill.kv_shm=$shm"
+        m=$(s_model "$shape" --shape "$shape") &&
+            for cfg in ${KVTAIL_CFGS:-true,1,true,true true,1,true,false true,1,false,false}; do
+            IFS=, read -r ks conns shm ipc <<<"$cfg"
+            tag="${shape}_${ks}_${conns}_${shm}_${ipc}"
+            echo "== $shape prefill.kv_stream=$ks prefill.kv_conns=$conns prefill.kv_shm=$shm prefill.kv_cuda_ipc=$ipc"
             ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18081 --prefill.kv_stream=$ks \
-                --prefill.kv_conns=$conns --prefill.kv_shm=$shm --engine.kv_mem=3GiB --engine.max_batch_tokens=4096 \
+                --prefill.kv_conns=$conns --prefill.kv_shm=$shm --prefill.kv_cuda_ipc=$ipc --engine.kv_mem=3GiB \
+                --engine.max_batch_tokens=4096 \
                 --prefill.step_tokens=4096 --prefill.chunk_tokens=4096 --ready-timeout 600 \
                 >"$OUT/kvtail_$tag.log" 2>&1 &
             up=$!
             python3 tests/gpu/kv_tail.py 18081 "${KVTAIL_TOKENS:-4096}" "${KVTAIL_REQ:-16}" 128000 | tail -1
             kill -INT $up
             wait $up
-            grep -E "kv hand-off|shared memory|error|ERROR| E " "$OUT/kvtail_$tag.log" | tail -6
+            grep -E "kv hand-off|shared memory|GPU pool|error|ERROR| E " "$OUT/kvtail_$tag.log" | tail -6
         done 2>&1 | tee -a "$OUT/kvtail_$shape.log"
         ;;
     ncu)

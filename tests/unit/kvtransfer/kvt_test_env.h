@@ -38,6 +38,48 @@ static void ts_release_for(void *ctx, uint64_t request_id, const int32_t *ids, i
     kts_release(ctx, ids, n);
 }
 
+/* ---- a stand-in for another process's GPU pool (the real one, CUDA IPC, is tested on the GPU) ----
+ * The "device handle" is the sender pool's address and layout check word; peer_copy copies chunk by chunk into the
+ * receiver store, so the protocol around it (no payload frames, copy at commit, DONE after the copy, failures) runs
+ * for real here. */
+
+static int32_t g_peer_opens, g_peer_closes, g_peer_copies;
+static int32_t g_peer_fail_copy = -1; /* the g_peer_copies count at which peer_copy fails (-1: never) */
+static bool g_peer_refuse;            /* peer_open cannot map (another GPU, the CPU backend) */
+
+typedef struct {
+    const uint8_t *base;
+    eng_kv_layout_t l;
+} ts_peer_t;
+
+static void *ts_peer_open(void *ctx, const void *handle, size_t len, const eng_kv_layout_t *src) {
+    (void)ctx;
+    if (g_peer_refuse || len != sizeof(uintptr_t)) return NULL;
+    ts_peer_t *p = calloc(1, sizeof *p);
+    uintptr_t a;
+    memcpy(&a, handle, sizeof a);
+    p->base = (const uint8_t *)a, p->l = *src;
+    g_peer_opens++;
+    return p;
+}
+
+static pd_status ts_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+    const ts_peer_t *p = peer;
+    if (g_peer_copies++ == g_peer_fail_copy) return PD_EBACKEND;
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t ly = 0; ly < p->l.n_layers; ly++)
+            for (int kind = 0; kind < 2; kind++)
+                memcpy(kts_chunk(ctx, ly, kind, dst[i]), p->base + eng_kv_chunk_offset(&p->l, ly, kind, src[i]),
+                       eng_kv_chunk_bytes(&p->l));
+    return PD_OK;
+}
+
+static void ts_peer_close(void *ctx, void *peer) {
+    (void)ctx;
+    g_peer_closes++;
+    free(peer);
+}
+
 /* ---- fixtures ---- */
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
@@ -82,6 +124,7 @@ static kvt_fingerprint_t s_fp(eng_kv_dtype_t dt) {
 /* what each side reported about transfer id i */
 typedef struct {
     bool reserved, done, released, committed, failed;
+    bool is_on_device; /* COMMITTED said so */
     pd_status done_st, failed_st;
     int32_t first_token, n_blocks, n_tokens;
     int32_t rblocks[256];
@@ -118,6 +161,7 @@ typedef struct {
     bool shm_refused; /* ... and the receiver does not map it (sockets) */
     int32_t n_conns;  /* sender connections (0: the default, 1) */
     bool by_request;  /* the receiver store uses reserve_for / release_for */
+    bool device;      /* the sender offers its pool as a "device" pool (ts_peer_*), the receiver's store can map it */
 } env_opts_t;
 
 static env_opts_t s_opts(void) {
@@ -159,6 +203,8 @@ static bool env_open_receiver(env_t *e, env_opts_t o) {
     if (o.by_request)
         rp.store = (kvt_store_t){
             .ctx = &e->rs, .chunk = kts_chunk, .reserve_for = ts_reserve_for, .release_for = ts_release_for};
+    if (o.device)
+        rp.store.peer_open = ts_peer_open, rp.store.peer_copy = ts_peer_copy, rp.store.peer_close = ts_peer_close;
     rp.credit_bytes = o.credit_bytes;
     rp.copy_parallel_min_bytes = g_copy_parallel_min; /* 0: every shared-pool message through the copy team */
     rp.copy_threads = g_copy_threads;
@@ -184,6 +230,8 @@ static bool env_open_sender(env_t *e, env_opts_t o, const char *endpoint) {
     sp.pool_shm_name = e->shm_name[0] ? e->shm_name : NULL;
     sp.max_frame_bytes = 3 * eng_kv_chunk_bytes(&e->sl); /* runs of up to 3 blocks: several per message */
     if (o.n_conns > 0) sp.n_conns = o.n_conns;
+    uintptr_t handle = (uintptr_t)e->spool;
+    if (o.device) sp.device_handle = &handle, sp.device_handle_len = sizeof handle;
     e->s = kvt_sender_create(e->zctx, &sp, err, sizeof err);
     if (!e->s) fprintf(stderr, "sender: %s\n", err);
     return e->s != NULL;
@@ -242,6 +290,7 @@ static void s_take_receiver(env_t *e, const kvt_event_t *ev, int n) {
             t->first_token = ev[i].first_token;
             t->n_blocks = ev[i].n_blocks;
             t->n_tokens = ev[i].n_tokens;
+            t->is_on_device = ev[i].is_on_device;
             memcpy(t->rblocks, ev[i].block_ids, (size_t)ev[i].n_blocks * sizeof(int32_t));
             t->info_len = ev[i].first_token_info_len;
             if (t->info_len) memcpy(t->info, ev[i].first_token_info, t->info_len < 64 ? t->info_len : 64);
@@ -332,6 +381,23 @@ static bool s_verify(env_t *e, uint64_t id) {
     free(a);
     free(b);
     return ok && t->first_token == (int32_t)(100 + id);
+}
+
+/* Transfers 1, 2 and 3 (1, 13 and 40 tokens) started and committed at once; each must land exactly (what, in the
+ * messages, names the case). */
+static void env_run_three(env_t *e, const char *what) {
+    const int32_t toks[3] = {1, 13, 40};
+    uint64_t ids[3] = {1, 2, 3};
+    for (int i = 0; i < 3; i++) {
+        CHECK_EQ_INT(s_start(e, ids[i], 1, toks[i], 0), PD_OK);
+        CHECK_EQ_INT(kvt_sender_commit(e->s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
+    }
+    CHECK(env_run_until_released(e, ids, 3, 5000));
+    for (int i = 0; i < 3; i++) {
+        CHECK_MSG(e->rec[ids[i]].done_st == PD_OK, "transfer %d (%s): %s", (int)ids[i], what, e->rec[ids[i]].err);
+        CHECK_MSG(s_verify(e, ids[i]), "transfer %d (%s)", (int)ids[i], what);
+        CHECK_EQ_INT(e->rec[ids[i]].n_tokens, toks[i]);
+    }
 }
 
 #pragma GCC diagnostic pop

@@ -13,18 +13,9 @@ static void s_three(env_opts_t o, uint64_t stride) {
     env_t e;
     g_block_stride = stride;
     REQUIRE(env_init(&e, o));
-    const int32_t toks[3] = {1, 13, 40};
-    uint64_t ids[3] = {1, 2, 3};
-    for (int i = 0; i < 3; i++) {
-        CHECK_EQ_INT(s_start(&e, ids[i], 1, toks[i], 0), PD_OK);
-        CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
-    }
-    CHECK(env_run_until_released(&e, ids, 3, 5000));
-    for (int i = 0; i < 3; i++) {
-        CHECK_MSG(e.rec[ids[i]].done_st == PD_OK, "transfer %d: %s", (int)ids[i], e.rec[ids[i]].err);
-        CHECK_MSG(s_verify(&e, ids[i]), "transfer %d %d->%d ipc=%d shm=%d stride=%d", (int)ids[i], o.sdt, o.rdt, o.ipc,
-                  o.shm, (int)stride);
-    }
+    char what[96];
+    snprintf(what, sizeof what, "%d->%d ipc=%d shm=%d stride=%d", o.sdt, o.rdt, o.ipc, o.shm, (int)stride);
+    env_run_three(&e, what);
     kvt_stats_t ss, rs;
     kvt_sender_stats(e.s, &ss);
     kvt_receiver_stats(e.r, &rs);

@@ -25,18 +25,9 @@ static void s_roundtrip(eng_kv_dtype_t sdt, eng_kv_dtype_t rdt, bool ipc) {
     env_opts_t o = s_opts();
     o.sdt = sdt, o.rdt = rdt, o.ipc = ipc;
     REQUIRE(env_init(&e, o));
-    const int32_t toks[3] = {1, 13, 40};
-    uint64_t ids[3] = {1, 2, 3};
-    for (int i = 0; i < 3; i++) {
-        CHECK_EQ_INT(s_start(&e, ids[i], 1, toks[i], 0), PD_OK);
-        CHECK_EQ_INT(kvt_sender_commit(e.s, ids[i], (int32_t)(100 + ids[i])), PD_OK);
-    }
-    CHECK(env_run_until_released(&e, ids, 3, 5000));
-    for (int i = 0; i < 3; i++) {
-        CHECK_MSG(e.rec[ids[i]].done_st == PD_OK, "transfer %d: %s", (int)ids[i], e.rec[ids[i]].err);
-        CHECK_MSG(s_verify(&e, ids[i]), "transfer %d %d->%d ipc=%d", (int)ids[i], sdt, rdt, ipc);
-        CHECK_EQ_INT(e.rec[ids[i]].n_tokens, toks[i]);
-    }
+    char what[64];
+    snprintf(what, sizeof what, "%d->%d ipc=%d", sdt, rdt, ipc);
+    env_run_three(&e, what);
     env_fini(&e);
 }
 
