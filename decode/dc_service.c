@@ -304,9 +304,10 @@ static void *s_kv_peer_open(void *ctx, const void *handle, size_t len, const eng
     return peer;
 }
 
-static pd_status s_kv_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+static pd_status s_kv_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n,
+                                int32_t first_layer, int32_t n_layers) {
     dc_service_t *s = ctx;
-    return eng_kv_peer_copy(s->p.eng, peer, src, dst, n);
+    return eng_kv_peer_copy(s->p.eng, peer, src, dst, n, first_layer, n_layers);
 }
 
 static void s_kv_peer_close(void *ctx, void *peer) {

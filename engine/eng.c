@@ -299,15 +299,18 @@ void *eng_kv_peer_open(eng_t *e, const void *handle, size_t len, const eng_kv_la
     return e->ops->kv_peer_open(e->be, handle, len, kv, err, err_cap);
 }
 
-pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
-    if (!peer || !e->ops->kv_peer_copy || n < 0) return PD_EINVAL;
+pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n, int32_t first_layer,
+                           int32_t n_layers) {
+    if (!peer || !e->ops->kv_peer_copy || n < 0 || first_layer < 0 || n_layers < 0 ||
+        first_layer + n_layers > e->kv_layout.n_layers)
+        return PD_EINVAL;
     for (int32_t i = 0; i < n; i++)
         if (dst[i] < 0 || dst[i] >= eng_kv_pool_n_blocks(e->kv_pool)) {
             LOG_E("engine: peer KV copy into block id %d outside the pool of %d", dst[i],
                   eng_kv_pool_n_blocks(e->kv_pool));
             return PD_EINVAL;
         }
-    return n == 0 ? PD_OK : e->ops->kv_peer_copy(e->be, peer, src, dst, n);
+    return n == 0 || n_layers == 0 ? PD_OK : e->ops->kv_peer_copy(e->be, peer, src, dst, n, first_layer, n_layers);
 }
 
 void eng_kv_peer_close(eng_t *e, void *peer) {

@@ -131,15 +131,16 @@ PD_NODISCARD pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t 
  * eng_kv_export writes an opaque handle (at most cap bytes) and returns its length; 0 when the backend keeps its pool
  * in host memory (CPU) or cannot export it. eng_kv_peer_open maps another process's exported pool (kv: its layout,
  * which must match this pool's but for n_blocks) and returns a token, or NULL with the reason in err: another backend,
- * a GPU this one cannot reach, or a handle of this same process. eng_kv_peer_copy copies every layer's K and V of the
- * peer's blocks src[i] into this pool's dst[i], i < n, and returns once the copy is complete: PD_EINVAL for a block
- * outside either pool, PD_EBACKEND on a device error. eng_kv_peer_close unmaps (NULL: nothing).
+ * a GPU this one cannot reach, or a handle of this same process. eng_kv_peer_copy copies layers [first_layer,
+ * first_layer + n_layers), K and V, of the peer's blocks src[i] into this pool's dst[i], i < n, and returns once the
+ * copy is complete: PD_EINVAL for a block or layer outside either pool, PD_EBACKEND on a device error. eng_kv_peer_close unmaps (NULL: nothing).
  * Thread: unlike the rest of eng_t, the three peer calls may run on one other thread (a decode service's loop) while
  * eng_forward runs, on their own stream, as long as no running forward uses the dst blocks. The exporting process must
  * keep the src blocks unchanged until the copy returns. */
 size_t eng_kv_export(eng_t *e, void *handle, size_t cap);
 void *eng_kv_peer_open(eng_t *e, const void *handle, size_t len, const eng_kv_layout_t *kv, char *err, size_t err_cap);
-PD_NODISCARD pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n);
+PD_NODISCARD pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n,
+                                        int32_t first_layer, int32_t n_layers);
 void eng_kv_peer_close(eng_t *e, void *peer);
 
 /* KV block export/import in the pool's layout and dtype (eng_kv_layout.h): one (layer, kind, block)

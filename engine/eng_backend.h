@@ -33,7 +33,8 @@ typedef struct {
     size_t (*kv_export)(eng_backend_t *be, void *handle, size_t cap);
     void *(*kv_peer_open)(eng_backend_t *be, const void *handle, size_t len, const eng_kv_layout_t *kv, char *err,
                           size_t err_cap);
-    pd_status (*kv_peer_copy)(eng_backend_t *be, void *peer, const int32_t *src, const int32_t *dst, int32_t n);
+    pd_status (*kv_peer_copy)(eng_backend_t *be, void *peer, const int32_t *src, const int32_t *dst, int32_t n,
+                              int32_t first_layer, int32_t n_layers);
     void (*kv_peer_close)(eng_backend_t *be, void *peer);
 } eng_backend_ops_t;
 

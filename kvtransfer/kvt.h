@@ -102,9 +102,9 @@ typedef struct {
     int32_t n_conns;
     /* Optional same-GPU path: the pool's device memory exported for other processes (eng_kv_export: a CUDA IPC
      * handle), opaque to kvtransfer, device_handle_len <= KVT_MAX_DEVICE_HANDLE_BYTES, in the same layout as
-     * pool_base. A receiver that can map it copies each transfer device to device at commit (ZeroMQ carries
-     * control only, and nothing is checksummed: the bytes stay in GPU memory); others get the shared-pool or socket
-     * path. A transfer of more than KVT_MAX_DEVICE_BLOCKS blocks takes the other path. NULL (default): none. */
+     * pool_base. A receiver that can map it copies each transfer device to device, layers as they are marked ready
+     * (ZeroMQ carries control only, and nothing is checksummed: the bytes stay in GPU memory); others get the
+     * shared-pool or socket path. A transfer of more than KVT_MAX_DEVICE_BLOCKS blocks takes the other path. NULL (default): none. */
     const void *device_handle;
     size_t device_handle_len;
 } kvt_sender_params_t;
@@ -175,13 +175,14 @@ typedef struct {
     /* Optional same-GPU path (all three or none). peer_open maps a sender's exported device pool (its
      * kvt_sender_params_t.device_handle; src_layout: that pool's layout, dtype equal to the receiver's) and returns a
      * token, or NULL when this store cannot reach it (another GPU, no GPU, the same process): that sender then uses
-     * the other paths. peer_copy copies every layer's K and V of the sender's src_blocks into dst_blocks (reserved
-     * here, in the store's device pool) and returns once the copy is complete; != PD_OK fails the transfer.
+     * the other paths. peer_copy copies layers [first_layer, first_layer + n_layers) of the sender's src_blocks, K
+     * and V, into dst_blocks (reserved here, in the store's device pool) and returns once the copy is complete;
+     * != PD_OK fails the transfer.
      * peer_close unmaps (the sender reconnected or was dropped, or the receiver is destroyed). All on the poll
      * thread. */
     void *(*peer_open)(void *ctx, const void *handle, size_t handle_len, const eng_kv_layout_t *src_layout);
     pd_status (*peer_copy)(void *ctx, void *peer, const int32_t *src_blocks, const int32_t *dst_blocks,
-                           int32_t n_blocks);
+                           int32_t n_blocks, int32_t first_layer, int32_t n_layers);
     void (*peer_close)(void *ctx, void *peer);
 } kvt_store_t;
 

@@ -36,7 +36,8 @@ typedef struct {
     uint32_t n_msgs;                  /* KvData messages accepted, all connections */
     int32_t n_tokens, n_blocks;
     int32_t *block_ids; /* (n_blocks) reserved from the store, owned until commit or release */
-    int32_t *src_ids;   /* (n_blocks) the sender's, when the blocks are copied device to device at commit; else NULL */
+    int32_t *src_ids;   /* (n_blocks) the sender's, when the blocks are copied device to device; else NULL */
+    int32_t dev_layers; /* ... leading layers copied so far */
     uint8_t *got;       /* (n_layers * n_blocks) 1 once that block-layer's K and V were written */
     int32_t n_got;
     uint64_t deadline_us;
@@ -521,6 +522,42 @@ static int32_t s_primary(const kvt_receiver_t *r, int32_t peer) {
     return -1;
 }
 
+/* A device transfer's KvData: layers [first_layer, + n_layers) of all its blocks are final in the sender's device pool,
+ * in order and without frames. Copied now, so that the commit finds little left to wait for. */
+static void s_on_device_layers(kvt_receiver_t *r, kvt_rtx_t *t, uint32_t ci, const Pdserve__V1__KvData *d,
+                               size_t n_payload) {
+    const eng_kv_layout_t *l = &r->p.layout;
+    char why[160];
+    eng_kv_dtype_t dt;
+    if (ci != 0 || d->seq != t->next_seq[0] || n_payload != 0 || d->n_shm_offsets != 0 || d->n_frame_blocks != 0 ||
+        d->first_block != 0 || d->n_blocks != (uint32_t)t->n_blocks || d->first_layer != (uint32_t)t->dev_layers ||
+        d->n_layers == 0 || (uint64_t)d->first_layer + d->n_layers > (uint64_t)l->n_layers ||
+        !kvt_dtype_from_pb(d->dtype, &dt) || dt != l->dtype) {
+        snprintf(why, sizeof why,
+                 "data: device layers [%u,+%u) of blocks [%u,+%u), seq %u, %zu frames; expected layer %d, seq %u, "
+                 "all %d blocks, no frames",
+                 d->first_layer, d->n_layers, d->first_block, d->n_blocks, d->seq, n_payload, t->dev_layers,
+                 t->next_seq[0], t->n_blocks);
+        s_fail(r, t, PD_EPROTO, why, true);
+        return;
+    }
+    pd_status st = r->p.store.peer_copy(r->p.store.ctx, r->peers[t->peer].dev, t->src_ids, t->block_ids, t->n_blocks,
+                                        (int32_t)d->first_layer, (int32_t)d->n_layers);
+    if (st != PD_OK) {
+        snprintf(why, sizeof why, "data: device-to-device copy of layers [%u,+%u) failed (%s)", d->first_layer,
+                 d->n_layers, pd_strerror(st));
+        s_fail(r, t, PD_EIO, why, true);
+        return;
+    }
+    uint64_t bytes = (uint64_t)d->n_layers * (uint64_t)t->n_blocks * 2u * eng_kv_chunk_bytes(l);
+    r->st.payload_bytes += bytes;
+    r->st.device_payload_bytes += bytes;
+    t->next_seq[0]++;
+    t->n_msgs++;
+    t->dev_layers += (int32_t)d->n_layers;
+    t->n_got += (int32_t)d->n_layers * t->n_blocks;
+}
+
 static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData *d, const void *const *frames,
                       const size_t *sizes, size_t n_payload, bool is_truncated) {
     int32_t peer = s_primary(r, conn);
@@ -533,7 +570,7 @@ static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData
     char why[160];
     uint32_t ci = r->peers[conn].group ? r->peers[conn].conn_index : 0;
     if (t->src_ids) {
-        s_fail(r, t, PD_EPROTO, "data: for a transfer that is copied device to device", true);
+        s_on_device_layers(r, t, ci, d, n_payload);
         return;
     }
     if (d->seq != t->next_seq[ci]) {
@@ -591,7 +628,7 @@ static void s_on_data(kvt_receiver_t *r, int32_t conn, const Pdserve__V1__KvData
 static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCommit *m) {
     kvt_rtx_t *t = s_live(r, peer, m->transfer_id, m->epoch);
     if (!t) return;
-    int32_t want = t->src_ids ? 0 : r->p.layout.n_layers * t->n_blocks;
+    int32_t want = r->p.layout.n_layers * t->n_blocks;
     char why[160];
     size_t info_len = m->first_token_info.len;
     if (m->n_frames != t->n_msgs || t->n_got != want || m->first_token < 0 || info_len > KVT_MAX_COMMIT_INFO_BYTES) {
@@ -610,18 +647,6 @@ static void s_on_commit(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvCo
     }
     t->block_ids = ids;
     if (info_len > 0) memcpy((uint8_t *)ids + ids_bytes, m->first_token_info.data, info_len);
-    if (t->src_ids) { /* the KV is all in the sender's device pool now: copy it before saying DONE */
-        pd_status st = r->p.store.peer_copy(r->p.store.ctx, r->peers[peer].dev, t->src_ids, t->block_ids, t->n_blocks);
-        if (st != PD_OK) {
-            snprintf(why, sizeof why, "commit: device-to-device copy of %d blocks failed (%s)", t->n_blocks,
-                     pd_strerror(st));
-            s_fail(r, t, PD_EIO, why, true);
-            return;
-        }
-        uint64_t bytes = (uint64_t)t->n_blocks * (uint64_t)r->p.layout.n_layers * 2u * eng_kv_chunk_bytes(&r->p.layout);
-        r->st.payload_bytes += bytes;
-        r->st.device_payload_bytes += bytes;
-    }
     s_send_error(r, peer, PDSERVE__V1__KV_ENVELOPE__BODY_DONE, t->transfer_id, t->epoch, PD_OK, NULL);
     kvt_rev_t *e = s_ev_push(r, KVT_EV_COMMITTED, t, PD_OK, NULL);
     e->ids = t->block_ids; /* ownership of the blocks and of this array moves to the event */

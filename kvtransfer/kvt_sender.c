@@ -373,7 +373,6 @@ static void s_on_reserve_reply(kvt_sender_t *s, const Pdserve__V1__KvReserveRepl
         return;
     }
     t->state = TX_STREAMING;
-    if (t->is_device) t->cur_layer = s->p.layout.n_layers; /* nothing to stream: the receiver copies at commit */
     t->last_heard_us = pd_now_us();
     s_ev_push(s, KVT_EV_RESERVED, t, PD_OK, NULL);
 }
@@ -404,11 +403,6 @@ static void s_on_done(kvt_sender_t *s, const Pdserve__V1__KvDone *m) {
     char why[160] = "";
     if (code != PDSERVE__V1__ERROR_CODE__ERR_NONE)
         snprintf(why, sizeof why, "receiver: %s", m->error->message ? m->error->message : "");
-    if (code == PDSERVE__V1__ERROR_CODE__ERR_NONE && t->is_device) {
-        uint64_t bytes = (uint64_t)t->n_blocks * (uint64_t)s->p.layout.n_layers * 2u * eng_kv_chunk_bytes(&s->p.layout);
-        s->st.payload_bytes += bytes;
-        s->st.device_payload_bytes += bytes;
-    }
     s_end(s, t, kvt_status_from_code(code), why, false);
 }
 
@@ -578,6 +572,38 @@ static int32_t s_pick_conn(kvt_sender_t *s) {
     return 0;
 }
 
+/* Device path: tells the receiver that layers [cur_layer, n_layers_ready) of every block are final in our device pool,
+ * for it to copy now (a KvData of the whole block range with no frames, on the primary). No credit: nothing is in
+ * flight on our side. */
+static pd_status s_send_device_layers(kvt_sender_t *s, kvt_stx_t *t, uint64_t now) {
+    const eng_kv_layout_t *l = &s->p.layout;
+    Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
+    d.transfer_id = t->transfer_id;
+    d.epoch = t->epoch;
+    d.seq = t->next_seq[0];
+    d.first_layer = (uint32_t)t->cur_layer;
+    d.n_layers = (uint32_t)(t->n_layers_ready - t->cur_layer);
+    d.first_block = 0;
+    d.n_blocks = (uint32_t)t->n_blocks;
+    d.dtype = kvt_dtype_to_pb(l->dtype);
+    d.block_size = (uint32_t)l->block_size;
+    d.n_kv_heads = (uint32_t)l->n_kv_heads;
+    d.head_dim = (uint32_t)l->head_dim;
+    Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_DATA;
+    env.data = &d;
+    pd_status st = s_send_ctrl(s, &env);
+    if (st != PD_OK) return st == PD_EAGAIN ? PD_EAGAIN : PD_EIO;
+    uint64_t bytes = (uint64_t)d.n_layers * (uint64_t)t->n_blocks * 2u * eng_kv_chunk_bytes(l);
+    t->next_seq[0]++;
+    t->n_sent++;
+    s->st.payload_bytes += bytes;
+    s->st.device_payload_bytes += bytes;
+    t->last_heard_us = now;
+    t->cur_layer = t->n_layers_ready;
+    return PD_OK;
+}
+
 static pd_status s_send_data(kvt_sender_t *s, kvt_stx_t *t, int32_t slot, uint64_t now) {
     const eng_kv_layout_t *l = &s->p.layout;
     size_t chunk = eng_kv_chunk_bytes(l), pair = 2 * chunk;
@@ -692,7 +718,7 @@ static void s_pump(kvt_sender_t *s, uint64_t now) {
             if (t->state == TX_QUEUED)
                 st = s_send_reserve(s, t, now);
             else if (t->state == TX_STREAMING && t->cur_layer < t->n_layers_ready)
-                st = s_send_data(s, t, i, now);
+                st = t->is_device ? s_send_device_layers(s, t, now) : s_send_data(s, t, i, now);
             else if (t->state == TX_STREAMING && t->has_commit && t->cur_layer == s->p.layout.n_layers &&
                      (!t->is_striped || t->in_flight_bytes == 0)) /* striped: the commit must not overtake */
                 st = s_send_commit(s, t, now);

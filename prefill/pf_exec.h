@@ -50,7 +50,7 @@ typedef struct {
      * decode workers on this host so they copy the KV straight from it (borrowed; NULL: sockets carry the KV) */
     const char *kv_pool_shm_name;
     /* Offer decode workers on the same GPU the pool's device memory (eng_kv_export: CUDA IPC), so they copy the KV
-     * device to device at commit (default true; nothing to offer on the CPU backend) */
+     * device to device as layers are ready (default true; nothing to offer on the CPU backend) */
     bool is_kv_device;
     pf_exec_fail_fn on_fail;
     void *ud;

@@ -1142,7 +1142,8 @@ static void *s_kv_peer_open(eng_backend_t *be, const void *handle, size_t len, c
     return p;
 }
 
-static pd_status s_kv_peer_copy(eng_backend_t *be, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+static pd_status s_kv_peer_copy(eng_backend_t *be, void *peer, const int32_t *src, const int32_t *dst, int32_t n,
+                                int32_t first_layer, int32_t n_layers) {
     const s_peer_t *p = (const s_peer_t *)peer;
     for (int32_t i = 0; i < n; i++)
         if (src[i] < 0 || src[i] >= p->kv.n_blocks) {
@@ -1153,7 +1154,7 @@ static pd_status s_kv_peer_copy(eng_backend_t *be, void *peer, const int32_t *sr
     S_CUDA(cudaStreamSynchronize(be->peer_st), "peer KV copy"); /* the last copy's kernel no longer reads the ids */
     memcpy(be->peer_ids, src, sizeof(int32_t) * (size_t)n);
     memcpy(be->peer_ids + n, dst, sizeof(int32_t) * (size_t)n);
-    eng_cuda_kv_copy_pairs(be->kv_pool, p->base, be->peer_ids_d, n, be->kv.n_layers * 2, be->kv.n_blocks,
+    eng_cuda_kv_copy_pairs(be->kv_pool, p->base, be->peer_ids_d, n, 2 * first_layer, 2 * n_layers, be->kv.n_blocks,
                            p->kv.n_blocks, eng_kv_chunk_bytes(&be->kv), be->peer_st);
     S_CUDA(cudaGetLastError(), "peer KV copy");
     S_CUDA(cudaStreamSynchronize(be->peer_st), "peer KV copy");

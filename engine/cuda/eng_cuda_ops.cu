@@ -424,16 +424,19 @@ void eng_cuda_kv_copy(void *dst, const void *src, const int32_t *blocks, int32_t
 /* The same between two pools of different sizes (another process's, mapped through CUDA IPC, and ours), from block
  * pairs[i] of src to block pairs[n + i] of dst. */
 static __global__ void k_kv_copy_pairs(uint8_t *dst, const uint8_t *src, const int32_t *pairs, int32_t n,
-                                       int32_t n_blocks_dst, int32_t n_blocks_src, size_t chunk_bytes) {
-    const size_t so = ((size_t)blockIdx.y * (size_t)n_blocks_src + (size_t)pairs[blockIdx.x]) * chunk_bytes;
-    const size_t d_o = ((size_t)blockIdx.y * (size_t)n_blocks_dst + (size_t)pairs[n + blockIdx.x]) * chunk_bytes;
+                                       int32_t first_chunk, int32_t n_blocks_dst, int32_t n_blocks_src,
+                                       size_t chunk_bytes) {
+    const size_t c = (size_t)first_chunk + blockIdx.y; /* layer * 2 + kind */
+    const size_t so = (c * (size_t)n_blocks_src + (size_t)pairs[blockIdx.x]) * chunk_bytes;
+    const size_t d_o = (c * (size_t)n_blocks_dst + (size_t)pairs[n + blockIdx.x]) * chunk_bytes;
     const uint4 *s = (const uint4 *)(src + so);
     uint4 *d = (uint4 *)(dst + d_o);
     for (size_t i = threadIdx.x; i < chunk_bytes / 16; i += blockDim.x) d[i] = s[i];
 }
 
-void eng_cuda_kv_copy_pairs(void *dst, const void *src, const int32_t *pairs, int32_t n, int32_t n_chunks_per_block,
-                            int32_t n_blocks_dst, int32_t n_blocks_src, size_t chunk_bytes, cudaStream_t st) {
-    k_kv_copy_pairs<<<dim3((unsigned)n, (unsigned)n_chunks_per_block), 256, 0, st>>>(
-        (uint8_t *)dst, (const uint8_t *)src, pairs, n, n_blocks_dst, n_blocks_src, chunk_bytes);
+void eng_cuda_kv_copy_pairs(void *dst, const void *src, const int32_t *pairs, int32_t n, int32_t first_chunk,
+                            int32_t n_chunks, int32_t n_blocks_dst, int32_t n_blocks_src, size_t chunk_bytes,
+                            cudaStream_t st) {
+    k_kv_copy_pairs<<<dim3((unsigned)n, (unsigned)n_chunks), 256, 0, st>>>(
+        (uint8_t *)dst, (const uint8_t *)src, pairs, n, first_chunk, n_blocks_dst, n_blocks_src, chunk_bytes);
 }

@@ -188,9 +188,11 @@ void eng_cuda_swiglu_bf16(__nv_bfloat16 *h, const __nv_bfloat16 *gu, int32_t n_t
  * layout (device pointers; mapped host memory included); chunk_bytes a multiple of 16. */
 void eng_cuda_kv_copy(void *dst, const void *src, const int32_t *blocks, int32_t n, int32_t n_chunks_per_block,
                       int32_t n_blocks_pool, size_t chunk_bytes, cudaStream_t st);
-/* Copies every chunk of blocks pairs[i] of src (n_blocks_src per layer and kind) to blocks pairs[n + i] of dst
- * (n_blocks_dst), i < n: two pools of one chunk size and different sizes (another process's, through CUDA IPC). */
-void eng_cuda_kv_copy_pairs(void *dst, const void *src, const int32_t *pairs, int32_t n, int32_t n_chunks_per_block,
-                            int32_t n_blocks_dst, int32_t n_blocks_src, size_t chunk_bytes, cudaStream_t st);
+/* Copies chunks [first_chunk, first_chunk + n_chunks) (layer * 2 + kind) of blocks pairs[i] of src (n_blocks_src per
+ * layer and kind) to blocks pairs[n + i] of dst (n_blocks_dst), i < n: two pools of one chunk size and different sizes
+ * (another process's, through CUDA IPC). */
+void eng_cuda_kv_copy_pairs(void *dst, const void *src, const int32_t *pairs, int32_t n, int32_t first_chunk,
+                            int32_t n_chunks, int32_t n_blocks_dst, int32_t n_blocks_src, size_t chunk_bytes,
+                            cudaStream_t st);
 
 #endif

@@ -172,7 +172,7 @@ while [ $# -gt 0 ]; do
     kvtail)
         # issue 3 at service level: pdctl up (1 prefill + 1 decode worker on this GPU) with the random SHAPE model,
         # KVTAIL_REQ (default 16) prompts of KVTAIL_TOKENS (default 4096) token ids, one step each; the prefill
-        # worker's KV copied device to device (prefill.kv_cuda_ipc=true: at commit), streamed as each layer is stored
+        # worker's KV copied device to device (prefill.kv_cuda_ipc=true), streamed as each layer is stored
         # (prefill.kv_stream=true) through its shared-memory pool (prefill.kv_shm=true), and over one tcp connection
         # (KVTAIL_CFGS: stream,conns,shm,ipc); its exit line "kv hand-off" gives the KV-ready -> decode-commit time
         shape=$1

@@ -40,7 +40,7 @@ static void ts_release_for(void *ctx, uint64_t request_id, const int32_t *ids, i
 
 /* ---- a stand-in for another process's GPU pool (the real one, CUDA IPC, is tested on the GPU) ----
  * The "device handle" is the sender pool's address and layout check word; peer_copy copies chunk by chunk into the
- * receiver store, so the protocol around it (no payload frames, copy at commit, DONE after the copy, failures) runs
+ * receiver store, so the protocol around it (no payload frames, copies layer by layer, DONE after them, failures) runs
  * for real here. */
 
 static int32_t g_peer_opens, g_peer_closes, g_peer_copies;
@@ -63,11 +63,12 @@ static void *ts_peer_open(void *ctx, const void *handle, size_t len, const eng_k
     return p;
 }
 
-static pd_status ts_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n) {
+static pd_status ts_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n,
+                              int32_t first_layer, int32_t n_layers) {
     const ts_peer_t *p = peer;
     if (g_peer_copies++ == g_peer_fail_copy) return PD_EBACKEND;
     for (int32_t i = 0; i < n; i++)
-        for (int32_t ly = 0; ly < p->l.n_layers; ly++)
+        for (int32_t ly = first_layer; ly < first_layer + n_layers; ly++)
             for (int kind = 0; kind < 2; kind++)
                 memcpy(kts_chunk(ctx, ly, kind, dst[i]), p->base + eng_kv_chunk_offset(&p->l, ly, kind, src[i]),
                        eng_kv_chunk_bytes(&p->l));

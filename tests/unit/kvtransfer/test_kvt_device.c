@@ -1,5 +1,5 @@
 /* test_kvt_device.c: kvtransfer's same-GPU path as a protocol: a sender that offers its pool's device handle, a
- * receiver whose store maps it and copies device to device at commit. The store's "device" here is host memory
+ * receiver whose store maps it and copies device to device as layers are marked ready. The store's "device" here is host memory
  * (kvt_test_env.h's ts_peer_*: no GPU in CI); the real CUDA IPC copy runs in tests/gpu (run_gpu.sh cluster and kvtail).
  * What is checked: no payload crosses ZeroMQ, the blocks land bit-exact, COMMITTED says so, DONE waits for the copy, a
  * failed copy fails only its transfer with every block released, and a store or dtype that cannot take the device
@@ -47,6 +47,35 @@ static void test_device_roundtrip(void) {
             CHECK_EQ_INT(g_peer_closes, 1); /* the receiver's destroy unmapped it */
         }
     g_block_stride = 3;
+}
+
+/* Layers marked ready one part at a time are copied as they come, before the commit: 1, then 3, then the last. */
+static void test_device_streamed(void) {
+    s_reset_peer();
+    env_t e;
+    env_opts_t o = s_opts();
+    o.device = true;
+    REQUIRE(env_init(&e, o));
+    uint64_t id = 4;
+    CHECK_EQ_INT(s_start(&e, id, 1, 37, 0), PD_OK);
+    for (int i = 0; i < 200 && !e.rec[id].reserved; i++) env_step(&e, true, true);
+    CHECK(e.rec[id].reserved);
+    const int32_t marks[2] = {1, 3};
+    for (int m = 0; m < 2; m++) {
+        CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, marks[m]), PD_OK);
+        for (int i = 0; i < 200 && g_peer_copies < m + 1; i++) env_step(&e, true, true);
+        CHECK_EQ_INT(g_peer_copies, m + 1);
+        kvt_stats_t rs;
+        kvt_receiver_stats(e.r, &rs);
+        CHECK(rs.device_payload_bytes == (uint64_t)marks[m] * 10u * 2u * eng_kv_chunk_bytes(&e.sl)); /* 10 blocks */
+    }
+    CHECK(!e.rec[id].committed);
+    CHECK_EQ_INT(kvt_sender_commit(e.s, id, (int32_t)(100 + id)), PD_OK);
+    CHECK(env_run_until_released(&e, &id, 1, 5000));
+    CHECK_MSG(e.rec[id].done_st == PD_OK, "%s", e.rec[id].err);
+    CHECK(s_verify(&e, id) && e.rec[id].is_on_device);
+    CHECK_EQ_INT(g_peer_copies, 3); /* the fourth layer came with the commit */
+    env_fini(&e);
 }
 
 /* Offered but not taken: a store that cannot map the pool, a receiver without the callbacks, a dtype that needs
@@ -141,6 +170,7 @@ static void test_device_sender_silent(void) {
 
 int main(void) {
     PD_TEST_RUN(test_device_roundtrip);
+    PD_TEST_RUN(test_device_streamed);
     PD_TEST_RUN(test_device_fallback);
     PD_TEST_RUN(test_device_copy_fails);
     PD_TEST_RUN(test_device_sender_silent);
