@@ -3,7 +3,9 @@
  * must be back in the store, or handed over through a COMMITTED event, when the receiver is destroyed.
  * Input: records of [peer byte][frame count byte] then per frame [u16 LE length][bytes]. Peer bit 0x80 asks
  * the harness to fix up a KvData's checksums so the fuzzer reaches the write path; peer 0 starts with a
- * valid hello and a reservation (transfer 1, epoch 1, 8 tokens). The receiver sources are compiled in here
+ * valid hello and a reservation (transfer 1, epoch 1, 8 tokens); peer 1 with a hello that offers a device pool
+ * (mapped by the harness's stand-in, a host buffer) and a device reservation (transfer 2, epoch 1, 6 tokens), so that
+ * frameless KvData reaches the device copy path. The receiver sources are compiled in here
  * so that the fuzzer sees their coverage (the library itself is not instrumented). */
 #include "../../kvtransfer/kvt_convert.c"
 #include "../../kvtransfer/kvt_receiver.c"
@@ -26,7 +28,41 @@ static kvt_fingerprint_t s_fp(void) {
 }
 
 static kvt_test_store_t s_st; /* aborts at once on a bad release or chunk request */
-static kvt_receiver_t *s_r;   /* one for all inputs (reset between them): sockets close asynchronously */
+
+/* The device path's stand-in: any handle maps one host "device pool" of up to S_DEV_BLOCKS blocks. */
+#define S_DEV_BLOCKS 16
+static uint8_t s_dev_pool[2 * 2 * S_DEV_BLOCKS * 2 * 1 * 4 * 4]; /* layers x kinds x blocks x chunk (f32) */
+static int s_dev_open;                                           /* mapped and not yet closed */
+
+static void *s_dev_peer_open(void *ctx, const void *handle, size_t len, const eng_kv_layout_t *src) {
+    (void)ctx, (void)handle, (void)len;
+    if (src->n_blocks > S_DEV_BLOCKS || eng_kv_pool_bytes(src) > sizeof s_dev_pool) return NULL;
+    eng_kv_layout_t *l = malloc(sizeof *l);
+    if (!l) abort();
+    *l = *src;
+    s_dev_open++;
+    return l;
+}
+
+static pd_status s_dev_peer_copy(void *ctx, void *peer, const int32_t *src, const int32_t *dst, int32_t n,
+                                 int32_t first_layer, int32_t n_layers) {
+    const eng_kv_layout_t *l = peer;
+    for (int32_t i = 0; i < n; i++) {
+        if (src[i] < 0 || src[i] >= l->n_blocks) abort(); /* the receiver let a block outside the peer's pool through */
+        for (int32_t ly = first_layer; ly < first_layer + n_layers; ly++)
+            for (int kind = 0; kind < 2; kind++)
+                memcpy(kts_chunk(ctx, ly, kind, dst[i]), s_dev_pool + eng_kv_chunk_offset(l, ly, kind, src[i]),
+                       eng_kv_chunk_bytes(l));
+    }
+    return PD_OK;
+}
+
+static void s_dev_peer_close(void *ctx, void *peer) {
+    (void)ctx;
+    if (--s_dev_open < 0) abort(); /* closed twice */
+    free(peer);
+}
+static kvt_receiver_t *s_r; /* one for all inputs (reset between them): sockets close asynchronously */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc, (void)argv;
@@ -43,6 +79,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     p.fingerprint = s_fp();
     p.layout = s_st.l;
     p.store = kts_store(&s_st);
+    p.store.peer_open = s_dev_peer_open, p.store.peer_copy = s_dev_peer_copy, p.store.peer_close = s_dev_peer_close;
     p.max_transfers = 4;
     p.max_message_bytes = 64 * 1024;
     char err[256];
@@ -101,6 +138,20 @@ static void s_feed_valid_start(kvt_receiver_t *r) {
     env.reserve = &rs;
     sz[0] = pdserve__v1__kv_envelope__pack(&env, buf);
     kvt_receiver_handle_frames(r, "p0", 2, fr, sz, 1);
+    uint8_t handle[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    h.device_handle.data = handle, h.device_handle.len = sizeof handle;
+    h.device_n_blocks = S_DEV_BLOCKS;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    sz[0] = pdserve__v1__kv_envelope__pack(&env, buf);
+    kvt_receiver_handle_frames(r, "p1", 2, fr, sz, 1);
+    uint32_t dev_blocks[3] = {5, 6, 0};
+    rs.transfer_id = 2, rs.n_tokens = 6, rs.n_blocks = 3;
+    rs.n_device_blocks = 3, rs.device_blocks = dev_blocks;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE;
+    env.reserve = &rs;
+    sz[0] = pdserve__v1__kv_envelope__pack(&env, buf);
+    kvt_receiver_handle_frames(r, "p1", 2, fr, sz, 1);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -136,5 +187,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     s_drain(r, st);
     kvt_receiver_reset(r);
     if (st->n_reserved != 0) abort(); /* a leaked reservation */
+    if (s_dev_open != 0) abort();     /* a device pool mapped by a peer that is gone */
     return 0;
 }
