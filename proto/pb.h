@@ -29,13 +29,14 @@
 #define PB_CAP_CONTROL_BYTES          (64u << 10) /* WorkerRegister, Heartbeat, Cancel */
 
 /* ---- field limits that do not depend on the model (mirror engine/eng_stop.h and eng_sample.h) ---- */
-#define PB_MAX_STOP               8    /* stop strings per request */
-#define PB_MAX_SPECULATIVE_TOKENS 64   /* GenerateRequest.speculative_tokens (decode workers cap it to their spec_k) */
-#define PB_MAX_STOP_BYTES         256  /* per stop string */
-#define PB_MAX_LOGPROBS           20   /* SamplingParams.logprobs, TokenLogprob.top */
-#define PB_MAX_ID_BYTES           128  /* model, model_id, worker_id, sender_id, backend */
-#define PB_MAX_ENDPOINT_BYTES     256  /* ZeroMQ URIs */
-#define PB_MAX_ERROR_BYTES        1024 /* Error.message */
+#define PB_MAX_STOP                8    /* stop strings per request */
+#define PB_MAX_SPECULATIVE_TOKENS  64   /* GenerateRequest.speculative_tokens (decode workers cap it to their spec_k) */
+#define PB_MAX_STOP_BYTES          256  /* per stop string */
+#define PB_MAX_LOGPROBS            20   /* SamplingParams.logprobs, TokenLogprob.top */
+#define PB_MAX_ID_BYTES            128  /* model, model_id, worker_id, sender_id, backend */
+#define PB_MAX_ENDPOINT_BYTES      256  /* ZeroMQ URIs */
+#define PB_MAX_ERROR_BYTES         1024 /* Error.message */
+#define PB_MAX_DEVICE_HANDLE_BYTES 256  /* KvHello.device_handle (kvtransfer's KVT_MAX_DEVICE_HANDLE_BYTES) */
 
 /* ---- unpack / pack ----
  * pb_unpack_X: refuses len > cap (cap 0 = the type's PB_CAP_*; PB_CAP_CONTROL_BYTES for a type without

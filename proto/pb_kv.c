@@ -43,6 +43,11 @@ static pd_status s_hello(const Pdserve__V1__KvHello *h, char *err, size_t err_ca
     if (st) return st;
     if ((st = pb_check_str(PD_EPROTO, "hello.sender_id", h->sender_id, 1, PB_MAX_ID_BYTES, PB_STR_ID, err, err_cap)))
         return st;
+    if (h->device_handle.len > PB_MAX_DEVICE_HANDLE_BYTES)
+        return pb_fail(PD_EPROTO, err, err_cap, "hello.device_handle has %zu bytes, must be at most %d",
+                       h->device_handle.len, PB_MAX_DEVICE_HANDLE_BYTES);
+    if (h->device_handle.len > 0 && h->device_n_blocks == 0)
+        return pb_fail(PD_EPROTO, err, err_cap, "hello.device_n_blocks = 0, must be >= 1 with device_handle");
     if (!h->shm_name || !h->shm_name[0]) return PD_OK; /* sockets only */
     /* a POSIX shared-memory name: "/" then up to NAME_MAX bytes without another "/" */
     if ((st = pb_check_str(PD_EPROTO, "hello.shm_name", h->shm_name, 2, 255, PB_STR_ID, err, err_cap))) return st;
@@ -74,6 +79,9 @@ static pd_status s_reserve(const Pdserve__V1__KvReserve *r, const pb_kv_limits_t
         return pb_fail(PD_EPROTO, err, err_cap,
                        "reserve.n_blocks = %u, must be %llu (ceil(n_tokens %u / block_size %u))", r->n_blocks,
                        (unsigned long long)want, r->n_tokens, lim->block_size);
+    if (r->n_device_blocks != 0 && r->n_device_blocks != r->n_blocks)
+        return pb_fail(PD_EPROTO, err, err_cap, "reserve.device_blocks has %zu entries, must be 0 or n_blocks %u",
+                       r->n_device_blocks, r->n_blocks);
     return PD_OK;
 }
 

@@ -31,7 +31,8 @@ enum {
     UP_MAX_RESTARTS = 3,   /* unexpected exits of one child per UP_RESTART_WINDOW_US before we give up */
     UP_MAX_ID_BYTES = 128, /* model id */
     UP_EP_BYTES = 256,     /* endpoints and URLs */
-    UP_ARGV_FIXED = 8,     /* exe, --config, path, id, threads, NULL, and slack */
+    UP_ARGV_FIXED = 8,     /* exe, --config, path, id, threads, gpu, NULL, and slack */
+    UP_MAX_GPUS = 64,      /* devices in --gpus */
 };
 #define UP_RESTART_WINDOW_US (60ull * 1000000)
 #define UP_RESTART_DELAY_US  (1000000ull) /* lets a crash loop show in the log at human speed */
@@ -68,6 +69,8 @@ typedef struct {
     bool has_port, has_model;
     char *pass[UP_MAX_PASS]; /* owned "--section.key=value" */
     int n_pass;
+    int32_t gpus[UP_MAX_GPUS]; /* --gpus: workers' devices, dealt round robin (prefill workers first) */
+    int n_gpus;
 } up_opts_t;
 
 typedef struct {
@@ -114,6 +117,9 @@ static void s_help(void) {
            "  --draft-model PATH     the draft model of --spec draft (= --decode.draft_model=PATH)\n"
            "  --backend cpu|cuda     compute backend of every worker (= --engine.backend; cuda needs a build\n"
            "                         with -DPDSERVE_CUDA=ON); --gpu N picks the device (= --engine.gpu=N)\n"
+           "  --gpus A,B,...         workers' devices, dealt round robin in start order (prefill-0, prefill-1,\n"
+           "                         ..., decode-0, ...): --gpus 0,1 puts 1 prefill + 1 decode on a GPU each;\n"
+           "                         overrides --gpu\n"
            "  --section.key=value    passed to the services that own the section (router.* to the router,\n"
            "                         prefill.* / decode.* to that pool, engine.* to both pools)\n",
            pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS);
@@ -138,6 +144,25 @@ static bool s_add_pass(up_opts_t *o, const char *key, const char *value) {
     o->pass[o->n_pass] = pd_xmalloc(n);
     snprintf(o->pass[o->n_pass++], n, "%s%s%s", key, value ? "=" : "", value ? value : "");
     return true;
+}
+
+/* "0,1,3": device indices (0..64, at most UP_MAX_GPUS). False (message printed) when malformed. */
+static bool s_parse_gpus(const char *v, up_opts_t *o) {
+    o->n_gpus = 0;
+    for (const char *p = v; *p;) {
+        char *end;
+        errno = 0;
+        long g = strtol(p, &end, 10);
+        if (end == p || errno || g < 0 || g > 64 || (*end && *end != ',') || o->n_gpus == UP_MAX_GPUS) {
+            fprintf(stderr, "pdctl up: --gpus '%s': comma-separated device indices 0..64, at most %d\n", v,
+                    UP_MAX_GPUS);
+            return false;
+        }
+        o->gpus[o->n_gpus++] = (int32_t)g;
+        p = *end ? end + 1 : end;
+    }
+    if (o->n_gpus == 0) fprintf(stderr, "pdctl up: --gpus needs at least one device index\n");
+    return o->n_gpus > 0;
 }
 
 /* Returns 0 to go on, or an exit code (0 for --help, 2 for a usage error). */
@@ -176,6 +201,8 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
         }
         if (!strcmp(f, "--model"))
             o->model = v, o->has_model = true;
+        else if (!strcmp(f, "--gpus"))
+            ok = s_parse_gpus(v, o);
         else if (!strcmp(f, "--config"))
             o->config_path = v;
         else if (!strcmp(f, "--bin-dir"))
@@ -407,6 +434,11 @@ static void s_kid_init(up_t *u, up_child_t *k, up_role_t role, int index, int64_
     }
     for (int i = 0; i < u->o.n_pass; i++)
         if (s_pass_is_for(u->o.pass[i], role)) k->argv[a++] = pd_xstrdup(u->o.pass[i]);
+    if (role != UP_ROUTER && u->o.n_gpus > 0) { /* after the pass-through options: the services take the last */
+        int w = role == UP_PREFILL ? index : (int)u->o.n_prefill + index;
+        snprintf(buf, sizeof buf, "--engine.gpu=%d", u->o.gpus[w % u->o.n_gpus]);
+        k->argv[a++] = pd_xstrdup(buf);
+    }
     k->argv[a] = NULL;
 }
 

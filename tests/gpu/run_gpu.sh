@@ -23,6 +23,7 @@
 #                                      commit time, KV streamed per layer and sent after the step (kv_tail.py)
 #   tests/gpu/run_gpu.sh ncu SHAPE B   decode at batch B under Nsight Compute: GPU time per kernel (ncu_kernels.py)
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
+# PD_GPUS=0,1 (cluster, kvtail): pdctl up --gpus 0,1, the prefill worker on GPU 0 and the decode worker on GPU 1
 # The default model (94 MB) is over the device tool's 64 MiB per-call limit. The golden, cluster-with-SmolLM2 and
 # spec stages get it in three parts over three back-to-back calls (the machine stays warm only 30 s):
 #   here:  mkdir -p .relay && split -n 3 -d MODEL.gguf .relay/p && sha256sum MODEL.gguf | cut -c1-64 > .relay/sha
@@ -127,7 +128,8 @@ while [ $# -gt 0 ]; do
             --vocab 49152)}
         for ipc in true false; do
             echo "== cluster prefill.kv_cuda_ipc=$ipc"
-            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18080 --prefill.kv_cuda_ipc=$ipc \
+            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda ${PD_GPUS:+--gpus $PD_GPUS} --port 18080 \
+                --prefill.kv_cuda_ipc=$ipc \
                 >"$OUT/cluster_up_$ipc.log" 2>&1 &
             up=$!
             python3 tests/gpu/cluster_smoke.py "$m" 18080 ./build-gpu/deploy/pdctl
@@ -182,7 +184,8 @@ while [ $# -gt 0 ]; do
             IFS=, read -r ks conns shm ipc <<<"$cfg"
             tag="${shape}_${ks}_${conns}_${shm}_${ipc}"
             echo "== $shape prefill.kv_stream=$ks prefill.kv_conns=$conns prefill.kv_shm=$shm prefill.kv_cuda_ipc=$ipc"
-            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda --port 18081 --prefill.kv_stream=$ks \
+            ./build-gpu/deploy/pdctl up --model "$m" --backend cuda ${PD_GPUS:+--gpus $PD_GPUS} --port 18081 \
+                --prefill.kv_stream=$ks \
                 --prefill.kv_conns=$conns --prefill.kv_shm=$shm --prefill.kv_cuda_ipc=$ipc --engine.kv_mem=3GiB \
                 --engine.max_batch_tokens=4096 \
                 --prefill.step_tokens=4096 --prefill.chunk_tokens=4096 --ready-timeout 600 \

@@ -1,6 +1,7 @@
 """test_pdctl_up.py: `pdctl up` end to end: it starts the cluster, prints the URL, the cluster serves a
 request (the single-process reference's answer), a killed worker is restarted and serves again, and
-SIGTERM stops pdctl with exit 0 and no child left behind. Also: --prefill 0 (decode-only) serves, and a
+SIGTERM stops pdctl with exit 0 and no child left behind; --gpus deals the workers' devices (the CPU backend ignores
+engine.gpu, so only the command lines show it). Also: --prefill 0 (decode-only) serves, and a
 missing service binary is one clear error line."""
 import os
 import re
@@ -102,13 +103,18 @@ def complete(url, prompt=PROMPT, max_tokens=8):
 
 
 def test_up_serves_restarts_and_stops():
-    up = Up("--prefill", "1", "--decode", "1")
+    up = Up("--prefill", "1", "--decode", "1", "--gpu", "7", "--gpus", "3,5")
     try:
         url = up.wait_url()
         assert any(l.strip().startswith("try: curl") for l in up.lines), up.lines
         assert complete(url) == R["greedy"]["text"]
         kids = children_of(up.proc.pid)
         assert len(kids) == 3, kids  # router, prefill-0, decode-0
+        # --gpus 3,5: prefill-0 on 3, decode-0 on 5, each after the --gpu 7 it overrides (the services take the last)
+        args = {k: open(f"/proc/{k}/cmdline").read().split("\0") for k in kids}
+        for exe, gpu in (("pd-prefill", "3"), ("pd-decode", "5")):
+            a = [v for v in args.values() if exe in v[0]]
+            assert len(a) == 1 and a[0].index(f"--engine.gpu={gpu}") > a[0].index("--engine.gpu=7"), args
         # a worker that dies is reported and restarted; the cluster serves again
         decode = [k for k in kids if "pd-decode" in open(f"/proc/{k}/cmdline").read()]
         assert len(decode) == 1, decode

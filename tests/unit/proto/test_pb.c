@@ -108,6 +108,7 @@ typedef struct {
     Pdserve__V1__KvReserveReply reserve_reply;
     Pdserve__V1__KvData data;
     uint64_t sums[12], offsets[12];
+    uint32_t dev_blocks[3];
     uint32_t runs[2];
     Pdserve__V1__KvCredit credit;
     Pdserve__V1__KvCommit commit;
@@ -129,18 +130,22 @@ static void t_kv_init(t_kv_t *t, Pdserve__V1__KvEnvelope__BodyCase body) {
         t->hello.fingerprint = &t->fp, t->hello.sender_id = "prefill-0";
         t->hello.shm_name = "/pdserve-kv-prefill-0", t->hello.shm_bytes = 1u << 30;
         t->hello.conn_group = 0x5eed5eed5eedull, t->hello.conn_index = 1;
+        t->hello.device_handle.data = (uint8_t *)"cudaIpcMemHandle_t is 64 bytes long, opaque: any bytes at all..";
+        t->hello.device_handle.len = 64, t->hello.device_n_blocks = 4096;
         break;
     case PDSERVE__V1__KV_ENVELOPE__BODY_HELLO_REPLY:
         pdserve__v1__kv_hello_reply__init(e->hello_reply = &t->hello_reply);
         t->error.code = PDSERVE__V1__ERROR_CODE__ERR_INCOMPATIBLE, t->error.message = "block_size: 16 vs 32";
         t->hello_reply.error = &t->error, t->hello_reply.fingerprint = &t->fp;
         t->hello_reply.max_message_bytes = 1u << 26, t->hello_reply.frame_runs = 1, t->hello_reply.shm_mapped = 1;
-        t->hello_reply.conn_groups = 1;
+        t->hello_reply.conn_groups = 1, t->hello_reply.device_mapped = 1;
         break;
     case PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE:
         pdserve__v1__kv_reserve__init(e->reserve = &t->reserve);
         t->reserve.request_id = 5, t->reserve.transfer_id = 6, t->reserve.epoch = 2, t->reserve.n_tokens = 33;
         t->reserve.n_blocks = 3, t->reserve.timeout_ms = 1000;
+        t->dev_blocks[0] = 7, t->dev_blocks[1] = 8, t->dev_blocks[2] = 100;
+        t->reserve.n_device_blocks = 3, t->reserve.device_blocks = t->dev_blocks;
         break;
     case PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE_REPLY:
         pdserve__v1__kv_reserve_reply__init(e->reserve_reply = &t->reserve_reply);
@@ -842,6 +847,9 @@ static void test_validate_kv_envelope(void) {
     T_KV(HELLO, t.hello.shm_name = "/a/b", PD_EPROTO, "hello.shm_name = \"/a/b\"");
     T_KV(HELLO, t.hello.shm_name = "/", PD_EPROTO, "hello.shm_name has 1 bytes, must be 2..255");
     T_KV(HELLO, t.hello.shm_name = "/a b", PD_EPROTO, "hello.shm_name = \"/a b\" has byte 0x20");
+    T_KV(HELLO, t.hello.device_handle.len = 0; t.hello.device_n_blocks = 0, PD_OK, NULL);
+    T_KV(HELLO, t.hello.device_n_blocks = 0, PD_EPROTO, "hello.device_n_blocks = 0, must be >= 1 with device_handle");
+    T_KV(HELLO, t.hello.device_handle.len = 257, PD_EPROTO, "hello.device_handle has 257 bytes, must be at most 256");
     /* hello reply */
     T_KV(HELLO_REPLY, t.hello_reply.error = NULL, PD_OK, NULL);
     T_KV(HELLO_REPLY, t.error.code = 0; t.hello_reply.max_message_bytes = 0, PD_EPROTO,
@@ -857,8 +865,11 @@ static void test_validate_kv_envelope(void) {
          "reserve.n_blocks = 4, must be 3 (ceil(n_tokens 33 / block_size 16))");
     T_KV(RESERVE, t.reserve.n_tokens = 32, PD_EPROTO, "reserve.n_blocks = 3, must be 2");
     T_KV(RESERVE, t.reserve.n_tokens = 48, PD_OK, NULL);
-    T_KV(RESERVE, t.reserve.n_tokens = 1; t.reserve.n_blocks = 1, PD_OK, NULL);
-    T_KV(RESERVE, t.reserve.n_tokens = 1048576; t.reserve.n_blocks = 65536, PD_OK, NULL);
+    T_KV(RESERVE, t.reserve.n_device_blocks = 0, PD_OK, NULL);
+    T_KV(RESERVE, t.reserve.n_device_blocks = 2, PD_EPROTO,
+         "reserve.device_blocks has 2 entries, must be 0 or n_blocks 3");
+    T_KV(RESERVE, t.reserve.n_tokens = 1; t.reserve.n_blocks = 1; t.reserve.n_device_blocks = 0, PD_OK, NULL);
+    T_KV(RESERVE, t.reserve.n_tokens = 1048576; t.reserve.n_blocks = 65536; t.reserve.n_device_blocks = 0, PD_OK, NULL);
     T_KV(RESERVE, t.reserve.n_tokens = UINT32_MAX; t.reserve.n_blocks = 268435456, PD_EPROTO, "reserve.n_tokens");
     /* reserve reply */
     T_KV(RESERVE_REPLY, t.reserve_reply.error = NULL;
