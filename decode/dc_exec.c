@@ -44,7 +44,11 @@ static void s_emit(dc_exec_t *x, int n) {
 /* The step finished with status: events for its rows. */
 static void s_finish_step(dc_exec_t *x, pd_status result) {
     int n;
-    x->st.busy_us += pd_now_us() - x->step_start_us;
+    const uint64_t done = pd_now_us(), busy = done - x->step_start_us;
+    x->st.busy_us += busy;
+    x->st.last_us = done;
+    if (x->plan.n_tokens_total > x->plan.n_seqs && x->plan.n_decode_rows == x->plan.n_seqs)
+        x->st.n_drafted_steps++, x->st.drafted_busy_us += busy;
     x->st.draft_us += x->job_draft_us;
     if (result == PD_OK) {
         /* the step's cost for speculation's model: the forward and the host's sampling / verification of its rows;
@@ -161,7 +165,12 @@ void dc_exec_kick(dc_exec_t *x) {
     s_emit(x, n);
     if (x->plan.n_seqs == 0) return; /* idle until the next kick */
     s_take_uploads(x);
+    const uint64_t prev_start = x->step_start_us;
     x->step_start_us = pd_now_us();
+    if (!x->st.first_us) x->st.first_us = x->step_start_us;
+    /* back to back: this launch follows the last step's completion with no idle wait in between */
+    if (prev_start && x->st.last_us >= prev_start && x->step_start_us - x->st.last_us < S_MAX_STEP_GAP_US)
+        x->st.host_us += x->step_start_us - x->st.last_us;
     pd_status st = eng_async_submit_fn(x->async, s_job, x);
     if (st != PD_OK) { /* cannot happen while not busy; end the rows rather than leave them planned */
         s_finish_step(x, st);

@@ -68,9 +68,12 @@ void dc_exec_wait(dc_exec_t *x);
 typedef struct {
     uint64_t n_steps, n_rows, n_tokens; /* forwards run, their sequence rows and input tokens */
     uint64_t n_failed_steps;
-    uint64_t busy_us;    /* engine time of those steps, as the loop saw it (submit to completion) */
-    uint64_t draft_us;   /* of which the draft model's forwards */
-    dc_spec_cost_t cost; /* the calibrated cost model (zero without speculation) */
+    uint64_t busy_us;  /* engine time of those steps, as the loop saw it (submit to completion) */
+    uint64_t draft_us; /* of which the draft model's forwards */
+    uint64_t n_drafted_steps, drafted_busy_us; /* steps that verified drafts, and their share of busy_us */
+    uint64_t host_us; /* loop time from a step's completion to the next step's launch (its events, the next plan) */
+    uint64_t first_us, last_us; /* the first step's launch and the last one's completion (0: no step yet) */
+    dc_spec_cost_t cost;        /* the calibrated cost model (zero without speculation) */
 } dc_exec_stats_t;
 
 void dc_exec_stats(const dc_exec_t *x, dc_exec_stats_t *out);

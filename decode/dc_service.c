@@ -762,9 +762,30 @@ fail:
     return NULL;
 }
 
+/* Where the decode worker's time went, for comparing runs (speculation on and off): steps, how full, and busy
+ * (a step in flight), host (between steps that follow each other) and idle time from the first step to the last. */
+static void s_log_exit_stats(dc_service_t *s) {
+    dc_service_stats_t st;
+    if (!s->exec || !s->sched || !s->kvt) return;
+    dc_service_stats(s, &st);
+    const dc_exec_stats_t *x = &st.exec;
+    if (x->n_steps == 0 || x->last_us <= x->first_us) return;
+    const double wall = (double)(x->last_us - x->first_us) / 1e6, busy = (double)x->busy_us / 1e6;
+    const double host = (double)x->host_us / 1e6;
+    LOG_I("decode time: %llu steps of %.1f rows (%llu with drafts: %.2f s); from the first step to the last %.2f s: "
+          "busy %.2f s (%.0f%%), between steps %.2f s (%.0f%%), idle %.2f s; %llu tokens emitted, %.0f per second "
+          "from the first step to the last, %.1f us of busy time each",
+          (unsigned long long)x->n_steps, (double)x->n_rows / (double)x->n_steps,
+          (unsigned long long)x->n_drafted_steps, (double)x->drafted_busy_us / 1e6, wall, busy, 100 * busy / wall, host,
+          100 * host / wall, wall > busy + host ? wall - busy - host : 0.0,
+          (unsigned long long)st.sched.n_tokens_generated, (double)st.sched.n_tokens_generated / wall,
+          1e6 * busy / (double)st.sched.n_tokens_generated);
+}
+
 void dc_service_destroy(dc_service_t **sp) {
     if (!sp || !*sp) return;
     dc_service_t *s = *sp;
+    s_log_exit_stats(s); /* while the receiver, executor and scheduler it asks are all there */
     if (s->tick_timer > 0) pd_loop_cancel_timer(s->p.loop, s->tick_timer);
     if (s->kv_timer > 0) pd_loop_cancel_timer(s->p.loop, s->kv_timer);
     if (s->sock) pd_loop_remove_socket(s->p.loop, s->sock);
