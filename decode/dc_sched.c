@@ -132,6 +132,10 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
     dc_sched_t *s = pd_xcalloc(1, sizeof *s);
     const char *guard = getenv("DC_SPEC_GUARD"); /* 0: no measured guard (for A/B measurements) */
     s->is_guard_off = guard && *guard == '0';
+    const char *stat = getenv("DC_SPEC_GUARD_STAT"), *margin = getenv("DC_SPEC_GUARD_MARGIN"); /* A/B: mean, 0.95 */
+    s->guard.is_mean = stat && !strcmp(stat, "mean");
+    s->guard.margin = margin ? strtod(margin, NULL) : 0;
+    if (!(s->guard.margin > 0 && s->guard.margin <= 2)) s->guard.margin = 0;
     s->p = *p;
     if (s->p.watermark_blocks < 0) {
         int32_t n = eng_kv_pool_n_blocks(p->pool) / 25;

@@ -143,6 +143,17 @@ static double s_median(const double *v, int n) {
     return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
 }
 
+/* Mean of the n samples without the largest (one hiccup of a step does not decide), or the only one. */
+static double s_trimmed_mean(const double *v, int n) {
+    double sum = 0, hi = v[0];
+    for (int i = 0; i < n; i++) sum += v[i], hi = v[i] > hi ? v[i] : hi;
+    return n > 1 ? (sum - hi) / (n - 1) : sum;
+}
+
+static double s_guard_stat(const dc_spec_guard_t *g, const dc_spec_guard_bucket_t *b, int kind) {
+    return g->is_mean ? s_trimmed_mean(b->us_per_token[kind], b->n[kind]) : s_median(b->us_per_token[kind], b->n[kind]);
+}
+
 /* Plans between drafted probes after n_backoff probes that found drafts disallowed (dc_spec_guard_probe_due). */
 static int64_t s_probe_interval(int32_t n_backoff) {
     return (int64_t)(2 * DC_SPEC_EXPLORE)
@@ -158,8 +169,12 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
         if (k->n[0] + k->n[1] == 0) continue;
         const int32_t lo = b == 0 ? 1 : 1 << b, hi = (2 << b) - 1;
         char drafted[32] = "-", plain[32] = "-", range[24];
-        if (k->n[1] > 0) snprintf(drafted, sizeof drafted, "%.2f", s_median(k->us_per_token[1], k->n[1]));
-        if (k->n[0] > 0) snprintf(plain, sizeof plain, "%.2f", s_median(k->us_per_token[0], k->n[0]));
+        if (k->n[1] > 0)
+            snprintf(drafted, sizeof drafted, "%.2f/%.2f", s_median(k->us_per_token[1], k->n[1]),
+                     s_trimmed_mean(k->us_per_token[1], k->n[1]));
+        if (k->n[0] > 0)
+            snprintf(plain, sizeof plain, "%.2f/%.2f", s_median(k->us_per_token[0], k->n[0]),
+                     s_trimmed_mean(k->us_per_token[0], k->n[0]));
         if (b == DC_SPEC_GUARD_BUCKETS - 1)
             snprintf(range, sizeof range, "%d+", lo);
         else if (lo == hi)
@@ -172,8 +187,9 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
         if (!is_on && k->n_backoff > 0) /* the interval the last probe set */
             snprintf(probes, sizeof probes, " (probes every %lld steps)",
                      (long long)s_probe_interval(k->n_backoff - 1));
-        int w = snprintf(buf + at, cap > at ? cap - at : 0, "%srows %s: drafts %s us/token (%d) vs none %s (%d): %s%s",
-                         n ? "; " : "", range, drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
+        int w = snprintf(buf + at, cap > at ? cap - at : 0,
+                         "%srows %s: drafts %s us/token (median/mean, %d) vs none %s (%d): %s%s", n ? "; " : "", range,
+                         drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
         if (w > 0) at += (size_t)w;
         n++;
     }
@@ -196,5 +212,5 @@ bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows) {
     if (n_rows <= 0) return true;
     const dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
     if (b->n[0] < GUARD_MIN_STEPS || b->n[1] < GUARD_MIN_STEPS) return true;
-    return s_median(b->us_per_token[1], b->n[1]) <= s_median(b->us_per_token[0], b->n[0]);
+    return s_guard_stat(g, b, 1) <= (g->margin > 0 ? g->margin : 1.0) * s_guard_stat(g, b, 0);
 }

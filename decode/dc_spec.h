@@ -101,6 +101,10 @@ typedef struct {
 } dc_spec_guard_bucket_t;
 typedef struct {
     dc_spec_guard_bucket_t b[DC_SPEC_GUARD_BUCKETS];
+    /* A/B knobs (zero = the default): compare means (without each kind's largest sample) instead of medians, and
+     * allow drafts only where their time per token is at most margin x the plain one (0: 1) */
+    bool is_mean;
+    double margin;
 } dc_spec_guard_t;
 
 /* One pure-decode step of n_rows rows that had n_drafts draft tokens in all and emitted n_emitted tokens (rows
