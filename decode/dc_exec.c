@@ -2,8 +2,10 @@
  * One step in flight at a time: the next step needs the tokens this one samples. */
 #include "dc_exec.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "eng_async.h"
@@ -31,6 +33,7 @@ struct dc_exec {
     uint64_t *kv_pending;
     int32_t n_kv_pending, cap_kv_pending;
     int32_t *upload_rows, n_upload_rows;
+    FILE *step_log; /* DC_STEP_LOG=PREFIX: one CSV line per step to PREFIX.PID (for offline analysis; NULL: off) */
 };
 
 static void s_emit(dc_exec_t *x, int n) {
@@ -56,7 +59,17 @@ static void s_finish_step(dc_exec_t *x, pd_status result) {
         const uint64_t t0 = pd_now_us();
         const int32_t n_tokens = x->plan.n_tokens_total;
         const bool is_pure_decode = x->plan.n_decode_rows == x->plan.n_seqs;
+        dc_sched_stats_t before;
+        if (x->step_log) dc_sched_stats(x->p.sched, &before);
         n = dc_sched_update(x->p.sched, &x->plan, NULL, t0, x->events, x->cap_events);
+        if (x->step_log) {
+            dc_sched_stats_t after;
+            dc_sched_stats(x->p.sched, &after);
+            fprintf(x->step_log, "%llu,%llu,%llu,%d,%d,%d,%d,%llu\n", (unsigned long long)x->step_start_us,
+                    (unsigned long long)busy, (unsigned long long)x->job_verify_us, x->plan.n_seqs,
+                    x->plan.n_decode_rows, n_tokens, x->is_job_one_time ? 1 : 0,
+                    (unsigned long long)(after.n_tokens_generated - before.n_tokens_generated));
+        }
         /* speculation's guard takes the whole cycle since the previous step was updated: the events, the next
          * plan (n-gram lookups included) and the launch are per-step costs that drafting saves or adds; a step
          * that followed an idle gap has no such cycle */
@@ -269,6 +282,16 @@ dc_exec_t *dc_exec_create(const dc_exec_params_t *p, char *err, size_t err_cap) 
               dc_spec_mode_name(sp->spec), sp->spec_k, x->st.cost.base_us, x->st.cost.per_token_us,
               x->st.cost.draft_base_us, x->st.cost.draft_token_us);
     }
+    const char *step_log = getenv("DC_STEP_LOG");
+    if (step_log && *step_log) {
+        char path[512];
+        snprintf(path, sizeof path, "%s.%d", step_log, (int)getpid());
+        x->step_log = fopen(path, "w");
+        if (x->step_log)
+            fprintf(x->step_log, "start_us,busy_us,verify_us,rows,decode_rows,tokens,one_time,emitted\n");
+        else
+            LOG_W("DC_STEP_LOG: cannot open %s", path);
+    }
     x->async = eng_async_create(p->eng);
     if (!x->async) {
         snprintf(err, err_cap, "dc_exec: cannot start the engine thread");
@@ -305,6 +328,7 @@ void dc_exec_destroy(dc_exec_t **xp) {
     dc_plan_fini(&x->plan);
     eng_drafter_destroy(&x->draft);
     free(x->kv_pending), free(x->upload_rows);
+    if (x->step_log) fclose(x->step_log);
     free(x->events);
     free(x);
     *xp = NULL;
