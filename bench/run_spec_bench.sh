@@ -27,6 +27,8 @@
 #   --max-requests N    cap on R per run (default 32, 0 = none). Why: on 2 cores one prefill thread
 #                       takes ~7-8 s per 1.3k-token RAG prompt, so R = 64 at C = 32 would cost ~8 min per
 #                       spec mode alone and the default run would not fit in 20 min
+#   --prefill N         prefill workers (default 1; 0: the decode worker prefills locally, in its own batch: on a GPU
+#                       shared by two workers the prefill process's forwards time-slice with the decode steps)
 #   --kv-mem SIZE       KV pool of each worker (default 4GiB: 32 RAG sequences of up to ~2.2k tokens take
 #                       ~3.1 GiB of f32 KV with SmolLM2-135M; the pool is touched only as it fills)
 #   --out FILE          results (default BUILD_DIR/spec_bench/results-DATE.jsonl; logs beside it)
@@ -53,7 +55,7 @@ usage() { sed -n '/^# usage:/,/^#   --out/p' "$0" | sed 's/^# \{0,1\}//' >&2; ex
 case "$1" in -h | --help) usage ;; esac
 BUILD=$1
 shift
-BACKEND=cpu DRAFT="" QUICK=0 SPECS="" WORKLOADS="rag chat" CONCS="1 8 32" SPEC_K="" OUT="" MAX_REQ=32
+BACKEND=cpu DRAFT="" QUICK=0 SPECS="" WORKLOADS="rag chat" CONCS="1 8 32" SPEC_K="" OUT="" MAX_REQ=32 N_PREFILL=1
 THREADS=${PD_BENCH_THREADS:-2}
 KV_MEM=4GiB
 while [ $# -gt 0 ]; do
@@ -67,6 +69,7 @@ while [ $# -gt 0 ]; do
     --threads) THREADS=$2; shift 2 ;;
     --backend) BACKEND=$2; shift 2 ;;
     --kv-mem) KV_MEM=$2; shift 2 ;;
+    --prefill) N_PREFILL=$2; shift 2 ;;
     --max-requests) MAX_REQ=$2; shift 2 ;;
     --requests-per-conc) REQ_PER_CONC=$2; shift 2 ;;
     --warmup-per-conc) WARMUP_PER_CONC=$2; shift 2 ;;
@@ -124,7 +127,8 @@ start_cluster() { # spec mode; sets URL, API
         [ -n "$SPEC_K" ] && [ "$spec" != off ] && args+=("--decode.spec_k=$SPEC_K")
         [ "$spec" = draft ] && args+=("--decode.draft_model=$DRAFT")
     fi
-    "$PDCTL" up --port 0 --threads "$THREADS" --prefill 1 --decode 1 --backend "$BACKEND" "--engine.kv_mem=$KV_MEM" \
+    "$PDCTL" up --port 0 --threads "$THREADS" --prefill "$N_PREFILL" --decode 1 --backend "$BACKEND" \
+        "--engine.kv_mem=$KV_MEM" \
         "${args[@]}" \
         >"$log" 2>&1 &
     CLUSTER_PID=$!

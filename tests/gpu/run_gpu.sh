@@ -153,6 +153,7 @@ while [ $# -gt 0 ]; do
         bench/run_spec_bench.sh build-gpu --backend cuda --draft "$draft" --concurrency "${SPEC_CONCS:-1 8 32}" \
             --spec "${SPEC_MODES:-off ngram draft}" --workloads "${SPEC_WORKLOADS:-rag chat}" \
             --requests-per-conc "${SPEC_REQ_PER_CONC:-8}" --warmup-per-conc "${SPEC_WARMUP_PER_CONC:-4}" --max-requests 0 \
+            --prefill "${SPEC_PREFILL:-1}" \
             --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -24 | tee -a "$OUT/spec.log"
         ;;
     host)
