@@ -301,8 +301,8 @@ void *eng_kv_peer_open(eng_t *e, const void *handle, size_t len, const eng_kv_la
 
 pd_status eng_kv_peer_copy(eng_t *e, void *peer, const int32_t *src, const int32_t *dst, int32_t n, int32_t first_layer,
                            int32_t n_layers) {
-    if (!peer || !e->ops->kv_peer_copy || n < 0 || first_layer < 0 || n_layers < 0 ||
-        first_layer + n_layers > e->kv_layout.n_layers)
+    if (!peer || !e->ops->kv_peer_copy || n < 0 || n > eng_kv_pool_n_blocks(e->kv_pool) || first_layer < 0 ||
+        n_layers < 0 || first_layer + n_layers > e->kv_layout.n_layers)
         return PD_EINVAL;
     for (int32_t i = 0; i < n; i++)
         if (dst[i] < 0 || dst[i] >= eng_kv_pool_n_blocks(e->kv_pool)) {

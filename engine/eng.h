@@ -133,7 +133,8 @@ PD_NODISCARD pd_status eng_kv_from_host(eng_t *e, const int32_t *table, int32_t 
  * which must match this pool's but for n_blocks) and returns a token, or NULL with the reason in err: another backend,
  * a GPU this one cannot reach, or a handle of this same process. eng_kv_peer_copy copies layers [first_layer,
  * first_layer + n_layers), K and V, of the peer's blocks src[i] into this pool's dst[i], i < n, and returns once the
- * copy is complete: PD_EINVAL for a block or layer outside either pool, PD_EBACKEND on a device error. eng_kv_peer_close unmaps (NULL: nothing).
+ * copy is complete: PD_EINVAL for a block or layer outside either pool, PD_EBACKEND on a device error.
+ * eng_kv_peer_close unmaps (NULL: nothing).
  * Thread: unlike the rest of eng_t, the three peer calls may run on one other thread (a decode service's loop) while
  * eng_forward runs, on their own stream, as long as no running forward uses the dst blocks. The exporting process must
  * keep the src blocks unchanged until the copy returns. */

@@ -104,7 +104,8 @@ typedef struct {
      * handle), opaque to kvtransfer, device_handle_len <= KVT_MAX_DEVICE_HANDLE_BYTES, in the same layout as
      * pool_base. A receiver that can map it copies each transfer device to device, layers as they are marked ready
      * (ZeroMQ carries control only, and nothing is checksummed: the bytes stay in GPU memory); others get the
-     * shared-pool or socket path. A transfer of more than KVT_MAX_DEVICE_BLOCKS blocks takes the other path. NULL (default): none. */
+     * shared-pool or socket path. A transfer of more than KVT_MAX_DEVICE_BLOCKS blocks takes the other path.
+     * NULL (default): none. */
     const void *device_handle;
     size_t device_handle_len;
 } kvt_sender_params_t;

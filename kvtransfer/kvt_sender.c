@@ -39,7 +39,7 @@ typedef struct {
     int32_t *block_ids; /* (n_blocks) the sender's blocks, owned */
     int32_t n_layers_ready;
     bool has_commit, is_blocked;
-    bool is_device;       /* its blocks go device to device (the reserve names them; no KvData) */
+    bool is_device;       /* its blocks go device to device (the reserve names them; KvData without frames) */
     int32_t corrupt_next; /* test hook: 1 + the frame of the next data message whose checksum is spoiled; 0 none */
     int32_t first_token;
     uint8_t *commit_info; /* (commit_info_len) owned; handed over with the commit */

@@ -198,7 +198,8 @@ static void test_guard(void) {
     char line[512];
     CHECK_EQ_INT(dc_spec_guard_describe(&g, line, sizeof line), 1);
     /* medians: drafted steps 2800 / 41 and 2500 / 37 us per token (10 and 3 of them), plain 2200 / 40 and 2000 / 32 */
-    /* means without each kind's largest sample: (9 x 2800 / 41 + 3 x 2500 / 37) / 12, (10 x 2200 / 40 + 2 x 2000 / 32) / 12 */
+    /* means without each kind's largest sample: (9 x 2800 / 41 + 3 x 2500 / 37) / 12 and
+     * (10 x 2200 / 40 + 2 x 2000 / 32) / 12 */
     CHECK_MSG(strcmp(line, "rows 32-63: drafts 68.29/68.11 us/token (median/mean, 13) vs none 55.00/56.25 (13): off") ==
                   0,
               "%s", line);

@@ -1,9 +1,9 @@
 /* test_kvt_device.c: kvtransfer's same-GPU path as a protocol: a sender that offers its pool's device handle, a
- * receiver whose store maps it and copies device to device as layers are marked ready. The store's "device" here is host memory
- * (kvt_test_env.h's ts_peer_*: no GPU in CI); the real CUDA IPC copy runs in tests/gpu (run_gpu.sh cluster and kvtail).
- * What is checked: no payload crosses ZeroMQ, the blocks land bit-exact, COMMITTED says so, DONE waits for the copy, a
- * failed copy fails only its transfer with every block released, and a store or dtype that cannot take the device
- * path falls back to the other paths. Fixtures: kvt_test_env.h. */
+ * receiver whose store maps it and copies device to device as layers are marked ready. The store's "device" here is
+ * host memory (kvt_test_env.h's ts_peer_*: no GPU in CI); the real CUDA IPC copy runs in tests/gpu (run_gpu.sh
+ * cluster and kvtail). What is checked: no payload crosses ZeroMQ, the blocks land bit-exact, COMMITTED says so,
+ * DONE waits for the copies, a failed copy fails only its transfer with every block released, and a store or dtype
+ * that cannot take the device path falls back to the other paths. Fixtures: kvt_test_env.h. */
 #include "kvt_test_env.h"
 
 static void s_reset_peer(void) {
