@@ -23,6 +23,7 @@ typedef struct {
     uint64_t shm_bytes;
     void *dev; /* the sender's device pool, mapped by store.peer_open (NULL: none) */
     int32_t dev_n_blocks;
+    uint32_t dev_gen;    /* counts the mappings of this peer slot: a transfer copies only from the one it reserved on */
     uint64_t group;      /* KvHello.conn_group: 0, or the sender's connections share it */
     uint32_t conn_index; /* within the group; 0 = the primary, which owns the group's transfers */
 } kvt_peer_t;
@@ -38,6 +39,7 @@ typedef struct {
     int32_t *block_ids; /* (n_blocks) reserved from the store, owned until commit or release */
     int32_t *src_ids;   /* (n_blocks) the sender's, when the blocks are copied device to device; else NULL */
     int32_t dev_layers; /* ... leading layers copied so far */
+    uint32_t dev_gen;   /* ... and its peer's dev_gen when reserved */
     uint8_t *got;       /* (n_layers * n_blocks) 1 once that block-layer's K and V were written */
     int32_t n_got;
     uint64_t deadline_us;
@@ -258,6 +260,7 @@ static void s_on_hello(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvHel
         pe->dev = r->p.store.peer_open(r->p.store.ctx, m->device_handle.data, m->device_handle.len, &src);
         if (pe->dev) {
             pe->dev_n_blocks = src.n_blocks;
+            pe->dev_gen++;
             r->st.device_peers++;
             rep.device_mapped = true;
         }
@@ -360,6 +363,7 @@ static void s_on_reserve(kvt_receiver_t *r, int32_t peer, const Pdserve__V1__KvR
     t->block_ids = ids;
     t->got = got;
     t->src_ids = src_ids;
+    t->dev_gen = r->peers[peer].dev_gen;
     t->deadline_us = pd_now_us() + timeout_ms * 1000u;
     r->peers[peer].n_active++;
     r->st.active_transfers++;
@@ -539,6 +543,11 @@ static void s_on_device_layers(kvt_receiver_t *r, kvt_rtx_t *t, uint32_t ci, con
                  d->first_layer, d->n_layers, d->first_block, d->n_blocks, d->seq, n_payload, t->dev_layers,
                  t->next_seq[0], t->n_blocks);
         s_fail(r, t, PD_EPROTO, why, true);
+        return;
+    }
+    const kvt_peer_t *pe = &r->peers[t->peer];
+    if (!pe->dev || pe->dev_gen != t->dev_gen) { /* the sender said hello again since: its pool may be another */
+        s_fail(r, t, PD_EPROTO, "data: the device pool this transfer was reserved on is no longer mapped", true);
         return;
     }
     pd_status st = r->p.store.peer_copy(r->p.store.ctx, r->peers[t->peer].dev, t->src_ids, t->block_ids, t->n_blocks,

@@ -168,11 +168,76 @@ static void test_device_sender_silent(void) {
     env_fini(&e);
 }
 
+/* One envelope from peer id "px", straight into the receiver (kvt_receiver_handle_frames: no sockets). */
+static void s_feed(kvt_receiver_t *r, Pdserve__V1__KvEnvelope *env) {
+    static uint8_t buf[4096];
+    const void *fr[1] = {buf};
+    size_t sz[1] = {pdserve__v1__kv_envelope__pack(env, buf)};
+    kvt_receiver_handle_frames(r, "px", 2, fr, sz, 1);
+}
+
+static void s_feed_hello(kvt_receiver_t *r, bool has_device) {
+    kvt_fingerprint_t f = s_fp(ENG_KV_F32);
+    Pdserve__V1__Fingerprint fp;
+    kvt_fp_to_pb(&f, &fp);
+    Pdserve__V1__KvHello h = PDSERVE__V1__KV_HELLO__INIT;
+    h.fingerprint = &fp;
+    h.sender_id = "px";
+    static uint8_t pool[4 * 2 * 64 * 4 * 2 * 16 * 4]; /* s_layout(F32, 64) */
+    uintptr_t handle = (uintptr_t)pool;
+    if (has_device) h.device_handle.data = (uint8_t *)&handle, h.device_handle.len = sizeof handle;
+    h.device_n_blocks = has_device ? 64 : 0;
+    Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
+    env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_HELLO, env.hello = &h;
+    s_feed(r, &env);
+}
+
+/* A sender that says hello again (a reconnect, or a restarted process with another pool) while a device transfer of its
+ * is live: that transfer's next layers must not be copied from whatever is mapped now (found by fuzz_kvt: the copy ran
+ * on a pool that was no longer mapped). It fails; the receiver gets its blocks back. */
+static void test_device_rehello(void) {
+    for (int again_with_device = 0; again_with_device < 2; again_with_device++) {
+        s_reset_peer();
+        env_t e;
+        env_opts_t o = s_opts();
+        o.device = true;
+        env_prepare(&e, o);
+        REQUIRE(env_open_receiver(&e, o));
+        s_feed_hello(e.r, true);
+        CHECK_EQ_INT(g_peer_opens, 1);
+        uint32_t src[2] = {3, 9};
+        Pdserve__V1__KvReserve rs = PDSERVE__V1__KV_RESERVE__INIT;
+        rs.request_id = 77, rs.transfer_id = 7, rs.epoch = 1, rs.n_tokens = 5, rs.n_blocks = 2;
+        rs.n_device_blocks = 2, rs.device_blocks = src;
+        Pdserve__V1__KvEnvelope env = PDSERVE__V1__KV_ENVELOPE__INIT;
+        env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_RESERVE, env.reserve = &rs;
+        s_feed(e.r, &env);
+        CHECK_EQ_INT(e.rs.n_reserved, 2);
+        s_feed_hello(e.r, again_with_device); /* unmaps the first pool (and maybe maps a second) */
+        CHECK_EQ_INT(g_peer_closes, 1);
+        Pdserve__V1__KvData d = PDSERVE__V1__KV_DATA__INIT;
+        d.transfer_id = 7, d.epoch = 1, d.seq = 0, d.first_layer = 0, d.n_layers = 1, d.first_block = 0, d.n_blocks = 2;
+        d.dtype = kvt_dtype_to_pb(ENG_KV_F32), d.block_size = 4, d.n_kv_heads = 2, d.head_dim = 16;
+        env.body_case = PDSERVE__V1__KV_ENVELOPE__BODY_DATA, env.data = &d;
+        s_feed(e.r, &env);
+        CHECK_EQ_INT(g_peer_copies, 0); /* never copied from the new mapping or from none */
+        kvt_event_t ev[8];
+        int n = kvt_receiver_poll(e.r, 0, ev, 8);
+        CHECK(n == 1 && ev[0].kind == KVT_EV_FAILED && ev[0].transfer_id == 7);
+        CHECK_MSG(n == 1 && strstr(ev[0].err, "no longer mapped") != NULL, "%s", n == 1 ? ev[0].err : "");
+        CHECK_EQ_INT(e.rs.n_reserved, 0);
+        env_fini(&e);
+        CHECK_EQ_INT(g_peer_opens, 1 + again_with_device);
+        CHECK_EQ_INT(g_peer_closes, g_peer_opens); /* the second mapping went with the receiver */
+    }
+}
+
 int main(void) {
     PD_TEST_RUN(test_device_roundtrip);
     PD_TEST_RUN(test_device_streamed);
     PD_TEST_RUN(test_device_fallback);
     PD_TEST_RUN(test_device_copy_fails);
     PD_TEST_RUN(test_device_sender_silent);
+    PD_TEST_RUN(test_device_rehello);
     return pd_test_finish();
 }
