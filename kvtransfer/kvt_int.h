@@ -38,6 +38,11 @@ bool kvt_dtype_from_pb(int pb, eng_kv_dtype_t *out);
 pd_status kvt_status_from_code(int code);
 int kvt_code_from_status(pd_status st);
 
+/* Bytes of K and V of n_layers layers of n_blocks blocks in layout l: what a device-to-device message moves. */
+static inline uint64_t kvt_layers_bytes(const eng_kv_layout_t *l, int32_t n_layers, int32_t n_blocks) {
+    return (uint64_t)n_layers * (uint64_t)n_blocks * 2u * eng_kv_chunk_bytes(l);
+}
+
 /* Packs env into buf (cap bytes) and sends it non-blocking, after the routing frame id (if id != NULL) and
  * with ZMQ_SNDMORE if has_more. PD_OK, PD_EAGAIN (high-water mark / no peer), PD_EIO otherwise
  * (EHOSTUNREACH: the peer is gone). Nothing is sent unless everything before the payloads went out. */

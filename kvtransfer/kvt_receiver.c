@@ -38,7 +38,6 @@ typedef struct {
     int32_t n_tokens, n_blocks;
     int32_t *block_ids; /* (n_blocks) reserved from the store, owned until commit or release */
     int32_t *src_ids;   /* (n_blocks) the sender's, when the blocks are copied device to device; else NULL */
-    int32_t dev_layers; /* ... leading layers copied so far */
     uint32_t dev_gen;   /* ... and its peer's dev_gen when reserved */
     uint8_t *got;       /* (n_layers * n_blocks) 1 once that block-layer's K and V were written */
     int32_t n_got;
@@ -531,17 +530,18 @@ static int32_t s_primary(const kvt_receiver_t *r, int32_t peer) {
 static void s_on_device_layers(kvt_receiver_t *r, kvt_rtx_t *t, uint32_t ci, const Pdserve__V1__KvData *d,
                                size_t n_payload) {
     const eng_kv_layout_t *l = &r->p.layout;
+    const int32_t n_copied = t->n_got / t->n_blocks; /* leading layers copied so far: whole layers only on this path */
     char why[160];
     eng_kv_dtype_t dt;
     if (ci != 0 || d->seq != t->next_seq[0] || n_payload != 0 || d->n_shm_offsets != 0 || d->n_frame_blocks != 0 ||
-        d->first_block != 0 || d->n_blocks != (uint32_t)t->n_blocks || d->first_layer != (uint32_t)t->dev_layers ||
+        d->first_block != 0 || d->n_blocks != (uint32_t)t->n_blocks || d->first_layer != (uint32_t)n_copied ||
         d->n_layers == 0 || (uint64_t)d->first_layer + d->n_layers > (uint64_t)l->n_layers ||
         !kvt_dtype_from_pb(d->dtype, &dt) || dt != l->dtype) {
         snprintf(why, sizeof why,
                  "data: device layers [%u,+%u) of blocks [%u,+%u), seq %u, %zu frames; expected layer %d, seq %u, "
                  "all %d blocks, no frames",
-                 d->first_layer, d->n_layers, d->first_block, d->n_blocks, d->seq, n_payload, t->dev_layers,
-                 t->next_seq[0], t->n_blocks);
+                 d->first_layer, d->n_layers, d->first_block, d->n_blocks, d->seq, n_payload, n_copied, t->next_seq[0],
+                 t->n_blocks);
         s_fail(r, t, PD_EPROTO, why, true);
         return;
     }
@@ -550,7 +550,7 @@ static void s_on_device_layers(kvt_receiver_t *r, kvt_rtx_t *t, uint32_t ci, con
         s_fail(r, t, PD_EPROTO, "data: the device pool this transfer was reserved on is no longer mapped", true);
         return;
     }
-    pd_status st = r->p.store.peer_copy(r->p.store.ctx, r->peers[t->peer].dev, t->src_ids, t->block_ids, t->n_blocks,
+    pd_status st = r->p.store.peer_copy(r->p.store.ctx, pe->dev, t->src_ids, t->block_ids, t->n_blocks,
                                         (int32_t)d->first_layer, (int32_t)d->n_layers);
     if (st != PD_OK) {
         snprintf(why, sizeof why, "data: device-to-device copy of layers [%u,+%u) failed (%s)", d->first_layer,
@@ -558,12 +558,11 @@ static void s_on_device_layers(kvt_receiver_t *r, kvt_rtx_t *t, uint32_t ci, con
         s_fail(r, t, PD_EIO, why, true);
         return;
     }
-    uint64_t bytes = (uint64_t)d->n_layers * (uint64_t)t->n_blocks * 2u * eng_kv_chunk_bytes(l);
+    const uint64_t bytes = kvt_layers_bytes(l, (int32_t)d->n_layers, t->n_blocks);
     r->st.payload_bytes += bytes;
     r->st.device_payload_bytes += bytes;
     t->next_seq[0]++;
     t->n_msgs++;
-    t->dev_layers += (int32_t)d->n_layers;
     t->n_got += (int32_t)d->n_layers * t->n_blocks;
 }
 

@@ -594,7 +594,7 @@ static pd_status s_send_device_layers(kvt_sender_t *s, kvt_stx_t *t, uint64_t no
     env.data = &d;
     pd_status st = s_send_ctrl(s, &env);
     if (st != PD_OK) return st == PD_EAGAIN ? PD_EAGAIN : PD_EIO;
-    uint64_t bytes = (uint64_t)d.n_layers * (uint64_t)t->n_blocks * 2u * eng_kv_chunk_bytes(l);
+    const uint64_t bytes = kvt_layers_bytes(l, (int32_t)d.n_layers, t->n_blocks);
     t->next_seq[0]++;
     t->n_sent++;
     s->st.payload_bytes += bytes;
