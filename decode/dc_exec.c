@@ -48,9 +48,10 @@ static void s_emit(dc_exec_t *x, int n) {
 static void s_finish_step(dc_exec_t *x, pd_status result) {
     int n;
     const uint64_t done = pd_now_us(), busy = done - x->step_start_us;
+    const bool is_pure_decode = x->plan.n_decode_rows == x->plan.n_seqs;
     x->st.busy_us += busy;
     x->st.last_us = done;
-    if (x->plan.n_tokens_total > x->plan.n_seqs && x->plan.n_decode_rows == x->plan.n_seqs)
+    if (is_pure_decode && x->plan.n_tokens_total > x->plan.n_seqs)
         x->st.n_drafted_steps++, x->st.drafted_busy_us += busy;
     x->st.draft_us += x->job_draft_us;
     if (result == PD_OK) {
@@ -58,7 +59,6 @@ static void s_finish_step(dc_exec_t *x, pd_status result) {
          * steps with local-prefill chunks are left out (hundreds of prompt tokens would set the fitted line) */
         const uint64_t t0 = pd_now_us();
         const int32_t n_tokens = x->plan.n_tokens_total;
-        const bool is_pure_decode = x->plan.n_decode_rows == x->plan.n_seqs;
         dc_sched_stats_t before;
         if (x->step_log) dc_sched_stats(x->p.sched, &before);
         n = dc_sched_update(x->p.sched, &x->plan, NULL, t0, x->events, x->cap_events);

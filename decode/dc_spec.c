@@ -160,6 +160,15 @@ static int64_t s_probe_interval(int32_t n_backoff) {
            << (n_backoff < DC_SPEC_GUARD_MAX_BACKOFF ? n_backoff : DC_SPEC_GUARD_MAX_BACKOFF);
 }
 
+/* "median/mean" of one kind's samples in a bucket, or "-" without any. */
+static void s_describe_kind(const dc_spec_guard_bucket_t *b, int kind, char *out, size_t cap) {
+    if (b->n[kind] == 0)
+        snprintf(out, cap, "-");
+    else
+        snprintf(out, cap, "%.2f/%.2f", s_median(b->us_per_token[kind], b->n[kind]),
+                 s_trimmed_mean(b->us_per_token[kind], b->n[kind]));
+}
+
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
     size_t at = 0;
     int n = 0;
@@ -168,13 +177,9 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
         const dc_spec_guard_bucket_t *k = &g->b[b];
         if (k->n[0] + k->n[1] == 0) continue;
         const int32_t lo = b == 0 ? 1 : 1 << b, hi = (2 << b) - 1;
-        char drafted[32] = "-", plain[32] = "-", range[24];
-        if (k->n[1] > 0)
-            snprintf(drafted, sizeof drafted, "%.2f/%.2f", s_median(k->us_per_token[1], k->n[1]),
-                     s_trimmed_mean(k->us_per_token[1], k->n[1]));
-        if (k->n[0] > 0)
-            snprintf(plain, sizeof plain, "%.2f/%.2f", s_median(k->us_per_token[0], k->n[0]),
-                     s_trimmed_mean(k->us_per_token[0], k->n[0]));
+        char drafted[32], plain[32], range[24];
+        s_describe_kind(k, 1, drafted, sizeof drafted);
+        s_describe_kind(k, 0, plain, sizeof plain);
         if (b == DC_SPEC_GUARD_BUCKETS - 1)
             snprintf(range, sizeof range, "%d+", lo);
         else if (lo == hi)
