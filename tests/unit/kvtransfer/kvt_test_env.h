@@ -320,6 +320,12 @@ static void env_step(env_t *e, bool poll_sender, bool poll_receiver) {
     }
 }
 
+/* Steps both sides until transfer id is reserved, at most max_steps rounds; whether it is. */
+static bool env_step_until_reserved(env_t *e, uint64_t id, int max_steps) {
+    for (int i = 0; i < max_steps && !e->rec[id % 128].reserved; i++) env_step(e, true, true);
+    return e->rec[id % 128].reserved;
+}
+
 /* Steps until every listed transfer was released by the sender (or the time runs out). */
 static bool env_run_until_released(env_t *e, const uint64_t *ids, int n, int ms) {
     uint64_t end = pd_now_us() + (uint64_t)ms * 1000u;

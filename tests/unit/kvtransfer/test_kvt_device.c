@@ -12,6 +12,14 @@ static void s_reset_peer(void) {
     g_peer_refuse = false;
 }
 
+/* A sender and receiver on the device path (kvt_test_env.h's stand-in), the stand-in's counters reset. */
+static bool s_device_env(env_t *e) {
+    s_reset_peer();
+    env_opts_t o = s_opts();
+    o.device = true;
+    return env_init(e, o);
+}
+
 /* env_run_three; the sender's and receiver's stats before teardown, and whether every COMMITTED said on-device. */
 static void s_three(env_opts_t o, kvt_stats_t *ss, kvt_stats_t *rs, bool *is_on_device) {
     env_t e;
@@ -51,15 +59,11 @@ static void test_device_roundtrip(void) {
 
 /* Layers marked ready one part at a time are copied as they come, before the commit: 1, then 3, then the last. */
 static void test_device_streamed(void) {
-    s_reset_peer();
     env_t e;
-    env_opts_t o = s_opts();
-    o.device = true;
-    REQUIRE(env_init(&e, o));
+    REQUIRE(s_device_env(&e));
     uint64_t id = 4;
     CHECK_EQ_INT(s_start(&e, id, 1, 37, 0), PD_OK);
-    for (int i = 0; i < 200 && !e.rec[id].reserved; i++) env_step(&e, true, true);
-    CHECK(e.rec[id].reserved);
+    CHECK(env_step_until_reserved(&e, id, 200));
     const int32_t marks[2] = {1, 3};
     for (int m = 0; m < 2; m++) {
         CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, marks[m]), PD_OK);
@@ -114,12 +118,9 @@ static void test_device_fallback(void) {
 /* The copy of the second of three transfers fails: that one ends with an error on both sides and its blocks go back;
  * the others land. */
 static void test_device_copy_fails(void) {
-    s_reset_peer();
-    g_peer_fail_copy = 1;
     env_t e;
-    env_opts_t o = s_opts();
-    o.device = true;
-    REQUIRE(env_init(&e, o));
+    REQUIRE(s_device_env(&e));
+    g_peer_fail_copy = 1;
     uint64_t ids[3] = {1, 2, 3};
     for (int i = 0; i < 3; i++) {
         CHECK_EQ_INT(s_start(&e, ids[i], 1, 17, 0), PD_OK);
@@ -150,15 +151,11 @@ static void test_device_copy_fails(void) {
 /* A sender that reserves on the device path and then goes silent: the receiver's timeout frees the reservation and
  * nothing is copied. */
 static void test_device_sender_silent(void) {
-    s_reset_peer();
     env_t e;
-    env_opts_t o = s_opts();
-    o.device = true;
-    REQUIRE(env_init(&e, o));
+    REQUIRE(s_device_env(&e));
     uint64_t id = 9;
     CHECK_EQ_INT(s_start(&e, id, 1, 30, 300), PD_OK);
-    for (int i = 0; i < 200 && !e.rec[id].reserved; i++) env_step(&e, true, true);
-    CHECK(e.rec[id].reserved);
+    CHECK(env_step_until_reserved(&e, id, 200));
     kvt_sender_destroy(&e.s); /* gone before its commit */
     uint64_t end = pd_now_us() + 3000000u;
     while (pd_now_us() < end && !e.rec[id].failed) env_step(&e, false, true);

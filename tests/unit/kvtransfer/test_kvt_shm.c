@@ -154,8 +154,7 @@ static void test_shm_receiver_gone(void) {
     uint64_t id = 1;
     CHECK_EQ_INT(s_start(&e, id, 1, 16, 0), PD_OK);
     CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, 2), PD_OK);
-    for (int i = 0; i < 50 && !e.rec[id].reserved; i++) env_step(&e, true, true);
-    CHECK(e.rec[id].reserved);
+    CHECK(env_step_until_reserved(&e, id, 50));
     kvt_receiver_destroy(&e.r);
     CHECK_EQ_INT(e.rs.n_reserved, 0);
     CHECK_EQ_INT(kvt_sender_commit(e.s, id, 101), PD_OK);

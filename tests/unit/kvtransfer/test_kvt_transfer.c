@@ -92,8 +92,7 @@ static void test_receiver_full(void) {
     o.r_blocks = 8;
     REQUIRE(env_init(&e, o));
     CHECK_EQ_INT(s_start(&e, 1, 1, 24, 0), PD_OK); /* 6 of 8 blocks, held (not committed) */
-    for (int i = 0; i < 100 && !e.rec[1].reserved; i++) env_step(&e, true, true);
-    CHECK(e.rec[1].reserved);
+    CHECK(env_step_until_reserved(&e, 1, 100));
     uint64_t id2 = 2, id3 = 3, id4 = 4;
     CHECK_EQ_INT(s_start(&e, 2, 1, 16, 0), PD_OK); /* 4 blocks: does not fit now */
     CHECK(env_run_until_released(&e, &id2, 1, 3000));
@@ -207,8 +206,7 @@ static void test_sender_timeout_receiver_gone(void) {
     uint64_t id = 1;
     CHECK_EQ_INT(s_start(&e, id, 1, 16, 0), PD_OK);
     CHECK_EQ_INT(kvt_sender_layers_ready(e.s, id, 2), PD_OK);
-    for (int i = 0; i < 50 && !e.rec[id].reserved; i++) env_step(&e, true, true);
-    CHECK(e.rec[id].reserved);
+    CHECK(env_step_until_reserved(&e, id, 50));
     kvt_receiver_destroy(&e.r); /* releases its reservation */
     CHECK_EQ_INT(e.rs.n_reserved, 0);
     CHECK_EQ_INT(kvt_sender_commit(e.s, id, 101), PD_OK);
