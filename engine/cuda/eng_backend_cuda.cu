@@ -500,6 +500,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->mma_terms = terms && *terms == '2' ? 2 : 1;
         const char *gemv = getenv("ENG_CUDA_GEMV");
         be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
+        const char *gemv_mma = getenv("ENG_CUDA_GEMV_MMA"); /* tensor cores from this many rows (0: never) */
+        eng_cuda_gemv_mma_set(gemv_mma && *gemv_mma ? atoi(gemv_mma) : ENG_CUDA_GEMV_MMA_MIN_TOK);
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
         const char *gu_bf16 = getenv("ENG_CUDA_GU_BF16");

@@ -299,6 +299,7 @@ static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda
         return true;
     }
     if ((uintptr_t)x % 16 != 0) return false;
+    if (MODE == S_PLAIN && eng_cuda_gemv_mma(e.y, x, w, n_tok, n_out, k, e.is_accumulate, st)) return true;
     const eng_cuda_norm_t none = {};
     switch (n_tok) {
     case 1: s_launch<1, MODE, false>(e, x, none, w, n_out, k, st); break;

@@ -144,6 +144,14 @@ static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, i
 #define ENG_CUDA_GEMV_MAX_TOK 8
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st);
+/* eng_cuda_gemv's products of at least ENG_CUDA_GEMV_MMA_MIN_TOK rows run on tensor cores (eng_cuda_gemv_mma.cu):
+ * same contract and refusals, a different summation order. eng_cuda_gemv_mma_set changes the bound process-wide (the
+ * backend sets it at create from ENG_CUDA_GEMV_MMA; 0: never); eng_cuda_gemv_mma is the launcher eng_cuda_gemv calls
+ * after its shape checks (false: not its row count, nothing launched). */
+#define ENG_CUDA_GEMV_MMA_MIN_TOK 3
+void eng_cuda_gemv_mma_set(int32_t min_tok);
+bool eng_cuda_gemv_mma(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
+                       int32_t k, bool is_accumulate, cudaStream_t st);
 /* The same product fused with what follows it, for weights whose rows come in pairs:
  *   _swiglu: w_gate_up (2 hidden, k) with gate and up rows interleaved (row 2j gate j, 2j + 1 up j); writes
  *            h (n_tok, hidden) = bf16(silu(gate) * up) instead of the products;

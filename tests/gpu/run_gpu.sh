@@ -4,7 +4,8 @@
 #   tests/gpu/run_gpu.sh build         configure + build with -DPDSERVE_CUDA=ON (sm_90a) into build-gpu/
 #   tests/gpu/run_gpu.sh parity        CPU vs CUDA on random-weight models of three head layouts
 #   tests/gpu/run_gpu.sh golden        test_eng_forward on CUDA (needs the default model at $PDSERVE_MODEL)
-#   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b or llama-3.1-8b (bf16), greedy
+#   tests/gpu/run_gpu.sh bench SHAPE   bench/engine_cuda on a random llama-3.2-1b, llama-3.1-8b or smollm2-135m (bf16),
+#                                      greedy
 #   tests/gpu/run_gpu.sh profile SHAPE per-phase GPU times (ENG_CUDA_PROFILE=1) of decode and prefill
 #   tests/gpu/run_gpu.sh kernels       test_cuda_attn: paged attention (CUDA-core and tensor-core decode kernels,
 #                                      with and without key splits) vs a double reference, then their time and KV
@@ -54,6 +55,13 @@ s_model() { # shape -> path, generated once per machine
     echo "$path"
 }
 
+s_shape_model() { # a named shape (llama-3.2-1b, llama-3.1-8b, or smollm2-135m: SmolLM2-135M's layout) -> path
+    case "$1" in
+    smollm2-135m) s_model "$1" --shape custom --dim 576 --layers 30 --heads 9 --kv-heads 3 --ffn 1536 --vocab 49152 ;;
+    *) s_model "$1" --shape "$1" ;;
+    esac
+}
+
 while [ $# -gt 0 ]; do
     stage=$1
     shift
@@ -87,14 +95,14 @@ while [ $# -gt 0 ]; do
         # as bench/RESULTS.md's engine_cuda tables: greedy rows sampled on the GPU (BENCH_ARGS replaces those flags,
         # e.g. "--sampling gpu,host --temperature 0.7"); ENG_CUDA_STEP_TIMES: per graph-launched batch size, the
         # forward's wall time against the graph's GPU time
-        m=$(s_model "$shape" --shape "$shape") && ENG_CUDA_STEP_TIMES=1 ./build-gpu/bench/engine_cuda --model "$m" \
+        m=$(s_shape_model "$shape") && ENG_CUDA_STEP_TIMES=1 ./build-gpu/bench/engine_cuda --model "$m" \
             ${BENCH_ARGS:---sampling gpu --temperature 0} 2>&1 | tee -a "$OUT/bench_$shape.log"
         ;;
     profile)
         # per-phase GPU times (ENG_CUDA_PROFILE) of decode at batch 1 and 64 and of one 4096-token prefill
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && for args in "--decode-batches 1 --prefill-batches 0" \
+        m=$(s_shape_model "$shape") && for args in "--decode-batches 1 --prefill-batches 0" \
             "--decode-batches 64 --prefill-batches 0" "--decode-batches 0 --prefill-batches 1"; do
             echo "== $shape $args"
             ENG_CUDA_PROFILE=1 ./build-gpu/bench/engine_cuda --model "$m" $args 2>&1 | grep -v "chat disabled"
@@ -109,14 +117,15 @@ while [ $# -gt 0 ]; do
         ;;
     ab)
         # decode steps under each setting of AB_ENVS in turn (default: cuBLAS for every product, then the own matrix-vector kernel up to 4 rows,
-        # each twice, so the pairs show run-to-run noise) at AB_BATCHES (default 1,4,8); commas join variables
+        # each twice, so the pairs show run-to-run noise) at AB_BATCHES (default 1,4,8); commas join variables;
+        # AB_ARGS: more engine_cuda flags (e.g. "--ctx 1536 --verify-tokens 6": a speculative verification step)
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") &&
+        m=$(s_shape_model "$shape") &&
             for env in ${AB_ENVS:-ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4 ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4}; do
                 echo "== $shape $env"
                 env ${env//,/ } ./build-gpu/bench/engine_cuda --model "$m" --decode-batches "${AB_BATCHES:-1,4,8}" \
-                    --prefill-batches 0 --sampling gpu 2>&1 | grep -E "^decode +[0-9]"
+                    --prefill-batches 0 --sampling gpu ${AB_ARGS:-} 2>&1 | grep -E "^decode +[0-9]"
             done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     cluster)
@@ -166,7 +175,7 @@ while [ $# -gt 0 ]; do
     kvstream)
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") && for v in 1 0 1 0; do
+        m=$(s_shape_model "$shape") && for v in 1 0 1 0; do
             echo "== $shape ENG_CUDA_KV_STREAM=$v"
             ENG_CUDA_KV_STREAM=$v ./build-gpu/bench/engine_cuda --model "$m" --decode-batches 0 --kv-to-host 2>&1 |
                 grep -E "^prefill +[0-9]"
@@ -180,7 +189,7 @@ while [ $# -gt 0 ]; do
         # (KVTAIL_CFGS: stream,conns,shm,ipc); its exit line "kv hand-off" gives the KV-ready -> decode-commit time
         shape=$1
         shift
-        m=$(s_model "$shape" --shape "$shape") &&
+        m=$(s_shape_model "$shape") &&
             for cfg in ${KVTAIL_CFGS:-true,1,true,true true,1,true,false true,1,false,false}; do
             IFS=, read -r ks conns shm ipc <<<"$cfg"
             tag="${shape}_${ks}_${conns}_${shm}_${ipc}"
@@ -202,7 +211,7 @@ while [ $# -gt 0 ]; do
         # graphs off so each kernel is a launch; skip the 512-token prompts' prefill and the first decode steps
         shape=$1 batch=$2
         shift 2
-        m=$(s_model "$shape" --shape "$shape") && ENG_CUDA_GRAPHS=0 python3 tests/gpu/ncu_kernels.py --skip 1500 \
+        m=$(s_shape_model "$shape") && ENG_CUDA_GRAPHS=0 python3 tests/gpu/ncu_kernels.py --skip 1500 \
             --count 400 -- ./build-gpu/bench/engine_cuda --model "$m" --decode-batches "$batch" --new 16 \
             --prefill-batches 0 --temperature 0 2>&1 | tee -a "$OUT/ncu_${shape}_b$batch.log"
         ;;

@@ -528,8 +528,10 @@ static void s_check_norm_refusals(cudaStream_t st) {
 
 static void s_bench(cudaStream_t st) {
     const size_t buf_bytes = (size_t)1280 << 20, copy_bytes = (size_t)1 << 30;
-    const int32_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {128256, 4096}, {4096, 14336}};
-    const int n_toks[] = {1, 2, 4, 8};
+    /* Llama-3.1-8B's Q/K/V, O, gate/up, output head and down; SmolLM2-135M's Q/K/V, O, gate/up, down */
+    const int32_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {128256, 4096}, {4096, 14336},
+                                 {960, 576},   {576, 576},   {3072, 576},   {576, 1536}};
+    const int n_toks[] = {1, 2, 4, 6, 8};
     char *wbuf, *dst;
     __nv_bfloat16 *dx;
     float *dy;
@@ -555,13 +557,14 @@ static void s_bench(cudaStream_t st) {
         const int n_copies = (int)(buf_bytes / w_stride); /* >= 1; together > L2 */
         for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
             const int n_tok = n_toks[ti];
-            double us[2];
-            for (int impl = 0; impl < 2; impl++) {
+            double us[3]; /* CUDA cores, tensor cores, cuBLAS */
+            for (int impl = 0; impl < 3; impl++) {
+                eng_cuda_gemv_mma_set(impl == 1 ? 1 : 0);
                 for (int i = -3; i < BENCH_ITERS; i++) {
                     if (i == 0) CK(cudaEventRecord(e0, st));
                     const int c = ((i % n_copies) + n_copies) % n_copies;
                     const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
-                    if (impl == 0) {
+                    if (impl < 2) {
                         if (!eng_cuda_gemv(dy, dx, w, n_tok, n_out, k, false, st)) s_fail("bench shape refused");
                     } else {
                         const float alpha = 1.0f, beta = 0.0f;
@@ -577,12 +580,14 @@ static void s_bench(cudaStream_t st) {
                 CK(cudaEventElapsedTime(&ms, e0, e1));
                 us[impl] = ms * 1e3 / BENCH_ITERS;
             }
-            const double gbs = (double)w_bytes / (us[0] * 1e-6) / 1e9, cb_gbs = (double)w_bytes / (us[1] * 1e-6) / 1e9;
-            printf("n_tok=%d n_out=%6d k=%5d: gemv %7.1f us %5.0f GB/s (%3.0f%% of copy), cublas %7.1f us %5.0f GB/s "
-                   "(%3.0f%%)\n",
-                   n_tok, n_out, k, us[0], gbs, 100.0 * gbs / copy_gbs, us[1], cb_gbs, 100.0 * cb_gbs / copy_gbs);
+            double pct[3];
+            for (int i = 0; i < 3; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
+            printf("n_tok=%d n_out=%6d k=%5d: cuda cores %7.1f us (%3.0f%% of copy), tensor cores %7.1f us (%3.0f%%), "
+                   "cublas %7.1f us (%3.0f%%)\n",
+                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], us[2], pct[2]);
         }
     }
+    eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
     cublasDestroy(cb);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
@@ -595,13 +600,21 @@ static void s_bench(cudaStream_t st) {
 int main(void) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    const int n_toks[] = {1, 2, 3, 4, 5, 8};
+    const int n_toks[] = {1, 2, 3, 4, 5, 6, 8};
     /* (n_out, k): tiny, Llama-3.1-8B, Llama-3.2-1B down projection, k/8 not a multiple of 32 * 4, and n_out not a
      * multiple of the rows per block (8 at n_tok <= 2, 16 above) with a remainder in k */
-    const int32_t shapes[][2] = {{1, 8},        {7, 64},      {4096, 4096}, {6144, 4096},
-                                 {4096, 14336}, {2048, 8192}, {1000, 2056}, {37, 1032}};
-    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        s_check_shape(n_toks, (int)(sizeof n_toks / sizeof n_toks[0]), shapes[s][0], shapes[s][1], st);
+    const int32_t shapes[][2] = {{1, 8},       {7, 64},      {4096, 4096}, {6144, 4096}, {4096, 14336},
+                                 {2048, 8192}, {1000, 2056}, {37, 1032},   {960, 576},   {576, 576},
+                                 {576, 1536},  {16900, 136}, {16912, 1032}};
+    /* each row count on CUDA cores (tensor cores never), on tensor cores (from 1 row), and as shipped (the tensor
+     * cores from ENG_CUDA_GEMV_MMA_MIN_TOK rows); the last two shapes take two m16 tiles per warp on the H100 */
+    const int32_t mma_settings[] = {0, 1, ENG_CUDA_GEMV_MMA_MIN_TOK};
+    for (size_t m = 0; m < sizeof mma_settings / sizeof mma_settings[0]; m++) {
+        printf("-- tensor cores from %d rows (0: never)\n", mma_settings[m]);
+        eng_cuda_gemv_mma_set(mma_settings[m]);
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            s_check_shape(n_toks, (int)(sizeof n_toks / sizeof n_toks[0]), shapes[s][0], shapes[s][1], st);
+    }
     s_check_refusals(st);
     /* normalising variants: plain on the 8B Q/K/V and SmolLM2-135M shapes and odd ones (a rest after the main
      * loop; 3 rows, so that warps past n_out still join the block's norm), SwiGLU on the 8B and SmolLM2 MLPs and 5
