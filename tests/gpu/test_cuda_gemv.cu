@@ -83,7 +83,7 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
             if (is_acc)
                 CK(cudaMemcpy(dy, y0, ny * 4, cudaMemcpyHostToDevice));
             else
-                CK(cudaMemset(dy, 0xff, ny * 4));
+                CK(cudaMemsetAsync(dy, 0xff, ny * 4, st));
             if (!eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, is_acc != 0, st)) s_fail("refused a valid shape");
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(st));
@@ -128,8 +128,8 @@ static void s_check_refusals(cudaStream_t st) {
     CK(cudaMalloc(&dx, 16 * 64 * 2));
     CK(cudaMalloc(&dw, 64 * 64 * 2));
     CK(cudaMalloc(&dy, 16 * 64 * 4));
-    CK(cudaMemset(dx, 0, 16 * 64 * 2));
-    CK(cudaMemset(dw, 0, 64 * 64 * 2));
+    CK(cudaMemsetAsync(dx, 0, 16 * 64 * 2, st));
+    CK(cudaMemsetAsync(dw, 0, 64 * 64 * 2, st));
     struct {
         const char *what;
         const __nv_bfloat16 *x, *w;
@@ -139,7 +139,7 @@ static void s_check_refusals(cudaStream_t st) {
         {"n_out = 0", dx, dw, 1, 0, 16}, {"misaligned x", dx + 1, dw, 1, 4, 16}, {"misaligned w", dx, dw + 1, 1, 4, 16},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        CK(cudaMemset(dy, 0x7f, n * 4));
+        CK(cudaMemsetAsync(dy, 0x7f, n * 4, st));
         CK(cudaDeviceSynchronize());
         if (eng_cuda_gemv(dy, cases[c].x, cases[c].w, cases[c].n_tok, cases[c].n_out, cases[c].k, false, st)) {
             fprintf(stderr, "accepted %s\n", cases[c].what);
@@ -269,8 +269,8 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
                 CK(cudaMemcpy(dy, y0, ny * 4, cudaMemcpyHostToDevice));
                 CK(cudaMemcpy(dyu, y0, ny * 4, cudaMemcpyHostToDevice));
             } else {
-                CK(cudaMemset(dy, 0xff, ny * 4));
-                CK(cudaMemset(dyu, 0xff, ny * 4));
+                CK(cudaMemsetAsync(dy, 0xff, ny * 4, st));
+                CK(cudaMemsetAsync(dyu, 0xff, ny * 4, st));
             }
             if (!eng_cuda_gemv_norm(dy, &xn, nc.dw, n_tok, n_out, k, is_acc != 0, st) ||
                 !eng_cuda_gemv(dyu, dxq, nc.dw, n_tok, n_out, k, is_acc != 0, st))
@@ -323,7 +323,7 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
     for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
         double worst = 0.0;
-        CK(cudaMemset(dh, 0xff, nh * 2));
+        CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
         if (!eng_cuda_gemv_swiglu_norm(dh, &xn, nc.dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
         CK(cudaGetLastError());
         CK(cudaStreamSynchronize(st));
@@ -404,8 +404,8 @@ static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, in
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
     for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
         double worst = 0.0;
-        CK(cudaMemset(dq, 0xff, (size_t)S_NT * q_dim * 4));
-        CK(cudaMemset(dpool, 0xff, n_pool * 2));
+        CK(cudaMemsetAsync(dq, 0xff, (size_t)S_NT * q_dim * 4, st));
+        CK(cudaMemsetAsync(dpool, 0xff, n_pool * 2, st));
         tk.n_tokens = n_tok;
         if (!eng_cuda_gemv_qkv_norm(&d, &tk, &xn, nc.dw, k, st)) s_fail("refused a valid shape");
         CK(cudaGetLastError());
@@ -481,9 +481,9 @@ static void s_check_norm_refusals(cudaStream_t st) {
     CK(cudaMalloc(&dwn, 64 * 4));
     CK(cudaMalloc(&dw, 64 * 64 * 2));
     CK(cudaMalloc(&dy, (S_NT + 1) * 64 * 4));
-    CK(cudaMemset(dx, 0, (S_NT + 1) * 64 * 4));
-    CK(cudaMemset(dwn, 0, 64 * 4));
-    CK(cudaMemset(dw, 0, 64 * 64 * 2));
+    CK(cudaMemsetAsync(dx, 0, (S_NT + 1) * 64 * 4, st));
+    CK(cudaMemsetAsync(dwn, 0, 64 * 4, st));
+    CK(cudaMemsetAsync(dw, 0, 64 * 64 * 2, st));
     struct {
         const char *what;
         const float *x, *wn;
@@ -496,7 +496,7 @@ static void s_check_norm_refusals(cudaStream_t st) {
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         const eng_cuda_norm_t xn = {cases[c].x, cases[c].wn, S_EPS};
-        CK(cudaMemset(dy, 0x7f, n * 4));
+        CK(cudaMemsetAsync(dy, 0x7f, n * 4, st));
         CK(cudaDeviceSynchronize());
         if (eng_cuda_gemv_norm(dy, &xn, dw, cases[c].n_tok, 4, cases[c].k, false, st) ||
             eng_cuda_gemv_swiglu_norm((__nv_bfloat16 *)dy, &xn, dw, cases[c].n_tok, 2, cases[c].k, st)) {
@@ -539,8 +539,8 @@ static void s_bench(cudaStream_t st) {
     CK(cudaMalloc(&dst, copy_bytes));
     CK(cudaMalloc(&dx, (size_t)ENG_CUDA_GEMV_MAX_TOK * 14336 * 2));
     CK(cudaMalloc(&dy, (size_t)ENG_CUDA_GEMV_MAX_TOK * 128256 * 4));
-    CK(cudaMemset(wbuf, 0x3c, buf_bytes)); /* bf16 0x3c3c ~ 0.0115: finite, nonzero */
-    CK(cudaMemset(dx, 0x3c, (size_t)ENG_CUDA_GEMV_MAX_TOK * 14336 * 2));
+    CK(cudaMemsetAsync(wbuf, 0x3c, buf_bytes, st)); /* bf16 0x3c3c ~ 0.0115: finite, nonzero */
+    CK(cudaMemsetAsync(dx, 0x3c, (size_t)ENG_CUDA_GEMV_MAX_TOK * 14336 * 2, st));
     cublasHandle_t cb;
     if (cublasCreate(&cb) != CUBLAS_STATUS_SUCCESS) s_fail("cublasCreate");
     cublasSetStream(cb, st);
