@@ -1,6 +1,6 @@
 /* eng_backend_cuda.cu: the CUDA backend. Weights live on the GPU in bf16 (dequantized at load from any type the
  * CPU backend reads), with Q/K/V and gate/up fused into one matrix each so a layer is four GEMMs (cuBLAS, bf16 in,
- * f32 accumulate; at 1..4 rows our own matrix-vector kernel, eng_cuda_gemv.cu). The residual stream stays f32 on
+ * f32 accumulate; at 1..8 rows our own matrix-vector kernels, eng_cuda_gemv*.cu). The residual stream stays f32 on
  * the GPU and the residual adds ride in the products (beta = 1).
  * The KV pool is f16 on the GPU (eng_cuda_kv_t, eng_cuda_ops.cuh says why) in the eng_kv_layout.h layout, with an
  * optional pinned host mirror for kvtransfer.
@@ -30,8 +30,10 @@ extern "C" {
 #define S_LOGIT_ROWS       256 /* logits rows per output-head GEMM: bounds the device logits buffer */
 #define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
 #define S_SPLIT_MAX_TOKENS 128 /* ... for batches of at most this many tokens: bounds the partials' scratch */
-#define S_GEMV_MAX_TOK     4   /* default ENG_CUDA_GEMV: own matrix-vector kernel up to this many rows (measured) */
-#define S_FUSE_MAX_TOK     2   /* ... with RoPE / SwiGLU in its epilogue up to this many (at 4 rows 1B lost 3%) */
+#define S_GEMV_MAX_TOK     8   /* default ENG_CUDA_GEMV: own matrix-vector kernels up to this many rows (measured) */
+/* ... with RoPE / SwiGLU in their epilogue (and RMSNorm in the prologue) where the tensor-core kernel takes the rows,
+ * else up to this many (on CUDA cores at 4 rows 1B lost 3%) */
+#define S_FUSE_MAX_TOK     2
 /* Batches of at least this many tokens (prefill) take the gate/up products in bf16 instead of f32: half the bytes
  * that GEMM writes and SwiGLU reads (the f32 pair was 940 MB per layer at 8B x 8192 tokens), for one more bf16
  * rounding of each input of SwiGLU, whose output is bf16 anyway (ENG_CUDA_GU_BF16=0: f32 always). */
@@ -632,7 +634,8 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     eng_cuda_att_t att = *attp;
     const int32_t *d_pos = tk.tok_pos;
     /* batches the matrix-vector kernel takes: RoPE + KV store and SwiGLU ride in its epilogue (ENG_CUDA_FUSE=0: off) */
-    const bool is_fused = T <= be->gemv_max_tok && T <= S_FUSE_MAX_TOK && be->is_fused;
+    const bool is_fused =
+        T <= be->gemv_max_tok && (T <= S_FUSE_MAX_TOK || eng_cuda_gemv_mma_takes((int32_t)T)) && be->is_fused;
     /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off) */
     const bool is_fused_norm = is_fused && be->is_fused_norm;
     const bool is_gu_bf16 = T >= S_GU_BF16_MIN_TOK && c->hidden_dim % 4 == 0 && be->is_gu_bf16;

@@ -2,22 +2,12 @@
  * eng_cuda_ops.cuh). At 1..8 tokens a GEMM does ~NT FMAs per weight byte, so it is bound by streaming w from HBM
  * once: the kernel is built to keep enough weight bytes in flight per SM to saturate bandwidth, and nothing else
  * (x, partial sums) touches HBM. */
-#include "eng_cuda_ops.cuh"
+#include "eng_cuda_gemv.cuh"
 
 #include <math.h>
 
 #define GEMV_WARPS 4 /* warps per block: 128 threads, small enough that many blocks fit per SM */
 #define GEMV_U     4 /* 16-byte weight chunks per row per lane per iteration, all loaded before any math */
-
-/* A weight chunk: read once, so it goes through the non-coherent path without allocating in L1 (x's lines stay
- * there), with a 256-byte L2 prefetch hint since each warp walks its rows sequentially. */
-static __device__ __forceinline__ uint4 s_ld_stream(const uint4 *p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-}
 
 /* 8 bf16 (little endian: element 2i is the low half of word i) to f32: a bf16 is the top half of an f32. */
 static __device__ __forceinline__ void s_bf16x8(uint4 v, float f[8]) {
@@ -139,49 +129,6 @@ static __device__ __forceinline__ void s_norm_scales(const eng_cuda_norm_t &xn, 
  * flight (R * GEMV_U * 512 bytes per warp), which with several warps per SM covers HBM latency. x (NT * k * 2
  * bytes) is re-read by every warp from L1/L2, R rows per load; NORM: the f32 rows and the norm weight instead
  * ((NT + 1) * k * 4 bytes), normalised as they are read, after the block's s_norm_scales. */
-/* What happens to the totals: stored (or added) as they are, or, for pairs of adjacent rows, fused with the kernel
- * that would otherwise follow (one launch less per layer at batch 1, where a launch costs as much as a small
- * matrix's weights): SwiGLU of an interleaved gate/up pair, or RoPE of a Q/K pair and the store of K and V into the
- * paged pool. */
-enum { S_PLAIN, S_SWIGLU, S_QKV };
-typedef struct {
-    float *y; /* S_PLAIN: (n_tok, n_out) */
-    bool is_accumulate;
-    __nv_bfloat16 *h; /* S_SWIGLU: (n_tok, n_out / 2) */
-    eng_cuda_qkv_dst_t qkv;
-    eng_cuda_tokens_t tk; /* S_QKV */
-} s_epilogue_t;
-
-/* Rows o, o + 1 (o even) of token t: the SwiGLU of a gate/up pair, or a RoPE'd Q or K pair / a V pair. */
-template <int MODE>
-static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64_t t, int64_t o, int32_t n_out,
-                                                    float a0, float a1) {
-    if constexpr (MODE == S_SWIGLU) {
-        e.h[t * (n_out / 2) + o / 2] = __float2bfloat16(s_silu_mul(a0, a1));
-    } else {
-        const eng_cuda_qkv_dst_t &d = e.qkv;
-        const eng_cuda_tokens_t &tk = e.tk;
-        const int32_t hd = d.head_dim, q_dim = d.n_heads * hd, kv_dim = d.n_kv_heads * hd;
-        if (d.bias) a0 += d.bias[o], a1 += d.bias[o + 1];
-        const int32_t pos = tk.tok_pos[t];
-        const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
-        if (o < q_dim + kv_dim) { /* Q or K: rotate the pair like k_rope_store */
-            const int32_t i = (int32_t)(o % hd) / 2;
-            const float c = tk.rope_cs[t * hd + 2 * i], sn = tk.rope_cs[t * hd + 2 * i + 1];
-            const float y0 = a0 * c - a1 * sn, y1 = a0 * sn + a1 * c;
-            if (o < q_dim) {
-                d.q[t * q_dim + o] = y0, d.q[t * q_dim + o + 1] = y1;
-            } else {
-                eng_cuda_kv_t *k_dst = d.kv_pool + s_kv_slot(tk, d.layer, 0, block, slot, kv_dim) + (o - q_dim);
-                k_dst[0] = s_kv_from_f32(y0), k_dst[1] = s_kv_from_f32(y1);
-            }
-        } else {
-            eng_cuda_kv_t *v_dst = d.kv_pool + s_kv_slot(tk, d.layer, 1, block, slot, kv_dim) + (o - q_dim - kv_dim);
-            v_dst[0] = s_kv_from_f32(a0), v_dst[1] = s_kv_from_f32(a1);
-        }
-    }
-}
-
 template <int NT, int R, int MODE, bool NORM>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     k_gemv(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
@@ -290,16 +237,20 @@ static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda
                    int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
     if ((uintptr_t)w % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
+    if (xn && ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
+    if (!xn && (uintptr_t)x % 16 != 0) return false;
+    if (eng_cuda_gemv_mma_takes(n_tok)) {
+        eng_cuda_gemv_mma_launch(MODE, e, x, xn, w, n_tok, n_out, k, st);
+        return true;
+    }
     if (xn) {
-        if (n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK || ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
+        if (n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK) return false;
         if (n_tok == 1)
             s_launch<1, MODE, true>(e, NULL, *xn, w, n_out, k, st);
         else
             s_launch<2, MODE, true>(e, NULL, *xn, w, n_out, k, st);
         return true;
     }
-    if ((uintptr_t)x % 16 != 0) return false;
-    if (MODE == S_PLAIN && eng_cuda_gemv_mma(e.y, x, w, n_tok, n_out, k, e.is_accumulate, st)) return true;
     const eng_cuda_norm_t none = {};
     switch (n_tok) {
     case 1: s_launch<1, MODE, false>(e, x, none, w, n_out, k, st); break;

@@ -1,18 +1,22 @@
-/* eng_cuda_gemv_mma.cu: the matrix-vector products of 3..8 rows on tensor cores (eng_cuda_gemv hands them here; the
- * contract is eng_cuda_ops.cuh's). Speculative verification forwards 2..9 tokens per sequence and small decode
- * batches 3..8 rows. On CUDA cores each weight then feeds NT FMAs plus its conversion to f32, and the kernel turns
- * instruction-bound (at 6-8 rows it lost to cuBLAS); here one mma.sync m16n8k16 takes 16 rows x 16 k of weights for
- * all 8 token columns, so the instruction count per weight byte does not grow with the rows.
+/* eng_cuda_gemv_mma.cu: the matrix-vector products (1..8 rows) on tensor cores, with eng_cuda_gemv.cu's epilogues
+ * and RMSNorm prologue (eng_cuda_gemv hands them here; the contract is eng_cuda_ops.cuh's). Speculative verification
+ * forwards 2..9 tokens per sequence and small decode batches 2..8 rows. On CUDA cores each weight then feeds NT FMAs
+ * plus its conversion to f32, and the kernel turns instruction-bound (at 6-8 rows it lost to cuBLAS); here one
+ * mma.sync m16n8k16 takes 16 rows x 16 k of weights for all 8 token columns, so the instruction count per weight byte
+ * does not grow with the rows. Its blocks are 8 warps sharing k over 16 rows, 4x as many blocks as the CUDA-core
+ * kernel's at batch 1 on a small matrix: on the H100 the 8B O and down products went from 74-85% to 84-95% of copy
+ * bandwidth at one row.
  *
  * Weights are fed to the MMA straight from the streaming loads, without shared memory: a dot product does not care in
  * which order its k terms come, so the fragment's k index is a permutation of the real one, the same for the weights
  * (A) and x (B). Lane (gq, tq) loads 16 bytes (k0 + 8 tq .. + 7) of rows gq and gq + 8 and the same 16 bytes of token
  * gq's x; the first MMA takes elements 0-3 of each as fragment columns (2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9), the
  * second elements 4-7. So a warp reads 64 contiguous bytes of each of 16 rows per step, and x once per block. */
-#include "eng_cuda_ops.cuh"
+#include "eng_cuda_gemv.cuh"
 
 #define MMA_WARPS 8 /* warps per block: all on the block's rows, k shared out between them (fixed order merge) */
 #define MMA_U     4 /* 32-k steps per warp per iteration, every load issued before the first MMA */
+#define MMA_COLS  8 /* the MMA's token columns: n_tok <= ENG_CUDA_GEMV_MAX_TOK */
 
 static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                   uint32_t b0, uint32_t b1) {
@@ -20,15 +24,6 @@ static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint3
                  "{%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-/* Read once: non-coherent, no L1 allocation, 256-byte L2 prefetch (as eng_cuda_gemv.cu's streaming load). */
-static __device__ __forceinline__ uint4 s_ld_weights(const uint4 *p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
 }
 
 /* One iteration's weights: steps u of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's end
@@ -42,17 +37,71 @@ static __device__ __forceinline__ void s_ld_step_weights(uint4 (&wv)[MMA_U][MT][
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) wv[u][m][h] = c < kc ? s_ld_weights(wr[m][h] + c) : make_uint4(0, 0, 0, 0);
+            for (int h = 0; h < 2; h++) wv[u][m][h] = c < kc ? s_ld_stream(wr[m][h] + c) : make_uint4(0, 0, 0, 0);
     }
 }
 
-/* A block computes MT * 16 consecutive output rows for NT tokens; its MMA_WARPS warps take interleaved 32-k groups
+/* NORM: 1 / rms of each token's f32 row (k elements) as k_rmsnorm computes it, for the tokens < n_tok; the block's
+ * threads sum strided shares, the warps' totals meet in shared memory and are added in warp order, so every thread
+ * gets the same scales. Every thread of the block must call it (barriers). */
+static __device__ __forceinline__ float s_norm_scale(const eng_cuda_norm_t &xn, int32_t n_tok, int32_t k, int tok) {
+    __shared__ float part[MMA_COLS][MMA_WARPS];
+    const float4 *x = (const float4 *)xn.x;
+    const int32_t k4 = k / 4;
+    float ss[MMA_COLS];
+#pragma unroll
+    for (int t = 0; t < MMA_COLS; t++) ss[t] = 0.0f;
+    for (int32_t i = threadIdx.x; i < k4; i += MMA_WARPS * 32)
+#pragma unroll
+        for (int t = 0; t < MMA_COLS; t++)
+            if (t < n_tok) {
+                const float4 v = __ldg(x + (int64_t)t * k4 + i);
+                ss[t] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss[t]))));
+            }
+#pragma unroll
+    for (int t = 0; t < MMA_COLS; t++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+        if ((threadIdx.x & 31) == 0) part[t][threadIdx.x >> 5] = ss[t];
+    }
+    __syncthreads();
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MMA_WARPS; i++) s += part[tok][i];
+    return rsqrtf(s / (float)k + xn.eps); /* as k_rmsnorm */
+}
+
+/* Token gq's x fragment for chunk c: 8 k values as 4 bf16 pairs. NORM: formed from the f32 row as eng_cuda_rmsnorm
+ * writes it (bf16(x * scale * w), same operation order and rounding as eng_cuda_gemv.cu's s_x_chunk). */
+template <bool NORM>
+static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const eng_cuda_norm_t &xn, float scale,
+                                                 int64_t row, int64_t kc, int64_t c) {
+    if constexpr (NORM) {
+        const float4 *xr = (const float4 *)xn.x + (row * kc + c) * 2, *wn = (const float4 *)xn.w + c * 2;
+        const float4 a = __ldg(xr), b = __ldg(xr + 1), wa = __ldg(wn), wb = __ldg(wn + 1);
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w},
+                    g[8] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+        uint32_t p[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const __nv_bfloat162 h =
+                __floats2bfloat162_rn(v[2 * j] * scale * g[2 * j], v[2 * j + 1] * scale * g[2 * j + 1]);
+            p[j] = *(const uint32_t *)&h;
+        }
+        return make_uint4(p[0], p[1], p[2], p[3]);
+    } else {
+        return __ldg((const uint4 *)x + row * kc + c);
+    }
+}
+
+/* A block computes MT * 16 consecutive output rows for n_tok tokens; its MMA_WARPS warps take interleaved 32-k groups
  * and meet in shared memory, summed in warp order (deterministic). Rows past n_out load the last row and are never
- * stored. */
-template <int NT, int MT>
-static __global__ void __launch_bounds__(MMA_WARPS * 32)
-    k_gemv_mma(float *y, bool is_accumulate, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out, int32_t k) {
-    __shared__ float part[MMA_WARPS][MT * 16][8];
+ * stored. The totals go through MODE's epilogue (eng_cuda_gemv.cuh), pairs of rows for SwiGLU and Q/K/V. */
+template <int MT, int MODE, bool NORM>
+static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warps) per SM: <= 128 registers */
+    k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
+               int32_t n_tok, int32_t n_out, int32_t k) {
+    __shared__ float part[MMA_WARPS][MT * 16][MMA_COLS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int64_t row0 = (int64_t)blockIdx.x * (MT * 16), kc = k / 8, n_groups = (kc + 3) / 4;
     const uint4 *wr[MT][2];
@@ -63,8 +112,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32)
             const int64_t row = row0 + m * 16 + gq + 8 * h;
             wr[m][h] = (const uint4 *)(w + (row < n_out ? row : n_out - 1) * (int64_t)k);
         }
-    const bool has_token = gq < NT; /* fragment column gq is a real token */
-    const uint4 *xr = (const uint4 *)(x + (int64_t)(has_token ? gq : 0) * k);
+    const bool has_token = gq < n_tok; /* fragment column gq is a real token */
     float acc[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
@@ -72,13 +120,14 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32)
     int64_t gi = warp;
     uint4 wv[MMA_U][MT][2];
     s_ld_step_weights<MT>(wv, wr, gi, tq, kc); /* before the wait: their latency overlaps the previous kernel's end */
-    s_pdl_begin();                             /* x and y are earlier kernels' */
+    s_pdl_begin(); /* x (or the residual rows), the outputs and the tables are earlier kernels' */
+    const float scale = NORM ? s_norm_scale(xn, n_tok, k, has_token ? gq : 0) : 1.0f;
     for (;;) {
         uint4 xv[MMA_U];
 #pragma unroll
         for (int u = 0; u < MMA_U; u++) {
             const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
-            xv[u] = has_token && c < kc ? __ldg(xr + c) : make_uint4(0, 0, 0, 0);
+            xv[u] = has_token && c < kc ? s_x_frag<NORM>(x, xn, scale, gq, kc, c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < MMA_U; u++)
@@ -100,14 +149,24 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32)
         part[warp][m * 16 + gq + 8][2 * tq] = acc[m][2], part[warp][m * 16 + gq + 8][2 * tq + 1] = acc[m][3];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < MT * 16 * NT; i += MMA_WARPS * 32) { /* consecutive threads: consecutive rows */
-        const int r = i % (MT * 16), t = i / (MT * 16);
+    constexpr int RPI = MODE == S_PLAIN ? 1 : 2; /* rows per output item: one, or a pair */
+    constexpr int N_ITEMS = MT * 16 / RPI;
+    for (int i = threadIdx.x; i < N_ITEMS * n_tok; i += MMA_WARPS * 32) { /* consecutive threads: consecutive rows */
+        const int r = i % N_ITEMS * RPI, t = i / N_ITEMS;
         if (row0 + r >= n_out) continue;
-        float s = 0.0f;
+        float s[RPI];
 #pragma unroll
-        for (int wp = 0; wp < MMA_WARPS; wp++) s += part[wp][r][t];
-        float *dst = y + (int64_t)t * n_out + row0 + r;
-        *dst = is_accumulate ? *dst + s : s;
+        for (int j = 0; j < RPI; j++) {
+            s[j] = 0.0f;
+#pragma unroll
+            for (int wp = 0; wp < MMA_WARPS; wp++) s[j] += part[wp][r + j][t];
+        }
+        if constexpr (MODE == S_PLAIN) {
+            float *dst = e.y + (int64_t)t * n_out + row0 + r;
+            *dst = e.is_accumulate ? *dst + s[0] : s[0];
+        } else { /* n_out is even and row0 a multiple of 16: rows come in whole pairs */
+            s_store_pair<MODE>(e, t, row0 + r, n_out, s[0], s[RPI - 1]);
+        }
     }
 }
 
@@ -124,15 +183,35 @@ static int32_t s_n_sm(void) {
     return n_sm > 0 ? n_sm : 132;
 }
 
-template <int NT>
-static void s_launch_mma(float *y, bool is_accumulate, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_out,
-                         int32_t k, cudaStream_t st) {
+template <int MODE, bool NORM>
+static void s_launch_mma(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
+                         const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_out >= 32 * 4 * s_n_sm())
-        eng_cuda_launch(k_gemv_mma<NT, 2>, (unsigned)((n_out + 31) / 32), MMA_WARPS * 32, 0, st, y, is_accumulate, x, w,
-                        n_out, k);
+        eng_cuda_launch(k_gemv_mma<2, MODE, NORM>, (unsigned)((n_out + 31) / 32), MMA_WARPS * 32, 0, st, e, x, xn, w,
+                        n_tok, n_out, k);
     else
-        eng_cuda_launch(k_gemv_mma<NT, 1>, (unsigned)((n_out + 15) / 16), MMA_WARPS * 32, 0, st, y, is_accumulate, x, w,
-                        n_out, k);
+        eng_cuda_launch(k_gemv_mma<1, MODE, NORM>, (unsigned)((n_out + 15) / 16), MMA_WARPS * 32, 0, st, e, x, xn, w,
+                        n_tok, n_out, k);
+}
+
+template <int MODE>
+static void s_launch_mode(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
+                          const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
+    const eng_cuda_norm_t none = {};
+    if (xn)
+        s_launch_mma<MODE, true>(e, NULL, *xn, w, n_tok, n_out, k, st);
+    else
+        s_launch_mma<MODE, false>(e, x, none, w, n_tok, n_out, k, st);
+}
+
+void eng_cuda_gemv_mma_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
+                              const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
+    if (mode == S_SWIGLU)
+        s_launch_mode<S_SWIGLU>(e, x, xn, w, n_tok, n_out, k, st);
+    else if (mode == S_QKV)
+        s_launch_mode<S_QKV>(e, x, xn, w, n_tok, n_out, k, st);
+    else
+        s_launch_mode<S_PLAIN>(e, x, xn, w, n_tok, n_out, k, st);
 }
 
 static int32_t g_mma_min_tok = ENG_CUDA_GEMV_MMA_MIN_TOK;
@@ -141,18 +220,6 @@ void eng_cuda_gemv_mma_set(int32_t min_tok) {
     g_mma_min_tok = min_tok;
 }
 
-bool eng_cuda_gemv_mma(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
-                       int32_t k, bool is_accumulate, cudaStream_t st) {
-    if (g_mma_min_tok < 1 || n_tok < g_mma_min_tok || n_tok > ENG_CUDA_GEMV_MAX_TOK) return false;
-    switch (n_tok) { /* the shape checks are eng_cuda_gemv's, done before it calls here */
-    case 1: s_launch_mma<1>(y, is_accumulate, x, w, n_out, k, st); break;
-    case 2: s_launch_mma<2>(y, is_accumulate, x, w, n_out, k, st); break;
-    case 3: s_launch_mma<3>(y, is_accumulate, x, w, n_out, k, st); break;
-    case 4: s_launch_mma<4>(y, is_accumulate, x, w, n_out, k, st); break;
-    case 5: s_launch_mma<5>(y, is_accumulate, x, w, n_out, k, st); break;
-    case 6: s_launch_mma<6>(y, is_accumulate, x, w, n_out, k, st); break;
-    case 7: s_launch_mma<7>(y, is_accumulate, x, w, n_out, k, st); break;
-    default: s_launch_mma<8>(y, is_accumulate, x, w, n_out, k, st); break;
-    }
-    return true;
+bool eng_cuda_gemv_mma_takes(int32_t n_tok) {
+    return g_mma_min_tok >= 1 && n_tok >= g_mma_min_tok && n_tok >= 1 && n_tok <= ENG_CUDA_GEMV_MAX_TOK;
 }

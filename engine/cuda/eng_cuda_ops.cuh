@@ -144,14 +144,14 @@ static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, i
 #define ENG_CUDA_GEMV_MAX_TOK 8
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st);
-/* eng_cuda_gemv's products of at least ENG_CUDA_GEMV_MMA_MIN_TOK rows run on tensor cores (eng_cuda_gemv_mma.cu):
- * same contract and refusals, a different summation order. eng_cuda_gemv_mma_set changes the bound process-wide (the
- * backend sets it at create from ENG_CUDA_GEMV_MMA; 0: never); eng_cuda_gemv_mma is the launcher eng_cuda_gemv calls
- * after its shape checks (false: not its row count, nothing launched). */
-#define ENG_CUDA_GEMV_MMA_MIN_TOK 3
+/* Products of at least ENG_CUDA_GEMV_MMA_MIN_TOK rows (every variant below too) run on tensor cores
+ * (eng_cuda_gemv_mma.cu): same contract, a different summation order, and the normalising variants take up to
+ * ENG_CUDA_GEMV_MAX_TOK rows there. eng_cuda_gemv_mma_set changes the bound process-wide (the backend sets it at create
+ * from ENG_CUDA_GEMV_MMA; 0: never, the CUDA-core kernel for every row count); eng_cuda_gemv_mma_takes says whether
+ * n_tok rows go to tensor cores. */
+#define ENG_CUDA_GEMV_MMA_MIN_TOK 1
 void eng_cuda_gemv_mma_set(int32_t min_tok);
-bool eng_cuda_gemv_mma(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
-                       int32_t k, bool is_accumulate, cudaStream_t st);
+bool eng_cuda_gemv_mma_takes(int32_t n_tok);
 /* The same product fused with what follows it, for weights whose rows come in pairs:
  *   _swiglu: w_gate_up (2 hidden, k) with gate and up rows interleaved (row 2j gate j, 2j + 1 up j); writes
  *            h (n_tok, hidden) = bf16(silu(gate) * up) instead of the products;
@@ -173,8 +173,9 @@ bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk,
  * it, each token's 1 / rms computed in every block. Its summation order differs from eng_cuda_rmsnorm's, so the
  * scale may differ in the last ulp and, rarely, an element of x by one bf16 ulp: equal to the unfused sequence to
  * within rounding, not bit for bit. The outputs (y, h, q, the pool) must not overlap xn->x. Refuses, besides
- * eng_cuda_gemv's shapes, n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK (each block re-reads its tokens' rows, a cost that
- * grows with n_tok while the launch saved does not) and xn->x or xn->w not 16-byte aligned; the caller then runs
+ * eng_cuda_gemv's shapes, n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK on CUDA cores (each block re-reads its tokens' rows,
+ * a cost that grows with n_tok while the launch saved does not; the tensor-core kernel's blocks are 8 warps over 16
+ * or 32 rows, so the re-reads weigh less there) and xn->x or xn->w not 16-byte aligned; the caller then runs
  * eng_cuda_rmsnorm and the unfused call. */
 #define ENG_CUDA_GEMV_NORM_MAX_TOK 2
 typedef struct {

@@ -165,7 +165,12 @@ static void s_check_refusals(cudaStream_t st) {
  * the sum of |terms| (f32 accumulation) plus sum amb[i] |w[i]| (the flips, at most). */
 #define S_SCALE_REL 1e-5
 #define S_EPS       1e-5f
-#define S_NT        ENG_CUDA_GEMV_NORM_MAX_TOK
+#define S_NT        ENG_CUDA_GEMV_MAX_TOK /* residual rows held; the normalising variants take s_norm_max_tok() */
+
+/* The most rows the normalising variants take as the kernels are set now: all on tensor cores, fewer on CUDA cores. */
+static int s_norm_max_tok(void) {
+    return eng_cuda_gemv_mma_takes(ENG_CUDA_GEMV_MAX_TOK) ? ENG_CUDA_GEMV_MAX_TOK : ENG_CUDA_GEMV_NORM_MAX_TOK;
+}
 
 static float s_bf16_round(float f) {
     return eng_bf16_to_f32(eng_f32_to_bf16(f));
@@ -261,7 +266,7 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
     CK(cudaMalloc(&dxq, nx * 2));
     CK(cudaMemcpy(dxq, xqb, nx * 2, cudaMemcpyHostToDevice));
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
-    for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
+    for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0; /* error / tolerance */
         long n_same = 0, n_all = 0;
         for (int is_acc = 0; is_acc < 2; is_acc++) {
@@ -321,7 +326,7 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     __nv_bfloat16 *dh;
     CK(cudaMalloc(&dh, nh * 2));
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
-    for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
+    for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0;
         CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
         if (!eng_cuda_gemv_swiglu_norm(dh, &xn, nc.dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
@@ -402,7 +407,7 @@ static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, in
     eng_cuda_tokens_t tk = {0, dpos, dtt, dtables, dcs, block_size, n_blocks};
     const eng_cuda_qkv_dst_t d = {dq, dpool, has_bias ? dbias : NULL, layer, n_heads, n_kv_heads, hd};
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
-    for (int n_tok = 1; n_tok <= S_NT; n_tok++) {
+    for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0;
         CK(cudaMemsetAsync(dq, 0xff, (size_t)S_NT * q_dim * 4, st));
         CK(cudaMemsetAsync(dpool, 0xff, n_pool * 2, st));
@@ -489,7 +494,7 @@ static void s_check_norm_refusals(cudaStream_t st) {
         const float *x, *wn;
         int32_t n_tok, k;
     } cases[] = {
-        {"n_tok above ENG_CUDA_GEMV_NORM_MAX_TOK", dx, dwn, S_NT + 1, 16},
+        {"more rows than it takes", dx, dwn, s_norm_max_tok() + 1, 16},
         {"k = 12", dx, dwn, 1, 12},
         {"misaligned residual", dx + 1, dwn, 1, 16},
         {"misaligned norm weight", dx, dwn + 1, 1, 16},
@@ -509,12 +514,12 @@ static void s_check_norm_refusals(cudaStream_t st) {
     }
     /* Q/K/V: the batch and head_dim checks come before any device pointer is used */
     const eng_cuda_norm_t xn = {dx, dwn, S_EPS};
-    eng_cuda_tokens_t tk = {S_NT + 1, NULL, NULL, NULL, NULL, 16, 1};
+    eng_cuda_tokens_t tk = {s_norm_max_tok() + 1, NULL, NULL, NULL, NULL, 16, 1};
     eng_cuda_qkv_dst_t d = {NULL, NULL, NULL, 0, 1, 1, 8};
     if (eng_cuda_gemv_qkv_norm(&d, &tk, &xn, dw, 16, st)) s_fail("normalising Q/K/V accepted too many tokens");
     tk.n_tokens = 1, d.head_dim = 7;
     if (eng_cuda_gemv_qkv_norm(&d, &tk, &xn, dw, 16, st)) s_fail("normalising Q/K/V accepted an odd head_dim");
-    printf("norm qkv refuses n_tok above ENG_CUDA_GEMV_NORM_MAX_TOK, odd head_dim: ok\n");
+    printf("norm qkv refuses more rows than it takes (%d), odd head_dim: ok\n", s_norm_max_tok() + 1);
     g_n_checks++;
     CK(cudaFree(dx));
     CK(cudaFree(dwn));
@@ -606,9 +611,9 @@ int main(void) {
     const int32_t shapes[][2] = {{1, 8},       {7, 64},      {4096, 4096}, {6144, 4096}, {4096, 14336},
                                  {2048, 8192}, {1000, 2056}, {37, 1032},   {960, 576},   {576, 576},
                                  {576, 1536},  {16900, 136}, {16912, 1032}};
-    /* each row count on CUDA cores (tensor cores never), on tensor cores (from 1 row), and as shipped (the tensor
-     * cores from ENG_CUDA_GEMV_MMA_MIN_TOK rows); the last two shapes take two m16 tiles per warp on the H100 */
-    const int32_t mma_settings[] = {0, 1, ENG_CUDA_GEMV_MMA_MIN_TOK};
+    /* each row count on CUDA cores (tensor cores never), on tensor cores (from 1 row), and mixed (tensor cores from 5
+     * rows); the last two shapes take two m16 tiles per warp on the H100 */
+    const int32_t mma_settings[] = {0, 1, 5};
     for (size_t m = 0; m < sizeof mma_settings / sizeof mma_settings[0]; m++) {
         printf("-- tensor cores from %d rows (0: never)\n", mma_settings[m]);
         eng_cuda_gemv_mma_set(mma_settings[m]);
@@ -619,15 +624,20 @@ int main(void) {
     /* normalising variants: plain on the 8B Q/K/V and SmolLM2-135M shapes and odd ones (a rest after the main
      * loop; 3 rows, so that warps past n_out still join the block's norm), SwiGLU on the 8B and SmolLM2 MLPs and 5
      * pairs, the Q/K/V projection of Llama-3.1-8B (32/8 heads of 128) and SmolLM2-135M (9/3 of 64, with a bias) */
-    const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}};
-    for (size_t s = 0; s < sizeof norm_shapes / sizeof norm_shapes[0]; s++)
-        s_check_norm_plain(norm_shapes[s][0], norm_shapes[s][1], st);
-    s_check_norm_swiglu(14336, 4096, st);
-    s_check_norm_swiglu(1536, 576, st);
-    s_check_norm_swiglu(5, 1032, st);
-    s_check_norm_qkv(32, 8, 128, 4096, false, st);
-    s_check_norm_qkv(9, 3, 64, 576, true, st);
-    s_check_norm_refusals(st);
+    for (int mma = 0; mma < 2; mma++) { /* CUDA cores (up to ENG_CUDA_GEMV_NORM_MAX_TOK rows), tensor cores */
+        eng_cuda_gemv_mma_set(mma);
+        printf("-- normalising variants on %s cores\n", mma ? "tensor" : "CUDA");
+        const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}};
+        for (size_t s = 0; s < sizeof norm_shapes / sizeof norm_shapes[0]; s++)
+            s_check_norm_plain(norm_shapes[s][0], norm_shapes[s][1], st);
+        s_check_norm_swiglu(14336, 4096, st);
+        s_check_norm_swiglu(1536, 576, st);
+        s_check_norm_swiglu(5, 1032, st);
+        s_check_norm_qkv(32, 8, 128, 4096, false, st);
+        s_check_norm_qkv(9, 3, 64, 576, true, st);
+        s_check_norm_refusals(st);
+    }
+    eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
     printf("test_cuda_gemv: %d checks, all passed\n", g_n_checks);
     fflush(stdout);
     s_bench(st);

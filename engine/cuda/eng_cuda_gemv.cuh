@@ -1,0 +1,66 @@
+/* eng_cuda_gemv.cuh: what the two matrix-vector kernels share (private to eng_cuda_gemv.cu and eng_cuda_gemv_mma.cu):
+ * the streaming weight load, the epilogues, and the tensor-core launcher the CUDA-core file hands row counts to. */
+#ifndef ENG_CUDA_GEMV_CUH
+#define ENG_CUDA_GEMV_CUH
+
+#include "eng_cuda_ops.cuh"
+
+/* A weight chunk: read once, so it goes through the non-coherent path without allocating in L1 (x's lines stay
+ * there), with a 256-byte L2 prefetch hint since each warp walks its rows sequentially. */
+static __device__ __forceinline__ uint4 s_ld_stream(const uint4 *p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+/* What happens to the totals: stored (or added) as they are, or, for pairs of adjacent rows, fused with the kernel
+ * that would otherwise follow (one launch less per layer at batch 1, where a launch costs as much as a small
+ * matrix's weights): SwiGLU of an interleaved gate/up pair, or RoPE of a Q/K pair and the store of K and V into the
+ * paged pool. */
+enum { S_PLAIN, S_SWIGLU, S_QKV };
+typedef struct {
+    float *y; /* S_PLAIN: (n_tok, n_out) */
+    bool is_accumulate;
+    __nv_bfloat16 *h; /* S_SWIGLU: (n_tok, n_out / 2) */
+    eng_cuda_qkv_dst_t qkv;
+    eng_cuda_tokens_t tk; /* S_QKV */
+} s_epilogue_t;
+
+/* Rows o, o + 1 (o even) of token t: the SwiGLU of a gate/up pair, or a RoPE'd Q or K pair / a V pair. */
+template <int MODE>
+static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64_t t, int64_t o, int32_t n_out,
+                                                    float a0, float a1) {
+    if constexpr (MODE == S_SWIGLU) {
+        e.h[t * (n_out / 2) + o / 2] = __float2bfloat16(s_silu_mul(a0, a1));
+    } else {
+        const eng_cuda_qkv_dst_t &d = e.qkv;
+        const eng_cuda_tokens_t &tk = e.tk;
+        const int32_t hd = d.head_dim, q_dim = d.n_heads * hd, kv_dim = d.n_kv_heads * hd;
+        if (d.bias) a0 += d.bias[o], a1 += d.bias[o + 1];
+        const int32_t pos = tk.tok_pos[t];
+        const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
+        if (o < q_dim + kv_dim) { /* Q or K: rotate the pair like k_rope_store */
+            const int32_t i = (int32_t)(o % hd) / 2;
+            const float c = tk.rope_cs[t * hd + 2 * i], sn = tk.rope_cs[t * hd + 2 * i + 1];
+            const float y0 = a0 * c - a1 * sn, y1 = a0 * sn + a1 * c;
+            if (o < q_dim) {
+                d.q[t * q_dim + o] = y0, d.q[t * q_dim + o + 1] = y1;
+            } else {
+                eng_cuda_kv_t *k_dst = d.kv_pool + s_kv_slot(tk, d.layer, 0, block, slot, kv_dim) + (o - q_dim);
+                k_dst[0] = s_kv_from_f32(y0), k_dst[1] = s_kv_from_f32(y1);
+            }
+        } else {
+            eng_cuda_kv_t *v_dst = d.kv_pool + s_kv_slot(tk, d.layer, 1, block, slot, kv_dim) + (o - q_dim - kv_dim);
+            v_dst[0] = s_kv_from_f32(a0), v_dst[1] = s_kv_from_f32(a1);
+        }
+    }
+}
+
+/* The tensor-core kernel (eng_cuda_gemv_mma.cu) for a product eng_cuda_gemv_mma_takes(n_tok): x bf16 rows, or xn
+ * (not NULL) f32 rows normalised in the kernel; shapes and alignment already checked by the caller. */
+void eng_cuda_gemv_mma_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
+                              const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st);
+
+#endif
