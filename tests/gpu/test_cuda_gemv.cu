@@ -73,15 +73,15 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
     CK(cudaMalloc(&dx, nx * 2));
     CK(cudaMalloc(&dw, nw * 2));
     CK(cudaMalloc(&dy, ny * 4));
-    CK(cudaMemcpy(dx, xb, nx * 2, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dw, wb, nw * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpyAsync(dx, xb, nx * 2, cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(dw, wb, nw * 2, cudaMemcpyHostToDevice, st));
     for (int ti = 0; ti < n_n_toks; ti++) {
         const int n_tok = n_toks[ti];
         double worst[2] = {0.0, 0.0};
         for (int is_acc = 0; is_acc < 2; is_acc++) {
             /* overwrite: y starts as NaN, so any element not written shows */
             if (is_acc)
-                CK(cudaMemcpy(dy, y0, ny * 4, cudaMemcpyHostToDevice));
+                CK(cudaMemcpyAsync(dy, y0, ny * 4, cudaMemcpyHostToDevice, st));
             else
                 CK(cudaMemsetAsync(dy, 0xff, ny * 4, st));
             if (!eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, is_acc != 0, st)) s_fail("refused a valid shape");
@@ -238,6 +238,7 @@ static void s_norm_case_init(s_norm_case_t *nc, int32_t n_out, int32_t k) {
     CK(cudaMemcpy(nc->dx, nc->x, nx * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(nc->dwn, nc->wn, (size_t)k * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(nc->dw, wb, nw * 2, cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize()); /* a copy from pageable memory may return before its DMA lands (no stream orders it) */
     free(wb), free(wf), free(amb), free(amb_at);
 }
 
@@ -264,15 +265,15 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
     CK(cudaMalloc(&dy, ny * 4));
     CK(cudaMalloc(&dyu, ny * 4));
     CK(cudaMalloc(&dxq, nx * 2));
-    CK(cudaMemcpy(dxq, xqb, nx * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpyAsync(dxq, xqb, nx * 2, cudaMemcpyHostToDevice, st));
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0; /* error / tolerance */
         long n_same = 0, n_all = 0;
         for (int is_acc = 0; is_acc < 2; is_acc++) {
             if (is_acc) {
-                CK(cudaMemcpy(dy, y0, ny * 4, cudaMemcpyHostToDevice));
-                CK(cudaMemcpy(dyu, y0, ny * 4, cudaMemcpyHostToDevice));
+                CK(cudaMemcpyAsync(dy, y0, ny * 4, cudaMemcpyHostToDevice, st));
+                CK(cudaMemcpyAsync(dyu, y0, ny * 4, cudaMemcpyHostToDevice, st));
             } else {
                 CK(cudaMemsetAsync(dy, 0xff, ny * 4, st));
                 CK(cudaMemsetAsync(dyu, 0xff, ny * 4, st));
@@ -399,11 +400,11 @@ static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, in
     CK(cudaMalloc(&dpos, sizeof pos));
     CK(cudaMalloc(&dtt, sizeof tok_table));
     CK(cudaMalloc(&dtables, sizeof tables));
-    CK(cudaMemcpy(dbias, bias, (size_t)n_out * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dcs, cs, (size_t)S_NT * hd * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dpos, pos, sizeof pos, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dtt, tok_table, sizeof tok_table, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dtables, tables, sizeof tables, cudaMemcpyHostToDevice));
+    CK(cudaMemcpyAsync(dbias, bias, (size_t)n_out * 4, cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(dcs, cs, (size_t)S_NT * hd * 4, cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(dpos, pos, sizeof pos, cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(dtt, tok_table, sizeof tok_table, cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(dtables, tables, sizeof tables, cudaMemcpyHostToDevice, st));
     eng_cuda_tokens_t tk = {0, dpos, dtt, dtables, dcs, block_size, n_blocks};
     const eng_cuda_qkv_dst_t d = {dq, dpool, has_bias ? dbias : NULL, layer, n_heads, n_kv_heads, hd};
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
