@@ -149,7 +149,12 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
  * ENG_CUDA_GEMV_MAX_TOK rows there. eng_cuda_gemv_mma_set changes the bound process-wide (the backend sets it at create
  * from ENG_CUDA_GEMV_MMA; 0: never, the CUDA-core kernel for every row count); eng_cuda_gemv_mma_takes says whether
  * n_tok rows go to tensor cores. */
-#define ENG_CUDA_GEMV_MMA_MIN_TOK 1
+#define ENG_CUDA_GEMV_MMA_MIN_TOK        1
+/* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its
+ * tokens' 1 / rms before its first MMA, which on the H100 cost more than the separate norm's launch saved (8B decode
+ * 153 against 171 tok/s at batch 1, 1B 2-4% slower) and less only on SmolLM2-135M's small matrices (batch 1 0.745
+ * against 0.793 ms a step; its Q/K/V and gate/up are 1.1 and 3.5 MB). */
+#define ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES ((int64_t)8 << 20)
 void eng_cuda_gemv_mma_set(int32_t min_tok);
 bool eng_cuda_gemv_mma_takes(int32_t n_tok);
 /* The same product fused with what follows it, for weights whose rows come in pairs:
@@ -173,7 +178,8 @@ bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk,
  * it, each token's 1 / rms computed in every block. Its summation order differs from eng_cuda_rmsnorm's, so the
  * scale may differ in the last ulp and, rarely, an element of x by one bf16 ulp: equal to the unfused sequence to
  * within rounding, not bit for bit. The outputs (y, h, q, the pool) must not overlap xn->x. Refuses, besides
- * eng_cuda_gemv's shapes, n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK on CUDA cores (each block re-reads its tokens' rows,
+ * eng_cuda_gemv's shapes, weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES on tensor cores, n_tok >
+ * ENG_CUDA_GEMV_NORM_MAX_TOK on CUDA cores (each block re-reads its tokens' rows,
  * a cost that grows with n_tok while the launch saved does not; the tensor-core kernel's blocks are 8 warps over 16
  * or 32 rows, so the re-reads weigh less there) and xn->x or xn->w not 16-byte aligned; the caller then runs
  * eng_cuda_rmsnorm and the unfused call. */

@@ -167,6 +167,19 @@ static void s_check_refusals(cudaStream_t st) {
 #define S_EPS       1e-5f
 #define S_NT        ENG_CUDA_GEMV_MAX_TOK /* residual rows held; the normalising variants take s_norm_max_tok() */
 
+static void *g_dummy; /* 256 device bytes: aligned pointers for calls that must refuse before they read anything */
+
+/* Tensor cores refuse to normalise weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES; true (and counted as a check) when
+ * this shape is one and the variant said false, as it must. */
+static bool s_norm_refused(const char *what, int32_t n_out, int32_t k, bool is_accepted) {
+    if (!(eng_cuda_gemv_mma_takes(1) && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES)) return false;
+    if (is_accepted) s_fail("normalised weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES on tensor cores");
+    printf("%s n_out=%5d k=%5d: refused on tensor cores (weights over %lld bytes): ok\n", what, n_out, k,
+           (long long)ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);
+    g_n_checks++;
+    return true;
+}
+
 /* The most rows the normalising variants take as the kernels are set now: all on tensor cores, fewer on CUDA cores. */
 static int s_norm_max_tok(void) {
     return eng_cuda_gemv_mma_takes(ENG_CUDA_GEMV_MAX_TOK) ? ENG_CUDA_GEMV_MAX_TOK : ENG_CUDA_GEMV_NORM_MAX_TOK;
@@ -252,6 +265,11 @@ static void s_norm_case_fini(s_norm_case_t *nc) {
 /* y [+]= norm(x) . w^T against the reference, and (printed) how many totals equal bit for bit those of eng_cuda_gemv
  * on the host's x: all of a token's, unless the kernel's scale flipped the rounding of some element of x. */
 static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
+    const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
+    if (s_norm_refused(
+            "norm  ", n_out, k,
+            eng_cuda_gemv_norm((float *)g_dummy, &dn, (const __nv_bfloat16 *)g_dummy, 1, n_out, k, false, st)))
+        return;
     s_norm_case_t nc;
     s_norm_case_init(&nc, n_out, k);
     const size_t nx = (size_t)S_NT * k, ny = (size_t)S_NT * n_out;
@@ -319,6 +337,11 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
  * |silu(gate) up - silu(g) u| <= (|silu(g)| + 1.1 tg) tu + 1.1 |u| tg (|silu'| < 1.1), plus the kernel's float
  * silu and product (a few ulp: 2e-6 relative) and the bf16 rounding of h (2^-8 relative). */
 static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
+    const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
+    if (s_norm_refused(
+            "swiglu", 2 * hidden, k,
+            eng_cuda_gemv_swiglu_norm((__nv_bfloat16 *)g_dummy, &dn, (const __nv_bfloat16 *)g_dummy, 1, hidden, k, st)))
+        return;
     s_norm_case_t nc;
     s_norm_case_init(&nc, 2 * hidden, k);
     const size_t nh = (size_t)S_NT * hidden;
@@ -368,6 +391,14 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
  * relative); K and V add the f16 rounding of the pool (2^-11 relative, 2^-25 absolute below f16's normal range). */
 static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, int32_t k, bool has_bias,
                              cudaStream_t st) {
+    {
+        const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
+        const eng_cuda_tokens_t tk1 = {1, NULL, NULL, NULL, NULL, 16, 1};
+        const eng_cuda_qkv_dst_t d1 = {NULL, NULL, NULL, 0, n_heads, n_kv_heads, hd};
+        if (s_norm_refused("qkv   ", (n_heads + 2 * n_kv_heads) * hd, k,
+                           eng_cuda_gemv_qkv_norm(&d1, &tk1, &dn, (const __nv_bfloat16 *)g_dummy, k, st)))
+            return;
+    }
     const int32_t q_dim = n_heads * hd, kv_dim = n_kv_heads * hd, n_out = q_dim + 2 * kv_dim;
     const int32_t layer = 1, n_layers = 2, block_size = 16, n_blocks = 2 * S_NT + 2, n_tables = 2 * S_NT;
     s_norm_case_t nc;
@@ -606,6 +637,7 @@ static void s_bench(cudaStream_t st) {
 int main(void) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CK(cudaMalloc(&g_dummy, 256));
     const int n_toks[] = {1, 2, 3, 4, 5, 6, 8};
     /* (n_out, k): tiny, Llama-3.1-8B, Llama-3.2-1B down projection, k/8 not a multiple of 32 * 4, and n_out not a
      * multiple of the rows per block (8 at n_tok <= 2, 16 above) with a remainder in k */
@@ -624,11 +656,13 @@ int main(void) {
     s_check_refusals(st);
     /* normalising variants: plain on the 8B Q/K/V and SmolLM2-135M shapes and odd ones (a rest after the main
      * loop; 3 rows, so that warps past n_out still join the block's norm), SwiGLU on the 8B and SmolLM2 MLPs and 5
-     * pairs, the Q/K/V projection of Llama-3.1-8B (32/8 heads of 128) and SmolLM2-135M (9/3 of 64, with a bias) */
+     * pairs, the Q/K/V projection of Llama-3.1-8B (32/8 heads of 128) and SmolLM2-135M (9/3 of 64, with a bias); on
+     * tensor cores the 8B shapes are refused (ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES) and 17000 x 136 takes two tiles a
+     * warp */
     for (int mma = 0; mma < 2; mma++) { /* CUDA cores (up to ENG_CUDA_GEMV_NORM_MAX_TOK rows), tensor cores */
         eng_cuda_gemv_mma_set(mma);
         printf("-- normalising variants on %s cores\n", mma ? "tensor" : "CUDA");
-        const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}};
+        const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}, {17000, 136}};
         for (size_t s = 0; s < sizeof norm_shapes / sizeof norm_shapes[0]; s++)
             s_check_norm_plain(norm_shapes[s][0], norm_shapes[s][1], st);
         s_check_norm_swiglu(14336, 4096, st);
@@ -642,6 +676,7 @@ int main(void) {
     printf("test_cuda_gemv: %d checks, all passed\n", g_n_checks);
     fflush(stdout);
     s_bench(st);
+    CK(cudaFree(g_dummy));
     CK(cudaStreamDestroy(st));
     return 0;
 }
