@@ -169,15 +169,16 @@ static void s_check_refusals(cudaStream_t st) {
 
 static void *g_dummy; /* 256 device bytes: aligned pointers for calls that must refuse before they read anything */
 
-/* Tensor cores refuse to normalise weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES; true (and counted as a check) when
- * this shape is one and the variant said false, as it must. */
-static bool s_norm_refused(const char *what, int32_t n_out, int32_t k, bool is_accepted) {
-    if (!(eng_cuda_gemv_mma_takes(1) && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES)) return false;
+/* Tensor cores refuse to normalise weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES: whether this shape is one, and the
+ * check that the variant (called with g_dummy pointers, only then) said false, as it must. */
+static bool s_norm_must_refuse(int32_t n_out, int32_t k) {
+    return eng_cuda_gemv_mma_takes(1) && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES;
+}
+static void s_norm_refusal_ok(const char *what, int32_t n_out, int32_t k, bool is_accepted) {
     if (is_accepted) s_fail("normalised weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES on tensor cores");
     printf("%s n_out=%5d k=%5d: refused on tensor cores (weights over %lld bytes): ok\n", what, n_out, k,
            (long long)ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);
     g_n_checks++;
-    return true;
 }
 
 /* The most rows the normalising variants take as the kernels are set now: all on tensor cores, fewer on CUDA cores. */
@@ -266,10 +267,12 @@ static void s_norm_case_fini(s_norm_case_t *nc) {
  * on the host's x: all of a token's, unless the kernel's scale flipped the rounding of some element of x. */
 static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
     const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
-    if (s_norm_refused(
+    if (s_norm_must_refuse(n_out, k)) {
+        s_norm_refusal_ok(
             "norm  ", n_out, k,
-            eng_cuda_gemv_norm((float *)g_dummy, &dn, (const __nv_bfloat16 *)g_dummy, 1, n_out, k, false, st)))
+            eng_cuda_gemv_norm((float *)g_dummy, &dn, (const __nv_bfloat16 *)g_dummy, 1, n_out, k, false, st));
         return;
+    }
     s_norm_case_t nc;
     s_norm_case_init(&nc, n_out, k);
     const size_t nx = (size_t)S_NT * k, ny = (size_t)S_NT * n_out;
@@ -338,10 +341,12 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
  * silu and product (a few ulp: 2e-6 relative) and the bf16 rounding of h (2^-8 relative). */
 static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
-    if (s_norm_refused(
+    if (s_norm_must_refuse(2 * hidden, k)) {
+        s_norm_refusal_ok(
             "swiglu", 2 * hidden, k,
-            eng_cuda_gemv_swiglu_norm((__nv_bfloat16 *)g_dummy, &dn, (const __nv_bfloat16 *)g_dummy, 1, hidden, k, st)))
+            eng_cuda_gemv_swiglu_norm((__nv_bfloat16 *)g_dummy, &dn, (const __nv_bfloat16 *)g_dummy, 1, hidden, k, st));
         return;
+    }
     s_norm_case_t nc;
     s_norm_case_init(&nc, 2 * hidden, k);
     const size_t nh = (size_t)S_NT * hidden;
@@ -395,9 +400,11 @@ static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, in
         const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
         const eng_cuda_tokens_t tk1 = {1, NULL, NULL, NULL, NULL, 16, 1};
         const eng_cuda_qkv_dst_t d1 = {NULL, NULL, NULL, 0, n_heads, n_kv_heads, hd};
-        if (s_norm_refused("qkv   ", (n_heads + 2 * n_kv_heads) * hd, k,
-                           eng_cuda_gemv_qkv_norm(&d1, &tk1, &dn, (const __nv_bfloat16 *)g_dummy, k, st)))
+        if (s_norm_must_refuse((n_heads + 2 * n_kv_heads) * hd, k)) {
+            s_norm_refusal_ok("qkv   ", (n_heads + 2 * n_kv_heads) * hd, k,
+                              eng_cuda_gemv_qkv_norm(&d1, &tk1, &dn, (const __nv_bfloat16 *)g_dummy, k, st));
             return;
+        }
     }
     const int32_t q_dim = n_heads * hd, kv_dim = n_kv_heads * hd, n_out = q_dim + 2 * kv_dim;
     const int32_t layer = 1, n_layers = 2, block_size = 16, n_blocks = 2 * S_NT + 2, n_tables = 2 * S_NT;
