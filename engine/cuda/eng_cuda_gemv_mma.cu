@@ -15,7 +15,6 @@
 #include "eng_cuda_gemv.cuh"
 
 #define MMA_WARPS 8 /* warps per block: all on the block's rows, k shared out between them (fixed order merge) */
-#define MMA_U     4 /* 32-k steps per warp per iteration, every load issued before the first MMA */
 #define MMA_COLS  8 /* the MMA's token columns: n_tok <= ENG_CUDA_GEMV_MAX_TOK */
 
 static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -26,13 +25,13 @@ static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint3
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* One iteration's weights: steps u of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's end
- * are zeros (and so are x's there). */
-template <int MT>
-static __device__ __forceinline__ void s_ld_step_weights(uint4 (&wv)[MMA_U][MT][2], const uint4 *const (&wr)[MT][2],
+/* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's
+ * end are zeros (and so are x's there). */
+template <int MT, int U>
+static __device__ __forceinline__ void s_ld_step_weights(uint4 (&wv)[U][MT][2], const uint4 *const (&wr)[MT][2],
                                                          int64_t gi, int tq, int64_t kc) {
 #pragma unroll
-    for (int u = 0; u < MMA_U; u++) {
+    for (int u = 0; u < U; u++) {
         const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
 #pragma unroll
         for (int m = 0; m < MT; m++)
@@ -97,7 +96,7 @@ static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const e
 /* A block computes MT * 16 consecutive output rows for n_tok tokens; its MMA_WARPS warps take interleaved 32-k groups
  * and meet in shared memory, summed in warp order (deterministic). Rows past n_out load the last row and are never
  * stored. The totals go through MODE's epilogue (eng_cuda_gemv.cuh), pairs of rows for SwiGLU and Q/K/V. */
-template <int MT, int MODE, bool NORM>
+template <int MT, int MODE, bool NORM, int U>
 static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warps) per SM: <= 128 registers */
     k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
                int32_t n_tok, int32_t n_out, int32_t k) {
@@ -118,28 +117,29 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
     for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
 
     int64_t gi = warp;
-    uint4 wv[MMA_U][MT][2];
-    s_ld_step_weights<MT>(wv, wr, gi, tq, kc); /* before the wait: their latency overlaps the previous kernel's end */
-    s_pdl_begin(); /* x (or the residual rows), the outputs and the tables are earlier kernels' */
+    uint4 wv[U][MT][2];
+    s_ld_step_weights<MT, U>(wv, wr, gi, tq,
+                             kc); /* before the wait: their latency overlaps the previous kernel's end */
+    s_pdl_begin();                /* x (or the residual rows), the outputs and the tables are earlier kernels' */
     const float scale = NORM ? s_norm_scale(xn, n_tok, k, has_token ? gq : 0) : 1.0f;
     for (;;) {
-        uint4 xv[MMA_U];
+        uint4 xv[U];
 #pragma unroll
-        for (int u = 0; u < MMA_U; u++) {
+        for (int u = 0; u < U; u++) {
             const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
             xv[u] = has_token && c < kc ? s_x_frag<NORM>(x, xn, scale, gq, kc, c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < MMA_U; u++)
+        for (int u = 0; u < U; u++)
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 const uint4 &a = wv[u][m][0], &b = wv[u][m][1]; /* rows gq and gq + 8 */
                 s_mma_bf16(acc[m], a.x, b.x, a.y, b.y, xv[u].x, xv[u].y);
                 s_mma_bf16(acc[m], a.z, b.z, a.w, b.w, xv[u].z, xv[u].w);
             }
-        gi += (int64_t)MMA_WARPS * MMA_U;
+        gi += (int64_t)MMA_WARPS * U;
         if (gi >= n_groups) break;
-        s_ld_step_weights<MT>(wv, wr, gi, tq, kc);
+        s_ld_step_weights<MT, U>(wv, wr, gi, tq, kc);
     }
 
     /* C fragment: (row gq, tokens 2 tq, 2 tq + 1) and row gq + 8 */
@@ -183,15 +183,32 @@ static int32_t s_n_sm(void) {
     return n_sm > 0 ? n_sm : 132;
 }
 
+/* 32-k steps per warp per iteration, every load issued before the first MMA: 4, or (one tile a warp) 8 where the
+ * grid leaves an SM fewer than three blocks (a block then needs more bytes in flight to keep its SM's share of
+ * bandwidth); ENG_CUDA_GEMV_MMA_U=4|8 fixes it (eng_cuda_gemv_mma_set_steps; 0: that choice). */
+static int32_t g_steps;
+
+template <int MT, int MODE, bool NORM>
+static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
+                           const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
+    const unsigned n_blocks = (unsigned)((n_out + MT * 16 - 1) / (MT * 16));
+    if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
+        if (g_steps == 8 || (g_steps != 4 && n_blocks < 3u * (unsigned)s_n_sm())) {
+            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 8>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
+                            k);
+            return;
+        }
+    }
+    eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out, k);
+}
+
 template <int MODE, bool NORM>
 static void s_launch_mma(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                          const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_out >= 32 * 4 * s_n_sm())
-        eng_cuda_launch(k_gemv_mma<2, MODE, NORM>, (unsigned)((n_out + 31) / 32), MMA_WARPS * 32, 0, st, e, x, xn, w,
-                        n_tok, n_out, k);
+        s_launch_steps<2, MODE, NORM>(e, x, xn, w, n_tok, n_out, k, st);
     else
-        eng_cuda_launch(k_gemv_mma<1, MODE, NORM>, (unsigned)((n_out + 15) / 16), MMA_WARPS * 32, 0, st, e, x, xn, w,
-                        n_tok, n_out, k);
+        s_launch_steps<1, MODE, NORM>(e, x, xn, w, n_tok, n_out, k, st);
 }
 
 template <int MODE>
@@ -218,6 +235,10 @@ static int32_t g_mma_min_tok = ENG_CUDA_GEMV_MMA_MIN_TOK;
 
 void eng_cuda_gemv_mma_set(int32_t min_tok) {
     g_mma_min_tok = min_tok;
+}
+
+void eng_cuda_gemv_mma_set_steps(int32_t steps) {
+    g_steps = steps;
 }
 
 bool eng_cuda_gemv_mma_takes(int32_t n_tok) {

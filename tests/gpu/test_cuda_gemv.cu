@@ -601,14 +601,15 @@ static void s_bench(cudaStream_t st) {
         const int n_copies = (int)(buf_bytes / w_stride); /* >= 1; together > L2 */
         for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
             const int n_tok = n_toks[ti];
-            double us[3]; /* CUDA cores, tensor cores, cuBLAS */
-            for (int impl = 0; impl < 3; impl++) {
-                eng_cuda_gemv_mma_set(impl == 1 ? 1 : 0);
+            double us[5]; /* CUDA cores; tensor cores (own choice of steps, 4, 8); cuBLAS */
+            for (int impl = 0; impl < 5; impl++) {
+                eng_cuda_gemv_mma_set(impl >= 1 && impl <= 3 ? 1 : 0);
+                eng_cuda_gemv_mma_set_steps(impl == 2 ? 4 : impl == 3 ? 8 : 0);
                 for (int i = -3; i < BENCH_ITERS; i++) {
                     if (i == 0) CK(cudaEventRecord(e0, st));
                     const int c = ((i % n_copies) + n_copies) % n_copies;
                     const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
-                    if (impl < 2) {
+                    if (impl < 4) {
                         if (!eng_cuda_gemv(dy, dx, w, n_tok, n_out, k, false, st)) s_fail("bench shape refused");
                     } else {
                         const float alpha = 1.0f, beta = 0.0f;
@@ -624,14 +625,15 @@ static void s_bench(cudaStream_t st) {
                 CK(cudaEventElapsedTime(&ms, e0, e1));
                 us[impl] = ms * 1e3 / BENCH_ITERS;
             }
-            double pct[3];
-            for (int i = 0; i < 3; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
-            printf("n_tok=%d n_out=%6d k=%5d: cuda cores %7.1f us (%3.0f%% of copy), tensor cores %7.1f us (%3.0f%%), "
-                   "cublas %7.1f us (%3.0f%%)\n",
-                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], us[2], pct[2]);
+            double pct[5];
+            for (int i = 0; i < 5; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
+            printf("n_tok=%d n_out=%6d k=%5d: cuda cores %6.1f us (%3.0f%% of copy), tensor cores %6.1f us (%3.0f%%; 4 "
+                   "steps %3.0f%%, 8 steps %3.0f%%), cublas %6.1f us (%3.0f%%)\n",
+                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], pct[2], pct[3], us[4], pct[4]);
         }
     }
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
+    eng_cuda_gemv_mma_set_steps(0);
     cublasDestroy(cb);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
