@@ -505,7 +505,7 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         const char *gemv_mma = getenv("ENG_CUDA_GEMV_MMA"); /* tensor cores from this many rows (0: never) */
         eng_cuda_gemv_mma_set(gemv_mma && *gemv_mma ? atoi(gemv_mma) : ENG_CUDA_GEMV_MMA_MIN_TOK);
         const char *mma_u = getenv("ENG_CUDA_GEMV_MMA_U");
-        eng_cuda_gemv_mma_set_steps(mma_u && *mma_u ? atoi(mma_u) : 0);
+        eng_cuda_gemv_mma_set_steps(mma_u && *mma_u ? atoi(mma_u) : 4);
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
         const char *gu_bf16 = getenv("ENG_CUDA_GU_BF16");

@@ -183,17 +183,18 @@ static int32_t s_n_sm(void) {
     return n_sm > 0 ? n_sm : 132;
 }
 
-/* 32-k steps per warp per iteration, every load issued before the first MMA: 4, or (one tile a warp) 8 where the
- * grid leaves an SM fewer than three blocks (a block then needs more bytes in flight to keep its SM's share of
- * bandwidth); ENG_CUDA_GEMV_MMA_U=4|8 fixes it (eng_cuda_gemv_mma_set_steps; 0: that choice). */
-static int32_t g_steps;
+/* 32-k steps per warp per iteration, every load issued before the first MMA: 4, or (one tile a warp) 8 with
+ * ENG_CUDA_GEMV_MMA_U=8 (eng_cuda_gemv_mma_set_steps). Alone, 8 steps took the H100's 8B O and down products from
+ * 77% / 85% to 84% / 94% of copy bandwidth, but in the decode step they were slower at every size (8B batch 1 168.4
+ * against 170.3 tok/s, 1B batch 8 5825-5946 against 5946-5994), so 4 it is. */
+static int32_t g_steps = 4;
 
 template <int MT, int MODE, bool NORM>
 static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                            const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     const unsigned n_blocks = (unsigned)((n_out + MT * 16 - 1) / (MT * 16));
     if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
-        if (g_steps == 8 || (g_steps != 4 && n_blocks < 3u * (unsigned)s_n_sm())) {
+        if (g_steps == 8) {
             eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 8>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
                             k);
             return;

@@ -156,7 +156,7 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
  * against 0.793 ms a step; its Q/K/V and gate/up are 1.1 and 3.5 MB). */
 #define ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES ((int64_t)8 << 20)
 void eng_cuda_gemv_mma_set(int32_t min_tok);
-/* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 or 8 steps, 0 its own choice. */
+/* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
 void eng_cuda_gemv_mma_set_steps(int32_t steps);
 bool eng_cuda_gemv_mma_takes(int32_t n_tok);
 /* The same product fused with what follows it, for weights whose rows come in pairs:

@@ -601,15 +601,15 @@ static void s_bench(cudaStream_t st) {
         const int n_copies = (int)(buf_bytes / w_stride); /* >= 1; together > L2 */
         for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
             const int n_tok = n_toks[ti];
-            double us[5]; /* CUDA cores; tensor cores (own choice of steps, 4, 8); cuBLAS */
-            for (int impl = 0; impl < 5; impl++) {
-                eng_cuda_gemv_mma_set(impl >= 1 && impl <= 3 ? 1 : 0);
-                eng_cuda_gemv_mma_set_steps(impl == 2 ? 4 : impl == 3 ? 8 : 0);
+            double us[4]; /* CUDA cores; tensor cores (4 steps, 8 steps); cuBLAS */
+            for (int impl = 0; impl < 4; impl++) {
+                eng_cuda_gemv_mma_set(impl == 1 || impl == 2 ? 1 : 0);
+                eng_cuda_gemv_mma_set_steps(impl == 2 ? 8 : 4);
                 for (int i = -3; i < BENCH_ITERS; i++) {
                     if (i == 0) CK(cudaEventRecord(e0, st));
                     const int c = ((i % n_copies) + n_copies) % n_copies;
                     const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
-                    if (impl < 4) {
+                    if (impl < 3) {
                         if (!eng_cuda_gemv(dy, dx, w, n_tok, n_out, k, false, st)) s_fail("bench shape refused");
                     } else {
                         const float alpha = 1.0f, beta = 0.0f;
@@ -625,15 +625,15 @@ static void s_bench(cudaStream_t st) {
                 CK(cudaEventElapsedTime(&ms, e0, e1));
                 us[impl] = ms * 1e3 / BENCH_ITERS;
             }
-            double pct[5];
-            for (int i = 0; i < 5; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
-            printf("n_tok=%d n_out=%6d k=%5d: cuda cores %6.1f us (%3.0f%% of copy), tensor cores %6.1f us (%3.0f%%; 4 "
-                   "steps %3.0f%%, 8 steps %3.0f%%), cublas %6.1f us (%3.0f%%)\n",
-                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], pct[2], pct[3], us[4], pct[4]);
+            double pct[4];
+            for (int i = 0; i < 4; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
+            printf("n_tok=%d n_out=%6d k=%5d: cuda cores %6.1f us (%3.0f%% of copy), tensor cores %6.1f us (%3.0f%%; 8 "
+                   "steps %3.0f%%), cublas %6.1f us (%3.0f%%)\n",
+                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], pct[2], us[3], pct[3]);
         }
     }
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
-    eng_cuda_gemv_mma_set_steps(0);
+    eng_cuda_gemv_mma_set_steps(4);
     cublasDestroy(cb);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
@@ -653,15 +653,17 @@ int main(void) {
     const int32_t shapes[][2] = {{1, 8},       {7, 64},      {4096, 4096}, {6144, 4096}, {4096, 14336},
                                  {2048, 8192}, {1000, 2056}, {37, 1032},   {960, 576},   {576, 576},
                                  {576, 1536},  {16900, 136}, {16912, 1032}};
-    /* each row count on CUDA cores (tensor cores never), on tensor cores (from 1 row), and mixed (tensor cores from 5
-     * rows); the last two shapes take two m16 tiles per warp on the H100 */
-    const int32_t mma_settings[] = {0, 1, 5};
+    /* each row count on CUDA cores (tensor cores never), on tensor cores (from 1 row; 4 steps of loads in flight, then
+     * 8), and mixed (tensor cores from 5 rows); the last two shapes take two m16 tiles per warp on the H100 */
+    const int32_t mma_settings[][2] = {{0, 4}, {1, 4}, {1, 8}, {5, 4}};
     for (size_t m = 0; m < sizeof mma_settings / sizeof mma_settings[0]; m++) {
-        printf("-- tensor cores from %d rows (0: never)\n", mma_settings[m]);
-        eng_cuda_gemv_mma_set(mma_settings[m]);
+        printf("-- tensor cores from %d rows (0: never), %d steps\n", mma_settings[m][0], mma_settings[m][1]);
+        eng_cuda_gemv_mma_set(mma_settings[m][0]);
+        eng_cuda_gemv_mma_set_steps(mma_settings[m][1]);
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
             s_check_shape(n_toks, (int)(sizeof n_toks / sizeof n_toks[0]), shapes[s][0], shapes[s][1], st);
     }
+    eng_cuda_gemv_mma_set_steps(4);
     s_check_refusals(st);
     /* normalising variants: plain on the 8B Q/K/V and SmolLM2-135M shapes and odd ones (a rest after the main
      * loop; 3 rows, so that warps past n_out still join the block's norm), SwiGLU on the 8B and SmolLM2 MLPs and 5
