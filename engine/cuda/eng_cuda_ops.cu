@@ -292,25 +292,37 @@ static __global__ void __launch_bounds__(ENG_CUDA_ATT_WARPS * 32)
     }
 }
 
-/* Merges the key splits of the CUDA-core tiles: block (tile, head), one thread per dim, the tile's tokens in turn.
+/* Merges the key splits of the CUDA-core tiles: block (tile, head, token of the tile), one thread per dim. The first
+ * warp turns the token's split maxima and sums into weights (one split a lane: at most 32, s_forward's bound), so
+ * that every dim's loop over the splits is independent loads. One block per token rather than the tile's tokens in
+ * turn: a verification chunk of 5 tokens over 24 splits was a chain of dependent loads that grew with the tokens.
  * Only those tiles: tokens of tensor-core tiles in the same batch have no partials. */
+#define S_COMBINE_MAX_SPLITS 32
 static __global__ void k_attention_combine(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, int32_t head_dim) {
+    __shared__ float w_s[S_COMBINE_MAX_SPLITS];
     s_pdl_begin(); /* the partials are earlier kernels' */
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
-    const int64_t h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
-    for (int64_t t = tile.t0; t < tile.t0 + tile.n; t++) {
-        const int32_t n = tk.tok_pos[t] / a.split_keys + 1;
-        float mx = -INFINITY;
-        for (int32_t z = 0; z < n; z++) mx = fmaxf(mx, a.part_ml[(((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2]);
-        float sum = 0.0f, acc = 0.0f;
-        for (int32_t z = 0; z < n; z++) {
-            const int64_t slot = (int64_t)z * tk.n_tokens + t;
-            const float w = expf(a.part_ml[(slot * a.n_heads + h) * 2] - mx);
-            sum += w * a.part_ml[(slot * a.n_heads + h) * 2 + 1];
-            acc += w * a.part_acc[slot * q_dim + h * head_dim + threadIdx.x];
-        }
-        a.att[t * q_dim + h * head_dim + threadIdx.x] = __float2bfloat16(acc / sum);
+    if ((int32_t)blockIdx.z >= tile.n) return; /* the tile has fewer tokens (or is a pad tile) */
+    const int64_t t = tile.t0 + blockIdx.z, h = blockIdx.y, q_dim = (int64_t)a.n_heads * head_dim;
+    const int32_t n = min(tk.tok_pos[t] / a.split_keys + 1, S_COMBINE_MAX_SPLITS);
+    if (threadIdx.x < 32) {
+        const int32_t z = threadIdx.x;
+        const int64_t ml = (((int64_t)z * tk.n_tokens + t) * a.n_heads + h) * 2;
+        const float m = z < n ? a.part_ml[ml] : -INFINITY, l = z < n ? a.part_ml[ml + 1] : 0.0f;
+        float mx = m;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float w = z < n ? expf(m - mx) : 0.0f;
+        float sum = w * l;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        w_s[z] = w / sum;
     }
+    __syncthreads();
+    float acc = 0.0f;
+    for (int32_t z = 0; z < n; z++)
+        acc += w_s[z] * a.part_acc[((int64_t)z * tk.n_tokens + t) * q_dim + h * head_dim + threadIdx.x];
+    a.att[t * q_dim + h * head_dim + threadIdx.x] = __float2bfloat16(acc);
 }
 
 template <int HD>
@@ -342,8 +354,11 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);
     if (err == cudaSuccess && a->split_keys) { /* merge the key splits' partials */
-        eng_cuda_launch(k_attention_combine, dim3((unsigned)a->n_tiles, (unsigned)a->n_heads), a->head_dim, 0, st, *a,
-                        *tk, a->head_dim);
+        const int32_t G = a->n_heads / a->n_kv_heads,
+                      tile_tokens =
+                          a->is_dec_mma ? eng_cuda_dec_tile_tokens(a->n_heads, a->n_kv_heads) : ENG_CUDA_ATT_ROWS / G;
+        eng_cuda_launch(k_attention_combine, dim3((unsigned)a->n_tiles, (unsigned)a->n_heads, (unsigned)tile_tokens),
+                        a->head_dim, 0, st, *a, *tk, a->head_dim);
         err = cudaGetLastError();
     }
     return err;
