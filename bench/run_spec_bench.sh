@@ -126,6 +126,9 @@ start_cluster() { # spec mode; sets URL, API
         args+=("--decode.spec=$spec")
         [ -n "$SPEC_K" ] && [ "$spec" != off ] && args+=("--decode.spec_k=$SPEC_K")
         [ "$spec" = draft ] && args+=("--decode.draft_model=$DRAFT")
+        # SPEC_UP_ARGS (environment): more pdctl up flags for the speculating clusters, e.g.
+        # "--decode.spec_fixed_k=true" (every row drafts all it can: what drafting gives before the guard decides)
+        [ "$spec" != off ] && [ -n "${SPEC_UP_ARGS:-}" ] && read -r -a more <<<"$SPEC_UP_ARGS" && args+=("${more[@]}")
     fi
     "$PDCTL" up --port 0 --threads "$THREADS" --prefill "$N_PREFILL" --decode 1 --backend "$BACKEND" \
         "--engine.kv_mem=$KV_MEM" \
