@@ -132,8 +132,12 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
     dc_sched_t *s = pd_xcalloc(1, sizeof *s);
     const char *guard = getenv("DC_SPEC_GUARD"); /* 0: no measured guard (for A/B measurements) */
     s->is_guard_off = guard && *guard == '0';
-    const char *stat = getenv("DC_SPEC_GUARD_STAT"), *margin = getenv("DC_SPEC_GUARD_MARGIN"); /* A/B: mean, 0.95 */
-    s->guard.is_mean = stat && !strcmp(stat, "mean");
+    /* A/B: median or mean, 0.95 */
+    const char *stat = getenv("DC_SPEC_GUARD_STAT"), *margin = getenv("DC_SPEC_GUARD_MARGIN");
+    s->guard.stat = !stat                     ? DC_SPEC_GUARD_RATIO
+                    : !strcmp(stat, "median") ? DC_SPEC_GUARD_MEDIAN
+                    : !strcmp(stat, "mean")   ? DC_SPEC_GUARD_MEAN
+                                              : DC_SPEC_GUARD_RATIO;
     s->guard.margin = margin ? strtod(margin, NULL) : 0;
     if (!(s->guard.margin > 0 && s->guard.margin <= 2)) s->guard.margin = 0;
     s->p = *p;

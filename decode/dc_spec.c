@@ -113,10 +113,12 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
     return total;
 }
 
-/* A verdict needs GUARD_MIN_STEPS steps of each kind in the bucket. Medians, not means: drafted steps take new shapes
- * often, and a CUDA graph's capture makes one step tens of times its usual length (with decayed means a few
- * captures decided the verdict on the H100: RAG at batch 1 lost its 1.2-1.3x). */
+/* A verdict needs GUARD_MIN_STEPS steps of each kind in the bucket. Steps over GUARD_OUTLIER x the kind's median step
+ * are left out of its time per token: a CUDA graph's capture makes one step tens of times its usual length (with
+ * decayed means a few captures decided the verdict on the H100: RAG at batch 1 lost its 1.2-1.3x; the backend's
+ * one-time forwards are no longer fed to the guard, but other hiccups are). */
 #define GUARD_MIN_STEPS 5
+#define GUARD_OUTLIER   3.0
 
 static int s_guard_bucket(int32_t n_rows) {
     int b = 0;
@@ -128,7 +130,7 @@ void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts,
     if (n_rows <= 0 || n_emitted <= 0 || !(step_us > 0)) return;
     dc_spec_guard_bucket_t *b = &g->b[s_guard_bucket(n_rows)];
     const int kind = n_drafts > 0;
-    b->us_per_token[kind][b->next[kind]] = step_us / n_emitted;
+    b->step_us[kind][b->next[kind]] = step_us, b->tokens[kind][b->next[kind]] = n_emitted;
     b->next[kind] = (b->next[kind] + 1) % DC_SPEC_GUARD_STEPS;
     if (b->n[kind] < DC_SPEC_GUARD_STEPS) b->n[kind]++;
 }
@@ -150,8 +152,26 @@ static double s_trimmed_mean(const double *v, int n) {
     return n > 1 ? (sum - hi) / (n - 1) : sum;
 }
 
+/* Each step's time per token (the A/B statistics' input). */
+static void s_per_token(const dc_spec_guard_bucket_t *b, int kind, double *out) {
+    for (int i = 0; i < b->n[kind]; i++) out[i] = b->step_us[kind][i] / b->tokens[kind][i];
+}
+
+/* The kind's time over its tokens, without the steps over GUARD_OUTLIER x its median step. */
+static double s_time_per_token(const dc_spec_guard_bucket_t *b, int kind) {
+    const double cap = GUARD_OUTLIER * s_median(b->step_us[kind], b->n[kind]);
+    double us = 0;
+    int64_t tokens = 0;
+    for (int i = 0; i < b->n[kind]; i++)
+        if (b->step_us[kind][i] <= cap) us += b->step_us[kind][i], tokens += b->tokens[kind][i];
+    return tokens > 0 ? us / (double)tokens : 0; /* the median step is always kept: tokens > 0 */
+}
+
 static double s_guard_stat(const dc_spec_guard_t *g, const dc_spec_guard_bucket_t *b, int kind) {
-    return g->is_mean ? s_trimmed_mean(b->us_per_token[kind], b->n[kind]) : s_median(b->us_per_token[kind], b->n[kind]);
+    if (g->stat == DC_SPEC_GUARD_RATIO) return s_time_per_token(b, kind);
+    double v[DC_SPEC_GUARD_STEPS];
+    s_per_token(b, kind, v);
+    return g->stat == DC_SPEC_GUARD_MEAN ? s_trimmed_mean(v, b->n[kind]) : s_median(v, b->n[kind]);
 }
 
 /* Plans between drafted probes after n_backoff probes that found drafts disallowed (dc_spec_guard_probe_due). */
@@ -160,13 +180,14 @@ static int64_t s_probe_interval(int32_t n_backoff) {
            << (n_backoff < DC_SPEC_GUARD_MAX_BACKOFF ? n_backoff : DC_SPEC_GUARD_MAX_BACKOFF);
 }
 
-/* "median/mean" of one kind's samples in a bucket, or "-" without any. */
+/* "time over tokens/median step's" of one kind's samples in a bucket, or "-" without any. */
 static void s_describe_kind(const dc_spec_guard_bucket_t *b, int kind, char *out, size_t cap) {
+    double v[DC_SPEC_GUARD_STEPS];
+    s_per_token(b, kind, v);
     if (b->n[kind] == 0)
         snprintf(out, cap, "-");
     else
-        snprintf(out, cap, "%.2f/%.2f", s_median(b->us_per_token[kind], b->n[kind]),
-                 s_trimmed_mean(b->us_per_token[kind], b->n[kind]));
+        snprintf(out, cap, "%.2f/%.2f", s_time_per_token(b, kind), s_median(v, b->n[kind]));
 }
 
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
@@ -193,8 +214,8 @@ int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {
             snprintf(probes, sizeof probes, " (probes every %lld steps)",
                      (long long)s_probe_interval(k->n_backoff - 1));
         int w = snprintf(buf + at, cap > at ? cap - at : 0,
-                         "%srows %s: drafts %s us/token (median/mean, %d) vs none %s (%d): %s%s", n ? "; " : "", range,
-                         drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
+                         "%srows %s: drafts %s us/token (time/tokens, median; %d) vs none %s (%d): %s%s", n ? "; " : "",
+                         range, drafted, k->n[1], plain, k->n[0], is_on ? "on" : "off", probes);
         if (w > 0) at += (size_t)w;
         n++;
     }

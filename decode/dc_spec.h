@@ -85,14 +85,20 @@ int32_t dc_spec_allocate(const dc_spec_cost_t *c, bool use_draft_model, int32_t 
 /* The measured backstop of adaptive k. The cost model is a line in the step's token count; on the GPU a step's
  * cost also moves with things it does not see (graph buckets, a sampling row and attention tile per draft), and
  * there it kept drafting where drafts lost 7-9% (chat at concurrency 32). The guard compares what the steps
- * actually delivered: the median time per emitted token of the last DC_SPEC_GUARD_STEPS steps with drafts against
- * that of the last steps without, for batches of about the same size (row counts in power-of-two buckets), and
- * disallows drafts in a bucket where they deliver less. Plain struct, zero-initialised = no measurements (drafts
- * allowed). */
+ * actually delivered: the time per emitted token of the last DC_SPEC_GUARD_STEPS steps with drafts (their time over
+ * their tokens, leaving out steps over 3x the median step: a hiccup, not the drafts' cost) against that of the last
+ * steps without, for batches of about the same size (row counts in power-of-two buckets), and disallows drafts in a
+ * bucket where they deliver less. Time over tokens rather than the median of each step's time per token: drafted
+ * steps cost about the same whatever they emit, and at one row most emit one token (all drafts rejected) while the
+ * rest emit several, so the median step said drafts lose where they made RAG at batch 1 1.7x faster on the H100.
+ * Plain struct, zero-initialised = no measurements (drafts allowed). */
 #define DC_SPEC_GUARD_BUCKETS 8 /* rows 1, 2-3, 4-7, ..., 128 and more */
-#define DC_SPEC_GUARD_STEPS   16
+typedef enum { DC_SPEC_GUARD_RATIO, DC_SPEC_GUARD_MEDIAN, DC_SPEC_GUARD_MEAN } dc_spec_guard_stat_t;
+#define DC_SPEC_GUARD_STEPS 16
 typedef struct {
-    double us_per_token[2][DC_SPEC_GUARD_STEPS]; /* per kind (0: no drafts, 1: drafts), a ring of recent steps */
+    /* per kind (0: no drafts, 1: drafts), a ring of recent steps: their time and the tokens they emitted */
+    double step_us[2][DC_SPEC_GUARD_STEPS];
+    int32_t tokens[2][DC_SPEC_GUARD_STEPS];
     int32_t n[2], next[2];
     /* dc_spec_guard_probe_due while drafts are disallowed here: the plan number of the next drafted probe, and how
      * many probes in a row found them disallowed */
@@ -101,17 +107,17 @@ typedef struct {
 } dc_spec_guard_bucket_t;
 typedef struct {
     dc_spec_guard_bucket_t b[DC_SPEC_GUARD_BUCKETS];
-    /* A/B knobs (zero = the default): compare means (without each kind's largest sample) instead of medians, and
-     * allow drafts only where their time per token is at most margin x the plain one (0: 1) */
-    bool is_mean;
+    /* A/B knobs (zero = the default): the statistic (DC_SPEC_GUARD_STAT=median|mean: the median, or the mean without
+     * the largest, of each step's time per token), and allow drafts only where their time per token is at most
+     * margin x the plain one (0: 1) */
+    dc_spec_guard_stat_t stat;
     double margin;
 } dc_spec_guard_t;
 
 /* One pure-decode step of n_rows rows that had n_drafts draft tokens in all and emitted n_emitted tokens (rows
  * plus accepted drafts, fewer where a row finished) in step_us. */
 void dc_spec_guard_observe(dc_spec_guard_t *g, int32_t n_rows, int32_t n_drafts, int32_t n_emitted, double step_us);
-/* false when both kinds have at least a few steps in n_rows' bucket and drafted steps took longer per emitted token
- * (medians). */
+/* false when both kinds have at least a few steps in n_rows' bucket and drafted steps took longer per emitted token. */
 bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
 /* Whether plan number plan (counting the scheduler's speculative plans, from 1) of n_rows rows is a drafted probe:
  * one step that drafts under the startup calibration whatever the refitted model and the guard say, so that both can
@@ -122,9 +128,9 @@ bool dc_spec_guard_allows(const dc_spec_guard_t *g, int32_t n_rows);
 bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan);
 #define DC_SPEC_GUARD_MAX_BACKOFF 4 /* longest probe interval: 2 * DC_SPEC_EXPLORE << this */
 /* One line on what the guard holds, for the decode worker's exit log: per row-count bucket with measurements, the
- * median us per emitted token with drafts and without (steps counted) and the verdict, e.g.
- * "rows 16-31: drafts 9.80 us/token (16) vs none 9.10 (16): off". Writes at most cap bytes (NUL included); returns
- * the buckets described. */
+ * us per emitted token with drafts and without (time over tokens, then the median step's; steps counted) and the
+ * verdict, e.g. "rows 16-31: drafts 9.80/9.75 us/token (16) vs none 9.10/9.12 (16): off". Writes at most cap bytes
+ * (NUL included); returns the buckets described. */
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap);
 
 #endif
