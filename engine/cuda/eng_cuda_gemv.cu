@@ -1,7 +1,9 @@
 /* eng_cuda_gemv.cu: small-batch matrix-vector products (decode, speculative verification; contract in
- * eng_cuda_ops.cuh). At 1..8 tokens a GEMM does ~NT FMAs per weight byte, so it is bound by streaming w from HBM
- * once: the kernel is built to keep enough weight bytes in flight per SM to saturate bandwidth, and nothing else
- * (x, partial sums) touches HBM. */
+ * eng_cuda_ops.cuh): the entry points, their shape checks, and the CUDA-core kernel. The row counts that
+ * eng_cuda_gemv_mma_takes go to the tensor-core kernel (eng_cuda_gemv_mma.cu; by default all of them), the rest
+ * (ENG_CUDA_GEMV_MMA=0 or N) stay here. At 1..8 tokens a GEMM does ~NT FMAs per weight byte, so it is bound by
+ * streaming w from HBM once: the kernel is built to keep enough weight bytes in flight per SM to saturate bandwidth,
+ * and nothing else (x, partial sums) touches HBM. */
 #include "eng_cuda_gemv.cuh"
 
 #include <math.h>

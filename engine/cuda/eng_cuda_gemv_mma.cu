@@ -3,9 +3,9 @@
  * forwards 2..9 tokens per sequence and small decode batches 2..8 rows. On CUDA cores each weight then feeds NT FMAs
  * plus its conversion to f32, and the kernel turns instruction-bound (at 6-8 rows it lost to cuBLAS); here one
  * mma.sync m16n8k16 takes 16 rows x 16 k of weights for all 8 token columns, so the instruction count per weight byte
- * does not grow with the rows. Its blocks are 8 warps sharing k over 16 rows, 4x as many blocks as the CUDA-core
- * kernel's at batch 1 on a small matrix: on the H100 the 8B O and down products went from 74-85% to 84-95% of copy
- * bandwidth at one row.
+ * does not grow with the rows. A block is 8 warps sharing k over 16 rows. On the H100 (test_cuda_gemv) it also beats
+ * the CUDA-core kernel at one row on the 8B Q/K/V (91% of copy bandwidth against 76%) and O (80% against 73%), and at
+ * 8 rows it holds 77-98% where that kernel fell to 58-87% (bench/RESULTS.md, engine_cuda, session 12).
  *
  * Weights are fed to the MMA straight from the streaming loads, without shared memory: a dot product does not care in
  * which order its k terms come, so the fragment's k index is a permutation of the real one, the same for the weights
