@@ -89,41 +89,14 @@ static __device__ __forceinline__ void s_prefetch_first_step(const __nv_bfloat16
 #endif
 }
 
-/* NORM: each token's scale = 1 / rms of its f32 row, once per block: every thread sums the squares of a strided
- * share of the rows (the tokens' loads interleaved), the warps' totals meet in shared memory and every thread
- * adds them in the same order, so all warps use one scale. Every thread of the block must call it (a barrier).
- * The summation order differs from k_rmsnorm's, so the scale may differ from the separate kernel's in the last ulp
- * or two (and through it, rarely, a bf16 x by one ulp): the fused product matches the unfused one to within
- * rounding, not bit for bit. */
+/* NORM: each token's scale = 1 / rms of its f32 row, once per block (s_rows_sumsq: every thread of the block must
+ * call it). */
 template <int NT>
 static __device__ __forceinline__ void s_norm_scales(const eng_cuda_norm_t &xn, int32_t k, float (&scale)[NT]) {
-    __shared__ float part[NT][GEMV_WARPS];
-    const float4 *x = (const float4 *)xn.x;
-    const int32_t k4 = k / 4;
-    float ss[NT];
+    float total[NT];
+    s_rows_sumsq<NT, GEMV_WARPS>(xn.x, NT, k, total);
 #pragma unroll
-    for (int t = 0; t < NT; t++) ss[t] = 0.0f;
-#pragma unroll 4
-    for (int32_t i = threadIdx.x; i < k4; i += GEMV_WARPS * 32)
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const float4 v = __ldg(x + (int64_t)t * k4 + i);
-            ss[t] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss[t]))));
-        }
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
-        if ((threadIdx.x & 31) == 0) part[t][threadIdx.x >> 5] = ss[t];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < GEMV_WARPS; i++) s += part[t][i];
-        scale[t] = rsqrtf(s / (float)k + xn.eps); /* as k_rmsnorm */
-    }
+    for (int t = 0; t < NT; t++) scale[t] = rsqrtf(total[t] / (float)k + xn.eps); /* as k_rmsnorm */
 }
 
 /* One warp computes R consecutive output rows for all NT tokens. Lanes stride along k in 16-byte chunks, so each

@@ -58,6 +58,43 @@ static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64
     }
 }
 
+/* The RMSNorm prologues' reduction: each token's (t < n_tok <= NT) sum of squares of its f32 row of k elements. The
+ * block's WARPS warps sum strided shares (the tokens' loads interleaved), their totals meet in shared memory and every
+ * thread adds them in warp order, so all threads get the same totals. Every thread of the block must call it (a
+ * barrier). The order differs from k_rmsnorm's, so a scale made from it may differ from the separate kernel's in the
+ * last ulp or two (and through it, rarely, a bf16 x by one ulp): a fused product matches the unfused one to within
+ * rounding, not bit for bit. */
+template <int NT, int WARPS>
+static __device__ __forceinline__ void s_rows_sumsq(const float *x_rows, int32_t n_tok, int32_t k, float (&total)[NT]) {
+    __shared__ float part[NT][WARPS];
+    const float4 *x = (const float4 *)x_rows;
+    const int32_t k4 = k / 4;
+    float ss[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) ss[t] = 0.0f;
+#pragma unroll 4
+    for (int32_t i = threadIdx.x; i < k4; i += WARPS * 32)
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            if (t < n_tok) {
+                const float4 v = __ldg(x + (int64_t)t * k4 + i);
+                ss[t] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss[t]))));
+            }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
+        if ((threadIdx.x & 31) == 0) part[t][threadIdx.x >> 5] = ss[t];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        total[t] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < WARPS; i++) total[t] += part[t][i];
+    }
+}
+
 /* The tensor-core kernel (eng_cuda_gemv_mma.cu) for a product eng_cuda_gemv_mma_takes(n_tok): x bf16 rows, or xn
  * (not NULL) f32 rows normalised in the kernel; shapes and alignment already checked by the caller. */
 void eng_cuda_gemv_mma_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,

@@ -40,34 +40,15 @@ static __device__ __forceinline__ void s_ld_step_weights(uint4 (&wv)[U][MT][2], 
     }
 }
 
-/* NORM: 1 / rms of each token's f32 row (k elements) as k_rmsnorm computes it, for the tokens < n_tok; the block's
- * threads sum strided shares, the warps' totals meet in shared memory and are added in warp order, so every thread
- * gets the same scales. Every thread of the block must call it (barriers). */
+/* NORM: 1 / rms of token tok's f32 row, as k_rmsnorm computes it (s_rows_sumsq over the tokens < n_tok: every thread
+ * of the block must call it). */
 static __device__ __forceinline__ float s_norm_scale(const eng_cuda_norm_t &xn, int32_t n_tok, int32_t k, int tok) {
-    __shared__ float part[MMA_COLS][MMA_WARPS];
-    const float4 *x = (const float4 *)xn.x;
-    const int32_t k4 = k / 4;
-    float ss[MMA_COLS];
+    float total[MMA_COLS];
+    s_rows_sumsq<MMA_COLS, MMA_WARPS>(xn.x, n_tok, k, total);
+    float s = total[0];
 #pragma unroll
-    for (int t = 0; t < MMA_COLS; t++) ss[t] = 0.0f;
-    for (int32_t i = threadIdx.x; i < k4; i += MMA_WARPS * 32)
-#pragma unroll
-        for (int t = 0; t < MMA_COLS; t++)
-            if (t < n_tok) {
-                const float4 v = __ldg(x + (int64_t)t * k4 + i);
-                ss[t] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss[t]))));
-            }
-#pragma unroll
-    for (int t = 0; t < MMA_COLS; t++) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[t] += __shfl_xor_sync(0xffffffffu, ss[t], o);
-        if ((threadIdx.x & 31) == 0) part[t][threadIdx.x >> 5] = ss[t];
-    }
-    __syncthreads();
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < MMA_WARPS; i++) s += part[tok][i];
-    return rsqrtf(s / (float)k + xn.eps); /* as k_rmsnorm */
+    for (int t = 1; t < MMA_COLS; t++) s = t == tok ? total[t] : s; /* static register indices */
+    return rsqrtf(s / (float)k + xn.eps);
 }
 
 /* Token gq's x fragment for chunk c: 8 k values as 4 bf16 pairs. NORM: formed from the f32 row as eng_cuda_rmsnorm
