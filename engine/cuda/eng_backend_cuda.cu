@@ -504,6 +504,9 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
         const char *gemv_mma = getenv("ENG_CUDA_GEMV_MMA"); /* tensor cores from this many rows (0: never) */
         eng_cuda_gemv_mma_set(gemv_mma && *gemv_mma ? atoi(gemv_mma) : ENG_CUDA_GEMV_MMA_MIN_TOK);
+        const char *norm_mb = getenv("ENG_CUDA_GEMV_MMA_NORM_MB");
+        eng_cuda_gemv_mma_set_norm_max(norm_mb && *norm_mb ? (int64_t)atoi(norm_mb) << 20
+                                                           : ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);
         const char *mma_u = getenv("ENG_CUDA_GEMV_MMA_U");
         eng_cuda_gemv_mma_set_steps(mma_u && *mma_u ? atoi(mma_u) : 4);
         const char *fuse = getenv("ENG_CUDA_FUSE");

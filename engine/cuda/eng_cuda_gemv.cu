@@ -215,7 +215,7 @@ static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda
     if (xn && ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
     if (!xn && (uintptr_t)x % 16 != 0) return false;
     if (eng_cuda_gemv_mma_takes(n_tok)) {
-        if (xn && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES) return false;
+        if (xn && (int64_t)n_out * k * 2 > eng_cuda_gemv_mma_norm_max()) return false;
         eng_cuda_gemv_mma_launch(MODE, e, x, xn, w, n_tok, n_out, k, st);
         return true;
     }

@@ -223,6 +223,16 @@ void eng_cuda_gemv_mma_set_steps(int32_t steps) {
     g_steps = steps;
 }
 
+static int64_t g_norm_max = ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES;
+
+void eng_cuda_gemv_mma_set_norm_max(int64_t bytes) {
+    g_norm_max = bytes;
+}
+
+int64_t eng_cuda_gemv_mma_norm_max(void) {
+    return g_norm_max;
+}
+
 bool eng_cuda_gemv_mma_takes(int32_t n_tok) {
     return g_mma_min_tok >= 1 && n_tok >= g_mma_min_tok && n_tok >= 1 && n_tok <= ENG_CUDA_GEMV_MAX_TOK;
 }

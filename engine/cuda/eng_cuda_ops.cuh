@@ -155,6 +155,9 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
  * 153 against 171 tok/s at batch 1, 1B 2-4% slower) and less only on SmolLM2-135M's small matrices (batch 1 0.745
  * against 0.793 ms a step; its Q/K/V and gate/up are 1.1 and 3.5 MB). */
 #define ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES ((int64_t)8 << 20)
+/* A/B switch of that bound (ENG_CUDA_GEMV_MMA_NORM_MB), process-wide, and the bound in force. */
+void eng_cuda_gemv_mma_set_norm_max(int64_t bytes);
+int64_t eng_cuda_gemv_mma_norm_max(void);
 void eng_cuda_gemv_mma_set(int32_t min_tok);
 /* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
 void eng_cuda_gemv_mma_set_steps(int32_t steps);

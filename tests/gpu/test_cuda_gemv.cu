@@ -172,12 +172,12 @@ static void *g_dummy; /* 256 device bytes: aligned pointers for calls that must 
 /* Tensor cores refuse to normalise weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES: whether this shape is one, and the
  * check that the variant (called with g_dummy pointers, only then) said false, as it must. */
 static bool s_norm_must_refuse(int32_t n_out, int32_t k) {
-    return eng_cuda_gemv_mma_takes(1) && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES;
+    return eng_cuda_gemv_mma_takes(1) && (int64_t)n_out * k * 2 > eng_cuda_gemv_mma_norm_max();
 }
 static void s_norm_refusal_ok(const char *what, int32_t n_out, int32_t k, bool is_accepted) {
     if (is_accepted) s_fail("normalised weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES on tensor cores");
     printf("%s n_out=%5d k=%5d: refused on tensor cores (weights over %lld bytes): ok\n", what, n_out, k,
-           (long long)ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);
+           (long long)eng_cuda_gemv_mma_norm_max());
     g_n_checks++;
 }
 
