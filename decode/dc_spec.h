@@ -129,8 +129,8 @@ bool dc_spec_guard_probe_due(dc_spec_guard_t *g, int32_t n_rows, int64_t plan);
 #define DC_SPEC_GUARD_MAX_BACKOFF 4 /* longest probe interval: 2 * DC_SPEC_EXPLORE << this */
 /* One line on what the guard holds, for the decode worker's exit log: per row-count bucket with measurements, the
  * us per emitted token with drafts and without (time over tokens, then the median step's; steps counted) and the
- * verdict, e.g. "rows 16-31: drafts 9.80/9.75 us/token (16) vs none 9.10/9.12 (16): off". Writes at most cap bytes
- * (NUL included); returns the buckets described. */
+ * verdict, e.g. "rows 16-31: drafts 9.80/9.75 us/token (time/tokens, median; 16) vs none 9.10/9.12 (16): off". Writes
+ * at most cap bytes (NUL included); returns the buckets described. */
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap);
 
 #endif
