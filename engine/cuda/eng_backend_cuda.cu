@@ -898,9 +898,8 @@ static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_lo
 static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
     const uint64_t t_start = be->is_prof || be->is_step_times ? pd_now_us() : 0;
     const eng_model_config_t *c = &be->m->cfg;
-    const int64_t hd = c->head_dim, G = c->n_heads / c->n_kv_heads;
-    const int32_t tile_tokens =
-        be->is_dec_mma ? eng_cuda_dec_tile_tokens(c->n_heads, c->n_kv_heads) : (int32_t)(ENG_CUDA_ATT_ROWS / G);
+    const int64_t hd = c->head_dim;
+    const int32_t tile_tokens = eng_cuda_att_tile_tokens(be->is_dec_mma, c->n_heads, c->n_kv_heads);
 
     /* KV to the mirror during the forward: a previous streamed forward's copies end before this one's stores (only
      * then: a decode worker's mirror never streams, and its steps skip the wait) */

@@ -129,6 +129,11 @@ static inline bool eng_cuda_dec_usable(int32_t head_dim, int32_t n_heads, int32_
 static inline int32_t eng_cuda_dec_tile_tokens(int32_t n_heads, int32_t n_kv_heads) {
     return ENG_CUDA_DEC_ROWS / (n_heads / n_kv_heads);
 }
+/* Most tokens of a CUDA-core tile (eng_cuda_att_t.tiles) for the kernel is_dec_mma picks: the tiles the caller builds
+ * and the split merge's grid both follow it. */
+static inline int32_t eng_cuda_att_tile_tokens(bool is_dec_mma, int32_t n_heads, int32_t n_kv_heads) {
+    return is_dec_mma ? eng_cuda_dec_tile_tokens(n_heads, n_kv_heads) : ENG_CUDA_ATT_ROWS / (n_heads / n_kv_heads);
+}
 cudaError_t eng_cuda_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* Element offset of (layer, K or V, block, slot) in the pool (eng_kv_layout.h: chunks of block_size x kv_dim). */
 static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, int32_t layer, int32_t kind,
@@ -149,7 +154,11 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
  * ENG_CUDA_GEMV_MAX_TOK rows there. eng_cuda_gemv_mma_set changes the bound process-wide (the backend sets it at create
  * from ENG_CUDA_GEMV_MMA; 0: never, the CUDA-core kernel for every row count); eng_cuda_gemv_mma_takes says whether
  * n_tok rows go to tensor cores. */
-#define ENG_CUDA_GEMV_MMA_MIN_TOK        1
+#define ENG_CUDA_GEMV_MMA_MIN_TOK 1
+void eng_cuda_gemv_mma_set(int32_t min_tok);
+bool eng_cuda_gemv_mma_takes(int32_t n_tok);
+/* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
+void eng_cuda_gemv_mma_set_steps(int32_t steps);
 /* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its
  * tokens' 1 / rms before its first MMA, which on the H100 cost more than the separate norm's launch saved (8B decode
  * 153 against 171 tok/s at batch 1, 1B 2-4% slower) and less only on SmolLM2-135M's small matrices (batch 1 0.745
@@ -158,10 +167,6 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
 /* A/B switch of that bound (ENG_CUDA_GEMV_MMA_NORM_MB), process-wide, and the bound in force. */
 void eng_cuda_gemv_mma_set_norm_max(int64_t bytes);
 int64_t eng_cuda_gemv_mma_norm_max(void);
-void eng_cuda_gemv_mma_set(int32_t min_tok);
-/* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
-void eng_cuda_gemv_mma_set_steps(int32_t steps);
-bool eng_cuda_gemv_mma_takes(int32_t n_tok);
 /* The same product fused with what follows it, for weights whose rows come in pairs:
  *   _swiglu: w_gate_up (2 hidden, k) with gate and up rows interleaved (row 2j gate j, 2j + 1 up j); writes
  *            h (n_tok, hidden) = bf16(silu(gate) * up) instead of the products;
@@ -183,11 +188,9 @@ bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk,
  * it, each token's 1 / rms computed in every block. Its summation order differs from eng_cuda_rmsnorm's, so the
  * scale may differ in the last ulp and, rarely, an element of x by one bf16 ulp: equal to the unfused sequence to
  * within rounding, not bit for bit. The outputs (y, h, q, the pool) must not overlap xn->x. Refuses, besides
- * eng_cuda_gemv's shapes, weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES on tensor cores, n_tok >
- * ENG_CUDA_GEMV_NORM_MAX_TOK on CUDA cores (each block re-reads its tokens' rows,
- * a cost that grows with n_tok while the launch saved does not; the tensor-core kernel's blocks are 8 warps over 16
- * or 32 rows, so the re-reads weigh less there) and xn->x or xn->w not 16-byte aligned; the caller then runs
- * eng_cuda_rmsnorm and the unfused call. */
+ * eng_cuda_gemv's shapes, weights over eng_cuda_gemv_mma_norm_max() on tensor cores, n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK
+ * on CUDA cores (each block re-reads its tokens' rows, a cost that grows with n_tok while the launch saved does not)
+ * and xn->x or xn->w not 16-byte aligned; the caller then runs eng_cuda_rmsnorm and the unfused call. */
 #define ENG_CUDA_GEMV_NORM_MAX_TOK 2
 typedef struct {
     const float *x; /* (n_tok, k) f32 residual rows */

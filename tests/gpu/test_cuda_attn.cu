@@ -229,7 +229,7 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 continue;
             }
             /* tiles like s_forward: each sequence's tokens in runs of at most its kernel's tile, then the pad tiles */
-            const int32_t per = is_dec ? eng_cuda_dec_tile_tokens(nh, nkv) : ENG_CUDA_ATT_ROWS / G;
+            const int32_t per = eng_cuda_att_tile_tokens(is_dec, nh, nkv);
             int32_t n_tiles = 0, n_tc = 0;
             for (int32_t s = 0; s < N_SEQS; s++) {
                 const bool is_tc_seq = is_tc && k_seqs[s][0] >= ENG_CUDA_TC_MIN;
