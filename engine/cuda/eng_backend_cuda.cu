@@ -520,6 +520,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         int cc_major = 0;
         cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, be->gpu);
         eng_cuda_pdl_set(!(pdl && *pdl == '0') && cc_major >= 9);
+        const char *prewait = getenv("ENG_CUDA_PREWAIT"); /* older data before the PDL wait (eng_cuda_ops.cuh) */
+        eng_cuda_prewait_set(!(prewait && *prewait == '0'));
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         const char *pad = getenv("ENG_CUDA_PAD");
         be->pad_block = pad && *pad == '0' ? -1 : kv->n_blocks - 1; /* eng_backend.h: has_pad_block */

@@ -40,19 +40,27 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     eng_cuda_kv_t *stages = (eng_cuda_kv_t *)dec_smem;
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
-    s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
+    /* the tables and the keys before the tile's first new token are the forward's upload and earlier forwards' K/V:
+     * with is_prewait they are read before the wait (eng_cuda_ops.cuh), Q and this forward's K/V after it */
+    if (!a.is_prewait) s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
     const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G, q_dim = a.n_heads * HD;
     const int32_t *table = tk.tables + tk.tok_table[tile.t0];
-    const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1];
+    const int32_t pos_max = tk.tok_pos[tile.t0 + tile.n - 1], pos_new = tk.tok_pos[tile.t0];
     const int32_t k_begin = a.split_keys ? (int32_t)blockIdx.z * a.split_keys : 0;
     const int32_t k_last = a.split_keys ? min(pos_max, k_begin + a.split_keys - 1) : pos_max;
     if (k_begin > pos_max) return; /* a split past this tile's keys: the combine reads none of it */
     const int32_t n_it = (k_last - k_begin) / D_KEYS + 1;
 
-#pragma unroll
-    for (int s = 0; s < D_STAGES - 1; s++) { /* the pipeline's head; empty groups keep the group count uniform */
+    /* the pipeline's head; empty groups keep the group count uniform. Stages of old keys only go before the wait. */
+    int s = 0;
+    if (a.is_prewait) {
+        for (; s < D_STAGES - 1 && s < n_it && min(k_begin + (s + 1) * D_KEYS - 1, k_last) < pos_new; s++)
+            s_load_keys<HD, D_KEYS>(stages + s * STAGE, a, tk, table, k_begin + s * D_KEYS, k_last, g);
+        s_pdl_begin();
+    }
+    for (; s < D_STAGES - 1; s++) {
         if (s < n_it)
             s_load_keys<HD, D_KEYS>(stages + s * STAGE, a, tk, table, k_begin + s * D_KEYS, k_last, g);
         else

@@ -17,6 +17,16 @@ bool eng_cuda_pdl_is_on(void) {
     return s_is_pdl.load(std::memory_order_relaxed);
 }
 
+static std::atomic<bool> s_is_prewait{true};
+
+void eng_cuda_prewait_set(bool is_on) {
+    s_is_prewait.store(is_on, std::memory_order_relaxed);
+}
+
+bool eng_cuda_prewait_is_on(void) {
+    return s_is_prewait.load(std::memory_order_relaxed);
+}
+
 static __device__ __forceinline__ float s_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -72,33 +82,61 @@ static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t
 }
 
 /* The same four elements at a time (16-byte loads, 8-byte stores): the scalar kernel moved prefill rows at about
- * 55% of copy bandwidth. Needs dim % 4 == 0 and x, w 16-byte aligned. */
+ * 55% of copy bandwidth. Needs dim % 4 == 0 and x, w 16-byte aligned. A thread's first S_NORM_REGS float4 of w are
+ * loaded before the PDL wait (a weight: eng_cuda_ops.cuh's rule) and its first S_NORM_REGS of x are kept in registers
+ * between the two passes, so that at one row (decode) the kernel after the wait is one x load, the reduction and the
+ * store (same summation order as a plain strided loop). */
+#define S_NORM_REGS 4
 static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
-                                  float eps) {
+                                  float eps, bool is_prewait) {
     __shared__ float part[32];
-    s_pdl_begin(); /* x is earlier kernels' */
+    const float4 *w4 = (const float4 *)w;
+    const int32_t n4 = dim / 4, nt = (int32_t)blockDim.x;
+    float4 g[S_NORM_REGS], v[S_NORM_REGS];
+    if (!is_prewait) s_pdl_begin();
+#pragma unroll
+    for (int j = 0; j < S_NORM_REGS; j++) {
+        const int32_t i = (int32_t)threadIdx.x + j * nt;
+        g[j] = i < n4 ? __ldg(w4 + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    if (is_prewait) s_pdl_begin(); /* x is earlier kernels' */
     const int64_t r = blockIdx.x, src = rows ? rows[r] : r;
-    const float4 *xr = (const float4 *)(x + src * dim), *w4 = (const float4 *)w;
-    const int32_t n4 = dim / 4;
+    const float4 *xr = (const float4 *)(x + src * dim);
     float ss = 0.0f;
-    for (int32_t i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = xr[i];
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+#pragma unroll
+    for (int j = 0; j < S_NORM_REGS; j++) {
+        const int32_t i = (int32_t)threadIdx.x + j * nt;
+        v[j] = i < n4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    }
+    for (int32_t i = (int32_t)threadIdx.x + S_NORM_REGS * nt; i < n4; i += nt) {
+        const float4 a = xr[i];
+        ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
     }
     const float scale = rsqrtf(s_block_sum(ss, part) / (float)dim + eps);
     uint2 *yr = (uint2 *)(y + r * dim);
-    for (int32_t i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = xr[i], g = w4[i];
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * scale * g.x, v.y * scale * g.y);
-        __nv_bfloat162 hi = __floats2bfloat162_rn(v.z * scale * g.z, v.w * scale * g.w);
-        yr[i] = make_uint2(*(uint32_t *)&lo, *(uint32_t *)&hi);
+#pragma unroll
+    for (int j = 0; j < S_NORM_REGS; j++) {
+        const int32_t i = (int32_t)threadIdx.x + j * nt;
+        if (i < n4) {
+            const __nv_bfloat162 lo = __floats2bfloat162_rn(v[j].x * scale * g[j].x, v[j].y * scale * g[j].y);
+            const __nv_bfloat162 hi = __floats2bfloat162_rn(v[j].z * scale * g[j].z, v[j].w * scale * g[j].w);
+            yr[i] = make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
+        }
+    }
+    for (int32_t i = (int32_t)threadIdx.x + S_NORM_REGS * nt; i < n4; i += nt) {
+        const float4 a = xr[i], b = w4[i];
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(a.x * scale * b.x, a.y * scale * b.y);
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(a.z * scale * b.z, a.w * scale * b.w);
+        yr[i] = make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
     }
 }
 
 void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t n_rows,
                       int32_t dim, float eps, cudaStream_t st) {
     if (dim % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)w % 16 == 0)
-        eng_cuda_launch(k_rmsnorm4, n_rows, dim >= 4096 ? 256 : 128, 0, st, y, x, rows, w, dim, eps);
+        eng_cuda_launch(k_rmsnorm4, n_rows, dim >= 4096 ? 256 : 128, 0, st, y, x, rows, w, dim, eps,
+                        eng_cuda_prewait_is_on());
     else
         eng_cuda_launch(k_rmsnorm, n_rows, dim >= 2048 ? 512 : 256, 0, st, y, x, rows, w, dim, eps);
 }
@@ -347,9 +385,11 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     }
     if (a->n_tiles == 0) return cudaSuccess;
     cudaError_t err = cudaErrorInvalidValue;
-    if (a->is_dec_mma)
-        err = eng_cuda_attention_dec(a, tk, st);
-    else if (a->head_dim == 64)
+    if (a->is_dec_mma) {
+        eng_cuda_att_t ad = *a;
+        ad.is_prewait = eng_cuda_prewait_is_on();
+        err = eng_cuda_attention_dec(&ad, tk, st);
+    } else if (a->head_dim == 64)
         err = s_attention<64>(a, tk, st);
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);

@@ -572,9 +572,11 @@ static void s_check_norm_refusals(cudaStream_t st) {
 
 static void s_bench(cudaStream_t st) {
     const size_t buf_bytes = (size_t)1280 << 20, copy_bytes = (size_t)1 << 30;
-    /* Llama-3.1-8B's Q/K/V, O, gate/up, output head and down; SmolLM2-135M's Q/K/V, O, gate/up, down */
+    /* Llama-3.1-8B's Q/K/V, O, gate/up, output head and down; Llama-3.2-1B's Q/K/V, O, gate/up, down; SmolLM2-135M's
+     * Q/K/V, O, gate/up, down */
     const int32_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {128256, 4096}, {4096, 14336},
-                                 {960, 576},   {576, 576},   {3072, 576},   {576, 1536}};
+                                 {3072, 2048}, {2048, 2048}, {16384, 2048}, {2048, 8192},   {960, 576},
+                                 {576, 576},   {3072, 576},  {576, 1536}};
     const int n_toks[] = {1, 2, 4, 6, 8};
     char *wbuf, *dst;
     __nv_bfloat16 *dx;
