@@ -62,7 +62,7 @@ typedef struct {
     uint64_t last_used;
     /* ENG_CUDA_STEP_TIMES=1: whole eng_forward wall time vs the graph's own GPU time, summed over its launches */
     int64_t n_timed;
-    double wall_ms, gpu_ms;
+    double wall_ms, gpu_ms, smp_ms; /* GPU: the graph and the sampling kernel after it (smp_ms) */
 } s_graph_t;
 
 typedef struct {
@@ -143,7 +143,7 @@ struct eng_backend {
     bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
-    cudaEvent_t step_ev[2];
+    cudaEvent_t step_ev[3]; /* before the graph, after it, after the sampling kernel */
     s_graph_t graphs[S_MAX_GRAPHS];
     uint64_t graph_clock;
     int64_t n_captures, n_graph_launches, n_direct; /* forwards: graphs captured, replayed; launched directly */
@@ -218,13 +218,15 @@ static void s_destroy(eng_backend_t **pbe) {
         const s_graph_t *g = &be->graphs[i];
         if (be->is_step_times && g->T && g->n_timed)
             fprintf(stderr,
-                    "cuda graph steps of %lld tokens: %lld launches, forward wall %.3f ms, GPU %.3f ms, host %.3f ms "
-                    "(%.1f%% of GPU)\n",
+                    "cuda graph steps of %lld tokens: %lld launches, forward wall %.3f ms, GPU %.3f ms (sampling "
+                    "%.3f), host %.3f ms (%.1f%% of GPU)\n",
                     (long long)g->T, (long long)g->n_timed, g->wall_ms / g->n_timed, g->gpu_ms / g->n_timed,
-                    (g->wall_ms - g->gpu_ms) / g->n_timed, 100.0 * (g->wall_ms - g->gpu_ms) / g->gpu_ms);
+                    g->smp_ms / g->n_timed, (g->wall_ms - g->gpu_ms) / g->n_timed,
+                    100.0 * (g->wall_ms - g->gpu_ms) / g->gpu_ms);
         if (g->is_captured) cudaGraphExecDestroy(g->exec);
     }
-    if (be->is_step_times) cudaEventDestroy(be->step_ev[0]), cudaEventDestroy(be->step_ev[1]);
+    if (be->is_step_times)
+        for (int i = 0; i < 3; i++) cudaEventDestroy(be->step_ev[i]);
     s_free_dev(be->blas_ws);
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
@@ -526,9 +528,9 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         const char *pad = getenv("ENG_CUDA_PAD");
         be->pad_block = pad && *pad == '0' ? -1 : kv->n_blocks - 1; /* eng_backend.h: has_pad_block */
         const char *step_times = getenv("ENG_CUDA_STEP_TIMES");
-        be->is_step_times = step_times && *step_times && *step_times != '0' &&
-                            cudaEventCreate(&be->step_ev[0]) == cudaSuccess &&
-                            cudaEventCreate(&be->step_ev[1]) == cudaSuccess;
+        be->is_step_times =
+            step_times && *step_times && *step_times != '0' && cudaEventCreate(&be->step_ev[0]) == cudaSuccess &&
+            cudaEventCreate(&be->step_ev[1]) == cudaSuccess && cudaEventCreate(&be->step_ev[2]) == cudaSuccess;
         if (be->is_prof) {
             be->ev = (cudaEvent_t *)calloc(S_PROF_EVENTS, sizeof(cudaEvent_t));
             for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventCreate(&be->ev[i]);
@@ -1027,15 +1029,19 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
             eng_cuda_sample(be->logits, be->smp_work, (int32_t)n_real_logits, c->vocab_size, be->smp_req_d,
                             be->smp_pen_d, be->smp_out_d, be->st);
             S_CUDA(cudaGetLastError(), "sampling");
+            if (be->is_step_times) cudaEventRecord(be->step_ev[2], be->st);
             if (s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
         } else {
+            if (be->is_step_times) cudaEventRecord(be->step_ev[2], be->st);
             S_CUDA(cudaStreamSynchronize(be->st), "forward");
         }
         if (is_logits) memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * (size_t)n_real_logits);
-        if (be->is_step_times) { /* the whole call (tables, copy up, launch, logits out) against the graph alone */
-            float gpu_ms = 0;
-            cudaEventElapsedTime(&gpu_ms, be->step_ev[0], be->step_ev[1]);
-            g->n_timed++, g->gpu_ms += gpu_ms, g->wall_ms += (double)(pd_now_us() - t_start) / 1e3;
+        if (be->is_step_times) { /* the whole call (tables, copy up, launch, logits out) against the GPU's work */
+            float gpu_ms = 0, smp_ms = 0;
+            cudaEventElapsedTime(&gpu_ms, be->step_ev[0], be->step_ev[2]);
+            cudaEventElapsedTime(&smp_ms, be->step_ev[1], be->step_ev[2]);
+            g->n_timed++, g->gpu_ms += gpu_ms, g->smp_ms += smp_ms;
+            g->wall_ms += (double)(pd_now_us() - t_start) / 1e3;
         }
     }
     const cudaError_t err = cudaGetLastError();
