@@ -182,12 +182,13 @@ static int64_t s_probe_interval(int32_t n_backoff) {
 
 /* "time over tokens/median step's" of one kind's samples in a bucket, or "-" without any. */
 static void s_describe_kind(const dc_spec_guard_bucket_t *b, int kind, char *out, size_t cap) {
+    if (b->n[kind] == 0) {
+        snprintf(out, cap, "-");
+        return;
+    }
     double v[DC_SPEC_GUARD_STEPS];
     s_per_token(b, kind, v);
-    if (b->n[kind] == 0)
-        snprintf(out, cap, "-");
-    else
-        snprintf(out, cap, "%.2f/%.2f", s_time_per_token(b, kind), s_median(v, b->n[kind]));
+    snprintf(out, cap, "%.2f/%.2f", s_time_per_token(b, kind), s_median(v, b->n[kind]));
 }
 
 int dc_spec_guard_describe(const dc_spec_guard_t *g, char *buf, size_t cap) {

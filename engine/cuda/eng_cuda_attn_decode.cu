@@ -32,7 +32,7 @@ template <int HD> static constexpr __host__ __device__ size_t s_dec_smem(void) {
 
 template <int HD>
 static __global__ void __launch_bounds__(D_WARPS * 32, 2)
-    k_attention_dec(const eng_cuda_att_t a, const eng_cuda_tokens_t tk) {
+    k_attention_dec(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, bool is_prewait) {
     constexpr int LD = HD + 8, STAGE = 2 * D_KEYS * LD;
     static_assert(D_WARPS * 16 == D_KEYS, "each warp takes 16 keys of a stage");
     static_assert((size_t)D_WARPS * 16 * (HD + 2) * sizeof(float) <= s_dec_smem<HD>(), "the merge fits the stages");
@@ -41,8 +41,8 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     const int32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
 
     /* the tables and the keys before the tile's first new token are the forward's upload and earlier forwards' K/V:
-     * with is_prewait they are read before the wait (eng_cuda_ops.cuh), Q and this forward's K/V after it */
-    if (!a.is_prewait) s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
+     * with is_prewait (eng_cuda_prewait_is_on) they are read before the wait, Q and this forward's K/V after it */
+    if (!is_prewait) s_pdl_begin(); /* Q and this layer's new K/V are earlier kernels' (PDL: eng_cuda_ops.cuh) */
     const eng_cuda_tile_t tile = a.tiles[blockIdx.x];
     if (tile.n == 0) return; /* a pad tile (s_forward buckets the tile count for its graphs) */
     const int32_t g = blockIdx.y, G = a.n_heads / a.n_kv_heads, n_rows = tile.n * G, q_dim = a.n_heads * HD;
@@ -55,7 +55,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
 
     /* the pipeline's head; empty groups keep the group count uniform. Stages of old keys only go before the wait. */
     int s = 0;
-    if (a.is_prewait) {
+    if (is_prewait) {
         for (; s < D_STAGES - 1 && s < n_it && min(k_begin + (s + 1) * D_KEYS - 1, k_last) < pos_new; s++)
             s_load_keys<HD, D_KEYS>(stages + s * STAGE, a, tk, table, k_begin + s * D_KEYS, k_last, g);
         s_pdl_begin();
@@ -190,7 +190,7 @@ static cudaError_t s_attention_dec(const eng_cuda_att_t *a, const eng_cuda_token
         is_configured = true;
     }
     const dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
-    eng_cuda_launch(k_attention_dec<HD>, grid, D_WARPS * 32, s_dec_smem<HD>(), st, *a, *tk);
+    eng_cuda_launch(k_attention_dec<HD>, grid, D_WARPS * 32, s_dec_smem<HD>(), st, *a, *tk, eng_cuda_prewait_is_on());
     return cudaGetLastError();
 }
 

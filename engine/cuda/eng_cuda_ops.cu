@@ -87,6 +87,15 @@ static __global__ void k_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t
  * between the two passes, so that at one row (decode) the kernel after the wait is one x load, the reduction and the
  * store (same summation order as a plain strided loop). */
 #define S_NORM_REGS 4
+static __device__ __forceinline__ float s_sumsq4(float4 v) {
+    return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+}
+/* bf16(v * scale * g), four of them, as one 8-byte store */
+static __device__ __forceinline__ uint2 s_norm4_bf16(float4 v, float scale, float4 g) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x * scale * g.x, v.y * scale * g.y);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z * scale * g.z, v.w * scale * g.w);
+    return make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
+}
 static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t dim,
                                   float eps, bool is_prewait) {
     __shared__ float part[32];
@@ -107,29 +116,18 @@ static __global__ void k_rmsnorm4(__nv_bfloat16 *y, const float *x, const int32_
     for (int j = 0; j < S_NORM_REGS; j++) {
         const int32_t i = (int32_t)threadIdx.x + j * nt;
         v[j] = i < n4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        ss += s_sumsq4(v[j]);
     }
-    for (int32_t i = (int32_t)threadIdx.x + S_NORM_REGS * nt; i < n4; i += nt) {
-        const float4 a = xr[i];
-        ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-    }
+    for (int32_t i = (int32_t)threadIdx.x + S_NORM_REGS * nt; i < n4; i += nt) ss += s_sumsq4(xr[i]);
     const float scale = rsqrtf(s_block_sum(ss, part) / (float)dim + eps);
     uint2 *yr = (uint2 *)(y + r * dim);
 #pragma unroll
     for (int j = 0; j < S_NORM_REGS; j++) {
         const int32_t i = (int32_t)threadIdx.x + j * nt;
-        if (i < n4) {
-            const __nv_bfloat162 lo = __floats2bfloat162_rn(v[j].x * scale * g[j].x, v[j].y * scale * g[j].y);
-            const __nv_bfloat162 hi = __floats2bfloat162_rn(v[j].z * scale * g[j].z, v[j].w * scale * g[j].w);
-            yr[i] = make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
-        }
+        if (i < n4) yr[i] = s_norm4_bf16(v[j], scale, g[j]);
     }
-    for (int32_t i = (int32_t)threadIdx.x + S_NORM_REGS * nt; i < n4; i += nt) {
-        const float4 a = xr[i], b = w4[i];
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(a.x * scale * b.x, a.y * scale * b.y);
-        const __nv_bfloat162 hi = __floats2bfloat162_rn(a.z * scale * b.z, a.w * scale * b.w);
-        yr[i] = make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
-    }
+    for (int32_t i = (int32_t)threadIdx.x + S_NORM_REGS * nt; i < n4; i += nt)
+        yr[i] = s_norm4_bf16(xr[i], scale, w4[i]);
 }
 
 void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, const float *w, int32_t n_rows,
@@ -385,11 +383,9 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     }
     if (a->n_tiles == 0) return cudaSuccess;
     cudaError_t err = cudaErrorInvalidValue;
-    if (a->is_dec_mma) {
-        eng_cuda_att_t ad = *a;
-        ad.is_prewait = eng_cuda_prewait_is_on();
-        err = eng_cuda_attention_dec(&ad, tk, st);
-    } else if (a->head_dim == 64)
+    if (a->is_dec_mma)
+        err = eng_cuda_attention_dec(a, tk, st);
+    else if (a->head_dim == 64)
         err = s_attention<64>(a, tk, st);
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);

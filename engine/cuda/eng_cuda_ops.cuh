@@ -50,8 +50,8 @@ bool eng_cuda_pdl_is_on(void);
  * kernel starts, every block of the kernel just before it has passed its own s_pdl_begin (or returned before it,
  * depending on nothing), so everything before that kernel is complete: the forward's uploaded tables, the K/V of
  * positions earlier forwards wrote. A kernel that uses this rule must only follow kernels that wait in every block
- * (ours, or a library kernel, which completes before the next starts). The decode attention loads its older keys so
- * and the RMSNorm its weights (the first rule), their HBM latency overlapping the previous kernel's end. Process-wide
+ * (ours, or a library kernel, which completes before the next starts). The decode attention loads its older keys so,
+ * and the RMSNorm its weights (by the first rule): their HBM latency overlaps the previous kernel's end. Process-wide
  * A/B switch (the backend sets it from ENG_CUDA_PREWAIT; 0: every such load after the wait). */
 void eng_cuda_prewait_set(bool is_on);
 bool eng_cuda_prewait_is_on(void);
@@ -122,7 +122,6 @@ typedef struct {
      * tiles of at most ENG_CUDA_DEC_ROWS query rows (eng_cuda_dec_tile_tokens tokens); see eng_cuda_dec_usable */
     bool is_dec_mma;
     int32_t mma_terms; /* prefill tiles: Q and P as 1 f16 term, or 2 (hi + lo; eng_cuda_attn_mma.cu) */
-    bool is_prewait;   /* set by eng_cuda_attention from eng_cuda_prewait_is_on() */
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* The tensor-core tiles of a (eng_cuda_attn_mma.cu); eng_cuda_attention calls it. */
