@@ -57,12 +57,17 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 typedef struct {
     int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
     bool is_logits;                                                 /* ... and whether the logits come back */
-    bool is_captured;                                               /* exec holds the graph (the key was seen twice) */
+    bool is_sample; /* ... and whether the graph samples them and copies the results out (is_graph_sample) */
+    bool is_captured; /* exec holds the graph (the key was seen twice) */
     cudaGraphExec_t exec;
     uint64_t last_used;
-    /* ENG_CUDA_STEP_TIMES=1: whole eng_forward wall time vs the graph's own GPU time, summed over its launches */
+    int64_t n_launches; /* since the capture */
+    /* ENG_CUDA_STEP_TIMES=1: whole eng_forward wall time vs the graph's own GPU time, summed over its launches but
+     * the first after a capture (cudaGraphUpload makes it cheap; timing it anyway would put a one-time cost in a
+     * per-step mean); the host's part split at the launch call and at the synchronisation */
     int64_t n_timed;
-    double wall_ms, gpu_ms, smp_ms; /* GPU: the graph and the sampling kernel after it (smp_ms) */
+    double wall_ms, gpu_ms, smp_ms; /* GPU: the graph and, if outside it, the sampling kernel after it (smp_ms) */
+    double prep_ms, wait_ms;        /* host: start to the launch call; launch call to the synchronisation's return */
 } s_graph_t;
 
 typedef struct {
@@ -95,12 +100,15 @@ struct eng_backend {
     /* scratch, sized for max_tokens */
     float *x, *qkv, *q, *gu, *rope_cs, *logits;
     __nv_bfloat16 *xb, *att, *h;
-    /* the batch's tables: one device buffer, filled from one pinned host buffer per forward */
+    /* what a forward uploads, in one copy from a pinned host buffer to a device buffer: a sampling forward's
+     * requests (one per logits row, up to max_tokens of them) first, then the batch's int32 tables (meta_cap
+     * elements at most); up_h/up_d are both, smp_req_* the first part, meta_* the second (placed per forward) */
+    uint8_t *up_d, *up_h;
     int32_t *meta_d, *meta_h;
     size_t meta_cap; /* int32 elements */
     float *logits_h; /* pinned (S_LOGIT_ROWS, vocab) */
-    /* sampling on the GPU: one request and one result per logits row (max_tokens of them), the rows' penalty lists
-     * (grown on demand), and scratch rows for the penalised logits / weights */
+    /* sampling on the GPU: one request and one result per logits row, the rows' penalty lists (grown on demand), and
+     * scratch rows for the penalised logits / weights */
     eng_cuda_sample_req_t *smp_req_h, *smp_req_d;
     eng_cuda_sample_out_t *smp_out_h, *smp_out_d;
     eng_pen_t *smp_pen_h, *smp_pen_d;
@@ -143,6 +151,9 @@ struct eng_backend {
     bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
+    /* a sampling forward's graph also samples and copies the results out: one launch per decode step
+     * (ENG_CUDA_GRAPH_SAMPLE=0: the sampling kernel and the copy are enqueued after the graph) */
+    bool is_graph_sample;
     cudaEvent_t step_ev[3]; /* before the graph, after it, after the sampling kernel */
     s_graph_t graphs[S_MAX_GRAPHS];
     uint64_t graph_clock;
@@ -216,13 +227,16 @@ static void s_destroy(eng_backend_t **pbe) {
               (long long)be->n_captures, (long long)be->n_evicted, (long long)be->n_direct);
     for (int i = 0; i < S_MAX_GRAPHS; i++) {
         const s_graph_t *g = &be->graphs[i];
-        if (be->is_step_times && g->T && g->n_timed)
+        if (be->is_step_times && g->T && g->n_timed) {
+            char smp[48] = "sampling in the graph";
+            if (!g->is_sample) snprintf(smp, sizeof(smp), "sampling after it %.3f", g->smp_ms / g->n_timed);
             fprintf(stderr,
-                    "cuda graph steps of %lld tokens: %lld launches, forward wall %.3f ms, GPU %.3f ms (sampling "
-                    "%.3f), host %.3f ms (%.1f%% of GPU)\n",
-                    (long long)g->T, (long long)g->n_timed, g->wall_ms / g->n_timed, g->gpu_ms / g->n_timed,
-                    g->smp_ms / g->n_timed, (g->wall_ms - g->gpu_ms) / g->n_timed,
-                    100.0 * (g->wall_ms - g->gpu_ms) / g->gpu_ms);
+                    "cuda graph steps of %lld tokens: %lld launches, forward wall %.3f ms, GPU %.3f ms (%s), host "
+                    "%.3f ms (%.1f%% of GPU; before the launch %.3f, launch to synchronised %.3f)\n",
+                    (long long)g->T, (long long)g->n_timed, g->wall_ms / g->n_timed, g->gpu_ms / g->n_timed, smp,
+                    (g->wall_ms - g->gpu_ms) / g->n_timed, 100.0 * (g->wall_ms - g->gpu_ms) / g->gpu_ms,
+                    g->prep_ms / g->n_timed, g->wait_ms / g->n_timed);
+        }
         if (g->is_captured) cudaGraphExecDestroy(g->exec);
     }
     if (be->is_step_times)
@@ -255,13 +269,12 @@ static void s_destroy(eng_backend_t **pbe) {
     if (be->output != be->embd) s_free_dev(be->output);
     s_free_dev(be->embd), s_free_dev(be->out_norm), s_free_dev(be->kv_pool);
     s_free_dev(be->x), s_free_dev(be->qkv), s_free_dev(be->q), s_free_dev(be->gu), s_free_dev(be->rope_cs);
-    s_free_dev(be->logits), s_free_dev(be->xb), s_free_dev(be->att), s_free_dev(be->h), s_free_dev(be->meta_d);
-    if (be->meta_h) cudaFreeHost(be->meta_h);
+    s_free_dev(be->logits), s_free_dev(be->xb), s_free_dev(be->att), s_free_dev(be->h), s_free_dev(be->up_d);
+    if (be->up_h) cudaFreeHost(be->up_h);
     if (be->logits_h) cudaFreeHost(be->logits_h);
-    if (be->smp_req_h) cudaFreeHost(be->smp_req_h);
     if (be->smp_out_h) cudaFreeHost(be->smp_out_h);
     if (be->smp_pen_h) cudaFreeHost(be->smp_pen_h);
-    s_free_dev(be->smp_req_d), s_free_dev(be->smp_out_d), s_free_dev(be->smp_pen_d), s_free_dev(be->smp_work);
+    s_free_dev(be->smp_out_d), s_free_dev(be->smp_pen_d), s_free_dev(be->smp_work);
     if (be->blas) cublasDestroy(be->blas);
     if (be->st) cudaStreamDestroy(be->st);
     free(be);
@@ -450,16 +463,15 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         s_alloc((void **)&be->xb, sizeof(__nv_bfloat16) * T * c->dim, "scratch") ||
         s_alloc((void **)&be->att, sizeof(__nv_bfloat16) * T * q_dim, "scratch") ||
         s_alloc((void **)&be->h, sizeof(__nv_bfloat16) * T * c->hidden_dim, "scratch") ||
-        s_alloc((void **)&be->meta_d, sizeof(int32_t) * be->meta_cap, "scratch") ||
-        cudaMallocHost(&be->meta_h, sizeof(int32_t) * be->meta_cap) != cudaSuccess ||
+        s_alloc((void **)&be->up_d, sizeof(eng_cuda_sample_req_t) * T + sizeof(int32_t) * be->meta_cap, "scratch") ||
+        cudaMallocHost(&be->up_h, sizeof(eng_cuda_sample_req_t) * T + sizeof(int32_t) * be->meta_cap) != cudaSuccess ||
         cudaMallocHost(&be->logits_h, sizeof(float) * S_LOGIT_ROWS * c->vocab_size) != cudaSuccess ||
-        s_alloc((void **)&be->smp_req_d, sizeof(eng_cuda_sample_req_t) * T, "scratch") ||
         s_alloc((void **)&be->smp_out_d, sizeof(eng_cuda_sample_out_t) * T, "scratch") ||
-        cudaMallocHost(&be->smp_req_h, sizeof(eng_cuda_sample_req_t) * T) != cudaSuccess ||
         cudaMallocHost(&be->smp_out_h, sizeof(eng_cuda_sample_out_t) * T) != cudaSuccess) {
         snprintf(err, err_cap, "cuda backend: cannot allocate scratch for %lld tokens", (long long)T);
         goto fail;
     }
+    be->smp_req_h = (eng_cuda_sample_req_t *)be->up_h, be->smp_req_d = (eng_cuda_sample_req_t *)be->up_d;
     cudaDeviceGetAttribute(&be->n_sm, cudaDevAttrMultiProcessorCount, be->gpu);
     if (p->kv_host_mirror) {
         s_mirror_place(be, p);
@@ -525,6 +537,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         const char *prewait = getenv("ENG_CUDA_PREWAIT"); /* older data before the PDL wait (eng_cuda_ops.cuh) */
         eng_cuda_prewait_set(!(prewait && *prewait == '0'));
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
+        const char *graph_sample = getenv("ENG_CUDA_GRAPH_SAMPLE");
+        be->is_graph_sample = !(graph_sample && *graph_sample == '0');
         const char *pad = getenv("ENG_CUDA_PAD");
         be->pad_block = pad && *pad == '0' ? -1 : kv->n_blocks - 1; /* eng_backend.h: has_pad_block */
         const char *step_times = getenv("ENG_CUDA_STEP_TIMES");
@@ -631,8 +645,9 @@ static pd_status s_kv_stream_layer(eng_backend_t *be, int32_t l) {
 
 /* Everything a forward runs after its tables are on the GPU, on be->st. is_logits: the logits rows go to the pinned
  * buffer, a slice at a time; when capturing (one slice) they stay there, else each slice is synchronised and its
- * rows among the caller's first n_out copied to out. is_sample: those rows of each slice are sampled (never while
- * capturing: the requests change every step). */
+ * rows among the caller's first n_out copied to out. is_sample: the first n_out rows are sampled (a capture's
+ * n_out is every row: the pad rows' requests say skip) and the results copied to be->smp_out_h; the caller
+ * synchronises. */
 static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_cuda_att_t *attp, const int32_t *d_tok,
                            const int32_t *d_rows, int32_t n_logits, bool is_capture, bool is_logits, bool is_sample,
                            float *out, int32_t n_out) {
@@ -745,6 +760,10 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             eng_cuda_sample(be->logits, be->smp_work, n_out - r0 < nr ? n_out - r0 : nr, c->vocab_size,
                             be->smp_req_d + r0, be->smp_pen_d, be->smp_out_d + r0, be->st);
             S_LAUNCHED("sampling");
+            if (r0 + nr >= n_out || is_capture)
+                S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_out,
+                                       cudaMemcpyDeviceToHost, be->st),
+                       "samples");
         }
         if (r0 + nr >= n_logits) s_prof_mark(be, P_HEAD, false);
         if (is_capture) break;         /* the caller copies after the launch */
@@ -763,14 +782,15 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
  * a capture + instantiate costs several directly launched forwards; a shape that comes back pays for it. The least
  * recently used slot makes room. */
 static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int64_t n_logits, bool is_logits,
-                              const eng_cuda_tokens_t *tk, eng_cuda_att_t *att, const int32_t *d_tok,
+                              bool is_sample, const eng_cuda_tokens_t *tk, eng_cuda_att_t *att, const int32_t *d_tok,
                               const int32_t *d_rows, pd_status *status) {
     *status = PD_OK;
     s_graph_t *g = NULL, *lru = &be->graphs[0];
     for (int i = 0; i < S_MAX_GRAPHS && !g; i++) {
         s_graph_t *c = &be->graphs[i];
         if (c->T == T && c->n_tiles == n_tiles && c->n_tc_tiles == att->n_tc_tiles && c->n_logits == n_logits &&
-            c->split_keys == att->split_keys && c->n_splits == att->n_splits && c->is_logits == is_logits)
+            c->split_keys == att->split_keys && c->n_splits == att->n_splits && c->is_logits == is_logits &&
+            c->is_sample == is_sample)
             g = c;
         if (c->last_used < lru->last_used) lru = c;
     }
@@ -778,7 +798,7 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
         g = lru;
         if (g->is_captured) cudaGraphExecDestroy(g->exec), g->is_captured = false, be->n_evicted++;
         g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits,
-        g->is_logits = is_logits;
+        g->is_logits = is_logits, g->is_sample = is_sample;
         g->split_keys = att->split_keys, g->n_splits = att->n_splits, g->last_used = ++be->graph_clock;
         be->n_first_sightings++;
         return NULL;
@@ -791,7 +811,8 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             LOG_E("cuda backend: begin capture: %s", cudaGetErrorString(e));
             return NULL;
         }
-        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, true, is_logits, false, NULL, 0);
+        pd_status st = s_enqueue(be, tk, att, d_tok, d_rows, (int32_t)n_logits, true, is_logits, is_sample, NULL,
+                                 (int32_t)n_logits);
         e = cudaStreamEndCapture(be->st, &graph);
         if (st != PD_OK || e != cudaSuccess) {
             LOG_E("cuda backend: capture failed: %s", cudaGetErrorString(e));
@@ -804,7 +825,14 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
             LOG_E("cuda backend: graph instantiate: %s", cudaGetErrorString(e));
             return NULL;
         }
-        g->is_captured = true, be->n_captures++, *status = PD_OK;
+        g->is_captured = true, g->n_launches = 0, be->n_captures++;
+        /* the graph's first launch would otherwise upload it: a one-time cost, paid here with the capture's */
+        e = cudaGraphUpload(g->exec, be->st);
+        if (e != cudaSuccess) {
+            LOG_E("cuda backend: graph upload: %s", cudaGetErrorString(e));
+            return NULL;
+        }
+        *status = PD_OK;
     }
     g->last_used = ++be->graph_clock;
     return g;
@@ -825,8 +853,9 @@ static int64_t s_att_splits(int64_t pairs, int n_sm, bool is_dec_mma) {
     return is_dec_mma ? 2 * (int64_t)n_sm / pairs : (4 * (int64_t)n_sm + pairs - 1) / pairs;
 }
 
-/* The batch's sampling requests into the pinned buffers, then up to the GPU (on the stream, before the forward). */
-static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+/* The batch's sampling requests into the front of the pinned upload buffer (s_forward_run copies it up), rows
+ * [n_logits, n_rows) as pad rows the kernel skips; the penalty lists, if any, up to the GPU on the stream. */
+static pd_status s_sample_fill(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits, int32_t n_rows) {
     if (be->m->cfg.vocab_size > ENG_CUDA_SAMPLE_MAX_VOCAB) {
         LOG_E("cuda backend: sampling on the GPU takes vocabularies up to %d tokens", ENG_CUDA_SAMPLE_MAX_VOCAB);
         return PD_EINVAL;
@@ -838,6 +867,10 @@ static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_
     for (int32_t r = 0; r < n_logits; r++) n_pen += b->sampling[r].n_pen;
     if (n_pen > be->smp_pen_cap) { /* the previous forward was waited for: nothing reads the old buffers */
         const int64_t cap = n_pen * 2 > 4096 ? n_pen * 2 : 4096;
+        for (int i = 0; i < S_MAX_GRAPHS; i++) { /* graphs that sample hold the old address: capture them again */
+            s_graph_t *g = &be->graphs[i];
+            if (g->is_captured && g->is_sample) cudaGraphExecDestroy(g->exec), g->is_captured = false;
+        }
         if (be->smp_pen_h) cudaFreeHost(be->smp_pen_h), be->smp_pen_h = NULL;
         s_free_dev(be->smp_pen_d), be->smp_pen_d = NULL, be->smp_pen_cap = 0;
         if (cudaMallocHost(&be->smp_pen_h, sizeof(eng_pen_t) * cap) != cudaSuccess ||
@@ -856,9 +889,10 @@ static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_
         if (rs->n_pen > 0) memcpy(be->smp_pen_h + off, rs->pen, sizeof(eng_pen_t) * (size_t)rs->n_pen);
         off += rs->n_pen;
     }
-    S_CUDA(cudaMemcpyAsync(be->smp_req_d, be->smp_req_h, sizeof(eng_cuda_sample_req_t) * (size_t)n_logits,
-                           cudaMemcpyHostToDevice, be->st),
-           "sampling requests");
+    for (int32_t r = n_logits; r < n_rows; r++) {
+        memset(&be->smp_req_h[r], 0, sizeof(eng_cuda_sample_req_t));
+        be->smp_req_h[r].n_logprobs = -1;
+    }
     if (off > 0)
         S_CUDA(cudaMemcpyAsync(be->smp_pen_d, be->smp_pen_h, sizeof(eng_pen_t) * (size_t)off, cudaMemcpyHostToDevice,
                                be->st),
@@ -866,11 +900,8 @@ static pd_status s_sample_upload(eng_backend_t *be, const eng_batch_t *b, int32_
     return PD_OK;
 }
 
-/* The sampled rows back to the host (after the sampling kernels on the stream), as eng_sample_result_t. */
+/* The sampled rows, once the stream has copied them to be->smp_out_h, as eng_sample_result_t. */
 static pd_status s_sample_collect(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
-    S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_logits,
-                           cudaMemcpyDeviceToHost, be->st),
-           "samples");
     S_CUDA(cudaStreamSynchronize(be->st), "forward");
     for (int32_t r = 0; r < n_logits; r++) {
         const eng_cuda_sample_out_t *o = &be->smp_out_h[r];
@@ -948,6 +979,10 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
             T = T_b, n_logits = (int32_t)n_logits_b, n_tiles = tiles_b;
     }
     const size_t need = (size_t)(3 * T + n_logits + 2 * (n_tiles + n_tc_tiles) + n_table + (T > n_real));
+    /* the sampling requests first (a row each, pad rows too), then the tables; one copy up */
+    const bool is_logits = b->logits != NULL, is_sample = b->sampling != NULL && n_logits > 0;
+    const size_t req_bytes = is_sample ? sizeof(eng_cuda_sample_req_t) * (size_t)n_logits : 0;
+    be->meta_h = (int32_t *)(be->up_h + req_bytes), be->meta_d = (int32_t *)(be->up_d + req_bytes);
     int32_t *tok = be->meta_h, *tok_pos = tok + T, *tok_table = tok_pos + T, *rows = tok_table + T;
     eng_cuda_tile_t *tiles = (eng_cuda_tile_t *)(rows + n_logits), *tc_tiles = tiles + n_tiles;
     int32_t *tables = (int32_t *)(tc_tiles + n_tc_tiles);
@@ -975,7 +1010,11 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     if (T > n_real) tables[off] = be->pad_block;
     for (; ti < n_tiles; ti++) tiles[ti].t0 = 0, tiles[ti].n = 0; /* pad tiles */
     PD_ASSERT(n_rows == n_logits);
-    S_CUDA(cudaMemcpyAsync(be->meta_d, be->meta_h, sizeof(int32_t) * need, cudaMemcpyHostToDevice, be->st),
+    if (is_sample) {
+        const pd_status st = s_sample_fill(be, b, (int32_t)n_real_logits, n_logits);
+        if (st != PD_OK) return st;
+    }
+    S_CUDA(cudaMemcpyAsync(be->up_d, be->up_h, req_bytes + sizeof(int32_t) * need, cudaMemcpyHostToDevice, be->st),
            "copy the batch");
     const int32_t *d_tok = be->meta_d, *d_pos = d_tok + T, *d_table = d_pos + T, *d_rows = d_table + T;
     const eng_cuda_tile_t *d_tiles = (const eng_cuda_tile_t *)(d_rows + n_logits);
@@ -1004,14 +1043,10 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     }
 
     s_graph_t *g = NULL;
-    const bool is_logits = b->logits != NULL, is_sample = b->sampling != NULL && n_logits > 0;
-    if (is_sample) { /* the caller's rows only: pad rows are never sampled */
-        const pd_status st = s_sample_upload(be, b, (int32_t)n_real_logits);
-        if (st != PD_OK) return st;
-    }
     if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs && be->n_kv_runs == 0) {
         pd_status gst;
-        g = s_graph_get(be, T, n_tiles, n_logits, is_logits, &tk, &att, d_tok, d_rows, &gst);
+        g = s_graph_get(be, T, n_tiles, n_logits, is_logits, is_sample && be->is_graph_sample, &tk, &att, d_tok,
+                        d_rows, &gst);
         if (gst != PD_OK) return gst;
     }
     if (!g) {
@@ -1021,27 +1056,31 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
             return PD_EBACKEND;
         if (is_sample && s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
     } else {
-        be->n_graph_launches++;
+        be->n_graph_launches++, g->n_launches++;
+        const uint64_t t_launch = be->is_step_times ? pd_now_us() : 0;
         if (be->is_step_times) cudaEventRecord(be->step_ev[0], be->st);
         S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
         if (be->is_step_times) cudaEventRecord(be->step_ev[1], be->st);
-        if (is_sample) {
+        if (is_sample && !g->is_sample) { /* ENG_CUDA_GRAPH_SAMPLE=0 */
             eng_cuda_sample(be->logits, be->smp_work, (int32_t)n_real_logits, c->vocab_size, be->smp_req_d,
                             be->smp_pen_d, be->smp_out_d, be->st);
             S_CUDA(cudaGetLastError(), "sampling");
-            if (be->is_step_times) cudaEventRecord(be->step_ev[2], be->st);
-            if (s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
-        } else {
-            if (be->is_step_times) cudaEventRecord(be->step_ev[2], be->st);
-            S_CUDA(cudaStreamSynchronize(be->st), "forward");
+            S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_real_logits,
+                                   cudaMemcpyDeviceToHost, be->st),
+                   "samples");
         }
+        if (be->is_step_times) cudaEventRecord(be->step_ev[2], be->st);
+        S_CUDA(cudaStreamSynchronize(be->st), "forward");
+        const uint64_t t_synced = be->is_step_times ? pd_now_us() : 0;
+        if (is_sample && s_sample_collect(be, b, (int32_t)n_real_logits) != PD_OK) return PD_EBACKEND;
         if (is_logits) memcpy(b->logits, be->logits_h, sizeof(float) * (size_t)c->vocab_size * (size_t)n_real_logits);
-        if (be->is_step_times) { /* the whole call (tables, copy up, launch, logits out) against the GPU's work */
+        if (be->is_step_times && g->n_launches > 1) { /* the whole call against the GPU's work (s_graph_t) */
             float gpu_ms = 0, smp_ms = 0;
             cudaEventElapsedTime(&gpu_ms, be->step_ev[0], be->step_ev[2]);
             cudaEventElapsedTime(&smp_ms, be->step_ev[1], be->step_ev[2]);
             g->n_timed++, g->gpu_ms += gpu_ms, g->smp_ms += smp_ms;
             g->wall_ms += (double)(pd_now_us() - t_start) / 1e3;
+            g->prep_ms += (double)(t_launch - t_start) / 1e3, g->wait_ms += (double)(t_synced - t_launch) / 1e3;
         }
     }
     const cudaError_t err = cudaGetLastError();

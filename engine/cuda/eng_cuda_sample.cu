@@ -336,6 +336,7 @@ __global__ void __cluster_dims__(S_CS, 1, 1) __launch_bounds__(S_NT)
     const float *x = logits + (size_t)row * vocab;
     float *w = work + (size_t)row * vocab;
     const eng_cuda_sample_req_t q = reqs[row];
+    if (q.n_logprobs < 0) return; /* a pad row of a graph's bucket: every block of the cluster returns here */
     eng_cuda_sample_out_t *out = outs + row;
     const s_range_t own = {c.first, vocab, S_STRIDE};
 #define S_FOR_OWN(i) for (int32_t i = c.first + (int32_t)threadIdx.x; i < vocab; i += S_STRIDE)

@@ -16,7 +16,8 @@ extern "C" {
 
 #define ENG_CUDA_SAMPLE_MAX_VOCAB (1 << 18) /* token ids take 18 bits of the kernel's 64-bit rank */
 
-/* One row's request, flattened for the device (eng_row_sampling_t, its penalty list at pen_off in one array). */
+/* One row's request, flattened for the device (eng_row_sampling_t, its penalty list at pen_off in one array);
+ * n_logprobs < 0: a row to skip (its result is left as it was). */
 typedef struct {
     double u;
     float temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty;

@@ -119,14 +119,16 @@ while [ $# -gt 0 ]; do
         # decode steps under each setting of AB_ENVS in turn (default: cuBLAS for every product, then the own matrix-vector kernel up to 4 rows,
         # each twice, so the pairs show run-to-run noise) at AB_BATCHES (default 1,4,8); commas join variables;
         # AB_ARGS: more engine_cuda flags (e.g. "--ctx 1536 --verify-tokens 6": a speculative verification step); rows
-        # are greedy like the bench stage's unless AB_ARGS says otherwise ("--temperature 0.7": sampled)
+        # are greedy like the bench stage's unless AB_ARGS says otherwise ("--temperature 0.7": sampled); with
+        # ENG_CUDA_STEP_TIMES=1 in a setting, its host and GPU time per graph-launched step follow
         shape=$1
         shift
         m=$(s_shape_model "$shape") &&
             for env in ${AB_ENVS:-ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4 ENG_CUDA_GEMV=0 ENG_CUDA_GEMV=4}; do
                 echo "== $shape $env"
                 env ${env//,/ } ./build-gpu/bench/engine_cuda --model "$m" --decode-batches "${AB_BATCHES:-1,4,8}" \
-                    --prefill-batches 0 --sampling gpu --temperature 0 ${AB_ARGS:-} 2>&1 | grep -E "^decode +[0-9]"
+                    --prefill-batches 0 --sampling gpu --temperature 0 ${AB_ARGS:-} 2>&1 |
+                    grep -E "^decode +[0-9]|^cuda graph steps"
             done 2>&1 | tee -a "$OUT/ab_$shape.log"
         ;;
     cluster)

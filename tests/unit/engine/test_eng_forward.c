@@ -466,6 +466,19 @@ static void test_sampling_rows(void) {
     b.logits = NULL, b.samples = again; /* samples only */
     REQUIRE(eng_forward(s_engine, &b) == PD_OK);
     for (int r = 0; r < SMP_ROWS; r++) CHECK_EQ_INT(again[r].token, got[r].token);
+    /* one sequence fewer, three times: on CUDA a batch shape's first forward runs directly, its second is captured
+     * as a graph that samples too, its third replays it; 44 rows fill a bucket of 48, the pad rows unsampled */
+    b.n_seqs = SMP_SEQS - 1;
+    for (int rep = 0; rep < 3; rep++) {
+        memset(again, 0, sizeof again);
+        REQUIRE(eng_forward(s_engine, &b) == PD_OK);
+        for (int r = 0; r < SMP_ROWS - SMP_TOK; r++) {
+            CHECK_EQ_INT(again[r].token, got[r].token);
+            CHECK(fabsf(again[r].logprob - got[r].logprob) <= 2e-6f);
+            CHECK_EQ_INT(again[r].n_top, got[r].n_top);
+        }
+    }
+    b.n_seqs = SMP_SEQS;
     /* refused: nowhere to put the rows, a draw outside [0, 1), a penalty token twice or outside the vocabulary */
     b.samples = NULL;
     CHECK_EQ_INT(eng_forward(s_engine, &b), PD_EINVAL);
