@@ -38,6 +38,9 @@ extern "C" {
  * that GEMM writes and SwiGLU reads (the f32 pair was 940 MB per layer at 8B x 8192 tokens), for one more bf16
  * rounding of each input of SwiGLU, whose output is bf16 anyway (ENG_CUDA_GU_BF16=0: f32 always). */
 #define S_GU_BF16_MIN_TOK  512
+/* ... and the Q/K/V product in bf16 from as many tokens (ENG_CUDA_QKV_BF16=0: f32 always): the f32 output made it
+ * the slowest of the prefill GEMMs (8B x 8192 tokens: 67% of the bf16 peak against 92% for gate/up in bf16); Q and
+ * K are rounded to bf16 once more before RoPE, and K and V are stored as f16 after it anyway */
 
 /* ENG_CUDA_PROFILE=1: per-phase GPU times from events around each kernel, summed over forwards and logged at
  * destroy (events do not synchronise, so the forward's own timing barely moves). */
@@ -57,7 +60,7 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 typedef struct {
     int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
     bool is_logits;                                                 /* ... and whether the logits come back */
-    bool is_sample; /* ... and whether the graph samples them and copies the results out (is_graph_sample) */
+    bool is_sample;   /* ... and whether the graph samples them and copies the results out (is_graph_sample) */
     bool is_captured; /* exec holds the graph (the key was seen twice) */
     cudaGraphExec_t exec;
     uint64_t last_used;
@@ -148,6 +151,7 @@ struct eng_backend {
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
     bool is_gu_bf16;      /* prefill-sized batches take gate/up in bf16 (S_GU_BF16_MIN_TOK; ENG_CUDA_GU_BF16=0: not) */
+    bool is_qkv_bf16;     /* ... and Q/K/V (ENG_CUDA_QKV_BF16=0: not) */
     bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
@@ -527,6 +531,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_fused = !(fuse && *fuse == '0');
         const char *gu_bf16 = getenv("ENG_CUDA_GU_BF16");
         be->is_gu_bf16 = !(gu_bf16 && *gu_bf16 == '0');
+        const char *qkv_bf16 = getenv("ENG_CUDA_QKV_BF16");
+        be->is_qkv_bf16 = !(qkv_bf16 && *qkv_bf16 == '0');
         const char *fuse_norm = getenv("ENG_CUDA_FUSE_NORM");
         be->is_fused_norm = !(fuse_norm && *fuse_norm == '0');
         /* our kernels start while the one before drains (PDL, eng_cuda_ops.cuh; sm_90 on); ENG_CUDA_PDL=0: not */
@@ -663,6 +669,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off) */
     const bool is_fused_norm = is_fused && be->is_fused_norm;
     const bool is_gu_bf16 = T >= S_GU_BF16_MIN_TOK && c->hidden_dim % 4 == 0 && be->is_gu_bf16;
+    const bool is_qkv_bf16 = T >= S_GU_BF16_MIN_TOK && be->is_qkv_bf16;
     s_prof_mark(be, P_EMBED, true);
     eng_cuda_embed(be->x, be->embd, d_tok, (int32_t)T, (int32_t)dim, be->st);
     eng_cuda_rope_table(be->rope_cs, d_pos, (int32_t)T, (int32_t)hd, c->rope_theta, be->st);
@@ -686,15 +693,16 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             S_LAUNCHED("attention norm");
             s_prof_mark(be, P_NORM, false), s_prof_mark(be, P_QKV, true);
             is_qkv_fused = is_fused && eng_cuda_gemv_qkv(&qkv_dst, &tk, be->xb, w->wqkv, (int32_t)dim, be->st);
-            if (!is_qkv_fused && s_gemm(be, be->qkv, be->xb, w->wqkv, T, q_dim + 2 * kv_dim, dim, false) != PD_OK)
+            if (!is_qkv_fused && s_gemm_as(be, be->qkv, is_qkv_bf16 ? CUDA_R_16BF : CUDA_R_32F, be->xb, w->wqkv, T,
+                                           q_dim + 2 * kv_dim, dim, false) != PD_OK)
                 return PD_EBACKEND;
         }
         S_LAUNCHED("Q/K/V");
         s_prof_mark(be, P_QKV, false);
         if (!is_qkv_fused) {
             s_prof_mark(be, P_ROPE, true);
-            eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads, (int32_t)hd,
-                                be->st);
+            eng_cuda_rope_store(be->q, be->kv_pool, be->qkv, is_qkv_bf16, w->bqkv, &tk, l, c->n_heads, c->n_kv_heads,
+                                (int32_t)hd, be->st);
             S_LAUNCHED("rope + KV store");
             s_prof_mark(be, P_ROPE, false);
         }
@@ -1045,8 +1053,8 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     s_graph_t *g = NULL;
     if (n_logits <= S_GRAPH_MAX_ROWS && T <= S_GRAPH_MAX_TOKENS && be->is_graphs && be->n_kv_runs == 0) {
         pd_status gst;
-        g = s_graph_get(be, T, n_tiles, n_logits, is_logits, is_sample && be->is_graph_sample, &tk, &att, d_tok,
-                        d_rows, &gst);
+        g = s_graph_get(be, T, n_tiles, n_logits, is_logits, is_sample && be->is_graph_sample, &tk, &att, d_tok, d_rows,
+                        &gst);
         if (gst != PD_OK) return gst;
     }
     if (!g) {

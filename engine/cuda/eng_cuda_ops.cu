@@ -161,15 +161,22 @@ void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, in
  * S_ROPE_SLICES blocks of a token share its pairs and V elements (one block per token left a decode batch's few
  * blocks walking ten dependent load rounds each). */
 #define S_ROPE_SLICES 4
+static __device__ __forceinline__ float s_ld_f32(const float *p) {
+    return *p;
+}
+static __device__ __forceinline__ float s_ld_f32(const __nv_bfloat16 *p) {
+    return __bfloat162float(*p);
+}
+template <typename TQKV>
 static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__restrict__ kv_pool,
-                                    const float *__restrict__ qkv, const float *__restrict__ bias,
+                                    const TQKV *__restrict__ qkv, const float *__restrict__ bias,
                                     const eng_cuda_tokens_t tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                                     int32_t head_dim) {
     s_pdl_begin(); /* qkv is earlier kernels' */
     const int64_t t = blockIdx.x;
     const int32_t first = (int32_t)(blockIdx.y * blockDim.x + threadIdx.x), step = (int32_t)(gridDim.y * blockDim.x);
     const int32_t q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
-    const float *row = qkv + t * (int64_t)(q_dim + 2 * kv_dim);
+    const TQKV *row = qkv + t * (int64_t)(q_dim + 2 * kv_dim);
     const float *cs = tk.rope_cs + t * head_dim;
     const int32_t pos = tk.tok_pos[t];
     const int32_t block = tk.tables[tk.tok_table[t] + pos / tk.block_size], slot = pos % tk.block_size;
@@ -177,7 +184,7 @@ static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__rest
     eng_cuda_kv_t *v_dst = kv_pool + s_kv_slot(tk, layer, 1, block, slot, kv_dim);
     for (int32_t p = first; p < (n_heads + n_kv_heads) * half; p += step) {
         const int32_t i = p % half, e = 2 * (p / half) * half + 2 * i; /* element of the pair in [q | k] */
-        float x0 = row[e], x1 = row[e + 1];
+        float x0 = s_ld_f32(row + e), x1 = s_ld_f32(row + e + 1);
         if (bias) x0 += bias[e], x1 += bias[e + 1];
         const float c = cs[2 * i], s = cs[2 * i + 1];
         const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
@@ -188,17 +195,22 @@ static __global__ void k_rope_store(float *__restrict__ q, eng_cuda_kv_t *__rest
         }
     }
     for (int32_t i = first; i < kv_dim; i += step) {
-        float v = row[q_dim + kv_dim + i];
+        float v = s_ld_f32(row + q_dim + kv_dim + i);
         if (bias) v += bias[q_dim + kv_dim + i];
         v_dst[i] = s_kv_from_f32(v);
     }
 }
 
-void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
+void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const void *qkv, bool is_qkv_bf16, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st) {
-    eng_cuda_launch(k_rope_store, dim3((unsigned)tk->n_tokens, S_ROPE_SLICES), 128, 0, st, q, kv_pool, qkv, bias, *tk,
-                    layer, n_heads, n_kv_heads, head_dim);
+    const dim3 grid((unsigned)tk->n_tokens, S_ROPE_SLICES);
+    if (is_qkv_bf16)
+        eng_cuda_launch(k_rope_store<__nv_bfloat16>, grid, 128, 0, st, q, kv_pool, (const __nv_bfloat16 *)qkv, bias,
+                        *tk, layer, n_heads, n_kv_heads, head_dim);
+    else
+        eng_cuda_launch(k_rope_store<float>, grid, 128, 0, st, q, kv_pool, (const float *)qkv, bias, *tk, layer,
+                        n_heads, n_kv_heads, head_dim);
 }
 
 /* ---- attention over the paged cache ----

@@ -102,9 +102,9 @@ void eng_cuda_rmsnorm(__nv_bfloat16 *y, const float *x, const int32_t *rows, con
 /* cos/sin table per token: angle pos * theta^(-2i/head_dim), in double like the CPU backend. */
 void eng_cuda_rope_table(float *cs, const int32_t *tok_pos, int32_t n_tokens, int32_t head_dim, double theta,
                          cudaStream_t st);
-/* From the fused projection qkv (T, q_dim + 2 kv_dim) f32 (+ bias when not NULL): RoPE'd Q into q (T, q_dim) f32,
- * RoPE'd K and V into the token's slot of layer `layer` of the KV pool. */
-void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const float *qkv, const float *bias,
+/* From the fused projection qkv (T, q_dim + 2 kv_dim), f32 or (is_qkv_bf16) bf16, + bias when not NULL: RoPE'd Q
+ * into q (T, q_dim) f32, RoPE'd K and V into the token's slot of layer `layer` of the KV pool. */
+void eng_cuda_rope_store(float *q, eng_cuda_kv_t *kv_pool, const void *qkv, bool is_qkv_bf16, const float *bias,
                          const eng_cuda_tokens_t *tk, int32_t layer, int32_t n_heads, int32_t n_kv_heads,
                          int32_t head_dim, cudaStream_t st);
 /* Causal attention over the paged cache for every token of the batch. */
