@@ -1,8 +1,10 @@
 /* test_cuda_parity.c: the CUDA backend against the CPU backend (the reference, itself checked against HF
  * transformers) on every model in PD_PARITY_MODELS (colon-separated GGUF paths; default: the default model):
- *   - six prompts of mixed lengths (1..640 tokens; the 640 alone take the bf16 products of prefill-sized batches),
- *     each alone: prefill logits and 8 teacher-forced decode steps (both backends fed the CPU's greedy tokens) within
- *     CUDA_REL_TOL in L2 norm, and the same argmax wherever the CPU's top-2 margin is clear of the bf16 noise;
+ *   - six prompts of mixed lengths (1..300 tokens), each alone: prefill logits and 8 teacher-forced decode steps
+ *     (both backends fed the CPU's greedy tokens) within CUDA_REL_TOL in L2 norm, and the same argmax wherever
+ *     the CPU's top-2 margin is clear of the bf16 noise;
+ *   - a prompt of LONG_LEN tokens alone, which takes the prefill-sized products with bf16 outputs (Q/K/V, gate/up),
+ *     likewise, then 8 teacher-forced decode steps on its KV;
  *   - the same six in one batch, prompts in chunks of 13 (40 for two of them), against themselves alone on CUDA: within
  *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
@@ -33,8 +35,9 @@
 #define N_STEPS            8
 #define CHUNK              13
 #define CHUNK_TC           40 /* sequences 3 and 4 prefill in chunks this long: tensor-core tiles next to decode rows */
+#define LONG_LEN           640 /* >= S_GU_BF16_MIN_TOK (eng_backend_cuda.cu) */
 
-static const int s_lens[N_SEQS] = {1, 7, 33, 100, 640, 17};
+static const int s_lens[N_SEQS] = {1, 7, 33, 100, 300, 17};
 
 typedef struct {
     eng_t *e;
@@ -335,11 +338,34 @@ static void s_check_model(const char *path) {
     for (int i = 0; i < N_SEQS; i++) eng_kv_seq_fini(&mir.seqs[i]);
     eng_destroy(&mir.e);
 
+    s_release(&cpu), s_release(&gpu);
+
+    /* 4. a long prompt alone (sequence 0's slot on both), CPU vs CUDA, teacher-forced like 1. */
+    int32_t *long_prompt = pd_xmalloc(sizeof(int32_t) * LONG_LEN);
+    s_make_prompt(long_prompt, LONG_LEN, 991u, V);
+    float worst_long = 0;
+    s_forward_one(&cpu, 0, long_prompt, LONG_LEN, 0, lc);
+    s_forward_one(&gpu, 0, long_prompt, LONG_LEN, 0, lg);
+    for (int g = 0; g <= N_STEPS; g++) {
+        float r = pd_test_rel_l2(lg, lc, V), margin;
+        if (!(r <= worst_long)) worst_long = r;
+        int32_t tc = s_argmax(lc, V, &margin), tg = s_argmax(lg, V, NULL);
+        if (margin > CLEAR_MARGIN) n_argmax_clear++, n_argmax_bad += tc != tg;
+        if (g == N_STEPS) break;
+        s_forward_one(&cpu, 0, &tc, 1, LONG_LEN + g, lc);
+        s_forward_one(&gpu, 0, &tc, 1, LONG_LEN + g, lg);
+    }
+    CHECK_MSG(worst_long <= CUDA_REL_TOL, "%s: %d-token prompt: CPU vs CUDA logits differ by %g (L2, relative)", path,
+              LONG_LEN, worst_long);
+    CHECK_MSG(n_argmax_bad == 0, "%s: %d of %d clear argmaxes differ", path, n_argmax_bad, n_argmax_clear);
+    free(long_prompt);
+
     fprintf(stderr,
-            "  %s: CPU vs CUDA worst rel L2 %.2e (tol %.0e); clear argmaxes %d/%d equal; batched+chunked vs alone "
-            "%.2e (tol %.0e); decode on CPU-prefilled KV %.2e (through the host mirror %.2e)\n",
-            path, worst, CUDA_REL_TOL, n_argmax_clear - n_argmax_bad, n_argmax_clear, worst_batch, CUDA_BATCH_REL_TOL,
-            r_import, r_mirror);
+            "  %s: CPU vs CUDA worst rel L2 %.2e (tol %.0e; %d-token prompt %.2e); clear argmaxes %d/%d equal; "
+            "batched+chunked vs alone %.2e (tol %.0e); decode on CPU-prefilled KV %.2e (through the host mirror "
+            "%.2e)\n",
+            path, worst, CUDA_REL_TOL, LONG_LEN, worst_long, n_argmax_clear - n_argmax_bad, n_argmax_clear, worst_batch,
+            CUDA_BATCH_REL_TOL, r_import, r_mirror);
     s_release(&cpu), s_release(&gpu);
     for (int i = 0; i < N_SEQS; i++) {
         eng_kv_seq_fini(&cpu.seqs[i]), eng_kv_seq_fini(&gpu.seqs[i]);
