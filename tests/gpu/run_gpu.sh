@@ -23,6 +23,8 @@
 #   tests/gpu/run_gpu.sh kvtail SHAPE  pdctl up with SHAPE: 4096-token prompts, the prefill worker's KV-ready -> decode
 #                                      commit time, KV streamed per layer and sent after the step (kv_tail.py)
 #   tests/gpu/run_gpu.sh ncu SHAPE B   decode at batch B under Nsight Compute: GPU time per kernel (ncu_kernels.py)
+#   tests/gpu/run_gpu.sh gemmlt S      bench/gemm_lt: cuBLAS's default GEMM against cuBLASLt's offered algorithms on the
+#                                      products of shape S (8b or 1b), decode and prefill token counts
 # Several stages may follow one another in one call: run_gpu.sh build parity bench llama-3.2-1b
 # PD_GPUS=0,1 (cluster, kvtail): pdctl up --gpus 0,1, the prefill worker on GPU 0 and the decode worker on GPU 1
 # The default model (94 MB) is over the device tool's 64 MiB per-call limit. The golden, cluster-with-SmolLM2 and
@@ -71,7 +73,7 @@ while [ $# -gt 0 ]; do
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
             cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null &&
                 cmake --build build-gpu -j"$(nproc)" --target test_eng_forward test_cuda_parity engine_cuda \
-                test_cuda_gemv test_cuda_sample test_cuda_attn \
+                test_cuda_gemv test_cuda_sample test_cuda_attn gemm_lt \
                 pdctl pd-router pd-prefill pd-decode kv_transfer 2>&1 |
                 grep -E "error|warning|Error" || true
             ls -la build-gpu/tests/test_cuda_parity build-gpu/bench/engine_cuda
@@ -167,6 +169,11 @@ while [ $# -gt 0 ]; do
             --requests-per-conc "${SPEC_REQ_PER_CONC:-8}" --warmup-per-conc "${SPEC_WARMUP_PER_CONC:-4}" --max-requests 0 \
             --prefill "${SPEC_PREFILL:-1}" ${SPEC_K:+--spec-k "$SPEC_K"} \
             --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -24 | tee -a "$OUT/spec.log"
+        ;;
+    gemmlt)
+        shape=$1
+        shift
+        ./build-gpu/bench/gemm_lt --shape "$shape" ${GEMMLT_ARGS:-} 2>&1 | tee -a "$OUT/gemmlt_$shape.log"
         ;;
     host)
         # issue 3 on this machine's host CPU: the KV hand-off, three runs (run-to-run spread on this host is large)
