@@ -130,6 +130,8 @@ start_cluster() { # spec mode; sets URL, API
         # "--decode.spec_fixed_k=true" (every row drafts all it can: what drafting gives before the guard decides)
         [ "$spec" != off ] && [ -n "${SPEC_UP_ARGS:-}" ] && read -r -a more <<<"$SPEC_UP_ARGS" && args+=("${more[@]}")
     fi
+    # UP_ARGS (environment): more pdctl up flags for every cluster, e.g. "--mps off"
+    [ -n "${UP_ARGS:-}" ] && read -r -a every <<<"$UP_ARGS" && args+=("${every[@]}")
     "$PDCTL" up --port 0 --threads "$THREADS" --prefill "$N_PREFILL" --decode 1 --backend "$BACKEND" \
         "--engine.kv_mem=$KV_MEM" \
         "${args[@]}" \

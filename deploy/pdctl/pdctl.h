@@ -3,6 +3,7 @@
 #define PDCTL_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* Each returns the process exit code: 0 ok, 1 runtime failure, 2 usage error. */
@@ -17,5 +18,20 @@ bool pdctl_parse_i64(const char *flag, const char *s, int64_t lo, int64_t hi, in
 bool pdctl_parse_f64(const char *flag, const char *s, double lo, double hi, double *out);
 /* Default model path: $PDSERVE_MODELS (or ~/.cache/pdserve/models)/SmolLM2-135M-Instruct.Q4_1.gguf. */
 const char *pdctl_default_model(void);
+
+/* A private CUDA MPS control daemon for the workers `pdctl up` starts (pdctl_mps.c). */
+#define PDCTL_MPS_PATH 4096 /* PATH_MAX on Linux */
+typedef struct {
+    char dir[PDCTL_MPS_PATH]; /* its pipe/ and log/ folders; "" = none */
+    char exe[PDCTL_MPS_PATH]; /* nvidia-cuda-mps-control */
+    bool is_running;
+} pdctl_mps_t;
+/* nvidia-cuda-mps-control in PATH into out; false if there is none. */
+bool pdctl_mps_find(char *out, size_t cap);
+/* Creates the folders, points CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY of this process (and so of the
+ * children it starts next) at them and starts the daemon; false (message printed, nothing left) on failure. */
+bool pdctl_mps_start(pdctl_mps_t *m, const char *exe);
+/* Quits the daemon (call when no worker is left), removes the folders, unsets the variables. */
+void pdctl_mps_stop(pdctl_mps_t *m);
 
 #endif

@@ -71,6 +71,7 @@ typedef struct {
     int n_pass;
     int32_t gpus[UP_MAX_GPUS]; /* --gpus: workers' devices, dealt round robin (prefill workers first) */
     int n_gpus;
+    const char *mps; /* --mps auto, on or off */
 } up_opts_t;
 
 typedef struct {
@@ -85,6 +86,7 @@ typedef struct {
     int rc;
     uint64_t deadline_us; /* ready deadline while starting, SIGKILL deadline while stopping */
     bool is_killed;
+    pdctl_mps_t mps;
 } up_t;
 
 /* The signal handler's only way out: the write end of a self-pipe the loop polls. */
@@ -120,9 +122,13 @@ static void s_help(void) {
            "  --gpus A,B,...         workers' devices, dealt round robin in start order (prefill-0, prefill-1,\n"
            "                         ..., decode-0, ...): --gpus 0,1 puts 1 prefill + 1 decode on a GPU each;\n"
            "                         overrides --gpu\n"
+           "  --mps auto|on|off      a private CUDA MPS daemon for the workers, so that workers sharing a GPU run\n"
+           "                         their kernels side by side instead of taking turns; auto (default): with the\n"
+           "                         cuda backend when two workers share a device and %s is in\n"
+           "                         PATH and CUDA_MPS_PIPE_DIRECTORY is unset (an MPS of your own is used as is)\n"
            "  --section.key=value    passed to the services that own the section (router.* to the router,\n"
            "                         prefill.* / decode.* to that pool, engine.* to both pools)\n",
-           pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS);
+           pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS, "nvidia-cuda-mps-control");
 }
 
 /* "--section.key" with section [a-z_]+: an option for the services. */
@@ -170,6 +176,7 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
     *done = false;
     o->model = pdctl_default_model();
     o->n_prefill = 1, o->n_decode = 1, o->port = 8000, o->ready_timeout_s = 120, o->stop_timeout_s = 40;
+    o->mps = "auto";
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         bool ok = true;
@@ -203,7 +210,11 @@ static int s_parse(int argc, char **argv, up_opts_t *o, bool *done) {
             o->model = v, o->has_model = true;
         else if (!strcmp(f, "--gpus"))
             ok = s_parse_gpus(v, o);
-        else if (!strcmp(f, "--config"))
+        else if (!strcmp(f, "--mps")) {
+            o->mps = v;
+            ok = !strcmp(v, "auto") || !strcmp(v, "on") || !strcmp(v, "off");
+            if (!ok) fprintf(stderr, "pdctl up: --mps '%s': auto, on or off\n", v);
+        } else if (!strcmp(f, "--config"))
             o->config_path = v;
         else if (!strcmp(f, "--bin-dir"))
             o->bin_dir = v;
@@ -738,13 +749,35 @@ static void s_loop(up_t *u, int sig_fd) {
     free(streams);
 }
 
+/* --mps: whether to start a private MPS daemon before the workers (engine: the config's engine section, for the
+ * backend where no --engine.backend says it). False only where --mps on cannot be honoured (message printed). */
+static bool s_mps_begin(up_t *u, const json_t *engine) {
+    const up_opts_t *o = &u->o;
+    if (!strcmp(o->mps, "off")) return true;
+    const bool is_on = !strcmp(o->mps, "on");
+    const char *backend = s_pass_value(o, "engine.backend");
+    if (!backend) backend = json_string_value(json_object_get(engine, "backend"));
+    const int64_t n_workers = o->n_prefill + o->n_decode;
+    bool is_shared = o->n_gpus == 0 && n_workers > 1; /* all on engine.gpu */
+    for (int64_t i = 0; o->n_gpus > 0 && i < n_workers && !is_shared; i++)
+        for (int64_t j = 0; j < i && !is_shared; j++) is_shared = o->gpus[i % o->n_gpus] == o->gpus[j % o->n_gpus];
+    const char *own = getenv("CUDA_MPS_PIPE_DIRECTORY");
+    if (!is_on && (!backend || strcmp(backend, "cuda") || !is_shared || (own && *own))) return true;
+    char exe[PDCTL_MPS_PATH];
+    if (!pdctl_mps_find(exe, sizeof exe)) {
+        if (is_on) fprintf(stderr, "pdctl up: --mps on: no nvidia-cuda-mps-control in PATH\n");
+        return !is_on;
+    }
+    return pdctl_mps_start(&u->mps, exe) || !is_on; /* auto: without MPS, as before */
+}
+
 static bool s_prepare(up_t *u) {
     const up_opts_t *o = &u->o;
     if (!s_read_model_id(o->model, u->model_id, sizeof u->model_id)) return false;
     for (int r = 0; r < 3; r++)
         if ((r != UP_PREFILL || o->n_prefill > 0) && !s_find_exe(o, (up_role_t)r, u->exe[r])) return false;
     json_t *cfg = s_build_config(u);
-    bool ok = cfg && s_write_config(u, cfg);
+    bool ok = cfg && s_write_config(u, cfg) && s_mps_begin(u, json_object_get(cfg, "engine"));
     json_decref(cfg);
     if (!ok) return false;
     int64_t n_workers = o->n_prefill + o->n_decode;
@@ -795,6 +828,7 @@ fail:
     for (int i = 0; i < 2; i++)
         if (sig_pipe[i] >= 0) close(sig_pipe[i]);
     if (u.cfg_path[0]) unlink(u.cfg_path);
+    pdctl_mps_stop(&u.mps); /* every worker has exited (s_loop) or none was started */
     for (int i = 0; i < u.n_kids; i++) s_kid_fini(&u.kids[i]);
     free(u.kids);
     for (int i = 0; i < u.o.n_pass; i++) free(u.o.pass[i]);

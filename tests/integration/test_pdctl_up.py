@@ -2,7 +2,10 @@
 request (the single-process reference's answer), a killed worker is restarted and serves again, and
 SIGTERM stops pdctl with exit 0 and no child left behind; --gpus deals the workers' devices (the CPU backend ignores
 engine.gpu, so only the command lines show it). Also: --prefill 0 (decode-only) serves, and a
-missing service binary is one clear error line."""
+missing service binary is one clear error line. --mps: pdctl's handling of a private MPS control daemon (started
+with -d before the workers, which inherit its pipe folder, told to quit after them, its folders removed), with a
+stand-in nvidia-cuda-mps-control that records its calls: the real one needs a GPU, and tests/gpu/run_gpu.sh's cluster
+stage runs it there; --mps on without the program is one clear error, and auto with the CPU backend starts none."""
 import os
 import re
 import signal
@@ -46,7 +49,7 @@ def is_alive(pid):
 class Up:
     """A `pdctl up` process: stdout lines collected, stderr kept in a file (printed on failure)."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, env=None):
         self.log = tempfile.NamedTemporaryFile(prefix="pdctl-up-", suffix=".log", delete=False)
         bins = {os.path.dirname(bin_path(k)) for k in ("router", "prefill", "decode")}
         self.bin_dir = None
@@ -56,7 +59,7 @@ class Up:
                "--ready-timeout", "90", "--stop-timeout", "30"] + list(args)
         if self.bin_dir:
             cmd += ["--bin-dir", self.bin_dir]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, env=env)
         self.lines = []
         self.url = None
         self.has_url = threading.Event()
@@ -146,20 +149,62 @@ def test_up_serves_restarts_and_stops():
         up.cleanup()
 
 
-def test_up_decode_only():
-    up = Up("--prefill", "0", "--decode", "1")
-    try:
-        url = up.wait_url()
-        assert "0 prefill, 1 decode" in up.lines[0], up.lines
-        assert complete(url) == R["greedy"]["text"]
-        rc, kids = up.stop()
-        assert rc == 0, up.stderr()
-        assert len(kids) == 2 and not [k for k in kids if is_alive(k)], kids
-    except BaseException:
-        sys.stderr.write(up.stderr())
-        raise
-    finally:
-        up.cleanup()
+FAKE_MPS = """#!/bin/sh
+echo "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> "$PD_FAKE_MPS_RECORD"
+if [ "$1" = "-d" ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control" "$CUDA_MPS_LOG_DIRECTORY/control.log"; exit 0; fi
+read cmd; echo "stdin=$cmd" >> "$PD_FAKE_MPS_RECORD"
+"""
+
+
+def test_up_decode_only_with_mps():
+    with tempfile.TemporaryDirectory() as fake:
+        exe, record = os.path.join(fake, "nvidia-cuda-mps-control"), os.path.join(fake, "record")
+        with open(exe, "w") as f:
+            f.write(FAKE_MPS)
+        os.chmod(exe, 0o755)
+        env = dict(os.environ, PATH=fake + os.pathsep + os.environ.get("PATH", ""), PD_FAKE_MPS_RECORD=record)
+        env.pop("CUDA_MPS_PIPE_DIRECTORY", None)
+        up = Up("--prefill", "0", "--decode", "1", "--mps", "on", env=env)
+        try:
+            url = up.wait_url()
+            assert "0 prefill, 1 decode" in up.lines[0], up.lines
+            assert complete(url) == R["greedy"]["text"]
+            with open(record) as f:
+                calls = f.read().splitlines()
+            assert len(calls) == 1 and calls[0].startswith("args=-d pipe=/"), calls
+            pipe_dir = calls[0].split(" pipe=")[1].split(" ")[0]
+            assert os.path.isfile(os.path.join(pipe_dir, "control")), pipe_dir
+            kids = children_of(up.proc.pid)
+            for k in kids:  # the workers and the router inherit the daemon's pipe folder
+                with open(f"/proc/{k}/environ", "rb") as f:
+                    assert f"CUDA_MPS_PIPE_DIRECTORY={pipe_dir}".encode() in f.read().split(b"\0"), k
+            rc, kids = up.stop()
+            assert rc == 0, up.stderr()
+            assert len(kids) == 2 and not [k for k in kids if is_alive(k)], kids
+            with open(record) as f:
+                calls = f.read().splitlines()
+            assert calls[1:] == [f"args= pipe={pipe_dir} log={os.path.dirname(pipe_dir)}/log", "stdin=quit"], calls
+            assert not os.path.exists(os.path.dirname(pipe_dir)), pipe_dir
+            assert "MPS control daemon stopped" in up.stderr(), up.stderr()
+        except BaseException:
+            sys.stderr.write(up.stderr())
+            raise
+        finally:
+            up.cleanup()
+        # auto with the CPU backend: no daemon; on without the program: one error line, nothing started
+        os.unlink(record)
+        up = Up("--prefill", "1", "--decode", "1", env=env)
+        try:
+            up.wait_url()
+            rc, _ = up.stop()
+            assert rc == 0 and not os.path.exists(record), (rc, up.stderr())
+        finally:
+            up.cleanup()
+        os.unlink(exe)
+        p = subprocess.run([bin_path("pdctl"), "up", "--mps", "on", "--model", model_path()], capture_output=True,
+                           timeout=30, env=env)
+        err = p.stderr.decode().strip().splitlines()
+        assert p.returncode == 1 and err[-1] == "pdctl up: --mps on: no nvidia-cuda-mps-control in PATH", err
 
 
 def test_up_missing_binary():
@@ -172,7 +217,7 @@ def test_up_missing_binary():
 
 def main():
     R["greedy"] = pdctl_generate(PROMPT, max_tokens=8)
-    return run_tests([test_up_missing_binary, test_up_serves_restarts_and_stops, test_up_decode_only])
+    return run_tests([test_up_missing_binary, test_up_serves_restarts_and_stops, test_up_decode_only_with_mps])
 
 
 if __name__ == "__main__":
