@@ -19,7 +19,7 @@ typedef struct {
     /* engine (shared with pd-prefill: same keys) */
     char *model;
     int backend;
-    int64_t gpu, threads, kv_mem, max_batch_tokens, max_batch_seqs;
+    int64_t gpu, threads, kv_mem, max_batch_tokens, max_batch_seqs, gemm_tune_rows;
     /* decode */
     char *router, *id, *kv_bind;
     int64_t max_batch, max_seqs, prefill_chunk_tokens;
@@ -51,6 +51,8 @@ static const pd_opt_t s_opts[] = {
      .max = 1 << 20, .help = "most new tokens in one forward"},
     {.section = "engine", .key = "max_batch_seqs", .type = PD_OPT_INT64, F(max_batch_seqs), .def = "256", .min = 1,
      .max = 65536, .help = "most sequences in one forward"},
+    {.section = "engine", .key = "gemm_tune_rows", .type = PD_OPT_INT64, F(gemm_tune_rows), .def = "0", .min = 0,
+     .max = 256, .help = "cuda: time GEMM algorithms at startup for 16..N-token batches and keep the fastest (0: off)"},
     {.section = "decode", .key = "router", .type = PD_OPT_ENDPOINT, F(router), .def = "tcp://127.0.0.1:5550",
      .help = "the router's control endpoint"},
     {.section = "decode", .key = "id", .type = PD_OPT_STRING, F(id), .def = "decode-0",
@@ -156,6 +158,7 @@ static eng_t *s_engine_create(const dc_config_t *c, bool is_draft, char *err, si
     ep.kv_mem_bytes = (uint64_t)(is_draft ? c->draft_kv_mem : c->kv_mem);
     ep.max_batch_tokens = (int32_t)(is_draft ? c->draft_catchup_tokens + c->max_batch : c->max_batch_tokens);
     ep.max_batch_seqs = (int32_t)c->max_batch_seqs;
+    ep.gemm_tune_rows = is_draft ? 0 : (int32_t)c->gemm_tune_rows;
     char why[400];
     eng_t *e = eng_create(&ep, why, sizeof why); /* it logs the model and KV pool summary */
     if (!e) snprintf(err, err_cap, "%s%s: %s", is_draft ? "draft model " : "", ep.model_path, why);

@@ -33,6 +33,9 @@ typedef struct {
     int32_t max_batch_tokens; /* most new tokens in one eng_forward (sizes scratch; default 2048) */
     int32_t max_batch_seqs;   /* most sequences in one eng_forward (default 256) */
     bool kv_host_mirror;      /* CUDA: keep a pinned host copy of the KV pool for kvtransfer (eng_kv_to_host) */
+    /* CUDA: time cuBLAS's and cuBLASLt's algorithms at create for the products of 16..gemm_tune_rows-token batches
+     * (steps of 8: decode and verification sizes) and keep the fastest per shape; 0 (default): cuBLAS's choice */
+    int32_t gemm_tune_rows;
     /* Optional placement of the KV pool's host memory (CPU: the pool; CUDA: the host mirror, which the backend then
      * pins with cudaHostRegister), e.g. a shared-memory object that a kvtransfer receiver on the same host maps
      * (pd-prefill). kv_host_alloc returns bytes of zeroed, page-aligned memory, or NULL to let the backend allocate

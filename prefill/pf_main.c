@@ -21,7 +21,7 @@ typedef struct {
     /* engine (shared with pd-decode: same keys) */
     char *model;
     int backend;
-    int64_t gpu, threads, kv_mem, max_batch_tokens, max_batch_seqs;
+    int64_t gpu, threads, kv_mem, max_batch_tokens, max_batch_seqs, gemm_tune_rows;
     /* prefill */
     char *router, *id;
     int64_t step_tokens, chunk_tokens, max_queued, kv_conns;
@@ -49,6 +49,8 @@ static const pd_opt_t s_opts[] = {
     S_OPT("engine", kv_mem, PD_OPT_SIZE, "512MiB", 1 << 20, 1099511627776.0, "KV block pool size"),
     S_OPT("engine", max_batch_tokens, PD_OPT_INT64, "2048", 1, 1 << 20, "most new tokens in one forward"),
     S_OPT("engine", max_batch_seqs, PD_OPT_INT64, "256", 1, 65536, "most sequences in one forward"),
+    S_OPT("engine", gemm_tune_rows, PD_OPT_INT64, "0", 0, 256,
+          "cuda: time GEMM algorithms at startup for 16..N-token batches and keep the fastest (0: off)"),
     S_OPT("prefill", router, PD_OPT_ENDPOINT, "tcp://127.0.0.1:5550", 0, 0, "the router's control endpoint"),
     S_OPT("prefill", id, PD_OPT_STRING, "prefill-0", 0, 0, "worker id (unique among workers; printable, no spaces)"),
     S_OPT("prefill", step_tokens, PD_OPT_INT64, "2048", 1, 1 << 20,
@@ -132,6 +134,7 @@ static eng_t *s_engine_create(const pf_config_t *c, kvt_shm_alloc_t *shm, char *
     ep.kv_mem_bytes = (uint64_t)c->kv_mem;
     ep.max_batch_tokens = (int32_t)c->max_batch_tokens;
     ep.max_batch_seqs = (int32_t)c->max_batch_seqs;
+    ep.gemm_tune_rows = (int32_t)c->gemm_tune_rows;
     return eng_create(&ep, err, err_cap); /* logs the model, backend and KV pool */
 }
 

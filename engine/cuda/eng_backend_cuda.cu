@@ -26,6 +26,7 @@ extern "C" {
 }
 #include "eng_cuda_ops.cuh"
 #include "eng_cuda_sample.cuh"
+#include "eng_cuda_lt.cuh"
 
 #define S_LOGIT_ROWS       256 /* logits rows per output-head GEMM: bounds the device logits buffer */
 #define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
@@ -165,6 +166,7 @@ struct eng_backend {
     int64_t n_first_sightings;                      /* of n_direct, graph-eligible shapes seen for the first time */
     int64_t n_evicted;                              /* captured graphs dropped for a new shape (least recently used) */
     void *blas_ws;
+    eng_cuda_lt_t *lt; /* GEMM algorithms tuned at create (s_tune_gemms), or NULL */
     /* profiling (ENG_CUDA_PROFILE) */
     bool is_prof;
     cudaEvent_t *ev;
@@ -246,6 +248,7 @@ static void s_destroy(eng_backend_t **pbe) {
     if (be->is_step_times)
         for (int i = 0; i < 3; i++) cudaEventDestroy(be->step_ev[i]);
     s_free_dev(be->blas_ws);
+    eng_cuda_lt_destroy(&be->lt);
     for (int i = 0; be->ev && i < S_PROF_EVENTS; i++) cudaEventDestroy(be->ev[i]);
     free(be->ev);
     s_free_dev(be->part_acc), s_free_dev(be->part_ml);
@@ -414,6 +417,51 @@ static void s_mirror_place(eng_backend_t *be, const eng_params_t *p) {
     be->mirror = (uint8_t *)mem, be->mirror_free = p->kv_host_free, be->mirror_ctx = p->kv_host_ctx;
 }
 
+/* The products of decode-sized batches (16..max_rows tokens in steps of 8: the graph buckets above the matrix-vector
+ * kernel's 8 rows) that cuBLAS runs, timed with each algorithm on every layer's weights (eng_cuda_lt.cuh); the
+ * activations and outputs are scratch that no forward holds yet. A failed tuning leaves cuBLAS's default. */
+static void s_tune_gemms(eng_backend_t *be, int64_t max_rows) {
+    const eng_model_config_t *c = &be->m->cfg;
+    const int64_t dim = c->dim, q_dim = (int64_t)c->n_heads * c->head_dim,
+                  kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    const uint64_t t0 = pd_now_us();
+    be->lt = eng_cuda_lt_create(be->st);
+    const __nv_bfloat16 **w = (const __nv_bfloat16 **)calloc(4 * (size_t)c->n_layers, sizeof *w);
+    if (!be->lt || !w) {
+        LOG_W("cuda backend: GEMM tuning unavailable; cuBLAS's default algorithms");
+        eng_cuda_lt_destroy(&be->lt), free(w);
+        return;
+    }
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const s_layer_t *ly = &be->layers[l];
+        w[l] = ly->wqkv, w[c->n_layers + l] = ly->wo, w[2 * c->n_layers + l] = ly->w_gate_up;
+        w[3 * c->n_layers + l] = ly->w_down;
+    }
+    if (max_rows > be->max_tokens) max_rows = be->max_tokens;
+    if (max_rows > S_LOGIT_ROWS) max_rows = S_LOGIT_ROWS; /* the output head's scratch */
+    double worst = 0.0, best = 1.0;
+    for (int64_t m = 16; m <= max_rows; m += 8) {
+        const eng_cuda_lt_shape_t shapes[5] = {
+            {m, q_dim + 2 * kv_dim, dim, CUDA_R_32F, false, w, c->n_layers, be->xb, be->gu},
+            {m, dim, q_dim, CUDA_R_32F, true, w + c->n_layers, c->n_layers, be->att, be->gu},
+            {m, 2 * (int64_t)c->hidden_dim, dim, CUDA_R_32F, false, w + 2 * c->n_layers, c->n_layers, be->xb, be->gu},
+            {m, dim, c->hidden_dim, CUDA_R_32F, true, w + 3 * c->n_layers, c->n_layers, be->h, be->gu},
+            {m, c->vocab_size, dim, CUDA_R_32F, false, (const __nv_bfloat16 *const *)&be->output, 1, be->xb,
+             be->logits},
+        };
+        for (int i = 0; i < 5; i++) {
+            const double r = eng_cuda_lt_tune(be->lt, be->blas, &shapes[i], 16);
+            if (r > 0) worst = r > worst ? r : worst, best = r < best ? r : best;
+        }
+    }
+    free(w);
+    int32_t n_tuned = 0, n_kept = 0;
+    eng_cuda_lt_counts(be->lt, &n_tuned, &n_kept);
+    LOG_I("cuda backend: GEMMs of 16..%lld rows tuned in %.2f s: a cuBLASLt algorithm for %d of %d shapes "
+          "(time vs cuBLAS's default %.3f..%.3f)",
+          (long long)max_rows, (double)(pd_now_us() - t0) / 1e6, n_kept, n_tuned, best, worst);
+}
+
 static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
                                size_t err_cap) {
     const eng_model_config_t *c = &m->cfg;
@@ -557,6 +605,11 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         }
     }
     {
+        const char *tune = getenv("ENG_CUDA_LT_TUNE");
+        const int64_t rows = tune && *tune ? atoi(tune) : p->gemm_tune_rows;
+        if (rows >= 16) s_tune_gemms(be, rows);
+    }
+    {
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
         LOG_I("cuda backend: GPU %d, weights bf16 uploaded; %.1f of %.1f GiB free; PDL %s", be->gpu,
@@ -572,6 +625,7 @@ fail:
  * CUDA_R_16BF: rounded to bf16 on output; cuBLAS only). */
 static pd_status s_gemm_as(eng_backend_t *be, void *y, cudaDataType_t y_type, const __nv_bfloat16 *x,
                            const __nv_bfloat16 *w, int64_t n_tok, int64_t n_out, int64_t k, bool is_accumulate) {
+    if (be->lt && eng_cuda_lt_gemm(be->lt, y, y_type, x, w, n_tok, n_out, k, is_accumulate)) return PD_OK;
     if (y_type == CUDA_R_32F && n_tok <= be->gemv_max_tok &&
         eng_cuda_gemv((float *)y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st)) {
         S_LAUNCHED("matrix-vector product");
