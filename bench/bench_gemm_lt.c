@@ -17,29 +17,29 @@
 #define S_MAX_ALGOS 32
 #define S_WS_BYTES  (64u << 20)
 
-#define S_CHECK(x)                                                                                                     \
-    do {                                                                                                               \
-        if (!(x)) {                                                                                                    \
-            fprintf(stderr, "%s:%d: %s failed\n", __FILE__, __LINE__, #x);                                             \
-            exit(1);                                                                                                   \
-        }                                                                                                              \
+#define S_CHECK(x)                                                         \
+    do {                                                                   \
+        if (!(x)) {                                                        \
+            fprintf(stderr, "%s:%d: %s failed\n", __FILE__, __LINE__, #x); \
+            exit(1);                                                       \
+        }                                                                  \
     } while (0)
 
 typedef struct {
     const char *name;
     int64_t n, k;
-    bool is_accumulate; /* beta 1: O and down add to the residual */
+    bool is_accumulate;   /* beta 1: O and down add to the residual */
     bool is_prefill_bf16; /* prefill-sized batches write bf16 (Q/K/V, gate/up: S_GU_BF16_MIN_TOK) */
     bool is_decode_only;  /* the output head: one row per sequence, never a prompt's every token */
 } s_prod_t;
 
 static const s_prod_t s_8b[] = {
-    {"qkv", 6144, 4096, false, true, false},     {"o", 4096, 4096, true, false, false},
+    {"qkv", 6144, 4096, false, true, false},      {"o", 4096, 4096, true, false, false},
     {"gate_up", 28672, 4096, false, true, false}, {"down", 4096, 14336, true, false, false},
     {"head", 128256, 4096, false, false, true},
 };
 static const s_prod_t s_1b[] = {
-    {"qkv", 3072, 2048, false, true, false},     {"o", 2048, 2048, true, false, false},
+    {"qkv", 3072, 2048, false, true, false},      {"o", 2048, 2048, true, false, false},
     {"gate_up", 16384, 2048, false, true, false}, {"down", 2048, 8192, true, false, false},
     {"head", 128256, 2048, false, false, true},
 };
@@ -89,8 +89,8 @@ static bool s_call_default(void *p) {
 static bool s_call_lt(void *p) {
     s_call_t *c = p;
     const float alpha = 1.0f;
-    return cublasLtMatmul(c->lt, c->desc, &alpha, c->w, c->la, c->x, c->lb, &c->beta, c->y, c->lc, c->y, c->lc,
-                          c->algo, c->ws, S_WS_BYTES, c->st) == CUBLAS_STATUS_SUCCESS;
+    return cublasLtMatmul(c->lt, c->desc, &alpha, c->w, c->la, c->x, c->lb, &c->beta, c->y, c->lc, c->y, c->lc, c->algo,
+                          c->ws, S_WS_BYTES, c->st) == CUBLAS_STATUS_SUCCESS;
 }
 
 static int s_parse_list(const char *s, int *out, int cap) {
@@ -162,8 +162,8 @@ int main(int argc, char **argv) {
     cudaGetDeviceProperties(&prop, dev);
     printf("gpu %s; %s shape; %d reps per timing; up to %d cuBLASLt algorithms per product\n", prop.name, shape, reps,
            n_algos);
-    printf("%-8s %6s %6s %6s %4s %10s %10s %6s %8s %12s\n", "product", "m", "n", "k", "out", "default us",
-           "best Lt us", "ratio", "algo", "best rate");
+    printf("%-8s %6s %6s %6s %4s %10s %10s %6s %8s %12s\n", "product", "m", "n", "k", "out", "default us", "best Lt us",
+           "ratio", "algo", "best rate");
     for (int j = 0; j < n_tokens; j++)
         for (int i = 0; i < n_prods; i++) {
             const s_prod_t *p = &prods[i];
@@ -203,7 +203,8 @@ int main(int argc, char **argv) {
             if (m <= 256) /* weight-bound: GB/s of weights */
                 snprintf(rate, sizeof rate, "%.0f GB/s", (double)p->n * (double)p->k * 2 / (best * 1e3));
             else
-                snprintf(rate, sizeof rate, "%.0f TFLOP/s", 2.0 * (double)m * (double)p->n * (double)p->k / (best * 1e6));
+                snprintf(rate, sizeof rate, "%.0f TFLOP/s",
+                         2.0 * (double)m * (double)p->n * (double)p->k / (best * 1e6));
             printf("%-8s %6lld %6lld %6lld %4s %10.1f %10.1f %6.3f %3d of %-2d %12s\n", p->name, (long long)m,
                    (long long)p->n, (long long)p->k, c.y_type == CUDA_R_16BF ? "bf16" : "f32", t_def, best,
                    best > 0 && t_def > 0 ? best / t_def : 0.0, best_i, n_res, rate);
