@@ -6,6 +6,7 @@
 #define _GNU_SOURCE /* mkdtemp, setenv */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +39,10 @@ static int s_run_control(const char *exe, const char *arg, const char *input) {
     if (input && pipe(in)) return -1;
     pid_t pid = fork();
     if (pid == 0) {
+        /* not pdctl's own stdout / stderr: a daemon holding them would keep pdctl's readers from seeing their end */
+        const int null = open("/dev/null", O_RDWR);
+        if (null >= 0) dup2(null, 0), dup2(null, 1), dup2(null, 2);
+        if (null > 2) close(null);
         if (input) dup2(in[0], 0), close(in[0]), close(in[1]);
         signal(SIGPIPE, SIG_DFL), signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL), signal(SIGCHLD, SIG_DFL);
         execl(exe, exe, arg, (char *)NULL);
