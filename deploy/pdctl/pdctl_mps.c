@@ -114,7 +114,7 @@ bool pdctl_mps_start(pdctl_mps_t *m, const char *exe) {
 }
 
 void pdctl_mps_stop(pdctl_mps_t *m) {
-    if (m->is_running) { /* the workers are gone: quit returns once the daemon and its server have */
+    if (m->is_running) { /* the workers are gone, so the daemon and its server have no client left */
         if (s_run_control(m->exe, NULL, "quit\n") != 0)
             fprintf(stderr, "pdctl up: MPS: '%s quit' failed; the daemon may still run\n", m->exe);
         else
