@@ -31,7 +31,9 @@ extern "C" {
 #define S_LOGIT_ROWS       256 /* logits rows per output-head GEMM: bounds the device logits buffer */
 #define S_MAX_SPLITS       32  /* attention key splits (small decode batches) ... */
 #define S_SPLIT_MAX_TOKENS 128 /* ... for batches of at most this many tokens: bounds the partials' scratch */
-#define S_GEMV_MAX_TOK     8   /* default ENG_CUDA_GEMV: own matrix-vector kernels up to this many rows (measured) */
+/* default ENG_CUDA_GEMV: own matrix-vector kernels up to this many rows (on tensor cores above 8: cuBLAS ran the 8B
+ * products of 16-64 rows at 74-88% of copy bandwidth, bench/gemm_lt) */
+#define S_GEMV_MAX_TOK     ENG_CUDA_GEMV_MMA_MAX_TOK
 /* ... with RoPE / SwiGLU in their epilogue (and RMSNorm in the prologue) where the tensor-core kernel takes the rows,
  * else up to this many (on CUDA cores at 4 rows 1B lost 3%) */
 #define S_FUSE_MAX_TOK     2
@@ -440,7 +442,8 @@ static void s_tune_gemms(eng_backend_t *be, int64_t max_rows) {
     if (max_rows > be->max_tokens) max_rows = be->max_tokens;
     if (max_rows > S_LOGIT_ROWS) max_rows = S_LOGIT_ROWS; /* the output head's scratch */
     double worst = 0.0, best = 1.0;
-    for (int64_t m = 16; m <= max_rows; m += 8) {
+    const int64_t m0 = be->gemv_max_tok < 16 ? 16 : (be->gemv_max_tok / 8 + 1) * 8; /* the first that cuBLAS runs */
+    for (int64_t m = m0; m <= max_rows; m += 8) {
         const eng_cuda_lt_shape_t shapes[5] = {
             {m, q_dim + 2 * kv_dim, dim, CUDA_R_32F, false, w, c->n_layers, be->xb, be->gu},
             {m, dim, q_dim, CUDA_R_32F, true, w + c->n_layers, c->n_layers, be->att, be->gu},
@@ -457,9 +460,9 @@ static void s_tune_gemms(eng_backend_t *be, int64_t max_rows) {
     free(w);
     int32_t n_tuned = 0, n_kept = 0;
     eng_cuda_lt_counts(be->lt, &n_tuned, &n_kept);
-    LOG_I("cuda backend: GEMMs of 16..%lld rows tuned in %.2f s: a cuBLASLt algorithm for %d of %d shapes "
+    LOG_I("cuda backend: GEMMs of %lld..%lld rows tuned in %.2f s: a cuBLASLt algorithm for %d of %d shapes "
           "(time vs cuBLAS's default %.3f..%.3f)",
-          (long long)max_rows, (double)(pd_now_us() - t0) / 1e6, n_kept, n_tuned, best, worst);
+          (long long)m0, (long long)max_rows, (double)(pd_now_us() - t0) / 1e6, n_kept, n_tuned, best, worst);
 }
 
 static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, const eng_params_t *p, char *err,
@@ -625,12 +628,12 @@ fail:
  * CUDA_R_16BF: rounded to bf16 on output; cuBLAS only). */
 static pd_status s_gemm_as(eng_backend_t *be, void *y, cudaDataType_t y_type, const __nv_bfloat16 *x,
                            const __nv_bfloat16 *w, int64_t n_tok, int64_t n_out, int64_t k, bool is_accumulate) {
-    if (be->lt && eng_cuda_lt_gemm(be->lt, y, y_type, x, w, n_tok, n_out, k, is_accumulate)) return PD_OK;
     if (y_type == CUDA_R_32F && n_tok <= be->gemv_max_tok &&
         eng_cuda_gemv((float *)y, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, is_accumulate, be->st)) {
         S_LAUNCHED("matrix-vector product");
         return PD_OK;
     }
+    if (be->lt && eng_cuda_lt_gemm(be->lt, y, y_type, x, w, n_tok, n_out, k, is_accumulate)) return PD_OK;
     const float alpha = 1.0f, beta = is_accumulate ? 1.0f : 0.0f;
     cublasStatus_t s =
         cublasGemmEx(be->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)k, &alpha, w, CUDA_R_16BF, (int)k,

@@ -1,5 +1,6 @@
-/* eng_cuda_gemv_mma.cu: the matrix-vector products (1..8 rows) on tensor cores, with eng_cuda_gemv.cu's epilogues
- * and RMSNorm prologue (eng_cuda_gemv hands them here; the contract is eng_cuda_ops.cuh's). Speculative verification
+/* eng_cuda_gemv_mma.cu: the matrix-vector products (1..8 rows, and up to ENG_CUDA_GEMV_MMA_MAX_TOK with two or four
+ * column tiles per weight fragment: eng_cuda_ops.cuh says for which matrices) on tensor cores, with eng_cuda_gemv.cu's
+ * epilogues and RMSNorm prologue (eng_cuda_gemv hands them here; the contract is eng_cuda_ops.cuh's). Speculative verification
  * forwards 2..9 tokens per sequence and small decode batches 2..8 rows. On CUDA cores each weight then feeds NT FMAs
  * plus its conversion to f32, and the kernel turns instruction-bound (at 6-8 rows it lost to cuBLAS); here one
  * mma.sync m16n8k16 takes 16 rows x 16 k of weights for all 8 token columns, so the instruction count per weight byte
@@ -15,7 +16,7 @@
 #include "eng_cuda_gemv.cuh"
 
 #define MMA_WARPS 8 /* warps per block: all on the block's rows, k shared out between them (fixed order merge) */
-#define MMA_COLS  8 /* the MMA's token columns: n_tok <= ENG_CUDA_GEMV_MAX_TOK */
+#define MMA_COLS  8 /* the MMA's token columns; NC tiles of them per weight fragment (n_tok <= 8 NC) */
 
 static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                   uint32_t b0, uint32_t b1) {
@@ -76,12 +77,14 @@ static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const e
 
 /* A block computes MT * 16 consecutive output rows for n_tok tokens; its MMA_WARPS warps take interleaved 32-k groups
  * and meet in shared memory, summed in warp order (deterministic). Rows past n_out load the last row and are never
- * stored. The totals go through MODE's epilogue (eng_cuda_gemv.cuh), pairs of rows for SwiGLU and Q/K/V. */
-template <int MT, int MODE, bool NORM, int U>
+ * stored. The totals go through MODE's epilogue (eng_cuda_gemv.cuh), pairs of rows for SwiGLU and Q/K/V. NC > 1: each
+ * weight fragment meets NC column tiles of 8 tokens (9..8 NC rows of x: every weight byte still read once). */
+template <int MT, int MODE, bool NORM, int U, int NC>
 static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warps) per SM: <= 128 registers */
     k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
                int32_t n_tok, int32_t n_out, int32_t k) {
-    __shared__ float part[MMA_WARPS][MT * 16][MMA_COLS];
+    static_assert(NC == 1 || !NORM, "the RMSNorm prologue takes up to MMA_COLS tokens");
+    __shared__ float part[MMA_WARPS][MT * 16][MMA_COLS * NC];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int64_t row0 = (int64_t)blockIdx.x * (MT * 16), kc = k / 8, n_groups = (kc + 3) / 4;
     const uint4 *wr[MT][2];
@@ -92,43 +95,55 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
             const int64_t row = row0 + m * 16 + gq + 8 * h;
             wr[m][h] = (const uint4 *)(w + (row < n_out ? row : n_out - 1) * (int64_t)k);
         }
-    const bool has_token = gq < n_tok; /* fragment column gq is a real token */
-    float acc[MT][4];
+    bool has_token[NC]; /* fragment column gq of tile j is a real token, gq + 8 j */
 #pragma unroll
-    for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = 0.0f;
+    for (int j = 0; j < NC; j++) has_token[j] = gq + 8 * j < n_tok;
+    float acc[MT][NC][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int j = 0; j < NC; j++) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
 
     int64_t gi = warp;
     uint4 wv[U][MT][2];
     s_ld_step_weights<MT, U>(wv, wr, gi, tq,
                              kc); /* before the wait: their latency overlaps the previous kernel's end */
     s_pdl_begin();                /* x (or the residual rows), the outputs and the tables are earlier kernels' */
-    const float scale = NORM ? s_norm_scale(xn, n_tok, k, has_token ? gq : 0) : 1.0f;
+    const float scale = NORM ? s_norm_scale(xn, n_tok, k, has_token[0] ? gq : 0) : 1.0f;
     for (;;) {
-        uint4 xv[U];
+        uint4 xv[U][NC];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
-            xv[u] = has_token && c < kc ? s_x_frag<NORM>(x, xn, scale, gq, kc, c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int j = 0; j < NC; j++)
+                xv[u][j] =
+                    has_token[j] && c < kc ? s_x_frag<NORM>(x, xn, scale, gq + 8 * j, kc, c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < U; u++)
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 const uint4 &a = wv[u][m][0], &b = wv[u][m][1]; /* rows gq and gq + 8 */
-                s_mma_bf16(acc[m], a.x, b.x, a.y, b.y, xv[u].x, xv[u].y);
-                s_mma_bf16(acc[m], a.z, b.z, a.w, b.w, xv[u].z, xv[u].w);
+#pragma unroll
+                for (int j = 0; j < NC; j++) {
+                    s_mma_bf16(acc[m][j], a.x, b.x, a.y, b.y, xv[u][j].x, xv[u][j].y);
+                    s_mma_bf16(acc[m][j], a.z, b.z, a.w, b.w, xv[u][j].z, xv[u][j].w);
+                }
             }
         gi += (int64_t)MMA_WARPS * U;
         if (gi >= n_groups) break;
         s_ld_step_weights<MT, U>(wv, wr, gi, tq, kc);
     }
 
-    /* C fragment: (row gq, tokens 2 tq, 2 tq + 1) and row gq + 8 */
+    /* C fragment of tile j: (row gq, tokens 8 j + 2 tq, + 1) and row gq + 8 */
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
-        part[warp][m * 16 + gq][2 * tq] = acc[m][0], part[warp][m * 16 + gq][2 * tq + 1] = acc[m][1];
-        part[warp][m * 16 + gq + 8][2 * tq] = acc[m][2], part[warp][m * 16 + gq + 8][2 * tq + 1] = acc[m][3];
-    }
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int j = 0; j < NC; j++) {
+            float *r0 = part[warp][m * 16 + gq] + 8 * j + 2 * tq, *r1 = part[warp][m * 16 + gq + 8] + 8 * j + 2 * tq;
+            r0[0] = acc[m][j][0], r0[1] = acc[m][j][1], r1[0] = acc[m][j][2], r1[1] = acc[m][j][3];
+        }
     __syncthreads();
     constexpr int RPI = MODE == S_PLAIN ? 1 : 2; /* rows per output item: one, or a pair */
     constexpr int N_ITEMS = MT * 16 / RPI;
@@ -174,14 +189,26 @@ template <int MT, int MODE, bool NORM>
 static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                            const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     const unsigned n_blocks = (unsigned)((n_out + MT * 16 - 1) / (MT * 16));
-    if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
-        if (g_steps == 8) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 8>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
-                            k);
+    if constexpr (!NORM) { /* 9..32 rows: 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
+        if (n_tok > 2 * MMA_COLS) {
+            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 2, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok,
+                            n_out, k);
+            return;
+        }
+        if (n_tok > MMA_COLS) {
+            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 2, 2>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok,
+                            n_out, k);
             return;
         }
     }
-    eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out, k);
+    if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
+        if (g_steps == 8) {
+            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 8, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok,
+                            n_out, k);
+            return;
+        }
+    }
+    eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 4, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out, k);
 }
 
 template <int MODE, bool NORM>
@@ -234,5 +261,5 @@ int64_t eng_cuda_gemv_mma_norm_max(void) {
 }
 
 bool eng_cuda_gemv_mma_takes(int32_t n_tok) {
-    return g_mma_min_tok >= 1 && n_tok >= g_mma_min_tok && n_tok >= 1 && n_tok <= ENG_CUDA_GEMV_MAX_TOK;
+    return g_mma_min_tok >= 1 && n_tok >= g_mma_min_tok && n_tok >= 1 && n_tok <= ENG_CUDA_GEMV_MMA_MAX_TOK;
 }

@@ -45,10 +45,11 @@ static void s_expect_untouched(const float *dy, float *y, int32_t n, cudaStream_
     }
 }
 
-/* One (n_out, k): x for ENG_CUDA_GEMV_MAX_TOK tokens and the reference for all of them once; each n_tok uses
- * the first n_tok rows (row t of y depends only on row t of x). */
+/* One (n_out, k): x for ENG_CUDA_GEMV_MMA_MAX_TOK tokens and the reference for all of them once; each n_tok uses
+ * the first n_tok rows (row t of y depends only on row t of x). Rows above ENG_CUDA_GEMV_MAX_TOK that the tensor-core
+ * kernel does not take must be refused. */
 static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_t k, cudaStream_t st) {
-    const int mt = ENG_CUDA_GEMV_MAX_TOK;
+    const int mt = ENG_CUDA_GEMV_MMA_MAX_TOK;
     const size_t nx = (size_t)mt * k, nw = (size_t)n_out * k, ny = (size_t)mt * n_out;
     uint16_t *xb = (uint16_t *)malloc(nx * 2), *wb = (uint16_t *)malloc(nw * 2);
     float *xf = (float *)malloc(nx * 4), *wf = (float *)malloc(nw * 4), *y0 = (float *)malloc(ny * 4);
@@ -78,6 +79,12 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
     for (int ti = 0; ti < n_n_toks; ti++) {
         const int n_tok = n_toks[ti];
         double worst[2] = {0.0, 0.0};
+        if ((n_tok > ENG_CUDA_GEMV_MAX_TOK && !eng_cuda_gemv_mma_takes(n_tok)) ||
+            (n_tok > 2 * ENG_CUDA_GEMV_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)) {
+            if (eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, false, st)) s_fail("took more rows than it may");
+            g_n_checks++;
+            continue;
+        }
         for (int is_acc = 0; is_acc < 2; is_acc++) {
             /* overwrite: y starts as NaN, so any element not written shows */
             if (is_acc)
@@ -135,7 +142,7 @@ static void s_check_refusals(cudaStream_t st) {
         const __nv_bfloat16 *x, *w;
         int32_t n_tok, n_out, k;
     } cases[] = {
-        {"n_tok = 0", dx, dw, 0, 4, 16}, {"n_tok = 9", dx, dw, 9, 4, 16},        {"k = 12", dx, dw, 1, 4, 12},
+        {"n_tok = 0", dx, dw, 0, 4, 16}, {"n_tok = 33", dx, dw, 33, 4, 16},      {"k = 12", dx, dw, 1, 4, 12},
         {"n_out = 0", dx, dw, 1, 0, 16}, {"misaligned x", dx + 1, dw, 1, 4, 16}, {"misaligned w", dx, dw + 1, 1, 4, 16},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -577,16 +584,16 @@ static void s_bench(cudaStream_t st) {
     const int32_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {128256, 4096}, {4096, 14336},
                                  {3072, 2048}, {2048, 2048}, {16384, 2048}, {2048, 8192},   {960, 576},
                                  {576, 576},   {3072, 576},  {576, 1536}};
-    const int n_toks[] = {1, 2, 4, 6, 8};
+    const int n_toks[] = {1, 2, 4, 6, 8, 16, 24, 32};
     char *wbuf, *dst;
     __nv_bfloat16 *dx;
     float *dy;
     CK(cudaMalloc(&wbuf, buf_bytes));
     CK(cudaMalloc(&dst, copy_bytes));
-    CK(cudaMalloc(&dx, (size_t)ENG_CUDA_GEMV_MAX_TOK * 14336 * 2));
-    CK(cudaMalloc(&dy, (size_t)ENG_CUDA_GEMV_MAX_TOK * 128256 * 4));
+    CK(cudaMalloc(&dx, (size_t)ENG_CUDA_GEMV_MMA_MAX_TOK * 14336 * 2));
+    CK(cudaMalloc(&dy, (size_t)ENG_CUDA_GEMV_MMA_MAX_TOK * 128256 * 4));
     CK(cudaMemsetAsync(wbuf, 0x3c, buf_bytes, st)); /* bf16 0x3c3c ~ 0.0115: finite, nonzero */
-    CK(cudaMemsetAsync(dx, 0x3c, (size_t)ENG_CUDA_GEMV_MAX_TOK * 14336 * 2, st));
+    CK(cudaMemsetAsync(dx, 0x3c, (size_t)ENG_CUDA_GEMV_MMA_MAX_TOK * 14336 * 2, st));
     cublasHandle_t cb;
     if (cublasCreate(&cb) != CUBLAS_STATUS_SUCCESS) s_fail("cublasCreate");
     cublasSetStream(cb, st);
@@ -605,6 +612,10 @@ static void s_bench(cudaStream_t st) {
             const int n_tok = n_toks[ti];
             double us[4]; /* CUDA cores; tensor cores (4 steps, 8 steps); cuBLAS */
             for (int impl = 0; impl < 4; impl++) {
+                us[impl] = NAN; /* above 8 rows: tensor cores (4 steps) and cuBLAS only */
+                if (n_tok > ENG_CUDA_GEMV_MAX_TOK && (impl == 0 || impl == 2)) continue;
+                if (n_tok > 2 * ENG_CUDA_GEMV_MAX_TOK && impl == 1 && w_bytes > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)
+                    continue;
                 eng_cuda_gemv_mma_set(impl == 1 || impl == 2 ? 1 : 0);
                 eng_cuda_gemv_mma_set_steps(impl == 2 ? 8 : 4);
                 for (int i = -3; i < BENCH_ITERS; i++) {
@@ -649,7 +660,7 @@ int main(void) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     CK(cudaMalloc(&g_dummy, 256));
-    const int n_toks[] = {1, 2, 3, 4, 5, 6, 8};
+    const int n_toks[] = {1, 2, 3, 4, 5, 6, 8, 9, 16, 17, 24, 32};
     /* (n_out, k): tiny, Llama-3.1-8B, Llama-3.2-1B down projection, k/8 not a multiple of 32 * 4, and n_out not a
      * multiple of the rows per block (8 at n_tok <= 2, 16 above) with a remainder in k */
     const int32_t shapes[][2] = {{1, 8},       {7, 64},      {4096, 4096}, {6144, 4096}, {4096, 14336},
