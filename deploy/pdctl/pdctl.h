@@ -19,15 +19,18 @@ bool pdctl_parse_f64(const char *flag, const char *s, double lo, double hi, doub
 /* Default model path: $PDSERVE_MODELS (or ~/.cache/pdserve/models)/SmolLM2-135M-Instruct.Q4_1.gguf. */
 const char *pdctl_default_model(void);
 
+/* The first executable `name` in PATH, its real path into out (PDCTL_PATH_MAX bytes); false if there is none. */
+#define PDCTL_PATH_MAX 4096 /* PATH_MAX on Linux */
+bool pdctl_which(const char *name, char *out);
+
 /* A private CUDA MPS control daemon for the workers `pdctl up` starts (pdctl_mps.c). */
-#define PDCTL_MPS_PATH 4096 /* PATH_MAX on Linux */
+#define PDCTL_MPS_PATH PDCTL_PATH_MAX
 typedef struct {
     char dir[PDCTL_MPS_PATH]; /* its pipe/ and log/ folders; "" = none */
     char exe[PDCTL_MPS_PATH]; /* nvidia-cuda-mps-control */
     bool is_running;
 } pdctl_mps_t;
-/* nvidia-cuda-mps-control in PATH into out; false if there is none. */
-bool pdctl_mps_find(char *out, size_t cap);
+#define PDCTL_MPS_CONTROL "nvidia-cuda-mps-control" /* found with pdctl_which */
 /* Creates the folders, points CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY of this process (and so of the
  * children it starts next) at them and starts the daemon; false (message printed, nothing left) on failure. */
 bool pdctl_mps_start(pdctl_mps_t *m, const char *exe);

@@ -18,20 +18,8 @@
 #include "pd_common.h"
 #include "pdctl.h"
 
-#define MPS_CONTROL "nvidia-cuda-mps-control"
 #define MPS_WAIT_US (10ull * 1000000) /* for the control program to return (-d daemonises; quit waits) */
 #define MPS_POLL_US 20000u
-
-bool pdctl_mps_find(char *out, size_t cap) {
-    const char *path = getenv("PATH");
-    for (const char *p = path; p && *p;) {
-        size_t len = strcspn(p, ":");
-        if (len && snprintf(out, cap, "%.*s/%s", (int)len, p, MPS_CONTROL) < (int)cap && !access(out, X_OK))
-            return true;
-        p += len + (p[len] == ':');
-    }
-    return false;
-}
 
 /* Runs the control program (with -d, or reading `input` on its stdin), waits for it; its exit status, or -1. */
 static int s_run_control(const char *exe, const char *arg, const char *input) {

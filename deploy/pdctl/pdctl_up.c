@@ -128,7 +128,7 @@ static void s_help(void) {
            "                         PATH and CUDA_MPS_PIPE_DIRECTORY is unset (an MPS of your own is used as is)\n"
            "  --section.key=value    passed to the services that own the section (router.* to the router,\n"
            "                         prefill.* / decode.* to that pool, engine.* to both pools)\n",
-           pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS, "nvidia-cuda-mps-control");
+           pdctl_default_model(), UP_MAX_WORKERS, UP_MAX_WORKERS, PDCTL_MPS_CONTROL);
 }
 
 /* "--section.key" with section [a-z_]+: an option for the services. */
@@ -269,6 +269,13 @@ static bool s_find_exe(const up_opts_t *o, up_role_t role, char *out) {
         snprintf(up, sizeof up, "%.*s/..", (int)(sizeof up - 4), self);
         if (s_try_exe(out, up, s_sections[role], name)) return true;
     }
+    if (pdctl_which(name, out)) return true;
+    fprintf(stderr, "pdctl up: cannot find %s next to pdctl, in its build tree or in PATH (build it, or --bin-dir)\n",
+            name);
+    return false;
+}
+
+bool pdctl_which(const char *name, char *out) {
     const char *path = getenv("PATH");
     char dir[PATH_MAX];
     for (const char *p = path; p && *p;) {
@@ -277,8 +284,6 @@ static bool s_find_exe(const up_opts_t *o, up_role_t role, char *out) {
         if (len && s_try_exe(out, dir, NULL, name)) return true;
         p += len + (p[len] == ':');
     }
-    fprintf(stderr, "pdctl up: cannot find %s next to pdctl, in its build tree or in PATH (build it, or --bin-dir)\n",
-            name);
     return false;
 }
 
@@ -764,8 +769,8 @@ static bool s_mps_begin(up_t *u, const json_t *engine) {
     const char *own = getenv("CUDA_MPS_PIPE_DIRECTORY");
     if (!is_on && (!backend || strcmp(backend, "cuda") || !is_shared || (own && *own))) return true;
     char exe[PDCTL_MPS_PATH];
-    if (!pdctl_mps_find(exe, sizeof exe)) {
-        if (is_on) fprintf(stderr, "pdctl up: --mps on: no nvidia-cuda-mps-control in PATH\n");
+    if (!pdctl_which(PDCTL_MPS_CONTROL, exe)) {
+        if (is_on) fprintf(stderr, "pdctl up: --mps on: no %s in PATH\n", PDCTL_MPS_CONTROL);
         return !is_on;
     }
     return pdctl_mps_start(&u->mps, exe) || !is_on; /* auto: without MPS, as before */
