@@ -706,6 +706,19 @@ static pd_status s_kv_stream_layer(eng_backend_t *be, int32_t l) {
     return PD_OK;
 }
 
+/* On be->st: samples rows [r0, r0 + n) (their logits: the output head's current slice in be->logits), then, with
+ * is_copy, copies the first n_copy results to be->smp_out_h (s_sample_collect reads them after a synchronisation). */
+static pd_status s_sample_enqueue(eng_backend_t *be, int32_t r0, int32_t n, bool is_copy, int32_t n_copy) {
+    eng_cuda_sample(be->logits, be->smp_work, n, be->m->cfg.vocab_size, be->smp_req_d + r0, be->smp_pen_d,
+                    be->smp_out_d + r0, be->st);
+    S_LAUNCHED("sampling");
+    if (is_copy)
+        S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_copy,
+                               cudaMemcpyDeviceToHost, be->st),
+               "samples");
+    return PD_OK;
+}
+
 /* Everything a forward runs after its tables are on the GPU, on be->st. is_logits: the logits rows go to the pinned
  * buffer, a slice at a time; when capturing (one slice) they stay there, else each slice is synchronised and its
  * rows among the caller's first n_out copied to out. is_sample: the first n_out rows are sampled (a capture's
@@ -821,15 +834,9 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             return PD_EBACKEND;
         if (is_logits)
             S_CUDA(cudaMemcpyAsync(be->logits_h, be->logits, row_bytes * nr, cudaMemcpyDeviceToHost, be->st), "logits");
-        if (is_sample && r0 < n_out) { /* the caller's rows only (pad rows come last) */
-            eng_cuda_sample(be->logits, be->smp_work, n_out - r0 < nr ? n_out - r0 : nr, c->vocab_size,
-                            be->smp_req_d + r0, be->smp_pen_d, be->smp_out_d + r0, be->st);
-            S_LAUNCHED("sampling");
-            if (r0 + nr >= n_out || is_capture)
-                S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_out,
-                                       cudaMemcpyDeviceToHost, be->st),
-                       "samples");
-        }
+        if (is_sample && r0 < n_out && /* the caller's rows only (pad rows come last) */
+            s_sample_enqueue(be, r0, n_out - r0 < nr ? n_out - r0 : nr, r0 + nr >= n_out || is_capture, n_out) != PD_OK)
+            return PD_EBACKEND;
         if (r0 + nr >= n_logits) s_prof_mark(be, P_HEAD, false);
         if (is_capture) break;         /* the caller copies after the launch */
         if (is_logits && r0 < n_out) { /* the caller's rows only (pad rows come last) */
@@ -965,9 +972,9 @@ static pd_status s_sample_fill(eng_backend_t *be, const eng_batch_t *b, int32_t 
     return PD_OK;
 }
 
-/* The sampled rows, once the stream has copied them to be->smp_out_h, as eng_sample_result_t. */
+/* The sampled rows in be->smp_out_h as eng_sample_result_t; the caller has synchronised the stream after their copy
+ * (s_enqueue does at its end, the graph path after the launch). */
 static pd_status s_sample_collect(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
-    S_CUDA(cudaStreamSynchronize(be->st), "forward");
     for (int32_t r = 0; r < n_logits; r++) {
         const eng_cuda_sample_out_t *o = &be->smp_out_h[r];
         eng_sample_result_t *res = &b->samples[r];
@@ -1126,14 +1133,9 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
         if (be->is_step_times) cudaEventRecord(be->step_ev[0], be->st);
         S_CUDA(cudaGraphLaunch(g->exec, be->st), "graph launch");
         if (be->is_step_times) cudaEventRecord(be->step_ev[1], be->st);
-        if (is_sample && !g->is_sample) { /* ENG_CUDA_GRAPH_SAMPLE=0 */
-            eng_cuda_sample(be->logits, be->smp_work, (int32_t)n_real_logits, c->vocab_size, be->smp_req_d,
-                            be->smp_pen_d, be->smp_out_d, be->st);
-            S_CUDA(cudaGetLastError(), "sampling");
-            S_CUDA(cudaMemcpyAsync(be->smp_out_h, be->smp_out_d, sizeof(eng_cuda_sample_out_t) * (size_t)n_real_logits,
-                                   cudaMemcpyDeviceToHost, be->st),
-                   "samples");
-        }
+        if (is_sample && !g->is_sample && /* ENG_CUDA_GRAPH_SAMPLE=0 */
+            s_sample_enqueue(be, 0, (int32_t)n_real_logits, true, (int32_t)n_real_logits) != PD_OK)
+            return PD_EBACKEND;
         if (be->is_step_times) cudaEventRecord(be->step_ev[2], be->st);
         S_CUDA(cudaStreamSynchronize(be->st), "forward");
         const uint64_t t_synced = be->is_step_times ? pd_now_us() : 0;
