@@ -212,7 +212,8 @@ static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda
                    int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_MMA_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
     if (n_tok > ENG_CUDA_GEMV_MAX_TOK && (xn || !eng_cuda_gemv_mma_takes(n_tok))) return false;
-    if (n_tok > 2 * ENG_CUDA_GEMV_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES) return false;
+    if (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)
+        return false;
     if ((uintptr_t)w % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
     if (xn && ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
     if (!xn && (uintptr_t)x % 16 != 0) return false;

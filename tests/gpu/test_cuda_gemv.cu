@@ -80,7 +80,7 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
         const int n_tok = n_toks[ti];
         double worst[2] = {0.0, 0.0};
         if ((n_tok > ENG_CUDA_GEMV_MAX_TOK && !eng_cuda_gemv_mma_takes(n_tok)) ||
-            (n_tok > 2 * ENG_CUDA_GEMV_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)) {
+            (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)) {
             if (eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, false, st)) s_fail("took more rows than it may");
             g_n_checks++;
             continue;
@@ -614,7 +614,7 @@ static void s_bench(cudaStream_t st) {
             for (int impl = 0; impl < 4; impl++) {
                 us[impl] = NAN; /* above 8 rows: tensor cores (4 steps) and cuBLAS only */
                 if (n_tok > ENG_CUDA_GEMV_MAX_TOK && (impl == 0 || impl == 2)) continue;
-                if (n_tok > 2 * ENG_CUDA_GEMV_MAX_TOK && impl == 1 && w_bytes > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)
+                if (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && impl == 1 && w_bytes > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)
                     continue;
                 eng_cuda_gemv_mma_set(impl == 1 || impl == 2 ? 1 : 0);
                 eng_cuda_gemv_mma_set_steps(impl == 2 ? 8 : 4);
