@@ -1,12 +1,12 @@
 /* eng_cuda_gemv_mma.cu: the matrix-vector products (1..8 rows, and up to ENG_CUDA_GEMV_MMA_MAX_TOK with two or four
  * column tiles per weight fragment: eng_cuda_ops.cuh says for which matrices) on tensor cores, with eng_cuda_gemv.cu's
- * epilogues and RMSNorm prologue (eng_cuda_gemv hands them here; the contract is eng_cuda_ops.cuh's). Speculative verification
- * forwards 2..9 tokens per sequence and small decode batches 2..8 rows. On CUDA cores each weight then feeds NT FMAs
- * plus its conversion to f32, and the kernel turns instruction-bound (at 6-8 rows it lost to cuBLAS); here one
- * mma.sync m16n8k16 takes 16 rows x 16 k of weights for all 8 token columns, so the instruction count per weight byte
- * does not grow with the rows. A block is 8 warps sharing k over 16 rows. On the H100 (test_cuda_gemv) it also beats
- * the CUDA-core kernel at one row on the 8B Q/K/V (91% of copy bandwidth against 76%) and O (80% against 73%), and at
- * 8 rows it holds 77-98% where that kernel fell to 58-87% (bench/RESULTS.md, engine_cuda, session 12).
+ * epilogues and RMSNorm prologue (eng_cuda_gemv hands them here; the contract is eng_cuda_ops.cuh's). Speculative
+ * verification forwards 2..9 tokens per sequence and small decode batches 2..8 rows. On CUDA cores each weight then
+ * feeds NT FMAs plus its conversion to f32, and the kernel turns instruction-bound (at 6-8 rows it lost to cuBLAS);
+ * here one mma.sync m16n8k16 takes 16 rows x 16 k of weights for all 8 token columns, so the instruction count per
+ * weight byte does not grow with the rows. A block is 8 warps sharing k over 16 rows. On the H100 (test_cuda_gemv) it
+ * also beats the CUDA-core kernel at one row on the 8B Q/K/V (91% of copy bandwidth against 76%) and O (80% against
+ * 73%), and at 8 rows it holds 77-98% where that kernel fell to 58-87% (bench/RESULTS.md, engine_cuda, session 12).
  *
  * Weights are fed to the MMA straight from the streaming loads, without shared memory: a dot product does not care in
  * which order its k terms come, so the fragment's k index is a permutation of the real one, the same for the weights

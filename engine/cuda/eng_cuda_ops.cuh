@@ -157,11 +157,12 @@ static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, i
  * pointer not 16-byte aligned): the caller then uses cuBLAS. */
 #define ENG_CUDA_GEMV_MAX_TOK            8
 /* ... except on tensor cores (eng_cuda_gemv_mma_takes), which take up to ENG_CUDA_GEMV_MMA_MAX_TOK rows of bf16 x (not
- * the normalising variants: those stay at ENG_CUDA_GEMV_MAX_TOK): up to ENG_CUDA_GEMV_MMA_ALL_MAX_TOK for every
- * matrix, more only for weights of at most ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES. On the H100 (test_cuda_gemv) 16 rows beat cuBLAS on the 8B and 1B Q/K/V, O and
- * head (8B Q/K/V 85% of copy bandwidth against 74%) but not on 8B gate/up (85% against 92%), and 24-32 rows lost on
- * every 1B and 8B matrix (8B Q/K/V 53-56% against 73%: four column tiles and two steps of loads); on SmolLM2's small,
- * latency-bound matrices they win at every row count (960 x 576 at 32 rows: 4.0 us against 12.2). */
+ * the normalising variants: those stay at ENG_CUDA_GEMV_MAX_TOK): up to ENG_CUDA_GEMV_MMA_ALL_MAX_TOK for every matrix,
+ * more only for weights of at most ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES. On the H100 (test_cuda_gemv) 16 rows beat cuBLAS
+ * on the 8B and 1B Q/K/V, O and head (8B Q/K/V 85% of copy bandwidth against 74%) but not on 8B gate/up (85% against
+ * 92%), and 24-32 rows lost on every 1B and 8B matrix (8B Q/K/V 53-56% against 73%: four column tiles and two steps of
+ * loads); on SmolLM2's small, latency-bound matrices they win at every row count (960 x 576 at 32 rows: 4.0 us against
+ * 12.2). */
 #define ENG_CUDA_GEMV_MMA_ALL_MAX_TOK    16
 #define ENG_CUDA_GEMV_MMA_MAX_TOK        32
 #define ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES ((int64_t)4 << 20)
