@@ -569,10 +569,17 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_dec_mma = !(dec_mma && *dec_mma == '0') && eng_cuda_dec_usable(c->head_dim, c->n_heads, c->n_kv_heads);
         const char *terms = getenv("ENG_CUDA_ATTN_TERMS");
         be->mma_terms = terms && *terms == '2' ? 2 : 1;
+        /* the tiled kernel up to this many rows (default 0: off; it lost to cuBLAS in the decode step, RESULTS) */
+        const char *gemv_tile = getenv("ENG_CUDA_GEMV_TILE");
+        const int32_t tile_max = gemv_tile && *gemv_tile ? atoi(gemv_tile) : 0;
+        eng_cuda_gemv_tile_set(tile_max);
+        const bool is_tile_wider = eng_cuda_gemv_tile_takes(tile_max) && tile_max > S_GEMV_MAX_TOK;
         const char *gemv = getenv("ENG_CUDA_GEMV");
-        be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : S_GEMV_MAX_TOK;
+        be->gemv_max_tok = gemv && *gemv ? atoi(gemv) : is_tile_wider ? tile_max : S_GEMV_MAX_TOK;
         const char *gemv_mma = getenv("ENG_CUDA_GEMV_MMA"); /* tensor cores from this many rows (0: never) */
         eng_cuda_gemv_mma_set(gemv_mma && *gemv_mma ? atoi(gemv_mma) : ENG_CUDA_GEMV_MMA_MIN_TOK);
+        const char *tile_stages = getenv("ENG_CUDA_GEMV_TILE_STAGES");
+        eng_cuda_gemv_tile_set_stages(tile_stages && *tile_stages ? atoi(tile_stages) : 4);
         const char *norm_mb = getenv("ENG_CUDA_GEMV_MMA_NORM_MB");
         eng_cuda_gemv_mma_set_norm_max(norm_mb && *norm_mb ? (int64_t)atoi(norm_mb) << 20
                                                            : ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);
@@ -735,7 +742,9 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     const int32_t *d_pos = tk.tok_pos;
     /* batches the matrix-vector kernel takes: RoPE + KV store and SwiGLU ride in its epilogue (ENG_CUDA_FUSE=0: off) */
     const bool is_fused =
-        T <= be->gemv_max_tok && (T <= S_FUSE_MAX_TOK || eng_cuda_gemv_mma_takes((int32_t)T)) && be->is_fused;
+        T <= be->gemv_max_tok &&
+        (T <= S_FUSE_MAX_TOK || eng_cuda_gemv_mma_takes((int32_t)T) || eng_cuda_gemv_tile_takes((int32_t)T)) &&
+        be->is_fused;
     /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off) */
     const bool is_fused_norm = is_fused && be->is_fused_norm;
     const bool is_gu_bf16 = T >= S_GU_BF16_MIN_TOK && c->hidden_dim % 4 == 0 && be->is_gu_bf16;

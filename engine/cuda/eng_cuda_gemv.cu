@@ -210,13 +210,22 @@ static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cu
 template <int MODE>
 static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w,
                    int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
-    if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_MMA_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
-    if (n_tok > ENG_CUDA_GEMV_MAX_TOK && (xn || !eng_cuda_gemv_mma_takes(n_tok))) return false;
-    if (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)
-        return false;
+    if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_TILE_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
     if ((uintptr_t)w % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
     if (xn && ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
     if (!xn && (uintptr_t)x % 16 != 0) return false;
+    if (n_tok > ENG_CUDA_GEMV_MAX_TOK) { /* tensor cores, bf16 x only: the streaming kernel where it takes the rows */
+        if (xn) return false;
+        const bool is_wide =
+            n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES;
+        if (n_tok <= ENG_CUDA_GEMV_MMA_MAX_TOK && !is_wide && eng_cuda_gemv_mma_takes(n_tok)) {
+            eng_cuda_gemv_mma_launch(MODE, e, x, NULL, w, n_tok, n_out, k, st);
+            return true;
+        }
+        if (!eng_cuda_gemv_tile_takes(n_tok)) return false;
+        eng_cuda_gemv_tile_launch(MODE, e, x, w, n_tok, n_out, k, st);
+        return true;
+    }
     if (eng_cuda_gemv_mma_takes(n_tok)) {
         if (xn && (int64_t)n_out * k * 2 > eng_cuda_gemv_mma_norm_max()) return false;
         eng_cuda_gemv_mma_launch(MODE, e, x, xn, w, n_tok, n_out, k, st);

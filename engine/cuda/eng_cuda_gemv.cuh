@@ -15,6 +15,16 @@ static __device__ __forceinline__ uint4 s_ld_stream(const uint4 *p) {
     return v;
 }
 
+/* c += A (16 x 16 bf16, rows of weights) . B (16 x 8 bf16, columns of tokens), f32 accumulate: the fragment layouts are
+ * eng_cuda_mma.cuh's. */
+static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 /* What happens to the totals: stored (or added) as they are, or, for pairs of adjacent rows, fused with the kernel
  * that would otherwise follow (one launch less per layer at batch 1, where a launch costs as much as a small
  * matrix's weights): SwiGLU of an interleaved gate/up pair, or RoPE of a Q/K pair and the store of K and V into the
@@ -99,5 +109,10 @@ static __device__ __forceinline__ void s_rows_sumsq(const float *x_rows, int32_t
  * (not NULL) f32 rows normalised in the kernel; shapes and alignment already checked by the caller. */
 void eng_cuda_gemv_mma_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
                               const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st);
+
+/* The tiled tensor-core kernel (eng_cuda_gemv_tile.cu) for a product of eng_cuda_gemv_tile_takes(n_tok) rows of bf16
+ * x; shapes and alignment already checked by the caller. */
+void eng_cuda_gemv_tile_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                               int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st);
 
 #endif

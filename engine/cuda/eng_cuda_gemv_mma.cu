@@ -18,14 +18,6 @@
 #define MMA_WARPS 8 /* warps per block: all on the block's rows, k shared out between them (fixed order merge) */
 #define MMA_COLS  8 /* the MMA's token columns; NC tiles of them per weight fragment (n_tok <= 8 NC) */
 
-static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                  uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's
  * end are zeros (and so are x's there). */
 template <int MT, int U>

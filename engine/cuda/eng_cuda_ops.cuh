@@ -176,6 +176,19 @@ bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int
 #define ENG_CUDA_GEMV_MMA_MIN_TOK 1
 void eng_cuda_gemv_mma_set(int32_t min_tok);
 bool eng_cuda_gemv_mma_takes(int32_t n_tok);
+/* Opt-in: rows 9..ENG_CUDA_GEMV_TILE_MAX_TOK of bf16 x that the kernel above does not take (all above 32, and 17..32
+ * of weights over ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES) may go to a tiled tensor-core kernel through shared memory
+ * (eng_cuda_gemv_tile.cu) instead of cuBLAS: same contract, another summation order (k split over up to 8 blocks for
+ * matrices of few row tiles, by shape alone). It lost to cuBLAS in the H100's decode step, so it is off by default.
+ * eng_cuda_gemv_tile_set(max_tok) enables it up to max_tok rows process-wide (<= ENG_CUDA_GEMV_MAX_TOK: off, the
+ * default; the backend sets it at create from ENG_CUDA_GEMV_TILE); it prepares the kernels on the current device (call
+ * it with that device current, outside stream capture), and leaves the kernel off where that fails.
+ * eng_cuda_gemv_tile_takes: whether it takes n_tok rows. */
+#define ENG_CUDA_GEMV_TILE_MAX_TOK 64
+void eng_cuda_gemv_tile_set(int32_t max_tok);
+bool eng_cuda_gemv_tile_takes(int32_t n_tok);
+/* A/B switch of its pipeline depth (ENG_CUDA_GEMV_TILE_STAGES): 3 or 4 (the default) stages of 64 k. */
+void eng_cuda_gemv_tile_set_stages(int32_t n_stages);
 /* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
 void eng_cuda_gemv_mma_set_steps(int32_t steps);
 /* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its

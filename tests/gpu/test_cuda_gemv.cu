@@ -1,8 +1,10 @@
 /* test_cuda_gemv.cu: eng_cuda_gemv against a double-precision host reference on decode shapes (Llama-3.1-8B,
  * Llama-3.2-1B and odd sizes that hit the remainder loop and the row clamp), overwrite and accumulate, plus the
  * shapes it must refuse; the same for the variants that normalise their input (eng_cuda_gemv_norm, _swiglu_norm,
- * _qkv_norm) on the Llama-3.1-8B and SmolLM2-135M layers. Then, not asserted, its weight bandwidth next to cuBLAS and a device-to-device copy on the
- * 8B shapes, with weights cycling through more memory than L2 holds so the timings measure HBM. */
+ * _qkv_norm) on the Llama-3.1-8B and SmolLM2-135M layers, and the opt-in tiled kernel (eng_cuda_gemv_tile.cu) at 9-64
+ * rows, plain and with its SwiGLU epilogue. Then, not asserted, each kernel's weight bandwidth next to cuBLAS and a
+ * device-to-device copy on the 8B, 1B and SmolLM2 shapes, with weights cycling through more memory than L2 holds so the
+ * timings measure HBM. */
 #include "eng_cuda_ops.cuh"
 extern "C" {
 #include "eng_quant.h"
@@ -45,11 +47,22 @@ static void s_expect_untouched(const float *dy, float *y, int32_t n, cudaStream_
     }
 }
 
-/* One (n_out, k): x for ENG_CUDA_GEMV_MMA_MAX_TOK tokens and the reference for all of them once; each n_tok uses
- * the first n_tok rows (row t of y depends only on row t of x). Rows above ENG_CUDA_GEMV_MAX_TOK that the tensor-core
- * kernel does not take must be refused. */
+/* Whether eng_cuda_gemv must take n_tok rows of this shape (the rule of eng_cuda_ops.cuh, restated): up to 8 always,
+ * above on the streaming tensor-core kernel (up to 16 rows, or 32 of small weights) when it is on, else on the tiled
+ * one when that is on. */
+static bool s_must_take(int n_tok, int32_t n_out, int32_t k) {
+    if (n_tok <= ENG_CUDA_GEMV_MAX_TOK) return true;
+    const bool is_wide =
+        n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES;
+    if (n_tok <= ENG_CUDA_GEMV_MMA_MAX_TOK && !is_wide && eng_cuda_gemv_mma_takes(n_tok)) return true;
+    return eng_cuda_gemv_tile_takes(n_tok);
+}
+
+/* One (n_out, k): x for the most tokens of n_toks (the last) and the reference for all of them once; each n_tok uses
+ * the first n_tok rows (row t of y depends only on row t of x). Rows that neither tensor-core kernel takes (above
+ * ENG_CUDA_GEMV_MAX_TOK) must be refused. */
 static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_t k, cudaStream_t st) {
-    const int mt = ENG_CUDA_GEMV_MMA_MAX_TOK;
+    const int mt = n_toks[n_n_toks - 1];
     const size_t nx = (size_t)mt * k, nw = (size_t)n_out * k, ny = (size_t)mt * n_out;
     uint16_t *xb = (uint16_t *)malloc(nx * 2), *wb = (uint16_t *)malloc(nw * 2);
     float *xf = (float *)malloc(nx * 4), *wf = (float *)malloc(nw * 4), *y0 = (float *)malloc(ny * 4);
@@ -79,8 +92,7 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
     for (int ti = 0; ti < n_n_toks; ti++) {
         const int n_tok = n_toks[ti];
         double worst[2] = {0.0, 0.0};
-        if ((n_tok > ENG_CUDA_GEMV_MAX_TOK && !eng_cuda_gemv_mma_takes(n_tok)) ||
-            (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && (int64_t)n_out * k * 2 > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)) {
+        if (!s_must_take(n_tok, n_out, k)) {
             if (eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, false, st)) s_fail("took more rows than it may");
             g_n_checks++;
             continue;
@@ -142,7 +154,7 @@ static void s_check_refusals(cudaStream_t st) {
         const __nv_bfloat16 *x, *w;
         int32_t n_tok, n_out, k;
     } cases[] = {
-        {"n_tok = 0", dx, dw, 0, 4, 16}, {"n_tok = 33", dx, dw, 33, 4, 16},      {"k = 12", dx, dw, 1, 4, 12},
+        {"n_tok = 0", dx, dw, 0, 4, 16}, {"n_tok = 65", dx, dw, 65, 4, 16},      {"k = 12", dx, dw, 1, 4, 12},
         {"n_out = 0", dx, dw, 1, 0, 16}, {"misaligned x", dx + 1, dw, 1, 4, 16}, {"misaligned w", dx, dw + 1, 1, 4, 16},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -159,6 +171,71 @@ static void s_check_refusals(cudaStream_t st) {
     CK(cudaFree(dx));
     CK(cudaFree(dw));
     CK(cudaFree(dy));
+}
+
+/* h = bf16(silu(gate) * up) through eng_cuda_gemv_swiglu at the tiled kernel's row counts, against the double
+ * products: each product within 1e-5 of its sum of |terms| (t), then the error carried through SwiGLU as in
+ * s_check_norm_swiglu below. */
+static void s_check_tile_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
+    const int mt = ENG_CUDA_GEMV_TILE_MAX_TOK, n_toks[] = {17, 33, 64};
+    const int32_t n_out = 2 * hidden;
+    const size_t nx = (size_t)mt * k, nw = (size_t)n_out * k, nh = (size_t)mt * hidden;
+    uint16_t *xb = (uint16_t *)malloc(nx * 2), *wb = (uint16_t *)malloc(nw * 2), *h = (uint16_t *)malloc(nh * 2);
+    float *xf = (float *)malloc(nx * 4), *wf = (float *)malloc(nw * 4);
+    double *ref = (double *)malloc((size_t)mt * n_out * 8), *mag = (double *)malloc((size_t)mt * n_out * 8);
+    if (!xb || !wb || !h || !xf || !wf || !ref || !mag) s_fail("host allocation");
+    s_fill(xb, xf, nx);
+    s_fill(wb, wf, nw);
+    for (int t = 0; t < mt; t++)
+        for (int32_t o = 0; o < n_out; o++) {
+            double sum = 0.0, a = 0.0;
+            for (int32_t i = 0; i < k; i++) {
+                const double p = (double)xf[(size_t)t * k + i] * (double)wf[(size_t)o * k + i];
+                sum += p, a += fabs(p);
+            }
+            ref[(size_t)t * n_out + o] = sum, mag[(size_t)t * n_out + o] = a;
+        }
+    __nv_bfloat16 *dx, *dw, *dh;
+    CK(cudaMalloc(&dx, nx * 2));
+    CK(cudaMalloc(&dw, nw * 2));
+    CK(cudaMalloc(&dh, nh * 2));
+    CK(cudaMemcpyAsync(dx, xb, nx * 2, cudaMemcpyHostToDevice, st));
+    CK(cudaMemcpyAsync(dw, wb, nw * 2, cudaMemcpyHostToDevice, st));
+    for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
+        const int n_tok = n_toks[ti];
+        double worst = 0.0;
+        CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
+        if (!eng_cuda_gemv_swiglu(dh, dx, dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
+        CK(cudaGetLastError());
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy(h, dh, nh * 2, cudaMemcpyDeviceToHost));
+        for (int t = 0; t < mt; t++)
+            for (int32_t j = 0; j < hidden; j++) {
+                const uint16_t v = h[(size_t)t * hidden + j];
+                if (t >= n_tok) {
+                    if (v != 0xffffu) s_fail("SwiGLU wrote past n_tok");
+                    continue;
+                }
+                const size_t g_at = (size_t)t * n_out + 2 * (size_t)j;
+                const double g = ref[g_at], u = ref[g_at + 1], tg = 1e-5 * mag[g_at], tu = 1e-5 * mag[g_at + 1];
+                const double silu = g / (1.0 + exp(-g)), want = silu * u;
+                const double dh_max = (fabs(silu) + 1.1 * tg) * tu + 1.1 * fabs(u) * tg;
+                const double tol = dh_max + 0x1p-8 * (fabs(want) + dh_max) + 2e-6 * fabs(want) + 1e-30;
+                const double err = fabs((double)eng_bf16_to_f32(v) - want);
+                if (!(err <= tol)) {
+                    fprintf(stderr, "swiglu n_tok=%d hidden=%d k=%d: h[%d][%d] = %.6g, want %.6g (tol %.3g)\n", n_tok,
+                            hidden, k, t, j, eng_bf16_to_f32(v), want, tol);
+                    s_fail("SwiGLU off");
+                }
+                if (err / tol > worst) worst = err / tol;
+            }
+        g_n_checks++;
+        printf("tiled swiglu n_tok=%d hidden=%5d k=%5d: ok (max err %.2f of tol)\n", n_tok, hidden, k, worst);
+    }
+    CK(cudaFree(dx));
+    CK(cudaFree(dw));
+    CK(cudaFree(dh));
+    free(xb), free(wb), free(h), free(xf), free(wf), free(ref), free(mag);
 }
 
 /* ---- the normalising variants (eng_cuda_gemv_norm, _swiglu_norm, _qkv_norm) ----
@@ -584,16 +661,17 @@ static void s_bench(cudaStream_t st) {
     const int32_t shapes[][2] = {{6144, 4096}, {4096, 4096}, {28672, 4096}, {128256, 4096}, {4096, 14336},
                                  {3072, 2048}, {2048, 2048}, {16384, 2048}, {2048, 8192},   {960, 576},
                                  {576, 576},   {3072, 576},  {576, 1536}};
-    const int n_toks[] = {1, 2, 4, 6, 8, 16, 24, 32};
+    const int n_toks[] = {1, 2, 4, 6, 8, 16, 24, 32, 40, 48, 64};
+    const int mt = ENG_CUDA_GEMV_TILE_MAX_TOK;
     char *wbuf, *dst;
     __nv_bfloat16 *dx;
     float *dy;
     CK(cudaMalloc(&wbuf, buf_bytes));
     CK(cudaMalloc(&dst, copy_bytes));
-    CK(cudaMalloc(&dx, (size_t)ENG_CUDA_GEMV_MMA_MAX_TOK * 14336 * 2));
-    CK(cudaMalloc(&dy, (size_t)ENG_CUDA_GEMV_MMA_MAX_TOK * 128256 * 4));
+    CK(cudaMalloc(&dx, (size_t)mt * 14336 * 2));
+    CK(cudaMalloc(&dy, (size_t)mt * 128256 * 4));
     CK(cudaMemsetAsync(wbuf, 0x3c, buf_bytes, st)); /* bf16 0x3c3c ~ 0.0115: finite, nonzero */
-    CK(cudaMemsetAsync(dx, 0x3c, (size_t)ENG_CUDA_GEMV_MMA_MAX_TOK * 14336 * 2, st));
+    CK(cudaMemsetAsync(dx, 0x3c, (size_t)mt * 14336 * 2, st));
     cublasHandle_t cb;
     if (cublasCreate(&cb) != CUBLAS_STATUS_SUCCESS) s_fail("cublasCreate");
     cublasSetStream(cb, st);
@@ -610,19 +688,23 @@ static void s_bench(cudaStream_t st) {
         const int n_copies = (int)(buf_bytes / w_stride); /* >= 1; together > L2 */
         for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
             const int n_tok = n_toks[ti];
-            double us[4]; /* CUDA cores; tensor cores (4 steps, 8 steps); cuBLAS */
-            for (int impl = 0; impl < 4; impl++) {
-                us[impl] = NAN; /* above 8 rows: tensor cores (4 steps) and cuBLAS only */
+            double us[6]; /* CUDA cores; tensor cores (4 steps, 8 steps); cuBLAS; tiled (4 stages, 3) */
+            for (int impl = 0; impl < 6; impl++) {
+                us[impl] = NAN; /* above 8 rows: tensor cores (4 steps), cuBLAS and tiled only */
                 if (n_tok > ENG_CUDA_GEMV_MAX_TOK && (impl == 0 || impl == 2)) continue;
-                if (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK && impl == 1 && w_bytes > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)
+                if (impl == 1 && (n_tok > ENG_CUDA_GEMV_MMA_MAX_TOK || (n_tok > ENG_CUDA_GEMV_MMA_ALL_MAX_TOK &&
+                                                                        w_bytes > ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES)))
                     continue;
+                if (impl >= 4 && n_tok <= ENG_CUDA_GEMV_MAX_TOK) continue;
                 eng_cuda_gemv_mma_set(impl == 1 || impl == 2 ? 1 : 0);
                 eng_cuda_gemv_mma_set_steps(impl == 2 ? 8 : 4);
+                eng_cuda_gemv_tile_set(impl >= 4 ? ENG_CUDA_GEMV_TILE_MAX_TOK : 0);
+                eng_cuda_gemv_tile_set_stages(impl == 5 ? 3 : 4);
                 for (int i = -3; i < BENCH_ITERS; i++) {
                     if (i == 0) CK(cudaEventRecord(e0, st));
                     const int c = ((i % n_copies) + n_copies) % n_copies;
                     const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
-                    if (impl < 3) {
+                    if (impl != 3) {
                         if (!eng_cuda_gemv(dy, dx, w, n_tok, n_out, k, false, st)) s_fail("bench shape refused");
                     } else {
                         const float alpha = 1.0f, beta = 0.0f;
@@ -638,15 +720,17 @@ static void s_bench(cudaStream_t st) {
                 CK(cudaEventElapsedTime(&ms, e0, e1));
                 us[impl] = ms * 1e3 / BENCH_ITERS;
             }
-            double pct[4];
-            for (int i = 0; i < 4; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
+            double pct[6];
+            for (int i = 0; i < 6; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
             printf("n_tok=%d n_out=%6d k=%5d: cuda cores %6.1f us (%3.0f%% of copy), tensor cores %6.1f us (%3.0f%%; 8 "
-                   "steps %3.0f%%), cublas %6.1f us (%3.0f%%)\n",
-                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], pct[2], us[3], pct[3]);
+                   "steps %3.0f%%), tiled %6.1f us (%3.0f%%; 3 stages %3.0f%%), cublas %6.1f us (%3.0f%%)\n",
+                   n_tok, n_out, k, us[0], pct[0], us[1], pct[1], pct[2], us[4], pct[4], pct[5], us[3], pct[3]);
         }
     }
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
     eng_cuda_gemv_mma_set_steps(4);
+    eng_cuda_gemv_tile_set(ENG_CUDA_GEMV_TILE_MAX_TOK);
+    eng_cuda_gemv_tile_set_stages(4);
     cublasDestroy(cb);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
@@ -660,7 +744,11 @@ int main(void) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     CK(cudaMalloc(&g_dummy, 256));
-    const int n_toks[] = {1, 2, 3, 4, 5, 6, 8, 9, 16, 17, 24, 32};
+    eng_cuda_gemv_tile_set(ENG_CUDA_GEMV_TILE_MAX_TOK);
+    if (!eng_cuda_gemv_tile_takes(ENG_CUDA_GEMV_TILE_MAX_TOK)) s_fail("the tiled kernel could not be prepared");
+    /* rows past 32 (the tiled kernel) in the default setting only: the reference of 64 rows costs seconds a shape */
+    const int n_toks[] = {1, 2, 3, 4, 5, 6, 8, 9, 16, 17, 24, 32, 33, 40, 48, 57, 64};
+    const int n_n_toks_short = 12;
     /* (n_out, k): tiny, Llama-3.1-8B, Llama-3.2-1B down projection, k/8 not a multiple of 32 * 4, and n_out not a
      * multiple of the rows per block (8 at n_tok <= 2, 16 above) with a remainder in k */
     const int32_t shapes[][2] = {{1, 8},       {7, 64},      {4096, 4096}, {6144, 4096}, {4096, 14336},
@@ -673,10 +761,25 @@ int main(void) {
         printf("-- tensor cores from %d rows (0: never), %d steps\n", mma_settings[m][0], mma_settings[m][1]);
         eng_cuda_gemv_mma_set(mma_settings[m][0]);
         eng_cuda_gemv_mma_set_steps(mma_settings[m][1]);
+        const int n = m == 1 ? (int)(sizeof n_toks / sizeof n_toks[0]) : n_n_toks_short;
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-            s_check_shape(n_toks, (int)(sizeof n_toks / sizeof n_toks[0]), shapes[s][0], shapes[s][1], st);
+            s_check_shape(n_toks, n, shapes[s][0], shapes[s][1], st);
     }
     eng_cuda_gemv_mma_set_steps(4);
+    eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
+    /* the tiled kernel's SwiGLU epilogue: a wide MLP (one block a 64-row tile), SmolLM2's (k split over blocks), a
+     * hidden size that ends inside a tile; then with the tiled kernel off, rows above 32 (and 17..32 of wide
+     * weights) must be refused */
+    s_check_tile_swiglu(8704, 1024, st);
+    s_check_tile_swiglu(1536, 576, st);
+    s_check_tile_swiglu(100, 1032, st);
+    eng_cuda_gemv_tile_set(0);
+    {
+        const int off_toks[] = {24, 33, 64};
+        s_check_shape(off_toks, 3, 4096, 1032, st);
+        s_check_shape(off_toks, 3, 960, 576, st);
+    }
+    eng_cuda_gemv_tile_set(ENG_CUDA_GEMV_TILE_MAX_TOK);
     s_check_refusals(st);
     /* normalising variants: plain on the 8B Q/K/V and SmolLM2-135M shapes and odd ones (a rest after the main
      * loop; 3 rows, so that warps past n_out still join the block's norm), SwiGLU on the 8B and SmolLM2 MLPs and 5

@@ -1,0 +1,323 @@
+/* eng_cuda_gemv_tile.cu: the matrix-vector products of 9..ENG_CUDA_GEMV_TILE_MAX_TOK rows (decode batches of 16-64
+ * sequences, speculative verification of several sequences) on tensor cores, through shared memory, with
+ * eng_cuda_gemv.cu's epilogues (the contract is eng_cuda_ops.cuh's; eng_cuda_gemv hands the row counts here that
+ * eng_cuda_gemv_tile_takes).
+ *
+ * Why a second tensor-core kernel: eng_cuda_gemv_mma.cu feeds the MMAs straight from each warp's streaming loads,
+ * which at 1..16 rows keeps 90%+ of copy bandwidth, but each warp reads its own x fragments: at 64 rows one 16-row
+ * tile per warp reads x (64 x k bf16) once per 16 weight rows, four times the weight bytes, from L2 (its four-tile
+ * version lost to cuBLAS at 24-32 rows on every 1B and 8B matrix). Here a block of 4 warps stages a 64-row x
+ * TILE_K slice of the weights and the same slice of every token's x in shared memory (cp.async, STAGES deep, the
+ * weight loads of the first stages issued before the PDL wait), so x costs as many L2 bytes as the weights, and the
+ * warps read fragments with ldmatrix (32 weight rows x 16 or 32 tokens each). Rows of 128 bytes are stored with
+ * their 16-byte chunks XOR-swizzled by row (chunk c of row r at c ^ (r % 8)), so that the 8 rows of each ldmatrix
+ * phase hit 8 different bank groups without padding.
+ *
+ * Matrices of few 64-row tiles (O and down: 64 tiles at 8B) would leave SMs idle, so k is split over n_split blocks
+ * (a thread-block cluster of up to 8) chosen so that the grid still fits one wave: each block leaves its partial
+ * tile in its shared memory, and after a cluster barrier block q of the cluster sums rows [q, q + 1) * 64 / n_split
+ * of all n_split partials in rank order (distributed shared memory: no global scratch, no atomics, deterministic),
+ * and runs the epilogue on them. n_split depends on the matrix's shape only, never on the row count, so a token's
+ * result does not depend on how many others share the batch.
+ *
+ * Measured on the H100 (bench/RESULTS.md, engine_cuda, session 15) it loses to cuBLAS in the decode step (8B batch 64
+ * 6095 against 7728 tok/s): alone it streams the output head at 93-100% of copy bandwidth (cuBLAS 88-95%) and gate/up
+ * at 17..32 rows as fast as cuBLAS, but the products of few row tiles (Q/K/V, O, down) reach 40-63% where cuBLAS
+ * reaches 72-86%, even with k split. So it is off unless ENG_CUDA_GEMV_TILE=N asks for it: a base to improve, not a
+ * default. */
+#include "eng_cuda_gemv.cuh"
+
+#include <cooperative_groups.h>
+#include <stdlib.h>
+
+namespace cg = cooperative_groups;
+
+#define TILE_M      64           /* weight rows per block */
+#define TILE_K      64           /* k per stage: 128 bytes of each row (128, 256 bytes: lost, fewer blocks fit an SM) */
+#define TILE_WARPS  4            /* 2 x 2: each warp 32 weight rows x BN / 2 tokens */
+#define TILE_SPLIT  8            /* most blocks sharing k (a portable cluster size) */
+#define TILE_CHUNKS (TILE_K / 8) /* 16-byte chunks per row and stage */
+#define TILE_RPP    (TILE_WARPS * 32 / TILE_CHUNKS) /* rows the block copies per pass */
+
+/* Byte offset of chunk c of row r in a stage's tile of 128-byte rows. */
+static __device__ __forceinline__ uint32_t s_swz(int r, int c) {
+    return (uint32_t)(r * TILE_CHUNKS + (c ^ (r & 7))) * 16u;
+}
+
+/* 16 bytes global -> shared, bypassing L1, with a 256-byte L2 prefetch hint (rows are read sequentially); n_src 0
+ * writes zeros (k past the row's end, tokens past n_tok). */
+static __device__ __forceinline__ void s_cp16(uint32_t dst, const void *src, int n_src) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n_src));
+}
+
+static __device__ __forceinline__ void s_ldsm4(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+template <int BN> struct s_tile_cfg {
+    static constexpr uint32_t W_BYTES = TILE_M * TILE_K * 2, STAGE_BYTES = (TILE_M + BN) * TILE_K * 2;
+    static constexpr int LD = BN + 1; /* the partial tile's row stride in floats: odd, so row-wise reads spread */
+};
+
+template <int BN, int STAGES> static constexpr size_t s_smem_bytes(void) {
+    return STAGES * s_tile_cfg<BN>::STAGE_BYTES > TILE_M * s_tile_cfg<BN>::LD * 4 ? STAGES * s_tile_cfg<BN>::STAGE_BYTES
+                                                                                  : TILE_M * s_tile_cfg<BN>::LD * 4;
+}
+
+/* Thread i copies chunk i % 8 of rows i / 8 + 16 j: weights (clamped to n_out - 1: rows past it are never stored)
+ * and tokens (zeros past n_tok). */
+template <int BN> struct s_loader_t {
+    const __nv_bfloat16 *w[TILE_M / TILE_RPP], *x[BN / TILE_RPP];
+    bool has_tok[BN / TILE_RPP];
+    int r0, c;
+};
+
+template <int BN>
+static __device__ __forceinline__ void s_load_w(const s_loader_t<BN> &ld, uint32_t stage, int32_t kk, int32_t k) {
+    const bool is_in = kk + ld.c * 8 < k;
+#pragma unroll
+    for (int j = 0; j < TILE_M / TILE_RPP; j++)
+        s_cp16(stage + s_swz(ld.r0 + TILE_RPP * j, ld.c), is_in ? ld.w[j] + kk : ld.w[j], is_in ? 16 : 0);
+}
+
+template <int BN>
+static __device__ __forceinline__ void s_load_x(const s_loader_t<BN> &ld, uint32_t stage, int32_t kk, int32_t k) {
+    const bool is_in = kk + ld.c * 8 < k;
+#pragma unroll
+    for (int j = 0; j < BN / TILE_RPP; j++) {
+        const bool is_ok = is_in && ld.has_tok[j];
+        s_cp16(stage + s_tile_cfg<BN>::W_BYTES + s_swz(ld.r0 + TILE_RPP * j, ld.c), is_ok ? ld.x[j] + kk : ld.x[j],
+               is_ok ? 16 : 0);
+    }
+}
+
+static __device__ __forceinline__ void s_commit(void) {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N> static __device__ __forceinline__ void s_wait_groups(void) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* Block (q, tile): weight rows [tile * 64, + 64) for every token, k steps [q, q + 1) * n_steps / n_split. */
+template <int BN, int STAGES, int MODE>
+static __global__ void __launch_bounds__(TILE_WARPS * 32)
+    k_gemv_tile(const s_epilogue_t e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
+                int32_t k, int32_t n_split) {
+    using cfg = s_tile_cfg<BN>;
+    constexpr int NJ = BN / 16; /* 8-token MMA columns per warp (a warp takes BN / 2 tokens) */
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * (BN / 2);
+    const int q = blockIdx.x;
+    const int64_t row0 = (int64_t)blockIdx.y * TILE_M;
+    const int32_t n_steps_all = (k + TILE_K - 1) / TILE_K;
+    const int32_t s0 = (int32_t)((int64_t)n_steps_all * q / n_split);
+    const int32_t n_steps = (int32_t)((int64_t)n_steps_all * (q + 1) / n_split) - s0;
+
+    s_loader_t<BN> ld;
+    ld.r0 = threadIdx.x / TILE_CHUNKS, ld.c = threadIdx.x % TILE_CHUNKS;
+#pragma unroll
+    for (int j = 0; j < TILE_M / TILE_RPP; j++) {
+        const int64_t row = row0 + ld.r0 + TILE_RPP * j;
+        ld.w[j] = w + (row < n_out ? row : n_out - 1) * (int64_t)k + (int64_t)s0 * TILE_K + ld.c * 8;
+    }
+#pragma unroll
+    for (int j = 0; j < BN / TILE_RPP; j++) {
+        const int t = ld.r0 + TILE_RPP * j;
+        ld.has_tok[j] = t < n_tok;
+        ld.x[j] = x + (int64_t)(t < n_tok ? t : 0) * k + (int64_t)s0 * TILE_K + ld.c * 8;
+    }
+    const int32_t k_rest = k - s0 * TILE_K; /* k relative to this block's first step */
+    /* Each row tile walks its steps from its own starting point (step j of the loop is step (j + rot) % n_steps):
+     * blocks that all read the same x slice at once would queue on the few L2 slices holding it. The order depends
+     * on the tile and the shape only, not on n_tok. */
+    const int32_t rot = n_steps > 0 ? (int32_t)(blockIdx.y % (unsigned)n_steps) : 0;
+#define S_STEP_K(j) ((((j) + rot) % n_steps) * TILE_K)
+
+    /* The first stages' weights before the wait (they are written at load only), in the first group with x's. */
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++)
+        if (s < n_steps) s_load_w<BN>(ld, base + s * cfg::STAGE_BYTES, S_STEP_K(s), k_rest);
+    s_pdl_begin(); /* x and the outputs are earlier kernels' */
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < n_steps) s_load_x<BN>(ld, base + s * cfg::STAGE_BYTES, S_STEP_K(s), k_rest);
+        s_commit();
+    }
+
+    float acc[2][NJ][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
+    for (int32_t i = 0; i < n_steps; i++) {
+        s_wait_groups<STAGES - 2>(); /* step i's group has landed (for this thread) ... */
+        __syncthreads();             /* ... for every thread, and step i - 1's stage is free */
+        const int32_t nx = i + STAGES - 1;
+        if (nx < n_steps) {
+            const uint32_t st = base + (nx % STAGES) * cfg::STAGE_BYTES;
+            s_load_w<BN>(ld, st, S_STEP_K(nx), k_rest);
+            s_load_x<BN>(ld, st, S_STEP_K(nx), k_rest);
+        }
+        s_commit(); /* empty groups too: the count behind s_wait_groups stays one per step */
+        const uint32_t sw = base + (i % STAGES) * cfg::STAGE_BYTES, sx = sw + cfg::W_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < TILE_K / 16; kk++) {
+            uint32_t a[2][4], b[NJ / 2][4];
+#pragma unroll
+            for (int m = 0; m < 2; m++) s_ldsm4(a[m], sw + s_swz(wm + m * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+            for (int j = 0; j < NJ / 2; j++)
+                s_ldsm4(b[j], sx + s_swz(wn + j * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+                for (int j = 0; j < NJ; j++)
+                    s_mma_bf16(acc[m][j], a[m][0], a[m][1], a[m][2], a[m][3], b[j / 2][(j & 1) * 2],
+                               b[j / 2][(j & 1) * 2 + 1]);
+        }
+    }
+#undef S_STEP_K
+    s_wait_groups<0>();
+    __syncthreads(); /* every warp is done with the stages: the partial tile takes their place */
+
+    float *part = (float *)smem; /* (TILE_M, LD): rows of weights, columns of tokens */
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++) {
+            float *r0 = part + (wm + m * 16 + gq) * cfg::LD + wn + j * 8 + 2 * tq, *r1 = r0 + 8 * cfg::LD;
+            r0[0] = acc[m][j][0], r0[1] = acc[m][j][1], r1[0] = acc[m][j][2], r1[1] = acc[m][j][3];
+        }
+    cg::cluster_group cluster = cg::this_cluster();
+    if (n_split > 1)
+        cluster.sync(); /* every block's partial tile is written (and visible to the cluster) */
+    else
+        __syncthreads();
+
+    constexpr int RPI = MODE == S_PLAIN ? 1 : 2; /* rows per output item: one, or a pair */
+    const int rows = TILE_M / n_split, n_items = rows / RPI, r_first = q * rows;
+    for (int i = threadIdx.x; i < n_items * n_tok; i += TILE_WARPS * 32) { /* consecutive threads: consecutive rows */
+        const int r = r_first + i % n_items * RPI, t = i / n_items;
+        if (row0 + r >= n_out) continue;
+        float s[RPI];
+#pragma unroll
+        for (int j = 0; j < RPI; j++) s[j] = 0.0f;
+        for (int p = 0; p < n_split; p++) { /* rank order: the same sum whichever block does it */
+            const float *src = n_split > 1 ? cluster.map_shared_rank(part, (unsigned)p) : part;
+#pragma unroll
+            for (int j = 0; j < RPI; j++) s[j] += src[(r + j) * cfg::LD + t];
+        }
+        if constexpr (MODE == S_PLAIN) {
+            float *dst = e.y + (int64_t)t * n_out + row0 + r;
+            *dst = e.is_accumulate ? *dst + s[0] : s[0];
+        } else { /* n_out is even and tiles start at multiples of 64: rows come in whole pairs */
+            s_store_pair<MODE>(e, t, row0 + r, n_out, s[0], s[RPI - 1]);
+        }
+    }
+    if (n_split > 1) cluster.sync(); /* no block leaves while another may still read its partial tile */
+}
+
+/* Blocks of one instantiation that fit an SM at once (0: not known, the kernel is not ready). */
+static int32_t g_blocks_per_sm[2][2][3]; /* [3 / 4 stages][BN 32 / 64][mode] */
+static int32_t g_n_sm;
+static int32_t g_max_tok; /* 0: the kernel takes nothing */
+static int32_t g_stages = 4;
+static int32_t g_split_max = TILE_SPLIT; /* ENG_CUDA_GEMV_TILE_SPLIT (A/B): at most this many blocks share k */
+
+/* With the largest shared-memory carveout: left to the driver, it may pick a smaller one than the blocks per SM that
+ * the occupancy query promises (and the split below counts on) need. */
+template <int BN, int STAGES, int MODE> static bool s_prepare_one(void) {
+    const size_t smem = s_smem_bytes<BN, STAGES>();
+    auto kern = k_gemv_tile<BN, STAGES, MODE>;
+    int n = 0;
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
+        cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
+            cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, TILE_WARPS * 32, smem) != cudaSuccess || n < 1)
+        return false;
+    g_blocks_per_sm[STAGES == 4][BN == 64][MODE] = n;
+    return true;
+}
+
+template <int BN, int MODE> static bool s_prepare(void) {
+    return s_prepare_one<BN, 3, MODE>() && s_prepare_one<BN, 4, MODE>();
+}
+
+void eng_cuda_gemv_tile_set_stages(int32_t n_stages) {
+    g_stages = n_stages == 3 ? 3 : 4;
+}
+
+void eng_cuda_gemv_tile_set(int32_t max_tok) {
+    g_max_tok = 0;
+    if (max_tok <= ENG_CUDA_GEMV_MAX_TOK) return;
+    int dev = 0, n_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n_sm < 1)
+        return;
+    if (!s_prepare<32, S_PLAIN>() || !s_prepare<32, S_SWIGLU>() || !s_prepare<32, S_QKV>() ||
+        !s_prepare<64, S_PLAIN>() || !s_prepare<64, S_SWIGLU>() || !s_prepare<64, S_QKV>()) {
+        (void)cudaGetLastError(); /* not sticky: the caller's next check must not see it */
+        return;
+    }
+    g_n_sm = n_sm;
+    const char *split = getenv("ENG_CUDA_GEMV_TILE_SPLIT");
+    g_split_max = split && *split ? atoi(split) : TILE_SPLIT;
+    g_max_tok = max_tok < ENG_CUDA_GEMV_TILE_MAX_TOK ? max_tok : ENG_CUDA_GEMV_TILE_MAX_TOK;
+}
+
+bool eng_cuda_gemv_tile_takes(int32_t n_tok) {
+    return n_tok > ENG_CUDA_GEMV_MAX_TOK && n_tok <= g_max_tok;
+}
+
+/* The largest power of two n_split <= TILE_SPLIT that keeps the grid within one wave of resident blocks and each
+ * block at least 4 k steps. */
+static int32_t s_split(int32_t n_tiles, int32_t k, int32_t blocks_per_sm) {
+    const int64_t wave = (int64_t)g_n_sm * blocks_per_sm;
+    const int32_t n_steps = (k + TILE_K - 1) / TILE_K;
+    int32_t n = 1;
+    while (n < TILE_SPLIT && n < g_split_max && (int64_t)n_tiles * n * 2 <= wave && n_steps / (n * 2) >= 4) n *= 2;
+    return n;
+}
+
+template <int BN, int STAGES, int MODE>
+static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok,
+                     int32_t n_out, int32_t k, cudaStream_t st) {
+    const int32_t n_tiles = (n_out + TILE_M - 1) / TILE_M;
+    const int32_t n_split = s_split(n_tiles, k, g_blocks_per_sm[STAGES == 4][BN == 64][MODE]);
+    cudaLaunchAttribute attrs[2];
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = (unsigned)n_split, attrs[0].val.clusterDim.y = 1, attrs[0].val.clusterDim.z = 1;
+    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)n_split, (unsigned)n_tiles), cfg.blockDim = dim3(TILE_WARPS * 32);
+    cfg.dynamicSmemBytes = s_smem_bytes<BN, STAGES>(), cfg.stream = st;
+    cfg.attrs = attrs, cfg.numAttrs = eng_cuda_pdl_is_on() ? 2u : 1u; /* the cluster always, PDL when on */
+    (void)cudaLaunchKernelEx(&cfg, k_gemv_tile<BN, STAGES, MODE>, e, x, w, n_tok, n_out, k, n_split);
+}
+
+template <int MODE>
+static void s_launch_mode(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok,
+                          int32_t n_out, int32_t k, cudaStream_t st) {
+    if (n_tok <= 32)
+        g_stages == 3 ? s_launch<32, 3, MODE>(e, x, w, n_tok, n_out, k, st)
+                      : s_launch<32, 4, MODE>(e, x, w, n_tok, n_out, k, st);
+    else
+        g_stages == 3 ? s_launch<64, 3, MODE>(e, x, w, n_tok, n_out, k, st)
+                      : s_launch<64, 4, MODE>(e, x, w, n_tok, n_out, k, st);
+}
+
+void eng_cuda_gemv_tile_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                               int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
+    if (mode == S_SWIGLU)
+        s_launch_mode<S_SWIGLU>(e, x, w, n_tok, n_out, k, st);
+    else if (mode == S_QKV)
+        s_launch_mode<S_QKV>(e, x, w, n_tok, n_out, k, st);
+    else
+        s_launch_mode<S_PLAIN>(e, x, w, n_tok, n_out, k, st);
+}
