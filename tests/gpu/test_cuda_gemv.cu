@@ -173,6 +173,39 @@ static void s_check_refusals(cudaStream_t st) {
     CK(cudaFree(dy));
 }
 
+/* The SwiGLU rows h (n_rows, hidden) of a product whose gate/up totals are ref (n_rows, 2 hidden; gate j at 2 j), each
+ * within tol_scale * tol[i] of its reference: rows past n_tok must still be 0xffff, the rest within the SwiGLU error
+ * bound of s_check_norm_swiglu's comment. Returns the worst error as a fraction of its tolerance. */
+static double s_check_swiglu_rows(const uint16_t *h, int n_rows, int n_tok, int32_t hidden, int32_t k,
+                                  const double *ref, const double *tol_of, double tol_scale, const char *what) {
+    double worst = 0.0;
+    for (int t = 0; t < n_rows; t++)
+        for (int32_t j = 0; j < hidden; j++) {
+            const uint16_t v = h[(size_t)t * hidden + j];
+            if (t >= n_tok) {
+                if (v != 0xffffu) {
+                    fprintf(stderr, "%s: wrote h[%d] past n_tok %d\n", what, t, n_tok);
+                    s_fail("SwiGLU wrote past n_tok");
+                }
+                continue;
+            }
+            const size_t g_at = (size_t)t * 2 * hidden + 2 * (size_t)j;
+            const double g = ref[g_at], u = ref[g_at + 1], tg = tol_scale * tol_of[g_at],
+                         tu = tol_scale * tol_of[g_at + 1];
+            const double silu = g / (1.0 + exp(-g)), want = silu * u;
+            const double dh_max = (fabs(silu) + 1.1 * tg) * tu + 1.1 * fabs(u) * tg;
+            const double tol = dh_max + 0x1p-8 * (fabs(want) + dh_max) + 2e-6 * fabs(want) + 1e-30;
+            const double err = fabs((double)eng_bf16_to_f32(v) - want);
+            if (!(err <= tol)) {
+                fprintf(stderr, "%s n_tok=%d hidden=%d k=%d: h[%d][%d] = %.6g, want %.6g (tol %.3g)\n", what, n_tok,
+                        hidden, k, t, j, eng_bf16_to_f32(v), want, tol);
+                s_fail("SwiGLU off");
+            }
+            if (err / tol > worst) worst = err / tol;
+        }
+    return worst;
+}
+
 /* h = bf16(silu(gate) * up) through eng_cuda_gemv_swiglu at the tiled kernel's row counts, against the double
  * products: each product within 1e-5 of its sum of |terms| (t), then the error carried through SwiGLU as in
  * s_check_norm_swiglu below. */
@@ -203,32 +236,12 @@ static void s_check_tile_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     CK(cudaMemcpyAsync(dw, wb, nw * 2, cudaMemcpyHostToDevice, st));
     for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
         const int n_tok = n_toks[ti];
-        double worst = 0.0;
         CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
         if (!eng_cuda_gemv_swiglu(dh, dx, dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
         CK(cudaGetLastError());
         CK(cudaStreamSynchronize(st));
         CK(cudaMemcpy(h, dh, nh * 2, cudaMemcpyDeviceToHost));
-        for (int t = 0; t < mt; t++)
-            for (int32_t j = 0; j < hidden; j++) {
-                const uint16_t v = h[(size_t)t * hidden + j];
-                if (t >= n_tok) {
-                    if (v != 0xffffu) s_fail("SwiGLU wrote past n_tok");
-                    continue;
-                }
-                const size_t g_at = (size_t)t * n_out + 2 * (size_t)j;
-                const double g = ref[g_at], u = ref[g_at + 1], tg = 1e-5 * mag[g_at], tu = 1e-5 * mag[g_at + 1];
-                const double silu = g / (1.0 + exp(-g)), want = silu * u;
-                const double dh_max = (fabs(silu) + 1.1 * tg) * tu + 1.1 * fabs(u) * tg;
-                const double tol = dh_max + 0x1p-8 * (fabs(want) + dh_max) + 2e-6 * fabs(want) + 1e-30;
-                const double err = fabs((double)eng_bf16_to_f32(v) - want);
-                if (!(err <= tol)) {
-                    fprintf(stderr, "swiglu n_tok=%d hidden=%d k=%d: h[%d][%d] = %.6g, want %.6g (tol %.3g)\n", n_tok,
-                            hidden, k, t, j, eng_bf16_to_f32(v), want, tol);
-                    s_fail("SwiGLU off");
-                }
-                if (err / tol > worst) worst = err / tol;
-            }
+        const double worst = s_check_swiglu_rows(h, mt, n_tok, hidden, k, ref, mag, 1e-5, "tiled swiglu");
         g_n_checks++;
         printf("tiled swiglu n_tok=%d hidden=%5d k=%5d: ok (max err %.2f of tol)\n", n_tok, hidden, k, worst);
     }
@@ -440,32 +453,12 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     CK(cudaMalloc(&dh, nh * 2));
     const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
-        double worst = 0.0;
         CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
         if (!eng_cuda_gemv_swiglu_norm(dh, &xn, nc.dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
         CK(cudaGetLastError());
         CK(cudaStreamSynchronize(st));
         CK(cudaMemcpy(h, dh, nh * 2, cudaMemcpyDeviceToHost));
-        for (int t = 0; t < S_NT; t++)
-            for (int32_t j = 0; j < hidden; j++) {
-                const uint16_t v = h[(size_t)t * hidden + j];
-                if (t >= n_tok) {
-                    if (v != 0xffffu) s_fail("normalising SwiGLU wrote past n_tok");
-                    continue;
-                }
-                const size_t g_at = (size_t)t * 2 * hidden + 2 * (size_t)j;
-                const double g = nc.ref[g_at], u = nc.ref[g_at + 1], tg = nc.tol[g_at], tu = nc.tol[g_at + 1];
-                const double silu = g / (1.0 + exp(-g)), want = silu * u;
-                const double dh_max = (fabs(silu) + 1.1 * tg) * tu + 1.1 * fabs(u) * tg;
-                const double tol = dh_max + 0x1p-8 * (fabs(want) + dh_max) + 2e-6 * fabs(want) + 1e-30;
-                const double err = fabs((double)eng_bf16_to_f32(v) - want);
-                if (!(err <= tol)) {
-                    fprintf(stderr, "swiglu norm n_tok=%d hidden=%d k=%d: h[%d][%d] = %.6g, want %.6g (tol %.3g)\n",
-                            n_tok, hidden, k, t, j, eng_bf16_to_f32(v), want, tol);
-                    s_fail("normalising SwiGLU off");
-                }
-                if (err / tol > worst) worst = err / tol;
-            }
+        const double worst = s_check_swiglu_rows(h, S_NT, n_tok, hidden, k, nc.ref, nc.tol, 1.0, "swiglu norm");
         g_n_checks++;
         printf("swiglu n_tok=%d hidden=%5d k=%5d: ok (max err %.2f of tol)\n", n_tok, hidden, k, worst);
     }
