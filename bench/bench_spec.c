@@ -10,8 +10,10 @@
  * The speed-up column is against mode off at the same workload and B, measured in the same run: the modes run
  * in turn, --reps times (batches of up to 8; once above), and each row shows its median run, because runs of
  * the same work differ by 10-20% on a shared 2-core machine.
+ * --dump FILE writes each request's prompt and greedy tokens without speculation (mode off), one JSON line per
+ * request ({"workload", "prompt": [ids], "out": [ids]}), for studying proposers offline (bench/ngram_sim.py).
  * Usage: spec --rag FILE --chat FILE [--model GGUF] [--draft GGUF] [--batches 1,8,32] [--max-tokens N]
- *             [--threads N] [--spec-k K] */
+ *             [--threads N] [--spec-k K] [--reps N] [--dump FILE] */
 #define _GNU_SOURCE /* getline */
 #include <jansson.h>
 #include <stdio.h>
@@ -26,6 +28,9 @@
 
 #define MAX_PROMPTS 256
 #define MAX_B       64
+
+static FILE *g_dump;            /* --dump: mode off's tokens per request */
+static const char *g_dump_name; /* the workload being run */
 
 typedef struct {
     int32_t *ids[MAX_PROMPTS];
@@ -117,6 +122,9 @@ static result_t s_run(eng_t *e, eng_t *draft, eng_drafter_t *drafter, dc_spec_mo
     dc_sched_stats_t st0 = {0}, st1;
     bool is_decoding = false;
     double prev_done = -1; /* when the previous step was updated */
+    const bool is_dump = g_dump && mode == DC_SPEC_OFF;
+    int32_t *dumped = is_dump ? pd_xmalloc(sizeof(int32_t) * (size_t)b * (size_t)max_tokens) : NULL;
+    int32_t n_dumped[MAX_B] = {0};
     for (;;) {
         int n = dc_sched_plan(s, 0, &plan, ev, (int)(sizeof ev / sizeof *ev));
         if (n < 0 || plan.n_seqs == 0) break;
@@ -131,6 +139,11 @@ static result_t s_run(eng_t *e, eng_t *draft, eng_drafter_t *drafter, dc_spec_mo
         int32_t n_rows = plan.n_decode_rows, n_tokens = plan.n_tokens_total;
         n = dc_sched_update(s, &plan, logits, 0, ev, (int)(sizeof ev / sizeof *ev));
         if (n < 0) PD_FATAL("update failed");
+        for (int i = 0; is_dump && i < n; i++) { /* req_id i + 1 is request i */
+            const int r = (int)ev[i].req_id - 1;
+            if (ev[i].token >= 0 && r >= 0 && r < b && n_dumped[r] < max_tokens)
+                dumped[(size_t)r * (size_t)max_tokens + (size_t)n_dumped[r]++] = ev[i].token;
+        }
         /* as dc_exec does: decode steps only, the forward plus the update (sampling, verification); the guard
          * the whole cycle since the previous update */
         const double t3 = s_now(), cycle_us = prev_done > 0 ? (t3 - prev_done) * 1e6 : -1.0;
@@ -144,6 +157,16 @@ static result_t s_run(eng_t *e, eng_t *draft, eng_drafter_t *drafter, dc_spec_mo
         }
     }
     dc_sched_stats(s, &st1);
+    for (int r = 0; is_dump && r < b; r++) {
+        fprintf(g_dump, "{\"workload\": \"%s\", \"prompt\": [", g_dump_name);
+        for (int32_t j = 0; j < p->n[r % p->count]; j++)
+            fprintf(g_dump, "%s%d", j ? ", " : "", p->ids[r % p->count][j]);
+        fprintf(g_dump, "], \"out\": [");
+        for (int32_t j = 0; j < n_dumped[r]; j++)
+            fprintf(g_dump, "%s%d", j ? ", " : "", dumped[(size_t)r * (size_t)max_tokens + (size_t)j]);
+        fprintf(g_dump, "]}\n");
+    }
+    free(dumped);
     free(logits);
     dc_plan_fini(&plan);
     dc_sched_destroy(&s);
@@ -172,7 +195,7 @@ int main(int argc, char **argv) {
     pd_log_init("bench_spec", PD_LOG_WARN);
     const char *model = getenv("PDSERVE_MODEL"), *draft_path = NULL, *files[2] = {NULL, NULL};
     const char *names[2] = {"rag", "chat"};
-    int batches[8] = {1, 8, 32}, n_batches = 3, max_tokens = 128, threads = 2, spec_k = 5, reps = 3;
+    int batches[8] = {1, 8, 32}, n_batches = 3, max_tokens = 128, threads = 2, spec_k = 7, reps = 3;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model"))
             model = argv[i + 1];
@@ -190,13 +213,15 @@ int main(int argc, char **argv) {
             spec_k = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--reps"))
             reps = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--batches")) {
+        else if (!strcmp(argv[i], "--dump")) {
+            if (!(g_dump = fopen(argv[i + 1], "w"))) PD_FATAL("--dump %s: cannot open", argv[i + 1]);
+        } else if (!strcmp(argv[i], "--batches")) {
             n_batches = 0;
             for (char *t = strtok(argv[i + 1], ","); t && n_batches < 8; t = strtok(NULL, ","))
                 batches[n_batches++] = atoi(t);
         } else {
             fprintf(stderr, "usage: spec --rag FILE --chat FILE [--model GGUF] [--draft GGUF] [--batches 1,8,32] "
-                            "[--max-tokens N] [--threads N] [--spec-k K]\n");
+                            "[--max-tokens N] [--threads N] [--spec-k K] [--reps N] [--dump FILE]\n");
             return 2;
         }
     }
@@ -218,6 +243,7 @@ int main(int argc, char **argv) {
         if (!files[w]) continue;
         prompts_t p = {0};
         if (s_load(e, files[w], &p) <= 0) PD_FATAL("%s: no prompts", files[w]);
+        g_dump_name = names[w];
         for (int bi = 0; bi < n_batches; bi++) {
             int b = batches[bi] > MAX_B ? MAX_B : batches[bi], n_reps = b <= 8 ? (reps < 1   ? 1
                                                                                   : reps > 9 ? 9
@@ -248,6 +274,7 @@ int main(int argc, char **argv) {
         }
         for (int i = 0; i < p.count; i++) free(p.ids[i]);
     }
+    if (g_dump) fclose(g_dump);
     eng_drafter_destroy(&drafter);
     eng_destroy(&draft);
     eng_destroy(&e);

@@ -27,7 +27,7 @@ typedef struct {
     /* speculative decoding */
     int spec;
     char *draft_model;
-    int64_t spec_k, ngram_min, ngram_max, spec_max_step_drafts, draft_catchup_tokens, draft_kv_mem;
+    int64_t spec_k, ngram_min, ngram_max, ngram_short_k, spec_max_step_drafts, draft_catchup_tokens, draft_kv_mem;
     bool spec_fixed_k;
 } dc_config_t;
 
@@ -69,12 +69,16 @@ static const pd_opt_t s_opts[] = {
      .help = "cuda: copy KV device to device from prefill workers on the same GPU (else through host memory)"},
     {.section = "decode", .key = "spec", .type = PD_OPT_ENUM, F(spec), .def = "off", .choices = s_spec_modes,
      .help = "speculative decoding: n-gram prompt lookup or a draft model (decode.draft_model)"},
-    {.section = "decode", .key = "spec_k", .type = PD_OPT_INT64, F(spec_k), .def = "5", .min = 1,
+    {.section = "decode", .key = "spec_k", .type = PD_OPT_INT64, F(spec_k), .def = "7", .min = 1,
      .max = DC_MAX_TOKENS_PER_SEQ - 1, .help = "most drafts per sequence per step (adaptive below that)"},
     {.section = "decode", .key = "spec_fixed_k", .type = PD_OPT_BOOL, F(spec_fixed_k), .def = "false",
      .help = "always draft up to spec_k (no cost model); for tests and comparisons"},
     {.section = "decode", .key = "ngram_min", .type = PD_OPT_INT64, F(ngram_min), .def = "2", .min = 1, .max = 64,
      .help = "n-gram lookup: shortest match used"},
+    {.section = "decode", .key = "ngram_short_k", .type = PD_OPT_INT64, F(ngram_short_k), .def = "0", .min = 0,
+     .max = DC_MAX_TOKENS_PER_SEQ - 1,
+     .help = "n-gram lookup: where no ngram_min+ match is found, up to this many drafts from a one-token match "
+             "(their acceptance tracked apart; 0: none)"},
     {.section = "decode", .key = "ngram_max", .type = PD_OPT_INT64, F(ngram_max), .def = "4", .min = 1, .max = 64,
      .help = "n-gram lookup: longest match tried (first)"},
     {.section = "decode", .key = "spec_max_step_drafts", .type = PD_OPT_INT64, F(spec_max_step_drafts), .def = "64",
@@ -215,6 +219,7 @@ int main(int argc, char **argv) {
     sp.is_kv_device = cfg.kv_cuda_ipc;
     sp.spec = (dc_spec_mode_t)cfg.spec;
     sp.spec_k = (int32_t)cfg.spec_k, sp.ngram_min = (int32_t)cfg.ngram_min, sp.ngram_max = (int32_t)cfg.ngram_max;
+    sp.ngram_short_k = cfg.ngram_short_k > 0 ? (int32_t)cfg.ngram_short_k : -1;
     sp.spec_max_step_drafts = (int32_t)cfg.spec_max_step_drafts;
     sp.spec_fixed_k = cfg.spec_fixed_k;
     sp.draft_catchup_tokens = (int32_t)cfg.draft_catchup_tokens;

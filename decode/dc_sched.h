@@ -75,8 +75,11 @@ typedef struct {
     int32_t max_prefill_seqs;     /* local-prefill rows per step, besides the max_batch_seqs decode rows (default 4) */
     /* speculative decoding (dc_spec.h): drafts proposed per decode row, verified in the same forward */
     dc_spec_mode_t spec;          /* DC_SPEC_OFF (default), DC_SPEC_NGRAM, DC_SPEC_DRAFT (needs draft_pool) */
-    int32_t spec_k;               /* most drafts per sequence per step, 1..DC_MAX_TOKENS_PER_SEQ-1 (default 5) */
+    int32_t spec_k;               /* most drafts per sequence per step, 1..DC_MAX_TOKENS_PER_SEQ-1 (default 7) */
     int32_t ngram_min, ngram_max; /* n-gram lookup: longest match tried first (defaults 2 and 4) */
+    int32_t ngram_short_k;        /* where no n-gram of ngram_min+ tokens matches, up to this many drafts from a
+                                     one-token match, their acceptance tracked apart from the longer matches' (which
+                                     they would otherwise drag down); 0: none (default) */
     int32_t spec_max_step_drafts; /* most draft tokens in one step, all sequences together (default 64) */
     bool spec_fixed_k;            /* true: every row drafts as much as it can (up to spec_k), no cost model (for
                                      tests and comparisons); false (default): adaptive k */

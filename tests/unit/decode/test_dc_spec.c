@@ -311,6 +311,9 @@ static void s_record(const dc_event_t *ev, int n) {
 /* A variant of the harness: the engine samples the rows (dc_plan_batch without logits, as dc_exec does) instead of
  * dc_sched_update sampling logits. */
 static bool s_is_engine_sampling;
+/* Another: n-gram lookup from s_ngram_min tokens, and one-token matches as their own class (s_short_k drafts,
+ * dc_sched_params_t.ngram_short_k). */
+static int32_t s_ngram_min = 1, s_short_k;
 
 static dc_sched_t *s_sched(dc_spec_mode_t spec) {
     dc_sched_params_t p = dc_sched_params_default();
@@ -326,8 +329,9 @@ static dc_sched_t *s_sched(dc_spec_mode_t spec) {
     p.max_prefill_seqs = 2;
     p.spec = spec;
     p.spec_k = 4;
-    p.ngram_min = 1;
+    p.ngram_min = s_ngram_min;
     p.ngram_max = 3;
+    p.ngram_short_k = s_short_k;
     if (spec == DC_SPEC_DRAFT) {
         p.draft_pool = eng_kv_pool(s_draft_engine);
         p.draft_block_size = eng_kv_layout(s_draft_engine)->block_size;
@@ -490,6 +494,30 @@ static void test_lossless_sampled(void) {
     s_lossless(true);
 }
 
+/* One-token matches drafting apart (ngram_short_k) with lookups from 2 tokens: still the same tokens, greedy and
+ * sampled, and more drafts than the lookups from 2 tokens propose alone (the one-token class is used). */
+static void test_lossless_short_matches(void) {
+    for (int is_sampled = 0; is_sampled < 2; is_sampled++) {
+        static out_t ref[MAX_REQS];
+        dc_sched_stats_t st, st_long;
+        s_decode(DC_SPEC_OFF, is_sampled != 0, false, &st);
+        memcpy(ref, s_outs, sizeof ref);
+        s_ngram_min = 2;
+        s_decode(DC_SPEC_NGRAM, is_sampled != 0, true, &st_long);
+        s_check_same(ref, is_sampled ? "ngram from 2 tokens, sampled" : "ngram from 2 tokens");
+        s_short_k = 3;
+        s_decode(DC_SPEC_NGRAM, is_sampled != 0, true, &st);
+        s_check_same(ref, is_sampled ? "ngram with one-token matches, sampled" : "ngram with one-token matches");
+        s_ngram_min = 1, s_short_k = 0;
+        fprintf(stderr, "one-token class %s: %llu drafts (%llu from 2 tokens alone), %llu accepted\n",
+                is_sampled ? "sampled" : "greedy", (unsigned long long)st.n_draft_tokens,
+                (unsigned long long)st_long.n_draft_tokens, (unsigned long long)st.n_accepted_tokens);
+        CHECK(st.n_accepted_tokens > 0);
+        CHECK(st.n_draft_tokens > st.n_accepted_tokens);
+        CHECK(st.n_draft_tokens > st_long.n_draft_tokens);
+    }
+}
+
 /* A request that asks for no speculation gets none; spec_k above the deployment's is capped. */
 static void test_per_request(void) {
     dc_sched_t *s = s_sched(DC_SPEC_NGRAM);
@@ -638,6 +666,7 @@ int main(void) {
         s_n_prompt[i] = s_quick && n > 24 ? 24 : (int32_t)n; /* quick: shorter prompts, still self-repeating */
     }
     PD_TEST_RUN(test_lossless_greedy);
+    PD_TEST_RUN(test_lossless_short_matches);
     PD_TEST_RUN(test_lossless_sampled);
     PD_TEST_RUN(test_per_request);
     PD_TEST_RUN(test_distribution);
