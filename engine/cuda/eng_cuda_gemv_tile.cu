@@ -21,10 +21,10 @@
  * result does not depend on how many others share the batch.
  *
  * Measured on the H100 (bench/RESULTS.md, engine_cuda, session 15) it loses to cuBLAS in the decode step (8B batch 64
- * 6095 against 7728 tok/s): alone it streams the output head at 93-100% of copy bandwidth (cuBLAS 88-95%) and gate/up
- * at 17..32 rows as fast as cuBLAS, but the products of few row tiles (Q/K/V, O, down) reach 40-63% where cuBLAS
- * reaches 72-86%, even with k split. So it is off unless ENG_CUDA_GEMV_TILE=N asks for it: a base to improve, not a
- * default. */
+ * 6864-6887 against 7489 tok/s in one call): alone it streams the output head at 88-98% of copy bandwidth (cuBLAS
+ * 88-92%) and gate/up at 84-93% (cuBLAS 87-92%), but the products of few row tiles (Q/K/V, O, down) reach 45-76%
+ * where cuBLAS reaches 68-85%, even with k split. So it is off unless ENG_CUDA_GEMV_TILE=N asks for it: a base to
+ * improve, not a default. */
 #include "eng_cuda_gemv.cuh"
 
 #include <cooperative_groups.h>
@@ -222,25 +222,33 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
     if (n_split > 1) cluster.sync(); /* no block leaves while another may still read its partial tile */
 }
 
-/* Blocks of one instantiation that fit an SM at once (0: not known, the kernel is not ready). */
-static int32_t g_blocks_per_sm[2][2][3]; /* [3 / 4 stages][BN 32 / 64][mode] */
-static int32_t g_n_sm;
-static int32_t g_max_tok; /* 0: the kernel takes nothing */
-static int32_t g_stages = 4;
-static int32_t g_split_max = TILE_SPLIT; /* ENG_CUDA_GEMV_TILE_SPLIT (A/B): at most this many blocks share k */
+/* Clusters of 1, 2, 4 and 8 blocks of one instantiation that the GPU holds at once (cudaOccupancyMaxActiveClusters:
+ * a cluster's blocks must fit the SMs of one GPC together, so this is less than blocks per SM x SMs / size). */
+static int32_t g_max_clusters[2][2][3][4]; /* [3 / 4 stages][BN 32 / 64][mode][log2 cluster size] */
+static int32_t g_max_tok;                  /* 0: the kernel takes nothing */
+static int32_t g_stages;                   /* 0: chosen per product (s_pick); 3 or 4: ENG_CUDA_GEMV_TILE_STAGES */
+static int32_t g_split_max = TILE_SPLIT;   /* ENG_CUDA_GEMV_TILE_SPLIT (A/B): at most this many blocks share k */
 
-/* With the largest shared-memory carveout: left to the driver, it may pick a smaller one than the blocks per SM that
- * the occupancy query promises (and the split below counts on) need. */
+/* With the largest shared-memory carveout: left to the driver, it may pick a smaller one than the occupancy queries
+ * assume. */
 template <int BN, int STAGES, int MODE> static bool s_prepare_one(void) {
     const size_t smem = s_smem_bytes<BN, STAGES>();
     auto kern = k_gemv_tile<BN, STAGES, MODE>;
-    int n = 0;
     if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess ||
         cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared) !=
-            cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, TILE_WARPS * 32, smem) != cudaSuccess || n < 1)
+            cudaSuccess)
         return false;
-    g_blocks_per_sm[STAGES == 4][BN == 64][MODE] = n;
+    for (int c = 0; c < 4; c++) {
+        cudaLaunchAttribute a;
+        a.id = cudaLaunchAttributeClusterDimension;
+        a.val.clusterDim.x = 1u << c, a.val.clusterDim.y = 1, a.val.clusterDim.z = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(1u << c), cfg.blockDim = dim3(TILE_WARPS * 32), cfg.dynamicSmemBytes = smem;
+        cfg.attrs = &a, cfg.numAttrs = 1;
+        int n = 0;
+        if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) return false;
+        g_max_clusters[STAGES == 4][BN == 64][MODE][c] = n;
+    }
     return true;
 }
 
@@ -249,22 +257,17 @@ template <int BN, int MODE> static bool s_prepare(void) {
 }
 
 void eng_cuda_gemv_tile_set_stages(int32_t n_stages) {
-    g_stages = n_stages == 3 ? 3 : 4;
+    g_stages = n_stages == 3 || n_stages == 4 ? n_stages : 0;
 }
 
 void eng_cuda_gemv_tile_set(int32_t max_tok) {
     g_max_tok = 0;
     if (max_tok <= ENG_CUDA_GEMV_MAX_TOK) return;
-    int dev = 0, n_sm = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n_sm < 1)
-        return;
     if (!s_prepare<32, S_PLAIN>() || !s_prepare<32, S_SWIGLU>() || !s_prepare<32, S_QKV>() ||
         !s_prepare<64, S_PLAIN>() || !s_prepare<64, S_SWIGLU>() || !s_prepare<64, S_QKV>()) {
         (void)cudaGetLastError(); /* not sticky: the caller's next check must not see it */
         return;
     }
-    g_n_sm = n_sm;
     const char *split = getenv("ENG_CUDA_GEMV_TILE_SPLIT");
     g_split_max = split && *split ? atoi(split) : TILE_SPLIT;
     g_max_tok = max_tok < ENG_CUDA_GEMV_TILE_MAX_TOK ? max_tok : ENG_CUDA_GEMV_TILE_MAX_TOK;
@@ -274,21 +277,33 @@ bool eng_cuda_gemv_tile_takes(int32_t n_tok) {
     return n_tok > ENG_CUDA_GEMV_MAX_TOK && n_tok <= g_max_tok;
 }
 
-/* The largest power of two n_split <= TILE_SPLIT that keeps the grid within one wave of resident blocks and each
- * block at least 4 k steps. */
-static int32_t s_split(int32_t n_tiles, int32_t k, int32_t blocks_per_sm) {
-    const int64_t wave = (int64_t)g_n_sm * blocks_per_sm;
+typedef struct {
+    int32_t n_stages, n_split;
+} s_pick_t;
+
+/* How n_tiles row tiles over k run: the largest split (a power of two up to g_split_max, each block at least 4 k
+ * steps) whose grid the GPU holds in one wave, with 4 stages where those fit and else 3 (more blocks per SM). Under
+ * Nsight Compute a second, partial wave cost up to half the kernel (8B gate/up: 448 blocks, 396 at 4 stages; Q/K/V
+ * split 4: 96 clusters of 4, 92 held). A grid no split fits in one wave (the output head) runs unsplit, 4 stages. */
+template <int BN, int MODE> static s_pick_t s_pick(int32_t n_tiles, int32_t k) {
     const int32_t n_steps = (k + TILE_K - 1) / TILE_K;
-    int32_t n = 1;
-    while (n < TILE_SPLIT && n < g_split_max && (int64_t)n_tiles * n * 2 <= wave && n_steps / (n * 2) >= 4) n *= 2;
-    return n;
+    s_pick_t pick = {g_stages ? g_stages : 4, 1};
+    for (int c = 0; c < 4; c++) {
+        const int32_t split = 1 << c;
+        if (split > g_split_max || (split > 1 && n_steps / split < 4)) break;
+        for (int32_t st = 4; st >= 3; st--)
+            if ((!g_stages || st == g_stages) && n_tiles <= g_max_clusters[st == 4][BN == 64][MODE][c]) {
+                pick.n_stages = st, pick.n_split = split;
+                break;
+            }
+    }
+    return pick;
 }
 
 template <int BN, int STAGES, int MODE>
 static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok,
-                     int32_t n_out, int32_t k, cudaStream_t st) {
+                     int32_t n_out, int32_t k, int32_t n_split, cudaStream_t st) {
     const int32_t n_tiles = (n_out + TILE_M - 1) / TILE_M;
-    const int32_t n_split = s_split(n_tiles, k, g_blocks_per_sm[STAGES == 4][BN == 64][MODE]);
     cudaLaunchAttribute attrs[2];
     attrs[0].id = cudaLaunchAttributeClusterDimension;
     attrs[0].val.clusterDim.x = (unsigned)n_split, attrs[0].val.clusterDim.y = 1, attrs[0].val.clusterDim.z = 1;
@@ -301,15 +316,23 @@ static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_b
     (void)cudaLaunchKernelEx(&cfg, k_gemv_tile<BN, STAGES, MODE>, e, x, w, n_tok, n_out, k, n_split);
 }
 
+template <int BN, int MODE>
+static void s_launch_bn(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok,
+                        int32_t n_out, int32_t k, cudaStream_t st) {
+    const s_pick_t p = s_pick<BN, MODE>((n_out + TILE_M - 1) / TILE_M, k);
+    if (p.n_stages == 3)
+        s_launch<BN, 3, MODE>(e, x, w, n_tok, n_out, k, p.n_split, st);
+    else
+        s_launch<BN, 4, MODE>(e, x, w, n_tok, n_out, k, p.n_split, st);
+}
+
 template <int MODE>
 static void s_launch_mode(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok,
                           int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_tok <= 32)
-        g_stages == 3 ? s_launch<32, 3, MODE>(e, x, w, n_tok, n_out, k, st)
-                      : s_launch<32, 4, MODE>(e, x, w, n_tok, n_out, k, st);
+        s_launch_bn<32, MODE>(e, x, w, n_tok, n_out, k, st);
     else
-        g_stages == 3 ? s_launch<64, 3, MODE>(e, x, w, n_tok, n_out, k, st)
-                      : s_launch<64, 4, MODE>(e, x, w, n_tok, n_out, k, st);
+        s_launch_bn<64, MODE>(e, x, w, n_tok, n_out, k, st);
 }
 
 void eng_cuda_gemv_tile_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w,

@@ -681,7 +681,7 @@ static void s_bench(cudaStream_t st) {
         const int n_copies = (int)(buf_bytes / w_stride); /* >= 1; together > L2 */
         for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
             const int n_tok = n_toks[ti];
-            double us[6]; /* CUDA cores; tensor cores (4 steps, 8 steps); cuBLAS; tiled (4 stages, 3) */
+            double us[6]; /* CUDA cores; tensor cores (4 steps, 8 steps); cuBLAS; tiled (stages chosen, 3) */
             for (int impl = 0; impl < 6; impl++) {
                 us[impl] = NAN; /* above 8 rows: tensor cores (4 steps), cuBLAS and tiled only */
                 if (n_tok > ENG_CUDA_GEMV_MAX_TOK && (impl == 0 || impl == 2)) continue;
@@ -692,7 +692,7 @@ static void s_bench(cudaStream_t st) {
                 eng_cuda_gemv_mma_set(impl == 1 || impl == 2 ? 1 : 0);
                 eng_cuda_gemv_mma_set_steps(impl == 2 ? 8 : 4);
                 eng_cuda_gemv_tile_set(impl >= 4 ? ENG_CUDA_GEMV_TILE_MAX_TOK : 0);
-                eng_cuda_gemv_tile_set_stages(impl == 5 ? 3 : 4);
+                eng_cuda_gemv_tile_set_stages(impl == 5 ? 3 : 0);
                 for (int i = -3; i < BENCH_ITERS; i++) {
                     if (i == 0) CK(cudaEventRecord(e0, st));
                     const int c = ((i % n_copies) + n_copies) % n_copies;
@@ -723,7 +723,7 @@ static void s_bench(cudaStream_t st) {
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
     eng_cuda_gemv_mma_set_steps(4);
     eng_cuda_gemv_tile_set(ENG_CUDA_GEMV_TILE_MAX_TOK);
-    eng_cuda_gemv_tile_set_stages(4);
+    eng_cuda_gemv_tile_set_stages(0);
     cublasDestroy(cb);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
