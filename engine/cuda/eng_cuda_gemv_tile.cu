@@ -32,11 +32,15 @@
 
 namespace cg = cooperative_groups;
 
-#define TILE_M      64           /* weight rows per block */
-#define TILE_K      64           /* k per stage: 128 bytes of each row (128, 256 bytes: lost, fewer blocks fit an SM) */
-#define TILE_WARPS  4            /* 2 x 2: each warp 32 weight rows x BN / 2 tokens */
-#define TILE_SPLIT  8            /* most blocks sharing k (a portable cluster size) */
-#define TILE_CHUNKS (TILE_K / 8) /* 16-byte chunks per row and stage */
+#define TILE_M 64           /* weight rows per block */
+#define TILE_K 64           /* k per stage: 128 bytes of each row (128, 256 bytes: lost, fewer blocks fit an SM) */
+#ifndef ENG_CUDA_TILE_WARPS /* a build-time A/B switch: 8 (16 rows a warp) was slower, 8B batch 64 5900 against 6900 */
+#define ENG_CUDA_TILE_WARPS 4
+#endif
+#define TILE_WARPS  ENG_CUDA_TILE_WARPS /* (TILE_WARPS / 2) x 2: each warp TILE_WROWS weight rows x BN / 2 tokens */
+#define TILE_WROWS  (TILE_M / (TILE_WARPS / 2))
+#define TILE_SPLIT  8                               /* most blocks sharing k (a portable cluster size) */
+#define TILE_CHUNKS (TILE_K / 8)                    /* 16-byte chunks per row and stage */
 #define TILE_RPP    (TILE_WARPS * 32 / TILE_CHUNKS) /* rows the block copies per pass */
 
 /* Byte offset of chunk c of row r in a stage's tile of 128-byte rows. */
@@ -111,7 +115,8 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
     extern __shared__ __align__(128) unsigned char smem[];
     const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * (BN / 2);
+    constexpr int MT = TILE_WROWS / 16; /* m16 tiles per warp */
+    const int wm = (warp >> 1) * TILE_WROWS, wn = (warp & 1) * (BN / 2);
     const int q = blockIdx.x;
     const int64_t row0 = (int64_t)blockIdx.y * TILE_M;
     const int32_t n_steps_all = (k + TILE_K - 1) / TILE_K;
@@ -149,9 +154,9 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
         s_commit();
     }
 
-    float acc[2][NJ][4];
+    float acc[MT][NJ][4];
 #pragma unroll
-    for (int m = 0; m < 2; m++)
+    for (int m = 0; m < MT; m++)
 #pragma unroll
         for (int j = 0; j < NJ; j++) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.0f;
     for (int32_t i = 0; i < n_steps; i++) {
@@ -167,14 +172,14 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
         const uint32_t sw = base + (i % STAGES) * cfg::STAGE_BYTES, sx = sw + cfg::W_BYTES;
 #pragma unroll
         for (int kk = 0; kk < TILE_K / 16; kk++) {
-            uint32_t a[2][4], b[NJ / 2][4];
+            uint32_t a[MT][4], b[NJ / 2][4];
 #pragma unroll
-            for (int m = 0; m < 2; m++) s_ldsm4(a[m], sw + s_swz(wm + m * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            for (int m = 0; m < MT; m++) s_ldsm4(a[m], sw + s_swz(wm + m * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
             for (int j = 0; j < NJ / 2; j++)
                 s_ldsm4(b[j], sx + s_swz(wn + j * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-            for (int m = 0; m < 2; m++)
+            for (int m = 0; m < MT; m++)
 #pragma unroll
                 for (int j = 0; j < NJ; j++)
                     s_mma_bf16(acc[m][j], a[m][0], a[m][1], a[m][2], a[m][3], b[j / 2][(j & 1) * 2],
@@ -187,7 +192,7 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
 
     float *part = (float *)smem; /* (TILE_M, LD): rows of weights, columns of tokens */
 #pragma unroll
-    for (int m = 0; m < 2; m++)
+    for (int m = 0; m < MT; m++)
 #pragma unroll
         for (int j = 0; j < NJ; j++) {
             float *r0 = part + (wm + m * 16 + gq) * cfg::LD + wn + j * 8 + 2 * tq, *r1 = r0 + 8 * cfg::LD;
