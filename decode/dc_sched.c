@@ -130,9 +130,9 @@ dc_sched_t *dc_sched_create(const dc_sched_params_t *p, char *err, size_t err_ca
          (p->spec == DC_SPEC_DRAFT && (!p->draft_pool || p->draft_block_size < 1 || p->draft_catchup_tokens < 1)))) {
         s_err(err, err_cap,
               "dc_sched: bad speculation params (spec_k in [1, %d], ngram_min >= 1, ngram_max >= ngram_min, "
-              "ngram_short_k in [0, spec_k's bound], "
-              "spec_max_step_drafts >= 0; a draft model needs draft_pool, draft_block_size, draft_catchup_tokens)",
-              DC_MAX_TOKENS_PER_SEQ - 1);
+              "ngram_short_k in [0, %d], spec_max_step_drafts >= 0; a draft model needs draft_pool, draft_block_size, "
+              "draft_catchup_tokens)",
+              DC_MAX_TOKENS_PER_SEQ - 1, DC_MAX_TOKENS_PER_SEQ - 1);
         return NULL;
     }
     dc_sched_t *s = pd_xcalloc(1, sizeof *s);
