@@ -68,6 +68,20 @@ static __device__ __forceinline__ void s_store_pair(const s_epilogue_t &e, int64
     }
 }
 
+/* The tensor-core kernels' output items: MODE's rows per item (S_ROWS_PER_ITEM: one, or a pair for SwiGLU and
+ * Q/K/V), row o (even for pairs) of token t, totals s, stored (or added) as they are or through s_store_pair. */
+template <int MODE> constexpr int S_ROWS_PER_ITEM = MODE == S_PLAIN ? 1 : 2;
+template <int MODE>
+static __device__ __forceinline__ void s_store_item(const s_epilogue_t &e, int64_t t, int64_t o, int32_t n_out,
+                                                    const float (&s)[S_ROWS_PER_ITEM<MODE>]) {
+    if constexpr (MODE == S_PLAIN) {
+        float *dst = e.y + t * n_out + o;
+        *dst = e.is_accumulate ? *dst + s[0] : s[0];
+    } else {
+        s_store_pair<MODE>(e, t, o, n_out, s[0], s[1]);
+    }
+}
+
 /* The RMSNorm prologues' reduction: each token's (t < n_tok <= NT) sum of squares of its f32 row of k elements. The
  * block's WARPS warps sum strided shares (the tokens' loads interleaved), their totals meet in shared memory and every
  * thread adds them in warp order, so all threads get the same totals. Every thread of the block must call it (a

@@ -137,7 +137,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
             r0[0] = acc[m][j][0], r0[1] = acc[m][j][1], r1[0] = acc[m][j][2], r1[1] = acc[m][j][3];
         }
     __syncthreads();
-    constexpr int RPI = MODE == S_PLAIN ? 1 : 2; /* rows per output item: one, or a pair */
+    constexpr int RPI = S_ROWS_PER_ITEM<MODE>; /* n_out is even and row0 a multiple of 16: pairs are whole */
     constexpr int N_ITEMS = MT * 16 / RPI;
     for (int i = threadIdx.x; i < N_ITEMS * n_tok; i += MMA_WARPS * 32) { /* consecutive threads: consecutive rows */
         const int r = i % N_ITEMS * RPI, t = i / N_ITEMS;
@@ -149,12 +149,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
 #pragma unroll
             for (int wp = 0; wp < MMA_WARPS; wp++) s[j] += part[wp][r + j][t];
         }
-        if constexpr (MODE == S_PLAIN) {
-            float *dst = e.y + (int64_t)t * n_out + row0 + r;
-            *dst = e.is_accumulate ? *dst + s[0] : s[0];
-        } else { /* n_out is even and row0 a multiple of 16: rows come in whole pairs */
-            s_store_pair<MODE>(e, t, row0 + r, n_out, s[0], s[RPI - 1]);
-        }
+        s_store_item<MODE>(e, t, row0 + r, n_out, s);
     }
 }
 

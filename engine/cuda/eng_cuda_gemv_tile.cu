@@ -137,20 +137,15 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
         ld.x[j] = x + (int64_t)(t < n_tok ? t : 0) * k + (int64_t)s0 * TILE_K + ld.c * 8;
     }
     const int32_t k_rest = k - s0 * TILE_K; /* k relative to this block's first step */
-    /* Each row tile walks its steps from its own starting point (step j of the loop is step (j + rot) % n_steps):
-     * blocks that all read the same x slice at once would queue on the few L2 slices holding it. The order depends
-     * on the tile and the shape only, not on n_tok. */
-    const int32_t rot = n_steps > 0 ? (int32_t)(blockIdx.y % (unsigned)n_steps) : 0;
-#define S_STEP_K(j) ((((j) + rot) % n_steps) * TILE_K)
 
     /* The first stages' weights before the wait (they are written at load only), in the first group with x's. */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++)
-        if (s < n_steps) s_load_w<BN>(ld, base + s * cfg::STAGE_BYTES, S_STEP_K(s), k_rest);
+        if (s < n_steps) s_load_w<BN>(ld, base + s * cfg::STAGE_BYTES, s * TILE_K, k_rest);
     s_pdl_begin(); /* x and the outputs are earlier kernels' */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
-        if (s < n_steps) s_load_x<BN>(ld, base + s * cfg::STAGE_BYTES, S_STEP_K(s), k_rest);
+        if (s < n_steps) s_load_x<BN>(ld, base + s * cfg::STAGE_BYTES, s * TILE_K, k_rest);
         s_commit();
     }
 
@@ -165,8 +160,8 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
         const int32_t nx = i + STAGES - 1;
         if (nx < n_steps) {
             const uint32_t st = base + (nx % STAGES) * cfg::STAGE_BYTES;
-            s_load_w<BN>(ld, st, S_STEP_K(nx), k_rest);
-            s_load_x<BN>(ld, st, S_STEP_K(nx), k_rest);
+            s_load_w<BN>(ld, st, nx * TILE_K, k_rest);
+            s_load_x<BN>(ld, st, nx * TILE_K, k_rest);
         }
         s_commit(); /* empty groups too: the count behind s_wait_groups stays one per step */
         const uint32_t sw = base + (i % STAGES) * cfg::STAGE_BYTES, sx = sw + cfg::W_BYTES;
@@ -186,7 +181,6 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
                                b[j / 2][(j & 1) * 2 + 1]);
         }
     }
-#undef S_STEP_K
     s_wait_groups<0>();
     __syncthreads(); /* every warp is done with the stages: the partial tile takes their place */
 
@@ -204,7 +198,7 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
     else
         __syncthreads();
 
-    constexpr int RPI = MODE == S_PLAIN ? 1 : 2; /* rows per output item: one, or a pair */
+    constexpr int RPI = S_ROWS_PER_ITEM<MODE>; /* n_out is even and tiles start at multiples of 64: pairs are whole */
     const int rows = TILE_M / n_split, n_items = rows / RPI, r_first = q * rows;
     for (int i = threadIdx.x; i < n_items * n_tok; i += TILE_WARPS * 32) { /* consecutive threads: consecutive rows */
         const int r = r_first + i % n_items * RPI, t = i / n_items;
@@ -217,12 +211,7 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
 #pragma unroll
             for (int j = 0; j < RPI; j++) s[j] += src[(r + j) * cfg::LD + t];
         }
-        if constexpr (MODE == S_PLAIN) {
-            float *dst = e.y + (int64_t)t * n_out + row0 + r;
-            *dst = e.is_accumulate ? *dst + s[0] : s[0];
-        } else { /* n_out is even and tiles start at multiples of 64: rows come in whole pairs */
-            s_store_pair<MODE>(e, t, row0 + r, n_out, s[0], s[RPI - 1]);
-        }
+        s_store_item<MODE>(e, t, row0 + r, n_out, s);
     }
     if (n_split > 1) cluster.sync(); /* no block leaves while another may still read its partial tile */
 }
@@ -308,17 +297,10 @@ template <int BN, int MODE> static s_pick_t s_pick(int32_t n_tiles, int32_t k) {
 template <int BN, int STAGES, int MODE>
 static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok,
                      int32_t n_out, int32_t k, int32_t n_split, cudaStream_t st) {
-    const int32_t n_tiles = (n_out + TILE_M - 1) / TILE_M;
-    cudaLaunchAttribute attrs[2];
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = (unsigned)n_split, attrs[0].val.clusterDim.y = 1, attrs[0].val.clusterDim.z = 1;
-    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[1].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)n_split, (unsigned)n_tiles), cfg.blockDim = dim3(TILE_WARPS * 32);
-    cfg.dynamicSmemBytes = s_smem_bytes<BN, STAGES>(), cfg.stream = st;
-    cfg.attrs = attrs, cfg.numAttrs = eng_cuda_pdl_is_on() ? 2u : 1u; /* the cluster always, PDL when on */
-    (void)cudaLaunchKernelEx(&cfg, k_gemv_tile<BN, STAGES, MODE>, e, x, w, n_tok, n_out, k, n_split);
+    /* clusters of n_split blocks, of 1 for an unsplit product (as measured) */
+    const dim3 grid((unsigned)n_split, (unsigned)((n_out + TILE_M - 1) / TILE_M));
+    eng_cuda_launch_cluster(k_gemv_tile<BN, STAGES, MODE>, grid, dim3(TILE_WARPS * 32), s_smem_bytes<BN, STAGES>(), st,
+                            (unsigned)n_split, e, x, w, n_tok, n_out, k, n_split);
 }
 
 template <int BN, int MODE>

@@ -55,19 +55,34 @@ bool eng_cuda_pdl_is_on(void);
  * A/B switch (the backend sets it from ENG_CUDA_PREWAIT; 0: every such load after the wait). */
 void eng_cuda_prewait_set(bool is_on);
 bool eng_cuda_prewait_is_on(void);
-/* kernel<<<grid, block, smem_bytes, st>>>(args...), with the PDL launch attribute when eng_cuda_pdl_is_on(). For
- * kernels that call s_pdl_begin only. A failed launch is reported by
- * cudaGetLastError, as a <<<>>> launch's is. */
+/* kernel<<<grid, block, smem_bytes, st>>>(args...), with the PDL launch attribute when eng_cuda_pdl_is_on(), and
+ * with cluster_x > 0 as thread-block clusters of cluster_x blocks along x. For kernels that call s_pdl_begin only. A
+ * failed launch is reported by cudaGetLastError, as a <<<>>> launch's is. */
+template <typename... Params, typename... Args>
+static inline void eng_cuda_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                                           cudaStream_t st, unsigned cluster_x, Args... args) {
+    cudaLaunchAttribute attrs[2];
+    unsigned n = 0;
+    if (cluster_x > 0) {
+        attrs[n].id = cudaLaunchAttributeClusterDimension;
+        attrs[n].val.clusterDim.x = cluster_x, attrs[n].val.clusterDim.y = 1, attrs[n].val.clusterDim.z = 1;
+        n++;
+    }
+    if (eng_cuda_pdl_is_on()) {
+        attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attrs[n].val.programmaticStreamSerializationAllowed = 1;
+        n++;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem_bytes, cfg.stream = st;
+    cfg.attrs = attrs, cfg.numAttrs = n;
+    (void)cudaLaunchKernelEx(&cfg, kernel, args...); /* the error stays for cudaGetLastError */
+}
+
 template <typename... Params, typename... Args>
 static inline void eng_cuda_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t st,
                                    Args... args) {
-    cudaLaunchAttribute pdl;
-    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    pdl.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem_bytes, cfg.stream = st;
-    cfg.attrs = &pdl, cfg.numAttrs = eng_cuda_pdl_is_on() ? 1u : 0u;
-    (void)cudaLaunchKernelEx(&cfg, kernel, args...); /* the error stays for cudaGetLastError */
+    eng_cuda_launch_cluster(kernel, grid, block, smem_bytes, st, 0u, args...);
 }
 
 /* What the kernels need to find a token's sequence, position and KV blocks. All device pointers. */
