@@ -419,8 +419,8 @@ static void s_mirror_place(eng_backend_t *be, const eng_params_t *p) {
     be->mirror = (uint8_t *)mem, be->mirror_free = p->kv_host_free, be->mirror_ctx = p->kv_host_ctx;
 }
 
-/* The products of decode-sized batches (16..max_rows tokens in steps of 8: the graph buckets above the matrix-vector
- * kernel's 8 rows) that cuBLAS runs, timed with each algorithm on every layer's weights (eng_cuda_lt.cuh); the
+/* The products of decode-sized batches that cuBLAS runs (from the first graph bucket above be->gemv_max_tok, at least
+ * 16, to max_rows tokens, in steps of 8), timed with each algorithm on every layer's weights (eng_cuda_lt.cuh); the
  * activations and outputs are scratch that no forward holds yet. A failed tuning leaves cuBLAS's default. */
 static void s_tune_gemms(eng_backend_t *be, int64_t max_rows) {
     const eng_model_config_t *c = &be->m->cfg;
