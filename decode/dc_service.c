@@ -291,14 +291,15 @@ static void *s_kv_chunk(void *ctx, int32_t layer, eng_kv_kind_t kind, int32_t bl
     return s->kv_base + eng_kv_chunk_offset(s->layout, layer, kind, block);
 }
 
-/* The same-GPU path: the engine maps a prefill worker's device pool and copies from it on this (the loop) thread while
- * a step may run on the engine thread; the blocks it writes are reserved for the transfer, so no step reads them. */
+/* The device-to-device path (the same GPU, or another one this GPU can reach): the engine maps a prefill worker's
+ * device pool and copies from it on this (the loop) thread while a step may run on the engine thread; the blocks it
+ * writes are reserved for the transfer, so no step reads them. */
 static void *s_kv_peer_open(void *ctx, const void *handle, size_t len, const eng_kv_layout_t *src) {
     dc_service_t *s = ctx;
     char why[160] = "";
     void *peer = eng_kv_peer_open(s->p.eng, handle, len, src, why, sizeof why);
     if (peer)
-        LOG_I("KV from a prefill worker on this GPU: copied device to device");
+        LOG_I("KV from a prefill worker's GPU pool, mapped here (CUDA IPC): copied device to device");
     else
         LOG_I("KV from a prefill worker whose GPU pool cannot be mapped here (%s): through host memory", why);
     return peer;

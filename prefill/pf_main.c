@@ -64,7 +64,8 @@ static const pd_opt_t s_opts[] = {
     S_OPT("prefill", kv_shm, PD_OPT_BOOL, "true", 0, 0,
           "KV pool (cuda: its host copy) in shared memory: a decode worker on this host copies from it directly"),
     S_OPT("prefill", kv_cuda_ipc, PD_OPT_BOOL, "true", 0, 0,
-          "cuda: offer the GPU's KV pool to decode workers that can map it (same GPU): they copy device to device"),
+          "cuda: offer the GPU's KV pool to decode workers that can map it (same GPU or a peer GPU): they copy device "
+          "to device"),
 };
 #undef S_OPT
 

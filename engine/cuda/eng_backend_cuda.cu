@@ -219,6 +219,16 @@ static void s_prof_report(eng_backend_t *be) {
         }                                                                \
     } while (0)
 
+/* The CUDA runtime's current device belongs to the calling thread, and a service creates its backend on one thread
+ * and runs forwards and KV copies on others (the engine thread, the loop thread): so every entry point selects
+ * be->gpu first. Without it a worker on GPU 1 set its kernels' shared-memory limits on GPU 0 and its first decode step
+ * failed ("attention: invalid argument", two H200s). */
+static cudaError_t s_bind(const eng_backend_t *be) {
+    int dev = -1;
+    if (cudaGetDevice(&dev) == cudaSuccess && dev == be->gpu) return cudaSuccess;
+    return cudaSetDevice(be->gpu);
+}
+
 static void s_free_dev(void *p) {
     if (p) cudaFree(p);
 }
@@ -226,7 +236,7 @@ static void s_free_dev(void *p) {
 static void s_destroy(eng_backend_t **pbe) {
     if (!pbe || !*pbe) return;
     eng_backend_t *be = *pbe;
-    cudaSetDevice(be->gpu);
+    s_bind(be);
     if (be->st) cudaStreamSynchronize(be->st);
     s_prof_report(be);
     if (be->n_graph_launches + be->n_direct > 0)
@@ -600,6 +610,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         eng_cuda_pdl_set(!(pdl && *pdl == '0') && cc_major >= 9);
         const char *prewait = getenv("ENG_CUDA_PREWAIT"); /* older data before the PDL wait (eng_cuda_ops.cuh) */
         eng_cuda_prewait_set(!(prewait && *prewait == '0'));
+        const char *dec_ilp = getenv("ENG_CUDA_DEC_ILP"); /* the decode attention's loop (eng_cuda_ops.cuh) */
+        eng_cuda_dec_ilp_set(!(dec_ilp && *dec_ilp == '0'));
         be->is_graphs = !(graphs && *graphs == '0') && !be->is_prof; /* events in a capture would time nothing */
         const char *graph_sample = getenv("ENG_CUDA_GRAPH_SAMPLE");
         be->is_graph_sample = !(graph_sample && *graph_sample == '0');
@@ -999,6 +1011,7 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
 /* s_forward_run, and then no eng_batch_t.kv_host_layers store may follow (the caller reuses its counter for the next
  * step): the copy stream's callbacks run out here. A prefill worker waits for these copies right after anyway. */
 static pd_status s_forward(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits) {
+    S_CUDA(s_bind(be), "select the GPU");
     pd_status st = s_forward_run(be, b, n_logits);
     if (be->is_kv_noting) {
         be->is_kv_noting = false;
@@ -1193,6 +1206,7 @@ static pd_status s_kv_sync(eng_backend_t *be, const int32_t *blocks, int32_t n, 
         LOG_E("cuda backend: KV sync without a host mirror (eng_params.kv_host_mirror)");
         return PD_EINVAL;
     }
+    S_CUDA(s_bind(be), "select the GPU");
     S_CUDA(cudaEventSynchronize(be->kv_done), "KV stream"); /* no streamed copy in flight from here on */
     if (is_to_host && be->is_kv_streamed && s_kv_streamed_covers(be, blocks, n)) return PD_OK;
     memcpy(be->sync_ids, blocks, sizeof(int32_t) * (size_t)n); /* the last kernel reading it was waited for */
@@ -1205,6 +1219,7 @@ static pd_status s_kv_sync(eng_backend_t *be, const int32_t *blocks, int32_t n, 
 }
 
 static pd_status s_kv_read(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, void *dst) {
+    S_CUDA(s_bind(be), "select the GPU");
     S_CUDA(cudaMemcpyAsync(dst, (uint8_t *)be->kv_pool + eng_kv_chunk_offset(&be->kv, layer, kind, block),
                            eng_kv_chunk_bytes(&be->kv), cudaMemcpyDeviceToHost, be->st),
            "KV read");
@@ -1213,6 +1228,7 @@ static pd_status s_kv_read(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind,
 }
 
 static pd_status s_kv_write(eng_backend_t *be, int32_t layer, eng_kv_kind_t kind, int32_t block, const void *src) {
+    S_CUDA(s_bind(be), "select the GPU");
     S_CUDA(cudaMemcpyAsync((uint8_t *)be->kv_pool + eng_kv_chunk_offset(&be->kv, layer, kind, block), src,
                            eng_kv_chunk_bytes(&be->kv), cudaMemcpyHostToDevice, be->st),
            "KV write");
@@ -1229,7 +1245,7 @@ typedef struct {
 
 static size_t s_kv_export(eng_backend_t *be, void *handle, size_t cap) {
     cudaIpcMemHandle_t h;
-    if (cap < sizeof h || cudaSetDevice(be->gpu) != cudaSuccess) return 0;
+    if (cap < sizeof h || s_bind(be) != cudaSuccess) return 0;
     cudaError_t e = cudaIpcGetMemHandle(&h, be->kv_pool); /* kv_pool is the start of its own cudaMalloc */
     if (e != cudaSuccess) {
         LOG_W("cuda backend: cannot export the KV pool (cudaIpcGetMemHandle: %s)", cudaGetErrorString(e));
@@ -1247,7 +1263,7 @@ static void *s_kv_peer_open(eng_backend_t *be, const void *handle, size_t len, c
         snprintf(err, err_cap, "not a CUDA IPC handle of a pool in this layout and dtype");
         return NULL;
     }
-    if (cudaSetDevice(be->gpu) != cudaSuccess) return NULL;
+    if (s_bind(be) != cudaSuccess) return NULL;
     if (!be->peer_st && (cudaStreamCreateWithFlags(&be->peer_st, cudaStreamNonBlocking) != cudaSuccess ||
                          cudaHostAlloc((void **)&be->peer_ids, sizeof(int32_t) * 2 * (size_t)be->kv.n_blocks,
                                        cudaHostAllocMapped) != cudaSuccess ||
@@ -1282,7 +1298,7 @@ static pd_status s_kv_peer_copy(eng_backend_t *be, void *peer, const int32_t *sr
             LOG_E("cuda backend: peer KV block %d outside the peer's pool of %d", src[i], p->kv.n_blocks);
             return PD_EINVAL;
         }
-    S_CUDA(cudaSetDevice(be->gpu), "peer KV copy");
+    S_CUDA(s_bind(be), "peer KV copy");
     S_CUDA(cudaStreamSynchronize(be->peer_st), "peer KV copy"); /* the last copy's kernel no longer reads the ids */
     memcpy(be->peer_ids, src, sizeof(int32_t) * (size_t)n);
     memcpy(be->peer_ids + n, dst, sizeof(int32_t) * (size_t)n);
@@ -1296,7 +1312,7 @@ static pd_status s_kv_peer_copy(eng_backend_t *be, void *peer, const int32_t *sr
 static void s_kv_peer_close(eng_backend_t *be, void *peer) {
     s_peer_t *p = (s_peer_t *)peer;
     if (!p) return;
-    cudaSetDevice(be->gpu);
+    s_bind(be);
     cudaIpcCloseMemHandle(p->base);
     free(p);
 }

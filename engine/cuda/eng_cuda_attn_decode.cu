@@ -30,7 +30,12 @@ template <int HD> static constexpr __host__ __device__ size_t s_dec_smem(void) {
     return (size_t)D_STAGES * 2u * D_KEYS * (HD + 8) * sizeof(eng_cuda_kv_t);
 }
 
-template <int HD>
+/* 2^x: the SFU alone in the ILP variant (s_exp2), exp2f in the other */
+template <bool ILP> static __device__ __forceinline__ float s_dec_exp2(float x) {
+    return ILP ? s_exp2(x) : exp2f(x);
+}
+
+template <int HD, bool ILP>
 static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     k_attention_dec(const eng_cuda_att_t a, const eng_cuda_tokens_t tk, bool is_prewait) {
     constexpr int LD = HD + 8, STAGE = 2 * D_KEYS * LD;
@@ -97,7 +102,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
         const eng_cuda_kv_t *k_s = stages + (it % D_STAGES) * STAGE + warp * 16 * LD, *v_s = k_s + D_KEYS * LD;
 
         float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}}; /* S = Q K^T: 16 rows x 16 keys */
-        s_qk16<HD>(s[0], s[1], q_hi, q_lo, k_s, lane);
+        s_qk16<HD, ILP>(s[0], s[1], q_hi, q_lo, k_s, lane);
 #pragma unroll
         for (int j = 0; j < 2; j++)
 #pragma unroll
@@ -116,7 +121,7 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
         /* a row can have seen no key yet (a warp's keys all past it, or a split's start): then its max stays -inf
          * and every weight is 0, so the reference point is taken as 0 rather than -inf - -inf */
         const float ref0 = mx0 == -INFINITY ? 0.0f : mx0, ref1 = mx1 == -INFINITY ? 0.0f : mx1;
-        const float c0 = exp2f(m0 - ref0), c1 = exp2f(m1 - ref1);
+        const float c0 = s_dec_exp2<ILP>(m0 - ref0), c1 = s_dec_exp2<ILP>(m1 - ref1);
         m0 = mx0, m1 = mx1, l0 *= c0, l1 *= c1;
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
@@ -124,8 +129,8 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
         uint32_t p_hi[4], p_lo[4]; /* P's A fragment: the two score n-tiles */
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            const float p00 = exp2f(s[j][0] - ref0), p01 = exp2f(s[j][1] - ref0);
-            const float p10 = exp2f(s[j][2] - ref1), p11 = exp2f(s[j][3] - ref1);
+            const float p00 = s_dec_exp2<ILP>(s[j][0] - ref0), p01 = s_dec_exp2<ILP>(s[j][1] - ref0);
+            const float p10 = s_dec_exp2<ILP>(s[j][2] - ref1), p11 = s_dec_exp2<ILP>(s[j][3] - ref1);
             l0 += p00 + p01, l1 += p10 + p11;
             s_split(p00, p01, &p_hi[2 * j], &p_lo[2 * j]);
             s_split(p10, p11, &p_hi[2 * j + 1], &p_lo[2 * j + 1]);
@@ -180,21 +185,20 @@ static __global__ void __launch_bounds__(D_WARPS * 32, 2)
     }
 }
 
-template <int HD>
+template <int HD, bool ILP>
 static cudaError_t s_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
-    static bool is_configured = false; /* the engine thread is the only caller */
-    if (!is_configured) {
-        const cudaError_t err = cudaFuncSetAttribute(k_attention_dec<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                     (int)s_dec_smem<HD>());
-        if (err != cudaSuccess) return err;
-        is_configured = true;
-    }
+    static uint64_t configured; /* the engine thread is the only caller */
+    const cudaError_t err = eng_cuda_smem_once(&configured, k_attention_dec<HD, ILP>, s_dec_smem<HD>());
+    if (err != cudaSuccess) return err;
     const dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
-    eng_cuda_launch(k_attention_dec<HD>, grid, D_WARPS * 32, s_dec_smem<HD>(), st, *a, *tk, eng_cuda_prewait_is_on());
+    eng_cuda_launch(k_attention_dec<HD, ILP>, grid, D_WARPS * 32, s_dec_smem<HD>(), st, *a, *tk,
+                    eng_cuda_prewait_is_on());
     return cudaGetLastError();
 }
 
 cudaError_t eng_cuda_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     if (!eng_cuda_dec_usable(a->head_dim, a->n_heads, a->n_kv_heads)) return cudaErrorInvalidValue;
-    return a->head_dim == 64 ? s_attention_dec<64>(a, tk, st) : s_attention_dec<128>(a, tk, st);
+    if (eng_cuda_dec_ilp_is_on())
+        return a->head_dim == 64 ? s_attention_dec<64, true>(a, tk, st) : s_attention_dec<128, true>(a, tk, st);
+    return a->head_dim == 64 ? s_attention_dec<64, false>(a, tk, st) : s_attention_dec<128, false>(a, tk, st);
 }

@@ -302,13 +302,9 @@ static __global__ void __launch_bounds__(128, 2) k_attention_fa(const eng_cuda_a
 template <int HD>
 static cudaError_t s_attention_fa(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     constexpr size_t SMEM = ((size_t)ENG_CUDA_TC_ROWS + 2u * 2u * S_KEYS) * (HD + 8) * sizeof(eng_cuda_kv_t);
-    static bool is_configured = false; /* the engine thread is the only caller */
-    if (!is_configured) {
-        cudaError_t err =
-            cudaFuncSetAttribute(k_attention_fa<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM);
-        if (err != cudaSuccess) return err;
-        is_configured = true;
-    }
+    static uint64_t configured; /* the engine thread is the only caller */
+    const cudaError_t err = eng_cuda_smem_once(&configured, k_attention_fa<HD>, SMEM);
+    if (err != cudaSuccess) return err;
     eng_cuda_launch(k_attention_fa<HD>, dim3((unsigned)a->n_tc_tiles, (unsigned)a->n_heads), 128, SMEM, st, *a, *tk);
     return cudaGetLastError();
 }
@@ -316,13 +312,9 @@ static cudaError_t s_attention_fa(const eng_cuda_att_t *a, const eng_cuda_tokens
 template <int HD>
 static cudaError_t s_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     constexpr size_t SMEM = 2u * 2u * S_KEYS * (HD + 8) * sizeof(eng_cuda_kv_t);
-    static bool is_configured = false; /* the engine thread is the only caller */
-    if (!is_configured) {
-        cudaError_t err =
-            cudaFuncSetAttribute(k_attention_mma<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM);
-        if (err != cudaSuccess) return err;
-        is_configured = true;
-    }
+    static uint64_t configured; /* the engine thread is the only caller */
+    const cudaError_t err = eng_cuda_smem_once(&configured, k_attention_mma<HD>, SMEM);
+    if (err != cudaSuccess) return err;
     eng_cuda_launch(k_attention_mma<HD>, dim3((unsigned)a->n_tc_tiles, (unsigned)a->n_heads), S_THREADS, SMEM, st, *a,
                     *tk);
     return cudaGetLastError();

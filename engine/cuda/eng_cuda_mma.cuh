@@ -90,21 +90,29 @@ static __device__ __forceinline__ void s_load_q(const float *q_r0, const float *
 }
 
 /* Scores of 16 keys: s0 (keys 0-7) and s1 (keys 8-15) += Q K^T, K the 16 rows at k_rows of a stage ((HD + 8)
- * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments; Q as hi + lo, two MMAs a product. */
-template <int HD>
+ * elements apart), one ldmatrix.x4 per 16 dims giving both n-tiles' B fragments; Q as hi + lo, two MMAs a product.
+ * LO_APART: the lo products go to accumulators of their own, added at the end: four chains of HD / 16 dependent MMAs
+ * instead of two of HD / 8. The decode kernel (two blocks of four warps per SM: two warps per scheduler) cannot hide
+ * the longer chains; Nsight Compute put a third of its stall cycles on fixed-latency dependencies (8B, batch 64). */
+template <int HD, bool LO_APART = false>
 static __device__ __forceinline__ void s_qk16(float s0[4], float s1[4], const uint32_t (&q_hi)[HD / 16][4],
                                               const uint32_t (&q_lo)[HD / 16][4], const eng_cuda_kv_t *k_rows,
                                               int lane) {
     constexpr int LD = HD + 8;
+    float t0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, t1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float *lo0 = LO_APART ? t0 : s0, *lo1 = LO_APART ? t1 : s1;
 #pragma unroll
     for (int d = 0; d < HD / 16; d++) {
         uint32_t b[4];
         s_ldsm_k16<LD>(b, k_rows, d * 16, lane);
-        s_mma(s0, q_lo[d], b[0], b[1]);
+        s_mma(lo0, q_lo[d], b[0], b[1]);
         s_mma(s0, q_hi[d], b[0], b[1]);
-        s_mma(s1, q_lo[d], b[2], b[3]);
+        s_mma(lo1, q_lo[d], b[2], b[3]);
         s_mma(s1, q_hi[d], b[2], b[3]);
     }
+    if (LO_APART)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s0[e] += t0[e], s1[e] += t1[e];
 }
 
 /* O += P V over 16 keys: P's A fragment (hi + lo) from two score n-tiles, V the 16 rows at

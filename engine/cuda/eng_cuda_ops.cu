@@ -27,6 +27,16 @@ bool eng_cuda_prewait_is_on(void) {
     return s_is_prewait.load(std::memory_order_relaxed);
 }
 
+static std::atomic<bool> s_is_dec_ilp{true};
+
+void eng_cuda_dec_ilp_set(bool is_on) {
+    s_is_dec_ilp.store(is_on, std::memory_order_relaxed);
+}
+
+bool eng_cuda_dec_ilp_is_on(void) {
+    return s_is_dec_ilp.load(std::memory_order_relaxed);
+}
+
 static __device__ __forceinline__ float s_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -377,12 +387,9 @@ template <int HD>
 static cudaError_t s_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st) {
     const size_t smem = sizeof(float) * ((size_t)ENG_CUDA_ATT_ROWS * HD + (size_t)ENG_CUDA_ATT_KEYS * (HD + 1) +
                                          (size_t)ENG_CUDA_ATT_KEYS * HD);
-    static bool is_configured = false; /* the engine thread is the only caller */
-    if (!is_configured) {
-        cudaError_t err = cudaFuncSetAttribute(k_attention<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (err != cudaSuccess) return err;
-        is_configured = true;
-    }
+    static uint64_t configured; /* the engine thread is the only caller */
+    const cudaError_t err = eng_cuda_smem_once(&configured, k_attention<HD>, smem);
+    if (err != cudaSuccess) return err;
     dim3 grid((unsigned)a->n_tiles, (unsigned)a->n_kv_heads, (unsigned)(a->split_keys ? a->n_splits : 1));
     eng_cuda_launch(k_attention<HD>, grid, ENG_CUDA_ATT_WARPS * 32, smem, st, *a, *tk);
     return cudaGetLastError();

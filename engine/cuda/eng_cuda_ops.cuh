@@ -55,6 +55,11 @@ bool eng_cuda_pdl_is_on(void);
  * A/B switch (the backend sets it from ENG_CUDA_PREWAIT; 0: every such load after the wait). */
 void eng_cuda_prewait_set(bool is_on);
 bool eng_cuda_prewait_is_on(void);
+/* The tensor-core decode attention's inner loop (eng_cuda_attn_decode.cu): true, the default, takes the scores' lo
+ * products in accumulators of their own and exponentiates on the SFU alone; false, the loop before (A/B switch, the
+ * backend sets it from ENG_CUDA_DEC_ILP). */
+void eng_cuda_dec_ilp_set(bool is_on);
+bool eng_cuda_dec_ilp_is_on(void);
 /* kernel<<<grid, block, smem_bytes, st>>>(args...), with the PDL launch attribute when eng_cuda_pdl_is_on(), and
  * with cluster_x > 0 as thread-block clusters of cluster_x blocks along x. For kernels that call s_pdl_begin only. A
  * failed launch is reported by cudaGetLastError, as a <<<>>> launch's is. */
@@ -83,6 +88,21 @@ template <typename... Params, typename... Args>
 static inline void eng_cuda_launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t st,
                                    Args... args) {
     eng_cuda_launch_cluster(kernel, grid, block, smem_bytes, st, 0u, args...);
+}
+
+/* Raise kernel's dynamic shared-memory limit to smem_bytes once per device: cudaFuncSetAttribute applies to the
+ * calling thread's current device, so a flag per process would leave every other device at the 48 KB default (bit d
+ * of *done: device d is done). */
+template <typename... Params>
+static inline cudaError_t eng_cuda_smem_once(uint64_t *done, void (*kernel)(Params...), size_t smem_bytes) {
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = 1ull << (dev & 63);
+    if (*done & bit) return cudaSuccess;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
+    if (err == cudaSuccess) *done |= bit;
+    return err;
 }
 
 /* What the kernels need to find a token's sequence, position and KV blocks. All device pointers. */

@@ -6,10 +6,10 @@
  * without key splits and with splits of 64 and 96 keys (partials merged by the combine kernel, which must leave the
  * prefill tiles' rows alone). Head layouts of SmolLM2 (64 x 9/3), Llama-3.2-1B (64 x 32/8), Llama-3.1-8B (128 x
  * 32/8), G = 1 (128 x 8/8) and G = 16 (64 x 16/1); queries flat (scale 1), peaked (scale 8) and aimed at a sink key
- * that takes most of the weight. Batches are built like s_forward builds them: shuffled block tables, tiles of
- * consecutive tokens of one sequence, empty pad tiles. Then, not asserted, both kernels' time and KV bandwidth on 8B
- * decode batches of 1..128 sequences of 640 keys next to a device-to-device copy, with the pool cycling through more
- * memory than L2 holds so the timings measure HBM. */
+ * that takes most of the weight; the decode kernel with both its loops (eng_cuda_dec_ilp_set). Batches are built
+ * like s_forward builds them: shuffled block tables, tiles of consecutive tokens of one sequence, empty pad tiles.
+ * Then, not asserted, both kernels' time and KV bandwidth on 8B decode batches of 1..128 sequences of 640 keys next
+ * to a device-to-device copy, with the pool cycling through more memory than L2 holds so the timings measure HBM. */
 #include "eng_cuda_ops.cuh"
 extern "C" {
 #include "eng_quant.h"
@@ -463,6 +463,12 @@ static void s_bench(cudaStream_t st) {
             const double dgbs = kv_bytes / (us[1] * 1e-6) / 1e9;
             printf(", dec (%s) %7.1f us %5.0f GB/s (%3.0f%%), dec %.2fx the old speed", split[1], us[1], dgbs,
                    100.0 * dgbs / copy_gbs, us[0] / us[1]);
+            eng_cuda_dec_ilp_set(false);
+            a.is_dec_mma = true, a.split_keys = split_keys[1], a.n_splits = n_splits[1];
+            const double us_before = s_time_us(&a, &tk, d_perm, per_seq, R, e0, e1, st);
+            eng_cuda_dec_ilp_set(true);
+            printf("; dec with ENG_CUDA_DEC_ILP=0 %7.1f us (%3.0f%%)", us_before,
+                   100.0 * kv_bytes / (us_before * 1e-6) / 1e9 / copy_gbs);
         }
         printf("\n");
         if (!is_dec_ok) continue;
@@ -501,7 +507,11 @@ int main(void) {
                                 {"llama-3.1-8b", 128, 32, 8},
                                 {"g1", 128, 8, 8},
                                 {"g16", 64, 16, 1}};
-    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) s_check_shape(&shapes[s], st);
+    /* the decode kernel's two loops (eng_cuda_dec_ilp_set), the default's last so that the timings below run it */
+    for (int ilp = 0; ilp < 2; ilp++) {
+        eng_cuda_dec_ilp_set(ilp != 0);
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) s_check_shape(&shapes[s], st);
+    }
     printf("test_cuda_attn: ok (%lld checks)\n", g_n_checks);
     fflush(stdout);
     s_bench(st);
