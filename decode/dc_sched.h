@@ -241,7 +241,9 @@ typedef struct {
 
 /* Sizes a plan for s (max_batch_seqs + max_prefill_seqs rows, max_batch_seqs * DC_MAX_TOKENS_PER_SEQ +
  * prefill_chunk_tokens tokens). */
-#define DC_MAX_TOKENS_PER_SEQ 8
+/* (decode.spec_k's cap: 11 drafts. The default stays 7: on the H100, RAG at concurrency 1 ran no faster at 9 or 11,
+ * bench/RESULTS.md, spec, session 16.) */
+#define DC_MAX_TOKENS_PER_SEQ 12
 void dc_plan_init(dc_plan_t *plan, const dc_sched_t *s);
 void dc_plan_fini(dc_plan_t *plan);
 

@@ -314,6 +314,8 @@ static bool s_is_engine_sampling;
 /* Another: n-gram lookup from s_ngram_min tokens, and one-token matches as their own class (s_short_k drafts,
  * dc_sched_params_t.ngram_short_k). */
 static int32_t s_ngram_min = 1, s_short_k;
+/* And the most drafts a row may take per step (dc_sched_params_t.spec_k): the default, or the cap. */
+static int32_t s_spec_k = 7;
 
 static dc_sched_t *s_sched(dc_spec_mode_t spec) {
     dc_sched_params_t p = dc_sched_params_default();
@@ -328,7 +330,7 @@ static dc_sched_t *s_sched(dc_spec_mode_t spec) {
     p.prefill_chunk_tokens = 64;
     p.max_prefill_seqs = 2;
     p.spec = spec;
-    p.spec_k = 7; /* the default, and the most a row may draft (DC_MAX_TOKENS_PER_SEQ - 1) */
+    p.spec_k = s_spec_k;
     p.ngram_min = s_ngram_min;
     p.ngram_max = 3;
     p.ngram_short_k = s_short_k;
@@ -492,6 +494,13 @@ static void test_lossless_greedy(void) {
 
 static void test_lossless_sampled(void) {
     s_lossless(true);
+}
+
+/* At the cap (DC_MAX_TOKENS_PER_SEQ - 1 drafts a row): verification rows of 12 tokens, still the same tokens. */
+static void test_lossless_most_drafts(void) {
+    s_spec_k = DC_MAX_TOKENS_PER_SEQ - 1;
+    s_lossless(false);
+    s_spec_k = 7;
 }
 
 /* One-token matches drafting apart (ngram_short_k) with lookups from 2 tokens: still the same tokens, greedy and
@@ -666,6 +675,7 @@ int main(void) {
         s_n_prompt[i] = s_quick && n > 24 ? 24 : (int32_t)n; /* quick: shorter prompts, still self-repeating */
     }
     PD_TEST_RUN(test_lossless_greedy);
+    PD_TEST_RUN(test_lossless_most_drafts);
     PD_TEST_RUN(test_lossless_short_matches);
     PD_TEST_RUN(test_lossless_sampled);
     PD_TEST_RUN(test_per_request);
