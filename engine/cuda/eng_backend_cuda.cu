@@ -590,6 +590,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         eng_cuda_gemv_mma_set(gemv_mma && *gemv_mma ? atoi(gemv_mma) : ENG_CUDA_GEMV_MMA_MIN_TOK);
         const char *tile_stages = getenv("ENG_CUDA_GEMV_TILE_STAGES");
         eng_cuda_gemv_tile_set_stages(tile_stages && *tile_stages ? atoi(tile_stages) : 0);
+        const char *tile_split = getenv("ENG_CUDA_GEMV_TILE_SPLIT");
+        eng_cuda_gemv_tile_set_split(tile_split && *tile_split ? atoi(tile_split) : 0);
         const char *norm_mb = getenv("ENG_CUDA_GEMV_MMA_NORM_MB");
         eng_cuda_gemv_mma_set_norm_max(norm_mb && *norm_mb ? (int64_t)atoi(norm_mb) << 20
                                                            : ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);

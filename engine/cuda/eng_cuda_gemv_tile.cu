@@ -221,7 +221,7 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
 static int32_t g_max_clusters[2][2][3][4]; /* [3 / 4 stages][BN 32 / 64][mode][log2 cluster size] */
 static int32_t g_max_tok;                  /* 0: the kernel takes nothing */
 static int32_t g_stages;                   /* 0: chosen per product (s_pick); 3 or 4: ENG_CUDA_GEMV_TILE_STAGES */
-static int32_t g_split_max = TILE_SPLIT;   /* ENG_CUDA_GEMV_TILE_SPLIT (A/B): at most this many blocks share k */
+static int32_t g_split_max = TILE_SPLIT;   /* at most this many blocks share k (eng_cuda_gemv_tile_set_split) */
 
 /* With the largest shared-memory carveout: left to the driver, it may pick a smaller one than the occupancy queries
  * assume. */
@@ -254,6 +254,10 @@ void eng_cuda_gemv_tile_set_stages(int32_t n_stages) {
     g_stages = n_stages == 3 || n_stages == 4 ? n_stages : 0;
 }
 
+void eng_cuda_gemv_tile_set_split(int32_t n_split) {
+    g_split_max = n_split == 1 || n_split == 2 || n_split == 4 ? n_split : TILE_SPLIT;
+}
+
 void eng_cuda_gemv_tile_set(int32_t max_tok) {
     g_max_tok = 0;
     if (max_tok <= ENG_CUDA_GEMV_MAX_TOK) return;
@@ -262,8 +266,6 @@ void eng_cuda_gemv_tile_set(int32_t max_tok) {
         (void)cudaGetLastError(); /* not sticky: the caller's next check must not see it */
         return;
     }
-    const char *split = getenv("ENG_CUDA_GEMV_TILE_SPLIT");
-    g_split_max = split && *split ? atoi(split) : TILE_SPLIT;
     g_max_tok = max_tok < ENG_CUDA_GEMV_TILE_MAX_TOK ? max_tok : ENG_CUDA_GEMV_TILE_MAX_TOK;
 }
 

@@ -225,6 +225,9 @@ bool eng_cuda_gemv_tile_takes(int32_t n_tok);
 /* A/B switch of its pipeline depth (ENG_CUDA_GEMV_TILE_STAGES): 3 or 4 stages of 64 k, anything else: chosen per
  * product so that the grid fits one wave (the default). */
 void eng_cuda_gemv_tile_set_stages(int32_t n_stages);
+/* A/B switch of the most blocks that share a product's k (ENG_CUDA_GEMV_TILE_SPLIT): 1, 2, 4 or 8 (the default;
+ * anything else: 8). */
+void eng_cuda_gemv_tile_set_split(int32_t n_split);
 /* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
 void eng_cuda_gemv_mma_set_steps(int32_t steps);
 /* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its

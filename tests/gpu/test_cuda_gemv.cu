@@ -737,6 +737,8 @@ int main(void) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     CK(cudaMalloc(&g_dummy, 256));
+    const char *tile_split = getenv("ENG_CUDA_GEMV_TILE_SPLIT"); /* A/B, as the backend reads it */
+    eng_cuda_gemv_tile_set_split(tile_split && *tile_split ? atoi(tile_split) : 0);
     eng_cuda_gemv_tile_set(ENG_CUDA_GEMV_TILE_MAX_TOK);
     if (!eng_cuda_gemv_tile_takes(ENG_CUDA_GEMV_TILE_MAX_TOK)) s_fail("the tiled kernel could not be prepared");
     /* rows past 32 (the tiled kernel) in the default setting only: the reference of 64 rows costs seconds a shape */
