@@ -5,8 +5,8 @@
 # `pdctl bench --prompts W.jsonl --concurrency C --requests R` (closed loop: C requests in flight, greedy,
 # ignore_eos, 128 tokens each; R = max(8, P * C) with P = --requests-per-conc (default 2), at most --max-requests) with the router's /metrics scraped before and after, and appends one
 # JSON line per run (bench/spec_report.py result) to the results file. Ends with a markdown table: output
-# tokens/s and its ratio to spec=off at the same workload and concurrency, ITL p50, acceptance rate and
-# tokens per verification step. It measures; it does not judge (no thresholds, exit 0 unless it cannot run).
+# tokens/s and each stream's decode speed, their ratios to spec=off at the same workload and concurrency (and round),
+# ITL p50, acceptance rate and tokens per verification step. It measures; it does not judge (no thresholds, exit 0 unless it cannot run).
 #
 # usage: bench/run_spec_bench.sh BUILD_DIR [--draft PATH] [--quick] [options]
 #   --draft PATH        also run spec=draft with this draft model (deploy/make_draft.py makes one)
@@ -31,6 +31,9 @@
 #                       shared by two workers the prefill process's forwards time-slice with the decode steps)
 #   --kv-mem SIZE       KV pool of each worker (default 4GiB: 32 RAG sequences of up to ~2.2k tokens take
 #                       ~3.1 GiB of f32 KV with SmolLM2-135M; the pool is touched only as it fills)
+#   --repeat R          the whole run R times over (default 1): each round starts every spec mode's cluster afresh
+#                       and runs every cell, so a cell's ratio to spec=off comes R times, from rounds run in turn
+#                       (why: on a GPU two runs of the same cell differ by about 5%, as much as "never slower" is about)
 #   --out FILE          results (default BUILD_DIR/spec_bench/results-DATE.jsonl; logs beside it)
 #
 # Why 1 prefill + 1 decode and not a colocated worker (--prefill 0): we measure decode. A colocated
@@ -56,6 +59,7 @@ case "$1" in -h | --help) usage ;; esac
 BUILD=$1
 shift
 BACKEND=cpu DRAFT="" QUICK=0 SPECS="" WORKLOADS="rag chat" CONCS="1 8 32" SPEC_K="" OUT="" MAX_REQ=32 N_PREFILL=1
+REPEAT=1
 THREADS=${PD_BENCH_THREADS:-2}
 KV_MEM=4GiB
 while [ $# -gt 0 ]; do
@@ -73,11 +77,13 @@ while [ $# -gt 0 ]; do
     --max-requests) MAX_REQ=$2; shift 2 ;;
     --requests-per-conc) REQ_PER_CONC=$2; shift 2 ;;
     --warmup-per-conc) WARMUP_PER_CONC=$2; shift 2 ;;
+    --repeat) REPEAT=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     *) echo "run_spec_bench: unknown option $1" >&2; usage ;;
     esac
 done
 [ "$QUICK" = 1 ] && CONCS="1"
+case "$REPEAT" in '' | *[!0-9]* | 0) echo "run_spec_bench: --repeat takes a count of 1 or more" >&2; usage ;; esac
 if [ -z "$SPECS" ]; then
     SPECS="off ngram"
     [ -n "$DRAFT" ] && SPECS="$SPECS draft"
@@ -106,9 +112,9 @@ else
 fi
 
 n_runs=0
-for _ in $SPECS; do for _ in $WORKLOADS; do for _ in $CONCS; do n_runs=$((n_runs + 1)); done; done; done
-echo "run_spec_bench: $n_runs runs (spec: $SPECS; workloads: $WORKLOADS; concurrency: $CONCS), $THREADS threads," \
-    "results in $OUT" >&2
+for _ in $SPECS; do for _ in $WORKLOADS; do for _ in $CONCS; do n_runs=$((n_runs + REPEAT)); done; done; done
+echo "run_spec_bench: $n_runs runs (spec: $SPECS; workloads: $WORKLOADS; concurrency: $CONCS; $REPEAT round(s))," \
+    "$THREADS threads, results in $OUT" >&2
 
 CLUSTER_PID=""
 stop_cluster() {
@@ -120,8 +126,9 @@ stop_cluster() {
 trap stop_cluster EXIT
 trap 'exit 130' INT TERM
 
-start_cluster() { # spec mode; sets URL, API
-    local spec=$1 log="$WORK/cluster-$1.log" args=()
+start_cluster() { # spec mode, round; sets URL, API
+    local spec=$1 log args=()
+    log="$WORK/cluster-$1$(round_suffix "$2").log"
     if [ "$HAS_SPEC" = 1 ]; then
         args+=("--decode.spec=$spec")
         [ -n "$SPEC_K" ] && [ "$spec" != off ] && args+=("--decode.spec_k=$SPEC_K")
@@ -157,49 +164,57 @@ start_cluster() { # spec mode; sets URL, API
     "$PDCTL" bench --api "$API" --requests 2 --concurrency 2 --prompt-len 64 --output-len 8 --json >/dev/null
 }
 
+round_suffix() { # round -> "" for the only round, else "-rN" (file names as before a single round)
+    if [ "$REPEAT" -gt 1 ]; then echo "-r$1"; fi
+}
+
 scrape() { # file; worker counters reach the router with heartbeats (250 ms): let the last one arrive
     sleep 1
     curl -sf "$URL/metrics" >"$1"
 }
 
 t_all=$(date +%s)
-for spec in $SPECS; do
-    if [ "$spec" != off ] && [ "$HAS_SPEC" = 0 ]; then
-        echo "run_spec_bench: skipping spec=$spec: this build's pd-decode has no --decode.spec option" >&2
-        continue
-    fi
-    if [ "$spec" = draft ] && [ -z "$DRAFT" ]; then
-        echo "run_spec_bench: skipping spec=draft: no --draft PATH" >&2
-        continue
-    fi
-    start_cluster "$spec" || continue
-    for w in $WORKLOADS; do
-        for c in $CONCS; do
-            r=$((${REQ_PER_CONC:-2} * c > 8 ? ${REQ_PER_CONC:-2} * c : 8))
-            [ "$MAX_REQ" -gt 0 ] && [ "$r" -gt "$MAX_REQ" ] && r=$MAX_REQ
-            tag="$spec-$w-c$c"
-            t0=$(date +%s)
-            if [ "${WARMUP_PER_CONC:-0}" -gt 0 ]; then
-                "$PDCTL" bench --api "$API" --prompts "bench/workloads/$w.jsonl" --concurrency "$c" \
-                    --requests $((WARMUP_PER_CONC * c)) --json "${CHAT_FLAG[@]}" >/dev/null 2>"$WORK/$tag.warmup.err" ||
-                    echo "run_spec_bench: $tag: warm-up: $(tail -n 1 "$WORK/$tag.warmup.err")" >&2
-            fi
-            scrape "$WORK/$tag.before.txt"
-            "$PDCTL" bench --api "$API" --prompts "bench/workloads/$w.jsonl" --concurrency "$c" --requests "$r" \
-                --json "${CHAT_FLAG[@]}" >"$WORK/$tag.bench.json" 2>"$WORK/$tag.bench.err" ||
-                echo "run_spec_bench: $tag: pdctl bench: $(tail -n 1 "$WORK/$tag.bench.err")" >&2
-            scrape "$WORK/$tag.after.txt"
-            if [ -s "$WORK/$tag.bench.json" ]; then
-                python3 bench/spec_report.py result --spec "$spec" --workload "$w" --concurrency "$c" \
-                    --prompt-format "$FORMAT" --bench "$WORK/$tag.bench.json" --before "$WORK/$tag.before.txt" \
-                    --after "$WORK/$tag.after.txt" >>"$OUT"
-                echo "run_spec_bench: $tag: $(tail -n 1 "$OUT" | cut -c1-160)... ($(($(date +%s) - t0)) s)" >&2
-            else
-                echo "run_spec_bench: $tag: no result" >&2
-            fi
+for round in $(seq 1 "$REPEAT"); do
+    for spec in $SPECS; do
+        if [ "$spec" != off ] && [ "$HAS_SPEC" = 0 ]; then
+            echo "run_spec_bench: skipping spec=$spec: this build's pd-decode has no --decode.spec option" >&2
+            continue
+        fi
+        if [ "$spec" = draft ] && [ -z "$DRAFT" ]; then
+            echo "run_spec_bench: skipping spec=draft: no --draft PATH" >&2
+            continue
+        fi
+        start_cluster "$spec" "$round" || continue
+        for w in $WORKLOADS; do
+            for c in $CONCS; do
+                r=$((${REQ_PER_CONC:-2} * c > 8 ? ${REQ_PER_CONC:-2} * c : 8))
+                [ "$MAX_REQ" -gt 0 ] && [ "$r" -gt "$MAX_REQ" ] && r=$MAX_REQ
+                tag="$spec-$w-c$c$(round_suffix "$round")"
+                t0=$(date +%s)
+                if [ "${WARMUP_PER_CONC:-0}" -gt 0 ]; then
+                    "$PDCTL" bench --api "$API" --prompts "bench/workloads/$w.jsonl" --concurrency "$c" \
+                        --requests $((WARMUP_PER_CONC * c)) --json "${CHAT_FLAG[@]}" >/dev/null \
+                        2>"$WORK/$tag.warmup.err" ||
+                        echo "run_spec_bench: $tag: warm-up: $(tail -n 1 "$WORK/$tag.warmup.err")" >&2
+                fi
+                scrape "$WORK/$tag.before.txt"
+                "$PDCTL" bench --api "$API" --prompts "bench/workloads/$w.jsonl" --concurrency "$c" --requests "$r" \
+                    --json "${CHAT_FLAG[@]}" >"$WORK/$tag.bench.json" 2>"$WORK/$tag.bench.err" ||
+                    echo "run_spec_bench: $tag: pdctl bench: $(tail -n 1 "$WORK/$tag.bench.err")" >&2
+                scrape "$WORK/$tag.after.txt"
+                if [ -s "$WORK/$tag.bench.json" ]; then
+                    python3 bench/spec_report.py result --spec "$spec" --workload "$w" --concurrency "$c" \
+                        --round "$round" \
+                        --prompt-format "$FORMAT" --bench "$WORK/$tag.bench.json" --before "$WORK/$tag.before.txt" \
+                        --after "$WORK/$tag.after.txt" >>"$OUT"
+                    echo "run_spec_bench: $tag: $(tail -n 1 "$OUT" | cut -c1-160)... ($(($(date +%s) - t0)) s)" >&2
+                else
+                    echo "run_spec_bench: $tag: no result" >&2
+                fi
+            done
         done
+        stop_cluster
     done
-    stop_cluster
 done
 echo "run_spec_bench: done in $(($(date +%s) - t_all)) s; results $OUT" >&2
 [ -s "$OUT" ] && python3 bench/spec_report.py table "$OUT"

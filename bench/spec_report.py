@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """spec_report.py: the arithmetic of bench/run_spec_bench.sh (stdlib only).
 
-  spec_report.py result --spec S --workload W --concurrency C --prompt-format F \\
+  spec_report.py result --spec S --workload W --concurrency C [--round N] --prompt-format F \\
                         --bench BENCH.json --before METRICS.txt --after METRICS.txt
       prints one JSON line for one run: pdctl bench's figures plus the deltas of the router's per-worker
       speculation counters between two /metrics scrapes (summed over decode workers).
   spec_report.py table RESULTS.jsonl
-      prints a markdown table, one row per run, with the ratios of output tokens/s and of ITL p50 to
-      spec=off's at the same workload and concurrency.
+      prints a markdown table, one row per run, with the ratios of output tokens/s and of each stream's decode
+      speed to spec=off's at the same workload, concurrency and round (run_spec_bench.sh --repeat); with more than
+      one round, then one line per spec mode and cell: its ratios in every round, lowest and median.
 
 Counters (Prometheus text from the router's /metrics, per worker label):
   pdserve_spec_draft_tokens_total     drafted tokens proposed for verification
@@ -27,6 +28,7 @@ Derived (None where a counter is missing, e.g. before speculation landed):
 import argparse
 import json
 import re
+import statistics
 import sys
 
 COUNTERS = {
@@ -82,7 +84,8 @@ def cmd_result(a):
     tokens, steps, acc = d["tokens"], d["steps"], d["accepted"]
     rows_tokens = None if tokens is None else tokens - (acc or 0.0)
     row = {
-        "spec": a.spec, "workload": a.workload, "concurrency": a.concurrency, "prompt_format": a.prompt_format,
+        "spec": a.spec, "workload": a.workload, "concurrency": a.concurrency, "round": a.round,
+        "prompt_format": a.prompt_format,
         "requests": bench.get("requests"), "ok": bench.get("ok"), "failed": bench.get("failed"),
         "duration_s": bench.get("duration_s"), "output_tokens": bench.get("output_tokens"),
         "output_tok_s": bench.get("output_tokens_per_s"),
@@ -110,17 +113,19 @@ def fmt(v, nd=2):
 def cmd_table(a):
     with open(a.results, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    base = {(r["workload"], r["concurrency"]): r for r in rows if r["spec"] == "off"}
-    print("| spec | workload | conc | ok/req | output tok/s | vs off | decode tok/s | stream decode tok/s | vs off "
-          "| ITL p50 ms | TTFT p50 ms | accept | tok/step (batch) | tok/seq-step (est) |")
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    base = {(r["workload"], r["concurrency"], r.get("round", 1)): r for r in rows if r["spec"] == "off"}
+    rounds = sorted({r.get("round", 1) for r in rows})
+    print("| spec | workload | conc | round | ok/req | output tok/s | vs off | decode tok/s | stream decode tok/s "
+          "| vs off | ITL p50 ms | TTFT p50 ms | accept | tok/step (batch) | tok/seq-step (est) |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     order = {"off": 0, "ngram": 1, "draft": 2}
-    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], order.get(r["spec"], 9))):
-        b = base.get((r["workload"], r["concurrency"]), {})
+    key = lambda r: (r["workload"], r["concurrency"], r.get("round", 1))
+    for r in sorted(rows, key=lambda r: key(r) + (order.get(r["spec"], 9),)):
+        b = base.get(key(r), {})
         vs = ratio(r["output_tok_s"], b.get("output_tok_s"))
         stream = r.get("stream_decode_tok_s")
         stream_vs = ratio(stream, b.get("stream_decode_tok_s"))
-        print(f"| {r['spec']} | {r['workload']} | {r['concurrency']} | {r['ok']}/{r['requests']} "
+        print(f"| {r['spec']} | {r['workload']} | {r['concurrency']} | {r.get('round', 1)} | {r['ok']}/{r['requests']} "
               f"| {fmt(r['output_tok_s'], 1)} | {fmt(vs)}x | {fmt(r['decode_tok_s'], 1)} | {fmt(stream, 1)} "
               f"| {fmt(stream_vs)}x | {fmt(r['itl_ms_p50'], 1)} | {fmt(r['ttft_ms_p50'], 0)} "
               f"| {fmt(r['acceptance_rate'])} | {fmt(r['tokens_per_step'])} | {fmt(r['tokens_per_seq_step_est'])} |")
@@ -131,6 +136,30 @@ def cmd_table(a):
           "to its last (prefill excluded: the decode speed a client sees), and its ratio to spec=off's. ITL p50 "
           "says little with speculation (a run of accepted tokens arrives at once). tok/step counts every "
           "sequence of a step; tok/seq-step = decode tokens / (decode tokens - accepted drafts).")
+    if len(rounds) > 1:
+        print(f"\n{len(rounds)} rounds: each spec mode's ratio to spec=off in the same round, output tok/s / stream "
+              "decode tok/s, round by round, then the lowest and the median\n")
+        print("| spec | workload | conc | by round | lowest | median |")
+        print("|---|---|--:|---|--:|--:|")
+        cells = sorted({(r["spec"], r["workload"], r["concurrency"]) for r in rows if r["spec"] != "off"},
+                       key=lambda c: (c[1], c[2], order.get(c[0], 9)))
+        for spec, w, c in cells:
+            pairs = []
+            for rd in rounds:
+                r = next((x for x in rows if (x["spec"], x["workload"], x["concurrency"], x.get("round", 1)) ==
+                          (spec, w, c, rd)), None)
+                b = base.get((w, c, rd), {})
+                if r is None:
+                    continue
+                pairs.append((ratio(r["output_tok_s"], b.get("output_tok_s")),
+                              ratio(r.get("stream_decode_tok_s"), b.get("stream_decode_tok_s"))))
+            outs = sorted(p[0] for p in pairs if p[0] is not None)
+            streams = sorted(p[1] for p in pairs if p[1] is not None)
+            by = ", ".join(f"{fmt(o)} / {fmt(s)}" for o, s in pairs)
+            low = f"{fmt(outs[0] if outs else None)} / {fmt(streams[0] if streams else None)}"
+            med = f"{fmt(statistics.median(outs) if outs else None)} / " \
+                  f"{fmt(statistics.median(streams) if streams else None)}"
+            print(f"| {spec} | {w} | {c} | {by} | {low} | {med} |")
     return 0
 
 
@@ -141,6 +170,7 @@ def main():
     r.add_argument("--spec", required=True)
     r.add_argument("--workload", required=True)
     r.add_argument("--concurrency", type=int, required=True)
+    r.add_argument("--round", type=int, default=1, help="run_spec_bench.sh --repeat's round (default 1)")
     r.add_argument("--prompt-format", default="chat")
     r.add_argument("--bench", required=True)
     r.add_argument("--before", required=True)

@@ -163,12 +163,13 @@ while [ $# -gt 0 ]; do
         PYTHONPATH=$(ls .whl/gguf-*.whl | head -1) python3 deploy/make_draft.py "$PDSERVE_MODEL" "$draft" --layers 8 \
             >>"$OUT/spec.log" 2>&1
         # SPEC_REQ_PER_CONC (default 8): requests per unit of concurrency, after an unmeasured SPEC_WARMUP_PER_CONC
-        # (default 4) of the same cell: steady state, not the first graph captures; SPEC_K: drafts per step (--spec-k)
+        # (default 4) of the same cell: steady state, not the first graph captures; SPEC_K: drafts per step (--spec-k);
+        # SPEC_REPEAT: rounds of the whole run (--repeat), for each cell's spread
         bench/run_spec_bench.sh build-gpu --backend cuda --draft "$draft" --concurrency "${SPEC_CONCS:-1 8 32}" \
             --spec "${SPEC_MODES:-off ngram draft}" --workloads "${SPEC_WORKLOADS:-rag chat chatvar}" \
             --requests-per-conc "${SPEC_REQ_PER_CONC:-8}" --warmup-per-conc "${SPEC_WARMUP_PER_CONC:-4}" --max-requests 0 \
-            --prefill "${SPEC_PREFILL:-1}" ${SPEC_K:+--spec-k "$SPEC_K"} \
-            --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -24 | tee -a "$OUT/spec.log"
+            --prefill "${SPEC_PREFILL:-1}" ${SPEC_K:+--spec-k "$SPEC_K"} ${SPEC_REPEAT:+--repeat "$SPEC_REPEAT"} \
+            --out "$OUT/spec_gpu.jsonl" 2>&1 | tail -n 150 | tee -a "$OUT/spec.log"
         ;;
     gemmlt)
         shape=$1
