@@ -26,9 +26,9 @@
  * where cuBLAS reaches 68-85%, even with k split. So it is off unless ENG_CUDA_GEMV_TILE=N asks for it: a base to
  * improve, not a default. */
 #include "eng_cuda_gemv.cuh"
+#include "eng_cuda_mma.cuh"
 
 #include <cooperative_groups.h>
-#include <stdlib.h>
 
 namespace cg = cooperative_groups;
 
@@ -52,12 +52,6 @@ static __device__ __forceinline__ uint32_t s_swz(int r, int c) {
  * writes zeros (k past the row's end, tokens past n_tok). */
 static __device__ __forceinline__ void s_cp16(uint32_t dst, const void *src, int n_src) {
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n_src));
-}
-
-static __device__ __forceinline__ void s_ldsm4(uint32_t r[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
 }
 
 template <int BN> struct s_tile_cfg {
@@ -169,10 +163,12 @@ static __global__ void __launch_bounds__(TILE_WARPS * 32)
         for (int kk = 0; kk < TILE_K / 16; kk++) {
             uint32_t a[MT][4], b[NJ / 2][4];
 #pragma unroll
-            for (int m = 0; m < MT; m++) s_ldsm4(a[m], sw + s_swz(wm + m * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+            for (int m = 0; m < MT; m++)
+                s_ldsm_x4_at(a[m], sw + s_swz(wm + m * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
             for (int j = 0; j < NJ / 2; j++)
-                s_ldsm4(b[j], sx + s_swz(wn + j * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, kk * 2 + ((lane >> 3) & 1)));
+                s_ldsm_x4_at(b[j],
+                             sx + s_swz(wn + j * 16 + (lane & 7) + ((lane >> 4) & 1) * 8, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll

@@ -20,11 +20,15 @@ static __device__ __forceinline__ void s_mma(float c[4], const uint32_t a[4], ui
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-static __device__ __forceinline__ void s_ldsm_x4(uint32_t r[4], const eng_cuda_kv_t *p) {
-    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(p);
+/* Four 8x8 b16 matrices from shared memory at byte address addr (a shared-window address). */
+static __device__ __forceinline__ void s_ldsm_x4_at(uint32_t r[4], uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
+}
+
+static __device__ __forceinline__ void s_ldsm_x4(uint32_t r[4], const eng_cuda_kv_t *p) {
+    s_ldsm_x4_at(r, (uint32_t)__cvta_generic_to_shared(p));
 }
 
 static __device__ __forceinline__ void s_ldsm_x4_trans(uint32_t r[4], const eng_cuda_kv_t *p) {
