@@ -219,7 +219,7 @@ int main(int argc, char **argv) {
     sp.is_kv_device = cfg.kv_cuda_ipc;
     sp.spec = (dc_spec_mode_t)cfg.spec;
     sp.spec_k = (int32_t)cfg.spec_k, sp.ngram_min = (int32_t)cfg.ngram_min, sp.ngram_max = (int32_t)cfg.ngram_max;
-    sp.ngram_short_k = cfg.ngram_short_k > 0 ? (int32_t)cfg.ngram_short_k : -1;
+    sp.ngram_short_k = (int32_t)cfg.ngram_short_k;
     sp.spec_max_step_drafts = (int32_t)cfg.spec_max_step_drafts;
     sp.spec_fixed_k = cfg.spec_fixed_k;
     sp.draft_catchup_tokens = (int32_t)cfg.draft_catchup_tokens;

@@ -348,6 +348,13 @@ static pd_status s_check_req(const dc_sched_t *s, const dc_req_params_t *rp, cha
     return PD_OK;
 }
 
+/* A new sequence's acceptance: the worker's recent acceptance (all) as its prior, kept within [0.02, 0.98] so it can
+ * move. */
+static dc_spec_acc_t s_acc_new(const dc_spec_acc_t *all) {
+    const float prior = dc_spec_acc_rate(all);
+    return (dc_spec_acc_t){.prior = prior < 0.02f ? 0.02f : prior > 0.98f ? 0.98f : prior};
+}
+
 pd_status dc_sched_reserve(dc_sched_t *s, const dc_req_params_t *rp, char *err, size_t err_cap) {
     if (!s || !rp) return PD_EINVAL;
     pd_status st = s_check_req(s, rp, err, err_cap);
@@ -389,10 +396,8 @@ pd_status dc_sched_reserve(dc_sched_t *s, const dc_req_params_t *rp, char *err, 
     sl->spec_k = s->p.spec == DC_SPEC_OFF || !rp->prompt      ? 0
                  : rp->spec_k < 0 || rp->spec_k > s->p.spec_k ? s->p.spec_k
                                                               : rp->spec_k;
-    /* the worker's recent acceptance as this sequence's prior, kept within [0.02, 0.98] so it can move */
-    const float prior = dc_spec_acc_rate(&s->acc_all), prior_short = dc_spec_acc_rate(&s->acc_all_short);
-    sl->acc = (dc_spec_acc_t){.prior = prior < 0.02f ? 0.02f : prior > 0.98f ? 0.98f : prior};
-    sl->acc_short = (dc_spec_acc_t){.prior = prior_short < 0.02f ? 0.02f : prior_short > 0.98f ? 0.98f : prior_short};
+    sl->acc = s_acc_new(&s->acc_all);
+    sl->acc_short = s_acc_new(&s->acc_all_short);
     sl->is_short = false;
     sl->n_draft_cached = 0;
     sl->ev_seq = 0;

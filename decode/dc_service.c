@@ -710,7 +710,7 @@ dc_service_t *dc_service_create(const dc_service_params_t *p, char *err, size_t 
     if (p->spec_k > 0) sp.spec_k = p->spec_k;
     if (p->ngram_min > 0) sp.ngram_min = p->ngram_min;
     if (p->ngram_max > 0) sp.ngram_max = p->ngram_max;
-    if (p->ngram_short_k != 0) sp.ngram_short_k = p->ngram_short_k > 0 ? p->ngram_short_k : 0;
+    if (p->ngram_short_k > 0) sp.ngram_short_k = p->ngram_short_k;
     if (p->spec_max_step_drafts > 0) sp.spec_max_step_drafts = p->spec_max_step_drafts;
     if (p->draft_catchup_tokens > 0) sp.draft_catchup_tokens = p->draft_catchup_tokens;
     if (p->spec == DC_SPEC_DRAFT && p->draft_eng) {

@@ -49,7 +49,7 @@ typedef struct {
     /* speculative decoding (dc_spec.h); spec_k etc. as in dc_sched_params_t (0 = that default) */
     dc_spec_mode_t spec; /* DC_SPEC_OFF (default) */
     int32_t spec_k, ngram_min, ngram_max, spec_max_step_drafts, draft_catchup_tokens;
-    int32_t ngram_short_k; /* as dc_sched_params_t's, but 0 = that default and -1 = none */
+    int32_t ngram_short_k; /* as dc_sched_params_t's (0: none, its default) */
     bool spec_fixed_k;
     eng_t *draft_eng; /* DC_SPEC_DRAFT: the draft model (borrowed, outlives the service) */
     /* Called on the loop thread each time the router accepts a registration that was not in force. */
