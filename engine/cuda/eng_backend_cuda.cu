@@ -156,6 +156,10 @@ struct eng_backend {
     bool is_gu_bf16;      /* prefill-sized batches take gate/up in bf16 (S_GU_BF16_MIN_TOK; ENG_CUDA_GU_BF16=0: not) */
     bool is_qkv_bf16;     /* ... and Q/K/V (ENG_CUDA_QKV_BF16=0: not) */
     bool is_fused_norm;   /* ... and the RMSNorm before it in its prologue (ENG_CUDA_FUSE_NORM=0: separate kernel) */
+    /* the attention and ffn norm weights folded into Q/K/V and gate/up at load (ENG_CUDA_FOLD_NORM=0: not): the
+     * tensor-core products then scale by 1 / rms after their loop instead of normalising before it, for every matrix
+     * size (where S_FOLD_ALL_MAX_DIM says); attn_norm and ffn_norm hold ones for the norms of the other paths */
+    bool is_fold_norm;
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
     /* a sampling forward's graph also samples and copies the results out: one launch per decode step
@@ -308,15 +312,17 @@ typedef struct {
     float *row; /* one dequantized row */
 } s_uploader_t;
 
-/* Rows [0, w->rows) of w as bf16 into dst (row-major, cols elements each), row r at dst row r * row_step. */
-static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_weight_t *w, int32_t row_step) {
+/* Rows [0, w->rows) of w as bf16 into dst (row-major, cols elements each), row r at dst row r * row_step; col_scale
+ * (cols, or NULL): each column multiplied by it before the rounding to bf16 (a norm weight folded in). */
+static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_weight_t *w, int32_t row_step,
+                               const float *col_scale) {
     const size_t row_out = (size_t)w->cols * sizeof(uint16_t);
     const int64_t rows_per_chunk = (int64_t)(u->stage_bytes / row_out);
     for (int64_t r0 = 0; r0 < w->rows; r0 += rows_per_chunk) {
         const int64_t nr = w->rows - r0 < rows_per_chunk ? w->rows - r0 : rows_per_chunk;
         uint16_t *out = (uint16_t *)u->stage;
         const uint8_t *src = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
-        if (w->type == ENG_GGML_BF16) {
+        if (w->type == ENG_GGML_BF16 && !col_scale) {
             memcpy(out, src, (size_t)nr * row_out);
         } else {
             for (int64_t r = 0; r < nr; r++) {
@@ -324,6 +330,8 @@ static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_we
                     LOG_E("cuda backend: cannot dequantize a %s weight", eng_ggml_type_name(w->type));
                     return PD_EINVAL;
                 }
+                if (col_scale)
+                    for (int64_t c = 0; c < w->cols; c++) u->row[c] *= col_scale[c];
                 for (int64_t c = 0; c < w->cols; c++) out[r * w->cols + c] = eng_f32_to_bf16(u->row[c]);
             }
         }
@@ -334,13 +342,23 @@ static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_we
     return PD_OK;
 }
 
-/* A vector (norm weight, bias) as f32 at dst. */
-static pd_status s_upload_f32(s_uploader_t *u, float *dst, const eng_weight_t *w) {
-    const int64_t n = w->rows * w->cols;
+/* A vector (norm weight, bias) as f32 into host (w->rows * w->cols floats). */
+static pd_status s_dequant_vec(float *host, const eng_weight_t *w) {
     for (int64_t r = 0; r < w->rows; r++)
-        if (eng_dequant(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes, u->row + r * w->cols,
-                        w->cols) != PD_OK)
+        if (eng_dequant(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes, host + r * w->cols, w->cols) !=
+            PD_OK)
             return PD_EINVAL;
+    return PD_OK;
+}
+
+/* ... and on to dst; is_ones: a vector of ones of its size instead (its values folded into a matrix). */
+static pd_status s_upload_f32(s_uploader_t *u, float *dst, const eng_weight_t *w, bool is_ones) {
+    const int64_t n = w->rows * w->cols;
+    if (is_ones) {
+        for (int64_t i = 0; i < n; i++) u->row[i] = 1.0f;
+    } else if (s_dequant_vec(u->row, w) != PD_OK) {
+        return PD_EINVAL;
+    }
     S_CUDA(cudaMemcpy(dst, u->row, (size_t)n * sizeof(float), cudaMemcpyHostToDevice), "upload vector");
     return PD_OK;
 }
@@ -364,19 +382,22 @@ static pd_status s_upload_model(eng_backend_t *be) {
     if (qkv_dim > widest) widest = qkv_dim;
     s_uploader_t u = {NULL, (size_t)64 << 20, NULL};
     pd_status st = PD_EBACKEND;
+    const bool fold = be->is_fold_norm;
+    float *g_attn = (float *)malloc(sizeof(float) * (size_t)c->dim),
+          *g_ffn = (float *)malloc(sizeof(float) * (size_t)c->dim);
     u.row = (float *)malloc(sizeof(float) * (size_t)widest);
-    if (!u.row || cudaMallocHost(&u.stage, u.stage_bytes) != cudaSuccess) goto fail;
+    if (!u.row || !g_attn || !g_ffn || cudaMallocHost(&u.stage, u.stage_bytes) != cudaSuccess) goto fail;
 
     S_TRY(s_alloc((void **)&be->embd, (size_t)c->vocab_size * c->dim * bf, "embeddings"));
-    S_TRY(s_upload_bf16(&u, be->embd, &m->tok_embd, 1));
+    S_TRY(s_upload_bf16(&u, be->embd, &m->tok_embd, 1, NULL));
     if (c->tied_embeddings) {
         be->output = be->embd;
     } else {
         S_TRY(s_alloc((void **)&be->output, (size_t)c->vocab_size * c->dim * bf, "output head"));
-        S_TRY(s_upload_bf16(&u, be->output, &m->output, 1));
+        S_TRY(s_upload_bf16(&u, be->output, &m->output, 1, NULL));
     }
     S_TRY(s_alloc((void **)&be->out_norm, sizeof(float) * c->dim, "norm"));
-    S_TRY(s_upload_f32(&u, be->out_norm, &m->out_norm));
+    S_TRY(s_upload_f32(&u, be->out_norm, &m->out_norm, false));
     be->layers = (s_layer_t *)calloc((size_t)c->n_layers, sizeof(s_layer_t));
     if (!be->layers) goto fail;
     for (int32_t l = 0; l < c->n_layers; l++) {
@@ -384,31 +405,34 @@ static pd_status s_upload_model(eng_backend_t *be) {
         s_layer_t *w = &be->layers[l];
         S_TRY(s_alloc((void **)&w->attn_norm, sizeof(float) * c->dim, "norm"));
         S_TRY(s_alloc((void **)&w->ffn_norm, sizeof(float) * c->dim, "norm"));
-        S_TRY(s_upload_f32(&u, w->attn_norm, &src->attn_norm));
-        S_TRY(s_upload_f32(&u, w->ffn_norm, &src->ffn_norm));
+        S_TRY(s_upload_f32(&u, w->attn_norm, &src->attn_norm, fold));
+        S_TRY(s_upload_f32(&u, w->ffn_norm, &src->ffn_norm, fold));
+        S_TRY(s_dequant_vec(g_attn, &src->attn_norm));
+        S_TRY(s_dequant_vec(g_ffn, &src->ffn_norm));
+        const float *qkv_scale = fold ? g_attn : NULL, *gu_scale = fold ? g_ffn : NULL;
         S_TRY(s_alloc((void **)&w->wqkv, (size_t)(qkv_dim * c->dim * bf), "wqkv"));
-        S_TRY(s_upload_bf16(&u, w->wqkv, &src->wq, 1));
-        S_TRY(s_upload_bf16(&u, w->wqkv + q_dim * c->dim, &src->wk, 1));
-        S_TRY(s_upload_bf16(&u, w->wqkv + (q_dim + kv_dim) * c->dim, &src->wv, 1));
+        S_TRY(s_upload_bf16(&u, w->wqkv, &src->wq, 1, qkv_scale));
+        S_TRY(s_upload_bf16(&u, w->wqkv + q_dim * c->dim, &src->wk, 1, qkv_scale));
+        S_TRY(s_upload_bf16(&u, w->wqkv + (q_dim + kv_dim) * c->dim, &src->wv, 1, qkv_scale));
         if (c->has_qkv_bias) {
             S_TRY(s_alloc((void **)&w->bqkv, sizeof(float) * (size_t)qkv_dim, "bias"));
-            S_TRY(s_upload_f32(&u, w->bqkv, &src->bq));
-            S_TRY(s_upload_f32(&u, w->bqkv + q_dim, &src->bk));
-            S_TRY(s_upload_f32(&u, w->bqkv + q_dim + kv_dim, &src->bv));
+            S_TRY(s_upload_f32(&u, w->bqkv, &src->bq, false));
+            S_TRY(s_upload_f32(&u, w->bqkv + q_dim, &src->bk, false));
+            S_TRY(s_upload_f32(&u, w->bqkv + q_dim + kv_dim, &src->bv, false));
         }
         S_TRY(s_alloc((void **)&w->wo, (size_t)(c->dim * q_dim * bf), "wo"));
-        S_TRY(s_upload_bf16(&u, w->wo, &src->wo, 1));
+        S_TRY(s_upload_bf16(&u, w->wo, &src->wo, 1, NULL));
         S_TRY(s_alloc((void **)&w->w_gate_up, (size_t)(2 * (int64_t)c->hidden_dim * c->dim * bf), "w_gate_up"));
         /* interleaved, so that one warp of the matrix-vector kernel holds a gate/up pair (SwiGLU in its epilogue) */
-        S_TRY(s_upload_bf16(&u, w->w_gate_up, &src->w_gate, 2));
-        S_TRY(s_upload_bf16(&u, w->w_gate_up + c->dim, &src->w_up, 2));
+        S_TRY(s_upload_bf16(&u, w->w_gate_up, &src->w_gate, 2, gu_scale));
+        S_TRY(s_upload_bf16(&u, w->w_gate_up + c->dim, &src->w_up, 2, gu_scale));
         S_TRY(s_alloc((void **)&w->w_down, (size_t)((int64_t)c->dim * c->hidden_dim * bf), "w_down"));
-        S_TRY(s_upload_bf16(&u, w->w_down, &src->w_down, 1));
+        S_TRY(s_upload_bf16(&u, w->w_down, &src->w_down, 1, NULL));
     }
     st = PD_OK;
 fail:
     if (u.stage) cudaFreeHost(u.stage);
-    free(u.row);
+    free(u.row), free(g_attn), free(g_ffn);
     return st;
 }
 
@@ -509,6 +533,10 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         cublasSetStream(be->blas, be->st) != CUBLAS_STATUS_SUCCESS) {
         snprintf(err, err_cap, "cuda backend: cannot set up GPU %d (stream, cuBLAS)", be->gpu);
         goto fail;
+    }
+    {
+        const char *fold_norm = getenv("ENG_CUDA_FOLD_NORM"); /* read before the upload, which folds */
+        be->is_fold_norm = !(fold_norm && *fold_norm == '0');
     }
     if (s_upload_model(be) != PD_OK) {
         snprintf(err, err_cap, "cuda backend: cannot upload the weights (see the log)");
@@ -672,6 +700,25 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
     return s_gemm_as(be, y, CUDA_R_32F, x, w, n_tok, n_out, k, is_accumulate);
 }
 
+/* Where the folded norm runs (be->is_fold_norm): every batch of the matrix-vector kernel for models up to this wide,
+ * one row for wider ones. Measured on the H100 (bench/RESULTS.md, engine_cuda, session 17): Llama-3.2-1B (2048) +3-4%
+ * at batch 1 and +4-5% at 8, SmolLM2's 8-token verification 10% faster, Llama-3.1-8B (4096) +1.5% at batch 1 but 10%
+ * slower at 8 rows. Elsewhere the unfolded path runs on the folded weights (norm weights of ones): the same cost. */
+#define S_FOLD_ALL_MAX_DIM 2048
+
+/* The residual's update be->x += x . w^T (O, down). is_copy: the next product folds its norm, so the matrix-vector
+ * kernel also leaves bf16(be->x) in be->xb; *is_xb says whether it did (else that product converts be->x itself). */
+static pd_status s_gemm_residual(eng_backend_t *be, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int64_t n_tok,
+                                 int64_t n_out, int64_t k, bool is_copy, bool *is_xb) {
+    *is_xb = is_copy && n_tok <= be->gemv_max_tok &&
+             eng_cuda_gemv_acc_copy(be->x, be->xb, x, w, (int32_t)n_tok, (int32_t)n_out, (int32_t)k, be->st);
+    if (*is_xb) {
+        S_LAUNCHED("matrix-vector product");
+        return PD_OK;
+    }
+    return s_gemm(be, be->x, x, w, n_tok, n_out, k, true);
+}
+
 /* The runs of consecutive block ids among the blocks b writes (positions [pos, pos + n_tokens) of each sequence) into
  * be->kv_runs; false (nothing to stream) when there are more than S_KV_STREAM_MAX_RUNS: each costs two copy calls
  * per layer, and a pool that fragmented is better served by one kernel after the forward (eng_kv_to_host). */
@@ -759,8 +806,11 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         T <= be->gemv_max_tok &&
         (T <= S_FUSE_MAX_TOK || eng_cuda_gemv_mma_takes((int32_t)T) || eng_cuda_gemv_tile_takes((int32_t)T)) &&
         be->is_fused;
-    /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off) */
+    /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off); folded
+     * into the weights, the O and down products leave the residual's bf16 copy in xb for it (is_xb: they did) */
     const bool is_fused_norm = is_fused && be->is_fused_norm;
+    const bool is_fold = is_fused_norm && be->is_fold_norm && (T == 1 || dim <= S_FOLD_ALL_MAX_DIM);
+    bool is_xb = false;
     const bool is_gu_bf16 = T >= S_GU_BF16_MIN_TOK && c->hidden_dim % 4 == 0 && be->is_gu_bf16;
     const bool is_qkv_bf16 = T >= S_GU_BF16_MIN_TOK && be->is_qkv_bf16;
     s_prof_mark(be, P_EMBED, true);
@@ -773,7 +823,8 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         /* attention norm and Q/K/V: one kernel where the fused one takes the batch (the norm phase is then inside
          * qkv's time), else the norm into xb and the product of xb */
         const eng_cuda_qkv_dst_t qkv_dst = {be->q, be->kv_pool, w->bqkv, l, c->n_heads, c->n_kv_heads, (int32_t)hd};
-        const eng_cuda_norm_t attn_in = {be->x, w->attn_norm, c->rms_eps};
+        const eng_cuda_norm_t attn_in = {be->x, is_fold ? NULL : w->attn_norm, c->rms_eps,
+                                         is_fold && is_xb ? be->xb : NULL};
         bool is_qkv_fused = false;
         if (is_fused_norm) {
             s_prof_mark(be, P_QKV, true);
@@ -804,10 +855,11 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
         att.layer = l;
         S_CUDA(eng_cuda_attention(&att, &tk, be->st), "attention");
         s_prof_mark(be, P_ATTN, false), s_prof_mark(be, P_WO, true);
-        if (s_gemm(be, be->x, be->att, w->wo, T, dim, q_dim, true) != PD_OK) return PD_EBACKEND;
+        if (s_gemm_residual(be, be->att, w->wo, T, dim, q_dim, is_fold, &is_xb) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_WO, false);
         /* ffn norm and gate/up: likewise */
-        const eng_cuda_norm_t ffn_in = {be->x, w->ffn_norm, c->rms_eps};
+        const eng_cuda_norm_t ffn_in = {be->x, is_fold ? NULL : w->ffn_norm, c->rms_eps,
+                                        is_fold && is_xb ? be->xb : NULL};
         bool is_gu_fused = false;
         if (is_fused_norm) {
             s_prof_mark(be, P_GATE_UP, true);
@@ -838,7 +890,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
             s_prof_mark(be, P_SWIGLU, false);
         }
         s_prof_mark(be, P_DOWN, true);
-        if (s_gemm(be, be->x, be->h, w->w_down, T, dim, c->hidden_dim, true) != PD_OK) return PD_EBACKEND;
+        if (s_gemm_residual(be, be->h, w->w_down, T, dim, c->hidden_dim, is_fold, &is_xb) != PD_OK) return PD_EBACKEND;
         s_prof_mark(be, P_DOWN, false);
     }
     /* final norm of the rows asked for, output head in slices of S_LOGIT_ROWS rows; none for a mid-prompt chunk */

@@ -182,8 +182,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], o);
             if (MODE == S_PLAIN && lane == r * NT + t && row0 + r < n_out) {
-                float *dst = e.y + (int64_t)t * n_out + row0 + r;
-                *dst = e.is_accumulate ? *dst + acc[r][t] : acc[r][t];
+                const float s[1] = {acc[r][t]};
+                s_store_item<S_PLAIN>(e, t, row0 + r, n_out, s);
             }
         }
     if constexpr (MODE != S_PLAIN) { /* R is even and n_out too: rows come in whole pairs */
@@ -206,13 +206,14 @@ static void s_launch(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cu
     eng_cuda_launch(k_gemv<NT, R, MODE, NORM>, n_blocks, GEMV_WARPS * 32, 0, st, e, x, xn, w, n_out, k);
 }
 
-/* x: bf16 rows; or xn (not NULL): f32 rows normalised in the kernel, up to ENG_CUDA_GEMV_NORM_MAX_TOK of them. */
+/* x: bf16 rows; or xn (not NULL): f32 rows normalised in the kernel, up to ENG_CUDA_GEMV_NORM_MAX_TOK of them on CUDA
+ * cores (xn->w NULL: norm weight folded into w, tensor cores only). */
 template <int MODE>
 static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w,
                    int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_tok < 1 || n_tok > ENG_CUDA_GEMV_TILE_MAX_TOK || n_out < 1 || k < 8 || k % 8 != 0) return false;
     if ((uintptr_t)w % 16 != 0 || (MODE != S_PLAIN && n_out % 2 != 0)) return false;
-    if (xn && ((uintptr_t)xn->x | (uintptr_t)xn->w) % 16 != 0) return false;
+    if (xn && ((uintptr_t)xn->x | (uintptr_t)xn->w | (uintptr_t)xn->xb) % 16 != 0) return false;
     if (!xn && (uintptr_t)x % 16 != 0) return false;
     if (n_tok > ENG_CUDA_GEMV_MAX_TOK) { /* tensor cores, bf16 x only: the streaming kernel where it takes the rows */
         if (xn) return false;
@@ -227,12 +228,12 @@ static bool s_gemv(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda
         return true;
     }
     if (eng_cuda_gemv_mma_takes(n_tok)) {
-        if (xn && (int64_t)n_out * k * 2 > eng_cuda_gemv_mma_norm_max()) return false;
+        if (xn && xn->w && (int64_t)n_out * k * 2 > eng_cuda_gemv_mma_norm_max()) return false;
         eng_cuda_gemv_mma_launch(MODE, e, x, xn, w, n_tok, n_out, k, st);
         return true;
     }
-    if (xn) {
-        if (n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK) return false;
+    if (xn) { /* a folded norm weight (xn->w NULL) only on tensor cores */
+        if (!xn->w || n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK) return false;
         if (n_tok == 1)
             s_launch<1, MODE, true>(e, NULL, *xn, w, n_out, k, st);
         else
@@ -278,6 +279,14 @@ static bool s_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk,
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st) {
     return s_gemv_plain(y, x, NULL, w, n_tok, n_out, k, is_accumulate, st);
+}
+
+bool eng_cuda_gemv_acc_copy(float *y, __nv_bfloat16 *y_bf16, const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                            int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
+    if (n_tok > ENG_CUDA_GEMV_MAX_TOK) return false; /* the tiled kernel has its own store */
+    s_epilogue_t e = {};
+    e.y = y, e.is_accumulate = true, e.y_bf16 = y_bf16;
+    return s_gemv<S_PLAIN>(e, x, NULL, w, n_tok, n_out, k, st);
 }
 
 bool eng_cuda_gemv_swiglu(__nv_bfloat16 *h, const __nv_bfloat16 *x, const __nv_bfloat16 *w_gate_up, int32_t n_tok,

@@ -33,7 +33,8 @@ enum { S_PLAIN, S_SWIGLU, S_QKV };
 typedef struct {
     float *y; /* S_PLAIN: (n_tok, n_out) */
     bool is_accumulate;
-    __nv_bfloat16 *h; /* S_SWIGLU: (n_tok, n_out / 2) */
+    __nv_bfloat16 *y_bf16; /* S_PLAIN, or NULL: each stored y also as bf16 (the next product's folded-norm x) */
+    __nv_bfloat16 *h;      /* S_SWIGLU: (n_tok, n_out / 2) */
     eng_cuda_qkv_dst_t qkv;
     eng_cuda_tokens_t tk; /* S_QKV */
 } s_epilogue_t;
@@ -76,7 +77,9 @@ static __device__ __forceinline__ void s_store_item(const s_epilogue_t &e, int64
                                                     const float (&s)[S_ROWS_PER_ITEM<MODE>]) {
     if constexpr (MODE == S_PLAIN) {
         float *dst = e.y + t * n_out + o;
-        *dst = e.is_accumulate ? *dst + s[0] : s[0];
+        const float v = e.is_accumulate ? *dst + s[0] : s[0];
+        *dst = v;
+        if (e.y_bf16) e.y_bf16[t * n_out + o] = __float2bfloat16(v);
     } else {
         s_store_pair<MODE>(e, t, o, n_out, s[0], s[1]);
     }

@@ -18,6 +18,14 @@
 #define MMA_WARPS 8 /* warps per block: all on the block's rows, k shared out between them (fixed order merge) */
 #define MMA_COLS  8 /* the MMA's token columns; NC tiles of them per weight fragment (n_tok <= 8 NC) */
 
+/* Where x comes from: bf16 rows; f32 residual rows normalised in a prologue (X_NORM: every block computes each
+ * token's 1 / rms before its loop, then forms bf16(x * scale * w_norm)); or residual rows whose norm weight is folded
+ * into the weights, the totals scaled by 1 / rms after the merge so that nothing waits for the norm before the first
+ * MMA: X_FOLD takes the f32 rows, converts them in the loop and sums x^2 on the way; X_FOLD16 takes their bf16 copy
+ * (xn.xb) like X_BF16 and sums x^2 with one more MMA per x fragment, x against itself (the Gram matrix of the
+ * block's tokens, whose diagonal is each token's sum of squares). */
+enum { X_BF16, X_NORM, X_FOLD, X_FOLD16 };
+
 /* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's
  * end are zeros (and so are x's there). */
 template <int MT, int U>
@@ -44,12 +52,22 @@ static __device__ __forceinline__ float s_norm_scale(const eng_cuda_norm_t &xn, 
     return rsqrtf(s / (float)k + xn.eps);
 }
 
-/* Token gq's x fragment for chunk c: 8 k values as 4 bf16 pairs. NORM: formed from the f32 row as eng_cuda_rmsnorm
- * writes it (bf16(x * scale * w), same operation order and rounding as eng_cuda_gemv.cu's s_x_chunk). */
-template <bool NORM>
+/* Token gq's x fragment for chunk c: 8 k values as 4 bf16 pairs. X_NORM: formed from the f32 row as
+ * eng_cuda_rmsnorm writes it (bf16(x * scale * w), same operation order and rounding as eng_cuda_gemv.cu's
+ * s_x_chunk). X_FOLD: bf16(x), with x^2 added to ss. */
+template <int XIN>
 static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const eng_cuda_norm_t &xn, float scale,
-                                                 int64_t row, int64_t kc, int64_t c) {
-    if constexpr (NORM) {
+                                                 int64_t row, int64_t kc, int64_t c, float &ss) {
+    if constexpr (XIN == X_FOLD) {
+        const float4 *xr = (const float4 *)xn.x + (row * kc + c) * 2;
+        const float4 a = __ldg(xr), b = __ldg(xr + 1);
+        ss = fmaf(a.x, a.x, fmaf(a.y, a.y, fmaf(a.z, a.z, fmaf(a.w, a.w, ss))));
+        ss = fmaf(b.x, b.x, fmaf(b.y, b.y, fmaf(b.z, b.z, fmaf(b.w, b.w, ss))));
+        const __nv_bfloat162 p0 = __floats2bfloat162_rn(a.x, a.y), p1 = __floats2bfloat162_rn(a.z, a.w),
+                             p2 = __floats2bfloat162_rn(b.x, b.y), p3 = __floats2bfloat162_rn(b.z, b.w);
+        return make_uint4(*(const uint32_t *)&p0, *(const uint32_t *)&p1, *(const uint32_t *)&p2,
+                          *(const uint32_t *)&p3);
+    } else if constexpr (XIN == X_NORM) {
         const float4 *xr = (const float4 *)xn.x + (row * kc + c) * 2, *wn = (const float4 *)xn.w + c * 2;
         const float4 a = __ldg(xr), b = __ldg(xr + 1), wa = __ldg(wn), wb = __ldg(wn + 1);
         const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w},
@@ -71,12 +89,15 @@ static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const e
  * and meet in shared memory, summed in warp order (deterministic). Rows past n_out load the last row and are never
  * stored. The totals go through MODE's epilogue (eng_cuda_gemv.cuh), pairs of rows for SwiGLU and Q/K/V. NC > 1: each
  * weight fragment meets NC column tiles of 8 tokens (9..8 NC rows of x: every weight byte still read once). */
-template <int MT, int MODE, bool NORM, int U, int NC>
+template <int MT, int MODE, int XIN, int U, int NC>
 static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warps) per SM: <= 128 registers */
     k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
                int32_t n_tok, int32_t n_out, int32_t k) {
-    static_assert(NC == 1 || !NORM, "the RMSNorm prologue takes up to MMA_COLS tokens");
+    static_assert(NC == 1 || XIN == X_BF16, "the normalising variants take up to MMA_COLS tokens");
+    constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16;
+    constexpr int XLD = XIN == X_FOLD16 ? X_BF16 : XIN; /* how x is loaded */
     __shared__ float part[MMA_WARPS][MT * 16][MMA_COLS * NC];
+    __shared__ float ss_part[FOLD ? MMA_WARPS : 1][MMA_COLS]; /* folded norm: each warp's sum of x^2 per token */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int64_t row0 = (int64_t)blockIdx.x * (MT * 16), kc = k / 8, n_groups = (kc + 3) / 4;
     const uint4 *wr[MT][2];
@@ -101,7 +122,9 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
     s_ld_step_weights<MT, U>(wv, wr, gi, tq,
                              kc); /* before the wait: their latency overlaps the previous kernel's end */
     s_pdl_begin();                /* x (or the residual rows), the outputs and the tables are earlier kernels' */
-    const float scale = NORM ? s_norm_scale(xn, n_tok, k, has_token[0] ? gq : 0) : 1.0f;
+    const float scale = XIN == X_NORM ? s_norm_scale(xn, n_tok, k, has_token[0] ? gq : 0) : 1.0f;
+    float ss = 0.0f; /* X_FOLD: token gq's x^2 over this lane's chunks (each chunk of the row is one lane's) */
+    float gram[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* X_FOLD16: tokens gq x (2 tq, 2 tq + 1); rows gq + 8 stay 0 */
     for (;;) {
         uint4 xv[U][NC];
 #pragma unroll
@@ -109,8 +132,15 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
             const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
 #pragma unroll
             for (int j = 0; j < NC; j++)
-                xv[u][j] =
-                    has_token[j] && c < kc ? s_x_frag<NORM>(x, xn, scale, gq + 8 * j, kc, c) : make_uint4(0, 0, 0, 0);
+                xv[u][j] = has_token[j] && c < kc ? s_x_frag<XLD>(x, xn, scale, gq + 8 * j, kc, c, ss)
+                                                  : make_uint4(0, 0, 0, 0);
+        }
+        if constexpr (XIN == X_FOLD16) { /* A = the tokens' x as rows gq (rows gq + 8 zero), B = the same as columns */
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                s_mma_bf16(gram, xv[u][0].x, 0u, xv[u][0].y, 0u, xv[u][0].x, xv[u][0].y);
+                s_mma_bf16(gram, xv[u][0].z, 0u, xv[u][0].w, 0u, xv[u][0].z, xv[u][0].w);
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -136,6 +166,13 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
             float *r0 = part[warp][m * 16 + gq] + 8 * j + 2 * tq, *r1 = part[warp][m * 16 + gq + 8] + 8 * j + 2 * tq;
             r0[0] = acc[m][j][0], r0[1] = acc[m][j][1], r1[0] = acc[m][j][2], r1[1] = acc[m][j][3];
         }
+    if constexpr (XIN == X_FOLD) { /* lanes tq 0..3 hold token gq's chunks of this warp's groups */
+        ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+        ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+        if (tq == 0) ss_part[warp][gq] = ss;
+    } else if constexpr (XIN == X_FOLD16) { /* the diagonal (gq, gq): lane tq = gq / 2, element gq % 2 */
+        if (tq == gq >> 1) ss_part[warp][gq] = gq & 1 ? gram[1] : gram[0];
+    }
     __syncthreads();
     constexpr int RPI = S_ROWS_PER_ITEM<MODE>; /* n_out is even and row0 a multiple of 16: pairs are whole */
     constexpr int N_ITEMS = MT * 16 / RPI;
@@ -148,6 +185,14 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
             s[j] = 0.0f;
 #pragma unroll
             for (int wp = 0; wp < MMA_WARPS; wp++) s[j] += part[wp][r + j][t];
+        }
+        if constexpr (FOLD) { /* the norm's 1 / rms, from the warps' sums in warp order */
+            float sq = 0.0f;
+#pragma unroll
+            for (int wp = 0; wp < MMA_WARPS; wp++) sq += ss_part[wp][t];
+            const float inv_rms = rsqrtf(sq / (float)k + xn.eps);
+#pragma unroll
+            for (int j = 0; j < RPI; j++) s[j] *= inv_rms;
         }
         s_store_item<MODE>(e, t, row0 + r, n_out, s);
     }
@@ -172,49 +217,54 @@ static int32_t s_n_sm(void) {
  * against 170.3 tok/s, 1B batch 8 5825-5946 against 5946-5994), so 4 it is. */
 static int32_t g_steps = 4;
 
-template <int MT, int MODE, bool NORM>
+template <int MT, int MODE, int XIN>
 static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                            const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     const unsigned n_blocks = (unsigned)((n_out + MT * 16 - 1) / (MT * 16));
-    if constexpr (!NORM) { /* 9..32 rows: 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
+    if constexpr (XIN ==
+                  X_BF16) { /* 9..32 rows: 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
         if (n_tok > 2 * MMA_COLS) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 2, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok,
-                            n_out, k);
+            eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 2, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
+                            k);
             return;
         }
         if (n_tok > MMA_COLS) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 2, 2>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok,
-                            n_out, k);
+            eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 2, 2>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
+                            k);
             return;
         }
     }
     if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
         if (g_steps == 8) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 8, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok,
-                            n_out, k);
+            eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 8, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
+                            k);
             return;
         }
     }
-    eng_cuda_launch(k_gemv_mma<MT, MODE, NORM, 4, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out, k);
+    eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 4, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out, k);
 }
 
-template <int MODE, bool NORM>
+template <int MODE, int XIN>
 static void s_launch_mma(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                          const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     if (n_out >= 32 * 4 * s_n_sm())
-        s_launch_steps<2, MODE, NORM>(e, x, xn, w, n_tok, n_out, k, st);
+        s_launch_steps<2, MODE, XIN>(e, x, xn, w, n_tok, n_out, k, st);
     else
-        s_launch_steps<1, MODE, NORM>(e, x, xn, w, n_tok, n_out, k, st);
+        s_launch_steps<1, MODE, XIN>(e, x, xn, w, n_tok, n_out, k, st);
 }
 
 template <int MODE>
 static void s_launch_mode(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
                           const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     const eng_cuda_norm_t none = {};
-    if (xn)
-        s_launch_mma<MODE, true>(e, NULL, *xn, w, n_tok, n_out, k, st);
+    if (xn && !xn->w && xn->xb)
+        s_launch_mma<MODE, X_FOLD16>(e, xn->xb, *xn, w, n_tok, n_out, k, st);
+    else if (xn && !xn->w)
+        s_launch_mma<MODE, X_FOLD>(e, NULL, *xn, w, n_tok, n_out, k, st);
+    else if (xn)
+        s_launch_mma<MODE, X_NORM>(e, NULL, *xn, w, n_tok, n_out, k, st);
     else
-        s_launch_mma<MODE, false>(e, x, none, w, n_tok, n_out, k, st);
+        s_launch_mma<MODE, X_BF16>(e, x, none, w, n_tok, n_out, k, st);
 }
 
 void eng_cuda_gemv_mma_launch(int mode, const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,

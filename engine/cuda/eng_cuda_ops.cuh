@@ -203,6 +203,10 @@ static __device__ __forceinline__ size_t s_kv_slot(const eng_cuda_tokens_t tk, i
 #define ENG_CUDA_GEMV_MMA_WIDE_MAX_BYTES ((int64_t)4 << 20)
 bool eng_cuda_gemv(float *y, const __nv_bfloat16 *x, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k,
                    bool is_accumulate, cudaStream_t st);
+/* y += x . w^T as above (up to ENG_CUDA_GEMV_MAX_TOK rows, else refused), each new y also written to y_bf16 as bf16:
+ * the residual's O and down products leave the next product's x ready for its folded norm (eng_cuda_norm_t.xb). */
+bool eng_cuda_gemv_acc_copy(float *y, __nv_bfloat16 *y_bf16, const __nv_bfloat16 *x, const __nv_bfloat16 *w,
+                            int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st);
 /* Products of at least ENG_CUDA_GEMV_MMA_MIN_TOK rows (every variant below too) run on tensor cores
  * (eng_cuda_gemv_mma.cu): same contract, a different summation order, and the normalising variants take up to
  * ENG_CUDA_GEMV_MAX_TOK rows there. eng_cuda_gemv_mma_set changes the bound process-wide (the backend sets it at create
@@ -261,12 +265,21 @@ bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk,
  * within rounding, not bit for bit. The outputs (y, h, q, the pool) must not overlap xn->x. Refuses, besides
  * eng_cuda_gemv's shapes, weights over eng_cuda_gemv_mma_norm_max() on tensor cores, n_tok > ENG_CUDA_GEMV_NORM_MAX_TOK
  * on CUDA cores (each block re-reads its tokens' rows, a cost that grows with n_tok while the launch saved does not)
- * and xn->x or xn->w not 16-byte aligned; the caller then runs eng_cuda_rmsnorm and the unfused call. */
+ * and xn->x or xn->w not 16-byte aligned; the caller then runs eng_cuda_rmsnorm and the unfused call.
+ * xn->w NULL: the norm weight is folded into w (w[o][i] = W[o][i] * w_norm[i], done at load), so the product is
+ * (w . bf16(x)) / rms(x): the kernel takes the residual rows as they are and scales the totals after its merge (before
+ * the epilogue: bias, RoPE, SwiGLU), nothing waits for the norm. x comes as bf16 from xn->xb where that holds bf16(x)
+ * (eng_cuda_gemv_acc_copy wrote it), and 1 / rms then from those bf16 values (one more MMA per x fragment: the rows'
+ * Gram diagonal); else from the f32 rows, converted in the loop (twice the bytes of x per block: on the 8B matrices
+ * at 8 rows that cost more than the norm's launch). Tensor cores only (up to ENG_CUDA_GEMV_MAX_TOK rows, no
+ * weight-size bound); elsewhere refused, and the caller's eng_cuda_rmsnorm then takes a weight of ones. Within
+ * rounding of the unfolded sequence: x and the folded weights each rounded to bf16 once. */
 #define ENG_CUDA_GEMV_NORM_MAX_TOK 2
 typedef struct {
     const float *x; /* (n_tok, k) f32 residual rows */
-    const float *w; /* (k) norm weight */
+    const float *w; /* (k) norm weight, or NULL: folded into the matrix */
     float eps;
+    const __nv_bfloat16 *xb; /* w NULL: bf16(x) (n_tok, k), or NULL: convert x in the kernel */
 } eng_cuda_norm_t;
 bool eng_cuda_gemv_norm(float *y, const eng_cuda_norm_t *xn, const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out,
                         int32_t k, bool is_accumulate, cudaStream_t st);

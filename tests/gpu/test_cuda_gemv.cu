@@ -82,13 +82,18 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
             }
             ref[(size_t)t * n_out + o] = s, mag[(size_t)t * n_out + o] = a;
         }
-    __nv_bfloat16 *dx, *dw;
+    __nv_bfloat16 *dx, *dw, *dyb;
     float *dy;
+    uint16_t *yb = (uint16_t *)malloc(ny * 2);
+    if (!yb) s_fail("host allocation");
     CK(cudaMalloc(&dx, nx * 2));
     CK(cudaMalloc(&dw, nw * 2));
     CK(cudaMalloc(&dy, ny * 4));
+    CK(cudaMalloc(&dyb, ny * 2));
     CK(cudaMemcpyAsync(dx, xb, nx * 2, cudaMemcpyHostToDevice, st));
     CK(cudaMemcpyAsync(dw, wb, nw * 2, cudaMemcpyHostToDevice, st));
+    /* the kernels read weights before their PDL wait: they must have been written "at load", not just before */
+    CK(cudaStreamSynchronize(st));
     for (int ti = 0; ti < n_n_toks; ti++) {
         const int n_tok = n_toks[ti];
         double worst[2] = {0.0, 0.0};
@@ -97,16 +102,28 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
             g_n_checks++;
             continue;
         }
-        for (int is_acc = 0; is_acc < 2; is_acc++) {
+        for (int mode = 0; mode < 3; mode++) { /* overwrite, accumulate, accumulate with the bf16 copy */
+            const int is_acc = mode > 0;
+            if (mode == 2 && n_tok > ENG_CUDA_GEMV_MAX_TOK) {
+                if (eng_cuda_gemv_acc_copy(dy, dyb, dx, dw, n_tok, n_out, k, st)) s_fail("copy took too many rows");
+                continue;
+            }
             /* overwrite: y starts as NaN, so any element not written shows */
             if (is_acc)
                 CK(cudaMemcpyAsync(dy, y0, ny * 4, cudaMemcpyHostToDevice, st));
             else
                 CK(cudaMemsetAsync(dy, 0xff, ny * 4, st));
-            if (!eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, is_acc != 0, st)) s_fail("refused a valid shape");
+            CK(cudaMemsetAsync(dyb, 0xff, ny * 2, st));
+            if (!(mode == 2 ? eng_cuda_gemv_acc_copy(dy, dyb, dx, dw, n_tok, n_out, k, st)
+                            : eng_cuda_gemv(dy, dx, dw, n_tok, n_out, k, is_acc != 0, st)))
+                s_fail("refused a valid shape");
             CK(cudaGetLastError());
             CK(cudaStreamSynchronize(st));
             CK(cudaMemcpy(y, dy, ny * 4, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(yb, dyb, ny * 2, cudaMemcpyDeviceToHost));
+            for (size_t i = 0; i < ny; i++) /* the copy: bf16(y) of the rows written, nothing elsewhere */
+                if (yb[i] != (mode == 2 && i < (size_t)n_tok * n_out ? eng_f32_to_bf16(y[i]) : 0xffffu))
+                    s_fail(mode == 2 ? "bf16 copy of y off" : "bf16 copy written without being asked");
             for (int t = 0; t < mt; t++)
                 for (int32_t o = 0; o < n_out; o++) {
                     const size_t i = (size_t)t * n_out + o;
@@ -136,7 +153,8 @@ static void s_check_shape(const int *n_toks, int n_n_toks, int32_t n_out, int32_
     CK(cudaFree(dx));
     CK(cudaFree(dw));
     CK(cudaFree(dy));
-    free(xb), free(wb), free(xf), free(wf), free(y0), free(y), free(ref), free(mag);
+    CK(cudaFree(dyb));
+    free(xb), free(wb), free(xf), free(wf), free(y0), free(y), free(ref), free(mag), free(yb);
 }
 
 /* Shapes it must refuse: returns false and leaves y alone. */
@@ -265,16 +283,30 @@ static void s_check_tile_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
 #define S_NT        ENG_CUDA_GEMV_MAX_TOK /* residual rows held; the normalising variants take s_norm_max_tok() */
 
 static void *g_dummy; /* 256 device bytes: aligned pointers for calls that must refuse before they read anything */
+/* The variants' folded form (eng_cuda_norm_t.w NULL, the norm weight already in the matrix): the kernel takes bf16(x)
+ * and scales each total by its token's 1 / rms, so the host's x is bf16(x) (exact) and a total's tolerance is the
+ * product's 1e-5 plus the scale's S_SCALE_REL, both of scale * sum |terms|. Tensor cores only: refused elsewhere.
+ * g_fold 1: from the f32 rows (1 / rms of the f32 values); 2: also given bf16(x) (eng_cuda_norm_t.xb), 1 / rms of
+ * those bf16 values. */
+static int g_fold;
+
+static const float *s_norm_w(const float *wn) {
+    return g_fold ? NULL : wn;
+}
 
 /* Tensor cores refuse to normalise weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES: whether this shape is one, and the
  * check that the variant (called with g_dummy pointers, only then) said false, as it must. */
 static bool s_norm_must_refuse(int32_t n_out, int32_t k) {
+    if (g_fold) return !eng_cuda_gemv_mma_takes(1);
     return eng_cuda_gemv_mma_takes(1) && (int64_t)n_out * k * 2 > eng_cuda_gemv_mma_norm_max();
 }
 static void s_norm_refusal_ok(const char *what, int32_t n_out, int32_t k, bool is_accepted) {
-    if (is_accepted) s_fail("normalised weights over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES on tensor cores");
-    printf("%s n_out=%5d k=%5d: refused on tensor cores (weights over %lld bytes): ok\n", what, n_out, k,
-           (long long)eng_cuda_gemv_mma_norm_max());
+    if (is_accepted) s_fail(g_fold ? "folded norm on CUDA cores" : "normalised weights over the bound on tensor cores");
+    if (g_fold)
+        printf("%s n_out=%5d k=%5d: folded norm refused on CUDA cores: ok\n", what, n_out, k);
+    else
+        printf("%s n_out=%5d k=%5d: refused on tensor cores (weights over %lld bytes): ok\n", what, n_out, k,
+               (long long)eng_cuda_gemv_mma_norm_max());
     g_n_checks++;
 }
 
@@ -287,11 +319,17 @@ static float s_bf16_round(float f) {
     return eng_bf16_to_f32(eng_f32_to_bf16(f));
 }
 
-/* One token: x as the kernel forms it (xq) and how far each element may be off (amb). */
-static void s_norm_ref(const float *x, const float *wn, int32_t k, float *xq, double *amb) {
+/* One token: x as the kernel forms it (xq) and how far each element may be off (amb). Returns the factor the kernel
+ * applies to its totals: 1, or (g_fold) the token's 1 / rms (then xq = bf16(x), amb 0). */
+static double s_norm_ref(const float *x, const float *wn, int32_t k, float *xq, double *amb) {
     double ss = 0.0;
     for (int32_t i = 0; i < k; i++) ss += (double)x[i] * (double)x[i];
     const double scale_d = 1.0 / sqrt(ss / k + (double)S_EPS);
+    if (g_fold) {
+        double ssb = 0.0;
+        for (int32_t i = 0; i < k; i++) xq[i] = s_bf16_round(x[i]), amb[i] = 0.0, ssb += (double)xq[i] * xq[i];
+        return g_fold == 2 ? 1.0 / sqrt(ssb / k + (double)S_EPS) : scale_d;
+    }
     const float scale = (float)scale_d, lo = (float)(scale_d * (1.0 - S_SCALE_REL)),
                 hi = (float)(scale_d * (1.0 + S_SCALE_REL));
     for (int32_t i = 0; i < k; i++) {
@@ -299,6 +337,7 @@ static void s_norm_ref(const float *x, const float *wn, int32_t k, float *xq, do
         const float a = s_bf16_round(x[i] * lo * wn[i]), b = s_bf16_round(x[i] * hi * wn[i]);
         amb[i] = fmax(fabs((double)a - xq[i]), fabs((double)b - xq[i]));
     }
+    return 1.0;
 }
 
 /* One weight shape: S_NT residual rows, a norm weight, the weights, and per token and row the product of the
@@ -308,6 +347,7 @@ typedef struct {
     float *x, *wn, *xq; /* host: residual rows (S_NT, k), norm weight (k), x as formed (S_NT, k) */
     double *ref, *tol;  /* (S_NT, n_out): sum xq w, and how far the kernel's may be from it */
     float *dx, *dwn;    /* device copies of x, wn */
+    __nv_bfloat16 *dxb; /* device bf16(x) */
     __nv_bfloat16 *dw;  /* device weights (n_out, k) */
 } s_norm_case_t;
 
@@ -328,7 +368,7 @@ static void s_norm_case_init(s_norm_case_t *nc, int32_t n_out, int32_t k) {
     for (int t = 0; t < S_NT; t++) {
         const float *xq = nc->xq + (size_t)t * k;
         const double *am = amb + (size_t)t * k;
-        s_norm_ref(nc->x + (size_t)t * k, nc->wn, k, nc->xq + (size_t)t * k, amb + (size_t)t * k);
+        const double f = s_norm_ref(nc->x + (size_t)t * k, nc->wn, k, nc->xq + (size_t)t * k, amb + (size_t)t * k);
         int32_t n_amb = 0;
         for (int32_t i = 0; i < k; i++)
             if (am[i] > 0.0) amb_at[n_amb++] = i;
@@ -340,13 +380,22 @@ static void s_norm_case_init(s_norm_case_t *nc, int32_t n_out, int32_t k) {
                 s += p, a += fabs(p);
             }
             for (int32_t j = 0; j < n_amb; j++) flips += am[amb_at[j]] * fabs((double)wr[amb_at[j]]);
-            nc->ref[(size_t)t * n_out + o] = s, nc->tol[(size_t)t * n_out + o] = 1e-5 * a + flips;
+            nc->ref[(size_t)t * n_out + o] = s * f;
+            nc->tol[(size_t)t * n_out + o] = (1e-5 + (g_fold ? S_SCALE_REL : 0.0)) * a * f + flips;
         }
     }
     CK(cudaMalloc(&nc->dx, nx * 4));
     CK(cudaMalloc(&nc->dwn, (size_t)k * 4));
     CK(cudaMalloc(&nc->dw, nw * 2));
     CK(cudaMemcpy(nc->dx, nc->x, nx * 4, cudaMemcpyHostToDevice));
+    {
+        uint16_t *xb16 = (uint16_t *)malloc(nx * 2);
+        if (!xb16) s_fail("host allocation");
+        for (size_t i = 0; i < nx; i++) xb16[i] = eng_f32_to_bf16(nc->x[i]);
+        CK(cudaMalloc(&nc->dxb, nx * 2));
+        CK(cudaMemcpy(nc->dxb, xb16, nx * 2, cudaMemcpyHostToDevice));
+        free(xb16);
+    }
     CK(cudaMemcpy(nc->dwn, nc->wn, (size_t)k * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(nc->dw, wb, nw * 2, cudaMemcpyHostToDevice));
     CK(cudaDeviceSynchronize()); /* a copy from pageable memory may return before its DMA lands (no stream orders it) */
@@ -355,6 +404,7 @@ static void s_norm_case_init(s_norm_case_t *nc, int32_t n_out, int32_t k) {
 
 static void s_norm_case_fini(s_norm_case_t *nc) {
     CK(cudaFree(nc->dx));
+    CK(cudaFree(nc->dxb));
     CK(cudaFree(nc->dwn));
     CK(cudaFree(nc->dw));
     free(nc->x), free(nc->wn), free(nc->xq), free(nc->ref), free(nc->tol);
@@ -363,7 +413,7 @@ static void s_norm_case_fini(s_norm_case_t *nc) {
 /* y [+]= norm(x) . w^T against the reference, and (printed) how many totals equal bit for bit those of eng_cuda_gemv
  * on the host's x: all of a token's, unless the kernel's scale flipped the rounding of some element of x. */
 static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
-    const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
+    const eng_cuda_norm_t dn = {(const float *)g_dummy, s_norm_w((const float *)g_dummy), S_EPS};
     if (s_norm_must_refuse(n_out, k)) {
         s_norm_refusal_ok(
             "norm  ", n_out, k,
@@ -384,7 +434,7 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
     CK(cudaMalloc(&dyu, ny * 4));
     CK(cudaMalloc(&dxq, nx * 2));
     CK(cudaMemcpyAsync(dxq, xqb, nx * 2, cudaMemcpyHostToDevice, st));
-    const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
+    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold == 2 ? nc.dxb : NULL};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0; /* error / tolerance */
         long n_same = 0, n_all = 0;
@@ -422,9 +472,13 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
                 }
             g_n_checks++;
         }
-        printf(
-            "norm   n_tok=%d n_out=%5d k=%5d: ok (max err %.2f of tol; %ld of %ld as eng_cuda_gemv on the host's x)\n",
-            n_tok, n_out, k, worst, n_same, n_all);
+        if (g_fold)
+            printf("norm   n_tok=%d n_out=%5d k=%5d: ok (max err %.2f of tol)\n", n_tok, n_out, k, worst);
+        else
+            printf(
+                "norm   n_tok=%d n_out=%5d k=%5d: ok (max err %.2f of tol; %ld of %ld as eng_cuda_gemv on the host's "
+                "x)\n",
+                n_tok, n_out, k, worst, n_same, n_all);
     }
     CK(cudaFree(dy));
     CK(cudaFree(dyu));
@@ -437,7 +491,7 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
  * |silu(gate) up - silu(g) u| <= (|silu(g)| + 1.1 tg) tu + 1.1 |u| tg (|silu'| < 1.1), plus the kernel's float
  * silu and product (a few ulp: 2e-6 relative) and the bf16 rounding of h (2^-8 relative). */
 static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
-    const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
+    const eng_cuda_norm_t dn = {(const float *)g_dummy, s_norm_w((const float *)g_dummy), S_EPS};
     if (s_norm_must_refuse(2 * hidden, k)) {
         s_norm_refusal_ok(
             "swiglu", 2 * hidden, k,
@@ -451,7 +505,7 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     if (!h) s_fail("host allocation");
     __nv_bfloat16 *dh;
     CK(cudaMalloc(&dh, nh * 2));
-    const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
+    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold == 2 ? nc.dxb : NULL};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
         if (!eng_cuda_gemv_swiglu_norm(dh, &xn, nc.dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
@@ -474,7 +528,7 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
 static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, int32_t k, bool has_bias,
                              cudaStream_t st) {
     {
-        const eng_cuda_norm_t dn = {(const float *)g_dummy, (const float *)g_dummy, S_EPS};
+        const eng_cuda_norm_t dn = {(const float *)g_dummy, s_norm_w((const float *)g_dummy), S_EPS};
         const eng_cuda_tokens_t tk1 = {1, NULL, NULL, NULL, NULL, 16, 1};
         const eng_cuda_qkv_dst_t d1 = {NULL, NULL, NULL, 0, n_heads, n_kv_heads, hd};
         if (s_norm_must_refuse((n_heads + 2 * n_kv_heads) * hd, k)) {
@@ -522,7 +576,7 @@ static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, in
     CK(cudaMemcpyAsync(dtables, tables, sizeof tables, cudaMemcpyHostToDevice, st));
     eng_cuda_tokens_t tk = {0, dpos, dtt, dtables, dcs, block_size, n_blocks};
     const eng_cuda_qkv_dst_t d = {dq, dpool, has_bias ? dbias : NULL, layer, n_heads, n_kv_heads, hd};
-    const eng_cuda_norm_t xn = {nc.dx, nc.dwn, S_EPS};
+    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold == 2 ? nc.dxb : NULL};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0;
         CK(cudaMemsetAsync(dq, 0xff, (size_t)S_NT * q_dim * 4, st));
@@ -605,18 +659,23 @@ static void s_check_norm_refusals(cudaStream_t st) {
     CK(cudaMemsetAsync(dx, 0, (S_NT + 1) * 64 * 4, st));
     CK(cudaMemsetAsync(dwn, 0, 64 * 4, st));
     CK(cudaMemsetAsync(dw, 0, 64 * 64 * 2, st));
+    const __nv_bfloat16 *xb = g_fold == 2 ? (const __nv_bfloat16 *)dx : NULL; /* any aligned device memory */
     struct {
         const char *what;
         const float *x, *wn;
         int32_t n_tok, k;
+        const __nv_bfloat16 *xb;
     } cases[] = {
-        {"more rows than it takes", dx, dwn, s_norm_max_tok() + 1, 16},
-        {"k = 12", dx, dwn, 1, 12},
-        {"misaligned residual", dx + 1, dwn, 1, 16},
-        {"misaligned norm weight", dx, dwn + 1, 1, 16},
+        {"more rows than it takes", dx, dwn, s_norm_max_tok() + 1, 16, xb},
+        {"k = 12", dx, dwn, 1, 12, xb},
+        {"misaligned residual", dx + 1, dwn, 1, 16, xb},
+        {"misaligned norm weight", dx, dwn + 1, 1, 16, xb},
+        {"misaligned bf16 copy", dx, dwn, 1, 16, (const __nv_bfloat16 *)dx + 1},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        const eng_cuda_norm_t xn = {cases[c].x, cases[c].wn, S_EPS};
+        if (g_fold && cases[c].x == dx && cases[c].wn != dwn) continue; /* no norm weight to misalign */
+        if (g_fold != 2 && cases[c].xb != xb) continue;                 /* no copy to misalign */
+        const eng_cuda_norm_t xn = {cases[c].x, s_norm_w(cases[c].wn), S_EPS, cases[c].xb};
         CK(cudaMemsetAsync(dy, 0x7f, n * 4, st));
         CK(cudaDeviceSynchronize());
         if (eng_cuda_gemv_norm(dy, &xn, dw, cases[c].n_tok, 4, cases[c].k, false, st) ||
@@ -629,7 +688,7 @@ static void s_check_norm_refusals(cudaStream_t st) {
         g_n_checks++;
     }
     /* Q/K/V: the batch and head_dim checks come before any device pointer is used */
-    const eng_cuda_norm_t xn = {dx, dwn, S_EPS};
+    const eng_cuda_norm_t xn = {dx, s_norm_w(dwn), S_EPS};
     eng_cuda_tokens_t tk = {s_norm_max_tok() + 1, NULL, NULL, NULL, NULL, 16, 1};
     eng_cuda_qkv_dst_t d = {NULL, NULL, NULL, 0, 1, 1, 8};
     if (eng_cuda_gemv_qkv_norm(&d, &tk, &xn, dw, 16, st)) s_fail("normalising Q/K/V accepted too many tokens");
@@ -781,9 +840,14 @@ int main(void) {
      * pairs, the Q/K/V projection of Llama-3.1-8B (32/8 heads of 128) and SmolLM2-135M (9/3 of 64, with a bias); on
      * tensor cores the 8B shapes are refused (ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES) and 17000 x 136 takes two tiles a
      * warp */
-    for (int mma = 0; mma < 2; mma++) { /* CUDA cores (up to ENG_CUDA_GEMV_NORM_MAX_TOK rows), tensor cores */
+    for (int run = 0; run < 6; run++) { /* CUDA cores (up to ENG_CUDA_GEMV_NORM_MAX_TOK rows), tensor cores; folded */
+        const int mma = run & 1;
+        g_fold = run / 2;
         eng_cuda_gemv_mma_set(mma);
-        printf("-- normalising variants on %s cores\n", mma ? "tensor" : "CUDA");
+        printf("-- normalising variants on %s cores%s\n", mma ? "tensor" : "CUDA",
+               g_fold == 2 ? ", norm weight folded, x also bf16"
+               : g_fold    ? ", norm weight folded"
+                           : "");
         const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}, {17000, 136}};
         for (size_t s = 0; s < sizeof norm_shapes / sizeof norm_shapes[0]; s++)
             s_check_norm_plain(norm_shapes[s][0], norm_shapes[s][1], st);
@@ -794,6 +858,7 @@ int main(void) {
         s_check_norm_qkv(9, 3, 64, 576, true, st);
         s_check_norm_refusals(st);
     }
+    g_fold = 0;
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
     printf("test_cuda_gemv: %d checks, all passed\n", g_n_checks);
     fflush(stdout);

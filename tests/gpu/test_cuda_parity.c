@@ -6,7 +6,10 @@
  *   - a prompt of LONG_LEN tokens alone, which takes the prefill-sized products with bf16 outputs (Q/K/V, gate/up),
  *     likewise, then 8 teacher-forced decode steps on its KV;
  *   - the same six in one batch, prompts in chunks of 13 (40 for two of them), against themselves alone on CUDA: within
- *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit);
+ *     CUDA_BATCH_REL_TOL (cuBLAS picks kernels by shape, so not bit for bit; and batches of up to 8 rows take the
+ *     norm folded into the matrix-vector product, which rounds x to bf16 before its 1 / rms where the norm kernel
+ *     that feeds cuBLAS rounds after it, so the two paths differ by bf16 noise, not only by summation order: up to
+ *     1.05e-2 on these random-weight models, where they were within 5e-3 when both rounded alike);
  *   - KV chunks: a chunk written with eng_kv_write_chunk reads back identical, and a CPU prefill's KV converted
  *     to f16 (the GPU pool's type) and imported into the CUDA engine continues the sequence as a CUDA prefill of it
  *     would (the disaggregated path: CPU prefill worker, CUDA decode worker), also through the pinned host mirror the
@@ -29,7 +32,7 @@
 #include "pd_test.h"
 
 #define CUDA_REL_TOL       3e-2f
-#define CUDA_BATCH_REL_TOL 1e-2f
+#define CUDA_BATCH_REL_TOL 2e-2f
 #define CLEAR_MARGIN       0.5f /* CPU top-2 logit gap above which the argmax must agree */
 #define N_SEQS             6
 #define N_STEPS            8
