@@ -3,6 +3,9 @@
  * Plain scalar C on purpose: no SIMD, no quantization (we only read models), no dot products yet. */
 #include "eng_quant.h"
 
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Bit-exactness with ggml needs "x * d + m" to round twice, as ggml's C reference does. GCC keeps
@@ -352,4 +355,67 @@ pd_status eng_dequant(int type, const void *src, float *dst, int64_t n) {
     int64_t n_blocks = n / block_elems;
     for (int64_t i = 0; i < n_blocks; i++) fn(p + i * block_bytes, dst + i * block_elems);
     return PD_OK;
+}
+
+/* ---- rows to bf16, on several threads ---- */
+
+typedef struct {
+    int type;
+    const uint8_t *src;
+    size_t row_bytes;
+    int64_t r0, r1, cols;
+    const float *col_scale;
+    uint16_t *out;
+    pd_status st;
+} s_rows_job_t;
+
+static void *s_rows_run(void *arg) {
+    s_rows_job_t *j = arg;
+    float *row = malloc(sizeof(float) * (size_t)j->cols);
+    j->st = row ? PD_OK : PD_ENOMEM;
+    for (int64_t r = j->r0; r < j->r1 && j->st == PD_OK; r++) {
+        j->st = eng_dequant(j->type, j->src + (size_t)r * j->row_bytes, row, j->cols);
+        uint16_t *o = j->out + r * j->cols;
+        if (j->col_scale)
+            for (int64_t c = 0; c < j->cols; c++) o[c] = eng_f32_to_bf16(row[c] * j->col_scale[c]);
+        else
+            for (int64_t c = 0; c < j->cols; c++) o[c] = eng_f32_to_bf16(row[c]);
+    }
+    free(row);
+    return NULL;
+}
+
+#define S_ROWS_MAX_THREADS 64
+
+pd_status eng_rows_to_bf16(int type, const void *src, size_t row_bytes, int64_t rows, int64_t cols,
+                           const float *col_scale, uint16_t *out, int n_threads) {
+    if (!eng_quant_supported(type) || rows < 0 || cols < 0 || (uint64_t)cols % eng_ggml_block_elems(type) != 0)
+        return PD_EINVAL;
+    if (n_threads > S_ROWS_MAX_THREADS) n_threads = S_ROWS_MAX_THREADS;
+    if (n_threads > rows) n_threads = (int)rows;
+    if (n_threads < 1) n_threads = 1;
+    s_rows_job_t jobs[S_ROWS_MAX_THREADS];
+    pthread_t tid[S_ROWS_MAX_THREADS];
+    bool is_started[S_ROWS_MAX_THREADS] = {false};
+    for (int i = 0; i < n_threads; i++) {
+        jobs[i] = (s_rows_job_t){.type = type,
+                                 .src = src,
+                                 .row_bytes = row_bytes,
+                                 .r0 = rows * i / n_threads,
+                                 .r1 = rows * (i + 1) / n_threads,
+                                 .cols = cols,
+                                 .col_scale = col_scale,
+                                 .out = out,
+                                 .st = PD_OK};
+        /* job 0 runs on the calling thread, as does any whose thread does not start */
+        if (i > 0) is_started[i] = pthread_create(&tid[i], NULL, s_rows_run, &jobs[i]) == 0;
+    }
+    for (int i = 0; i < n_threads; i++)
+        if (!is_started[i]) s_rows_run(&jobs[i]);
+    pd_status st = PD_OK;
+    for (int i = 0; i < n_threads; i++) {
+        if (is_started[i]) pthread_join(tid[i], NULL);
+        if (jobs[i].st != PD_OK && st == PD_OK) st = jobs[i].st;
+    }
+    return st;
 }

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h> /* sysconf */
 
 extern "C" {
 #include "eng_backend.h"
@@ -309,7 +310,8 @@ static void s_destroy(eng_backend_t **pbe) {
 typedef struct {
     void *stage; /* pinned */
     size_t stage_bytes;
-    float *row; /* one dequantized row */
+    float *row;    /* one dequantized row */
+    int n_threads; /* converting rows to bf16 (eng_rows_to_bf16) */
 } s_uploader_t;
 
 /* Rows [0, w->rows) of w as bf16 into dst (row-major, cols elements each), row r at dst row r * row_step; col_scale
@@ -324,16 +326,9 @@ static pd_status s_upload_bf16(s_uploader_t *u, __nv_bfloat16 *dst, const eng_we
         const uint8_t *src = (const uint8_t *)w->data + (uint64_t)r0 * w->row_bytes;
         if (w->type == ENG_GGML_BF16 && !col_scale) {
             memcpy(out, src, (size_t)nr * row_out);
-        } else {
-            for (int64_t r = 0; r < nr; r++) {
-                if (eng_dequant(w->type, src + (uint64_t)r * w->row_bytes, u->row, w->cols) != PD_OK) {
-                    LOG_E("cuda backend: cannot dequantize a %s weight", eng_ggml_type_name(w->type));
-                    return PD_EINVAL;
-                }
-                if (col_scale)
-                    for (int64_t c = 0; c < w->cols; c++) u->row[c] *= col_scale[c];
-                for (int64_t c = 0; c < w->cols; c++) out[r * w->cols + c] = eng_f32_to_bf16(u->row[c]);
-            }
+        } else if (eng_rows_to_bf16(w->type, src, w->row_bytes, nr, w->cols, col_scale, out, u->n_threads) != PD_OK) {
+            LOG_E("cuda backend: cannot dequantize a %s weight", eng_ggml_type_name(w->type));
+            return PD_EINVAL;
         }
         S_CUDA(cudaMemcpy2D(dst + r0 * row_step * w->cols, row_out * row_step, out, row_out, row_out, (size_t)nr,
                             cudaMemcpyHostToDevice),
@@ -380,7 +375,8 @@ static pd_status s_upload_model(eng_backend_t *be) {
     const int64_t qkv_dim = q_dim + 2 * kv_dim, bf = sizeof(__nv_bfloat16);
     int64_t widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
     if (qkv_dim > widest) widest = qkv_dim;
-    s_uploader_t u = {NULL, (size_t)64 << 20, NULL};
+    const long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+    s_uploader_t u = {NULL, (size_t)64 << 20, NULL, n_cpu < 1 ? 1 : n_cpu > 16 ? 16 : (int)n_cpu};
     pd_status st = PD_EBACKEND;
     const bool fold = be->is_fold_norm;
     float *g_attn = (float *)malloc(sizeof(float) * (size_t)c->dim),

@@ -342,6 +342,75 @@ static void test_model_dequant_all(void) {
     CHECK(g == NULL);
 }
 
+/* ---- eng_rows_to_bf16: every row split over threads gives what one row at a time gives ---- */
+
+/* The reference: row by row, eng_dequant then (x * scale) rounded to bf16, on this thread. */
+static void s_rows_ref(int type, const uint8_t *src, size_t row_bytes, int64_t rows, int64_t cols, const float *scale,
+                       uint16_t *out) {
+    float *row = malloc(sizeof(float) * (size_t)cols);
+    REQUIRE(row);
+    for (int64_t r = 0; r < rows; r++) {
+        CHECK_EQ_INT(eng_dequant(type, src + (size_t)r * row_bytes, row, cols), PD_OK);
+        for (int64_t c = 0; c < cols; c++) out[r * cols + c] = eng_f32_to_bf16(scale ? row[c] * scale[c] : row[c]);
+    }
+    free(row);
+}
+
+static void s_check_rows(int type, const uint8_t *src, size_t row_bytes, int64_t rows, int64_t cols,
+                         const float *scale) {
+    uint16_t *want = malloc(2 * (size_t)(rows * cols) + 2), *got = malloc(2 * (size_t)(rows * cols) + 2);
+    REQUIRE(want && got);
+    s_rows_ref(type, src, row_bytes, rows, cols, scale, want);
+    const int threads[] = {0, 1, 3, 8, 1000};
+    for (size_t i = 0; i < sizeof threads / sizeof threads[0]; i++) {
+        memset(got, 0xa5, 2 * (size_t)(rows * cols) + 2);
+        CHECK_EQ_INT(eng_rows_to_bf16(type, src, row_bytes, rows, cols, scale, got, threads[i]), PD_OK);
+        CHECK_MSG(memcmp(got, want, 2 * (size_t)(rows * cols)) == 0, "%s %lld x %lld on %d threads differs",
+                  eng_ggml_type_name(type), (long long)rows, (long long)cols, threads[i]);
+        CHECK_EQ_INT(got[rows * cols], 0xa5a5); /* nothing written past the matrix */
+    }
+    free(want), free(got);
+}
+
+static void test_rows_to_bf16(void) {
+    /* the real model's matrices (Q4_1 and whatever else it holds), with and without a column scale */
+    char err[512];
+    eng_gguf_t *g = eng_gguf_open(pd_test_model_path(), err, sizeof err);
+    CHECK_MSG(g, "%s", err);
+    REQUIRE(g);
+    int n_checked = 0;
+    for (int64_t i = 0; i < eng_gguf_n_tensors(g) && n_checked < 6; i++) {
+        const eng_gguf_tensor_t *t = eng_gguf_tensor(g, i);
+        if (t->n_dims != 2 || t->ne[1] > 2048) continue; /* not the embedding table: seconds for nothing new */
+        const int64_t cols = (int64_t)t->ne[0], rows = (int64_t)t->ne[1];
+        float *scale = malloc(sizeof(float) * (size_t)cols);
+        REQUIRE(scale);
+        for (int64_t c = 0; c < cols; c++) scale[c] = 0.5f + (float)(c % 7) * 0.25f;
+        const size_t rb = (size_t)eng_ggml_row_bytes(t->type, (uint64_t)cols);
+        s_check_rows(t->type, t->data, rb, rows, cols, NULL);
+        s_check_rows(t->type, t->data, rb, rows, cols, scale);
+        free(scale);
+        n_checked++;
+    }
+    CHECK_EQ_INT(n_checked, 6);
+    eng_gguf_destroy(&g);
+    /* bf16 rows (the random-weight GGUFs' type), rows fewer than threads, no rows */
+    enum { R = 5, C = 40 };
+    uint8_t bf[R * C * 2];
+    for (int i = 0; i < R * C; i++) {
+        const uint16_t h = eng_f32_to_bf16((float)(i % 13) * 0.37f - 2.0f);
+        bf[2 * i] = (uint8_t)(h & 0xff), bf[2 * i + 1] = (uint8_t)(h >> 8);
+    }
+    float scale[C];
+    for (int c = 0; c < C; c++) scale[c] = 1.0f + 0.01f * (float)c;
+    s_check_rows(ENG_GGML_BF16, bf, 2 * C, R, C, scale);
+    s_check_rows(ENG_GGML_BF16, bf, 2 * C, 0, C, scale);
+    /* refusals: a type not read, a row length not a whole number of blocks */
+    uint16_t out[64];
+    CHECK_EQ_INT(eng_rows_to_bf16(ENG_GGML_IQ2_XXS, bf, 66, 1, 256, NULL, out, 2), PD_EINVAL);
+    CHECK_EQ_INT(eng_rows_to_bf16(ENG_GGML_Q4_1, bf, 20, 1, 33, NULL, out, 2), PD_EINVAL);
+}
+
 int main(void) {
     PD_TEST_RUN(test_type_sizes);
     PD_TEST_RUN(test_dequant_bad_args);
@@ -360,5 +429,6 @@ int main(void) {
     PD_TEST_RUN(test_f16_exhaustive);
     PD_TEST_RUN(test_bf16);
     PD_TEST_RUN(test_model_dequant_all);
+    PD_TEST_RUN(test_rows_to_bf16);
     return pd_test_finish();
 }
