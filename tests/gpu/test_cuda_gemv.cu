@@ -792,6 +792,85 @@ static void s_bench(cudaStream_t st) {
     CK(cudaFree(dy));
 }
 
+/* The RMSNorm before a product, four ways, at 1 and 8 rows on the 8B, 1B and SmolLM2 Q/K/V and gate/up shapes
+ * (plain epilogue): the norm kernel then the product (the unfolded decode step), the norm in the product's prologue
+ * (refused over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES: "-"), and the norm weight folded (x converted from f32 in the loop,
+ * or taken from its bf16 copy). Weights cycled through more than L2; launches back to back under PDL as in a forward.
+ * Session 17's decode step lost 10% at 8B batch 8 with the bf16 fold and gained at 1B: these times say which
+ * matrices. */
+static void s_bench_norm(cudaStream_t st) {
+    const size_t buf_bytes = (size_t)1280 << 20, copy_bytes = (size_t)1 << 30;
+    const int32_t shapes[][2] = {{6144, 4096}, {28672, 4096}, {3072, 2048}, {16384, 2048}, {960, 576}, {3072, 576}};
+    const int n_toks[] = {1, 8};
+    const int mt = ENG_CUDA_GEMV_MAX_TOK, k_max = 4096;
+    char *wbuf, *dst;
+    float *dx, *dwn, *dy;
+    __nv_bfloat16 *dxb;
+    CK(cudaMalloc(&wbuf, buf_bytes));
+    CK(cudaMalloc(&dst, copy_bytes));
+    CK(cudaMalloc(&dx, (size_t)mt * k_max * 4));
+    CK(cudaMalloc(&dwn, (size_t)k_max * 4));
+    CK(cudaMalloc(&dxb, (size_t)mt * k_max * 2));
+    CK(cudaMalloc(&dy, (size_t)mt * 28672 * 4));
+    CK(cudaMemsetAsync(wbuf, 0x3c, buf_bytes, st));
+    CK(cudaMemsetAsync(dx, 0x3c, (size_t)mt * k_max * 4, st)); /* f32 0x3c3c3c3c ~ 0.0115 */
+    CK(cudaMemsetAsync(dwn, 0x3f, (size_t)k_max * 4, st));
+    CK(cudaMemsetAsync(dxb, 0x3c, (size_t)mt * k_max * 2, st));
+    CK(cudaStreamSynchronize(st));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    const double copy_gbs = cuda_copy_gbs(dst, wbuf, copy_bytes, st);
+    eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
+    static const char *const names[4] = {"norm kernel + product", "prologue", "folded, f32 x", "folded, bf16 x"};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int32_t n_out = shapes[s][0], k = shapes[s][1];
+        const size_t w_bytes = (size_t)n_out * k * 2, w_stride = (w_bytes + 255) / 256 * 256;
+        const int n_copies = (int)(buf_bytes / w_stride);
+        for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
+            const int n_tok = n_toks[ti];
+            printf("norm bench n_tok=%d n_out=%5d k=%4d:", n_tok, n_out, k);
+            for (int impl = 0; impl < 4; impl++) {
+                const eng_cuda_norm_t xn = {dx, impl == 1 ? dwn : NULL, S_EPS, impl == 3 ? dxb : NULL};
+                if (impl == 1 && (int64_t)w_bytes > eng_cuda_gemv_mma_norm_max()) {
+                    printf(" %s -;", names[impl]);
+                    continue;
+                }
+                float ms = 0.0f;
+                for (int i = -3; i < BENCH_ITERS; i++) {
+                    if (i == 0) CK(cudaEventRecord(e0, st));
+                    const int c = ((i % n_copies) + n_copies) % n_copies;
+                    const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
+                    bool is_ok;
+                    if (impl == 0) {
+                        eng_cuda_rmsnorm(dxb, dx, NULL, dwn, n_tok, k, S_EPS, st);
+                        is_ok = eng_cuda_gemv(dy, dxb, w, n_tok, n_out, k, false, st);
+                    } else {
+                        is_ok = eng_cuda_gemv_norm(dy, &xn, w, n_tok, n_out, k, false, st);
+                    }
+                    if (!is_ok) s_fail("norm bench shape refused");
+                }
+                CK(cudaEventRecord(e1, st));
+                CK(cudaEventSynchronize(e1));
+                CK(cudaGetLastError());
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                const double us = ms * 1e3 / BENCH_ITERS;
+                printf(" %s %.1f us (%.0f%%);", names[impl], us,
+                       100.0 * (double)w_bytes / (us * 1e-6) / 1e9 / copy_gbs);
+            }
+            printf("\n");
+        }
+    }
+    CK(cudaEventDestroy(e0));
+    CK(cudaEventDestroy(e1));
+    CK(cudaFree(wbuf));
+    CK(cudaFree(dst));
+    CK(cudaFree(dx));
+    CK(cudaFree(dwn));
+    CK(cudaFree(dxb));
+    CK(cudaFree(dy));
+}
+
 int main(void) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -863,6 +942,7 @@ int main(void) {
     printf("test_cuda_gemv: %d checks, all passed\n", g_n_checks);
     fflush(stdout);
     s_bench(st);
+    s_bench_norm(st);
     CK(cudaFree(g_dummy));
     CK(cudaStreamDestroy(st));
     return 0;
