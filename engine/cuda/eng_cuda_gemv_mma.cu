@@ -221,8 +221,8 @@ template <int MT, int MODE, int XIN>
 static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                            const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     const unsigned n_blocks = (unsigned)((n_out + MT * 16 - 1) / (MT * 16));
-    if constexpr (XIN ==
-                  X_BF16) { /* 9..32 rows: 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
+    /* 9..32 rows (bf16 x only): 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
+    if constexpr (XIN == X_BF16) {
         if (n_tok > 2 * MMA_COLS) {
             eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 2, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
                             k);

@@ -270,8 +270,8 @@ bool eng_cuda_gemv_qkv(const eng_cuda_qkv_dst_t *d, const eng_cuda_tokens_t *tk,
  * (w . bf16(x)) / rms(x): the kernel takes the residual rows as they are and scales the totals after its merge (before
  * the epilogue: bias, RoPE, SwiGLU), nothing waits for the norm. x comes as bf16 from xn->xb where that holds bf16(x)
  * (eng_cuda_gemv_acc_copy wrote it), and 1 / rms then from those bf16 values (one more MMA per x fragment: the rows'
- * Gram diagonal); else from the f32 rows, converted in the loop (twice the bytes of x per block: on the 8B matrices
- * at 8 rows that cost more than the norm's launch). Tensor cores only (up to ENG_CUDA_GEMV_MAX_TOK rows, no
+ * Gram diagonal); else from the f32 rows, converted in the loop (twice the bytes of x per block: the H100's 8B step
+ * lost 1% at batch 1 so, and gains 1.5% with the copy). Tensor cores only (up to ENG_CUDA_GEMV_MAX_TOK rows, no
  * weight-size bound); elsewhere refused, and the caller's eng_cuda_rmsnorm then takes a weight of ones. Within
  * rounding of the unfolded sequence: x and the folded weights each rounded to bf16 once. */
 #define ENG_CUDA_GEMV_NORM_MAX_TOK 2
