@@ -621,6 +621,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
                                                            : ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES);
         const char *mma_u = getenv("ENG_CUDA_GEMV_MMA_U");
         eng_cuda_gemv_mma_set_steps(mma_u && *mma_u ? atoi(mma_u) : 4);
+        const char *fold_ss = getenv("ENG_CUDA_FOLD_SS"); /* "fma": the folded norm's x^2 on CUDA cores */
+        eng_cuda_gemv_mma_set_fold_ss(fold_ss && strcmp(fold_ss, "fma") == 0);
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
         const char *gu_bf16 = getenv("ENG_CUDA_GU_BF16");

@@ -23,8 +23,9 @@
  * into the weights, the totals scaled by 1 / rms after the merge so that nothing waits for the norm before the first
  * MMA: X_FOLD takes the f32 rows, converts them in the loop and sums x^2 on the way; X_FOLD16 takes their bf16 copy
  * (xn.xb) like X_BF16 and sums x^2 with one more MMA per x fragment, x against itself (the Gram matrix of the
- * block's tokens, whose diagonal is each token's sum of squares). */
-enum { X_BF16, X_NORM, X_FOLD, X_FOLD16 };
+ * block's tokens, whose diagonal is each token's sum of squares); X_FOLD16F the same sums with FMAs on CUDA cores
+ * (A/B: the Gram MMAs form a chain of 2 U dependent MMAs per iteration, issued in order before the product's). */
+enum { X_BF16, X_NORM, X_FOLD, X_FOLD16, X_FOLD16F };
 
 /* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's
  * end are zeros (and so are x's there). */
@@ -58,7 +59,16 @@ static __device__ __forceinline__ float s_norm_scale(const eng_cuda_norm_t &xn, 
 template <int XIN>
 static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const eng_cuda_norm_t &xn, float scale,
                                                  int64_t row, int64_t kc, int64_t c, float &ss) {
-    if constexpr (XIN == X_FOLD) {
+    if constexpr (XIN == X_FOLD16F) {
+        const uint4 v = __ldg((const uint4 *)x + row * kc + c);
+        const uint32_t p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) { /* a bf16 is the top half of its f32 */
+            const float lo = __uint_as_float(p[j] << 16), hi = __uint_as_float(p[j] & 0xffff0000u);
+            ss = fmaf(lo, lo, fmaf(hi, hi, ss));
+        }
+        return v;
+    } else if constexpr (XIN == X_FOLD) {
         const float4 *xr = (const float4 *)xn.x + (row * kc + c) * 2;
         const float4 a = __ldg(xr), b = __ldg(xr + 1);
         ss = fmaf(a.x, a.x, fmaf(a.y, a.y, fmaf(a.z, a.z, fmaf(a.w, a.w, ss))));
@@ -94,7 +104,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
     k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
                int32_t n_tok, int32_t n_out, int32_t k) {
     static_assert(NC == 1 || XIN == X_BF16, "the normalising variants take up to MMA_COLS tokens");
-    constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16;
+    constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
     constexpr int XLD = XIN == X_FOLD16 ? X_BF16 : XIN; /* how x is loaded */
     __shared__ float part[MMA_WARPS][MT * 16][MMA_COLS * NC];
     __shared__ float ss_part[FOLD ? MMA_WARPS : 1][MMA_COLS]; /* folded norm: each warp's sum of x^2 per token */
@@ -123,7 +133,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
                              kc); /* before the wait: their latency overlaps the previous kernel's end */
     s_pdl_begin();                /* x (or the residual rows), the outputs and the tables are earlier kernels' */
     const float scale = XIN == X_NORM ? s_norm_scale(xn, n_tok, k, has_token[0] ? gq : 0) : 1.0f;
-    float ss = 0.0f; /* X_FOLD: token gq's x^2 over this lane's chunks (each chunk of the row is one lane's) */
+    float ss = 0.0f; /* X_FOLD(16F): token gq's x^2 over this lane's chunks (each chunk of the row is one lane's) */
     float gram[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* X_FOLD16: tokens gq x (2 tq, 2 tq + 1); rows gq + 8 stay 0 */
     for (;;) {
         uint4 xv[U][NC];
@@ -166,7 +176,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
             float *r0 = part[warp][m * 16 + gq] + 8 * j + 2 * tq, *r1 = part[warp][m * 16 + gq + 8] + 8 * j + 2 * tq;
             r0[0] = acc[m][j][0], r0[1] = acc[m][j][1], r1[0] = acc[m][j][2], r1[1] = acc[m][j][3];
         }
-    if constexpr (XIN == X_FOLD) { /* lanes tq 0..3 hold token gq's chunks of this warp's groups */
+    if constexpr (XIN == X_FOLD || XIN == X_FOLD16F) { /* lanes tq 0..3 hold token gq's chunks of this warp's groups */
         ss += __shfl_xor_sync(0xffffffffu, ss, 1);
         ss += __shfl_xor_sync(0xffffffffu, ss, 2);
         if (tq == 0) ss_part[warp][gq] = ss;
@@ -216,6 +226,7 @@ static int32_t s_n_sm(void) {
  * 77% / 85% to 84% / 94% of copy bandwidth, but in the decode step they were slower at every size (8B batch 1 168.4
  * against 170.3 tok/s, 1B batch 8 5825-5946 against 5946-5994), so 4 it is. */
 static int32_t g_steps = 4;
+static bool g_fold_ss_fma; /* eng_cuda_gemv_mma_set_fold_ss */
 
 template <int MT, int MODE, int XIN>
 static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
@@ -257,7 +268,9 @@ template <int MODE>
 static void s_launch_mode(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t *xn,
                           const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
     const eng_cuda_norm_t none = {};
-    if (xn && !xn->w && xn->xb)
+    if (xn && !xn->w && xn->xb && g_fold_ss_fma)
+        s_launch_mma<MODE, X_FOLD16F>(e, xn->xb, *xn, w, n_tok, n_out, k, st);
+    else if (xn && !xn->w && xn->xb)
         s_launch_mma<MODE, X_FOLD16>(e, xn->xb, *xn, w, n_tok, n_out, k, st);
     else if (xn && !xn->w)
         s_launch_mma<MODE, X_FOLD>(e, NULL, *xn, w, n_tok, n_out, k, st);
@@ -278,6 +291,10 @@ void eng_cuda_gemv_mma_launch(int mode, const s_epilogue_t &e, const __nv_bfloat
 }
 
 static int32_t g_mma_min_tok = ENG_CUDA_GEMV_MMA_MIN_TOK;
+
+void eng_cuda_gemv_mma_set_fold_ss(bool is_fma) {
+    g_fold_ss_fma = is_fma;
+}
 
 void eng_cuda_gemv_mma_set(int32_t min_tok) {
     g_mma_min_tok = min_tok;

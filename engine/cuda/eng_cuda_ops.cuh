@@ -234,6 +234,9 @@ void eng_cuda_gemv_tile_set_stages(int32_t n_stages);
 void eng_cuda_gemv_tile_set_split(int32_t n_split);
 /* A/B switch of the tensor-core kernel's loads in flight (ENG_CUDA_GEMV_MMA_U): 4 (the default) or 8 steps. */
 void eng_cuda_gemv_mma_set_steps(int32_t steps);
+/* A/B switch of how the folded norm's products sum x^2 from the bf16 copy (ENG_CUDA_FOLD_SS): false (the default), one
+ * more MMA per x fragment; true, FMAs on CUDA cores. Process-wide. */
+void eng_cuda_gemv_mma_set_fold_ss(bool is_fma);
 /* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its
  * tokens' 1 / rms before its first MMA, which on the H100 cost more than the separate norm's launch saved (8B decode
  * 153 against 171 tok/s at batch 1, 1B 2-4% slower) and less only on SmolLM2-135M's small matrices (batch 1 0.745

@@ -287,7 +287,7 @@ static void *g_dummy; /* 256 device bytes: aligned pointers for calls that must 
  * and scales each total by its token's 1 / rms, so the host's x is bf16(x) (exact) and a total's tolerance is the
  * product's 1e-5 plus the scale's S_SCALE_REL, both of scale * sum |terms|. Tensor cores only: refused elsewhere.
  * g_fold 1: from the f32 rows (1 / rms of the f32 values); 2: also given bf16(x) (eng_cuda_norm_t.xb), 1 / rms of
- * those bf16 values. */
+ * those bf16 values; 3: the same, x^2 summed with FMAs instead of MMAs (eng_cuda_gemv_mma_set_fold_ss). */
 static int g_fold;
 
 static const float *s_norm_w(const float *wn) {
@@ -328,7 +328,7 @@ static double s_norm_ref(const float *x, const float *wn, int32_t k, float *xq, 
     if (g_fold) {
         double ssb = 0.0;
         for (int32_t i = 0; i < k; i++) xq[i] = s_bf16_round(x[i]), amb[i] = 0.0, ssb += (double)xq[i] * xq[i];
-        return g_fold == 2 ? 1.0 / sqrt(ssb / k + (double)S_EPS) : scale_d;
+        return g_fold >= 2 ? 1.0 / sqrt(ssb / k + (double)S_EPS) : scale_d;
     }
     const float scale = (float)scale_d, lo = (float)(scale_d * (1.0 - S_SCALE_REL)),
                 hi = (float)(scale_d * (1.0 + S_SCALE_REL));
@@ -434,7 +434,7 @@ static void s_check_norm_plain(int32_t n_out, int32_t k, cudaStream_t st) {
     CK(cudaMalloc(&dyu, ny * 4));
     CK(cudaMalloc(&dxq, nx * 2));
     CK(cudaMemcpyAsync(dxq, xqb, nx * 2, cudaMemcpyHostToDevice, st));
-    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold == 2 ? nc.dxb : NULL};
+    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold >= 2 ? nc.dxb : NULL};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0; /* error / tolerance */
         long n_same = 0, n_all = 0;
@@ -505,7 +505,7 @@ static void s_check_norm_swiglu(int32_t hidden, int32_t k, cudaStream_t st) {
     if (!h) s_fail("host allocation");
     __nv_bfloat16 *dh;
     CK(cudaMalloc(&dh, nh * 2));
-    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold == 2 ? nc.dxb : NULL};
+    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold >= 2 ? nc.dxb : NULL};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         CK(cudaMemsetAsync(dh, 0xff, nh * 2, st));
         if (!eng_cuda_gemv_swiglu_norm(dh, &xn, nc.dw, n_tok, hidden, k, st)) s_fail("refused a valid shape");
@@ -576,7 +576,7 @@ static void s_check_norm_qkv(int32_t n_heads, int32_t n_kv_heads, int32_t hd, in
     CK(cudaMemcpyAsync(dtables, tables, sizeof tables, cudaMemcpyHostToDevice, st));
     eng_cuda_tokens_t tk = {0, dpos, dtt, dtables, dcs, block_size, n_blocks};
     const eng_cuda_qkv_dst_t d = {dq, dpool, has_bias ? dbias : NULL, layer, n_heads, n_kv_heads, hd};
-    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold == 2 ? nc.dxb : NULL};
+    const eng_cuda_norm_t xn = {nc.dx, s_norm_w(nc.dwn), S_EPS, g_fold >= 2 ? nc.dxb : NULL};
     for (int n_tok = 1; n_tok <= s_norm_max_tok(); n_tok++) {
         double worst = 0.0;
         CK(cudaMemsetAsync(dq, 0xff, (size_t)S_NT * q_dim * 4, st));
@@ -659,7 +659,7 @@ static void s_check_norm_refusals(cudaStream_t st) {
     CK(cudaMemsetAsync(dx, 0, (S_NT + 1) * 64 * 4, st));
     CK(cudaMemsetAsync(dwn, 0, 64 * 4, st));
     CK(cudaMemsetAsync(dw, 0, 64 * 64 * 2, st));
-    const __nv_bfloat16 *xb = g_fold == 2 ? (const __nv_bfloat16 *)dx : NULL; /* any aligned device memory */
+    const __nv_bfloat16 *xb = g_fold >= 2 ? (const __nv_bfloat16 *)dx : NULL; /* any aligned device memory */
     struct {
         const char *what;
         const float *x, *wn;
@@ -674,7 +674,7 @@ static void s_check_norm_refusals(cudaStream_t st) {
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         if (g_fold && cases[c].x == dx && cases[c].wn != dwn) continue; /* no norm weight to misalign */
-        if (g_fold != 2 && cases[c].xb != xb) continue;                 /* no copy to misalign */
+        if (g_fold < 2 && cases[c].xb != xb) continue;                  /* no copy to misalign */
         const eng_cuda_norm_t xn = {cases[c].x, s_norm_w(cases[c].wn), S_EPS, cases[c].xb};
         CK(cudaMemsetAsync(dy, 0x7f, n * 4, st));
         CK(cudaDeviceSynchronize());
@@ -795,7 +795,7 @@ static void s_bench(cudaStream_t st) {
 /* The RMSNorm before a product, four ways, at 1 and 8 rows on the 8B, 1B and SmolLM2 Q/K/V and gate/up shapes
  * (plain epilogue): the norm kernel then the product (the unfolded decode step), the norm in the product's prologue
  * (refused over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES: "-"), and the norm weight folded (x converted from f32 in the loop,
- * or taken from its bf16 copy). Weights cycled through more than L2; launches back to back under PDL as in a forward.
+ * or taken from its bf16 copy, x^2 summed by MMAs or by FMAs). Weights cycled through more than L2; launches back to back under PDL as in a forward.
  * Session 17's decode step lost 10% at 8B batch 8 with the bf16 fold and gained at 1B: these times say which
  * matrices. */
 static void s_bench_norm(cudaStream_t st) {
@@ -822,7 +822,8 @@ static void s_bench_norm(cudaStream_t st) {
     CK(cudaEventCreate(&e1));
     const double copy_gbs = cuda_copy_gbs(dst, wbuf, copy_bytes, st);
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
-    static const char *const names[4] = {"norm kernel + product", "prologue", "folded, f32 x", "folded, bf16 x"};
+    static const char *const names[5] = {"norm kernel + product", "prologue", "folded, f32 x", "folded, bf16 x",
+                                         "folded, bf16 x, FMA sums"};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         const int32_t n_out = shapes[s][0], k = shapes[s][1];
         const size_t w_bytes = (size_t)n_out * k * 2, w_stride = (w_bytes + 255) / 256 * 256;
@@ -830,8 +831,9 @@ static void s_bench_norm(cudaStream_t st) {
         for (size_t ti = 0; ti < sizeof n_toks / sizeof n_toks[0]; ti++) {
             const int n_tok = n_toks[ti];
             printf("norm bench n_tok=%d n_out=%5d k=%4d:", n_tok, n_out, k);
-            for (int impl = 0; impl < 4; impl++) {
-                const eng_cuda_norm_t xn = {dx, impl == 1 ? dwn : NULL, S_EPS, impl == 3 ? dxb : NULL};
+            for (int impl = 0; impl < 5; impl++) {
+                const eng_cuda_norm_t xn = {dx, impl == 1 ? dwn : NULL, S_EPS, impl >= 3 ? dxb : NULL};
+                eng_cuda_gemv_mma_set_fold_ss(impl == 4);
                 if (impl == 1 && (int64_t)w_bytes > eng_cuda_gemv_mma_norm_max()) {
                     printf(" %s -;", names[impl]);
                     continue;
@@ -861,6 +863,7 @@ static void s_bench_norm(cudaStream_t st) {
             printf("\n");
         }
     }
+    eng_cuda_gemv_mma_set_fold_ss(false);
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
     CK(cudaFree(wbuf));
@@ -919,14 +922,14 @@ int main(void) {
      * pairs, the Q/K/V projection of Llama-3.1-8B (32/8 heads of 128) and SmolLM2-135M (9/3 of 64, with a bias); on
      * tensor cores the 8B shapes are refused (ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES) and 17000 x 136 takes two tiles a
      * warp */
-    for (int run = 0; run < 6; run++) { /* CUDA cores (up to ENG_CUDA_GEMV_NORM_MAX_TOK rows), tensor cores; folded */
+    for (int run = 0; run < 8; run++) { /* CUDA cores (up to ENG_CUDA_GEMV_NORM_MAX_TOK rows), tensor cores; folded */
         const int mma = run & 1;
         g_fold = run / 2;
         eng_cuda_gemv_mma_set(mma);
-        printf("-- normalising variants on %s cores%s\n", mma ? "tensor" : "CUDA",
-               g_fold == 2 ? ", norm weight folded, x also bf16"
-               : g_fold    ? ", norm weight folded"
-                           : "");
+        eng_cuda_gemv_mma_set_fold_ss(g_fold == 3);
+        static const char *const what[4] = {"", ", norm weight folded", ", norm weight folded, x also bf16",
+                                            ", norm weight folded, x also bf16, x^2 by FMAs"};
+        printf("-- normalising variants on %s cores%s\n", mma ? "tensor" : "CUDA", what[g_fold]);
         const int32_t norm_shapes[][2] = {{6144, 4096}, {960, 576}, {37, 1032}, {3, 520}, {7, 64}, {17000, 136}};
         for (size_t s = 0; s < sizeof norm_shapes / sizeof norm_shapes[0]; s++)
             s_check_norm_plain(norm_shapes[s][0], norm_shapes[s][1], st);
@@ -938,6 +941,7 @@ int main(void) {
         s_check_norm_refusals(st);
     }
     g_fold = 0;
+    eng_cuda_gemv_mma_set_fold_ss(false);
     eng_cuda_gemv_mma_set(ENG_CUDA_GEMV_MMA_MIN_TOK);
     printf("test_cuda_gemv: %d checks, all passed\n", g_n_checks);
     fflush(stdout);
