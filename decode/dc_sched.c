@@ -27,16 +27,17 @@ typedef struct {
     int32_t *hist;       /* (hist_cap) prompt then generated tokens, n_tokens of them; NULL when the caller gave
                             no prompt (no speculation then). PREFILLING reads its prompt from here */
     int32_t hist_cap;
-    int32_t spec_k;          /* most drafts per step for this request (0: none) */
-    dc_spec_acc_t acc;       /* its drafts' acceptance */
-    dc_spec_acc_t acc_short; /* ... of drafts from one-token matches (ngram_short_k) */
-    bool is_short;           /* this step's drafts come from a one-token match */
-    eng_kv_seq_t draft_kv;   /* the draft model's blocks for it (DC_SPEC_DRAFT) */
-    int32_t n_draft_cached;  /* positions the draft model holds K/V for */
-    int32_t ev_seq;          /* events emitted: picks the text buffer of the next one */
-    int32_t n_logprobs;      /* top logprobs the client asked for */
-    int32_t n_tokens;        /* prompt + generated; the last one is the next step's input */
-    int32_t n_generated;     /* prefill's first token included */
+    eng_ngram_index_t *ngram_ix; /* the n-gram lookup's index of hist (made at the first lookup, freed with the slot) */
+    int32_t spec_k;              /* most drafts per step for this request (0: none) */
+    dc_spec_acc_t acc;           /* its drafts' acceptance */
+    dc_spec_acc_t acc_short;     /* ... of drafts from one-token matches (ngram_short_k) */
+    bool is_short;               /* this step's drafts come from a one-token match */
+    eng_kv_seq_t draft_kv;       /* the draft model's blocks for it (DC_SPEC_DRAFT) */
+    int32_t n_draft_cached;      /* positions the draft model holds K/V for */
+    int32_t ev_seq;              /* events emitted: picks the text buffer of the next one */
+    int32_t n_logprobs;          /* top logprobs the client asked for */
+    int32_t n_tokens;            /* prompt + generated; the last one is the next step's input */
+    int32_t n_generated;         /* prefill's first token included */
     int32_t max_tokens;
     int32_t last_token;
     bool is_ignore_eos;
@@ -179,6 +180,7 @@ static void s_slot_free(dc_sched_t *s, s_slot_t *sl) {
     eng_stop_destroy(&sl->stop);
     free(sl->hist);
     sl->hist = NULL;
+    eng_ngram_index_destroy(&sl->ngram_ix); /* its tables grew with this history: a few hundred KB for a long one */
     sl->state = S_FREE;
     sl->is_in_plan = false;
 }
@@ -193,6 +195,7 @@ void dc_sched_destroy(dc_sched_t **sp) {
         if (s->slots[i].state != S_FREE) s_slot_free(s, &s->slots[i]);
         eng_kv_seq_fini(&s->slots[i].kv);
         eng_kv_seq_fini(&s->slots[i].draft_kv);
+        eng_ngram_index_destroy(&s->slots[i].ngram_ix);
         free(s->slots[i].text);
     }
     free(s->sp_acc), free(s->sp_extra), free(s->sp_avail), free(s->sp_k), free(s->sp_drafts), free(s->sp_short);
@@ -672,10 +675,13 @@ static int32_t s_spec_candidates(dc_sched_t *s, int32_t i, const dc_plan_t *plan
     s->sp_short[i] = false;
     if (k <= 0 || s->p.spec == DC_SPEC_DRAFT) return k > 0 ? k : 0;
     int32_t *out = s->sp_drafts + (size_t)i * DC_MAX_TOKENS_PER_SEQ;
-    const int32_t n = eng_draft_ngram(sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k, out);
+    if (!sl->ngram_ix) sl->ngram_ix = eng_ngram_index_create(); /* NULL (no memory): the lookups scan */
+    const int32_t n =
+        eng_ngram_index_lookup(sl->ngram_ix, sl->hist, sl->n_tokens, s->p.ngram_min, s->p.ngram_max, k, out);
     if (n > 0 || s->p.ngram_short_k <= 0 || s->p.ngram_min <= 1) return n;
     s->sp_short[i] = true;
-    return eng_draft_ngram(sl->hist, sl->n_tokens, 1, 1, k < s->p.ngram_short_k ? k : s->p.ngram_short_k, out);
+    return eng_ngram_index_lookup(sl->ngram_ix, sl->hist, sl->n_tokens, 1, 1,
+                                  k < s->p.ngram_short_k ? k : s->p.ngram_short_k, out);
 }
 
 /* A drafting row's draft-model catch-up: the history it has not seen, within what is left of this step's budget.

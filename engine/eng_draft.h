@@ -25,6 +25,19 @@
  * so is a loop in the answer itself. O(n_hist * n_max), no allocation. */
 int32_t eng_draft_ngram(const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max, int32_t k, int32_t *out);
 
+/* The same lookup for one history that grows between calls (the decode scheduler's row: prompt, then each accepted
+ * token), from an index of the n-grams seen so far (eng_draft_ngram.c): amortised O(n) per new token and n asked,
+ * instead of a scan of the whole history per call. eng_ngram_index_lookup returns exactly what eng_draft_ngram would
+ * for the same arguments, provided hist only grew since the previous call on ix (or since eng_ngram_index_reset);
+ * give a new history a reset first. n_max over ENG_NGRAM_INDEX_MAX_N, or ix NULL, or no memory: it scans. */
+#define ENG_NGRAM_INDEX_MAX_N 8
+typedef struct eng_ngram_index eng_ngram_index_t;
+eng_ngram_index_t *eng_ngram_index_create(void); /* NULL when out of memory */
+void eng_ngram_index_reset(eng_ngram_index_t *ix);
+void eng_ngram_index_destroy(eng_ngram_index_t **ix);
+int32_t eng_ngram_index_lookup(eng_ngram_index_t *ix, const int32_t *hist, int32_t n_hist, int32_t n_min, int32_t n_max,
+                               int32_t k, int32_t *out);
+
 typedef struct eng_drafter eng_drafter_t;
 
 /* draft and target are borrowed and outlive d. Refused (NULL, one line in err) when the draft's tokenizer is not

@@ -48,6 +48,69 @@ static void test_ngram(void) {
     CHECK_EQ_INT(eng_draft_ngram(h5, 4, 2, 1, 4, out), 0);
 }
 
+/* The incremental index against the scan (the reference: eng_draft_ngram, checked above by hand): histories that
+ * grow by 1-5 tokens at a time over small vocabularies (many matches, long and short), every n range and k, the
+ * same count and tokens at every length; then a shorter history (it must notice), a reset with a new history, a range
+ * past ENG_NGRAM_INDEX_MAX_N (it scans) and bad arguments. */
+static void test_ngram_index(void) {
+    enum { LEN = 1500 };
+    int32_t *h = malloc(sizeof *h * LEN), want[16], got[16];
+    REQUIRE(h);
+    eng_ngram_index_t *ix = eng_ngram_index_create();
+    REQUIRE(ix);
+    uint32_t rng = 12345u;
+    long n_lookups = 0, n_found = 0;
+    const int32_t ranges[][2] = {{2, 4}, {1, 1}, {1, 3}, {3, 8}};
+    for (int vocab = 2; vocab <= 64; vocab *= 4)
+        for (size_t r = 0; r < sizeof ranges / sizeof ranges[0]; r++) {
+            eng_ngram_index_reset(ix);
+            int32_t n = 0;
+            while (n < LEN) {
+                const int32_t add = 1 + (int32_t)(rng % 5);
+                for (int32_t i = 0; i < add && n < LEN; i++) {
+                    rng = rng * 1664525u + 1013904223u;
+                    /* stretches copied from earlier in the history: the RAG case, long matches */
+                    h[n] = n > 40 && (rng >> 8) % 3 == 0 ? h[(rng >> 12) % (uint32_t)(n - 20)]
+                                                         : (int32_t)((rng >> 16) % vocab);
+                    n++;
+                }
+                const int32_t k = 1 + (int32_t)(rng % 11);
+                const int32_t nw = eng_draft_ngram(h, n, ranges[r][0], ranges[r][1], k, want);
+                const int32_t ng = eng_ngram_index_lookup(ix, h, n, ranges[r][0], ranges[r][1], k, got);
+                n_lookups++, n_found += nw > 0;
+                if (nw != ng || memcmp(want, got, sizeof *want * (size_t)nw) != 0) {
+                    CHECK_MSG(false, "vocab %d n %d..%d k %d length %d: index %d drafts, scan %d", vocab, ranges[r][0],
+                              ranges[r][1], k, n, ng, nw);
+                    break;
+                }
+            }
+            /* a shorter history than the index has seen */
+            const int32_t short_n = 700;
+            CHECK_EQ_INT(eng_ngram_index_lookup(ix, h, short_n, ranges[r][0], ranges[r][1], 5, got),
+                         eng_draft_ngram(h, short_n, ranges[r][0], ranges[r][1], 5, want));
+        }
+    CHECK(n_found > n_lookups / 4 && n_found < n_lookups); /* both outcomes were exercised */
+    /* a new history after a reset: nothing of the old one may match */
+    int32_t a[] = {1, 2, 3, 9, 1, 2, 3}, b[] = {1, 2, 3, 7, 1, 2, 3};
+    eng_ngram_index_reset(ix);
+    CHECK_EQ_INT(eng_ngram_index_lookup(ix, a, 7, 2, 3, 1, got), 1);
+    CHECK_EQ_INT(got[0], 9);
+    eng_ngram_index_reset(ix);
+    CHECK_EQ_INT(eng_ngram_index_lookup(ix, b, 7, 2, 3, 1, got), 1);
+    CHECK_EQ_INT(got[0], 7);
+    /* past the index's n: the scan's answer */
+    CHECK_EQ_INT(eng_ngram_index_lookup(ix, h, LEN, 1, ENG_NGRAM_INDEX_MAX_N + 2, 4, got),
+                 eng_draft_ngram(h, LEN, 1, ENG_NGRAM_INDEX_MAX_N + 2, 4, want));
+    /* bad arguments, as the scan */
+    CHECK_EQ_INT(eng_ngram_index_lookup(ix, h, LEN, 0, 3, 4, got), 0);
+    CHECK_EQ_INT(eng_ngram_index_lookup(ix, h, LEN, 3, 2, 4, got), 0);
+    CHECK_EQ_INT(eng_ngram_index_lookup(ix, h, LEN, 1, 3, 0, got), 0);
+    CHECK_EQ_INT(eng_ngram_index_lookup(NULL, b, 7, 2, 3, 1, got), 1);
+    eng_ngram_index_destroy(&ix);
+    CHECK(ix == NULL);
+    free(h);
+}
+
 static void test_acceptance(void) {
     dc_spec_acc_t a = {0};
     CHECK(fabsf(dc_spec_acc_rate(&a) - 0.5f) < 1e-6f);
@@ -643,6 +706,7 @@ int main(void) {
     const char *q = getenv("PD_TEST_QUICK");
     s_quick = q && !strcmp(q, "1");
     PD_TEST_RUN(test_ngram);
+    PD_TEST_RUN(test_ngram_index);
     PD_TEST_RUN(test_acceptance);
     PD_TEST_RUN(test_allocate);
     PD_TEST_RUN(test_cost_refit);
