@@ -50,10 +50,11 @@ static void test_ngram(void) {
 
 /* The incremental index against the scan (the reference: eng_draft_ngram, checked above by hand): histories that
  * grow by 1-5 tokens at a time over small vocabularies (many matches, long and short), every n range and k, the
- * same count and tokens at every length; then a shorter history (it must notice), a reset with a new history, a range
- * past ENG_NGRAM_INDEX_MAX_N (it scans) and bad arguments. */
+ * same count and tokens at every length; half of them start with 3000 tokens at once (a prompt: more than the index
+ * takes in one call, so lookups also scan the ends it has not reached); then a shorter history (it must notice), a
+ * reset with a new history, a range past ENG_NGRAM_INDEX_MAX_N (it scans) and bad arguments. */
 static void test_ngram_index(void) {
-    enum { LEN = 1500 };
+    enum { LEN = 4000, PROMPT = 3000 };
     int32_t *h = malloc(sizeof *h * LEN), want[16], got[16];
     REQUIRE(h);
     eng_ngram_index_t *ix = eng_ngram_index_create();
@@ -65,8 +66,9 @@ static void test_ngram_index(void) {
         for (size_t r = 0; r < sizeof ranges / sizeof ranges[0]; r++) {
             eng_ngram_index_reset(ix);
             int32_t n = 0;
+            const bool is_prompt = r % 2 == 0;
             while (n < LEN) {
-                const int32_t add = 1 + (int32_t)(rng % 5);
+                const int32_t add = is_prompt && n == 0 ? PROMPT : 1 + (int32_t)(rng % 5);
                 for (int32_t i = 0; i < add && n < LEN; i++) {
                     rng = rng * 1664525u + 1013904223u;
                     /* stretches copied from earlier in the history: the RAG case, long matches */
