@@ -662,8 +662,9 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
     {
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
-        LOG_I("cuda backend: GPU %d, weights bf16 uploaded; %.1f of %.1f GiB free; PDL %s", be->gpu,
-              free_b / 1073741824.0, total_b / 1073741824.0, eng_cuda_pdl_is_on() ? "on" : "off");
+        LOG_I("cuda backend: GPU %d, weights bf16 uploaded%s; %.1f of %.1f GiB free; PDL %s", be->gpu,
+              be->is_fold_norm ? " (norms folded into Q/K/V and gate/up)" : "", free_b / 1073741824.0,
+              total_b / 1073741824.0, eng_cuda_pdl_is_on() ? "on" : "off");
     }
     return be;
 fail:
