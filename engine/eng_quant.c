@@ -1,6 +1,7 @@
 /* eng_quant.c: GGML type size table and reference dequantization to float32, written from the block
  * layouts in ggml-common.h and checked bit for bit against gguf-py (tests/golden/quant/).
- * Plain scalar C on purpose: no SIMD, no quantization (we only read models), no dot products yet. */
+ * Plain scalar C on purpose: no SIMD, no quantization (we only read models), no dot products yet. Whole matrices to
+ * bf16 (the GPU upload) split their rows over threads instead. */
 #include "eng_quant.h"
 
 #include <pthread.h>
@@ -375,6 +376,7 @@ static void *s_rows_run(void *arg) {
     j->st = row ? PD_OK : PD_ENOMEM;
     for (int64_t r = j->r0; r < j->r1 && j->st == PD_OK; r++) {
         j->st = eng_dequant(j->type, j->src + (size_t)r * j->row_bytes, row, j->cols);
+        if (j->st != PD_OK) break;
         uint16_t *o = j->out + r * j->cols;
         if (j->col_scale)
             for (int64_t c = 0; c < j->cols; c++) o[c] = eng_f32_to_bf16(row[c] * j->col_scale[c]);
