@@ -11,14 +11,6 @@
 #define GEMV_WARPS 4 /* warps per block: 128 threads, small enough that many blocks fit per SM */
 #define GEMV_U     4 /* 16-byte weight chunks per row per lane per iteration, all loaded before any math */
 
-/* 8 bf16 (little endian: element 2i is the low half of word i) to f32: a bf16 is the top half of an f32. */
-static __device__ __forceinline__ void s_bf16x8(uint4 v, float f[8]) {
-    f[0] = __uint_as_float(v.x << 16), f[1] = __uint_as_float(v.x & 0xffff0000u);
-    f[2] = __uint_as_float(v.y << 16), f[3] = __uint_as_float(v.y & 0xffff0000u);
-    f[4] = __uint_as_float(v.z << 16), f[5] = __uint_as_float(v.z & 0xffff0000u);
-    f[6] = __uint_as_float(v.w << 16), f[7] = __uint_as_float(v.w & 0xffff0000u);
-}
-
 /* Where x comes from: bf16 rows (n_tok, k) as they are, or (NORM) the f32 residual rows, normalised chunk by chunk
  * in the kernel as eng_cuda_rmsnorm would have written them: bf16(x * scale * w) in k_rmsnorm's operation order. */
 template <int NT, bool NORM> struct s_x_t {

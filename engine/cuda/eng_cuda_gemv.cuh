@@ -15,6 +15,14 @@ static __device__ __forceinline__ uint4 s_ld_stream(const uint4 *p) {
     return v;
 }
 
+/* 8 bf16 (little endian: element 2i is the low half of word i) to f32: a bf16 is the top half of an f32. */
+static __device__ __forceinline__ void s_bf16x8(uint4 v, float f[8]) {
+    f[0] = __uint_as_float(v.x << 16), f[1] = __uint_as_float(v.x & 0xffff0000u);
+    f[2] = __uint_as_float(v.y << 16), f[3] = __uint_as_float(v.y & 0xffff0000u);
+    f[4] = __uint_as_float(v.z << 16), f[5] = __uint_as_float(v.z & 0xffff0000u);
+    f[6] = __uint_as_float(v.w << 16), f[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+
 /* c += A (16 x 16 bf16, rows of weights) . B (16 x 8 bf16, columns of tokens), f32 accumulate: the fragment layouts are
  * eng_cuda_mma.cuh's. */
 static __device__ __forceinline__ void s_mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,

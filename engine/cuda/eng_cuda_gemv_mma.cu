@@ -61,12 +61,10 @@ static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const e
                                                  int64_t row, int64_t kc, int64_t c, float &ss) {
     if constexpr (XIN == X_FOLD16F) {
         const uint4 v = __ldg((const uint4 *)x + row * kc + c);
-        const uint32_t p[4] = {v.x, v.y, v.z, v.w};
+        float f[8];
+        s_bf16x8(v, f);
 #pragma unroll
-        for (int j = 0; j < 4; j++) { /* a bf16 is the top half of its f32 */
-            const float lo = __uint_as_float(p[j] << 16), hi = __uint_as_float(p[j] & 0xffff0000u);
-            ss = fmaf(lo, lo, fmaf(hi, hi, ss));
-        }
+        for (int j = 0; j < 4; j++) ss = fmaf(f[2 * j], f[2 * j], fmaf(f[2 * j + 1], f[2 * j + 1], ss));
         return v;
     } else if constexpr (XIN == X_FOLD) {
         const float4 *xr = (const float4 *)xn.x + (row * kc + c) * 2;
