@@ -346,15 +346,22 @@ static pd_status s_dequant_vec(float *host, const eng_weight_t *w) {
     return PD_OK;
 }
 
-/* ... and on to dst; is_ones: a vector of ones of its size instead (its values folded into a matrix). */
-static pd_status s_upload_f32(s_uploader_t *u, float *dst, const eng_weight_t *w, bool is_ones) {
+/* ... and on to dst. */
+static pd_status s_upload_f32(s_uploader_t *u, float *dst, const eng_weight_t *w) {
+    if (s_dequant_vec(u->row, w) != PD_OK) return PD_EINVAL;
+    S_CUDA(cudaMemcpy(dst, u->row, (size_t)(w->rows * w->cols) * sizeof(float), cudaMemcpyHostToDevice),
+           "upload vector");
+    return PD_OK;
+}
+
+/* A layer's norm weight: dequantized into g (host: what s_upload_bf16 folds into the matrix after it), and on to dst
+ * as it is, or (is_folded) as ones, its values then being in that matrix. */
+static pd_status s_upload_norm(s_uploader_t *u, float *dst, float *g, const eng_weight_t *w, bool is_folded) {
+    if (s_dequant_vec(g, w) != PD_OK) return PD_EINVAL;
     const int64_t n = w->rows * w->cols;
-    if (is_ones) {
+    if (is_folded)
         for (int64_t i = 0; i < n; i++) u->row[i] = 1.0f;
-    } else if (s_dequant_vec(u->row, w) != PD_OK) {
-        return PD_EINVAL;
-    }
-    S_CUDA(cudaMemcpy(dst, u->row, (size_t)n * sizeof(float), cudaMemcpyHostToDevice), "upload vector");
+    S_CUDA(cudaMemcpy(dst, is_folded ? u->row : g, (size_t)n * sizeof(float), cudaMemcpyHostToDevice), "upload norm");
     return PD_OK;
 }
 
@@ -393,7 +400,7 @@ static pd_status s_upload_model(eng_backend_t *be) {
         S_TRY(s_upload_bf16(&u, be->output, &m->output, 1, NULL));
     }
     S_TRY(s_alloc((void **)&be->out_norm, sizeof(float) * c->dim, "norm"));
-    S_TRY(s_upload_f32(&u, be->out_norm, &m->out_norm, false));
+    S_TRY(s_upload_f32(&u, be->out_norm, &m->out_norm));
     be->layers = (s_layer_t *)calloc((size_t)c->n_layers, sizeof(s_layer_t));
     if (!be->layers) goto fail;
     for (int32_t l = 0; l < c->n_layers; l++) {
@@ -401,10 +408,8 @@ static pd_status s_upload_model(eng_backend_t *be) {
         s_layer_t *w = &be->layers[l];
         S_TRY(s_alloc((void **)&w->attn_norm, sizeof(float) * c->dim, "norm"));
         S_TRY(s_alloc((void **)&w->ffn_norm, sizeof(float) * c->dim, "norm"));
-        S_TRY(s_upload_f32(&u, w->attn_norm, &src->attn_norm, fold));
-        S_TRY(s_upload_f32(&u, w->ffn_norm, &src->ffn_norm, fold));
-        S_TRY(s_dequant_vec(g_attn, &src->attn_norm));
-        S_TRY(s_dequant_vec(g_ffn, &src->ffn_norm));
+        S_TRY(s_upload_norm(&u, w->attn_norm, g_attn, &src->attn_norm, fold));
+        S_TRY(s_upload_norm(&u, w->ffn_norm, g_ffn, &src->ffn_norm, fold));
         const float *qkv_scale = fold ? g_attn : NULL, *gu_scale = fold ? g_ffn : NULL;
         S_TRY(s_alloc((void **)&w->wqkv, (size_t)(qkv_dim * c->dim * bf), "wqkv"));
         S_TRY(s_upload_bf16(&u, w->wqkv, &src->wq, 1, qkv_scale));
@@ -412,9 +417,9 @@ static pd_status s_upload_model(eng_backend_t *be) {
         S_TRY(s_upload_bf16(&u, w->wqkv + (q_dim + kv_dim) * c->dim, &src->wv, 1, qkv_scale));
         if (c->has_qkv_bias) {
             S_TRY(s_alloc((void **)&w->bqkv, sizeof(float) * (size_t)qkv_dim, "bias"));
-            S_TRY(s_upload_f32(&u, w->bqkv, &src->bq, false));
-            S_TRY(s_upload_f32(&u, w->bqkv + q_dim, &src->bk, false));
-            S_TRY(s_upload_f32(&u, w->bqkv + q_dim + kv_dim, &src->bv, false));
+            S_TRY(s_upload_f32(&u, w->bqkv, &src->bq));
+            S_TRY(s_upload_f32(&u, w->bqkv + q_dim, &src->bk));
+            S_TRY(s_upload_f32(&u, w->bqkv + q_dim + kv_dim, &src->bv));
         }
         S_TRY(s_alloc((void **)&w->wo, (size_t)(c->dim * q_dim * bf), "wo"));
         S_TRY(s_upload_bf16(&u, w->wo, &src->wo, 1, NULL));
