@@ -84,16 +84,15 @@ static void s_table_reset(s_table_t *t, int32_t n) {
     t->n = 0, t->next_end = n - 1;
 }
 
-eng_ngram_index_t *eng_ngram_index_create(void) {
-    eng_ngram_index_t *ix = calloc(1, sizeof *ix);
-    if (ix)
-        for (int32_t n = 1; n <= ENG_NGRAM_INDEX_MAX_N; n++) s_table_reset(&ix->t[n], n);
-    return ix;
-}
-
 void eng_ngram_index_reset(eng_ngram_index_t *ix) {
     if (!ix) return;
     for (int32_t n = 1; n <= ENG_NGRAM_INDEX_MAX_N; n++) s_table_reset(&ix->t[n], n);
+}
+
+eng_ngram_index_t *eng_ngram_index_create(void) {
+    eng_ngram_index_t *ix = calloc(1, sizeof *ix);
+    eng_ngram_index_reset(ix); /* each table's first end: n - 1 */
+    return ix;
 }
 
 void eng_ngram_index_destroy(eng_ngram_index_t **ixp) {
