@@ -706,6 +706,29 @@ static void s_check_norm_refusals(cudaStream_t st) {
 
 #define BENCH_ITERS 20
 
+/* Mean GPU time in us of launch(w) over BENCH_ITERS calls after 3 untimed ones, w cycling through the n_copies copies
+ * of the weights w_stride apart in wbuf (together more than L2, so that each call streams its weights from HBM). */
+template <typename F>
+static double s_time_cycled(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, const char *wbuf, size_t w_stride,
+                            int n_copies, F launch) {
+    for (int i = -3; i < BENCH_ITERS; i++) {
+        if (i == 0) CK(cudaEventRecord(e0, st));
+        const int c = ((i % n_copies) + n_copies) % n_copies;
+        launch((const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride));
+    }
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    CK(cudaGetLastError());
+    float ms = 0.0f;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    return ms * 1e3 / BENCH_ITERS;
+}
+
+/* w_bytes streamed in us, as a percentage of the copy bandwidth. */
+static double s_pct_copy(size_t w_bytes, double us, double copy_gbs) {
+    return 100.0 * (double)w_bytes / (us * 1e-6) / 1e9 / copy_gbs;
+}
+
 static void s_bench(cudaStream_t st) {
     const size_t buf_bytes = (size_t)1280 << 20, copy_bytes = (size_t)1 << 30;
     /* Llama-3.1-8B's Q/K/V, O, gate/up, output head and down; Llama-3.2-1B's Q/K/V, O, gate/up, down; SmolLM2-135M's
@@ -730,7 +753,6 @@ static void s_bench(cudaStream_t st) {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
-    float ms;
     const double copy_gbs = cuda_copy_gbs(dst, wbuf, copy_bytes, st);
     printf("copy D2D 1 GiB: %.0f GB/s (read + written)\n", copy_gbs);
 
@@ -752,28 +774,20 @@ static void s_bench(cudaStream_t st) {
                 eng_cuda_gemv_mma_set_steps(impl == 2 ? 8 : 4);
                 eng_cuda_gemv_tile_set(impl >= 4 ? ENG_CUDA_GEMV_TILE_MAX_TOK : 0);
                 eng_cuda_gemv_tile_set_stages(impl == 5 ? 3 : 0);
-                for (int i = -3; i < BENCH_ITERS; i++) {
-                    if (i == 0) CK(cudaEventRecord(e0, st));
-                    const int c = ((i % n_copies) + n_copies) % n_copies;
-                    const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
+                us[impl] = s_time_cycled(st, e0, e1, wbuf, w_stride, n_copies, [&](const __nv_bfloat16 *w) {
                     if (impl != 3) {
                         if (!eng_cuda_gemv(dy, dx, w, n_tok, n_out, k, false, st)) s_fail("bench shape refused");
-                    } else {
-                        const float alpha = 1.0f, beta = 0.0f;
-                        if (cublasGemmEx(cb, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, k, &alpha, w, CUDA_R_16BF, k, dx,
-                                         CUDA_R_16BF, k, &beta, dy, CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F,
-                                         CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
-                            s_fail("cublasGemmEx");
+                        return;
                     }
-                }
-                CK(cudaEventRecord(e1, st));
-                CK(cudaEventSynchronize(e1));
-                CK(cudaGetLastError());
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                us[impl] = ms * 1e3 / BENCH_ITERS;
+                    const float alpha = 1.0f, beta = 0.0f;
+                    if (cublasGemmEx(cb, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tok, k, &alpha, w, CUDA_R_16BF, k, dx,
+                                     CUDA_R_16BF, k, &beta, dy, CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS)
+                        s_fail("cublasGemmEx");
+                });
             }
             double pct[6];
-            for (int i = 0; i < 6; i++) pct[i] = 100.0 * (double)w_bytes / (us[i] * 1e-6) / 1e9 / copy_gbs;
+            for (int i = 0; i < 6; i++) pct[i] = s_pct_copy(w_bytes, us[i], copy_gbs);
             printf("n_tok=%d n_out=%6d k=%5d: cuda cores %6.1f us (%3.0f%% of copy), tensor cores %6.1f us (%3.0f%%; 8 "
                    "steps %3.0f%%), tiled %6.1f us (%3.0f%%; 3 stages %3.0f%%), cublas %6.1f us (%3.0f%%)\n",
                    n_tok, n_out, k, us[0], pct[0], us[1], pct[1], pct[2], us[4], pct[4], pct[5], us[3], pct[3]);
@@ -792,10 +806,11 @@ static void s_bench(cudaStream_t st) {
     CK(cudaFree(dy));
 }
 
-/* The RMSNorm before a product, four ways, at 1 and 8 rows on the 8B, 1B and SmolLM2 Q/K/V and gate/up shapes
+/* The RMSNorm before a product, five ways, at 1 and 8 rows on the 8B, 1B and SmolLM2 Q/K/V and gate/up shapes
  * (plain epilogue): the norm kernel then the product (the unfolded decode step), the norm in the product's prologue
  * (refused over ENG_CUDA_GEMV_MMA_NORM_MAX_BYTES: "-"), and the norm weight folded (x converted from f32 in the loop,
- * or taken from its bf16 copy, x^2 summed by MMAs or by FMAs). Weights cycled through more than L2; launches back to back under PDL as in a forward.
+ * or taken from its bf16 copy, x^2 summed by MMAs or by FMAs). Weights cycled through more than L2; launches back
+ * to back under PDL as in a forward.
  * Session 17's decode step lost 10% at 8B batch 8 with the bf16 fold and gained at 1B: these times say which
  * matrices. */
 static void s_bench_norm(cudaStream_t st) {
@@ -838,27 +853,13 @@ static void s_bench_norm(cudaStream_t st) {
                     printf(" %s -;", names[impl]);
                     continue;
                 }
-                float ms = 0.0f;
-                for (int i = -3; i < BENCH_ITERS; i++) {
-                    if (i == 0) CK(cudaEventRecord(e0, st));
-                    const int c = ((i % n_copies) + n_copies) % n_copies;
-                    const __nv_bfloat16 *w = (const __nv_bfloat16 *)(wbuf + (size_t)c * w_stride);
-                    bool is_ok;
-                    if (impl == 0) {
-                        eng_cuda_rmsnorm(dxb, dx, NULL, dwn, n_tok, k, S_EPS, st);
-                        is_ok = eng_cuda_gemv(dy, dxb, w, n_tok, n_out, k, false, st);
-                    } else {
-                        is_ok = eng_cuda_gemv_norm(dy, &xn, w, n_tok, n_out, k, false, st);
-                    }
-                    if (!is_ok) s_fail("norm bench shape refused");
-                }
-                CK(cudaEventRecord(e1, st));
-                CK(cudaEventSynchronize(e1));
-                CK(cudaGetLastError());
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                const double us = ms * 1e3 / BENCH_ITERS;
-                printf(" %s %.1f us (%.0f%%);", names[impl], us,
-                       100.0 * (double)w_bytes / (us * 1e-6) / 1e9 / copy_gbs);
+                const double us = s_time_cycled(st, e0, e1, wbuf, w_stride, n_copies, [&](const __nv_bfloat16 *w) {
+                    if (impl == 0) eng_cuda_rmsnorm(dxb, dx, NULL, dwn, n_tok, k, S_EPS, st);
+                    if (!(impl == 0 ? eng_cuda_gemv(dy, dxb, w, n_tok, n_out, k, false, st)
+                                    : eng_cuda_gemv_norm(dy, &xn, w, n_tok, n_out, k, false, st)))
+                        s_fail("norm bench shape refused");
+                });
+                printf(" %s %.1f us (%.0f%%);", names[impl], us, s_pct_copy(w_bytes, us, copy_gbs));
             }
             printf("\n");
         }
