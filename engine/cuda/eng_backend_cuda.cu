@@ -92,6 +92,12 @@ typedef struct {
     int32_t n_layers;
 } s_kv_note_t;
 
+/* Where the folded norm runs (be->is_fold_norm): every batch of the matrix-vector kernel for models up to this wide,
+ * one row for wider ones. Measured on the H100 (bench/RESULTS.md, engine_cuda, session 17): Llama-3.2-1B (2048) +3-4%
+ * at batch 1 and +4-5% at 8, SmolLM2's 8-token verification 10% faster, Llama-3.1-8B (4096) +1.5% at batch 1 but 10%
+ * slower at 8 rows. Elsewhere the unfolded path runs on the folded weights (norm weights of ones): the same cost. */
+#define S_FOLD_ALL_MAX_DIM 2048
+
 struct eng_backend {
     const eng_model_t *m;
     eng_kv_layout_t kv;
@@ -161,6 +167,7 @@ struct eng_backend {
      * tensor-core products then scale by 1 / rms after their loop instead of normalising before it, for every matrix
      * size (where S_FOLD_ALL_MAX_DIM says); attn_norm and ffn_norm hold ones for the norms of the other paths */
     bool is_fold_norm;
+    int32_t fold_all_max_dim; /* S_FOLD_ALL_MAX_DIM, or ENG_CUDA_FOLD_ALL_MAX_DIM for A/B */
     /* CUDA graphs of whole forwards, keyed by the shape scalars the kernels take (ENG_CUDA_GRAPHS=0: off) */
     bool is_graphs, is_step_times;
     /* a sampling forward's graph also samples and copies the results out: one launch per decode step
@@ -628,6 +635,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         eng_cuda_gemv_mma_set_steps(mma_u && *mma_u ? atoi(mma_u) : 4);
         const char *fold_ss = getenv("ENG_CUDA_FOLD_SS"); /* "fma": the folded norm's x^2 on CUDA cores */
         eng_cuda_gemv_mma_set_fold_ss(fold_ss && strcmp(fold_ss, "fma") == 0);
+        const char *fold_dim = getenv("ENG_CUDA_FOLD_ALL_MAX_DIM"); /* A/B of S_FOLD_ALL_MAX_DIM */
+        be->fold_all_max_dim = fold_dim && *fold_dim ? atoi(fold_dim) : S_FOLD_ALL_MAX_DIM;
         const char *fuse = getenv("ENG_CUDA_FUSE");
         be->is_fused = !(fuse && *fuse == '0');
         const char *gu_bf16 = getenv("ENG_CUDA_GU_BF16");
@@ -703,12 +712,6 @@ static pd_status s_gemm(eng_backend_t *be, float *y, const __nv_bfloat16 *x, con
                         int64_t n_out, int64_t k, bool is_accumulate) {
     return s_gemm_as(be, y, CUDA_R_32F, x, w, n_tok, n_out, k, is_accumulate);
 }
-
-/* Where the folded norm runs (be->is_fold_norm): every batch of the matrix-vector kernel for models up to this wide,
- * one row for wider ones. Measured on the H100 (bench/RESULTS.md, engine_cuda, session 17): Llama-3.2-1B (2048) +3-4%
- * at batch 1 and +4-5% at 8, SmolLM2's 8-token verification 10% faster, Llama-3.1-8B (4096) +1.5% at batch 1 but 10%
- * slower at 8 rows. Elsewhere the unfolded path runs on the folded weights (norm weights of ones): the same cost. */
-#define S_FOLD_ALL_MAX_DIM 2048
 
 /* The residual's update be->x += x . w^T (O, down). is_copy: the next product folds its norm, so the matrix-vector
  * kernel also leaves bf16(be->x) in be->xb; *is_xb says whether it did (else that product converts be->x itself). */
@@ -813,7 +816,7 @@ static pd_status s_enqueue(eng_backend_t *be, const eng_cuda_tokens_t *tkp, eng_
     /* ... and the RMSNorm before it in its prologue, one launch less per norm (ENG_CUDA_FUSE_NORM=0: off); folded
      * into the weights, the O and down products leave the residual's bf16 copy in xb for it (is_xb: they did) */
     const bool is_fused_norm = is_fused && be->is_fused_norm;
-    const bool is_fold = is_fused_norm && be->is_fold_norm && (T == 1 || dim <= S_FOLD_ALL_MAX_DIM);
+    const bool is_fold = is_fused_norm && be->is_fold_norm && (T == 1 || dim <= be->fold_all_max_dim);
     bool is_xb = false;
     const bool is_gu_bf16 = T >= S_GU_BF16_MIN_TOK && c->hidden_dim % 4 == 0 && be->is_gu_bf16;
     const bool is_qkv_bf16 = T >= S_GU_BF16_MIN_TOK && be->is_qkv_bf16;

@@ -10,13 +10,13 @@
 #include "pd_log.h"
 #include "pd_test.h"
 
-#define GOLDEN_DIR           PD_SOURCE_DIR "/tests/golden/logits"
+#define GOLDEN_DIR              PD_SOURCE_DIR "/tests/golden/logits"
 /* Logit tolerance against transformers float32: both sides compute in f32 with different summation
  * orders over 30 layers. Observed max |diff| is 3e-5..8e-5 (printed per case); 1e-3 leaves room for
  * other compilers and kernels without hiding a real error (a wrong RoPE layout is off by ~6). */
-#define LOGIT_ABS_TOL        1e-3f
+#define LOGIT_ABS_TOL           1e-3f
 /* A greedy divergence is accepted only at a near-tie: top-2 margin in the reference below this. */
-#define NEAR_TIE_MARGIN      2e-3f
+#define NEAR_TIE_MARGIN         2e-3f
 /* CUDA: bf16 weights, activations into each GEMM and KV (8 significant bits) put logits 0.3-4.3% off in L2 norm
  * on the 11 golden prompts (H100, 2026-11-23; random-weight models in test_cuda_parity: 0.6-1.1%); 6% still fails
  * a real error (one layer's output dropped is > 30%). A greedy divergence is accepted at a reference margin below
@@ -27,10 +27,15 @@
  * amplification makes the worst row swing with any rounding change: with the tensor-core decode attention it is
  * 4.05e-2 (one row; 5.3e-2 with its queries in three bf16 terms instead of two), while that kernel's outputs are
  * within 1 bf16 ulp of the CUDA-core kernel's on every attention call of this test (22410 calls, worst rel L2
- * 1.7e-3, median 7e-6; H100, 2026-11-24). Hence the same 6e-2 as against HF; a real error is over 30%. */
-#define CUDA_REL_TOL         6e-2f
-#define CUDA_NEAR_TIE_MARGIN 0.5f
-#define CUDA_BATCH_REL_TOL   6e-2f
+ * 1.7e-3, median 7e-6; H100, 2026-11-24). With the norm folded into the weights (session 17) the two paths no longer
+ * even share their bf16 inputs: cuBLAS's rows take bf16(x / rms), the matrix-vector kernel's bf16(x), scaled by
+ * 1 / rms after the product. Worst row 7.59e-2 (H100, 2026-11-25). Each path is within CUDA_REL_TOL of the f32
+ * reference, so their difference is within twice that (triangle inequality): the worst row is held to that, and the
+ * mean over rows to half of CUDA_REL_TOL, which a real error on a tenth of the rows (over 30% each) exceeds. */
+#define CUDA_REL_TOL            6e-2f
+#define CUDA_NEAR_TIE_MARGIN    0.5f
+#define CUDA_BATCH_REL_TOL      (2 * CUDA_REL_TOL)
+#define CUDA_BATCH_MEAN_REL_TOL (CUDA_REL_TOL / 2)
 static bool s_is_cuda;
 
 typedef struct {
@@ -261,6 +266,8 @@ static void test_batch_invariance(void) {
     float *out = pd_xmalloc(sizeof(float) * (size_t)s_vocab * N_SEQS);
     int mismatches = 0;
     float worst_rel = 0;
+    double sum_rel = 0;
+    int n_rows = 0;
     for (int step = 0; step < 64; step++) {
         int32_t n_tok[N_SEQS], pos[N_SEQS], nb[N_SEQS], toks[N_SEQS * 7], idx[N_SEQS];
         const int32_t *tables[N_SEQS];
@@ -301,6 +308,7 @@ static void test_batch_invariance(void) {
             if (s_is_cuda) {
                 float r = pd_test_rel_l2(row, want, s_vocab);
                 if (r > worst_rel) worst_rel = r;
+                sum_rel += r, n_rows++;
                 if (!(r <= CUDA_BATCH_REL_TOL)) mismatches++;
             } else if (memcmp(row, want, sizeof(float) * (size_t)s_vocab) != 0) {
                 mismatches++;
@@ -327,7 +335,12 @@ static void test_batch_invariance(void) {
         }
     }
     CHECK_MSG(mismatches == 0, "%d logit rows differ between alone and batched+chunked", mismatches);
-    if (s_is_cuda) fprintf(stderr, "  batched+chunked vs alone: worst rel L2 %.2e\n", worst_rel);
+    if (s_is_cuda) {
+        const double mean_rel = n_rows ? sum_rel / n_rows : 0;
+        fprintf(stderr, "  batched+chunked vs alone: worst rel L2 %.2e, mean %.2e over %d rows\n", worst_rel, mean_rel,
+                n_rows);
+        CHECK(n_rows > 0 && mean_rel <= CUDA_BATCH_MEAN_REL_TOL);
+    }
     for (int s = 0; s < N_SEQS; s++) {
         CHECK_EQ_INT(n_gen[s], N_STEPS + 1);
         eng_kv_seq_release(&seqs[s], eng_kv_pool(s_engine));
