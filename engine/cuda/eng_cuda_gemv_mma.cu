@@ -226,6 +226,16 @@ static int32_t s_n_sm(void) {
 static int32_t g_steps = 4;
 static bool g_fold_ss_fma; /* eng_cuda_gemv_mma_set_fold_ss */
 
+static bool g_fold_pdl = true; /* eng_cuda_gemv_mma_set_fold_pdl */
+
+/* k<<<n_blocks, MMA_WARPS * 32>>>(...) with PDL where it is on, but for the folded variants only while g_fold_pdl */
+template <int XIN, typename... Params, typename... Args>
+static void s_launch_k(void (*kernel)(Params...), unsigned n_blocks, cudaStream_t st, Args... args) {
+    constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
+    eng_cuda_launch_ex(kernel, n_blocks, MMA_WARPS * 32, 0, st, 0u, eng_cuda_pdl_is_on() && (!FOLD || g_fold_pdl),
+                       args...);
+}
+
 template <int MT, int MODE, int XIN>
 static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const eng_cuda_norm_t &xn,
                            const __nv_bfloat16 *w, int32_t n_tok, int32_t n_out, int32_t k, cudaStream_t st) {
@@ -233,24 +243,21 @@ static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const 
     /* 9..32 rows (bf16 x only): 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
     if constexpr (XIN == X_BF16) {
         if (n_tok > 2 * MMA_COLS) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 2, 4>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
-                            k);
+            s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 2, 4>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
             return;
         }
         if (n_tok > MMA_COLS) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 2, 2>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
-                            k);
+            s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 2, 2>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
             return;
         }
     }
     if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
         if (g_steps == 8) {
-            eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 8, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out,
-                            k);
+            s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 8, 1>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
             return;
         }
     }
-    eng_cuda_launch(k_gemv_mma<MT, MODE, XIN, 4, 1>, n_blocks, MMA_WARPS * 32, 0, st, e, x, xn, w, n_tok, n_out, k);
+    s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 4, 1>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
 }
 
 template <int MODE, int XIN>
@@ -292,6 +299,10 @@ static int32_t g_mma_min_tok = ENG_CUDA_GEMV_MMA_MIN_TOK;
 
 void eng_cuda_gemv_mma_set_fold_ss(bool is_fma) {
     g_fold_ss_fma = is_fma;
+}
+
+void eng_cuda_gemv_mma_set_fold_pdl(bool is_on) {
+    g_fold_pdl = is_on;
 }
 
 void eng_cuda_gemv_mma_set(int32_t min_tok) {

@@ -60,12 +60,12 @@ bool eng_cuda_prewait_is_on(void);
  * backend sets it from ENG_CUDA_DEC_ILP). */
 void eng_cuda_dec_ilp_set(bool is_on);
 bool eng_cuda_dec_ilp_is_on(void);
-/* kernel<<<grid, block, smem_bytes, st>>>(args...), with the PDL launch attribute when eng_cuda_pdl_is_on(), and
- * with cluster_x > 0 as thread-block clusters of cluster_x blocks along x. For kernels that call s_pdl_begin only. A
- * failed launch is reported by cudaGetLastError, as a <<<>>> launch's is. */
+/* kernel<<<grid, block, smem_bytes, st>>>(args...), with the PDL launch attribute when is_pdl, and with cluster_x > 0
+ * as thread-block clusters of cluster_x blocks along x. For kernels that call s_pdl_begin only. A failed launch is
+ * reported by cudaGetLastError, as a <<<>>> launch's is. */
 template <typename... Params, typename... Args>
-static inline void eng_cuda_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                                           cudaStream_t st, unsigned cluster_x, Args... args) {
+static inline void eng_cuda_launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                                      cudaStream_t st, unsigned cluster_x, bool is_pdl, Args... args) {
     cudaLaunchAttribute attrs[2];
     unsigned n = 0;
     if (cluster_x > 0) {
@@ -73,7 +73,7 @@ static inline void eng_cuda_launch_cluster(void (*kernel)(Params...), dim3 grid,
         attrs[n].val.clusterDim.x = cluster_x, attrs[n].val.clusterDim.y = 1, attrs[n].val.clusterDim.z = 1;
         n++;
     }
-    if (eng_cuda_pdl_is_on()) {
+    if (is_pdl) {
         attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attrs[n].val.programmaticStreamSerializationAllowed = 1;
         n++;
@@ -82,6 +82,13 @@ static inline void eng_cuda_launch_cluster(void (*kernel)(Params...), dim3 grid,
     cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem_bytes, cfg.stream = st;
     cfg.attrs = attrs, cfg.numAttrs = n;
     (void)cudaLaunchKernelEx(&cfg, kernel, args...); /* the error stays for cudaGetLastError */
+}
+
+/* eng_cuda_launch_ex with PDL where eng_cuda_pdl_is_on(). */
+template <typename... Params, typename... Args>
+static inline void eng_cuda_launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                                           cudaStream_t st, unsigned cluster_x, Args... args) {
+    eng_cuda_launch_ex(kernel, grid, block, smem_bytes, st, cluster_x, eng_cuda_pdl_is_on(), args...);
 }
 
 template <typename... Params, typename... Args>
@@ -237,6 +244,8 @@ void eng_cuda_gemv_mma_set_steps(int32_t steps);
 /* A/B switch of how the folded norm's products sum x^2 from the bf16 copy (ENG_CUDA_FOLD_SS): false (the default), one
  * more MMA per x fragment; true, FMAs on CUDA cores. Process-wide. */
 void eng_cuda_gemv_mma_set_fold_ss(bool is_fma);
+/* A/B switch (ENG_CUDA_FOLD_PDL=0): the folded variants launched without PDL, after the previous kernel completes. */
+void eng_cuda_gemv_mma_set_fold_pdl(bool is_on);
 /* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its
  * tokens' 1 / rms before its first MMA, which on the H100 cost more than the separate norm's launch saved (8B decode
  * 153 against 171 tok/s at batch 1, 1B 2-4% slower) and less only on SmolLM2-135M's small matrices (batch 1 0.745
