@@ -62,8 +62,8 @@ static const char *const s_phase_names[P_N] = {"embed",  "norm",    "qkv gemm", 
 #define S_GRAPH_MAX_ROWS   256 /* logits rows: one output-head slice */
 #define S_GRAPH_MAX_TOKENS 512
 typedef struct {
-    int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits; /* the key; T == 0: slot free */
-    bool is_logits;                                                 /* ... and whether the logits come back */
+    int64_t T, n_tiles, n_tc_tiles, n_logits, split_keys, n_splits, dec_m16; /* the key; T == 0: slot free */
+    bool is_logits;                                                          /* ... and whether the logits come back */
     bool is_sample;   /* ... and whether the graph samples them and copies the results out (is_graph_sample) */
     bool is_captured; /* exec holds the graph (the key was seen twice) */
     cudaGraphExec_t exec;
@@ -155,8 +155,9 @@ struct eng_backend {
      * kv_notes[l]; the forward drains kv_st before it returns, so no store lands after eng_forward */
     s_kv_note_t *kv_notes; /* (n_layers) */
     bool is_kv_noting;
-    bool is_tc;      /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
-    bool is_dec_mma; /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
+    bool is_tc;       /* tensor-core attention for prefill chunks (ENG_CUDA_TC=0: CUDA cores for all) */
+    bool is_dec_mma;  /* ... and for decode rows and short chunks (ENG_CUDA_DEC_MMA=0 or an unusable head shape: not) */
+    int dec_m16_mode; /* its m16 tiles a block (s_forward_run): 0 by the batch, ENG_CUDA_DEC_M16=1 / 2: 1 / 2 (A/B) */
     int32_t mma_terms;    /* prefill attention: Q and P as 1 f16 term, or 2 (hi + lo; ENG_CUDA_ATTN_TERMS=2) */
     int32_t gemv_max_tok; /* products of up to this many rows go to eng_cuda_gemv (ENG_CUDA_GEMV=N, 0: none) */
     bool is_fused;        /* ... with RoPE and SwiGLU in its epilogue (ENG_CUDA_FUSE=0: separate kernels) */
@@ -613,6 +614,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         be->is_tc = !(tc && *tc == '0');
         const char *dec_mma = getenv("ENG_CUDA_DEC_MMA");
         be->is_dec_mma = !(dec_mma && *dec_mma == '0') && eng_cuda_dec_usable(c->head_dim, c->n_heads, c->n_kv_heads);
+        const char *dec_m16 = getenv("ENG_CUDA_DEC_M16");
+        be->dec_m16_mode = dec_m16 && (*dec_m16 == '1' || *dec_m16 == '2') ? *dec_m16 - '0' : 0;
         const char *terms = getenv("ENG_CUDA_ATTN_TERMS");
         be->mma_terms = terms && *terms == '2' ? 2 : 1;
         /* the tiled kernel up to this many rows (default 0: off; it lost to cuBLAS in the decode step, RESULTS) */
@@ -945,8 +948,8 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
     for (int i = 0; i < S_MAX_GRAPHS && !g; i++) {
         s_graph_t *c = &be->graphs[i];
         if (c->T == T && c->n_tiles == n_tiles && c->n_tc_tiles == att->n_tc_tiles && c->n_logits == n_logits &&
-            c->split_keys == att->split_keys && c->n_splits == att->n_splits && c->is_logits == is_logits &&
-            c->is_sample == is_sample)
+            c->split_keys == att->split_keys && c->n_splits == att->n_splits && c->dec_m16 == att->dec_m16 &&
+            c->is_logits == is_logits && c->is_sample == is_sample)
             g = c;
         if (c->last_used < lru->last_used) lru = c;
     }
@@ -955,7 +958,8 @@ static s_graph_t *s_graph_get(eng_backend_t *be, int64_t T, int64_t n_tiles, int
         if (g->is_captured) cudaGraphExecDestroy(g->exec), g->is_captured = false, be->n_evicted++;
         g->T = T, g->n_tiles = n_tiles, g->n_tc_tiles = att->n_tc_tiles, g->n_logits = n_logits,
         g->is_logits = is_logits, g->is_sample = is_sample;
-        g->split_keys = att->split_keys, g->n_splits = att->n_splits, g->last_used = ++be->graph_clock;
+        g->split_keys = att->split_keys, g->n_splits = att->n_splits, g->dec_m16 = att->dec_m16;
+        g->last_used = ++be->graph_clock;
         be->n_first_sightings++;
         return NULL;
     }
@@ -1091,7 +1095,10 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     const uint64_t t_start = be->is_prof || be->is_step_times ? pd_now_us() : 0;
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t hd = c->head_dim;
-    const int32_t tile_tokens = eng_cuda_att_tile_tokens(be->is_dec_mma, c->n_heads, c->n_kv_heads);
+    /* CUDA-core tiles of tile_1 tokens (the decode kernel: one m16 tile of query rows), or of tile_2 (two; head_dim 64) */
+    const int32_t G = c->n_heads / c->n_kv_heads;
+    const int32_t tile_1 = be->is_dec_mma ? ENG_CUDA_DEC_ROWS / G : ENG_CUDA_ATT_ROWS / G,
+                  tile_2 = eng_cuda_att_tile_tokens(be->is_dec_mma, (int32_t)hd, c->n_heads, c->n_kv_heads);
 
     /* KV to the mirror during the forward: a previous streamed forward's copies end before this one's stores (only
      * then: a decode worker's mirror never streams, and its steps skip the wait) */
@@ -1103,7 +1110,8 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
         be->kv_notes[l].dst = b->kv_host_layers, be->kv_notes[l].n_layers = l + 1;
 
     /* host tables: tokens, positions, table offsets, logit rows, tiles, block tables; one copy up */
-    int64_t T = 0, n_table = 0, n_tiles = 0, n_tc_tiles = 0, max_len = 0;
+    int64_t T = 0, n_table = 0, n_tiles_1 = 0, n_tiles_2 = 0, n_tc_tiles = 0, max_len = 0;
+    bool is_long = false; /* a sequence of more than tile_1 tokens in CUDA-core tiles */
     for (int32_t s = 0; s < b->n_seqs; s++) {
         if (b->pos[s] + b->n_tokens[s] > max_len) max_len = b->pos[s] + b->n_tokens[s];
         if (b->pos[s] + b->n_tokens[s] > c->ctx_len) {
@@ -1114,9 +1122,24 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
         T += b->n_tokens[s], n_table += b->n_blocks[s];
         if (be->is_tc && b->n_tokens[s] >= ENG_CUDA_TC_MIN)
             n_tc_tiles += (b->n_tokens[s] + ENG_CUDA_TC_ROWS - 1) / ENG_CUDA_TC_ROWS;
-        else
-            n_tiles += (b->n_tokens[s] + tile_tokens - 1) / tile_tokens;
+        else {
+            n_tiles_1 += (b->n_tokens[s] + tile_1 - 1) / tile_1, n_tiles_2 += (b->n_tokens[s] + tile_2 - 1) / tile_2;
+            is_long = is_long || b->n_tokens[s] > tile_1;
+        }
     }
+    /* Two m16 tiles a decode block where tiles of one would split a sequence's tokens, and where the tiles of two,
+     * split along the keys as far as they go (64 keys a split), still make two waves of blocks (two per SM): each
+     * block then streams its keys once for twice the rows, but takes twice as long per key. With few blocks that
+     * latency is the step's. On the H100 (bench/RESULTS.md, engine_cuda, session 18), SmolLM2's verification of 8
+     * tokens at 1536 keys: 1 sequence 0.682-0.690 ms with one m16 tile a block, 0.719-0.740 with two; 4 sequences
+     * (one wave) 1.117-1.131 against 1.142-1.149; 8 (two waves) 1.353-1.369 against 1.315-1.319; 6 tokens at 8
+     * sequences 1.340-1.358 against 1.277. ENG_CUDA_DEC_M16=1 / 2: never / always (A/B). */
+    const int64_t split_cap = T <= S_SPLIT_MAX_TOKENS && max_len > 64 ? (max_len + 255) / 256 * 256 / 64 : 1;
+    const int64_t max_splits = split_cap < S_MAX_SPLITS ? split_cap : S_MAX_SPLITS;
+    const bool is_m16x2 = tile_2 > tile_1 && is_long && be->dec_m16_mode != 1 &&
+                          (be->dec_m16_mode == 2 || n_tiles_2 * c->n_kv_heads * max_splits >= 4 * (int64_t)be->n_sm);
+    const int32_t tile_tokens = is_m16x2 ? tile_2 : tile_1;
+    int64_t n_tiles = is_m16x2 ? n_tiles_2 : n_tiles_1;
     if ((size_t)(3 * T + n_logits + 2 * (n_tiles + n_tc_tiles) + n_table) > be->meta_cap || T > be->max_tokens) {
         LOG_E("cuda backend: batch of %lld tokens, %lld table entries exceeds the scratch", (long long)T,
               (long long)n_table);
@@ -1185,6 +1208,7 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     eng_cuda_att_t att = {};
     att.att = be->att, att.q = be->q, att.kv_pool = be->kv_pool;
     att.tiles = d_tiles, att.n_tiles = (int32_t)n_tiles, att.is_dec_mma = be->is_dec_mma;
+    att.dec_m16 = is_m16x2 ? 2 : 1;
     att.mma_terms = be->mma_terms;
     att.tc_tiles = d_tiles + n_tiles, att.n_tc_tiles = (int32_t)n_tc_tiles;
     att.n_heads = c->n_heads, att.n_kv_heads = c->n_kv_heads, att.head_dim = (int32_t)hd;

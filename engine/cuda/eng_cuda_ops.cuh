@@ -161,8 +161,9 @@ typedef struct {
     const eng_cuda_tile_t *tc_tiles; /* (n_tc_tiles) device: tensor-core tiles of ENG_CUDA_TC_ROWS tokens (prefill) */
     int32_t n_tc_tiles;
     /* true: the CUDA-core tiles go to the tensor-core decode kernel (eng_cuda_attn_decode.cu) instead, which takes
-     * tiles of at most ENG_CUDA_DEC_ROWS query rows (eng_cuda_dec_tile_tokens tokens); see eng_cuda_dec_usable */
+     * tiles of at most eng_cuda_dec_tile_tokens tokens (one or two m16 tiles of query rows); see eng_cuda_dec_usable */
     bool is_dec_mma;
+    int32_t dec_m16;   /* the decode kernel's m16 tiles a block: 1 (or 0), or 2 (head_dim 64; tiles of up to 32 rows) */
     int32_t mma_terms; /* prefill tiles: Q and P as 1 f16 term, or 2 (hi + lo; eng_cuda_attn_mma.cu) */
 } eng_cuda_att_t;
 cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
@@ -170,20 +171,31 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
 cudaError_t eng_cuda_attention_mma(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 
 /* Decode and short chunks on tensor cores (eng_cuda_attn_decode.cu): one m16 tile of query rows (tokens x the G
- * query heads of one KV head) per block, keys shared out over the block's warps. Usable for head_dim 64 or 128
- * and G <= ENG_CUDA_DEC_ROWS; a tile then holds ENG_CUDA_DEC_ROWS / G tokens. */
+ * query heads of one KV head) per block, or two for head_dim 64 (eng_cuda_att_t.dec_m16), keys shared out over the
+ * block's warps. Usable for head_dim 64 or 128 and G <= ENG_CUDA_DEC_ROWS; a tile then holds ENG_CUDA_DEC_ROWS / G
+ * tokens, twice that for head_dim 64 (a speculative verification of 8 tokens at G = 3 is one tile, so its keys are
+ * read once; two m16 tiles at head_dim 128 would spill). */
 #define ENG_CUDA_DEC_ROWS 16
 static inline bool eng_cuda_dec_usable(int32_t head_dim, int32_t n_heads, int32_t n_kv_heads) {
     return (head_dim == 64 || head_dim == 128) && n_kv_heads > 0 && n_heads % n_kv_heads == 0 &&
            n_heads / n_kv_heads <= ENG_CUDA_DEC_ROWS;
 }
-static inline int32_t eng_cuda_dec_tile_tokens(int32_t n_heads, int32_t n_kv_heads) {
-    return ENG_CUDA_DEC_ROWS / (n_heads / n_kv_heads);
+static inline int32_t eng_cuda_dec_max_m16(int32_t head_dim) {
+    return head_dim == 64 ? 2 : 1;
+}
+static inline int32_t eng_cuda_dec_tile_tokens(int32_t head_dim, int32_t n_heads, int32_t n_kv_heads) {
+    return eng_cuda_dec_max_m16(head_dim) * ENG_CUDA_DEC_ROWS / (n_heads / n_kv_heads);
 }
 /* Most tokens of a CUDA-core tile (eng_cuda_att_t.tiles) for the kernel is_dec_mma picks: the tiles the caller builds
  * and the split merge's grid both follow it. */
-static inline int32_t eng_cuda_att_tile_tokens(bool is_dec_mma, int32_t n_heads, int32_t n_kv_heads) {
-    return is_dec_mma ? eng_cuda_dec_tile_tokens(n_heads, n_kv_heads) : ENG_CUDA_ATT_ROWS / (n_heads / n_kv_heads);
+static inline int32_t eng_cuda_att_tile_tokens(bool is_dec_mma, int32_t head_dim, int32_t n_heads, int32_t n_kv_heads) {
+    return is_dec_mma ? eng_cuda_dec_tile_tokens(head_dim, n_heads, n_kv_heads)
+                      : ENG_CUDA_ATT_ROWS / (n_heads / n_kv_heads);
+}
+/* The m16 tiles the decode kernel gives each tile: 1 while no tile holds more than ENG_CUDA_DEC_ROWS query rows
+ * (max_tile_tokens x G), else 2 (head_dim 64 only). */
+static inline int32_t eng_cuda_dec_m16(int32_t max_tile_tokens, int32_t n_heads, int32_t n_kv_heads) {
+    return max_tile_tokens * (n_heads / n_kv_heads) > ENG_CUDA_DEC_ROWS ? 2 : 1;
 }
 cudaError_t eng_cuda_attention_dec(const eng_cuda_att_t *a, const eng_cuda_tokens_t *tk, cudaStream_t st);
 /* Element offset of (layer, K or V, block, slot) in the pool (eng_kv_layout.h: chunks of block_size x kv_dim). */

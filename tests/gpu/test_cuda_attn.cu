@@ -1,6 +1,7 @@
 /* test_cuda_attn.cu: eng_cuda_attention over the paged f16 KV cache against a double-precision host reference,
  * through every kernel behind it: k_attention (is_dec_mma false, tiles of ENG_CUDA_ATT_ROWS / G tokens), the
- * tensor-core decode kernel (is_dec_mma true, tiles of eng_cuda_dec_tile_tokens), each for every sequence of the
+ * tensor-core decode kernel (is_dec_mma true, tiles of eng_cuda_dec_tile_tokens: two m16 tiles of query rows a block
+ * at head_dim 64 where a tile has more than 16 rows), each for every sequence of the
  * batch, and then the batch as a forward splits it: chunks of >= ENG_CUDA_TC_MIN tokens in tiles of ENG_CUDA_TC_ROWS
  * to the tensor-core prefill kernel (Q and P as one f16 term, and as two), the rest to the decode kernel. Each
  * without key splits and with splits of 64 and 96 keys (partials merged by the combine kernel, which must leave the
@@ -229,14 +230,18 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 continue;
             }
             /* tiles like s_forward: each sequence's tokens in runs of at most its kernel's tile, then the pad tiles */
-            const int32_t per = eng_cuda_att_tile_tokens(is_dec, nh, nkv);
-            int32_t n_tiles = 0, n_tc = 0;
+            /* the decode kernel's tiles: of one m16 tile's rows with flat queries (as s_forward_run where two do not
+             * pay), else as long as eng_cuda_att_tile_tokens allows (two m16 tiles a block at head_dim 64) */
+            const int32_t per =
+                is_dec && mode == Q_FLAT ? ENG_CUDA_DEC_ROWS / G : eng_cuda_att_tile_tokens(is_dec, hd, nh, nkv);
+            int32_t n_tiles = 0, n_tc = 0, max_tile = 0;
             for (int32_t s = 0; s < N_SEQS; s++) {
                 const bool is_tc_seq = is_tc && k_seqs[s][0] >= ENG_CUDA_TC_MIN;
                 const int32_t run = is_tc_seq ? ENG_CUDA_TC_ROWS : per;
                 for (int32_t i = 0; i < k_seqs[s][0]; i += run) {
                     eng_cuda_tile_t *tl = is_tc_seq ? &tc_tiles[n_tc++] : &tiles[n_tiles++];
                     tl->t0 = seq_t0[s] + i, tl->n = k_seqs[s][0] - i < run ? k_seqs[s][0] - i : run;
+                    if (!is_tc_seq && tl->n > max_tile) max_tile = tl->n;
                 }
                 for (int32_t i = 0; i < k_seqs[s][0]; i++) tok_is_tc[seq_t0[s] + i] = is_tc_seq;
             }
@@ -259,6 +264,7 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                 a.layer = LAYER, a.n_heads = nh, a.n_kv_heads = nkv, a.head_dim = hd;
                 a.split_keys = sk, a.n_splits = n_splits, a.part_acc = d_part_acc, a.part_ml = d_part_ml;
                 a.tc_tiles = n_tc ? d_tc_tiles : NULL, a.n_tc_tiles = n_tc, a.is_dec_mma = is_dec;
+                a.dec_m16 = is_dec ? eng_cuda_dec_m16(max_tile, nh, nkv) : 1;
                 a.mma_terms = kern == 3 ? 2 : 1;
                 /* NaN everywhere (output and partials), so an output or a partial the combine reads that no block
                  * wrote shows */
@@ -300,10 +306,11 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
                             if (err / tol > worst_frac) worst_frac = err / tol;
                         }
                 g_n_checks += (long long)n_att;
-                printf("%-13s hd=%3d heads=%2d/%d q=%-6s %s split=%2d (%2d x, merge %-7s, %2d + %d tc tiles): max err "
-                       "%.2e (%.2f of tol), %zu checks\n",
-                       sh->name, hd, nh, nkv, k_q_names[mode], k_kern_names[kern], sk, n_splits, merge, n_tiles, n_tc,
-                       worst, worst_frac, n_att);
+                printf(
+                    "%-13s hd=%3d heads=%2d/%d q=%-6s %s split=%2d (%2d x, merge %-7s, %2d + %d tc tiles, m16 x %d): "
+                    "max err %.2e (%.2f of tol), %zu checks\n",
+                    sh->name, hd, nh, nkv, k_q_names[mode], k_kern_names[kern], sk, n_splits, merge, n_tiles, n_tc,
+                    a.dec_m16, worst, worst_frac, n_att);
             }
         }
     }
