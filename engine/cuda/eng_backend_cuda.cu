@@ -638,6 +638,8 @@ static eng_backend_t *s_create(const eng_model_t *m, const eng_kv_layout_t *kv, 
         eng_cuda_gemv_mma_set_steps(mma_u && *mma_u ? atoi(mma_u) : 4);
         const char *fold_ss = getenv("ENG_CUDA_FOLD_SS"); /* "fma": the folded norm's x^2 on CUDA cores */
         eng_cuda_gemv_mma_set_fold_ss(fold_ss && strcmp(fold_ss, "fma") == 0);
+        const char *w16 = getenv("ENG_CUDA_GEMV_MMA_W16");
+        eng_cuda_gemv_mma_set_wide(!(w16 && *w16 == '0'));
         const char *fold_pdl = getenv("ENG_CUDA_FOLD_PDL");
         eng_cuda_gemv_mma_set_fold_pdl(!(fold_pdl && *fold_pdl == '0'));
         const char *fold_dim = getenv("ENG_CUDA_FOLD_ALL_MAX_DIM"); /* A/B of S_FOLD_ALL_MAX_DIM */

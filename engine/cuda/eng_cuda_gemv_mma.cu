@@ -16,6 +16,10 @@
 #include "eng_cuda_gemv.cuh"
 
 #define MMA_WARPS 8 /* warps per block: all on the block's rows, k shared out between them (fixed order merge) */
+/* ... or twice as many (W = 2 MMA_WARPS, one block per SM) for grids of at most one block per SM: small matrices (the
+ * 1B O and down products, 128 blocks; SmolLM2's) otherwise leave every SM half the warps it can hold. On the H100
+ * (bench/RESULTS.md, engine_cuda, session 18): 1B batch 1 895-902 -> 913-920 tok/s, SmolLM2 at 1536 keys 0.577-0.584
+ * -> 0.569-0.575 ms a step; even at 8 rows. ENG_CUDA_GEMV_MMA_W16=0: 8 warps always (A/B). */
 #define MMA_COLS  8 /* the MMA's token columns; NC tiles of them per weight fragment (n_tok <= 8 NC) */
 
 /* Where x comes from: bf16 rows; f32 residual rows normalised in a prologue (X_NORM: every block computes each
@@ -27,14 +31,14 @@
  * (A/B: the Gram MMAs form a chain of 2 U dependent MMAs per iteration, issued in order before the product's). */
 enum { X_BF16, X_NORM, X_FOLD, X_FOLD16, X_FOLD16F };
 
-/* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * MMA_WARPS; chunks past the row's
- * end are zeros (and so are x's there). */
-template <int MT, int U>
+/* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * W (W warps a block); chunks past the
+ * row's end are zeros (and so are x's there). */
+template <int MT, int U, int W>
 static __device__ __forceinline__ void s_ld_step_weights(uint4 (&wv)[U][MT][2], const uint4 *const (&wr)[MT][2],
                                                          int64_t gi, int tq, int64_t kc) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
+        const int64_t c = (gi + (int64_t)u * W) * 4 + tq;
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -44,9 +48,10 @@ static __device__ __forceinline__ void s_ld_step_weights(uint4 (&wv)[U][MT][2], 
 
 /* NORM: 1 / rms of token tok's f32 row, as k_rmsnorm computes it (s_rows_sumsq over the tokens < n_tok: every thread
  * of the block must call it). */
+template <int W>
 static __device__ __forceinline__ float s_norm_scale(const eng_cuda_norm_t &xn, int32_t n_tok, int32_t k, int tok) {
     float total[MMA_COLS];
-    s_rows_sumsq<MMA_COLS, MMA_WARPS>(xn.x, n_tok, k, total);
+    s_rows_sumsq<MMA_COLS, W>(xn.x, n_tok, k, total);
     float s = total[0];
 #pragma unroll
     for (int t = 1; t < MMA_COLS; t++) s = t == tok ? total[t] : s; /* static register indices */
@@ -93,19 +98,19 @@ static __device__ __forceinline__ uint4 s_x_frag(const __nv_bfloat16 *x, const e
     }
 }
 
-/* A block computes MT * 16 consecutive output rows for n_tok tokens; its MMA_WARPS warps take interleaved 32-k groups
+/* A block computes MT * 16 consecutive output rows for n_tok tokens; its W warps take interleaved 32-k groups
  * and meet in shared memory, summed in warp order (deterministic). Rows past n_out load the last row and are never
  * stored. The totals go through MODE's epilogue (eng_cuda_gemv.cuh), pairs of rows for SwiGLU and Q/K/V. NC > 1: each
  * weight fragment meets NC column tiles of 8 tokens (9..8 NC rows of x: every weight byte still read once). */
-template <int MT, int MODE, int XIN, int U, int NC>
-static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warps) per SM: <= 128 registers */
+template <int MT, int MODE, int XIN, int U, int NC, int W>
+static __global__ void __launch_bounds__(W * 32, 2 * MMA_WARPS / W) /* 16 warps per SM: <= 128 registers */
     k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
                int32_t n_tok, int32_t n_out, int32_t k) {
     static_assert(NC == 1 || XIN == X_BF16, "the normalising variants take up to MMA_COLS tokens");
     constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
     constexpr int XLD = XIN == X_FOLD16 ? X_BF16 : XIN; /* how x is loaded */
-    __shared__ float part[MMA_WARPS][MT * 16][MMA_COLS * NC];
-    __shared__ float ss_part[FOLD ? MMA_WARPS : 1][MMA_COLS]; /* folded norm: each warp's sum of x^2 per token */
+    __shared__ float part[W][MT * 16][MMA_COLS * NC];
+    __shared__ float ss_part[FOLD ? W : 1][MMA_COLS]; /* folded norm: each warp's sum of x^2 per token */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int64_t row0 = (int64_t)blockIdx.x * (MT * 16), kc = k / 8, n_groups = (kc + 3) / 4;
     const uint4 *wr[MT][2];
@@ -127,17 +132,17 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
 
     int64_t gi = warp;
     uint4 wv[U][MT][2];
-    s_ld_step_weights<MT, U>(wv, wr, gi, tq,
-                             kc); /* before the wait: their latency overlaps the previous kernel's end */
-    s_pdl_begin();                /* x (or the residual rows), the outputs and the tables are earlier kernels' */
-    const float scale = XIN == X_NORM ? s_norm_scale(xn, n_tok, k, has_token[0] ? gq : 0) : 1.0f;
+    s_ld_step_weights<MT, U, W>(wv, wr, gi, tq,
+                                kc); /* before the wait: their latency overlaps the previous kernel's end */
+    s_pdl_begin();                   /* x (or the residual rows), the outputs and the tables are earlier kernels' */
+    const float scale = XIN == X_NORM ? s_norm_scale<W>(xn, n_tok, k, has_token[0] ? gq : 0) : 1.0f;
     float ss = 0.0f; /* X_FOLD(16F): token gq's x^2 over this lane's chunks (each chunk of the row is one lane's) */
     float gram[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* X_FOLD16: tokens gq x (2 tq, 2 tq + 1); rows gq + 8 stay 0 */
     for (;;) {
         uint4 xv[U][NC];
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int64_t c = (gi + (int64_t)u * MMA_WARPS) * 4 + tq;
+            const int64_t c = (gi + (int64_t)u * W) * 4 + tq;
 #pragma unroll
             for (int j = 0; j < NC; j++)
                 xv[u][j] = has_token[j] && c < kc ? s_x_frag<XLD>(x, xn, scale, gq + 8 * j, kc, c, ss)
@@ -161,9 +166,9 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
                     s_mma_bf16(acc[m][j], a.z, b.z, a.w, b.w, xv[u][j].z, xv[u][j].w);
                 }
             }
-        gi += (int64_t)MMA_WARPS * U;
+        gi += (int64_t)W * U;
         if (gi >= n_groups) break;
-        s_ld_step_weights<MT, U>(wv, wr, gi, tq, kc);
+        s_ld_step_weights<MT, U, W>(wv, wr, gi, tq, kc);
     }
 
     /* C fragment of tile j: (row gq, tokens 8 j + 2 tq, + 1) and row gq + 8 */
@@ -184,7 +189,7 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
     __syncthreads();
     constexpr int RPI = S_ROWS_PER_ITEM<MODE>; /* n_out is even and row0 a multiple of 16: pairs are whole */
     constexpr int N_ITEMS = MT * 16 / RPI;
-    for (int i = threadIdx.x; i < N_ITEMS * n_tok; i += MMA_WARPS * 32) { /* consecutive threads: consecutive rows */
+    for (int i = threadIdx.x; i < N_ITEMS * n_tok; i += W * 32) { /* consecutive threads: consecutive rows */
         const int r = i % N_ITEMS * RPI, t = i / N_ITEMS;
         if (row0 + r >= n_out) continue;
         float s[RPI];
@@ -192,12 +197,12 @@ static __global__ void __launch_bounds__(MMA_WARPS * 32, 2) /* 2 blocks (16 warp
         for (int j = 0; j < RPI; j++) {
             s[j] = 0.0f;
 #pragma unroll
-            for (int wp = 0; wp < MMA_WARPS; wp++) s[j] += part[wp][r + j][t];
+            for (int wp = 0; wp < W; wp++) s[j] += part[wp][r + j][t];
         }
         if constexpr (FOLD) { /* the norm's 1 / rms, from the warps' sums in warp order */
             float sq = 0.0f;
 #pragma unroll
-            for (int wp = 0; wp < MMA_WARPS; wp++) sq += ss_part[wp][t];
+            for (int wp = 0; wp < W; wp++) sq += ss_part[wp][t];
             const float inv_rms = rsqrtf(sq / (float)k + xn.eps);
 #pragma unroll
             for (int j = 0; j < RPI; j++) s[j] *= inv_rms;
@@ -228,12 +233,13 @@ static bool g_fold_ss_fma; /* eng_cuda_gemv_mma_set_fold_ss */
 
 static bool g_fold_pdl = true; /* eng_cuda_gemv_mma_set_fold_pdl */
 
-/* k<<<n_blocks, MMA_WARPS * 32>>>(...) with PDL where it is on, but for the folded variants only while g_fold_pdl */
-template <int XIN, typename... Params, typename... Args>
+static bool g_wide_blocks = true; /* eng_cuda_gemv_mma_set_wide */
+
+/* k<<<n_blocks, W * 32>>>(...) with PDL where it is on, but for the folded variants only while g_fold_pdl */
+template <int XIN, int W, typename... Params, typename... Args>
 static void s_launch_k(void (*kernel)(Params...), unsigned n_blocks, cudaStream_t st, Args... args) {
     constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
-    eng_cuda_launch_ex(kernel, n_blocks, MMA_WARPS * 32, 0, st, 0u, eng_cuda_pdl_is_on() && (!FOLD || g_fold_pdl),
-                       args...);
+    eng_cuda_launch_ex(kernel, n_blocks, W * 32, 0, st, 0u, eng_cuda_pdl_is_on() && (!FOLD || g_fold_pdl), args...);
 }
 
 template <int MT, int MODE, int XIN>
@@ -243,21 +249,29 @@ static void s_launch_steps(const s_epilogue_t &e, const __nv_bfloat16 *x, const 
     /* 9..32 rows (bf16 x only): 2 or 4 column tiles, 2 steps of loads (x fragments take the registers) */
     if constexpr (XIN == X_BF16) {
         if (n_tok > 2 * MMA_COLS) {
-            s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 2, 4>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
+            s_launch_k<XIN, MMA_WARPS>(k_gemv_mma<MT, MODE, XIN, 2, 4, MMA_WARPS>, n_blocks, st, e, x, xn, w, n_tok,
+                                       n_out, k);
             return;
         }
         if (n_tok > MMA_COLS) {
-            s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 2, 2>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
+            s_launch_k<XIN, MMA_WARPS>(k_gemv_mma<MT, MODE, XIN, 2, 2, MMA_WARPS>, n_blocks, st, e, x, xn, w, n_tok,
+                                       n_out, k);
             return;
         }
     }
     if constexpr (MT == 1) { /* two tiles a warp hold twice the weights a step: 8 steps would spill */
         if (g_steps == 8) {
-            s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 8, 1>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
+            s_launch_k<XIN, MMA_WARPS>(k_gemv_mma<MT, MODE, XIN, 8, 1, MMA_WARPS>, n_blocks, st, e, x, xn, w, n_tok,
+                                       n_out, k);
             return;
         }
     }
-    s_launch_k<XIN>(k_gemv_mma<MT, MODE, XIN, 4, 1>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
+    if (g_wide_blocks && n_blocks <= (unsigned)s_n_sm()) {
+        constexpr int W = 2 * MMA_WARPS;
+        s_launch_k<XIN, W>(k_gemv_mma<MT, MODE, XIN, 4, 1, W>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
+        return;
+    }
+    s_launch_k<XIN, MMA_WARPS>(k_gemv_mma<MT, MODE, XIN, 4, 1, MMA_WARPS>, n_blocks, st, e, x, xn, w, n_tok, n_out, k);
 }
 
 template <int MODE, int XIN>
@@ -303,6 +317,10 @@ void eng_cuda_gemv_mma_set_fold_ss(bool is_fma) {
 
 void eng_cuda_gemv_mma_set_fold_pdl(bool is_on) {
     g_fold_pdl = is_on;
+}
+
+void eng_cuda_gemv_mma_set_wide(bool is_on) {
+    g_wide_blocks = is_on;
 }
 
 void eng_cuda_gemv_mma_set(int32_t min_tok) {

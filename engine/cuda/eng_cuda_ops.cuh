@@ -258,6 +258,8 @@ void eng_cuda_gemv_mma_set_steps(int32_t steps);
 void eng_cuda_gemv_mma_set_fold_ss(bool is_fma);
 /* A/B switch (ENG_CUDA_FOLD_PDL=0): the folded variants launched without PDL, after the previous kernel completes. */
 void eng_cuda_gemv_mma_set_fold_pdl(bool is_on);
+/* A/B switch (ENG_CUDA_GEMV_MMA_W16=0): grids of at most one block per SM keep 8-warp blocks instead of 16. */
+void eng_cuda_gemv_mma_set_wide(bool is_on);
 /* The normalising variants on tensor cores refuse weights of more than this many bytes: each block computes its
  * tokens' 1 / rms before its first MMA, which on the H100 cost more than the separate norm's launch saved (8B decode
  * 153 against 171 tok/s at batch 1, 1B 2-4% slower) and less only on SmolLM2-135M's small matrices (batch 1 0.745
