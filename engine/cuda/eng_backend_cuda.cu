@@ -496,7 +496,7 @@ static void s_tune_gemms(eng_backend_t *be, int64_t max_rows) {
              be->logits},
         };
         for (int i = 0; i < 5; i++) {
-            const double r = eng_cuda_lt_tune(be->lt, be->blas, &shapes[i], 16);
+            const double r = eng_cuda_lt_tune(be->lt, be->blas, &shapes[i], 16, NULL);
             if (r > 0) worst = r > worst ? r : worst, best = r < best ? r : best;
         }
     }

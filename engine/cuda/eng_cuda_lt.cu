@@ -126,7 +126,10 @@ static double s_time(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_lt_s
     return is_ok ? 1e3 * (double)ms / runs : -1.0;
 }
 
-double eng_cuda_lt_tune(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_lt_shape_t *s, int n_algos) {
+double eng_cuda_lt_tune(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_lt_shape_t *s, int n_algos,
+                        eng_cuda_lt_report_t *report) {
+    eng_cuda_lt_report_t r = {-1.0, -1.0, -1, 0};
+    if (report) *report = r;
     s_entry_t *e = s_find(lt, s->m, s->n, s->k, (int32_t)s->y_type, s->is_accumulate);
     if (!e || s->n_w < 1) return -1.0;
     if (e->is_used) s_entry_fini(e);
@@ -140,6 +143,8 @@ double eng_cuda_lt_tune(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_l
     const int32_t runs = s->n_w > S_MIN_RUNS ? s->n_w : S_MIN_RUNS;
     const double t_default = s_time(lt, blas, s, e, NULL, runs);
     if (t_default <= 0) return -1.0;
+    r.default_us = t_default;
+    if (report) *report = r;
 
     cublasLtMatmulPreference_t pref;
     if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return 1.0;
@@ -153,13 +158,16 @@ double eng_cuda_lt_tune(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_l
         n_res = 0;
     cublasLtMatmulPreferenceDestroy(pref);
     double best = t_default;
+    r.n_offered = n_res;
     for (int i = 0; i < n_res; i++) {
         if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
         const double t = s_time(lt, blas, s, e, &res[i].algo, runs);
+        if (t > 0 && (r.best_lt_us < 0 || t < r.best_lt_us)) r.best_lt_us = t, r.best_index = i;
         if (t > 0 && t < best * (best == t_default ? S_MIN_GAIN : 1.0))
             best = t, e->algo = res[i].algo, e->is_lt = true;
     }
     lt->n_kept += e->is_lt;
+    if (report) *report = r;
     return best / t_default;
 }
 

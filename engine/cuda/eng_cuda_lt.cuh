@@ -32,10 +32,18 @@ typedef struct {
     void *y; /* overwritten: never live data */
 } eng_cuda_lt_shape_t;
 
+/* What one tuning saw (bench/gemm_lt prints it): the default's mean time per product, the fastest cuBLASLt
+ * algorithm's (kept or not; negative: none ran) and its index among the n_offered the heuristic returned. */
+typedef struct {
+    double default_us, best_lt_us;
+    int32_t best_index, n_offered;
+} eng_cuda_lt_report_t;
+
 /* Times cublasGemmEx's default and up to n_algos cuBLASLt algorithms on shape s (not while capturing); returns the
  * winner's time over the default's (< 1: a cuBLASLt algorithm is kept for this shape), or a negative value if no
- * timing could be made. blas: the backend's handle, on the same stream. */
-double eng_cuda_lt_tune(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_lt_shape_t *s, int n_algos);
+ * timing could be made. blas: the backend's handle, on the same stream. report (NULL: none) gets the timings. */
+double eng_cuda_lt_tune(eng_cuda_lt_t *lt, cublasHandle_t blas, const eng_cuda_lt_shape_t *s, int n_algos,
+                        eng_cuda_lt_report_t *report);
 
 /* Runs the product with the algorithm tuned for its shape and returns true; false (nothing launched) where none
  * was kept: the caller runs cublasGemmEx. */
