@@ -1098,9 +1098,9 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     const eng_model_config_t *c = &be->m->cfg;
     const int64_t hd = c->head_dim;
     /* CUDA-core tiles of tile_1 tokens (the decode kernel: one m16 tile of query rows), or of tile_2 (two; head_dim 64) */
-    const int32_t G = c->n_heads / c->n_kv_heads;
-    const int32_t tile_1 = be->is_dec_mma ? ENG_CUDA_DEC_ROWS / G : ENG_CUDA_ATT_ROWS / G,
-                  tile_2 = eng_cuda_att_tile_tokens(be->is_dec_mma, (int32_t)hd, c->n_heads, c->n_kv_heads);
+    const int32_t tile_1 = eng_cuda_att_tile_tokens(be->is_dec_mma, 1, c->n_heads, c->n_kv_heads),
+                  tile_2 = eng_cuda_att_tile_tokens(be->is_dec_mma, eng_cuda_dec_max_m16((int32_t)hd), c->n_heads,
+                                                    c->n_kv_heads);
 
     /* KV to the mirror during the forward: a previous streamed forward's copies end before this one's stores (only
      * then: a decode worker's mirror never streams, and its steps skip the wait) */

@@ -409,7 +409,7 @@ cudaError_t eng_cuda_attention(const eng_cuda_att_t *a, const eng_cuda_tokens_t 
     else if (a->head_dim == 128)
         err = s_attention<128>(a, tk, st);
     if (err == cudaSuccess && a->split_keys) { /* merge the key splits' partials */
-        const int32_t tile_tokens = eng_cuda_att_tile_tokens(a->is_dec_mma, a->head_dim, a->n_heads, a->n_kv_heads);
+        const int32_t tile_tokens = eng_cuda_att_tile_tokens(a->is_dec_mma, a->dec_m16, a->n_heads, a->n_kv_heads);
         eng_cuda_launch(k_attention_combine, dim3((unsigned)a->n_tiles, (unsigned)a->n_heads, (unsigned)tile_tokens),
                         a->head_dim, 0, st, *a, *tk, a->head_dim);
         err = cudaGetLastError();

@@ -183,14 +183,14 @@ static inline bool eng_cuda_dec_usable(int32_t head_dim, int32_t n_heads, int32_
 static inline int32_t eng_cuda_dec_max_m16(int32_t head_dim) {
     return head_dim == 64 ? 2 : 1;
 }
-static inline int32_t eng_cuda_dec_tile_tokens(int32_t head_dim, int32_t n_heads, int32_t n_kv_heads) {
-    return eng_cuda_dec_max_m16(head_dim) * ENG_CUDA_DEC_ROWS / (n_heads / n_kv_heads);
+/* Most tokens of a decode-kernel tile at m16 m16 tiles of query rows a block. */
+static inline int32_t eng_cuda_dec_tile_tokens(int32_t m16, int32_t n_heads, int32_t n_kv_heads) {
+    return (m16 > 1 ? 2 : 1) * ENG_CUDA_DEC_ROWS / (n_heads / n_kv_heads);
 }
-/* Most tokens of a CUDA-core tile (eng_cuda_att_t.tiles) for the kernel is_dec_mma picks: the tiles the caller builds
- * and the split merge's grid both follow it. */
-static inline int32_t eng_cuda_att_tile_tokens(bool is_dec_mma, int32_t head_dim, int32_t n_heads, int32_t n_kv_heads) {
-    return is_dec_mma ? eng_cuda_dec_tile_tokens(head_dim, n_heads, n_kv_heads)
-                      : ENG_CUDA_ATT_ROWS / (n_heads / n_kv_heads);
+/* Most tokens of a CUDA-core tile (eng_cuda_att_t.tiles) for the kernel is_dec_mma picks, the decode kernel at m16
+ * m16 tiles a block (eng_cuda_att_t.dec_m16): the tiles the caller builds and the split merge's grid both follow it. */
+static inline int32_t eng_cuda_att_tile_tokens(bool is_dec_mma, int32_t m16, int32_t n_heads, int32_t n_kv_heads) {
+    return is_dec_mma ? eng_cuda_dec_tile_tokens(m16, n_heads, n_kv_heads) : ENG_CUDA_ATT_ROWS / (n_heads / n_kv_heads);
 }
 /* The m16 tiles the decode kernel gives each tile: 1 while no tile holds more than ENG_CUDA_DEC_ROWS query rows
  * (max_tile_tokens x G), else 2 (head_dim 64 only). */

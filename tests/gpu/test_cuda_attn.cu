@@ -233,7 +233,7 @@ static void s_check_shape(const s_shape_t *sh, cudaStream_t st) {
             /* the decode kernel's tiles: of one m16 tile's rows with flat queries (as s_forward_run where two do not
              * pay), else as long as eng_cuda_att_tile_tokens allows (two m16 tiles a block at head_dim 64) */
             const int32_t per =
-                is_dec && mode == Q_FLAT ? ENG_CUDA_DEC_ROWS / G : eng_cuda_att_tile_tokens(is_dec, hd, nh, nkv);
+                eng_cuda_att_tile_tokens(is_dec, is_dec && mode == Q_FLAT ? 1 : eng_cuda_dec_max_m16(hd), nh, nkv);
             int32_t n_tiles = 0, n_tc = 0, max_tile = 0;
             for (int32_t s = 0; s < N_SEQS; s++) {
                 const bool is_tc_seq = is_tc && k_seqs[s][0] >= ENG_CUDA_TC_MIN;
