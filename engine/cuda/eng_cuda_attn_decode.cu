@@ -12,7 +12,7 @@
  * the flash-attention online softmax per warp; at the end the four warps' (max, sum, O) are merged through shared
  * memory. Padding rows (past the tile's rows) repeat the last row and are never stored. Why two m16 tiles: a
  * speculative verification of 6-10 tokens at G = 3 (SmolLM2) or 5-8 at G = 4 (Llama-3.2-1B) took two tiles, each
- * block streaming the same keys; one block now reads them once (MT = 2 only where some tile has more than 16 rows).
+ * block streaming the same keys; one block now reads them once (MT = 2 where s_forward_run's rule says it pays).
  *
  * Precision: Q and P enter as hi + lo f16 pairs whatever eng_cuda_att_t.mma_terms says: with one term (156 registers
  * instead of 212, about 1% faster at 8B batch 64-128) SmolLM2's batched-vs-alone check rose to 6.85e-2 against its
