@@ -10,7 +10,7 @@ scripts/install_deps.sh
 export PDSERVE_MODEL="$(scripts/fetch_model.sh | tail -n 1)"
 
 echo "== clang-format check"
-git ls-files '*.c' '*.h' '*.cu' | xargs clang-format --dry-run --Werror
+git ls-files '*.c' '*.h' '*.cu' '*.cuh' | xargs clang-format --dry-run --Werror
 
 echo "== Release build + unit tests"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -20,8 +20,10 @@ cmake --build build -j"$(nproc)" >/dev/null
 echo "== CUDA backend: compile and link (no GPU here; tests/gpu/run_gpu.sh runs it on the lent GPU machine)"
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DPDSERVE_CUDA=ON -DCMAKE_CUDA_COMPILER="$NVCC" >/dev/null
-cmake --build build-cuda -j"$(nproc)" --target test_cuda_parity test_eng_forward engine_cuda >/dev/null
-echo "built: $(ls build-cuda/tests/test_cuda_parity build-cuda/bench/engine_cuda | tr '\n' ' ')"
+# every CUDA program, so that the GPU machine's run_gpu.sh stages never meet code that only ever compiled there
+cuda_tests="test_cuda_parity test_cuda_gemv test_cuda_attn test_cuda_sample"
+cmake --build build-cuda -j"$(nproc)" --target $cuda_tests test_eng_forward engine_cuda gemm_lt >/dev/null
+echo "built: $(cd build-cuda && ls $(printf 'tests/%s ' $cuda_tests) bench/engine_cuda bench/gemm_lt | tr '\n' ' ')"
 
 echo "== ASan+UBSan build + unit tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Asan >/dev/null
