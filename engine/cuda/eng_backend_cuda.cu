@@ -1015,6 +1015,20 @@ static int64_t s_att_splits(int64_t pairs, int n_sm, bool is_dec_mma) {
     return is_dec_mma ? 2 * (int64_t)n_sm / pairs : (4 * (int64_t)n_sm + pairs - 1) / pairs;
 }
 
+/* The keys a batch's splits are sized from: its longest sequence rounded up to 256 tokens, so that a captured graph
+ * serves 256 decode steps before the split key changes. */
+static int64_t s_split_len(int64_t max_len) {
+    return (max_len + 255) / 256 * 256;
+}
+
+/* The most key splits a batch of T tokens whose longest sequence is max_len can take: at least 64 keys each, at most
+ * S_MAX_SPLITS; 1 (none) over S_SPLIT_MAX_TOKENS tokens or at up to 64 keys. */
+static int64_t s_max_splits(int64_t T, int64_t max_len) {
+    if (T > S_SPLIT_MAX_TOKENS || max_len <= 64) return 1;
+    const int64_t n = s_split_len(max_len) / 64;
+    return n < S_MAX_SPLITS ? n : S_MAX_SPLITS;
+}
+
 /* The batch's sampling requests into the front of the pinned upload buffer (s_forward_run copies it up), rows
  * [n_logits, n_rows) as pad rows the kernel skips; the penalty lists, if any, up to the GPU on the stream. */
 static pd_status s_sample_fill(eng_backend_t *be, const eng_batch_t *b, int32_t n_logits, int32_t n_rows) {
@@ -1136,8 +1150,7 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
      * tokens at 1536 keys: 1 sequence 0.682-0.690 ms with one m16 tile a block, 0.719-0.740 with two; 4 sequences
      * (one wave) 1.117-1.131 against 1.142-1.149; 8 (two waves) 1.353-1.369 against 1.315-1.319; 6 tokens at 8
      * sequences 1.340-1.358 against 1.277. ENG_CUDA_DEC_M16=1 / 2: never / always (A/B). */
-    const int64_t split_cap = T <= S_SPLIT_MAX_TOKENS && max_len > 64 ? (max_len + 255) / 256 * 256 / 64 : 1;
-    const int64_t max_splits = split_cap < S_MAX_SPLITS ? split_cap : S_MAX_SPLITS;
+    const int64_t max_splits = s_max_splits(T, max_len);
     const bool is_m16x2 = tile_2 > tile_1 && is_long && be->dec_m16_mode != 1 &&
                           (be->dec_m16_mode == 2 || n_tiles_2 * c->n_kv_heads * max_splits >= 4 * (int64_t)be->n_sm);
     const int32_t tile_tokens = is_m16x2 ? tile_2 : tile_1;
@@ -1215,9 +1228,9 @@ static pd_status s_forward_run(eng_backend_t *be, const eng_batch_t *b, int32_t 
     att.tc_tiles = d_tiles + n_tiles, att.n_tc_tiles = (int32_t)n_tc_tiles;
     att.n_heads = c->n_heads, att.n_kv_heads = c->n_kv_heads, att.head_dim = (int32_t)hd;
     att.split_keys = 0, att.n_splits = 1, att.part_acc = be->part_acc, att.part_ml = be->part_ml;
-    const int64_t pairs = n_tiles * c->n_kv_heads, len = (max_len + 255) / 256 * 256;
+    const int64_t pairs = n_tiles * c->n_kv_heads, len = s_split_len(max_len);
     const int64_t want = s_att_splits(pairs, be->n_sm, be->is_dec_mma), align = be->is_dec_mma ? 64 : 32;
-    if (want > 1 && T <= S_SPLIT_MAX_TOKENS && max_len > 64) {
+    if (want > 1 && s_max_splits(T, max_len) > 1) {
         int64_t keys = ((len + want - 1) / want + align - 1) / align * align;
         if (keys < 64) keys = 64;
         if ((len + keys - 1) / keys > S_MAX_SPLITS) keys = ((len + S_MAX_SPLITS - 1) / S_MAX_SPLITS + 31) / 32 * 32;
