@@ -30,6 +30,8 @@
  * block's tokens, whose diagonal is each token's sum of squares); X_FOLD16F the same sums with FMAs on CUDA cores
  * (A/B: the Gram MMAs form a chain of 2 U dependent MMAs per iteration, issued in order before the product's). */
 enum { X_BF16, X_NORM, X_FOLD, X_FOLD16, X_FOLD16F };
+/* the variants whose norm weight is folded into the matrix (1 / rms after the loop) */
+template <int XIN> static constexpr bool S_IS_FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
 
 /* One iteration's weights: steps u < U of this warp are the 32-k groups gi + u * W (W warps a block); chunks past the
  * row's end are zeros (and so are x's there). */
@@ -107,7 +109,7 @@ static __global__ void __launch_bounds__(W * 32, 2 * MMA_WARPS / W) /* 16 warps 
     k_gemv_mma(const s_epilogue_t e, const __nv_bfloat16 *x, const eng_cuda_norm_t xn, const __nv_bfloat16 *w,
                int32_t n_tok, int32_t n_out, int32_t k) {
     static_assert(NC == 1 || XIN == X_BF16, "the normalising variants take up to MMA_COLS tokens");
-    constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
+    constexpr bool FOLD = S_IS_FOLD<XIN>;
     constexpr int XLD = XIN == X_FOLD16 ? X_BF16 : XIN; /* how x is loaded */
     __shared__ float part[W][MT * 16][MMA_COLS * NC];
     __shared__ float ss_part[FOLD ? W : 1][MMA_COLS]; /* folded norm: each warp's sum of x^2 per token */
@@ -238,7 +240,7 @@ static bool g_wide_blocks = true; /* eng_cuda_gemv_mma_set_wide */
 /* k<<<n_blocks, W * 32>>>(...) with PDL where it is on, but for the folded variants only while g_fold_pdl */
 template <int XIN, int W, typename... Params, typename... Args>
 static void s_launch_k(void (*kernel)(Params...), unsigned n_blocks, cudaStream_t st, Args... args) {
-    constexpr bool FOLD = XIN == X_FOLD || XIN == X_FOLD16 || XIN == X_FOLD16F;
+    constexpr bool FOLD = S_IS_FOLD<XIN>;
     eng_cuda_launch_ex(kernel, n_blocks, W * 32, 0, st, 0u, eng_cuda_pdl_is_on() && (!FOLD || g_fold_pdl), args...);
 }
 
